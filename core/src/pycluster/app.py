@@ -1,0 +1,213 @@
+"""`App`: an isolated component with its own data, mode, placement and lifecycle hooks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .errors import ConfigError, NotLeaderError
+from .names import validate_ident
+from .options import Constraint, Election, Mode, Singleton
+from .types import NodeInfo, Role
+
+if TYPE_CHECKING:
+    from .coordinator import AppRuntime
+    from .kv import AppKV
+    from .locks import Lock
+    from .platform import Platform
+
+Hook = Callable[..., Awaitable[Any]]
+H = TypeVar("H", bound=Hook)
+
+HOOK_NAMES = (
+    "active", "passive", "leader_change", "start", "stop", "own", "release", "member_join",
+    "member_leave", "health_change", "migration_start", "migration_complete",
+    "placement_invalid",
+)
+
+
+class App:
+    """An isolated component of a platform.
+
+    Example::
+
+        app = App("convex", Singleton(), OnLabel("tier", "storage"), Election(lease_ttl=5))
+
+        @app.on_active
+        async def start(ctx):
+            print("active with fencing token", ctx.epoch)
+
+        platform.register(app)
+
+    :param name: the app name (letters, digits, ``-``, ``_``); it names the app's buckets.
+    :param options: a mode (`Singleton` by default), placement constraints, `Election` timing,
+        and option objects of plugins (``Process``, ``Docker``, ``VIP``, ...).
+    """
+
+    def __init__(self, name: str, *options: object) -> None:
+        self.name = validate_ident("app name", name)
+        self.mode: Mode = Singleton()
+        self.constraints: list[Constraint] = []
+        self.election_options = Election()
+        self.options: list[object] = []  # plugin options, claimed at register()
+        modes = 0
+        for opt in options:
+            if isinstance(opt, Mode):
+                modes += 1
+                self.mode = opt
+            elif isinstance(opt, Constraint):
+                self.constraints.append(opt)
+            elif isinstance(opt, Election):
+                self.election_options = opt
+            elif opt is None or isinstance(opt, str | int | float | bytes | dict | list | tuple):
+                raise ConfigError(f"App({name!r}) option", opt, "not an option object")
+            else:
+                self.options.append(opt)
+        if modes > 1:
+            raise ConfigError(f"App({name!r}) mode", options, "give at most one mode")
+        self._hooks: dict[str, list[Hook]] = {h: [] for h in HOOK_NAMES}
+        self.handlers: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._runtime: AppRuntime | None = None
+        self.platform: Platform | None = None
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, {self.mode!r})"
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _add(self, event: str, fn: H) -> H:
+        if not asyncio.iscoroutinefunction(fn):
+            raise ConfigError(f"on_{event}", getattr(fn, "__name__", fn), "must be an async def")
+        self._hooks[event].append(fn)
+        return fn
+
+    def on_active(self, fn: H) -> H:
+        """Run when this node becomes active (last step of the failover sequence)."""
+        return self._add("active", fn)
+
+    def on_passive(self, fn: H) -> H:
+        """Run when this node settles as a standby (at start and after stepping down)."""
+        return self._add("passive", fn)
+
+    def on_leader_change(self, fn: H) -> H:
+        """Run when the observed leader changes (``ctx.leader`` may be None: vacant)."""
+        return self._add("leader_change", fn)
+
+    def on_start(self, fn: H) -> H:
+        """Run when the app starts on this node, before it campaigns."""
+        return self._add("start", fn)
+
+    def on_stop(self, fn: H) -> H:
+        """Run when the app stops on this node, after it stepped down."""
+        return self._add("stop", fn)
+
+    def on_own(self, fn: H) -> H:
+        """Run when this node takes ownership of a partition (ring plugin)."""
+        return self._add("own", fn)
+
+    def on_release(self, fn: H) -> H:
+        """Run when this node releases a partition (ring plugin)."""
+        return self._add("release", fn)
+
+    def on_member_join(self, fn: H) -> H:
+        """Run when a node joins the platform (``ctx.member`` is its record)."""
+        return self._add("member_join", fn)
+
+    def on_member_leave(self, fn: H) -> H:
+        """Run when a node leaves or its record expires (``ctx.member``)."""
+        return self._add("member_leave", fn)
+
+    def on_health_change(self, fn: H) -> H:
+        """Run when a health check of this app changes status."""
+        return self._add("health_change", fn)
+
+    def on_migration_start(self, fn: H) -> H:
+        """Run when a migration of this app starts."""
+        return self._add("migration_start", fn)
+
+    def on_migration_complete(self, fn: H) -> H:
+        """Run when a migration of this app completed."""
+        return self._add("migration_complete", fn)
+
+    def on_placement_invalid(self, fn: H) -> H:
+        """Run when this node no longer satisfies the app's placement."""
+        return self._add("placement_invalid", fn)
+
+    def hooks(self, event: str) -> list[Hook]:
+        """The registered hooks of ``event`` (e.g. "active")."""
+        return list(self._hooks[event])
+
+    def handle(self, method: str) -> Callable[[H], H]:
+        """Declare an API method of this app (served through the platform's API bus)."""
+        validate_ident("method", method)
+
+        def deco(fn: H) -> H:
+            self.handlers[method] = fn
+            return fn
+
+        return deco
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def allows(self, node: NodeInfo) -> bool:
+        """Whether the core's hard constraints admit ``node``."""
+        return all(c.allows(node) for c in self.constraints)
+
+    # -- runtime state (valid once registered and started) -------------------------------------
+
+    def _rt(self) -> AppRuntime:
+        if self._runtime is None:
+            raise RuntimeError(f"app {self.name!r} is not started (register it and start the platform)")
+        return self._runtime
+
+    @property
+    def role(self) -> Role:
+        """This node's role for the app."""
+        return self._runtime.role if self._runtime else Role.STOPPED
+
+    @property
+    def is_active(self) -> bool:
+        """True while this node's instance is active (fully through the failover sequence)."""
+        return self._runtime is not None and self._runtime.is_active
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this node holds a valid lease and is active (for Spread: active)."""
+        return self.is_active
+
+    @property
+    def leader(self) -> str | None:
+        """Node id of the current leader (Singleton), as observed; None when vacant."""
+        return self._runtime.leader if self._runtime else None
+
+    @property
+    def epoch(self) -> int | None:
+        """Monotonic leadership epoch, also the fencing token."""
+        return self._runtime.epoch if self._runtime else None
+
+    @property
+    def kv(self) -> AppKV:
+        """The app's own key-value store (bucket ``{platform}_{app}``)."""
+        return self._rt().kv
+
+    def lock(self, name: str, ttl: float = 10.0) -> Lock:
+        """A fair distributed lock of this app (bucket ``{platform}_{app}_locks``)."""
+        return self._rt().locks.lock(name, ttl=ttl)
+
+    async def step_down(self, successor: str | None = None, cooldown: float | None = None) -> None:
+        """Hand leadership over now: deactivate, release the lease, stay out for ``cooldown``.
+
+        :param successor: node id that should take over first, if it is eligible and alive.
+        """
+        await self._rt().step_down(successor=successor, cooldown=cooldown)
+
+    async def wait_for_leadership(self, timeout: float | None = None) -> bool:
+        """Wait until this node is active; False if ``timeout`` passes first."""
+        return await self._rt().wait_active(timeout)
+
+    def require_leader(self) -> int:
+        """Return the epoch, or raise `NotLeaderError` when this node is not active."""
+        if not self.is_active:
+            raise NotLeaderError(self.name, self.leader, self.epoch)
+        return self.epoch or 0

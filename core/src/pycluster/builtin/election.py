@@ -1,0 +1,23 @@
+"""Core default plugin "election": the NATS KV lease election (replaceable via the hook)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..election import Election, LeaseElection
+from ..names import bucket
+from ..plugins import hookimpl
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..platform import Platform
+
+
+@hookimpl(trylast=True)
+def pycluster_election(app: App, platform: Platform, keys: list[str]) -> Election | None:
+    """A `LeaseElection` in ``{platform}_{app}_election``."""
+    assert platform.nc is not None and platform.js is not None
+    return LeaseElection(
+        platform.nc, platform.js, bucket(platform.name, app.name, "election"), platform.node_id,
+        keys=keys, **platform.election_kwargs(app),
+    )

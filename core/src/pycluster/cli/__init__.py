@@ -1,0 +1,1 @@
+"""The ``pycluster`` command line (click), assembled in `pycluster.cli.main.main`."""

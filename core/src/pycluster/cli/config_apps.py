@@ -1,0 +1,111 @@
+"""Apps declared in a config file, turned into `App` objects.
+
+Example (YAML)::
+
+    name: prod
+    node_id: node-1
+    nats_url: nats://127.0.0.1:4222
+    apps:
+      - name: web
+        mode: singleton
+        on_label: {tier: web}
+        process: {command: "python -m http.server 8000", grace: 5}
+
+A key other than the known fields names a plugin section (``docker:``, ``vip:``, ...), validated
+by the model that plugin registered (`pycluster.hookspecs.pycluster_config_sections`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..app import App
+from ..builtin.process import Process
+from ..errors import ConfigError
+from ..options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
+from ..platform import Platform
+from ..plugins import PluginManager
+from ..registry import ConfigRegistry
+from ..settings import AppConfig, load_settings
+
+
+class ProcessSection(BaseModel):
+    """The ``process:`` section of an app."""
+
+    model_config = {"extra": "forbid"}
+
+    command: str | list[str]
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    grace: float = 10.0
+    max_restarts: int = 3
+    restart_backoff: float = 1.0
+
+
+def _process(section: ProcessSection) -> Process:
+    cmd = section.command if isinstance(section.command, str) else tuple(section.command)
+    return Process(cmd, env=section.env, cwd=section.cwd, grace=section.grace,
+                   max_restarts=section.max_restarts, restart_backoff=section.restart_backoff)
+
+
+def build_app(cfg: AppConfig, sections: ConfigRegistry) -> App:
+    """One `App` from its config entry."""
+    opts: list[Any] = []
+    if cfg.mode == "spread":
+        opts.append(Spread())
+    elif cfg.mode == "replicas":
+        if cfg.replicas is None:
+            raise ConfigError(f"apps.{cfg.name}.replicas", None, "required for mode replicas")
+        opts.append(Replicas(cfg.replicas))
+    else:
+        opts.append(Singleton())
+    if cfg.on_nodes:
+        opts.append(OnNodes(*cfg.on_nodes))
+    for k, v in (cfg.on_label or {}).items():
+        opts.append(OnLabel(k, v))
+    for k, v in (cfg.avoid_label or {}).items():
+        opts.append(AvoidLabel(k, v))
+    opts.append(Election(lease_ttl=cfg.lease_ttl, heartbeat_interval=cfg.heartbeat_interval,
+                         priority=cfg.priority, no_failover=cfg.no_failover,
+                         hook_timeout=cfg.hook_timeout))
+    for name, raw in (cfg.model_extra or {}).items():
+        section = sections.sections.get(name)
+        if section is None:
+            known = ", ".join(sorted(sections.sections)) or "none"
+            raise ConfigError(f"apps.{cfg.name}.{name}", raw,
+                              f"no plugin provides this section (installed: {known})")
+        try:
+            model = section.model.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise ConfigError(f"apps.{cfg.name}.{name}.{loc}".rstrip("."), err.get("input"),
+                              err["msg"]) from None
+        opts.append(section.to_option(model))
+    return App(cfg.name, *opts)
+
+
+def _sections(pm: PluginManager) -> ConfigRegistry:
+    reg = ConfigRegistry()
+    reg.add("process", ProcessSection, _process)
+    pm.hook.pycluster_config_sections(registry=reg)
+    return reg
+
+
+def apps_from_config(path: str | Path, pm: PluginManager) -> list[App]:
+    """The apps of a config file."""
+    settings = load_settings(path)
+    reg = _sections(pm)
+    return [build_app(cfg, reg) for cfg in settings.apps]
+
+
+def platform_from_config(path: str | Path, pm: PluginManager) -> Platform:
+    """A platform with every app of a config file registered."""
+    platform = Platform(config_file=path, plugin_manager=pm)
+    reg = _sections(pm)
+    for cfg in platform.settings.apps:
+        platform.register(build_app(cfg, reg))
+    return platform

@@ -1,0 +1,193 @@
+"""``pycluster``: run a node, inspect a platform, step a leader down, list plugins, demo.
+
+The command line is assembled in `main()`: build the plugin manager, let plugins add their
+commands (`pycluster.hookspecs.pycluster_add_cli_commands`), then parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import PyclusterError
+from ..plugins import PluginManager, create_plugin_manager
+
+OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                      show_default=True, help="Output format.")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
+
+
+@click.group()
+@click.version_option(package_name="pycluster-core", prog_name="pycluster")
+def cli() -> None:
+    """pycluster: highly available services on NATS JetStream."""
+
+
+# -- plugins --------------------------------------------------------------------------------
+
+
+@cli.command("plugins")
+@OUTPUT
+@click.pass_obj
+def plugins_cmd(pm: PluginManager, output: str) -> None:
+    """List plugins: name, distribution, version, status and the hooks each implements."""
+    infos = sorted(pm.infos.values(), key=lambda i: (not i.builtin, i.name))
+    if output == "json":
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    rows = [[i.name, i.distribution or "-", i.version or "-", i.status,
+             ", ".join(h.removeprefix("pycluster_") for h in i.hooks) or (i.reason or "")]
+            for i in infos]
+    click.echo(_table(rows, ["NAME", "DISTRIBUTION", "VERSION", "STATUS", "HOOKS"]))
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def _load_target(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    if not module or not attr:
+        raise click.BadParameter(f"{target!r}: expected module:attribute, e.g. myapp:platform")
+    sys.path.insert(0, str(Path.cwd()))
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj() if callable(obj) and not hasattr(obj, "run") else obj
+
+
+@cli.command("run")
+@click.argument("target", required=False)
+@click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
+              help="YAML or TOML config file (platform settings and apps).")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.pass_obj
+def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level: str) -> None:
+    """Run a node until SIGTERM/SIGINT (then leave gracefully, exit 0).
+
+    TARGET is an import path ``module:platform`` of a Platform object (or a function returning
+    one); --config gives a config file. With both, the file's apps are added to the target's.
+    """
+    from .config_apps import apps_from_config, platform_from_config
+
+    _setup_logging(log_level)
+    if not target and not config:
+        raise click.UsageError("give a TARGET (module:platform), --config FILE, or both")
+    try:
+        if target:
+            platform = _load_target(target)
+            if config:
+                for app in apps_from_config(config, platform.pm):
+                    platform.register(app)
+        else:
+            assert config is not None
+            platform = platform_from_config(config, pm)
+        asyncio.run(platform.run())
+    except PyclusterError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- status / stepdown ----------------------------------------------------------------------
+
+
+NATS_OPT = click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default="nats://127.0.0.1:4222",
+                        show_default=True, help="NATS URL(s), comma-separated.")
+PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
+                            show_default=True, help="Platform name.")
+
+
+@cli.command("status")
+@NATS_OPT
+@PLATFORM_OPT
+@OUTPUT
+def status_cmd(nats_url: str, platform: str, output: str) -> None:
+    """Show nodes, apps, leaders and epochs of a platform."""
+    from .inspect import read_status
+
+    try:
+        st = asyncio.run(read_status(nats_url, platform))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    click.echo(f"platform {platform}: {len(st['nodes'])} node(s)")
+    rows = [[n["node_id"], ",".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()),
+             n.get("version", ""), n.get("host", ""), n.get("pid", "")] for n in st["nodes"]]
+    click.echo(_table(rows, ["NODE", "LABELS", "VERSION", "HOST", "PID"]))
+    click.echo("")
+    rows = [[a["app"], a.get("mode", ""), a.get("leader") or "-", a.get("epoch") or "-",
+             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-"]
+            for a in st["apps"]]
+    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON"]))
+
+
+@cli.command("stepdown")
+@click.argument("app")
+@click.option("--successor", help="Node id that should take over first.")
+@click.option("--cooldown", type=float, help="Seconds the old leader stays out of elections.")
+@NATS_OPT
+@PLATFORM_OPT
+@OUTPUT
+def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, nats_url: str,
+                 platform: str, output: str) -> None:
+    """Ask the active instance of APP to hand leadership over now."""
+    from .inspect import request_stepdown
+
+    try:
+        res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{app}: {res['node']} stepped down (epoch {res['epoch']})")
+
+
+# -- demo -----------------------------------------------------------------------------------
+
+
+@cli.command("demo")
+@click.option("--lease-ttl", type=float, default=2.0, show_default=True)
+@click.option("--nodes", type=int, default=3, show_default=True)
+def demo_cmd(lease_ttl: float, nodes: int) -> None:
+    """A whole failover story on an embedded nats-server: election, SIGKILL of the leader,
+    failover, graceful handover. Exits by itself."""
+    from ..demo import run_demo
+
+    try:
+        sys.exit(asyncio.run(run_demo(lease_ttl=lease_ttl, size=nodes)))
+    except PyclusterError as exc:
+        _fail(exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``pycluster`` script."""
+    pm = create_plugin_manager()
+    pm.hook.pycluster_add_cli_commands(cli=cli)
+    cli.main(args=argv, obj=pm, prog_name="pycluster")

@@ -1,0 +1,107 @@
+"""The NATS connection of a platform: URLs, credentials, TLS, reconnects, JetStream check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from .errors import ConfigError, NatsUnavailableError
+from .settings import PlatformSettings
+
+log = logging.getLogger("pycluster.nats")
+
+
+def connect_options(s: PlatformSettings) -> dict[str, Any]:
+    """nats-py ``connect()`` keyword arguments for these settings."""
+    opts: dict[str, Any] = {
+        "servers": s.nats_url or [],
+        "name": f"pycluster:{s.name}:{s.node_id}",
+        "connect_timeout": s.connect_timeout,
+        "reconnect_time_wait": s.reconnect_wait,
+        "max_reconnect_attempts": -1,
+        "allow_reconnect": True,
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
+    }
+    if s.nats_user:
+        opts["user"] = s.nats_user
+        opts["password"] = s.nats_password or ""
+    if s.nats_token:
+        opts["token"] = s.nats_token
+    if s.nats_nkey_seed:
+        opts["nkeys_seed"] = s.nats_nkey_seed
+    if s.nats_creds:
+        opts["user_credentials"] = s.nats_creds
+    if s.tls_ca or s.tls_cert:
+        try:
+            ctx = ssl.create_default_context(cafile=s.tls_ca)
+            if s.tls_cert:
+                ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls", s.tls_cert or s.tls_ca, str(exc)) from None
+        opts["tls"] = ctx
+    return opts
+
+
+async def connect(
+    s: PlatformSettings,
+    *,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect and check JetStream; `NatsUnavailableError` with the reason otherwise."""
+    opts = connect_options(s)
+    servers = list(opts["servers"])
+
+    last_error: list[BaseException] = []
+
+    async def error_cb(exc: Exception) -> None:
+        last_error[:] = [exc]
+        log.debug("nats: %s", exc)
+
+    async def reconnected_cb() -> None:
+        log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    async def disconnected_cb() -> None:
+        log.warning("nats: disconnected")
+        if on_disconnect is not None:
+            await on_disconnect()
+
+    nc = NATS()
+    # nats-py retries an unreachable server forever when reconnects are unlimited, so the
+    # first connection is bounded here: every server gets a couple of attempts.
+    budget = (s.connect_timeout + s.reconnect_wait) * 2 * max(1, len(servers))
+    try:
+        await asyncio.wait_for(
+            nc.connect(**opts, error_cb=error_cb, reconnected_cb=reconnected_cb,
+                       disconnected_cb=disconnected_cb),
+            budget,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        cause = last_error[0] if last_error else exc
+        reason = f"{type(cause).__name__}: {cause}".rstrip(": ")
+        if isinstance(exc, TimeoutError):
+            reason = f"not reachable within {budget:.1f}s (last error: {reason})"
+        raise NatsUnavailableError(servers, reason) from None
+    try:
+        await nc.jetstream(timeout=s.connect_timeout).account_info()
+    except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
+            nats.errors.TimeoutError, TimeoutError) as exc:
+        await nc.close()
+        raise NatsUnavailableError(
+            servers, f"JetStream is not enabled or not reachable ({type(exc).__name__})"
+        ) from None
+    return nc

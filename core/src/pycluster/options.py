@@ -1,0 +1,152 @@
+"""The core's own App options: modes, hard placement constraints and election timing.
+
+Everything else passed to ``App(...)`` (``Docker``, ``VIP``, ``SQLite``, ...) is claimed by the
+plugin that defines it (`pycluster.hookspecs.pycluster_claim_option`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .names import validate_ident
+from .types import NodeInfo
+
+
+class Mode:
+    """Base of the modes: how many instances of an app are active."""
+
+    kind: str = ""
+
+    def slots(self) -> int | None:
+        """Number of active slots (None: every eligible node)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Singleton(Mode):
+    """One active instance; every other eligible node is a standby."""
+
+    kind: str = field(default="singleton", init=False)
+
+    def slots(self) -> int | None:
+        """One slot."""
+        return 1
+
+
+@dataclass(frozen=True)
+class Spread(Mode):
+    """Active on every eligible node."""
+
+    kind: str = field(default="spread", init=False)
+
+    def slots(self) -> int | None:
+        """No slot limit."""
+        return None
+
+
+@dataclass(frozen=True)
+class Replicas(Mode):
+    """Exactly ``n`` active instances among the eligible nodes; a lost one is replaced within
+    the lease."""
+
+    n: int
+    kind: str = field(default="replicas", init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 256:
+            raise ConfigError("Replicas.n", self.n, "must be an integer from 1 to 256")
+
+    def slots(self) -> int | None:
+        """``n`` slots."""
+        return self.n
+
+
+class Constraint:
+    """A placement constraint; hard constraints decide eligibility."""
+
+    hard: bool = True
+
+    def allows(self, node: NodeInfo) -> bool:
+        """Whether ``node`` satisfies this constraint."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class OnNodes(Constraint):
+    """Run only on the listed node ids."""
+
+    nodes: tuple[str, ...]
+
+    def __init__(self, *nodes: str) -> None:
+        if not nodes:
+            raise ConfigError("OnNodes", nodes, "needs at least one node id")
+        for n in nodes:
+            validate_ident("node id", n)
+        object.__setattr__(self, "nodes", tuple(nodes))
+
+    def allows(self, node: NodeInfo) -> bool:
+        """True when the node id is listed."""
+        return node.node_id in self.nodes
+
+
+@dataclass(frozen=True)
+class OnLabel(Constraint):
+    """Run only on nodes whose label ``key`` equals ``value`` (or exists, if value is None)."""
+
+    key: str
+    value: str | None = None
+
+    def allows(self, node: NodeInfo) -> bool:
+        """True when the label matches."""
+        if self.key not in node.labels:
+            return False
+        return self.value is None or node.labels[self.key] == self.value
+
+
+@dataclass(frozen=True)
+class AvoidLabel(Constraint):
+    """Never run on nodes whose label ``key`` equals ``value`` (or exists, if value is None)."""
+
+    key: str
+    value: str | None = None
+
+    def allows(self, node: NodeInfo) -> bool:
+        """True unless the label matches."""
+        if self.key not in node.labels:
+            return True
+        return self.value is not None and node.labels[self.key] != self.value
+
+
+@dataclass(frozen=True)
+class Election:
+    """Per-app election settings; unset fields inherit the platform's.
+
+    :param lease_ttl: seconds a lease lives without renewal (crash failover is bounded by it).
+    :param heartbeat_interval: seconds between renewals.
+    :param priority: standby priority; a lower value defers its campaign while a higher-priority
+        eligible node is alive.
+    :param no_failover: this node never leads the app (e.g. a read-only DR standby).
+    :param hook_timeout: seconds an ``on_active``/``on_passive`` hook or stage may take.
+    :param cooldown: seconds a node that stepped down waits before campaigning again.
+    """
+
+    lease_ttl: float | None = None
+    heartbeat_interval: float | None = None
+    priority: int | None = None
+    no_failover: bool | None = None
+    hook_timeout: float | None = None
+    cooldown: float | None = None
+
+
+def check_timing(lease_ttl: float, heartbeat_interval: float, where: str = "") -> None:
+    """Validate a lease/heartbeat pair (server TTLs are whole seconds, minimum 1 s)."""
+    p = f"{where}." if where else ""
+    if not lease_ttl >= 1.0:
+        raise ConfigError(f"{p}lease_ttl", lease_ttl, "must be at least 1 second (NATS minimum)")
+    if not 0 < heartbeat_interval <= lease_ttl / 2:
+        raise ConfigError(
+            f"{p}heartbeat_interval",
+            heartbeat_interval,
+            f"must be > 0 and at most half the lease_ttl ({lease_ttl}) so a renewal can be retried",
+        )

@@ -1,0 +1,471 @@
+"""`Platform`: one node's membership in a named cluster, and the apps it may run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Coroutine, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from . import __version__
+from .app import App
+from .connection import connect
+from .context import Context
+from .coordinator import AppRuntime, run_hooks
+from .election import Election
+from .errors import ConfigError, UnclaimedOptionError
+from .kv import AppKV
+from .locks import Lock, LockService
+from .membership import Membership
+from .names import app_subject, bucket, validate_ident
+from .options import Replicas, check_timing
+from .plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
+from .registry import BackendRegistry, OptionRegistry
+from .settings import PlatformSettings, load_settings
+from .types import NodeInfo, Role
+
+log = logging.getLogger("pycluster")
+
+
+class Platform:
+    """One node of a named cluster ("prod").
+
+    Example::
+
+        platform = Platform("prod", node_id="node-1", labels={"zone": "a"})
+        platform.register(app)
+        await platform.run()            # until SIGTERM/SIGINT or cancelled
+
+        async with Platform("prod", node_id="n1", nats_url="nats://127.0.0.1:4222") as p:
+            ...                         # connected, apps started; left gracefully on exit
+
+    :param name: the platform (cluster) name; it prefixes every bucket and subject.
+    :param node_id: this node's id, unique among live nodes (default: the host name).
+    :param nats_url: a URL, a list, or a comma-separated string; None starts an embedded
+        nats-server with JetStream under the node's data directory.
+    :param labels: node labels for placement.
+    :param config_file: a YAML or TOML file with the same settings (lower precedence than
+        keyword arguments and ``PYCLUSTER_*`` environment variables).
+    :param plugin_manager: a prepared plugin manager (tests); default: built from entry points.
+    :param settings: any other `PlatformSettings` field (``lease_ttl``, ``heartbeat_interval``,
+        ``hook_timeout``, ``priority``, ``no_failover``, ``nats_creds``, ``tls_ca``, ...).
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        node_id: str | None = None,
+        nats_url: str | list[str] | None = None,
+        labels: dict[str, str] | None = None,
+        health_addr: str | None = None,
+        metrics_addr: str | None = None,
+        config_file: str | Path | None = None,
+        plugin_manager: PluginManager | None = None,
+        **settings: Any,
+    ) -> None:
+        self.settings: PlatformSettings = load_settings(
+            config_file, name=name, node_id=node_id, nats_url=nats_url, labels=labels,
+            health_addr=health_addr, metrics_addr=metrics_addr, **settings,
+        )
+        self.name = self.settings.name
+        self.node_id = self.settings.node_id
+        self.labels = dict(self.settings.labels)
+        self.pm = plugin_manager or create_plugin_manager()
+        self.options = OptionRegistry()
+        self.backends = BackendRegistry()
+        self.pm.hook.pycluster_register_options(registry=self.options)
+        self.pm.hook.pycluster_register_backends(registry=self.backends)
+        self.apps: dict[str, App] = {}
+        self.runtimes: dict[str, AppRuntime] = {}
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.membership: Membership | None = None
+        self.embedded: Any = None
+        self.started_at: float | None = None
+        self.plugin_mismatches: dict[str, dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._subs: list[Any] = []
+        self._locks: LockService | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._running = False
+
+    def __repr__(self) -> str:
+        return f"Platform({self.name!r}, node_id={self.node_id!r})"
+
+    # -- apps -------------------------------------------------------------------------------
+
+    def register(self, app: App) -> App:
+        """Add an app; every plugin option must be claimed by an installed plugin."""
+        if app.name in self.apps:
+            raise ConfigError("app", app.name, "an app of this name is already registered")
+        if self._running:
+            raise ConfigError("app", app.name, "register apps before the platform starts")
+        for opt in app.options:
+            claimed = self.pm.hook.pycluster_claim_option(app=app, option=opt)
+            if not claimed:
+                raise UnclaimedOptionError(app.name, opt, distribution_of(opt))
+        e = app.election_options
+        check_timing(
+            e.lease_ttl or self.settings.lease_ttl,
+            e.heartbeat_interval or self.settings.heartbeat_interval,
+            f"App({app.name!r}).election",
+        )
+        app.platform = self
+        self.apps[app.name] = app
+        self.pm.hook.pycluster_app_registered(app=app, platform=self)
+        return app
+
+    def node_info(self) -> NodeInfo:
+        """This node as placement sees it."""
+        return NodeInfo(self.node_id, dict(self.labels))
+
+    def eligible(self, app: App) -> bool:
+        """Whether every placement filter admits this node for ``app``."""
+        results = self.pm.hook.pycluster_placement_filter(app=app, node=self.node_info())
+        return all(r is not False for r in results)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Platform:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect, join the membership and start every registered app."""
+        if self._running:
+            return
+        self._stop_event = asyncio.Event()
+        for info in self.pm.problems():
+            log.warning("plugin %s (%s %s) is %s: %s", info.name, info.distribution,
+                        info.version, info.status, info.reason)
+        settings = self.settings
+        if not settings.nats_url:
+            from .embedded import EmbeddedNatsServer
+
+            data = settings.resolved_data_dir() / "nats"
+            data.mkdir(parents=True, exist_ok=True)
+            self.embedded = EmbeddedNatsServer(data)
+            await self.embedded.start()
+            settings = settings.model_copy(update={"nats_url": [self.embedded.url]})
+            log.info("started an embedded nats-server at %s (data in %s)", self.embedded.url, data)
+        try:
+            self.nc = await connect(settings, on_reconnect=self._reconnected)
+            self.js = self.nc.jetstream(timeout=max(2.0, settings.heartbeat_interval))
+            self._running = True
+            self.started_at = time.time()
+            await self._join()
+            for app in self.apps.values():
+                await self._start_app(app)
+            self._subs.append(await self.nc.subscribe(
+                f"{self.name}.*.control.stepdown", cb=self._on_stepdown))
+            self.notify(self.pm.hook.pycluster_platform_started(platform=self), "platform_started")
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _join(self) -> None:
+        assert self.nc is not None and self.js is not None
+        s = self.settings
+        self.membership = Membership(
+            self.nc, self.js, self.name, self.node_id, ttl=s.lease_ttl,
+            heartbeat=s.heartbeat_interval, record=self._record, on_join=self._member_joined,
+            on_leave=self._member_left, on_replaced=self._replaced,
+            poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
+        )
+        await self.membership.join()
+        self._locks = LockService(
+            self.js, bucket(self.name, suffix="platform"), self.node_id, prefix="locks.",
+            replicas=s.stream_replicas,
+        )
+        await self._locks.ensure()
+
+    def _timing(self, app: App) -> dict[str, Any]:
+        e, s = app.election_options, self.settings
+        return {
+            "lease_ttl": e.lease_ttl or s.lease_ttl,
+            "heartbeat_interval": e.heartbeat_interval or s.heartbeat_interval,
+            "priority": s.priority if e.priority is None else e.priority,
+            "no_failover": s.no_failover if e.no_failover is None else e.no_failover,
+            "hook_timeout": e.hook_timeout or s.hook_timeout,
+            "cooldown": e.cooldown if e.cooldown is not None else s.cooldown,
+        }
+
+    async def _start_app(self, app: App) -> None:
+        assert self.nc is not None and self.js is not None
+        if not self.eligible(app):
+            log.info("app %s: node %s is not eligible (placement); not running it",
+                     app.name, self.node_id)
+            return
+        t = self._timing(app)
+        kv = AppKV(self.js, bucket(self.name, app.name))
+        await kv.ensure(replicas=self.settings.stream_replicas)
+        locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
+                            replicas=self.settings.stream_replicas)
+        await locks.ensure()
+        slots = app.mode.slots()
+        election: Election | None = None
+        if slots is not None:
+            keys = ["leader"] if slots == 1 else [f"slot-{i}" for i in range(slots)]
+            election = self.pm.hook.pycluster_election(app=app, platform=self, keys=keys)
+            if election is None:
+                raise ConfigError("election", app.name, "no election plugin is enabled")
+        rt = AppRuntime(
+            app, self, election=election, kv=kv, locks=locks, hook_timeout=t["hook_timeout"],
+            cooldown=t["cooldown"] if t["cooldown"] is not None else t["heartbeat_interval"],
+        )
+        app._runtime = rt
+        self.runtimes[app.name] = rt
+        if election is not None:
+            worst = getattr(election, "worst_case_failover", lambda: t["lease_ttl"])()
+            log.info(
+                "app %s: lease_ttl=%.1fs heartbeat=%.1fs priority=%d%s; worst-case crash "
+                "failover %.1fs (plus up to ~9s if the node that leads the election stream "
+                "dies too)", app.name, t["lease_ttl"], t["heartbeat_interval"], t["priority"],
+                " no-failover" if t["no_failover"] else "", worst,
+            )
+        await rt.start()
+
+    def election_kwargs(self, app: App) -> dict[str, Any]:
+        """Keyword arguments for a `LeaseElection` of ``app`` (used by the election plugin)."""
+        t = self._timing(app)
+        return {
+            "lease_ttl": t["lease_ttl"],
+            "heartbeat_interval": t["heartbeat_interval"],
+            "no_failover": t["no_failover"],
+            "rank": lambda: self._rank(app.name, t["priority"]),
+            "cooldown": t["cooldown"],
+            "replicas": self.settings.stream_replicas,
+        }
+
+    def _rank(self, app: str, priority: int) -> int:
+        """How many distinct higher standby priorities live members have for ``app``."""
+        if self.membership is None:
+            return 0
+        higher = set()
+        for node, rec in self.membership.members.items():
+            if node == self.node_id:
+                continue
+            a = (rec.get("apps") or {}).get(app)
+            if a and a.get("eligible") and not a.get("no_failover"):
+                p = a.get("priority", 0)
+                if p > priority:
+                    higher.add(p)
+        return len(higher)
+
+    async def stop(self) -> None:
+        """Leave gracefully: apps step down in reverse order, membership is deleted, NATS
+        closes, an embedded server stops."""
+        was_running, self._running = self._running, False
+        if was_running:
+            for name in reversed(list(self.runtimes)):
+                try:
+                    await self.runtimes[name].stop()
+                except Exception:
+                    log.exception("app %s: stop failed", name)
+            await call_notify(
+                self.pm.hook.pycluster_platform_stopping(platform=self),
+                self.settings.hook_timeout, "platform_stopping",
+            )
+            if self.membership is not None:
+                await self.membership.leave()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        if self.embedded is not None:
+            await self.embedded.stop()
+            self.embedded = None
+        for app in self.apps.values():
+            app._runtime = None
+        self.runtimes.clear()
+
+    async def run(self) -> None:
+        """Start, run until SIGTERM/SIGINT or cancellation, then leave gracefully."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        assert self._stop_event is not None
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._stop_event.set)
+                installed.append(sig)
+        try:
+            await self._stop_event.wait()
+            log.info("node %s: leaving gracefully", self.node_id)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await asyncio.shield(self.stop())
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to leave gracefully."""
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    # -- plumbing for apps and plugins -------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in a task owned by the platform (cancelled at stop)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def notify(self, results: Iterable[Any], what: str) -> None:
+        """Await notification-hook results in the background, with the hook timeout."""
+        pending = [r for r in results if r is not None]
+        if pending:
+            self.spawn(call_notify(pending, self.settings.hook_timeout, what), what)
+
+    def transition(self, app: App, role: str, epoch: int | None, reason: str) -> None:
+        """Record a transition (logged; membership refreshed so others see it at once)."""
+        log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
+        if self.membership is not None:
+            self.spawn(self.membership.publish_now(), "membership:publish")
+
+    def lock(self, name: str, ttl: float = 10.0) -> Lock:
+        """A platform-wide fair lock (in ``{platform}_platform``, key ``locks.{name}``)."""
+        if self._locks is None:
+            raise RuntimeError("the platform is not started")
+        return self._locks.lock(name, ttl=ttl)
+
+    async def lock_holder(self, name: str) -> Any:
+        """Who holds platform lock ``name`` (None when free)."""
+        if self._locks is None:
+            raise RuntimeError("the platform is not started")
+        return await self._locks.holder(name)
+
+    def _record(self) -> dict[str, Any]:
+        apps: dict[str, Any] = {}
+        for app in self.apps.values():
+            rt = self.runtimes.get(app.name)
+            t = self._timing(app)
+            apps[app.name] = {
+                "role": rt.role.value if rt else Role.STOPPED.value,
+                "epoch": app.epoch,
+                "leader": app.leader,
+                "mode": app.mode.kind,
+                "eligible": rt is not None,
+                "priority": t["priority"],
+                "no_failover": t["no_failover"],
+            }
+        return {
+            "platform": self.name,
+            "labels": self.labels,
+            "version": __version__,
+            "plugins": self.pm.plugin_set(),
+            "apps": apps,
+        }
+
+    def _member_joined(self, rec: dict[str, Any]) -> None:
+        node = rec.get("node_id")
+        if node != self.node_id:
+            mine, theirs = self.pm.plugin_set(), rec.get("plugins") or {}
+            if mine != theirs:
+                diff = {
+                    k: {"here": mine.get(k), "there": theirs.get(k)}
+                    for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)
+                }
+                self.plugin_mismatches[str(node)] = diff
+                log.warning("node %s runs a different plugin set: %s", node, diff)
+        self._member_hook("member_join", rec)
+
+    def _member_left(self, rec: dict[str, Any]) -> None:
+        self.plugin_mismatches.pop(str(rec.get("node_id")), None)
+        self._member_hook("member_leave", rec)
+
+    def _member_hook(self, event: str, rec: dict[str, Any]) -> None:
+        for rt in self.runtimes.values():
+            ctx = Context(app=rt.app, platform=self, node_id=self.node_id, member=rec,
+                          reason=event)
+            self.spawn(run_hooks(rt.app.hooks(event), ctx, rt.hook_timeout, f"on_{event}",
+                                 False), f"{rt.app.name}:{event}")
+
+    def _replaced(self) -> None:
+        log.error("node %s: replaced by another process with the same node id; stopping",
+                  self.node_id)
+        for rt in self.runtimes.values():
+            if rt.election is not None:
+                rt.election.pause_campaign(float("inf"))
+        self.request_stop()
+
+    async def _reconnected(self) -> None:
+        for rt in self.runtimes.values():
+            if rt.election is not None and hasattr(rt.election, "reconnected"):
+                self.spawn(rt.election.reconnected(), "election:reconnected")
+        if self.membership is not None:
+            self.spawn(self.membership.reconnected(), "membership:reconnected")
+
+    async def _on_stepdown(self, msg: Msg) -> None:
+        app_name = msg.subject.split(".")[1]
+        app = self.apps.get(app_name)
+        if app is None or not app.is_active or app.mode.slots() is None:
+            return
+        try:
+            req = json.loads(msg.data or b"{}")
+        except ValueError:
+            req = {}
+        epoch = app.epoch
+        await app.step_down(successor=req.get("successor"), cooldown=req.get("cooldown"))
+        if msg.reply:
+            await msg.respond(json.dumps({"node": self.node_id, "epoch": epoch}).encode())
+
+    def status(self) -> dict[str, Any]:
+        """This node's view: node, labels, apps with role, leader, epoch."""
+        return {
+            "platform": self.name,
+            "node_id": self.node_id,
+            "labels": self.labels,
+            "version": __version__,
+            "started": self.started_at,
+            "connected": bool(self.nc and self.nc.is_connected),
+            "members": sorted(self.membership.members) if self.membership else [],
+            "plugin_mismatches": self.plugin_mismatches,
+            "apps": {
+                name: {
+                    "role": app.role.value,
+                    "active": app.is_active,
+                    "leader": app.leader,
+                    "epoch": app.epoch,
+                    "mode": asdict(app.mode) if hasattr(app.mode, "__dataclass_fields__") else {},
+                }
+                for name, app in self.apps.items()
+            },
+        }
+
+
+def stepdown_subject(platform: str, app: str) -> str:
+    """Subject on which the active instance of ``app`` accepts a step-down request."""
+    validate_ident("platform", platform)
+    validate_ident("app", app)
+    return app_subject(platform, app, "control", "stepdown")
+
+
+__all__ = ["Platform", "Replicas", "stepdown_subject"]

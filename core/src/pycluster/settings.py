@@ -1,0 +1,189 @@
+"""Settings: keyword arguments > ``PYCLUSTER_*`` environment > a YAML or TOML file > defaults.
+
+Invalid settings fail at start with `ConfigError` naming the field, the value and why.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+from .names import validate_ident
+from .options import check_timing
+
+
+class AppConfig(BaseModel):
+    """An app declared in a config file (for ``pycluster run --config``)."""
+
+    model_config = {"extra": "allow"}
+
+    name: str
+    mode: str = "singleton"  # singleton | spread | replicas
+    replicas: int | None = None
+    on_nodes: list[str] | None = None
+    on_label: dict[str, str] | None = None
+    avoid_label: dict[str, str] | None = None
+    lease_ttl: float | None = None
+    heartbeat_interval: float | None = None
+    priority: int | None = None
+    no_failover: bool | None = None
+    hook_timeout: float | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_ident("app name", v)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in ("singleton", "spread", "replicas"):
+            raise ValueError("must be one of singleton, spread, replicas")
+        return v
+
+
+class PlatformSettings(BaseSettings):
+    """Every setting of a node. See docs/configuration.md for each field."""
+
+    model_config = SettingsConfigDict(env_prefix="PYCLUSTER_", extra="forbid")
+
+    name: str = "default"
+    node_id: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0])
+    nats_url: list[str] | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_token: str | None = None
+    nats_nkey_seed: str | None = None
+    nats_creds: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    connect_timeout: float = 2.0
+    reconnect_wait: float = 0.5
+    labels: dict[str, str] = Field(default_factory=dict)
+    data_dir: str | None = None
+    lease_ttl: float = 10.0
+    heartbeat_interval: float = 3.0
+    hook_timeout: float = 30.0
+    cooldown: float | None = None
+    priority: int = 0
+    no_failover: bool = False
+    stream_replicas: int = 1
+    health_addr: str | None = None
+    metrics_addr: str | None = None
+    apps: list[AppConfig] = Field(default_factory=list)
+
+    @field_validator("name", "node_id")
+    @classmethod
+    def _ident(cls, v: str, info: Any) -> str:
+        return validate_ident(info.field_name, v)
+
+    @field_validator("nats_url", mode="before")
+    @classmethod
+    def _urls(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()] or None
+        return v
+
+    @field_validator("nats_url")
+    @classmethod
+    def _url_scheme(cls, v: list[str] | None) -> list[str] | None:
+        for url in v or []:
+            if "://" not in url:
+                raise ValueError(f"{url!r} is not a URL (expected e.g. nats://host:4222)")
+        return v
+
+    @field_validator("stream_replicas")
+    @classmethod
+    def _replicas(cls, v: int) -> int:
+        if v not in (1, 3, 5):
+            raise ValueError("must be 1, 3 or 5")
+        return v
+
+    @field_validator("hook_timeout", "connect_timeout", "reconnect_wait")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be positive")
+        return v
+
+    def resolved_data_dir(self) -> Path:
+        """The node's data directory (created on demand)."""
+        if self.data_dir:
+            return Path(self.data_dir)
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "pycluster" / self.name / self.node_id
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("config file", str(p), exc.strerror or str(exc)) from None
+    try:
+        if p.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("config file", str(p), "must end in .yaml, .yml or .toml")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("config file", str(p), f"cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config file", str(p), "must contain a mapping at the top level")
+    # A file may nest everything under "platform:" for readability.
+    if "platform" in data and isinstance(data["platform"], dict):
+        apps = data.get("apps")
+        data = dict(data["platform"]) | ({"apps": apps} if apps is not None else {})
+    return data
+
+
+def load_settings(file: str | Path | None = None, **kwargs: Any) -> PlatformSettings:
+    """Build settings from keyword arguments, the environment and an optional file."""
+    data = read_config_file(file) if file else {}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+
+    class _Settings(PlatformSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, _DictSource(settings_cls, data))
+
+    try:
+        settings = _Settings(**kwargs)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "settings"
+        value = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(loc, value, msg) from None
+    check_timing(settings.lease_ttl, settings.heartbeat_interval)  # cross-field: clear error
+    return settings

@@ -1,0 +1,127 @@
+"""A node process for tests and the demo: ``python -m pycluster.testing.node``.
+
+It runs a `Platform` with one app and records what it does, one JSON line per event, in
+``{state_dir}/{node_id}.jsonl`` (wall-clock time, so several processes on one machine can be
+compared): role changes ("active", "passive", "stopped") with epoch and reason, and — while the
+app is active — an "act" line every ``--act-interval`` seconds, which is what a leader "doing
+work" looks like. `NodeCluster` reads these files to find leaders and to prove that no two
+nodes were ever active at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import App, Election, Platform, Replicas, Singleton, Spread
+from ..builtin.process import Process
+from ..plugins import create_plugin_manager, hookimpl
+
+
+class _Recorder:
+    """A tiny plugin that writes role changes to the node's event file."""
+
+    def __init__(self, path: Path, node: str) -> None:
+        self.path = path
+        self.node = node
+        self.fh = path.open("a", buffering=1)
+
+    def write(self, **fields: Any) -> None:
+        fields.setdefault("t", time.time())
+        fields.setdefault("node", self.node)
+        fields.setdefault("pid", os.getpid())
+        self.fh.write(json.dumps(fields) + "\n")
+
+    @hookimpl
+    def pycluster_role_changed(self, app: App, role: str, epoch: int | None,
+                               leader: str | None) -> None:
+        rt = app._runtime
+        reason = rt.last_transition.get("reason", "") if rt else ""
+        self.write(event="role", app=app.name, role=role, epoch=epoch, reason=reason)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m pycluster.testing.node")
+    p.add_argument("--platform", required=True)
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--nats-url", required=True, help="comma-separated URLs")
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--app", default="svc")
+    p.add_argument("--mode", default="singleton", help="singleton | spread | replicas:N")
+    p.add_argument("--lease-ttl", type=float, default=2.0)
+    p.add_argument("--heartbeat", type=float, default=0.5)
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--no-failover", action="store_true")
+    p.add_argument("--act-interval", type=float, default=0.05)
+    p.add_argument("--backend-cmd", default=None, help="a Process backend command")
+    p.add_argument("--label", action="append", default=[], help="key=value")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def amain(ns: argparse.Namespace) -> int:
+    """Run the node until SIGTERM."""
+    state = Path(ns.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    rec = _Recorder(state / f"{ns.node_id}.jsonl", ns.node_id)
+    pm = create_plugin_manager(extra=[("recorder", rec)])
+    mode: Any = Singleton()
+    if ns.mode == "spread":
+        mode = Spread()
+    elif ns.mode.startswith("replicas:"):
+        mode = Replicas(int(ns.mode.split(":", 1)[1]))
+    options: list[Any] = [mode, Election(priority=ns.priority, no_failover=ns.no_failover)]
+    if ns.backend_cmd:
+        options.append(Process(ns.backend_cmd, grace=2.0))
+    app = App(ns.app, *options)
+    labels = dict(x.split("=", 1) for x in ns.label)
+    platform = Platform(
+        ns.platform, node_id=ns.node_id, nats_url=ns.nats_url, labels=labels,
+        lease_ttl=ns.lease_ttl, heartbeat_interval=ns.heartbeat, hook_timeout=10.0,
+        plugin_manager=pm,
+    )
+    platform.register(app)
+
+    async def act() -> None:
+        while True:
+            if app.is_active:
+                rec.write(event="act", app=app.name, epoch=app.epoch)
+            await asyncio.sleep(ns.act_interval)
+
+    ticker = asyncio.create_task(act())
+    try:
+        await platform.start()
+    except Exception as exc:
+        rec.write(event="error", error=f"{type(exc).__name__}: {exc}")
+        print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 3
+    rec.write(event="ready")
+    print("READY", flush=True)
+    try:
+        await platform.run()  # start() already ran: run() only waits for the signal
+    finally:
+        ticker.cancel()
+        rec.write(event="exit")
+    return 0
+
+
+def main() -> None:
+    """Entry point."""
+    ns = parse()
+    logging.basicConfig(
+        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s {ns.node_id} %(name)s %(levelname)s %(message)s",
+    )
+    sys.exit(asyncio.run(amain(ns)))
+
+
+if __name__ == "__main__":
+    main()
