@@ -206,6 +206,8 @@ class App:
         """Wait until this node is active; False if ``timeout`` passes first."""
         return await self._rt().wait_active(timeout)
 
+    # -- feature handles contributed by core services (RPC, events, health, ...) --------------
+
     def require_leader(self) -> int:
         """Return the epoch, or raise `NotLeaderError` when this node is not active."""
         if not self.is_active:

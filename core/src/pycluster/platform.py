@@ -32,6 +32,7 @@ from .names import app_subject, bucket, validate_ident
 from .options import Replicas, check_timing
 from .plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
 from .registry import BackendRegistry, OptionRegistry
+from .services import Service, create_services
 from .settings import PlatformSettings, load_settings
 from .types import NodeInfo, Role
 
@@ -100,6 +101,8 @@ class Platform:
         self._locks: LockService | None = None
         self._stop_event: asyncio.Event | None = None
         self._running = False
+        self._started_services: list[Service] = []
+        self.services: dict[str, Service] = create_services(self)
 
     def __repr__(self) -> str:
         return f"Platform({self.name!r}, node_id={self.node_id!r})"
@@ -171,6 +174,9 @@ class Platform:
             self._running = True
             self.started_at = time.time()
             await self._join()
+            for svc in self.services.values():
+                await svc.start()
+                self._started_services.append(svc)
             for app in self.apps.values():
                 await self._start_app(app)
             self._subs.append(await self.nc.subscribe(
@@ -232,6 +238,8 @@ class Platform:
         )
         app._runtime = rt
         self.runtimes[app.name] = rt
+        for svc in self._started_services:
+            await svc.app_started(rt)
         if election is not None:
             worst = getattr(election, "worst_case_failover", lambda: t["lease_ttl"])()
             log.info(
@@ -275,14 +283,26 @@ class Platform:
         was_running, self._running = self._running, False
         if was_running:
             for name in reversed(list(self.runtimes)):
+                rt = self.runtimes[name]
                 try:
-                    await self.runtimes[name].stop()
+                    await rt.stop()
                 except Exception:
                     log.exception("app %s: stop failed", name)
+                for svc in reversed(self._started_services):
+                    try:
+                        await svc.app_stopped(rt)
+                    except Exception:
+                        log.exception("service %s: app_stopped(%s) failed", svc.name, name)
             await call_notify(
                 self.pm.hook.pycluster_platform_stopping(platform=self),
                 self.settings.hook_timeout, "platform_stopping",
             )
+            for svc in reversed(self._started_services):
+                try:
+                    await svc.stop()
+                except Exception:
+                    log.exception("service %s: stop failed", svc.name)
+            self._started_services.clear()
             if self.membership is not None:
                 await self.membership.leave()
         for sub in self._subs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -63,6 +64,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act-interval", type=float, default=0.05)
     p.add_argument("--backend-cmd", default=None, help="a Process backend command")
     p.add_argument("--label", action="append", default=[], help="key=value")
+    p.add_argument("--setup", action="append", default=[],
+                   help="module:function called as fn(ns) -> list of extra App options; if the "
+                        "module has attach(app, platform, ns), it is called before the start")
+    p.add_argument("--setup-arg", action="append", default=[], help="key=value for --setup")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -81,6 +86,13 @@ async def amain(ns: argparse.Namespace) -> int:
     options: list[Any] = [mode, Election(priority=ns.priority, no_failover=ns.no_failover)]
     if ns.backend_cmd:
         options.append(Process(ns.backend_cmd, grace=2.0))
+    ns.setup_args = dict(x.split("=", 1) for x in ns.setup_arg)
+    modules = []
+    for spec in ns.setup:
+        mod_name, _, fn_name = spec.partition(":")
+        mod = importlib.import_module(mod_name)
+        modules.append(mod)
+        options.extend(getattr(mod, fn_name)(ns) or [])
     app = App(ns.app, *options)
     labels = dict(x.split("=", 1) for x in ns.label)
     platform = Platform(
@@ -89,6 +101,9 @@ async def amain(ns: argparse.Namespace) -> int:
         plugin_manager=pm,
     )
     platform.register(app)
+    for mod in modules:
+        if hasattr(mod, "attach"):
+            mod.attach(app, platform, ns)
 
     async def act() -> None:
         while True:
