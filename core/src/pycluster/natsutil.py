@@ -9,9 +9,14 @@ Facts these rely on (measured, see the design notes in docs/concepts.md):
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 import nats.errors
 import nats.js.errors
@@ -70,8 +75,37 @@ async def ensure_kv(
     replicas: int = 1,
     max_value_size: int | None = None,
     memory: bool = False,
+    wait: float = 30.0,
 ) -> None:
-    """Create the bucket if it does not exist (idempotent; an existing bucket is kept as is)."""
+    """Create the bucket if it does not exist (idempotent; an existing bucket is kept as is).
+
+    JetStream that is still electing its meta leader (a cluster starting up) answers with no
+    responders or "unavailable": retried with back-off for up to ``wait`` seconds.
+    """
+    delay = 0.05
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await _ensure_kv_once(js, bucket, history=history, marker_ttl=marker_ttl,
+                                  replicas=replicas, max_value_size=max_value_size, memory=memory)
+            return
+        except TRANSIENT_ERRORS:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def _ensure_kv_once(
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int,
+    marker_ttl: float | None,
+    replicas: int,
+    max_value_size: int | None,
+    memory: bool,
+) -> None:
     try:
         await js.stream_info(kv_stream(bucket))
         return
@@ -98,12 +132,38 @@ async def ensure_kv(
 
 async def last_msg(js: JetStreamContext, bucket: str, key: str) -> LastMsg | None:
     """The last message on a key's subject (a value, a delete or a marker), or None."""
+    stream, subject = kv_stream(bucket), kv_subject(bucket, key)
     try:
-        raw = await js.get_last_msg(kv_stream(bucket), kv_subject(bucket, key), direct=True)
+        try:
+            raw = await js.get_last_msg(stream, subject, direct=True)
+        except nats.errors.NoRespondersError:
+            # A new replicated stream's direct-get responders may not be known to our server
+            # yet: ask the stream leader through the API instead.
+            raw = await js.get_last_msg(stream, subject, direct=False)
     except nats.js.errors.NotFoundError:
         return None
     headers = {k: str(v) for k, v in (raw.headers or {}).items()}
     return LastMsg(seq=raw.seq or 0, data=raw.data or b"", headers=headers)
+
+
+async def retry_transient(
+    fn: Callable[[], Awaitable[T]], wait: float = 30.0, first_delay: float = 0.05
+) -> T:
+    """Call ``fn`` until it succeeds, retrying `TRANSIENT_ERRORS` with back-off for ``wait`` s.
+
+    For start-up steps: a NATS cluster that is still electing stream leaders answers with
+    timeouts or no responders for a few seconds.
+    """
+    delay = first_delay
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await fn()
+        except TRANSIENT_ERRORS:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 async def live_values(js: JetStreamContext, bucket: str, prefix: str) -> dict[str, Any]:

@@ -18,10 +18,12 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from .. import App, Election, Platform, Replicas, Singleton, Spread
+from .. import App, Election, Platform, PyclusterError, Replicas, Singleton, Spread
+from ..backend import HealthCheck
 from ..builtin.process import Process
 from ..plugins import create_plugin_manager, hookimpl
 
@@ -61,8 +63,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=0.5)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--no-failover", action="store_true")
+    p.add_argument("--stream-replicas", type=int, default=1, help="3 on a NATS cluster")
     p.add_argument("--act-interval", type=float, default=0.05)
     p.add_argument("--backend-cmd", default=None, help="a Process backend command")
+    p.add_argument("--backend-grace", type=float, default=2.0)
+    p.add_argument("--backend-max-restarts", type=int, default=3)
+    p.add_argument("--backend-restart-backoff", type=float, default=1.0)
+    p.add_argument("--backend-health-cmd", default=None, help="a HealthCheck command")
+    p.add_argument("--backend-start-timeout", type=float, default=60.0)
     p.add_argument("--label", action="append", default=[], help="key=value")
     p.add_argument("--setup", action="append", default=[],
                    help="module:function called as fn(ns) -> list of extra App options; if the "
@@ -85,7 +93,13 @@ async def amain(ns: argparse.Namespace) -> int:
         mode = Replicas(int(ns.mode.split(":", 1)[1]))
     options: list[Any] = [mode, Election(priority=ns.priority, no_failover=ns.no_failover)]
     if ns.backend_cmd:
-        options.append(Process(ns.backend_cmd, grace=2.0))
+        health = None
+        if ns.backend_health_cmd:
+            health = HealthCheck(command=ns.backend_health_cmd, interval=0.5,
+                                 start_timeout=ns.backend_start_timeout)
+        options.append(Process(ns.backend_cmd, grace=ns.backend_grace, health=health,
+                               max_restarts=ns.backend_max_restarts,
+                               restart_backoff=ns.backend_restart_backoff))
     ns.setup_args = dict(x.split("=", 1) for x in ns.setup_arg)
     modules = []
     for spec in ns.setup:
@@ -98,6 +112,7 @@ async def amain(ns: argparse.Namespace) -> int:
     platform = Platform(
         ns.platform, node_id=ns.node_id, nats_url=ns.nats_url, labels=labels,
         lease_ttl=ns.lease_ttl, heartbeat_interval=ns.heartbeat, hook_timeout=10.0,
+        stream_replicas=ns.stream_replicas,
         plugin_manager=pm,
     )
     platform.register(app)
@@ -117,6 +132,8 @@ async def amain(ns: argparse.Namespace) -> int:
     except Exception as exc:
         rec.write(event="error", error=f"{type(exc).__name__}: {exc}")
         print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, PyclusterError):
+            traceback.print_exc()
         return 3
     rec.write(event="ready")
     print("READY", flush=True)

@@ -253,18 +253,23 @@ class NodeCluster:
         out = []
         for n in self.nodes:
             start: tuple[float, int | None] | None = None
-            last_t = 0.0
+            last_t, pid = 0.0, None  # the previous event: where a crashed incarnation stopped
             for e in self.events(n):
-                last_t = max(last_t, e.get("t", 0.0))
+                t = e.get("t", 0.0)
+                if e.get("pid") != pid and start is not None:
+                    out.append((n, start[0], last_t, start[1]))  # a new process: the old died
+                    start = None
+                pid = e.get("pid")
                 if e.get("event") == "role":
                     if e.get("role") == "active" and start is None:
-                        start = (e["t"], e.get("epoch"))
+                        start = (t, e.get("epoch"))
                     elif e.get("role") != "active" and start is not None:
-                        out.append((n, start[0], e["t"], start[1]))
+                        out.append((n, start[0], t, start[1]))
                         start = None
-                elif e.get("event") in ("exit", "ready") and start is not None:
-                    out.append((n, start[0], last_t, start[1]))
+                elif e.get("event") == "exit" and start is not None:
+                    out.append((n, start[0], t, start[1]))
                     start = None
+                last_t = t
             if start is not None:
                 end = time.time() if self.nodes[n].alive else last_t
                 out.append((n, start[0], end, start[1]))

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Install the Debian packages and configuration that pycluster's system tests need.
+#
+# Idempotent and fast when everything is already there: it asks dpkg first and only runs
+# `apt-get update` / `apt-get install` when a package is missing, and rewrites
+# /etc/containers/containers.conf only when its content differs.
+#
+#   podman, runc          container engine with a Docker-compatible API (runc: crun fails on
+#                         this kind of machine's hybrid cgroups), used by the docker backend tests
+#                         and to run systemd as PID 1 of a container
+#   busybox-static        /bin/busybox, the only content of the minimal test image
+#   debootstrap           builds the Debian rootfs of the systemd test image
+#   iproute2              `ip netns`, veth, bridges (network-namespace hosts)
+#   iputils-ping          reachability checks between namespaces
+#   iputils-arping        gratuitous ARP for virtual-IP tests
+#   procps                ps/pkill-free process inspection used by helpers (pgrep, ps)
+#
+# Recommends are not installed: podman's (buildah, fuse-overlayfs, slirp4netns, uidmap,
+# dbus-user-session) are for rootless use and image building, which the tests do not need.
+set -euo pipefail
+
+PACKAGES=(
+    podman
+    runc
+    busybox-static
+    debootstrap
+    iproute2
+    iputils-ping
+    iputils-arping
+    procps
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system.sh: must run as root" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    if [ "$status" != "installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-system.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # A failing extra source must not stop the install; a truly missing list fails below.
+    apt-get update -q || echo "install-system.sh: apt-get update reported errors" >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+CONF=/etc/containers/containers.conf
+WANTED='[containers]
+default_ulimits = []
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"'
+if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$WANTED" ]; then
+    echo "install-system.sh: writing $CONF"
+    mkdir -p /etc/containers
+    printf '%s\n' "$WANTED" >"$CONF"
+fi
+
+echo "install-system.sh: system packages ready"

