@@ -74,6 +74,8 @@ async def connect(
             await on_reconnect()
 
     async def disconnected_cb() -> None:
+        if nc.is_closed or nc.is_draining:
+            return  # our own close, not a fault
         log.warning("nats: disconnected")
         if on_disconnect is not None:
             await on_disconnect()

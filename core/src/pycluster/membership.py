@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
+from .aio import cancel_and_wait
 from .errors import DuplicateNodeError
 from .names import platform_subject
 
@@ -103,7 +104,8 @@ class Membership:
         """Publish the record (refusing a live duplicate), then heartbeat and watch."""
         await nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas)
         subject = platform_subject(self.platform, "node", self.node_id, "ping")
-        existing = await nu.last_msg(self._js, self.bucket, self.key)
+        existing = await nu.retry_transient(
+            lambda: nu.last_msg(self._js, self.bucket, self.key))
         if existing is not None and not existing.tombstone:
             holder = _decode(existing.data)
             if await self._alive(subject):
@@ -112,15 +114,16 @@ class Membership:
                      self.node_id, holder.get("pid"))
         expected = existing.seq if existing is not None else 0
         try:
-            self._rev = await nu.cas_publish(
+            self._rev = await nu.retry_transient(lambda: nu.cas_publish(
                 self._js, self.bucket, self.key, self._encode(), expected_seq=expected,
                 ttl=self.ttl,
-            )
+            ))
         except nu.CASConflict:
             current = await nu.last_msg(self._js, self.bucket, self.key)
-            raise DuplicateNodeError(
-                self.platform, self.node_id, _decode(current.data) if current else None
-            ) from None
+            body = _decode(current.data) if current else {}
+            if current is None or body.get("incarnation") != self.incarnation:
+                raise DuplicateNodeError(self.platform, self.node_id, body) from None
+            self._rev = current.seq  # our own write landed before a retried timeout
 
         async def pong(msg: Msg) -> None:
             if msg.reply:
@@ -244,10 +247,7 @@ class Membership:
         self._stopped = True
         self._wake.set()
         for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            await cancel_and_wait(t)
         for sub in (self._ping_sub, self._watch_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):

@@ -193,7 +193,8 @@ async def call_notify(results: Iterable[Any], timeout: float, what: str) -> None
     for r in results:
         if inspect.isawaitable(r):
             try:
-                await asyncio.wait_for(r, timeout)
+                async with asyncio.timeout(timeout):
+                    await r
             except TimeoutError:
                 log.error("%s: hook timed out after %.1fs", what, timeout)
             except Exception:
