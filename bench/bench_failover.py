@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pycluster.testing.nodes import NodeCluster
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def row(name: str, xs: list[float], floor: list[float] | None = None) -> None:
@@ -46,7 +45,7 @@ async def crash_floor(url: str, ttl: float, hb: float, rounds: int) -> list[floa
     """Raw nats-py: lease renewed every hb, stopped at a random moment; watcher takes over."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    bucket = f"floor_crash_{int(ttl * 10)}"
+    bucket = f"floor_crash_{round(ttl * 10)}"
     await nu.ensure_kv(js, bucket, history=1, marker_ttl=1)
     out = []
     for _ in range(rounds):
@@ -61,7 +60,7 @@ async def crash_floor(url: str, ttl: float, hb: float, rounds: int) -> list[floa
         crashed = time.monotonic()
         got = asyncio.Event()
 
-        async def cb(msg: nats.aio.msg.Msg) -> None:
+        async def cb(msg: nats.aio.msg.Msg, got: asyncio.Event = got) -> None:
             got.set()
 
         sub = await js.subscribe(nu.kv_subject(bucket, "k"), cb=cb, ordered_consumer=True,
@@ -93,7 +92,7 @@ async def handover_floor(url: str, rounds: int) -> list[float]:
     for _ in range(rounds):
         seen: asyncio.Queue[int] = asyncio.Queue()
 
-        async def cb(msg: nats.aio.msg.Msg) -> None:
+        async def cb(msg: nats.aio.msg.Msg, seen: asyncio.Queue[int] = seen) -> None:
             if (msg.headers or {}).get(nu.KV_OP) == "DEL":
                 seen.put_nowait(msg.metadata.sequence.stream)
 

@@ -13,9 +13,12 @@ from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
     from .coordinator import AppRuntime
+    from .events import EventBus
+    from .health import AppHealth
     from .kv import AppKV
     from .locks import Lock
     from .platform import Platform
+    from .rpc import AppRpc
 
 Hook = Callable[..., Awaitable[Any]]
 H = TypeVar("H", bound=Hook)
@@ -70,6 +73,7 @@ class App:
         self.handlers: dict[str, Callable[..., Awaitable[Any]]] = {}
         self._runtime: AppRuntime | None = None
         self.platform: Platform | None = None
+        self._rpc: AppRpc | None = None
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, {self.mode!r})"
@@ -80,7 +84,7 @@ class App:
         if not asyncio.iscoroutinefunction(fn):
             raise ConfigError(f"on_{event}", getattr(fn, "__name__", fn), "must be an async def")
         self._hooks[event].append(fn)
-        return fn
+        return fn  # type: ignore[return-value]  # iscoroutinefunction narrows H too far
 
     def on_active(self, fn: H) -> H:
         """Run when this node becomes active (last step of the failover sequence)."""
@@ -158,7 +162,9 @@ class App:
 
     def _rt(self) -> AppRuntime:
         if self._runtime is None:
-            raise RuntimeError(f"app {self.name!r} is not started (register it and start the platform)")
+            raise RuntimeError(
+                f"app {self.name!r} is not started (register it and start the platform)"
+            )
         return self._runtime
 
     @property
@@ -207,6 +213,36 @@ class App:
         return await self._rt().wait_active(timeout)
 
     # -- feature handles contributed by core services (RPC, events, health, ...) --------------
+
+    @property
+    def rpc(self) -> AppRpc:
+        """RPC between this app's nodes: ``handler(name)``, ``call(node, ...)``,
+        ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.rpc.AppRpc`)."""
+        if self._rpc is None:
+            from .rpc import AppRpc
+
+            self._rpc = AppRpc(self)
+        return self._rpc
+
+    @property
+    def events(self) -> EventBus:
+        """This app's events (``{platform}.{app}.events.>``): ``publish``, ``subscribe``,
+        ``subscribe_durable`` (see `pycluster.events.EventBus`); needs a started platform."""
+        from .events import app_events
+
+        return app_events(self)
+
+    @property
+    def health(self) -> AppHealth:
+        """This app's health checks: ``app.health.register(name, check, interval=...,
+        timeout=..., depends_on=[...])`` (see `pycluster.health.AppHealth`); usable before the
+        platform starts, the checks run while the app runs on this node."""
+        from .health import AppHealth
+
+        h = self.__dict__.get("_health")
+        if h is None:
+            h = self.__dict__["_health"] = AppHealth(self)
+        return h  # type: ignore[no-any-return]
 
     def require_leader(self) -> int:
         """Return the epoch, or raise `NotLeaderError` when this node is not active."""

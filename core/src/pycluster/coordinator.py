@@ -6,9 +6,17 @@ Becoming active: win the election, then every stage in ascending order (plugins 
 
 Policies:
 * Every stage and hook has a timeout (the stage's own or the app's ``hook_timeout``).
-* A stage or ``on_active`` hook that fails or times out: undo what ran (reverse order), release
-  the lease, back off (doubling, capped) and campaign again later. A node is never "leader but
-  not really active": ``app.is_active`` turns True only after the whole sequence completed.
+* A stage or ``on_active`` hook that fails or times out is handled by the stage's
+  `FailurePolicy`: STEP_DOWN (the default: undo what ran in reverse order, release the lease,
+  back off (doubling, capped) and campaign again later), RETRY (undo the stage, run it again a
+  few times, then STEP_DOWN) or CONTINUE (optional stages). A node is never "leader but not
+  really active": ``app.is_active`` turns True only after the whole sequence completed.
+* A stage's ``deactivate`` that fails or times out is logged and reported; the reverse sequence
+  goes on (a step-down never hangs), each call bounded by the lease's end when it was lost.
+* A component that fails while active (a backend that cannot be restarted) calls
+  `AppRuntime.report_failure`: the node steps down with back-off so that a standby takes over.
+* Every stage call is reported to ``stage_listeners`` as a `StageEvent` (audit, metrics), and
+  lease renewals to ``lease_listeners`` (fence guards, the systemd watchdog).
 * Losing the lease (taken over, renewal failures, paused past the lease) interrupts activation
   and deactivates against the lease's end (``ctx.deadline``).
 * Transitions are serialised: one worker reconciles the wanted role with the current one.
@@ -21,10 +29,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .aio import cancel_and_wait
 from .context import Context
-from .registry import Stage, StageOrder, StageRegistry
+from .metrics import observe_hook
+from .registry import FailurePolicy, Stage, StageOrder, StageRegistry
+from .tracing import role_span
 from .types import Role
 
 if TYPE_CHECKING:
@@ -40,6 +52,30 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 
 
+@dataclass
+class StageEvent:
+    """One call of a stage of the failover sequence, as reported to ``stage_listeners``.
+
+    :ivar action: ``"activate"``, ``"deactivate"`` or ``"running"`` (a failure while active).
+    :ivar outcome: ``"ok"``, ``"failed"``, ``"timeout"`` or ``"cancelled"`` (lease lost).
+    :ivar policy: on a failure, what follows: ``"retry"``, ``"continue"`` or ``"step_down"``.
+    :ivar backoff: for ``"step_down"``, the seconds this node stays out of the election.
+    """
+
+    app: str
+    stage: str
+    plugin: str
+    action: str
+    outcome: str
+    epoch: int | None
+    duration: float
+    attempt: int = 1
+    policy: str = ""
+    error: str = ""
+    backoff: float | None = None
+    at: float = field(default_factory=time.time)
+
+
 class StageFailed(Exception):
     """A stage or hook failed or timed out during activation."""
 
@@ -49,6 +85,10 @@ class StageFailed(Exception):
         super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
 
 
+class _LeaseLost(StageFailed):
+    """The lease was lost while a stage ran (`AppRuntime.lost` cancelled it)."""
+
+
 async def run_hooks(
     hooks: list[Callable[..., Awaitable[Any]]], ctx: Context, timeout: float, what: str,
     raise_errors: bool,
@@ -56,7 +96,9 @@ async def run_hooks(
     """Run app hooks in registration order, each bounded by ``timeout``."""
     for fn in hooks:
         try:
-            await asyncio.wait_for(fn(ctx), timeout)
+            with observe_hook(ctx.platform, ctx.app, what, fn.__name__):  # span, time, audit
+                async with asyncio.timeout(timeout):  # wait_for can swallow a cancel on 3.11
+                    await fn(ctx)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -106,6 +148,9 @@ class AppRuntime:
         self._obs_leader: str | None = None
         self._obs_epoch: int | None = None
         self._stage_task: asyncio.Future[None] | None = None
+        self.stage_listeners: list[Callable[[StageEvent], None]] = []
+        self.stage_events: list[StageEvent] = []  # the last 200, for status and tests
+        self.lease_listeners: list[Callable[[float], None]] = []
 
     # -- state -------------------------------------------------------------------------------
 
@@ -173,11 +218,29 @@ class AppRuntime:
         if self._stage_task is not None and not self._stage_task.done():
             self._stage_task.cancel()  # interrupt a running activation stage at once
 
+    def renewed(self, deadline: float) -> None:
+        """Election callback: the lease was won or renewed; ``deadline`` is its local end."""
+        for fn in list(self.lease_listeners):
+            try:
+                fn(deadline)
+            except Exception:
+                log.exception("app %s: lease listener failed", self.app.name)
+
+    def lease_deadline(self) -> float | None:
+        """Monotonic instant at which this node's lease ends (None: no lease, or no election)."""
+        return self.election.lease_deadline() if self.election is not None else None
+
+    @property
+    def fence_margin(self) -> float:
+        """Seconds between the local lease deadline and the earliest takeover by another node."""
+        return float(getattr(self.election, "fence_margin", 0.0))
+
     def observed(self, leader: str | None, epoch: int | None) -> None:
         """Election callback: the observed leader changed."""
         if (leader, epoch) == (self._obs_leader, self._obs_epoch):
             return
         self._obs_leader, self._obs_epoch = leader, epoch
+        self.platform.leader_observed(self.app, leader, epoch)  # audit
         ctx = self.ctx("leader changed")
         ctx.leader, ctx.epoch = leader, epoch
         self.platform.spawn(
@@ -211,10 +274,7 @@ class AppRuntime:
         self._changed.set()
         if self.role in (Role.ACTIVE, Role.ACTIVATING):
             await self._wait_role_settled()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await cancel_and_wait(self._worker)
         if self.role is Role.ACTIVE:  # the worker was cancelled mid-way
             await self._deactivate("node leaving")
         if self.election is not None:
@@ -266,6 +326,7 @@ class AppRuntime:
                 await self._deactivate(self._want_reason)
 
     def _set_role(self, role: Role, epoch: int | None, reason: str) -> None:
+        role_span(self, role, epoch, reason)  # tracing: pycluster.activate / .deactivate
         self.role = role
         self._role_event.set()
         self.history.append((time.time(), role.value, epoch, reason))
@@ -296,23 +357,7 @@ class AppRuntime:
                 if not self._want_active:
                     raise StageFailed(stage.name, RuntimeError("leadership lost during activation"))
                 self._activated.append(stage)
-                timeout = stage.timeout or self.hook_timeout
-                self._stage_task = asyncio.ensure_future(
-                    asyncio.wait_for(stage.activate(ctx), timeout)
-                )
-                try:
-                    await self._stage_task
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    raise StageFailed(stage.name, RuntimeError("leadership lost")) from None
-                except StageFailed:
-                    raise
-                except TimeoutError as exc:
-                    raise StageFailed(stage.name, TimeoutError(f"timed out after {timeout}s")) from exc
-                except Exception as exc:
-                    raise StageFailed(stage.name, exc) from exc
+                await self._activate_stage(stage, ctx)
         except StageFailed as exc:
             log.error("app %s: activation failed at %s; stepping down, retry in %.1fs",
                       self.app.name, exc, self._backoff)
@@ -320,8 +365,7 @@ class AppRuntime:
             await self._undo(ctx, f"activation failed: {exc}")
             self._set_role(Role.PASSIVE, epoch, f"activation failed: {exc}")
             if self.election is not None and self._want_active:
-                backoff = self._backoff
-                self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+                backoff = self._next_backoff()
                 self._want_active = False
                 self.election.pause_campaign(time.monotonic() + backoff)
                 await self.election.step_down(cooldown=backoff)
@@ -340,16 +384,147 @@ class AppRuntime:
                  self.platform.node_id, epoch, time.monotonic() - started)
         self._backoff = BACKOFF_START
 
+    def _next_backoff(self) -> float:
+        """The back-off to apply now; the next one doubles (capped)."""
+        backoff = self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        return backoff
+
+    def _report(self, stage: Stage, action: str, outcome: str, epoch: int | None,
+                started: float, attempt: int = 1, policy: str = "", error: str = "",
+                backoff: float | None = None) -> None:
+        ev = StageEvent(self.app.name, stage.name, stage.plugin, action, outcome, epoch,
+                        time.monotonic() - started, attempt, policy, error, backoff)
+        self.stage_events.append(ev)
+        del self.stage_events[:-200]
+        for fn in list(self.stage_listeners):
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("app %s: stage listener failed", self.app.name)
+
+    async def _interruptible(self, stage: Stage, aw: Awaitable[None]) -> None:
+        """Await ``aw`` as the current stage task, which `lost` cancels at once."""
+        self._stage_task = asyncio.ensure_future(aw)
+        try:
+            await self._stage_task
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise _LeaseLost(stage.name, RuntimeError("leadership lost")) from None
+
+    async def _activate_stage(self, stage: Stage, ctx: Context) -> None:
+        """Run one stage's ``activate`` under its timeout and failure policy."""
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = stage.timeout or self.hook_timeout
+            started = time.monotonic()
+            try:
+                await self._interruptible(stage, asyncio.wait_for(stage.activate(ctx), timeout))
+                self._report(stage, "activate", "ok", ctx.epoch, started, attempt)
+                return
+            except _LeaseLost:
+                self._report(stage, "activate", "cancelled", ctx.epoch, started, attempt,
+                             error="leadership lost")
+                raise
+            except StageFailed as exc:  # an on_active hook (run_hooks) failed or timed out
+                failure = exc
+                outcome = "timeout" if isinstance(exc.cause, TimeoutError) else "failed"
+            except TimeoutError as exc:
+                failure = StageFailed(stage.name, TimeoutError(f"timed out after {timeout}s"))
+                failure.__cause__, outcome = exc, "timeout"
+            except Exception as exc:
+                failure, outcome = StageFailed(stage.name, exc), "failed"
+                failure.__cause__ = exc
+            policy = stage.on_failure
+            if policy is FailurePolicy.RETRY and attempt <= stage.retries and self._want_active:
+                delay = stage.retry_delay * 2 ** (attempt - 1)
+                self._report(stage, "activate", outcome, ctx.epoch, started, attempt,
+                             "retry", str(failure.cause))
+                log.warning("app %s: %s; retry %d/%d in %.1fs", self.app.name, failure,
+                            attempt, stage.retries, delay)
+                await self._deactivate_stage(stage, ctx)
+                await self._interruptible(stage, asyncio.sleep(delay))
+                continue
+            if policy is FailurePolicy.CONTINUE:
+                self._report(stage, "activate", outcome, ctx.epoch, started, attempt,
+                             "continue", str(failure.cause))
+                log.warning("app %s: %s; continuing (policy continue)", self.app.name, failure)
+                return
+            self._report(stage, "activate", outcome, ctx.epoch, started, attempt, "step_down",
+                         str(failure.cause), self._backoff if self.election else None)
+            raise failure
+
+    async def _deactivate_stage(self, stage: Stage, ctx: Context) -> None:
+        """Run one stage's ``deactivate``, bounded by its timeout and the lease's end."""
+        if self._lease_deadline is not None:
+            ctx.deadline = self._lease_deadline  # the lease was lost meanwhile
+        timeout = max(ctx.remaining(stage.timeout or self.hook_timeout), 0.05)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(stage.deactivate(ctx), timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # A stray cancellation from inside the stage must not kill the worker.
+            log.error("app %s: undoing stage %s was cancelled", self.app.name, stage.name)
+            self._report(stage, "deactivate", "failed", ctx.epoch, started, error="cancelled")
+        except TimeoutError:
+            log.error("app %s: undoing stage %s timed out after %.2fs", self.app.name,
+                      stage.name, timeout)
+            self._report(stage, "deactivate", "timeout", ctx.epoch, started,
+                         error=f"timed out after {timeout:.2f}s")
+        except Exception as exc:
+            log.exception("app %s: undoing stage %s failed", self.app.name, stage.name)
+            self._report(stage, "deactivate", "failed", ctx.epoch, started,
+                         error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._report(stage, "deactivate", "ok", ctx.epoch, started)
+
     async def _undo(self, ctx: Context, reason: str) -> None:
         ctx.reason = reason
         ctx.deadline = self._lease_deadline
         for stage in reversed(self._activated):
-            timeout = ctx.remaining(stage.timeout or self.hook_timeout)
-            try:
-                await asyncio.wait_for(stage.deactivate(ctx), max(timeout, 0.05))
-            except Exception:
-                log.exception("app %s: undoing stage %s failed", self.app.name, stage.name)
+            await self._deactivate_stage(stage, ctx)
         self._activated = []
+
+    def report_failure(self, stage: str, reason: str) -> None:
+        """A stage's component failed while active and cannot recover (e.g. a backend that
+        exhausted its restarts): step down with back-off so that a standby takes over.
+
+        Safe to call from any task of the event loop; a no-op unless active or activating.
+
+        :param stage: the stage name (``Stage.name``).
+        :param reason: why, for logs and audit.
+        """
+        if self.role not in (Role.ACTIVE, Role.ACTIVATING) or self._stopping:
+            return
+        found = next((s for s in self.stages if s.name == stage), None)
+        backoff = self._next_backoff()
+        log.error("app %s: stage %s failed while active (%s); stepping down for %.1fs",
+                  self.app.name, stage, reason, backoff)
+        if found is not None:
+            self._report(found, "running", "failed", self.active_epoch, time.monotonic(),
+                         policy="step_down", error=reason, backoff=backoff)
+        self.platform.transition(self.app, "stage_failed", self.active_epoch,
+                                 f"{stage}: {reason}")
+        if self.election is not None:
+            self.platform.spawn(self.step_down(None, backoff), f"{self.app.name}:failed")
+            return
+        # No election (Spread): deactivate, then activate again after the back-off.
+        self._want_active, self._want_reason = False, f"{stage} failed: {reason}"
+        self._changed.set()
+
+        async def again() -> None:
+            await asyncio.sleep(backoff)
+            if not self._stopping:
+                self._want_active, self._want_reason = True, "retry after failure"
+                self._changed.set()
+
+        self.platform.spawn(again(), f"{self.app.name}:retry")
 
     async def _deactivate(self, reason: str) -> None:
         epoch = self.active_epoch

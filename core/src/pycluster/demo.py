@@ -85,7 +85,8 @@ async def run_demo(lease_ttl: float = 2.0, size: int = 3) -> int:
                  f"standby on {', '.join(a['standby_on'])}")
         overlaps = cluster.overlaps()
         _say(f"\n5. split brain check: {len(overlaps)} overlapping active periods "
-             f"across {len(cluster.intervals())} leaderships", fg="green" if not overlaps else "red")
+             f"across {len(cluster.intervals())} leaderships",
+             fg="green" if not overlaps else "red")
         await cluster.stop()
         _say("\ndone: every node left gracefully.", bold=True)
         return 0 if not overlaps else 1

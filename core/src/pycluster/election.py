@@ -45,6 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
+from .aio import cancel_and_wait
 
 log = logging.getLogger("pycluster.election")
 
@@ -111,6 +112,9 @@ class ElectionListener(Protocol):
 
     def observed(self, leader: str | None, epoch: int | None) -> None:
         """The holder seen by this node changed (may be None: vacant)."""
+
+    # Optional: ``renewed(deadline: float)`` — called when the lease was won or renewed, with
+    # the new local lease deadline (monotonic); used to feed fence guards and the watchdog.
 
 
 class LeaseElection:
@@ -236,10 +240,7 @@ class LeaseElection:
         """Stop; a held lease is deleted (handover at once) unless ``release`` is False."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._held_key is not None:
             key, epoch = self._held_key, self._epoch or 0
             if release:
@@ -427,6 +428,7 @@ class LeaseElection:
             self._listener.elected(key, epoch)
         if self._listener is not None:
             self._listener.observed(self.node_id, epoch)
+        self._notify_renewed()
 
     def _drop_lease(self) -> None:
         self._held_key = None
@@ -488,6 +490,12 @@ class LeaseElection:
             self._lease_rev = rev
             self._deadline = sent + self.lease_ttl - self.fence_margin
             next_renew = sent + self.heartbeat_interval
+            self._notify_renewed()
+
+    def _notify_renewed(self) -> None:
+        renewed = getattr(self._listener, "renewed", None)
+        if renewed is not None:
+            renewed(self._deadline)
 
     async def _release(self, successor: str | None) -> None:
         headers = {SUCCESSOR_HEADER: successor} if successor else None

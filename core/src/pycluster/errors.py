@@ -99,7 +99,9 @@ class NotLeaderError(PyclusterError):
         self.app = app
         self.leader = leader
         self.epoch = epoch
-        super().__init__(f"app {app!r}: this node is not the leader (leader={leader}, epoch={epoch})")
+        super().__init__(
+            f"app {app!r}: this node is not the leader (leader={leader}, epoch={epoch})"
+        )
 
 
 class LockTimeoutError(PyclusterError, TimeoutError):
@@ -128,3 +130,112 @@ class PayloadTooLargeError(PyclusterError, ValueError):
         self.size = size
         self.limit = limit
         super().__init__(f"{what} of {size} bytes exceeds the limit of {limit} bytes")
+
+
+# -- communication (RPC, API bus, events) ------------------------------------------------------
+
+
+class RemoteError(PyclusterError):
+    """A remote handler (or the server side of a call) failed; raised on the caller's side.
+
+    :ivar app: the app that was called.
+    :ivar method: the method that was called.
+    :ivar type: the class name of the exception raised remotely (e.g. ``"ValueError"``).
+    :ivar message: its message.
+    :ivar code: a stable, machine-readable code: the exception's ``code`` attribute when it has
+        one, else one of ``handler_error``, ``unknown_method``, ``bad_request``,
+        ``invalid_request`` (pydantic validation), ``unauthorized``, ``reply_too_large``,
+        ``deadline_exceeded``, ``cancelled``.
+    :ivar node: the node that answered, when known.
+    :ivar details: extra JSON data (e.g. pydantic's error list), or None.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        method: str,
+        type: str,
+        message: str,
+        code: str = "handler_error",
+        node: str | None = None,
+        details: object = None,
+    ) -> None:
+        self.app = app
+        self.method = method
+        self.type = type
+        self.message = message
+        self.code = code
+        self.node = node
+        self.details = details
+        where = f" on {node}" if node else ""
+        super().__init__(f"{app}.{method}{where} failed [{code}]: {type}: {message}")
+
+
+class NoInstanceError(PyclusterError, LookupError):
+    """No instance of the app can take the call (none runs, or the target node does not).
+
+    Raised at once, without waiting for a timeout.
+
+    :ivar app: the target app.
+    :ivar route: the route that was asked for (``"leader"``, ``"any"``, ``"node:n1"``, ...).
+    :ivar reason: why nothing could answer.
+    """
+
+    def __init__(self, app: str, route: str, reason: str) -> None:
+        self.app = app
+        self.route = route
+        self.reason = reason
+        super().__init__(f"no instance of app {app!r} for route {route}: {reason}")
+
+
+class CallTimeoutError(PyclusterError, TimeoutError):
+    """A call got no answer before its deadline.
+
+    :ivar app: the target app.
+    :ivar method: the method.
+    :ivar timeout: the call's timeout in seconds.
+    :ivar route: the route (``"leader"``, ``"node:n1"``, ...).
+    :ivar reason: what was seen while waiting (e.g. "no leader answered: failover in progress").
+    """
+
+    def __init__(self, app: str, method: str, timeout: float, route: str, reason: str = "") -> None:
+        self.app = app
+        self.method = method
+        self.timeout = timeout
+        self.route = route
+        self.reason = reason
+        extra = f": {reason}" if reason else ""
+        super().__init__(f"{app}.{method} via {route}: no answer within {timeout:g}s{extra}")
+
+
+class CircuitOpenError(PyclusterError):
+    """The circuit breaker of the target app is open: the call was refused without sending.
+
+    :ivar app: the target app.
+    :ivar failures: consecutive failures that opened it.
+    :ivar retry_after: seconds until a probe call is let through.
+    """
+
+    def __init__(self, app: str, failures: int, retry_after: float) -> None:
+        self.app = app
+        self.failures = failures
+        self.retry_after = retry_after
+        super().__init__(
+            f"circuit to app {app!r} is open after {failures} consecutive failures; "
+            f"next probe in {retry_after:.2f}s"
+        )
+
+
+class UnauthorizedError(PyclusterError, PermissionError):
+    """A server-side middleware refused a request (missing or wrong credentials).
+
+    The caller receives it as a `RemoteError` with ``code == "unauthorized"``.
+
+    :ivar reason: why the request was refused.
+    """
+
+    code = "unauthorized"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -21,9 +21,12 @@ import pluggy
 
 if TYPE_CHECKING:
     import click
+    from prometheus_client import CollectorRegistry
 
     from .app import App
+    from .audit import AuditCategoryRegistry
     from .election import Election
+    from .health import PlatformHealth
     from .platform import Platform
     from .registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
     from .types import NodeInfo
@@ -33,17 +36,24 @@ hookspec = pluggy.HookspecMarker("pycluster")
 __all__ = [
     "pycluster_add_cli_commands",
     "pycluster_app_registered",
+    "pycluster_audit_categories",
     "pycluster_check",
     "pycluster_claim_option",
     "pycluster_config_sections",
     "pycluster_election",
+    "pycluster_health_changed",
+    "pycluster_health_checks",
+    "pycluster_middleware",
     "pycluster_placement_filter",
     "pycluster_platform_started",
     "pycluster_platform_stopping",
     "pycluster_register_backends",
+    "pycluster_register_metrics",
     "pycluster_register_options",
     "pycluster_role_changed",
+    "pycluster_route_key",
     "pycluster_stages",
+    "pycluster_status",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -216,4 +226,110 @@ def pycluster_check() -> str | None:
     Called once per plugin, directly on each implementation, when the plugin manager is built
     (so the answer is attributed to its plugin). Return None when usable, else the reason; the
     plugin is then reported as unusable by name, distribution and version.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication: RPC, the API bus and events.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def pycluster_route_key(app_name: str, key: str, platform: Platform) -> str | None:
+    """Name the node whose instance of an app owns ``key`` (API bus calls with ``ForKey``).
+
+    Called before every attempt of a key-routed call (ownership may move between attempts),
+    synchronously: answer from memory. Stops at the first non-None result. Without any
+    implementation such a call fails with a `PluginError` naming the ring plugin; a None result
+    makes it fail with `NoInstanceError` (nobody owns the key now).
+
+    :param app_name: the target app.
+    :param key: the routing key given to ``ForKey(key)``.
+    :param platform: the calling platform (membership, settings).
+    """
+
+
+@hookspec
+def pycluster_middleware(platform: Platform) -> Any:
+    """Contribute middleware to a platform's calls, handlers and events (e.g. tracing).
+
+    Called once when the platform is created. Return a middleware object (see
+    `pycluster.middleware.Middleware`: ``on_call``, ``on_request``, ``on_publish``,
+    ``on_event``, each with access to the NATS headers), a list of them, or None. Plugin
+    middleware wraps the middleware added later with ``pycluster.middleware.use``.
+
+    :param platform: the platform being created.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Observability: metrics, audit categories, health checks, status.
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def pycluster_register_metrics(registry: CollectorRegistry, platform: Platform) -> None:
+    """Add this plugin's Prometheus metrics to a platform's registry.
+
+    Called once per platform, when the platform is created (its metrics service is built).
+    Create metrics with ``registry=registry`` (or register a custom collector, computed at
+    scrape time); they are served on ``/metrics`` with the core's. Name them
+    ``pycluster_<plugin>_...`` and document them with your plugin.
+
+    :param registry: the platform's own `prometheus_client.CollectorRegistry`.
+    :param platform: the platform (settings, apps; not connected yet).
+    """
+
+
+@hookspec
+def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
+    """Declare the audit categories and actions this plugin writes.
+
+    Called once per platform, when the platform is created. Entries themselves are written
+    with ``platform.audit.log(category, action, data, app=...)``; declaring them lists them
+    for ``pycluster audit --categories`` and the docs.
+
+    :param registry: call ``registry.add(category, {action: description}, plugin=name)``.
+    """
+
+
+@hookspec
+def pycluster_health_checks(platform: Platform, health: PlatformHealth) -> None:
+    """Register this plugin's platform-level health checks.
+
+    Called once per platform, when the platform is created (after the built-in ``nats`` and
+    ``jetstream`` checks, so those can be named in ``depends_on``). App-level checks are
+    registered with ``app.health.register(...)``, e.g. when claiming an option.
+
+    :param platform: the platform.
+    :param health: call ``health.register(name, check, interval=..., depends_on=[...])``.
+    """
+
+
+@hookspec
+def pycluster_health_changed(
+    platform: Platform, check: str, status: str, previous: str, app: App | None
+) -> Any:
+    """Notification: a health check changed status ("unknown", "healthy", "unhealthy").
+
+    Called on every change of every check on this node. May return an awaitable, which is
+    awaited in the background with the hook timeout; a failure is logged, never propagated.
+
+    :param platform: the platform.
+    :param check: the check's full name (``nats``, ``{app}.{name}``, ...).
+    :param status: the new status.
+    :param previous: the status before.
+    :param app: the app the check belongs to, or None for a platform check.
+    """
+
+
+@hookspec
+def pycluster_status(platform: Platform) -> dict[str, Any] | None:
+    """Add this plugin's view (e.g. replication lag) to the node's ``/status`` document.
+
+    Called on every ``GET /status``, directly on each implementation, so it must be cheap and
+    synchronous (read in-process state). The result appears under ``plugins_status`` keyed by
+    plugin name; None adds nothing; an exception is shown as ``{"error": ...}``.
+
+    :param platform: the platform.
     """

@@ -60,7 +60,7 @@ def validate_pattern(value: object) -> str:
 
 
 def bucket(platform: str, app: str | None = None, suffix: str | None = None) -> str:
-    """Bucket/stream name per DESIGN §6: ``{platform}_{app}[_{suffix}]`` or ``{platform}_{suffix}``."""
+    """Bucket/stream name: ``{platform}_{app}[_{suffix}]`` or ``{platform}_{suffix}``."""
     parts = [platform] + ([app] if app else []) + ([suffix] if suffix else [])
     return "_".join(parts)
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 import nats.errors
 import nats.js.errors
@@ -24,6 +22,8 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 
 from .errors import PayloadTooLargeError
+
+T = TypeVar("T")
 
 KV_OP = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"

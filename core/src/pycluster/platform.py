@@ -9,22 +9,22 @@ import logging
 import signal
 import time
 from collections.abc import Coroutine, Iterable
-from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import __version__
+from .aio import cancel_and_wait
 from .app import App
 from .connection import connect
 from .context import Context
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
-from .errors import ConfigError, UnclaimedOptionError
+from .errors import ConfigError, DuplicateNodeError, UnclaimedOptionError
 from .kv import AppKV
 from .locks import Lock, LockService
 from .membership import Membership
@@ -35,6 +35,13 @@ from .registry import BackendRegistry, OptionRegistry
 from .services import Service, create_services
 from .settings import PlatformSettings, load_settings
 from .types import NodeInfo, Role
+
+if TYPE_CHECKING:
+    from .apibus import ApiClient
+    from .audit import AuditLog
+    from .events import EventBus
+    from .health import PlatformHealth
+    from .metrics import PlatformMetrics
 
 log = logging.getLogger("pycluster")
 
@@ -195,7 +202,12 @@ class Platform:
             on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
         )
-        await self.membership.join()
+        try:
+            await self.membership.join()
+        except DuplicateNodeError as exc:
+            await self.audit.write("membership", "duplicate_refused",
+                                   {"node": self.node_id, "holder": exc.holder})
+            raise
         self._locks = LockService(
             self.js, bucket(self.name, suffix="platform"), self.node_id, prefix="locks.",
             replicas=s.stream_replicas,
@@ -310,10 +322,7 @@ class Platform:
                 await sub.unsubscribe()
         self._subs.clear()
         for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -369,6 +378,36 @@ class Platform:
         log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
         if self.membership is not None:
             self.spawn(self.membership.publish_now(), "membership:publish")
+        self._tell("transition", app, role, epoch, reason)  # audit, metrics (cheap, no I/O)
+
+    def leader_observed(self, app: App, leader: str | None, epoch: int | None) -> None:
+        """The leader this node observes for ``app`` changed (from the coordinator)."""
+        self._tell("leader_observed", app, leader, epoch)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every core service that has it; an error is logged only."""
+        for svc in self.services.values():
+            fn = getattr(svc, method, None)
+            if fn is not None:
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("service %s: %s failed", svc.name, method)
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit trail (stream ``{platform}_audit``): ``log``, ``query``, ``stream``."""
+        return self.services["audit"]  # type: ignore[return-value]
+
+    @property
+    def health(self) -> PlatformHealth:
+        """Health checks of this node: ``register``, ``status``, ``readiness``, ``on_change``."""
+        return self.services["health"]  # type: ignore[return-value]
+
+    @property
+    def metrics(self) -> PlatformMetrics:
+        """Prometheus metrics of this node (``metrics.registry``, ``metrics.render()``)."""
+        return self.services["metrics"]  # type: ignore[return-value]
 
     def lock(self, name: str, ttl: float = 10.0) -> Lock:
         """A platform-wide fair lock (in ``{platform}_platform``, key ``locks.{name}``)."""
@@ -381,6 +420,23 @@ class Platform:
         if self._locks is None:
             raise RuntimeError("the platform is not started")
         return await self._locks.holder(name)
+
+    def api(self, app_name: str, **options: Any) -> ApiClient:
+        """A client of another app's API (the API bus): ``await platform.api("convex").call(
+        "query", payload, route=ToLeader())``. ``options``: ``timeout``, ``codec``, ``retry``,
+        ``breaker`` (a `BreakerPolicy` for that app), ``source_app`` (see
+        `pycluster.apibus.ApiClient`)."""
+        from .apibus import api_service
+
+        return api_service(self).client(app_name, **options)
+
+    @property
+    def events(self) -> EventBus:
+        """Platform-wide events (stream ``{platform}_events``): ``publish``, ``subscribe``,
+        ``subscribe_durable`` (see `pycluster.events.EventBus`); needs a started platform."""
+        from .events import events_service
+
+        return events_service(self).bus(None)
 
     def _record(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}
@@ -415,10 +471,12 @@ class Platform:
                 }
                 self.plugin_mismatches[str(node)] = diff
                 log.warning("node %s runs a different plugin set: %s", node, diff)
+        self._tell("member_joined", rec)
         self._member_hook("member_join", rec)
 
     def _member_left(self, rec: dict[str, Any]) -> None:
         self.plugin_mismatches.pop(str(rec.get("node_id")), None)
+        self._tell("member_left", rec)
         self._member_hook("member_leave", rec)
 
     def _member_hook(self, event: str, rec: dict[str, Any]) -> None:
@@ -474,7 +532,8 @@ class Platform:
                     "active": app.is_active,
                     "leader": app.leader,
                     "epoch": app.epoch,
-                    "mode": asdict(app.mode) if hasattr(app.mode, "__dataclass_fields__") else {},
+                    "mode": app.mode.kind,
+                    "slots": app.mode.slots(),
                 }
                 for name, app in self.apps.items()
             },

@@ -159,17 +159,19 @@ def create_plugin_manager(
     pm.check_pending()
 
     for impl in pm.hook.pycluster_check.get_hookimpls():
-        info = pm.infos.get(impl.plugin_name)
+        checked = pm.infos.get(impl.plugin_name)
         try:
             reason = impl.function()
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
-        if reason and info is not None:
-            info.status = "unusable"
-            info.reason = str(reason)
-            log.warning(
+        if reason and checked is not None:
+            checked.status = "unusable"
+            checked.reason = str(reason)
+            # Reported at WARNING by Platform.start() and by `pycluster plugins`; a CLI command
+            # that does not use the plugin should not print it.
+            log.debug(
                 "plugin %s (%s %s) is unusable here: %s",
-                info.name, info.distribution, info.version, reason,
+                checked.name, checked.distribution, checked.version, reason,
             )
 
     for info in pm.infos.values():

@@ -63,7 +63,9 @@ class BackendRegistry:
             return self._kinds[kind]
         except KeyError:
             installed = ", ".join(sorted(self._kinds)) or "none"
-            raise ConfigError("backend", kind, f"no backend {kind!r}; installed: {installed}") from None
+            raise ConfigError(
+                "backend", kind, f"no backend {kind!r}; installed: {installed}"
+            ) from None
 
     def for_option(self, option: object) -> BackendKind | None:
         """The kind whose option class matches ``option``, if any."""
@@ -109,12 +111,32 @@ class StageOrder(enum.IntEnum):
     APP_HOOKS = 1000
 
 
+class FailurePolicy(enum.StrEnum):
+    """What the coordinator does when a stage's ``activate`` fails or times out.
+
+    Every failure is logged and reported to the app runtime's stage listeners (audit, metrics).
+    """
+
+    STEP_DOWN = "step_down"
+    """Undo the stages that ran (reverse order), release the lease, back off (doubling, capped)
+    and campaign again, so that another node takes over. The default."""
+    RETRY = "retry"
+    """Undo this stage alone and run it again, up to ``Stage.retries`` times with a doubling
+    ``Stage.retry_delay``; then as STEP_DOWN."""
+    CONTINUE = "continue"
+    """Carry on with the next stage (for optional stages: discovery, snapshots). The failed
+    stage's ``deactivate`` still runs on step-down."""
+
+
 @dataclass
 class Stage:
     """One step of the failover sequence for one app.
 
     ``activate`` runs when the node becomes active (ascending ``order``); ``deactivate`` runs
     when it steps down (descending), only for stages whose ``activate`` completed or started.
+    ``timeout`` bounds each call (default: the app's hook timeout); ``on_failure`` says what a
+    failed or timed-out ``activate`` leads to (see `FailurePolicy`). A failed ``deactivate`` is
+    logged and reported, and the reverse sequence goes on: it never blocks a step-down.
     """
 
     name: str
@@ -124,6 +146,20 @@ class Stage:
     timeout: float | None = None
     plugin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    on_failure: FailurePolicy = FailurePolicy.STEP_DOWN
+    retries: int = 0
+    retry_delay: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            self.on_failure = FailurePolicy(self.on_failure)
+        except ValueError:
+            choices = ", ".join(p.value for p in FailurePolicy)
+            raise ConfigError(f"Stage({self.name!r}).on_failure", self.on_failure,
+                              f"must be one of {choices}") from None
+        if self.retries < 0 or self.retry_delay < 0:
+            raise ConfigError(f"Stage({self.name!r}).retries", (self.retries, self.retry_delay),
+                              "retries and retry_delay must not be negative")
 
 
 class StageRegistry:

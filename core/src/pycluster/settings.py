@@ -79,6 +79,20 @@ class PlatformSettings(BaseSettings):
     stream_replicas: int = 1
     health_addr: str | None = None
     metrics_addr: str | None = None
+    # Observability (docs/observability.md): everything runs in-process by default; the HTTP
+    # endpoints open only where health_addr / metrics_addr name an address ("host:0": any port).
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    health_history: int = 10
+    health_breaker_threshold: int = 5
+    health_breaker_cooldown: float = 30.0
+    health_step_down: bool = False
+    audit: bool = True
+    audit_retention: float = 30 * 86400.0
+    audit_max_bytes: int = 256 * 1024 * 1024
+    audit_buffer: int = 10_000
+    metrics: bool = True
+    tracing: bool = True
     apps: list[AppConfig] = Field(default_factory=list)
 
     @field_validator("name", "node_id")
@@ -108,7 +122,41 @@ class PlatformSettings(BaseSettings):
             raise ValueError("must be 1, 3 or 5")
         return v
 
-    @field_validator("hook_timeout", "connect_timeout", "reconnect_wait")
+    @field_validator("health_addr", "metrics_addr")
+    @classmethod
+    def _addr(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .httpserver import parse_addr
+
+            try:
+                parse_addr(v)
+            except ConfigError as exc:
+                raise ValueError(exc.reason) from None
+        return v
+
+    @field_validator("health_history", "audit_buffer")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("health_breaker_threshold", "audit_max_bytes")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (0: off / unlimited)")
+        return v
+
+    @field_validator("audit_retention")
+    @classmethod
+    def _retention(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0 seconds (0: keep until audit_max_bytes)")
+        return v
+
+    @field_validator("hook_timeout", "connect_timeout", "reconnect_wait", "health_interval",
+                     "health_timeout", "health_breaker_cooldown")
     @classmethod
     def _positive(cls, v: float) -> float:
         if not v > 0:
@@ -157,7 +205,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if "platform" in data and isinstance(data["platform"], dict):
         apps = data.get("apps")
         data = dict(data["platform"]) | ({"apps": apps} if apps is not None else {})
-    return data
+    return dict(data)
 
 
 def load_settings(file: str | Path | None = None, **kwargs: Any) -> PlatformSettings:

@@ -18,6 +18,7 @@ import click
 
 from ..errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
+from .audit_cmd import audit_cmd
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
@@ -61,6 +62,9 @@ def plugins_cmd(pm: PluginManager, output: str) -> None:
              ", ".join(h.removeprefix("pycluster_") for h in i.hooks) or (i.reason or "")]
             for i in infos]
     click.echo(_table(rows, ["NAME", "DISTRIBUTION", "VERSION", "STATUS", "HOOKS"]))
+    for i in infos:
+        if i.reason:
+            click.echo(f"\n{i.name} is {i.status}: {i.reason}")
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -77,6 +81,23 @@ def _load_target(target: str) -> Any:
     return obj() if callable(obj) and not hasattr(obj, "run") else obj
 
 
+@cli.command("hooks")
+@click.option("--output", "-o", type=click.Choice(["text", "json", "markdown"]), default="text",
+              show_default=True, help="Output format.")
+def hooks_cmd(output: str) -> None:
+    """List the hook specifications (the whole extension surface)."""
+    from ..hookdoc import hook_specs, render_markdown
+
+    if output == "markdown":
+        click.echo(render_markdown(), nl=False)
+    elif output == "json":
+        click.echo(json.dumps(hook_specs(), indent=2))
+    else:
+        for s in hook_specs():
+            first = "  (first result wins)" if s["firstresult"] else ""
+            click.echo(f"{s['signature']}{first}\n    {s['doc'].splitlines()[0]}")
+
+
 @cli.command("run")
 @click.argument("target", required=False)
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
@@ -88,7 +109,9 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
 
     TARGET is an import path ``module:platform`` of a Platform object (or a function returning
     one); --config gives a config file. With both, the file's apps are added to the target's.
+    Under systemd (``Type=notify``) it reports READY, STATUS and WATCHDOG pings.
     """
+    from ..sdnotify import run_platform
     from .config_apps import apps_from_config, platform_from_config
 
     _setup_logging(log_level)
@@ -103,7 +126,7 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
         else:
             assert config is not None
             platform = platform_from_config(config, pm)
-        asyncio.run(platform.run())
+        asyncio.run(run_platform(platform))
     except PyclusterError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -184,6 +207,9 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
         sys.exit(asyncio.run(run_demo(lease_ttl=lease_ttl, size=nodes)))
     except PyclusterError as exc:
         _fail(exc)
+
+
+cli.add_command(audit_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
