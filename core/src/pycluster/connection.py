@@ -64,8 +64,15 @@ async def connect(
 
     last_error: list[BaseException] = []
 
+    auth_error: list[BaseException] = []
+    connecting: list[asyncio.Task[None]] = []
+
     async def error_cb(exc: Exception) -> None:
         last_error[:] = [exc]
+        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+            auth_error[:] = [exc]
+            if connecting and not nc.is_connected:
+                connecting[0].cancel()  # bad credentials do not get better with retries
         log.debug("nats: %s", exc)
 
     async def reconnected_cb() -> None:
@@ -84,18 +91,24 @@ async def connect(
     # nats-py retries an unreachable server forever when reconnects are unlimited, so the
     # first connection is bounded here: every server gets a couple of attempts.
     budget = (s.connect_timeout + s.reconnect_wait) * 2 * max(1, len(servers))
+    task = asyncio.ensure_future(
+        nc.connect(**opts, error_cb=error_cb, reconnected_cb=reconnected_cb,
+                   disconnected_cb=disconnected_cb)
+    )
+    connecting.append(task)
     try:
-        await asyncio.wait_for(
-            nc.connect(**opts, error_cb=error_cb, reconnected_cb=reconnected_cb,
-                       disconnected_cb=disconnected_cb),
-            budget,
-        )
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        await asyncio.wait_for(task, budget)
+    except (OSError, TimeoutError, asyncio.CancelledError, nats.errors.Error) as exc:
+        current = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
+            raise  # our caller cancelled us
         with contextlib.suppress(Exception):
             await nc.close()
-        cause = last_error[0] if last_error else exc
+        cause = auth_error[0] if auth_error else (last_error[0] if last_error else exc)
         reason = f"{type(cause).__name__}: {cause}".rstrip(": ")
-        if isinstance(exc, TimeoutError):
+        if auth_error:
+            reason = f"authorization failed ({cause})"
+        elif isinstance(exc, TimeoutError):
             reason = f"not reachable within {budget:.1f}s (last error: {reason})"
         raise NatsUnavailableError(servers, reason) from None
     try:
