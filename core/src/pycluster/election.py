@@ -470,8 +470,9 @@ class LeaseElection:
             if now < next_renew:
                 await self._sleep(min(next_renew, self._deadline) - now)
                 continue
-            payload, _ = self._encode(key)
+            payload, wno = self._encode(key)
             sent = time.monotonic()  # no await between the deadline check and this instant
+            self._pending[wno] = sent
             try:
                 rev = await nu.cas_publish(
                     self._js, self.bucket, key, payload, expected_seq=self._lease_rev,
@@ -479,18 +480,41 @@ class LeaseElection:
                     timeout=max(0.05, min(self.heartbeat_interval, self._deadline - sent)),
                 )
             except nu.CASConflict:
-                self._drop_lease()
-                self._notify_lost(key, epoch, "lease taken over (renewal conflict)")
-                return
+                adopted = await self._adopt_landed_renewal(key)
+                if adopted is None:
+                    self._drop_lease()
+                    self._notify_lost(key, epoch, "lease taken over (renewal conflict)")
+                    return
+                rev, sent = adopted
             except nu.TRANSIENT_ERRORS as exc:
                 log.warning("election %s: renewal failed (%s); %.2fs of lease left",
                             self.bucket, type(exc).__name__, self._deadline - time.monotonic())
                 next_renew = time.monotonic() + min(self.heartbeat_interval / 3, 0.5)
                 continue
+            self._pending.clear()
             self._lease_rev = rev
             self._deadline = sent + self.lease_ttl - self.fence_margin
             next_renew = sent + self.heartbeat_interval
             self._notify_renewed()
+
+    async def _adopt_landed_renewal(self, key: str) -> tuple[int, float] | None:
+        """After a renewal conflict: if the last write is one of ours whose ack was lost (a
+        timed-out renewal that did land), continue from it; its send time bounds the lease."""
+        try:
+            msg = await nu.last_msg(self._js, self.bucket, key)
+        except nu.TRANSIENT_ERRORS:
+            return None
+        if msg is None or msg.tombstone:
+            return None
+        try:
+            body = json.loads(msg.data)
+        except ValueError:
+            return None
+        sent = self._pending.get(body.get("w")) if body.get("inc") == self.incarnation else None
+        if sent is None or time.monotonic() >= sent + self.lease_ttl - self.fence_margin:
+            return None
+        log.info("election %s: adopted renewal %s whose ack was lost", self.bucket, body["w"])
+        return msg.seq, sent
 
     def _notify_renewed(self) -> None:
         renewed = getattr(self._listener, "renewed", None)
