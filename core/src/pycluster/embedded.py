@@ -10,13 +10,18 @@ Behaviour worth knowing:
 - The child runs in its own session, so a Ctrl-C in a terminal reaches only this process, which
   then stops the server once, in order.
 - Only the PID this object started is ever signalled (``Popen`` refuses to signal a reaped PID).
+- On Linux the server gets SIGTERM if this process dies without stopping it (a killed test run
+  must not leave servers behind): ``PR_SET_PDEATHSIG``, armed from one long-lived spawner thread
+  because the kernel ties it to the thread that forked, not to the process.
 - The server's stdout and stderr go to ``<data_dir>/nats-server.log``; start errors quote its tail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +30,7 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +55,7 @@ NATS_SERVER_ENV = "PYCLUSTER_NATS_SERVER"
 _BINARY = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _LOG_NAME = "nats-server.log"
 _POLL = 0.02  # seconds between readiness / exit checks
+_PR_SET_PDEATHSIG = 1
 _T = TypeVar("_T")
 
 
@@ -75,6 +81,29 @@ class NatsServerError(RuntimeError):
         self.log_tail = log_tail
         tail = f"\n--- nats-server log (tail) ---\n{log_tail}" if log_tail else ""
         super().__init__(f"nats-server at {url}: {reason}{tail}")
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+# Every child is forked from this one thread: PR_SET_PDEATHSIG fires when the *thread* that
+# forked exits, and this one lives as long as the interpreter.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pycluster-spawner")
 
 
 def _executable(path: Path) -> bool:
@@ -114,15 +143,36 @@ def find_nats_server() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now (the OS picks it).
+    """Return a TCP port that is free on ``host`` right now.
 
-    Another process may take it before it is used; :meth:`EmbeddedNatsServer.start` retries with
-    a new port when it chose the port itself and the bind failed.
+    Picked below the kernel's ephemeral range where possible: a port from that range can be
+    handed to any outgoing connection (a route, a client) between this check and the server's
+    bind, a race that heavy parallel tests hit. Another listener may still take it first:
+    :meth:`EmbeddedNatsServer.start` then retries with a new port when it chose the port.
     """
+    low = _ephemeral_low()
+    for _ in range(50):
+        port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+            return chosen
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        fallback: int = sock.getsockname()[1]
+        return fallback
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux), or 0 when unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def run_blocking(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -249,6 +299,12 @@ class EmbeddedNatsServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """Exit status of the last process (None while it runs or before the first start;
+        negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
     def paused(self) -> bool:
         """True between :meth:`pause` and :meth:`resume`."""
         return self._paused and self.running
@@ -300,13 +356,15 @@ class EmbeddedNatsServer:
             log.write(f"--- pycluster: starting {' '.join(cmd)}\n".encode())
             log.flush()
             # The child keeps its own copy of the log descriptor; ours is closed right away.
-            self._proc = subprocess.Popen(
+            self._proc = _SPAWNER.submit(
+                subprocess.Popen,
                 cmd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )
+                preexec_fn=_parent_death_signal(),
+            ).result()
         self._paused = False
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
@@ -320,8 +378,8 @@ class EmbeddedNatsServer:
         # probes are short at first, then grow (a loaded machine still gets long enough ones).
         attempts = 0
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
+            if not self.running:
+                code = self.returncode
                 raise NatsServerError(self.url, f"exited with code {code}", self.log_tail())
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -357,13 +415,17 @@ class EmbeddedNatsServer:
                 return
             except NatsServerError:
                 port_lost = "address already in use" in self.log_tail(5).lower()
-                await self.stop()
+                await self._terminate(5.0)
                 if not (port_lost and self._auto_port and not self._ever_ready and attempt < 2):
                     raise
                 self.port = free_port(self.host)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop gracefully (SIGTERM), then SIGKILL after ``timeout``. No-op when not running."""
+        await self._terminate(timeout)
+
+    async def _terminate(self, timeout: float) -> None:
+        # The process part of stop(), which subclasses extend (restart() must not clean up).
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
@@ -410,7 +472,7 @@ class EmbeddedNatsServer:
 
     async def restart(self, timeout: float = 10.0) -> None:
         """Stop (gracefully, if running) and start again on the same port and data directory."""
-        await self.stop()
+        await self._terminate(5.0)
         self.spawn()
         await self.wait_ready(timeout)
 

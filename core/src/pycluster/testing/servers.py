@@ -19,6 +19,7 @@ client of the isolated server stays connected to it and sees its writes fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -26,12 +27,13 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import nats
+import nats.errors
 from nats.js.api import StorageType, StreamConfig
 
 from pycluster.embedded import (
@@ -79,11 +81,20 @@ class NatsServer(EmbeddedNatsServer):
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
-    async def restart(self, timeout: float = 10.0) -> None:
-        """Stop and start again on the same port, keeping the data directory."""
-        await EmbeddedNatsServer.stop(self)
-        self.spawn()
-        await self.wait_ready(timeout)
+
+async def _all_or_cancel(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coros`` concurrently; on the first failure cancel the others and raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _dead_port() -> socket.socket:
@@ -190,42 +201,74 @@ class NatsCluster:
         self._loop = BackgroundLoop(name=f"pycluster-{self.name}-proxies")
         self._proxies = self._loop.run(self._make_proxies())
         for i in range(self.size):
-            routes = ",".join(
-                f"nats://{_HOST}:{self._proxies[(i, j)].port}" for j in range(self.size) if j != i
-            )
-            args = [
-                "--cluster_name", self.name,
-                "--cluster", f"nats://{_HOST}:{self.cluster_ports[i]}",
-                "--cluster_advertise", f"{_HOST}:{self._dead[i].getsockname()[1]}",
-                "--no_advertise=true",
-            ]  # fmt: skip
-            if routes:
-                args += ["--routes", routes]
-            if self.monitoring:
-                args += ["-m", str(self.monitor_ports[i])]
             self.servers.append(
-                EmbeddedNatsServer(
-                    self.base_dir / f"n{i}", host=_HOST, name=self.server_name(i), extra_args=args
-                )
+                EmbeddedNatsServer(self.base_dir / f"n{i}", host=_HOST, name=self.server_name(i))
             )
+            self.servers[i].extra_args = self._server_args(i)
+
+    def _server_args(self, i: int) -> tuple[str, ...]:
+        routes = ",".join(
+            f"nats://{_HOST}:{self._proxies[(i, j)].port}" for j in range(self.size) if j != i
+        )
+        args = [
+            "--cluster_name", self.name,
+            "--cluster", f"nats://{_HOST}:{self.cluster_ports[i]}",
+            "--cluster_advertise", f"{_HOST}:{self._dead[i].getsockname()[1]}",
+            "--no_advertise=true",
+        ]  # fmt: skip
+        if routes:
+            args += ["--routes", routes]
+        if self.monitoring:
+            args += ["-m", str(self.monitor_ports[i])]
+        return tuple(args)
+
+    def _new_ports(self, i: int) -> None:
+        """Give server ``i`` fresh ports (it lost one to another process before binding it)."""
+        self.servers[i].port = free_port(_HOST)
+        self.cluster_ports[i] = free_port(_HOST)
+        self.monitor_ports[i] = free_port(_HOST)
+        self.servers[i].extra_args = self._server_args(i)
+        assert self._loop is not None
+        upstream = [self._proxies[(j, i)] for j in range(self.size) if j != i]
+
+        def retarget() -> None:
+            for proxy in upstream:
+                proxy.target_port = self.cluster_ports[i]
+
+        self._loop.call(retarget)
 
     async def start(self, timeout: float = 30.0) -> None:
-        """Start every server and wait until the cluster is ready (see :meth:`wait_ready`)."""
+        """Start every server and wait until the cluster is ready (see :meth:`wait_ready`).
+
+        A server that exits while the cluster forms (typically: a port picked for it was taken
+        by another process in between) is started again on new ports, up to twice.
+        """
         if self._started:
             raise RuntimeError(f"cluster {self.name} already started")
         self._started = True
         find_nats_server()  # fail with the install hint before creating anything
         try:
             self._setup()
-            for server in self.servers:
-                server.spawn()
-            await self.wait_ready(timeout)
+            for attempt in range(3):
+                for server in self.servers:
+                    if not server.running:
+                        server.spawn()
+                try:
+                    await self.wait_ready(timeout, indices=range(self.size))
+                    return
+                except NatsServerError:
+                    exited = [i for i, server in enumerate(self.servers) if not server.running]
+                    if not exited or attempt == 2:
+                        raise
+                    for i in exited:
+                        self._new_ports(i)
         except BaseException:
             await self.stop()
             raise
 
     async def wait_ready(self, timeout: float = 30.0, indices: Iterable[int] | None = None) -> None:
-        """Wait until each server (default: each running one) is a working cluster member.
+        """Wait until each server in ``indices`` (default: each running one) is a working
+        cluster member; a server named in ``indices`` that is down fails the wait.
 
         JetStream must answer through it (so it sees a meta leader). With monitoring on, it
         must also have routes to every running server it is not partitioned from, and the meta
@@ -233,10 +276,12 @@ class NatsCluster:
         stream with one replica per server must also be placeable (before that, creating an R3
         stream fails with "no suitable peers for placement").
         """
-        targets = [i for i in (range(self.size) if indices is None else indices)]
-        targets = [i for i in targets if self.servers[i].running]
+        if indices is None:
+            targets = [i for i in range(self.size) if self.servers[i].running]
+        else:  # named explicitly: a server that is down is an error, not skipped
+            targets = list(indices)
         deadline = time.monotonic() + timeout
-        await asyncio.gather(*(self.servers[i].wait_ready(timeout) for i in targets))
+        await _all_or_cancel([self.servers[i].wait_ready(timeout) for i in targets])
         if self.monitoring:
             for i in targets:
                 await self._wait_member(i, deadline, timeout)
@@ -245,8 +290,15 @@ class NatsCluster:
         ):
             await self._wait_placement(deadline, timeout)
 
+    def _check_alive(self, i: int) -> None:
+        server = self.servers[i]
+        if not server.running:
+            code = server.returncode
+            raise NatsServerError(server.url, f"exited with code {code}", server.log_tail())
+
     async def _wait_member(self, i: int, deadline: float, timeout: float) -> None:
         while True:
+            self._check_alive(i)
             missing = await self._not_yet_member(i)
             if not missing:
                 return
@@ -277,6 +329,8 @@ class NatsCluster:
             js = nc.jetstream(timeout=2.0)
             last: Exception | None = None
             while True:
+                for i in range(self.size):
+                    self._check_alive(i)
                 try:
                     await js.add_stream(config)
                     break
@@ -289,7 +343,9 @@ class NatsCluster:
                         self.servers[0].log_tail(),
                     )
                 await asyncio.sleep(0.05)
-            await js.delete_stream(probe)
+            # A failed delete only leaves a tiny memory stream behind: not worth failing for.
+            with contextlib.suppress(nats.errors.Error):
+                await js.delete_stream(probe)
         finally:
             await nc.close()
 
@@ -364,7 +420,10 @@ class NatsCluster:
 
         def apply() -> None:
             for proxy in proxies:
-                proxy.cut() if cut else proxy.restore()
+                if cut:
+                    proxy.cut()
+                else:
+                    proxy.restore()
 
         self._loop.call(apply)
 
