@@ -7,10 +7,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .apibus import ForKey, ToAny, ToLeader, ToNode
 from .app import App
+from .audit import AuditEntry, AuditFilter
+from .backend import HealthCheck
+from .breaker import BreakerPolicy
 from .builtin.process import Process
 from .context import Context
 from .errors import (
+    CallTimeoutError,
+    CircuitOpenError,
     ConfigError,
     DuplicateNodeError,
     InvalidNameError,
@@ -18,31 +24,52 @@ from .errors import (
     LockLostError,
     LockTimeoutError,
     NatsUnavailableError,
+    NoInstanceError,
     NotLeaderError,
     PayloadTooLargeError,
     PluginError,
     PyclusterError,
+    RemoteError,
     RevisionMismatchError,
+    UnauthorizedError,
     UnclaimedOptionError,
 )
+from .events import Event
+from .health import CheckResult, CheckStatus
+from .middleware import AuthMiddleware, Middleware, Request
 from .options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
 from .platform import Platform
 from .plugins import hookimpl
-from .registry import Stage, StageOrder
+from .registry import FailurePolicy, Stage, StageOrder
+from .rpc import RetryPolicy
 from .types import Role
 
 __all__ = [
     "App",
+    "AuditEntry",
+    "AuditFilter",
+    "AuthMiddleware",
     "AvoidLabel",
+    "BreakerPolicy",
+    "CallTimeoutError",
+    "CheckResult",
+    "CheckStatus",
+    "CircuitOpenError",
     "ConfigError",
     "Context",
     "DuplicateNodeError",
     "Election",
+    "Event",
+    "FailurePolicy",
+    "ForKey",
+    "HealthCheck",
     "InvalidNameError",
     "KeyExistsError",
     "LockLostError",
     "LockTimeoutError",
+    "Middleware",
     "NatsUnavailableError",
+    "NoInstanceError",
     "NotLeaderError",
     "OnLabel",
     "OnNodes",
@@ -51,13 +78,20 @@ __all__ = [
     "PluginError",
     "Process",
     "PyclusterError",
+    "RemoteError",
     "Replicas",
+    "Request",
+    "RetryPolicy",
     "RevisionMismatchError",
     "Role",
     "Singleton",
     "Spread",
     "Stage",
     "StageOrder",
+    "ToAny",
+    "ToLeader",
+    "ToNode",
+    "UnauthorizedError",
     "UnclaimedOptionError",
     "__version__",
     "hookimpl",

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 # Order matters: started in this order, stopped in reverse.
 CORE_SERVICES: list[str] = []
 
+# Communication (issue 3): the rpc transport first (the api bus and events use its middleware).
+CORE_SERVICES += ["pycluster.rpc:RpcService", "pycluster.apibus:ApiService",
+                  "pycluster.events:EventsService"]
+
+# Observability (issue 4): metrics first (the others record into it), the audit trail, then
+# health, whose HTTP server starts last and stops first.
+CORE_SERVICES += ["pycluster.metrics:PlatformMetrics", "pycluster.audit:AuditLog",
+                  "pycluster.health:PlatformHealth"]
+
 
 class Service(Protocol):
     """The lifecycle a core service implements."""
