@@ -1,36 +1,362 @@
 """The backend protocol: what a controller of a service (process, unit, container) offers.
 
-Third-party backends implement `Backend`, define an option class, and register both through
-`pycluster.hookspecs.pycluster_register_backends`; the core then runs ``start`` in the BACKEND
-stage of the failover sequence and ``stop`` in reverse, with the epoch as fencing token.
+A *backend* is the thing an existing service becomes highly available through: pycluster starts
+it on the node that won the election and stops it when that node steps down. The core ships the
+``process`` backend (`pycluster.Process`); plugins add ``systemd``, ``docker`` and others.
+
+Writing a third-party backend (see docs/backends.md for a complete example):
+
+1. Define a frozen option class (``MyThing(name, ...)``) that users pass to ``App(...)``.
+2. Implement `Backend`: async ``start(ctx)``, ``stop(ctx)``, ``health()``.
+3. In your plugin module, declare the option (``pycluster_register_options``), the kind
+   (``pycluster_register_backends``), claim the option (``pycluster_claim_option``) and add one
+   stage per option with `backend_stage` (``pycluster_stages``).
+
+Contract (what the coordinator relies on):
+
+* ``start(ctx)`` runs in the BACKEND stage of the failover sequence, after the VIP is acquired.
+  Return once the service is up, and healthy when a health check is configured; raise (any
+  exception, ideally `BackendError`) when it cannot be started: the coordinator then undoes the
+  sequence (your ``stop`` is called too, so clean up a half-started service there), releases
+  the lease and backs off, so that another node takes over. ``start`` is bounded by the stage
+  timeout and may be cancelled when the lease is lost.
+* ``ctx.epoch`` is the fencing token: strictly increasing across leader changes. Hand it to the
+  service (`fencing_env`, `expand`) so that it can refuse orders from an older epoch.
+* ``stop(ctx)`` runs in reverse order when the node steps down, leaves, or lost its lease. It
+  must be idempotent (it is also called after a failed ``start``) and must have stopped the
+  service before ``ctx.deadline`` (monotonic) when one is set: after that instant another node
+  may hold the lease. Never leave the service running on a failed stop: escalate (SIGKILL,
+  ``docker kill``, ...) and raise only if it may still be running.
+* ``health()`` is cheap, never raises and never blocks for long: it is polled by the health
+  checks and metrics of the app (through ``stage.extra["backend"]``, see `backends_of`).
+* A backend that fails while active and cannot recover by itself calls
+  ``platform.runtimes[app.name].report_failure(stage_name, reason)``: the node steps down (with
+  back-off) so that a standby takes over.
+* A backend must never outlive its node's lease. The process backend guarantees it with a fence
+  guard (`pycluster.fenceguard`); a remote backend (a unit, a container) should at least pass the
+  epoch along so that the service itself can fence.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .context import Context
+from .errors import ConfigError, PyclusterError
+
+if TYPE_CHECKING:
+    from .registry import Stage
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendHealth",
+    "HealthCheck",
+    "backend_stage",
+    "backends_of",
+    "expand",
+    "fencing_env",
+]
 
 
 @dataclass
 class BackendHealth:
-    """Result of a backend health probe."""
+    """Result of a backend health probe.
+
+    :ivar healthy: whether the service answers as expected.
+    :ivar detail: a short human-readable explanation ("running, pid 1234", "HTTP 503", ...).
+    :ivar data: structured extras for health endpoints and metrics (pid, restarts, ...).
+    """
 
     healthy: bool
     detail: str = ""
     data: dict[str, object] = field(default_factory=dict)
 
 
+class BackendError(PyclusterError):
+    """A backend could not be started or stopped; names the app, the backend and why."""
+
+    def __init__(self, app: str, backend: str, reason: str) -> None:
+        self.app = app
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"app {app!r}: backend {backend}: {reason}")
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """A controller that starts and stops one service instance on this node."""
+    """A controller that starts and stops one service instance on this node.
+
+    Example (a backend that only records what it is told)::
+
+        class EchoBackend:
+            def __init__(self, option, app, platform):
+                self.running = False
+
+            async def start(self, ctx):
+                print("start with fencing token", ctx.epoch)
+                self.running = True
+
+            async def stop(self, ctx):
+                self.running = False
+
+            async def health(self):
+                return BackendHealth(self.running, "running" if self.running else "stopped")
+    """
 
     async def start(self, ctx: Context) -> None:
-        """Start the service for ``ctx.epoch``; return once it is up (healthy if checked)."""
+        """Start the service for ``ctx.epoch``; return once it is up (and healthy if checked).
+
+        :param ctx: the transition: ``ctx.epoch`` is the fencing token, ``ctx.app`` the app.
+        """
 
     async def stop(self, ctx: Context) -> None:
-        """Stop the service; finish before ``ctx.deadline`` when one is set (fencing)."""
+        """Stop the service (idempotent); be done before ``ctx.deadline`` when one is set.
+
+        :param ctx: the transition; ``ctx.remaining(default)`` gives the time left.
+        """
 
     async def health(self) -> BackendHealth:
-        """Probe the service."""
+        """Probe the service: cheap, never raises."""
+
+
+# -- the epoch and identity handed to a service -----------------------------------------------
+
+
+def fencing_env(ctx: Context) -> dict[str, str]:
+    """Environment variables telling a service who runs it and with which fencing token.
+
+    ``PYCLUSTER_EPOCH`` (the fencing token, ``0`` for apps without election),
+    ``PYCLUSTER_APP``, ``PYCLUSTER_NODE``, ``PYCLUSTER_PLATFORM``.
+    """
+    return {
+        "PYCLUSTER_EPOCH": str(ctx.epoch or 0),
+        "PYCLUSTER_APP": ctx.app.name,
+        "PYCLUSTER_NODE": ctx.node_id,
+        "PYCLUSTER_PLATFORM": ctx.platform.name,
+    }
+
+
+def expand(args: Iterable[str], ctx: Context) -> list[str]:
+    """Substitute ``{epoch}``, ``{app}``, ``{node}`` and ``{platform}`` in each argument.
+
+    Only these four exact placeholders are replaced; other braces (``${HOME}``, JSON) are kept.
+    """
+    values = {
+        "{epoch}": str(ctx.epoch or 0),
+        "{app}": ctx.app.name,
+        "{node}": ctx.node_id,
+        "{platform}": ctx.platform.name,
+    }
+    out = []
+    for arg in args:
+        for token, value in values.items():
+            arg = arg.replace(token, value)
+        out.append(arg)
+    return out
+
+
+# -- health checks ------------------------------------------------------------------------------
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"HealthCheck.{name}", value, "must be positive")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How to tell that a backend's service is healthy: exactly one of ``http``, ``tcp``,
+    ``command``.
+
+    Example::
+
+        Process("python -m http.server 8000",
+                health=HealthCheck(http="http://127.0.0.1:8000/", start_timeout=20))
+
+    :param http: URL; healthy when it answers with a status below 400.
+    :param tcp: ``host:port``; healthy when a TCP connection is accepted.
+    :param command: argv list or shell-like string; healthy when it exits 0 (it gets the
+        `fencing_env` variables).
+    :param interval: seconds between checks while active.
+    :param timeout: seconds one check may take.
+    :param start_timeout: seconds the service may take to become healthy after a start; the
+        backend stage fails (the node steps down) when it does not.
+    :param failure_threshold: consecutive failed checks while active that count as a failure of
+        the service (restarted by the backend's restart policy).
+    """
+
+    http: str | None = None
+    tcp: str | None = None
+    command: str | Sequence[str] | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+    start_timeout: float = 60.0
+    failure_threshold: int = 3
+
+    def __post_init__(self) -> None:
+        if self.command is not None and not isinstance(self.command, str):
+            object.__setattr__(self, "command", tuple(self.command))
+        given = [k for k in ("http", "tcp", "command") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError("HealthCheck", given or None,
+                              "give exactly one of http=, tcp= or command=")
+        for name in ("interval", "timeout", "start_timeout"):
+            _positive(name, getattr(self, name))
+        if self.failure_threshold < 1:
+            raise ConfigError("HealthCheck.failure_threshold", self.failure_threshold,
+                              "must be at least 1")
+        if self.http is not None:
+            url = urllib.parse.urlsplit(self.http)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ConfigError("HealthCheck.http", self.http,
+                                  "must be an http:// or https:// URL with a host")
+        if self.tcp is not None:
+            self.tcp_address()
+        if self.command is not None and not self.argv():
+            raise ConfigError("HealthCheck.command", self.command, "must not be empty")
+
+    @property
+    def kind(self) -> str:
+        """``"http"``, ``"tcp"`` or ``"command"``."""
+        return "http" if self.http else "tcp" if self.tcp else "command"
+
+    def tcp_address(self) -> tuple[str, int]:
+        """``(host, port)`` of a TCP check."""
+        host, sep, port = (self.tcp or "").rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("HealthCheck.tcp", self.tcp, "must be host:port")
+        return host.strip("[]"), int(port)
+
+    def argv(self) -> list[str]:
+        """The command of a command check as an argv list."""
+        cmd = self.command or ()
+        return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+    async def probe(self, env: dict[str, str] | None = None) -> BackendHealth:
+        """Run the check once, bounded by ``timeout``; never raises."""
+        try:
+            if self.http is not None:
+                return await asyncio.wait_for(asyncio.to_thread(self._http), self.timeout + 1)
+            if self.tcp is not None:
+                return await self._tcp()
+            return await self._command(env)
+        except TimeoutError:
+            return BackendHealth(False, f"{self.kind} check timed out after {self.timeout}s")
+        except Exception as exc:
+            return BackendHealth(False, f"{self.kind} check failed: {type(exc).__name__}: {exc}")
+
+    def _http(self) -> BackendHealth:
+        assert self.http is not None
+        try:
+            with urllib.request.urlopen(self.http, timeout=self.timeout) as resp:
+                return BackendHealth(True, f"HTTP {resp.status}", {"status": resp.status})
+        except urllib.error.HTTPError as exc:
+            return BackendHealth(False, f"HTTP {exc.code}", {"status": exc.code})
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return BackendHealth(False, f"HTTP check failed: {reason}")
+
+    async def _tcp(self) -> BackendHealth:
+        host, port = self.tcp_address()
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
+        except OSError as exc:
+            return BackendHealth(False, f"TCP {host}:{port}: {exc.strerror or exc}")
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return BackendHealth(True, f"TCP {host}:{port} accepts connections")
+
+    async def _command(self, env: dict[str, str] | None) -> BackendHealth:
+        full_env = dict(os.environ) | (env or {})
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv(), env=full_env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            raise
+        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
+        detail = f"command exited {proc.returncode}" + (f": {tail[0]}" if tail else "")
+        return BackendHealth(proc.returncode == 0, detail, {"exit": proc.returncode})
+
+    async def wait_healthy(
+        self, app: str, failed: Callable[[], str | None], env: dict[str, str] | None = None,
+        poll: float = 0.2,
+    ) -> BackendHealth:
+        """Probe until healthy, for at most ``start_timeout`` seconds.
+
+        :param app: the app name (for the error).
+        :param failed: called between probes; a non-None answer (e.g. "exited with 1") aborts.
+        :param env: environment for a command check.
+        :param poll: seconds between probes (capped by ``interval``).
+        :raises BackendError: not healthy in time, or ``failed`` reported a reason.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        last = BackendHealth(False, "not checked yet")
+        while True:
+            why = failed()
+            if why is not None:
+                raise BackendError(app, f"{self.kind} check", f"{why} before it became healthy "
+                                   f"(last check: {last.detail})")
+            last = await self.probe(env)
+            if last.healthy:
+                return last
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BackendError(app, f"{self.kind} check",
+                                   f"not healthy within {self.start_timeout}s "
+                                   f"(last check: {last.detail})")
+            await asyncio.sleep(min(poll, self.interval, left))
+
+
+# -- joining the failover sequence --------------------------------------------------------------
+
+
+def backend_stage(
+    name: str,
+    backend: Backend,
+    *,
+    plugin: str,
+    order: int | None = None,
+    timeout: float | None = None,
+) -> Stage:
+    """A failover `Stage` that starts ``backend`` on activation and stops it on deactivation.
+
+    The backend object is kept in ``stage.extra["backend"]`` (found again by `backends_of`).
+
+    :param name: unique stage name within the app (e.g. ``"docker-0"``).
+    :param backend: the controller.
+    :param plugin: the plugin name (for logs, audit and metrics).
+    :param order: position in the sequence; default `StageOrder.BACKEND` (after the VIP).
+    :param timeout: bound of start and of stop; default the app's hook timeout.
+    """
+    from .registry import Stage, StageOrder
+
+    return Stage(
+        name=name, order=StageOrder.BACKEND if order is None else order,
+        activate=backend.start, deactivate=backend.stop, timeout=timeout, plugin=plugin,
+        extra={"backend": backend},
+    )
+
+
+def backends_of(stages: Iterable[Stage]) -> list[tuple[Stage, Backend]]:
+    """The ``(stage, backend)`` pairs among an app's stages (e.g. ``runtime.stages``)."""
+    return [(s, s.extra["backend"]) for s in stages if "backend" in s.extra]

@@ -369,6 +369,8 @@ class AppRuntime:
                 self._want_active = False
                 self.election.pause_campaign(time.monotonic() + backoff)
                 await self.election.step_down(cooldown=backoff)
+            elif self.election is None and self._want_active:
+                self._reactivate_later(self._next_backoff(), "retry after failed activation")
             await run_hooks(self.app.hooks("passive"), self.ctx("activation failed"),
                             self.hook_timeout, "on_passive", False)
             return
@@ -454,7 +456,7 @@ class AppRuntime:
                 log.warning("app %s: %s; continuing (policy continue)", self.app.name, failure)
                 return
             self._report(stage, "activate", outcome, ctx.epoch, started, attempt, "step_down",
-                         str(failure.cause), self._backoff if self.election else None)
+                         str(failure.cause), self._backoff)
             raise failure
 
     async def _deactivate_stage(self, stage: Stage, ctx: Context) -> None:
@@ -517,11 +519,16 @@ class AppRuntime:
         # No election (Spread): deactivate, then activate again after the back-off.
         self._want_active, self._want_reason = False, f"{stage} failed: {reason}"
         self._changed.set()
+        self._reactivate_later(backoff, "retry after failure")
+
+    def _reactivate_later(self, backoff: float, reason: str) -> None:
+        """Spread apps (no election to campaign in): want to be active again after a delay."""
+        self._want_active = False
 
         async def again() -> None:
             await asyncio.sleep(backoff)
             if not self._stopping:
-                self._want_active, self._want_reason = True, "retry after failure"
+                self._want_active, self._want_reason = True, reason
                 self._changed.set()
 
         self.platform.spawn(again(), f"{self.app.name}:retry")

@@ -1,160 +1,534 @@
 """Core default plugin "process": run a command while the app is active on this node.
 
-The command runs in its own process group with the epoch in ``PYCLUSTER_EPOCH`` (the fencing
-token). On Linux it gets ``PR_SET_PDEATHSIG=SIGKILL``, so a SIGKILLed node takes its backend
-with it. Stop = SIGTERM to the group, then SIGKILL after the grace period (or sooner when the
-lease is about to end). Output goes to the node's log, prefixed with the app name. If the
-command exits while active it is restarted with back-off up to ``max_restarts``; after that the
-node steps down so a standby takes over.
+`Process` is an App option; each one adds a BACKEND stage to the app's failover sequence (after
+the VIP, before replication and ``on_active``).
+
+* **Start**: the command runs under a fence guard (`pycluster.fenceguard`) in a session and
+  process group of its own, with the fencing token in ``PYCLUSTER_EPOCH`` (and ``{epoch}``,
+  ``{app}``, ``{node}``, ``{platform}`` substituted in its arguments). With a `HealthCheck`
+  the stage completes only once the service is healthy; not healthy within ``start_timeout``,
+  or an exit before that, fails the stage, and the node steps down so that another takes over.
+* **Output**: stdout and stderr go to the node's log, line by line, under the logger
+  ``pycluster.backend.<app>``, each line prefixed with the app name.
+* **While active**: the health check runs every ``interval``; ``failure_threshold`` failures in
+  a row count as a failure of the service. A service that exits or fails is restarted by the
+  ``restart`` policy with doubling back-off, at most ``max_restarts`` times in a row (the count
+  resets once a restart stayed up for a minute); after that the node steps down
+  (`AppRuntime.report_failure`). A restart happens only while the lease is valid.
+* **Stop**: SIGTERM to the whole process tree, SIGKILL after ``grace`` seconds, or sooner when
+  the lease is about to end (``ctx.deadline``).
+* **Never outliving the lease**: the guard receives the lease deadline on every renewal. If the
+  node is SIGKILLed, the guard sees its control socket close and stops the tree (SIGKILL at
+  the latest at the lease deadline); if the node is paused or stuck, the guard stops the tree
+  when the deadline it last received passes (SIGTERM ``fence_margin`` before it, SIGKILL at
+  it), which is before any other node can win the lease. If the guard itself is killed, the
+  command dies with it (parent-death signal).
+
+Under connection loss the node keeps its lease until the local deadline and then self-fences:
+the coordinator stops the backend, and the guard enforces the same deadline on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..backend import BackendHealth
+from pydantic import BaseModel
+
+from .. import fenceguard
+from ..backend import BackendError, BackendHealth, HealthCheck, backend_stage, expand, fencing_env
 from ..context import Context
 from ..errors import ConfigError
 from ..plugins import hookimpl
-from ..registry import BackendRegistry, OptionRegistry, Stage, StageOrder, StageRegistry
+from ..registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..coordinator import AppRuntime
     from ..platform import Platform
 
 log = logging.getLogger("pycluster.process")
 
+RESTART_POLICIES = ("on-failure", "always", "never")
+BACKOFF_CAP = 30.0  # seconds: the longest wait between two restarts
+STABLE_AFTER = 60.0  # seconds a restarted process must stay up for its restart count to reset
+GUARD_START_TIMEOUT = 30.0  # seconds for the guard to report the command started (loaded hosts)
+
 
 @dataclass(frozen=True)
 class Process:
-    """Run ``command`` while the app is active here.
+    """Run ``command`` while the app is active on this node (the "process" backend).
 
-    :param command: argv list, or a string split like a shell would.
-    :param env: extra environment variables.
-    :param cwd: working directory.
+    Example::
+
+        App("web", Singleton(), Process(
+            "python -m http.server 8000 --bind 127.0.0.1",
+            health=HealthCheck(http="http://127.0.0.1:8000/", start_timeout=20),
+            grace=5, max_restarts=3))
+
+    :param command: argv list, or a string split like a shell would (no shell is run). The
+        placeholders ``{epoch}``, ``{app}``, ``{node}``, ``{platform}`` are substituted.
+    :param env: extra environment variables (``PYCLUSTER_EPOCH``, ``PYCLUSTER_APP``,
+        ``PYCLUSTER_NODE``, ``PYCLUSTER_PLATFORM`` are always set).
+    :param cwd: working directory (must exist when the command starts).
     :param grace: seconds between SIGTERM and SIGKILL on stop.
-    :param max_restarts: restarts after unexpected exits before the node steps down.
-    :param restart_backoff: first restart delay (doubles each time).
+    :param restart: ``"on-failure"`` (restart after a non-zero exit, a signal or failed health
+        checks; a clean exit 0 is left alone), ``"always"`` (after any exit) or ``"never"``
+        (any exit or health failure makes the node step down at once).
+    :param max_restarts: restarts in a row before the node steps down.
+    :param restart_backoff: first restart delay in seconds (doubles each time, capped at 30).
+    :param health: a `HealthCheck` (HTTP, TCP or command); without one the service counts as
+        started once its command runs and as healthy while it runs.
     """
 
-    command: tuple[str, ...] | str
+    command: str | Sequence[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     grace: float = 10.0
+    restart: str = "on-failure"
     max_restarts: int = 3
     restart_backoff: float = 1.0
+    health: HealthCheck | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.command, str):  # a list is kept as a tuple (frozen, comparable)
+            object.__setattr__(self, "command", tuple(self.command))
+        self.argv()
+        if not self.grace > 0:
+            raise ConfigError("Process.grace", self.grace, "must be positive")
+        if self.restart not in RESTART_POLICIES:
+            raise ConfigError("Process.restart", self.restart,
+                              f"must be one of {', '.join(RESTART_POLICIES)}")
+        if self.max_restarts < 0:
+            raise ConfigError("Process.max_restarts", self.max_restarts, "must not be negative")
+        if self.restart_backoff < 0:
+            raise ConfigError("Process.restart_backoff", self.restart_backoff,
+                              "must not be negative")
+        bad = {k: v for k, v in self.env.items()
+               if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise ConfigError("Process.env", bad, "keys and values must be strings")
+        if self.health is not None and not isinstance(self.health, HealthCheck):
+            raise ConfigError("Process.health", self.health, "must be a HealthCheck")
 
     def argv(self) -> list[str]:
-        """The command as an argv list."""
-        argv = shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+        """The command as an argv list (placeholders not yet substituted)."""
+        try:
+            cmd = self.command
+            argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        except ValueError as exc:
+            raise ConfigError("Process.command", self.command, str(exc)) from None
         if not argv:
             raise ConfigError("Process.command", self.command, "must not be empty")
         return argv
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+class _Child:
+    """One run of the command: the guard process, the control socket, the exit status."""
+
+    def __init__(self, guard: asyncio.subprocess.Process, writer: asyncio.StreamWriter) -> None:
+        self.guard = guard
+        self.writer = writer
+        self.pid: int | None = None  # the command's pid, reported by the guard
+        self.started_at = time.monotonic()
+        self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.fenced = False
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def running(self) -> bool:
+        """True until the command (and the guard) exited."""
+        return not self.exit.done()
+
+    def send(self, line: str) -> None:
+        """A command to the guard (ignored once it is gone)."""
+        if not self.writer.is_closing():
+            with contextlib.suppress(Exception):
+                self.writer.write(line.encode() + b"\n")
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with {code}"
 
 
 class ProcessBackend:
-    """The controller behind a `Process` option."""
+    """The controller behind a `Process` option (implements `pycluster.backend.Backend`).
 
-    def __init__(self, option: Process, app: App, platform: Platform) -> None:
+    :ivar state: ``stopped``, ``starting``, ``running``, ``restarting``, ``exited`` (a clean exit
+        under ``on-failure``), ``failed`` (restarts exhausted; the node steps down), ``stopping``.
+    :ivar restarts: restarts in a row during this activation.
+    :ivar last_exit: the last exit status (negative: killed by that signal).
+    """
+
+    kind = "process"
+
+    def __init__(self, option: Process, app: App, platform: Platform,
+                 stage: str = "process-0") -> None:
         self.option = option
         self.app = app
         self.platform = platform
-        self.proc: asyncio.subprocess.Process | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
+        self.stage = stage
+        self.state = "stopped"
         self.restarts = 0
+        self.last_exit: int | None = None
+        self.last_health = BackendHealth(False, "not started")
+        self._child: _Child | None = None
+        self._ctx: Context | None = None
+        self._stopping = True
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_failures = 0
+        self._out = logging.getLogger(f"pycluster.backend.{app.name}")
 
-    async def _spawn(self, ctx: Context) -> None:
-        env = dict(os.environ)
-        env.update(self.option.env)
-        env.update({
-            "PYCLUSTER_EPOCH": str(ctx.epoch or 0),
-            "PYCLUSTER_APP": self.app.name,
-            "PYCLUSTER_NODE": self.platform.node_id,
-            "PYCLUSTER_PLATFORM": self.platform.name,
-        })
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.option.argv(), env=env, cwd=self.option.cwd,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_pdeathsig,
-        )
-        log.info("app %s: started %s (pid %d, epoch %s)", self.app.name,
-                 self.option.argv()[0], self.proc.pid, ctx.epoch)
-        self._tasks = [
-            asyncio.create_task(self._pump(self.proc)),
-            asyncio.create_task(self._supervise(self.proc, ctx)),
-        ]
+    # -- the lease ------------------------------------------------------------------------
+
+    def _runtime(self) -> AppRuntime | None:
+        return self.platform.runtimes.get(self.app.name)
+
+    def _lease_ok(self) -> bool:
+        rt = self._runtime()
+        return rt is None or rt.election is None or rt.election.is_leader
+
+    def _deadlines(self, deadline: float | None) -> tuple[float, float] | None:
+        """(SIGTERM at, SIGKILL at) for the guard from a local lease deadline."""
+        rt = self._runtime()
+        if deadline is None or rt is None:
+            return None
+        return deadline - rt.fence_margin, deadline
+
+    def _renewed(self, deadline: float) -> None:
+        child, d = self._child, self._deadlines(deadline)
+        if child is not None and child.running and d is not None:
+            child.send(f"deadline {d[0]:.6f} {d[1]:.6f}")
+
+    # -- starting -------------------------------------------------------------------------
 
     async def start(self, ctx: Context) -> None:
-        """Start the command."""
+        """Start the command; return once it runs (and is healthy, with a health check)."""
         self._stopping = False
+        self._ctx = ctx
         self.restarts = 0
-        await self._spawn(ctx)
+        self._health_failures = 0
+        rt = self._runtime()
+        if rt is not None and self._renewed not in rt.lease_listeners:
+            rt.lease_listeners.append(self._renewed)
+        await self._launch(ctx)
+        self._tasks = [asyncio.create_task(self._watch(ctx), name=f"{self.stage}:watch")]
+        if self.option.health is not None:
+            self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.stage}:health"))
 
-    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        out = logging.getLogger(f"pycluster.app.{self.app.name}")
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            out.info("%s", line.decode(errors="replace").rstrip())
+    async def _launch(self, ctx: Context) -> None:
+        """Spawn the command and wait until it is healthy; on failure nothing stays running."""
+        self.state = "starting"
+        child = await self._spawn(ctx)
+        check = self.option.health
+        if check is None:
+            self.last_health = BackendHealth(True, f"running, pid {child.pid}")
+        else:
+            def failed() -> str | None:
+                return None if child.running else _describe(child.exit.result())
 
-    async def _supervise(self, proc: asyncio.subprocess.Process, ctx: Context) -> None:
-        code = await proc.wait()
-        if self._stopping:
-            return
-        log.warning("app %s: backend exited with %s while active", self.app.name, code)
-        if self.restarts < self.option.max_restarts:
-            delay = self.option.restart_backoff * 2 ** self.restarts
+            try:
+                self.last_health = await check.wait_healthy(self.app.name, failed,
+                                                            env=fencing_env(ctx))
+            except BaseException:
+                await self._terminate(child, 0.0)
+                raise
+        self.state = "running"
+
+    async def _spawn(self, ctx: Context) -> _Child:
+        opt = self.option
+        argv = expand(opt.argv(), ctx)
+        if opt.cwd is not None and not os.path.isdir(opt.cwd):
+            raise BackendError(self.app.name, self.kind, f"cwd {opt.cwd!r} is not a directory")
+        rt = self._runtime()
+        lease = rt.lease_deadline() if rt is not None else None
+        if rt is not None and rt.election is not None and lease is None:
+            raise BackendError(self.app.name, self.kind, "no valid lease: not starting")
+        env = dict(os.environ) | opt.env | fencing_env(ctx)
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-I", "-S", fenceguard.__file__,
+               "--control-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
+               "--grace", str(opt.grace), "--label", self.app.name]
+        d = self._deadlines(lease)
+        if d is not None:
+            cmd += ["--term-at", f"{d[0]:.6f}", "--kill-at", f"{d[1]:.6f}"]
+        try:
+            guard = await asyncio.create_subprocess_exec(
+                *cmd, "--", *argv, env=env, cwd=opt.cwd, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(theirs.fileno(),), start_new_session=True, limit=1 << 20,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        child = _Child(guard, writer)
+        self._child = child
+        assert guard.stdout is not None and guard.stderr is not None
+        child.tasks = [
+            asyncio.create_task(self._pump(guard.stdout, "stdout")),
+            asyncio.create_task(self._pump(guard.stderr, "stderr")),
+        ]
+        try:
+            first = await asyncio.wait_for(reader.readline(), GUARD_START_TIMEOUT)
+        except BaseException:
+            child.tasks.append(asyncio.create_task(self._follow(child, reader)))
+            await self._terminate(child, 0.0)
+            raise
+        words = first.decode(errors="replace").split(maxsplit=1)
+        child.tasks.append(asyncio.create_task(self._follow(child, reader)))
+        if words[:1] != ["started"]:
+            code = await asyncio.shield(child.exit)  # a cancelled waiter must not cancel it
+            why = words[1].strip() if len(words) > 1 else f"fence guard {_describe(code)}"
+            raise BackendError(self.app.name, self.kind, f"cannot start {argv[0]!r}: {why}")
+        child.pid = int(words[1])
+        log.info("app %s: started %s (pid %d, epoch %s, fence guard pid %d)", self.app.name,
+                 shlex.join(argv)[:200], child.pid, ctx.epoch, guard.pid)
+        return child
+
+    async def _follow(self, child: _Child, reader: asyncio.StreamReader) -> None:
+        """Read the guard's reports until it exits, then resolve ``child.exit``."""
+        code: int | None = None
+        try:
+            while line := await reader.readline():
+                words = line.decode(errors="replace").split(maxsplit=1)
+                if words[:1] == ["exited"] and len(words) == 2:
+                    code = int(words[1])
+                elif words[:1] == ["fencing"]:
+                    child.fenced = True
+                    log.warning("app %s: fence guard: %s", self.app.name, " ".join(words[1:]))
+        except (OSError, ValueError):  # reset: the guard exited with a renewal still unread
+            pass
+        rc = await child.guard.wait()
+        child.writer.close()
+        if code is None and rc > 128:  # the guard's status for "killed by signal rc-128"
+            code = 128 - rc
+        if not child.exit.done():
+            child.exit.set_result(code if code is not None else rc)
+
+    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the limit: log it in pieces
+                line = await stream.read(1 << 20)
+            if not line:
+                return
+            self._out.info("%s[%s] %s", self.app.name, name,
+                           line.decode(errors="replace").rstrip("\n"))
+
+    # -- while active ---------------------------------------------------------------------
+
+    async def _watch(self, ctx: Context) -> None:
+        """Wait for exits; restart by policy; report a failure the node must step down for."""
+        opt = self.option
+        while not self._stopping:
+            child = self._child
+            if child is None:
+                return
+            code = await asyncio.shield(child.exit)  # a cancelled waiter must not cancel it
+            if self._stopping:
+                return
+            self.last_exit = code
+            why = "unhealthy" if self.state == "unhealthy" else _describe(code)
+            self.last_health = BackendHealth(False, why)
+            if not self._lease_ok():
+                log.warning("app %s: backend %s; lease gone, not restarting", self.app.name, why)
+                self.state = "stopped"
+                return
+            if opt.restart == "on-failure" and code == 0 and why != "unhealthy":
+                log.info("app %s: backend exited with 0; not restarting (on-failure)",
+                         self.app.name)
+                self.state = "exited"
+                return
+            if opt.restart == "never":
+                self._fail(f"backend {why} (restart=never)")
+                return
+            if time.monotonic() - child.started_at >= STABLE_AFTER:
+                self.restarts = 0
+            if not await self._restart(ctx, why):
+                return
+
+    async def _restart(self, ctx: Context, why: str) -> bool:
+        """Restart with back-off until it runs again; False when the node must step down."""
+        opt = self.option
+        while True:
+            if self.restarts >= opt.max_restarts:
+                self._fail(f"backend {why}; {self.restarts} restart(s) did not help")
+                return False
+            delay = min(opt.restart_backoff * 2 ** self.restarts, BACKOFF_CAP)
             self.restarts += 1
+            self.state = "restarting"
+            log.warning("app %s: backend %s while active; restart %d/%d in %.1fs",
+                        self.app.name, why, self.restarts, opt.max_restarts, delay)
             await asyncio.sleep(delay)
-            if not self._stopping:
-                await self._spawn(ctx)
-            return
-        log.error("app %s: backend keeps failing; stepping down", self.app.name)
-        self.platform.spawn(self.app.step_down(), f"{self.app.name}:backend-failed")
+            if self._stopping or not self._lease_ok():
+                return False
+            try:
+                await self._launch(ctx)
+                self._health_failures = 0
+                return True
+            except BackendError as exc:
+                why = exc.reason
+                log.warning("app %s: restart failed: %s", self.app.name, why)
+            except Exception as exc:  # e.g. out of file descriptors: still a failed restart
+                why = f"{type(exc).__name__}: {exc}"
+                log.exception("app %s: restart failed", self.app.name)
+
+    async def _monitor(self) -> None:
+        """Probe the health check every ``interval`` while running."""
+        check = self.option.health
+        assert check is not None and self._ctx is not None
+        env = fencing_env(self._ctx)
+        while not self._stopping:
+            await asyncio.sleep(check.interval)
+            child = self._child
+            if self.state != "running" or child is None or not child.running:
+                continue
+            result = await check.probe(env)
+            if self.state != "running":
+                continue
+            self.last_health = result
+            if result.healthy:
+                self._health_failures = 0
+                continue
+            self._health_failures += 1
+            log.warning("app %s: health check failed (%d/%d): %s", self.app.name,
+                        self._health_failures, check.failure_threshold, result.detail)
+            if self._health_failures >= check.failure_threshold:
+                self._health_failures = 0
+                self.state = "unhealthy"
+                await self._terminate(child, self.option.grace)  # _watch restarts by policy
+
+    def _fail(self, reason: str) -> None:
+        self.state = "failed"
+        log.error("app %s: %s; stepping down", self.app.name, reason)
+        rt = self._runtime()
+        if rt is not None:
+            rt.report_failure(self.stage, reason)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    async def _terminate(self, child: _Child, grace: float) -> None:
+        """Stop one run: SIGTERM, SIGKILL after ``grace``; the guard does it, with fallbacks."""
+        if child.running:
+            child.send(f"stop {grace:.3f}")
+            done, _ = await asyncio.wait({child.exit}, timeout=grace + 5.0)
+            if not done:  # the guard does not answer: kill it; the command dies with it
+                log.error("app %s: fence guard %d unresponsive; killing it", self.app.name,
+                          child.guard.pid)
+                for pid in (child.pid, child.guard.pid):
+                    if pid is not None:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(pid, signal.SIGKILL)
+                await asyncio.wait({child.exit}, timeout=5.0)
+        # Let the output pumps drain what the command wrote last, then drop them.
+        await asyncio.wait(child.tasks, timeout=1.0)
+        for t in child.tasks:
+            t.cancel()
+        child.writer.close()
 
     async def stop(self, ctx: Context) -> None:
-        """SIGTERM the group, SIGKILL after the grace period or at the lease deadline."""
+        """SIGTERM the process tree, SIGKILL after the grace period or near ``ctx.deadline``."""
         self._stopping = True
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        grace = ctx.remaining(self.option.grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        # The group may hold children that ignored SIGTERM.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for t in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
             t.cancel()
-        log.info("app %s: backend stopped (exit %s) at %.3f", self.app.name, proc.returncode,
-                 time.monotonic())
+        await asyncio.gather(*tasks, return_exceptions=True)
+        child = self._child
+        if child is not None:
+            self.state = "stopping"
+            grace = self.option.grace
+            if ctx.deadline is not None:  # the lease ends soon: be dead well before it does
+                grace = min(grace, max(0.0, ctx.deadline - time.monotonic()) / 2)
+            # Renewals still reach the guard meanwhile: a graceful stop may take its whole grace.
+            await self._terminate(child, grace)
+        rt = self._runtime()
+        if rt is not None and self._renewed in rt.lease_listeners:
+            rt.lease_listeners.remove(self._renewed)
+        if child is None:
+            self.state = "stopped"
+            return
+        if child.exit.done():
+            self.last_exit = child.exit.result()
+        self.state = "stopped"
+        self.last_health = BackendHealth(False, "stopped")
+        log.info("app %s: backend stopped (%s)", self.app.name,
+                 _describe(self.last_exit) if self.last_exit is not None else "not started")
+
+    # -- health ---------------------------------------------------------------------------
 
     async def health(self) -> BackendHealth:
-        """Healthy while the process runs."""
-        alive = self.proc is not None and self.proc.returncode is None
-        return BackendHealth(alive, "running" if alive else "not running")
+        """The last known health (cheap: the monitor task does the probing)."""
+        child = self._child
+        running = child is not None and child.running
+        data: dict[str, Any] = {
+            "state": self.state, "pid": child.pid if child and running else None,
+            "restarts": self.restarts, "last_exit": self.last_exit,
+        }
+        if not running:
+            return BackendHealth(False, self.last_health.detail or self.state, data)
+        return BackendHealth(self.state == "running" and self.last_health.healthy,
+                             self.last_health.detail, data)
+
+
+# -- the config-file section ----------------------------------------------------------------
+
+
+class HealthSection(BaseModel):
+    """``health:`` inside a ``process:`` section."""
+
+    model_config = {"extra": "forbid"}
+
+    http: str | None = None
+    tcp: str | None = None
+    command: str | list[str] | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+    start_timeout: float = 60.0
+    failure_threshold: int = 3
+
+
+class ProcessSection(BaseModel):
+    """The ``process:`` section of an app in a config file (the fields of `Process`)."""
+
+    model_config = {"extra": "forbid"}
+
+    command: str | list[str]
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    grace: float = 10.0
+    restart: str = "on-failure"
+    max_restarts: int = 3
+    restart_backoff: float = 1.0
+    health: HealthSection | None = None
+
+
+def process_from_section(section: ProcessSection) -> Process:
+    """Build the `Process` option of a validated ``process:`` section."""
+    health = HealthCheck(**section.health.model_dump()) if section.health is not None else None
+    return Process(section.command, env=section.env, cwd=section.cwd, grace=section.grace,
+                   restart=section.restart, max_restarts=section.max_restarts,
+                   restart_backoff=section.restart_backoff, health=health)
+
+
+# -- hooks ------------------------------------------------------------------------------------
 
 
 @hookimpl(trylast=True)
@@ -170,6 +544,12 @@ def pycluster_register_backends(registry: BackendRegistry) -> None:
 
 
 @hookimpl(trylast=True)
+def pycluster_config_sections(registry: ConfigRegistry) -> None:
+    """The ``process:`` section of an app."""
+    registry.add("process", ProcessSection, process_from_section)
+
+
+@hookimpl(trylast=True)
 def pycluster_claim_option(app: App, option: object) -> bool | None:
     """Claim `Process` options."""
     return True if isinstance(option, Process) else None
@@ -177,10 +557,10 @@ def pycluster_claim_option(app: App, option: object) -> bool | None:
 
 @hookimpl(trylast=True)
 def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> None:
-    """A BACKEND stage per `Process` option of the app."""
+    """A BACKEND stage per `Process` option of the app (``process-0``, ``process-1``, ...)."""
     for i, opt in enumerate(o for o in app.options if isinstance(o, Process)):
-        backend = ProcessBackend(opt, app, platform)
-        registry.add(Stage(
-            name=f"process-{i}", order=StageOrder.BACKEND, activate=backend.start,
-            deactivate=backend.stop, plugin="process", extra={"backend": backend},
-        ))
+        name = f"process-{i}"
+        backend = ProcessBackend(opt, app, platform, stage=name)
+        start = opt.health.start_timeout if opt.health is not None else 0.0
+        registry.add(backend_stage(name, backend, plugin="process",
+                                   timeout=max(start, opt.grace) + GUARD_START_TIMEOUT))

@@ -20,35 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from ..app import App
-from ..builtin.process import Process
 from ..errors import ConfigError
 from ..options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
 from ..platform import Platform
 from ..plugins import PluginManager
 from ..registry import ConfigRegistry
 from ..settings import AppConfig, load_settings
-
-
-class ProcessSection(BaseModel):
-    """The ``process:`` section of an app."""
-
-    model_config = {"extra": "forbid"}
-
-    command: str | list[str]
-    env: dict[str, str] = {}
-    cwd: str | None = None
-    grace: float = 10.0
-    max_restarts: int = 3
-    restart_backoff: float = 1.0
-
-
-def _process(section: ProcessSection) -> Process:
-    cmd = section.command if isinstance(section.command, str) else tuple(section.command)
-    return Process(cmd, env=section.env, cwd=section.cwd, grace=section.grace,
-                   max_restarts=section.max_restarts, restart_backoff=section.restart_backoff)
 
 
 def build_app(cfg: AppConfig, sections: ConfigRegistry) -> App:
@@ -90,8 +70,7 @@ def build_app(cfg: AppConfig, sections: ConfigRegistry) -> App:
 
 def _sections(pm: PluginManager) -> ConfigRegistry:
     reg = ConfigRegistry()
-    reg.add("process", ProcessSection, _process)
-    pm.hook.pycluster_config_sections(registry=reg)
+    pm.hook.pycluster_config_sections(registry=reg)  # "process" comes from the core plugin
     return reg
 
 

@@ -1,0 +1,229 @@
+"""systemd integration of ``pycluster run``: the notify protocol, without libsystemd.
+
+Under a ``Type=notify`` unit systemd passes ``NOTIFY_SOCKET`` (and, with ``WatchdogSec=``,
+``WATCHDOG_USEC``); `run_platform` then:
+
+* sends ``READY=1`` once the platform is connected, joined and its apps started (as standbys;
+  activation follows the election), so that ``systemctl start`` returns when the node is up;
+* sends ``STATUS=...`` on every role change ("prod/node-1: web active (epoch 7), db passive"),
+  shown by ``systemctl status``;
+* sends ``WATCHDOG=1`` at once after every lease renewal, and otherwise every quarter of the
+  watchdog interval while the event loop runs and no held lease is overdue. A node that is
+  paused (SIGSTOP, a frozen VM), deadlocked, blocked in a synchronous call, or whose lease loop
+  stalled stops pinging, and systemd kills it (``WatchdogSignal``, SIGABRT by default: Python's
+  fault handler, enabled here, writes every thread's traceback to the journal) and restarts it
+  (``Restart=on-failure``). Its process backends die with it (fence guard) and a standby takes
+  over when the lease expires. A node merely cut off from NATS keeps pinging: it fenced itself,
+  and restarting it would not help;
+* sends ``STOPPING=1`` when the platform leaves (after its apps stepped down).
+
+Without ``NOTIFY_SOCKET`` nothing is sent and `run_platform` is ``platform.run()``. A lost
+datagram (systemd restarting) is logged once and ignored: notification never blocks the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from .plugins import hookimpl
+
+if TYPE_CHECKING:
+    from .app import App
+    from .platform import Platform
+
+log = logging.getLogger("pycluster.sdnotify")
+
+__all__ = ["Notifier", "SystemdIntegration", "run_platform", "watchdog_interval"]
+
+
+class Notifier:
+    """Send sd_notify(3) datagrams to ``NOTIFY_SOCKET`` (a path, or ``@name`` for abstract).
+
+    Example::
+
+        n = Notifier()            # from the environment; disabled when not under systemd
+        n.send("READY=1", "STATUS=serving")
+    """
+
+    def __init__(self, address: str | None = None) -> None:
+        addr = os.environ.get("NOTIFY_SOCKET") if address is None else address
+        self.address: str | None = None
+        if addr:
+            self.address = "\0" + addr[1:] if addr.startswith("@") else addr
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is a socket to notify."""
+        return self.address is not None
+
+    def send(self, *fields: str) -> bool:
+        """Send ``KEY=VALUE`` fields in one datagram; False when disabled or it failed."""
+        if self.address is None:
+            return False
+        msg = "\n".join(f.replace("\n", " ") for f in fields).encode()
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto(msg, self.address)
+            return True
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("systemd notify to %r failed: %s", self.address, exc)
+            return False
+
+    def ready(self, status: str = "") -> bool:
+        """``READY=1`` (with a status line)."""
+        return self.send("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def status(self, text: str) -> bool:
+        """``STATUS=...``."""
+        return self.send(f"STATUS={text}")
+
+    def stopping(self, status: str = "") -> bool:
+        """``STOPPING=1``."""
+        return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
+
+    def watchdog(self) -> bool:
+        """``WATCHDOG=1``."""
+        return self.send("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval() -> float | None:
+    """Seconds of ``WatchdogSec=`` for this process (``WATCHDOG_USEC``), or None."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    try:
+        seconds = int(usec) / 1e6
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None
+
+
+class SystemdIntegration:
+    """The plugin (status lines on role changes) and the watchdog of one platform."""
+
+    def __init__(self, platform: Platform, notifier: Notifier,
+                 interval: float | None = None) -> None:
+        self.platform = platform
+        self.notifier = notifier
+        self.interval = interval
+        self.pings = 0
+        self._last_ping = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def summary(self) -> str:
+        """One status line: platform/node and each app's role (and epoch when active)."""
+        p = self.platform
+        parts = []
+        for name, app in p.apps.items():
+            role = app.role.value
+            parts.append(f"{name} {role}" + (f" (epoch {app.epoch})" if app.is_active else ""))
+        return f"{p.name}/{p.node_id}: " + (", ".join(parts) or "no apps")
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    @hookimpl
+    def pycluster_role_changed(self, app: App, role: str, epoch: int | None,
+                               leader: str | None) -> None:
+        """STATUS= on every role change."""
+        self.notifier.status(self.summary())
+
+    @hookimpl
+    def pycluster_platform_stopping(self, platform: Platform) -> None:
+        """STOPPING=1 once the apps stepped down."""
+        self.notifier.stopping(f"{platform.name}/{platform.node_id}: leaving")
+
+    # -- the watchdog -------------------------------------------------------------------------
+
+    def stalled(self) -> str | None:
+        """Why the node must not ping now (a held lease past its end), or None."""
+        now = time.monotonic()
+        tolerance = max(1.0, (self.interval or 0) / 4)
+        for name, rt in self.platform.runtimes.items():
+            deadline = rt.lease_deadline()
+            if deadline is not None and now > deadline + tolerance:
+                return f"app {name}: lease loop stalled {now - deadline:.1f}s past its deadline"
+        return None
+
+    def ping(self) -> None:
+        """Send WATCHDOG=1 unless stalled (rate-limited to a tenth of the interval)."""
+        if self.interval is None:
+            return
+        now = time.monotonic()
+        if now - self._last_ping < self.interval / 10:
+            return
+        why = self.stalled()
+        if why is not None:
+            log.error("not pinging the systemd watchdog: %s", why)
+            return
+        if self.notifier.watchdog():
+            self._last_ping = now
+            self.pings += 1
+
+    def _renewed(self, deadline: float) -> None:
+        self.ping()
+
+    def attach(self) -> None:
+        """Follow lease renewals and start the watchdog loop (after the platform started)."""
+        for rt in self.platform.runtimes.values():
+            rt.lease_listeners.append(self._renewed)
+        if self.interval is not None and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="sdnotify:watchdog")
+
+    async def _loop(self) -> None:
+        assert self.interval is not None
+        while True:
+            self.ping()
+            await asyncio.sleep(self.interval / 4)
+
+    async def detach(self) -> None:
+        """Stop the watchdog loop."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def run_platform(platform: Platform) -> None:
+    """``platform.run()``, speaking systemd's notify protocol when ``NOTIFY_SOCKET`` is set."""
+    notifier = Notifier()
+    if not notifier.enabled:
+        await platform.run()
+        return
+    interval = watchdog_interval()
+    if interval is not None:
+        faulthandler.enable(file=sys.stderr, all_threads=True)  # a watchdog SIGABRT explains
+    integration = SystemdIntegration(platform, notifier, interval)
+    platform.pm.register(integration, name="sdnotify")
+    notifier.status(f"{platform.name}/{platform.node_id}: starting")
+    try:
+        await platform.start()
+        integration.attach()
+        notifier.ready(integration.summary())
+        log.info("systemd: READY sent%s", f"; watchdog every {interval / 4:.1f}s"
+                 if interval else "")
+        await platform.run()  # started already: waits for SIGTERM/SIGINT, then leaves
+    finally:
+        await integration.detach()
+        notifier.close()
