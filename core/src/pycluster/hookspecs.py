@@ -172,7 +172,9 @@ def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> N
     Called once per app when the platform starts it. Each stage has an ``order`` (see
     `pycluster.registry.StageOrder`), async ``activate(ctx)`` / ``deactivate(ctx)`` and a timeout.
     Becoming active runs stages in ascending order; stepping down runs the activated ones in
-    reverse. A stage that fails or times out makes the node undo what ran, step down and back off.
+    reverse. A stage that fails or times out is handled by its ``on_failure`` policy
+    (`pycluster.registry.FailurePolicy`): by default the node undoes what ran, steps down and
+    backs off; ``RETRY`` re-runs the stage first; ``CONTINUE`` carries on (optional stages).
 
     :param app: the app whose sequence is being built.
     :param platform: its platform.
