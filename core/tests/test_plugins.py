@@ -107,3 +107,14 @@ def test_plugins_command_lists_json() -> None:
     assert all({"distribution", "version", "hooks", "status"} <= set(r) for r in rows)
     text = CliRunner().invoke(cli, ["plugins"], obj=pm)
     assert "election" in text.output and "pycluster-core" in text.output
+
+
+def test_hooks_reference_is_current() -> None:
+    """docs/hooks.md is generated from the hook specs; regenerate it when a hook changes:
+    ``pycluster hooks --output markdown > docs/hooks.md``."""
+    from pathlib import Path
+
+    from pycluster.hookdoc import render_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "hooks.md"
+    assert doc.read_text() == render_markdown(), "docs/hooks.md is stale: regenerate it"

@@ -374,7 +374,8 @@ class Platform:
             self.spawn(call_notify(pending, self.settings.hook_timeout, what), what)
 
     def transition(self, app: App, role: str, epoch: int | None, reason: str) -> None:
-        """Record a transition (logged; membership refreshed so others see it at once)."""
+        """Record a transition: logged, audited, measured (the core services' ``transition``),
+        and the membership record refreshed so others see it at once. Cheap: no I/O here."""
         log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
         if self.membership is not None:
             self.spawn(self.membership.publish_now(), "membership:publish")

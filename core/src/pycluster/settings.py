@@ -89,7 +89,8 @@ class PlatformSettings(BaseSettings):
     health_step_down: bool = False
     audit: bool = True
     audit_retention: float = 30 * 86400.0
-    audit_max_bytes: int = 256 * 1024 * 1024
+    audit_max_bytes: int = 0  # 0: no byte limit (a byte limit reserves JetStream storage)
+    audit_max_msgs: int = 1_000_000
     audit_buffer: int = 10_000
     metrics: bool = True
     tracing: bool = True
@@ -141,7 +142,7 @@ class PlatformSettings(BaseSettings):
             raise ValueError("must be at least 1")
         return v
 
-    @field_validator("health_breaker_threshold", "audit_max_bytes")
+    @field_validator("health_breaker_threshold", "audit_max_bytes", "audit_max_msgs")
     @classmethod
     def _not_negative(cls, v: int) -> int:
         if v < 0:
