@@ -40,10 +40,12 @@ Contract (what the coordinator relies on):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import shlex
 import signal
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -62,6 +64,7 @@ __all__ = [
     "BackendError",
     "BackendHealth",
     "HealthCheck",
+    "RestartPolicy",
     "backend_stage",
     "backends_of",
     "expand",
@@ -164,6 +167,50 @@ def expand(args: Iterable[str], ctx: Context) -> list[str]:
             arg = arg.replace(token, value)
         out.append(arg)
     return out
+
+
+# -- restarts while active ----------------------------------------------------------------------
+
+
+class RestartPolicy:
+    """At most ``max_restarts`` restarts within ``window`` seconds, with doubling back-off.
+
+    For a backend that supervises its service while active: on each failure ask `next_delay`,
+    sleep that long and restart, or step down (``report_failure``) when it answers None.
+
+    Example::
+
+        policy = RestartPolicy(max_restarts=3, backoff=1.0, window=300.0)
+        delay = policy.next_delay()  # 1.0, then 2.0, 4.0, then None within 300 s
+
+    :param max_restarts: restarts allowed within ``window``.
+    :param backoff: the first delay in seconds (doubles with each restart in the window).
+    :param window: seconds over which restarts are counted.
+    :ivar total: restarts made since the backend was created (for metrics).
+    """
+
+    def __init__(self, max_restarts: int, backoff: float, window: float) -> None:
+        self.max_restarts = max_restarts
+        self.backoff = backoff
+        self.window = window
+        self.times: collections.deque[float] = collections.deque()
+        self.total = 0
+
+    def next_delay(self) -> float | None:
+        """Record a restart and return its delay, or None when the policy is exhausted."""
+        now = time.monotonic()
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        if len(self.times) >= self.max_restarts:
+            return None
+        delay: float = self.backoff * 2.0 ** len(self.times)
+        self.times.append(now)
+        self.total += 1
+        return delay
+
+    def reset(self) -> None:
+        """Forget past restarts (a fresh activation)."""
+        self.times.clear()
 
 
 # -- health checks ------------------------------------------------------------------------------

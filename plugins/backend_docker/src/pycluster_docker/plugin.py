@@ -13,10 +13,10 @@ backend).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pycluster.backend import backend_stage
+from pycluster.pluginkit import BackendCollector, backend_health_check, claim_with_health_check
 from pycluster.plugins import hookimpl
 from pycluster.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
@@ -70,30 +70,13 @@ def _index(app: App, option: Docker) -> int:
     return [o for o in app.options if isinstance(o, Docker)].index(option)
 
 
-def _health_check(option: Docker) -> Any:
-    async def check() -> dict[str, Any]:
-        backend = option._backend
-        if backend is None or not backend.running:
-            return {"state": "standby"}  # nothing to check where the container does not run
-        # The backend's supervisor probes every check_interval; reuse its last answer.
-        h = backend.last_health or await backend.health()
-        if not h.healthy:
-            raise RuntimeError(f"container {backend.name} is {h.detail}")
-        return {"state": h.detail, **h.data}
-
-    return check
-
-
 @hookimpl
 def pycluster_claim_option(app: App, option: object) -> bool | None:
     """Claim `Docker` options; the container's health becomes an app health check."""
-    if not isinstance(option, Docker):
-        return None
-    name = f"docker-{_index(app, option)}"
-    if name not in app.health.specs:
-        app.health.register(name, _health_check(option), interval=option.check_interval,
-                            timeout=30.0)
-    return True
+    return claim_with_health_check(
+        app, option, Docker, lambda a, o: f"docker-{_index(a, o)}",
+        lambda o: backend_health_check(lambda: o._backend, lambda b: f"container {b.name}"),
+        timeout=30.0)
 
 
 @hookimpl
@@ -128,37 +111,16 @@ def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
     }, plugin=PLUGIN)
 
 
-class _Collector:
-    """Scrape-time metrics of the platform's `Docker` backends."""
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        healthy = GaugeMetricFamily("pycluster_docker_container_healthy",
-                                    "1 when the container was healthy at its last check, else 0",
-                                    labels=["app", "container"])
-        restarts = CounterMetricFamily("pycluster_docker_restarts",
-                                       "Restarts of dead or unhealthy containers by the backend",
-                                       labels=["app", "container"])
-        for app in self.platform.apps.values():
-            for opt in (o for o in app.options if isinstance(o, Docker)):
-                b = opt._backend
-                if b is None:
-                    continue
-                restarts.add_metric([app.name, b.name], b.policy.total)
-                if b.running and b.last_health is not None:
-                    healthy.add_metric([app.name, b.name], 1.0 if b.last_health.healthy else 0.0)
-        yield healthy
-        yield restarts
-
-
 @hookimpl
 def pycluster_register_metrics(registry: CollectorRegistry, platform: Platform) -> None:
     """``pycluster_docker_container_healthy`` and ``pycluster_docker_restarts_total``."""
-    registry.register(_Collector(platform))  # type: ignore[arg-type]
+    registry.register(BackendCollector(
+        platform, Docker, label="container", label_of=lambda opt, b: b.name,
+        healthy=("pycluster_docker_container_healthy",
+                 "1 when the container was healthy at its last check, else 0"),
+        restarts=("pycluster_docker_restarts",
+                  "Restarts of dead or unhealthy containers by the backend"),
+    ))
 
 
 @hookimpl

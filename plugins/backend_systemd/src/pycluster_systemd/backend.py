@@ -26,13 +26,12 @@ Behaviour:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from pycluster.backend import BackendError, BackendHealth
+from pycluster.backend import BackendError, BackendHealth, RestartPolicy
 from pycluster.context import Context
 
 if TYPE_CHECKING:
@@ -66,33 +65,6 @@ class SystemdUnitError(BackendError):
             text += "\n  recent journal:\n    " + "\n    ".join(self.journal)
         super().__init__(app, f"systemd unit {unit}", text)
         self.reason = reason
-
-
-class RestartPolicy:
-    """At most ``max_restarts`` restarts within ``window`` seconds, with doubling back-off."""
-
-    def __init__(self, max_restarts: int, backoff: float, window: float) -> None:
-        self.max_restarts = max_restarts
-        self.backoff = backoff
-        self.window = window
-        self.times: collections.deque[float] = collections.deque()
-        self.total = 0
-
-    def next_delay(self) -> float | None:
-        """Record a restart and return its delay, or None when the policy is exhausted."""
-        now = time.monotonic()
-        while self.times and now - self.times[0] > self.window:
-            self.times.popleft()
-        if len(self.times) >= self.max_restarts:
-            return None
-        delay: float = self.backoff * 2.0 ** len(self.times)
-        self.times.append(now)
-        self.total += 1
-        return delay
-
-    def reset(self) -> None:
-        """Forget past restarts (a fresh activation)."""
-        self.times.clear()
 
 
 class SystemdBackend:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pycluster.backend import backend_stage
+from pycluster.pluginkit import BackendCollector, backend_health_check, claim_with_health_check
 from pycluster.plugins import hookimpl
 from pycluster.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
@@ -70,30 +70,13 @@ def check_name(option: Systemd) -> str:
     return "systemd-" + re.sub(r"[^A-Za-z0-9_-]", "_", option.unit)
 
 
-def _health_check(option: Systemd) -> Any:
-    async def check() -> dict[str, Any]:
-        backend = option._backend
-        if backend is None or not backend.running:
-            return {"state": "standby"}  # nothing to check where the unit does not run
-        # The backend's supervisor probes every check_interval; reuse its last answer.
-        h = backend.last_health or await backend.health()
-        if not h.healthy:
-            raise RuntimeError(f"unit {option.unit} is {h.detail}")
-        return {"state": h.detail, **h.data}
-
-    return check
-
-
 @hookimpl
 def pycluster_claim_option(app: App, option: object) -> bool | None:
     """Claim `Systemd` options; the unit's health becomes an app health check."""
-    if not isinstance(option, Systemd):
-        return None
-    name = check_name(option)
-    if name not in app.health.specs:
-        app.health.register(name, _health_check(option), interval=option.check_interval,
-                            timeout=30.0)
-    return True
+    return claim_with_health_check(
+        app, option, Systemd, lambda a, o: check_name(o),
+        lambda o: backend_health_check(lambda: o._backend, lambda b: f"unit {o.unit}"),
+        timeout=30.0)
 
 
 @hookimpl
@@ -125,37 +108,15 @@ def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
     }, plugin=PLUGIN)
 
 
-class _Collector:
-    """Scrape-time metrics of the platform's `Systemd` backends."""
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        healthy = GaugeMetricFamily("pycluster_systemd_unit_healthy",
-                                    "1 when the unit was active at its last check, else 0",
-                                    labels=["app", "unit"])
-        restarts = CounterMetricFamily("pycluster_systemd_restarts",
-                                       "Restarts of failed units by the backend",
-                                       labels=["app", "unit"])
-        for app in self.platform.apps.values():
-            for opt in (o for o in app.options if isinstance(o, Systemd)):
-                b = opt._backend
-                if b is None:
-                    continue
-                restarts.add_metric([app.name, opt.unit], b.policy.total)
-                if b.running and b.last_health is not None:
-                    healthy.add_metric([app.name, opt.unit], 1.0 if b.last_health.healthy else 0.0)
-        yield healthy
-        yield restarts
-
-
 @hookimpl
 def pycluster_register_metrics(registry: CollectorRegistry, platform: Platform) -> None:
     """``pycluster_systemd_unit_healthy`` and ``pycluster_systemd_restarts_total``."""
-    registry.register(_Collector(platform))  # type: ignore[arg-type]
+    registry.register(BackendCollector(
+        platform, Systemd, label="unit", label_of=lambda opt, b: opt.unit,
+        healthy=("pycluster_systemd_unit_healthy",
+                 "1 when the unit was active at its last check, else 0"),
+        restarts=("pycluster_systemd_restarts", "Restarts of failed units by the backend"),
+    ))
 
 
 @hookimpl

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pycluster.pluginkit import claim_with_health_check
 from pycluster.plugins import hookimpl
 from pycluster.registry import ConfigRegistry, OptionRegistry, Stage, StageOrder, StageRegistry
 
@@ -98,13 +99,8 @@ def _health_check(option: VIP) -> Any:
 @hookimpl
 def pycluster_claim_option(app: App, option: object) -> bool | None:
     """Claim `VIP` options; the address's check becomes an app health check."""
-    if not isinstance(option, VIP):
-        return None
-    name = check_name(option)
-    if name not in app.health.specs:
-        app.health.register(name, _health_check(option), interval=option.check_interval,
-                            timeout=10.0)
-    return True
+    return claim_with_health_check(app, option, VIP, lambda a, o: check_name(o), _health_check,
+                                   timeout=10.0)
 
 
 @hookimpl
