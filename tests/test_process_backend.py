@@ -493,3 +493,32 @@ async def test_fencing_env_and_expand(make_platform: Any) -> None:
         "--token=42", "svc@n1", "${HOME}", "{other}"]
     assert BackendHealth(True).detail == ""
     assert os.environ.get("PYCLUSTER_EPOCH") is None
+
+
+async def test_backend_health_feeds_app_health_and_metrics(make_platform: Any,
+                                                          tmp_path: Path) -> None:
+    """The process backend's state is app health check ``process-0`` on every node, and so
+    the ``pycluster_health{check}`` gauge: healthy while the command runs, unhealthy once it
+    is gone and cannot be restarted, "standby" where the app is not active."""
+    flag = tmp_path / "up"
+    flag.write_text("1")
+    app = App("svc", Singleton(), Process(
+        ["sh", "-c", "exec sleep 600"], max_restarts=0,
+        health=HealthCheck(command=["test", "-e", str(flag)], interval=0.2,
+                           failure_threshold=1)))
+    platform = await make_platform("n1", app)
+    await wait_for(lambda: app.is_active, 15)
+
+    def check() -> dict[str, Any]:
+        return app.health.status().get("svc.process-0", {})
+
+    await wait_for(lambda: check().get("status") == "healthy", 15)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = platform.services["metrics"].render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = [s for s in families["pycluster_health"].samples
+               if s.labels.get("check") == "svc.process-0"]
+    assert samples and samples[0].value == 1.0
+    flag.unlink()  # the service stops answering its health check
+    await wait_for(lambda: check().get("status") == "unhealthy", 15)

@@ -39,14 +39,22 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from .. import fenceguard
-from ..backend import BackendError, BackendHealth, HealthCheck, backend_stage, expand, fencing_env
+from ..backend import (
+    BackendError,
+    BackendHealth,
+    HealthCheck,
+    backend_stage,
+    backends_of,
+    expand,
+    fencing_env,
+)
 from ..context import Context
 from ..errors import ConfigError
 from ..plugins import hookimpl
@@ -551,8 +559,34 @@ def pycluster_config_sections(registry: ConfigRegistry) -> None:
 
 @hookimpl(trylast=True)
 def pycluster_claim_option(app: App, option: object) -> bool | None:
-    """Claim `Process` options."""
-    return True if isinstance(option, Process) else None
+    """Claim `Process` options; each backend's health becomes app health check
+    ``process-N`` (and so the ``pycluster_health{check}`` metric)."""
+    if not isinstance(option, Process):
+        return None
+    index = next(i for i, o in enumerate(
+        o for o in app.options if isinstance(o, Process)) if o is option)
+    name = f"process-{index}"
+    if name not in app.health.specs:
+        interval = option.health.interval if option.health is not None else 5.0
+        app.health.register(name, _backend_check(app, name), interval=interval, timeout=10.0)
+    return True
+
+
+def _backend_check(app: App, stage: str) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The app health check of the backend behind stage ``stage`` on this node."""
+
+    async def check() -> dict[str, Any]:
+        rt = app._runtime
+        backend = next((b for s, b in backends_of(rt.stages) if s.name == stage), None) \
+            if rt is not None else None
+        if not isinstance(backend, ProcessBackend) or backend.state == "stopped":
+            return {"state": "standby"}  # nothing runs here to check
+        h = await backend.health()
+        if not h.healthy:
+            raise RuntimeError(f"{stage} ({app.name}) is {h.detail}")
+        return {"state": h.detail, **h.data}
+
+    return check
 
 
 @hookimpl(trylast=True)
