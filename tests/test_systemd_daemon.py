@@ -80,6 +80,12 @@ def _home_paths() -> bool:
     return any(str(p).startswith(("/root/", "/home/")) for p in (REPO, Path(site)))
 
 
+def _tmp_paths() -> bool:
+    """Whether the venv or the repository lives where PrivateTmp= hides it."""
+    _, site, _, _ = _python()
+    return any(str(p).startswith(("/tmp/", "/var/tmp/")) for p in (REPO, Path(site)))
+
+
 class Node:
     """The pycluster@test unit in the container."""
 
@@ -183,9 +189,11 @@ def install(sd: SystemdContainer) -> None:
     sd.write_file("/etc/pycluster/test.env",
                   f"PYCLUSTER_NATS_SERVER={Path(site).parents[2]}/bin/nats-server\n", 0o640)
     sd.write_file("/etc/systemd/system/pycluster@.service", UNIT.read_text())
-    # Only if this checkout lives under /root or /home: let the node read it there.
+    # Only if this checkout lives under /root or /home: let the node read it there; likewise
+    # PrivateTmp= hides a checkout (or venv) under /tmp, where CI may clone the repository.
     home = "ProtectHome=read-only\n" if _home_paths() else ""
-    sd.write_file("/etc/systemd/system/pycluster@test.service.d/test.conf", DROP_IN + home)
+    tmp = "PrivateTmp=no\n" if _tmp_paths() else ""
+    sd.write_file("/etc/systemd/system/pycluster@test.service.d/test.conf", DROP_IN + home + tmp)
     sd.systemctl("daemon-reload")
 
 
@@ -220,7 +228,8 @@ def test_ready_and_status_under_a_notify_unit(node: Node) -> None:
     assert node.read(f"{DATA}/etc") == "ro"
     hard = node.show("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp")
     assert hard == {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
-                    "ProtectHome": "read-only" if _home_paths() else "yes", "PrivateTmp": "yes"}
+                    "ProtectHome": "read-only" if _home_paths() else "yes",
+                    "PrivateTmp": "no" if _tmp_paths() else "yes"}
 
 
 def test_watchdog_kills_a_stuck_node_and_systemd_restarts_it(node: Node) -> None:
