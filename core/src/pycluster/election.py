@@ -301,12 +301,17 @@ class LeaseElection:
                 await sub.unsubscribe()
 
     async def _sleep(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, waking early on a watch event or a step-down request."""
+        """Sleep up to ``seconds``, waking early on a watch event or a step-down request.
+
+        The event is cleared by the callers *before* they read the state they decide on, never
+        here: an event that arrived while they were reading must cut this sleep short (clearing
+        here lost a lease deletion seen mid-read, and a standby then slept a whole poll).
+        """
         if seconds <= 0:
             return
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -336,6 +341,7 @@ class LeaseElection:
 
     async def _follow(self) -> None:
         """One round as a non-holder: read every key, adopt/observe, maybe campaign, wait."""
+        self._wake.clear()  # before reading: a change during the reads wakes the sleep below
         vacant: list[tuple[str, nu.LastMsg | None]] = []
         observed: tuple[str | None, int | None, str | None] = (None, None, None)
         try:
@@ -453,6 +459,7 @@ class LeaseElection:
         epoch = self._epoch or 0
         next_renew = self._deadline + self.fence_margin - self.lease_ttl + self.heartbeat_interval
         while not self._stopping:
+            self._wake.clear()  # before the checks: a step-down request after them wakes us
             now = time.monotonic()
             if now >= self._deadline:
                 self._drop_lease()

@@ -153,11 +153,12 @@ class Membership:
 
     async def _heartbeat(self) -> None:
         while not self._stopped:
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat)
+                async with asyncio.timeout(self.heartbeat):
+                    await self._wake.wait()
             if self._stopped:
                 return
+            self._wake.clear()  # before encoding: a change from now on triggers another refresh
             try:
                 self._rev = await nu.cas_publish(
                     self._js, self.bucket, self.key, self._encode(), expected_seq=self._rev,
