@@ -208,3 +208,19 @@ async def test_spread_is_active_everywhere_eligible(make_platform: Any) -> None:
     await make_platform("c1", apps[2], labels={"tier": "core"})
     await wait_for(lambda: apps[0].is_active and apps[1].is_active, 10)
     assert not apps[2].is_active and apps[2].role.value == "stopped"
+
+
+async def test_repeated_step_downs_always_hand_over(make_platform: Any) -> None:
+    """The standby takes every handover, never the node in its cooldown (a lost wake-up once
+    let the old leader win again when the delete arrived during the standby's read)."""
+    a, b = App("svc"), App("svc")
+    await make_platform("a", a)
+    await make_platform("b", b)
+    await wait_for(lambda: a.is_leader or b.is_leader, 10)
+    for _ in range(15):
+        cur, other = (a, b) if a.is_leader else (b, a)
+        epoch = cur.epoch or 0
+        await cur.step_down()
+        await wait_for(lambda other=other: other.is_leader, 5)
+        assert (other.epoch or 0) > epoch and not cur.is_leader
+        await asyncio.sleep(0.6)  # let the old leader's cooldown (one heartbeat) pass
