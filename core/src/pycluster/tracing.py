@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -68,11 +69,13 @@ def get_tracer() -> trace.Tracer:
     return _TRACER[1]
 
 
+_NON_RECORDING = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
 def recording() -> bool:
     """Whether an SDK tracer provider is installed (without one, spans are skipped outright:
     the API's no-op spans would cost time and record nothing)."""
-    return not isinstance(trace.get_tracer_provider(),
-                          trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return not isinstance(trace.get_tracer_provider(), _NON_RECORDING)
 
 
 def tracing_enabled(platform: Platform | None) -> bool:
@@ -86,9 +89,10 @@ def inject(headers: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Write the current trace context into ``headers`` (W3C ``traceparent``, ``tracestate``,
     ``baggage``) and return them; a no-op without an active recording span."""
     out: dict[str, str] = dict(headers or {})
-    propagate.inject(out)
-    if headers is not None:
-        headers.update(out)
+    if otel_context.get_current():  # an empty context carries nothing to inject
+        propagate.inject(out)
+        if headers is not None:
+            headers.update(out)
     return out
 
 
@@ -157,6 +161,19 @@ def span(
             sp.record_exception(exc)
             sp.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             raise
+
+
+_CORRELATION: ContextVar[str | None] | None = None
+
+
+def _correlation_var() -> ContextVar[str | None]:
+    """The audit module's correlation-id variable (imported on first use, as before)."""
+    global _CORRELATION
+    if _CORRELATION is None:
+        from .audit import _correlation
+
+        _CORRELATION = _correlation
+    return _CORRELATION
 
 
 _OPEN_SPAN = "_pycluster_transition_span"
@@ -279,12 +296,33 @@ class ObservabilityMiddleware:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
+        # Histogram children per (app, method), so a call does not pay prometheus' labels()
+        # lookup; they belong to one metrics service (reset when it is replaced).
+        self._metrics_of: Any = None
+        self._client_hist: dict[tuple[str, str], Any] = {}
+        self._server_hist: dict[tuple[str, str], Any] = {}
 
     def _metrics(self) -> Any:
         return self.platform.services.get("metrics")
 
     def _tracing(self) -> bool:
         return tracing_enabled(self.platform) and recording()
+
+    def _hist(self, m: Any, server: bool, app: str, method: str) -> Any:
+        """The duration histogram's child of ``(app, method)`` (cached)."""
+        if m is not self._metrics_of:
+            self._metrics_of = m
+            self._client_hist.clear()
+            self._server_hist.clear()
+        cache = self._server_hist if server else self._client_hist
+        key = (app, method)
+        child = cache.get(key)
+        if child is None:
+            if len(cache) >= 4096:  # bounded: method names come from callers
+                cache.clear()
+            metric = m.rpc_duration if server else m.rpc_client_duration
+            child = cache[key] = metric.labels(app, method)
+        return child
 
     @staticmethod
     def _rpc_attrs(kind: str, app: str, method: str) -> dict[str, Any]:
@@ -296,7 +334,8 @@ class ObservabilityMiddleware:
         started = time.monotonic()
         try:
             if not self._tracing():
-                inject(call.headers)  # an upstream context (if any) passes through
+                if otel_context.get_current():  # an upstream context passes through
+                    inject(call.headers)
                 return await call_next(call)
             attrs = self._rpc_attrs(call.kind, call.app, call.method)
             attrs["pycluster.route"] = call.route
@@ -317,40 +356,44 @@ class ObservabilityMiddleware:
         finally:
             m = self._metrics()
             if m is not None:
-                m.rpc_client_duration.labels(call.app, call.method).observe(
-                    time.monotonic() - started)
+                self._hist(m, False, call.app, call.method).observe(time.monotonic() - started)
 
     async def on_request(self, request: Any, call_next: Any) -> Any:
         """Around a served request."""
-        from .audit import correlation
-
         started = time.monotonic()
+        # The request id is the correlation id of audit entries the handler writes (set and
+        # reset directly: cheaper than the `correlation` context manager, same effect).
+        var = _correlation_var()
+        cid = request.request_id or None
+        token = var.set(cid) if cid is not None or var.get() is not None else None
         try:
-            with correlation(request.request_id or None):
-                if not self._tracing():
-                    if request.headers and "traceparent" in request.headers:
-                        token = otel_context.attach(extract(request.headers))
-                        try:
-                            return await call_next(request)
-                        finally:
-                            otel_context.detach(token)
-                    return await call_next(request)
-                attrs = self._rpc_attrs(request.kind, request.app, request.method)
-                attrs["pycluster.client_node"] = request.source_node
-                attrs["pycluster.request_id"] = request.request_id
-                with span(f"{request.app}/{request.method}", platform=self.platform,
-                          kind=SpanKind.SERVER, attributes=attrs,
-                          context=extract(request.headers)):
-                    return await call_next(request)
+            if not self._tracing():
+                headers = request.headers
+                if headers and "traceparent" in headers:
+                    ctx_token = otel_context.attach(extract(headers))
+                    try:
+                        return await call_next(request)
+                    finally:
+                        otel_context.detach(ctx_token)
+                return await call_next(request)
+            attrs = self._rpc_attrs(request.kind, request.app, request.method)
+            attrs["pycluster.client_node"] = request.source_node
+            attrs["pycluster.request_id"] = request.request_id
+            with span(f"{request.app}/{request.method}", platform=self.platform,
+                      kind=SpanKind.SERVER, attributes=attrs,
+                      context=extract(request.headers)):
+                return await call_next(request)
         except BaseException as exc:
             m = self._metrics()
             if m is not None and not isinstance(exc, asyncio.CancelledError):
                 m.rpc_errors.labels(request.app, request.method, "server").inc()
             raise
         finally:
+            if token is not None:
+                var.reset(token)
             m = self._metrics()
             if m is not None:
-                m.rpc_duration.labels(request.app, request.method).observe(
+                self._hist(m, True, request.app, request.method).observe(
                     time.monotonic() - started)
 
     @staticmethod
