@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "core" / "src"))
 import nats  # noqa: E402
 import nats.js.errors  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
+
 from pycluster import natsutil  # noqa: E402
 from pycluster.kv import AppKV  # noqa: E402
 from pycluster.locks import LockService  # noqa: E402

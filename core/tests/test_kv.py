@@ -17,6 +17,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+
 from pycluster.errors import (
     InvalidNameError,
     KeyExistsError,

@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats
-import pycluster
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+
+import pycluster
 from pycluster import natsutil
 from pycluster.errors import InvalidNameError, LockLostError, LockTimeoutError
 from pycluster.kv import AppKV

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from pycluster.testing.netns import NetNamespaces, netns_available
 from pycluster.testing.podman import (
     PodmanService,
