@@ -33,8 +33,9 @@ Contract (what the coordinator relies on):
   ``platform.runtimes[app.name].report_failure(stage_name, reason)``: the node steps down (with
   back-off) so that a standby takes over.
 * A backend must never outlive its node's lease. The process backend guarantees it with a fence
-  guard (`pycluster.fenceguard`); a remote backend (a unit, a container) should at least pass the
-  epoch along so that the service itself can fence.
+  guard (`pycluster.fenceguard`); a backend the node does not run itself (a unit, a container)
+  starts a `LeaseFence` once the service runs — a guard in fence-action mode that stops the
+  service when the node dies or stops renewing — and releases it first on a graceful stop.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
+import logging
 import os
 import shlex
 import signal
+import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -53,22 +58,32 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from . import fenceguard
 from .context import Context
 from .errors import ConfigError, PyclusterError
 
 if TYPE_CHECKING:
+    from .coordinator import AppRuntime
+    from .platform import Platform
     from .registry import Stage
+
+log = logging.getLogger("pycluster.backend")
+
+FENCE_START_TIMEOUT = 30.0  # seconds for a fence guard to report it is armed (loaded hosts)
 
 __all__ = [
     "Backend",
     "BackendError",
     "BackendHealth",
     "HealthCheck",
+    "LeaseFence",
     "RestartPolicy",
     "backend_stage",
     "backends_of",
     "expand",
     "fencing_env",
+    "guard_argv",
+    "guard_deadlines",
 ]
 
 
@@ -407,3 +422,176 @@ def backend_stage(
 def backends_of(stages: Iterable[Stage]) -> list[tuple[Stage, Backend]]:
     """The ``(stage, backend)`` pairs among an app's stages (e.g. ``runtime.stages``)."""
     return [(s, s.extra["backend"]) for s in stages if "backend" in s.extra]
+
+
+# -- the fence guard: a backend never outlives the lease ----------------------------------------
+
+
+def guard_deadlines(rt: AppRuntime | None, deadline: float | None) -> tuple[float, float] | None:
+    """(TERM_AT, KILL_AT) for a fence guard from a local lease deadline: the guard starts to
+    stop the service ``fence_margin`` before the deadline and is done at it (None: no lease).
+
+    :param rt: the app's runtime (its ``fence_margin``).
+    :param deadline: the local lease deadline (monotonic), as given to ``lease_listeners``.
+    """
+    if deadline is None or rt is None:
+        return None
+    return deadline - rt.fence_margin, deadline
+
+
+def guard_deadline_line(deadlines: tuple[float, float]) -> str:
+    """The control-socket command that hands new deadlines to a guard.
+
+    :param deadlines: (TERM_AT, KILL_AT) from `guard_deadlines`.
+    """
+    return f"deadline {deadlines[0]:.6f} {deadlines[1]:.6f}"
+
+
+def guard_argv(control_fd: int, label: str, deadlines: tuple[float, float] | None,
+               *extra: str) -> list[str]:
+    """The command line of a fence guard (``python -I -S fenceguard.py ...``).
+
+    :param control_fd: the guard's end of the control socket (pass it with ``pass_fds``).
+    :param label: the name in the guard's diagnostics (the app).
+    :param deadlines: the initial (TERM_AT, KILL_AT), or None.
+    :param extra: further options (``--grace``, ``--fence-action``, ...; not COMMAND).
+    """
+    cmd = [sys.executable, "-I", "-S", fenceguard.__file__, "--control-fd", str(control_fd),
+           "--parent-pid", str(os.getpid()), "--label", label, *extra]
+    if deadlines is not None:
+        cmd += ["--term-at", f"{deadlines[0]:.6f}", "--kill-at", f"{deadlines[1]:.6f}"]
+    return cmd
+
+
+class LeaseFence:
+    """A fence guard in fence-action mode for a service the node does not run itself.
+
+    `start` it once the service runs: it gets the app's lease deadline on every renewal and runs
+    its stop actions when the node dies (SIGKILL: the control socket closes), or stops renewing
+    (SIGSTOP, a stuck loop: TERM_AT passes), so the service stops before another node can win
+    the lease. `release` it first on a graceful stop (no action runs), then stop the service.
+
+    :param app: the app's name. :param platform: the node's platform (for the lease).
+    :param actions: argvs run in order when fencing (e.g. ``systemctl kill``).
+    :param docker: ``(engine URL, container name)`` pairs stopped through the engine API.
+    :param action_timeout: bound of each action, in seconds.
+    :ivar fenced: True once the guard reported that it fenced.
+    """
+
+    def __init__(self, app: str, platform: Platform, *,
+                 actions: Sequence[Sequence[str]] = (),
+                 docker: Sequence[tuple[str, str]] = (), action_timeout: float = 10.0) -> None:
+        if not actions and not docker:
+            raise ValueError("LeaseFence needs at least one action")
+        self.app = app
+        self.platform = platform
+        self.actions = [list(a) for a in actions]
+        self.docker = list(docker)
+        self.action_timeout = action_timeout
+        self.fenced = False
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._follow: asyncio.Task[None] | None = None
+
+    def _runtime(self) -> AppRuntime | None:
+        return self.platform.runtimes.get(self.app)
+
+    @property
+    def running(self) -> bool:
+        """True while the guard process runs."""
+        return self._proc is not None and self._proc.returncode is None
+
+    def _send(self, line: str) -> None:
+        w = self._writer
+        if w is not None and not w.is_closing():
+            with contextlib.suppress(Exception):
+                w.write(line.encode() + b"\n")
+
+    def _renewed(self, deadline: float) -> None:
+        d = guard_deadlines(self._runtime(), deadline)
+        if d is not None and self.running:
+            self._send(guard_deadline_line(d))
+
+    async def start(self) -> None:
+        """Start the guard (no-op while one runs); return once it is armed."""
+        if self.running:
+            return
+        await self.release()  # a guard that fenced: drop what is left of it
+        self.fenced = False
+        rt = self._runtime()
+        extra = ["--action-timeout", str(self.action_timeout)]
+        for argv in self.actions:
+            extra += ["--fence-action", json.dumps(argv)]
+        for url, name in self.docker:
+            extra += ["--docker-kill", url, name]
+        ours, theirs = socket.socketpair()
+        try:
+            argv = guard_argv(theirs.fileno(), self.app,
+                              guard_deadlines(rt, rt.lease_deadline() if rt else None), *extra)
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            first = await asyncio.wait_for(reader.readline(), FENCE_START_TIMEOUT)
+        except BaseException:
+            await self._kill()
+            raise
+        if first.strip() != b"armed":
+            await self._kill()
+            raise BackendError(self.app, "fence guard", f"not armed: {first!r}")
+        if rt is not None and self._renewed not in rt.lease_listeners:
+            rt.lease_listeners.append(self._renewed)
+        self._follow = asyncio.create_task(self._read(reader), name=f"{self.app}:fence")
+        log.info("app %s: fence guard %d armed", self.app, self._proc.pid)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while line := await reader.readline():
+                text = line.decode(errors="replace").strip()
+                if text.startswith("fenc"):
+                    self.fenced = True
+                    log.warning("app %s: fence guard: %s", self.app, text)
+
+    async def _kill(self) -> None:
+        """SIGKILL the guard (no action runs) and forget it."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        rt = self._runtime()
+        if rt is not None and self._renewed in rt.lease_listeners:
+            rt.lease_listeners.remove(self._renewed)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._follow is not None:
+            self._follow.cancel()
+            self._follow = None
+
+    async def release(self, timeout: float = 5.0) -> None:
+        """Stop the guard without any action (the node's graceful stop); idempotent."""
+        proc = self._proc
+        if proc is None:
+            self._close()
+            return
+        rt = self._runtime()
+        if rt is not None and self._renewed in rt.lease_listeners:
+            rt.lease_listeners.remove(self._renewed)
+        if proc.returncode is None:
+            self._send("release")
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                log.error("app %s: fence guard %d does not release; killing it", self.app,
+                          proc.pid)
+        await self._kill()

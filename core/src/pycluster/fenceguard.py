@@ -27,12 +27,23 @@ without importing pycluster), so it starts in a few milliseconds. COMMAND gets
 
 Messages to the node (one line each on the control socket): ``started PID``, ``failed REASON``,
 ``fencing REASON``, ``exited CODE``. Linux only (``/proc``, ``prctl``).
+
+**Fence-action mode** (``--fence-action ARGV_JSON`` and/or ``--docker-kill URL NAME`` instead of
+COMMAND) is for a backend the node does not run itself (a systemd unit, a container): the guard
+supervises nothing, reports ``armed``, takes ``deadline TERM_AT KILL_AT`` like above and runs its
+stop actions — each bounded by ``--action-timeout`` — when fencing triggers: TERM_AT passes
+without renewal, the control socket closes (the node died), or a signal arrives (parent death).
+It then reports ``fenced ok`` / ``fenced failed`` and exits (0 / 1). ``release`` (the node's
+graceful stop) makes it exit 0 without any action, after ``released``. ``--docker-kill`` needs no
+SDK: it is `docker_kill`, plain ``http.client`` against the engine API.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
+import json
 import os
 import select
 import signal
@@ -40,6 +51,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -93,7 +105,30 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-class Guard:
+class _Channel:
+    """The control socket to the node and the diagnostic output (both modes)."""
+
+    ctl: socket.socket
+    label: str
+    _ctl_open: bool
+
+    def say(self, line: str) -> None:
+        """Send one line to the node (ignored once the node is gone)."""
+        if not self._ctl_open:
+            return
+        try:
+            self.ctl.sendall(line.encode() + b"\n")
+        except OSError:
+            self._ctl_open = False
+
+    def log(self, msg: str) -> None:
+        """A diagnostic line on stderr (the node logs it with the app name)."""
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"fenceguard[{self.label}]: {msg}\n")
+            sys.stderr.flush()
+
+
+class Guard(_Channel):
     """The guard's state machine (one instance per guard process)."""
 
     def __init__(self, ctl: socket.socket, command: list[str], grace: float, label: str,
@@ -112,23 +147,6 @@ class Guard:
         self.status: int | None = None
         self._buf = b""
         self._ctl_open = True
-
-    # -- messages --------------------------------------------------------------------------
-
-    def say(self, line: str) -> None:
-        """Send one line to the node (ignored once the node is gone)."""
-        if not self._ctl_open:
-            return
-        try:
-            self.ctl.sendall(line.encode() + b"\n")
-        except OSError:
-            self._ctl_open = False
-
-    def log(self, msg: str) -> None:
-        """A diagnostic line on stderr (the node logs it with the app name)."""
-        with contextlib.suppress(OSError):
-            sys.stderr.write(f"fenceguard[{self.label}]: {msg}\n")
-            sys.stderr.flush()
 
     # -- signalling the tree -----------------------------------------------------------------
 
@@ -293,6 +311,151 @@ class Guard:
         self.reap()
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the engine's API socket)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _engine_connection(url: str, timeout: float) -> http.client.HTTPConnection:
+    """A connection to the engine at ``unix:///PATH``, ``tcp://HOST:PORT`` or ``http://...``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("unix", "http+unix"):
+        return _UnixHTTPConnection(parts.path or parts.netloc, timeout)
+    if parts.scheme in ("tcp", "http") and parts.hostname:
+        return http.client.HTTPConnection(parts.hostname, parts.port or 2375, timeout=timeout)
+    raise ValueError(f"unsupported engine URL {url!r} (unix://, tcp:// or http:// only)")
+
+
+def docker_kill(url: str, name: str, timeout: float = 10.0) -> str:
+    """Stop container ``name`` at once through the Docker-compatible API at ``url``.
+
+    ``POST /containers/NAME/stop?t=0`` (SIGKILL at once, and counts as a manual stop, so the
+    engine's restart policy leaves it stopped); ``POST /containers/NAME/kill`` if that failed.
+    Returns what happened; raises `OSError` (or `ValueError` for a bad URL) when the container
+    may still be running.
+    """
+    quoted = urllib.parse.quote(name, safe="")
+    errors = []
+    for path in (f"/containers/{quoted}/stop?t=0", f"/containers/{quoted}/kill"):
+        conn = _engine_connection(url, timeout)
+        try:
+            conn.request("POST", path, headers={"Content-Length": "0"})
+            resp = conn.getresponse()
+            body = resp.read(500).decode(errors="replace").strip()
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        finally:
+            conn.close()
+        if resp.status in (204, 304):
+            return f"{path}: {resp.status}"
+        if resp.status == 404:
+            return f"{path}: no such container"
+        errors.append(f"{path}: HTTP {resp.status} {body}")
+    raise OSError("; ".join(errors))
+
+
+class ActionGuard(_Channel):
+    """Fence-action mode: run stop actions when the node can no longer stop its backend."""
+
+    def __init__(self, ctl: socket.socket, actions: list[list[str]],
+                 docker: list[tuple[str, str]], timeout: float, label: str,
+                 term_at: float | None) -> None:
+        self.ctl = ctl
+        self.actions = actions
+        self.docker = docker
+        self.timeout = timeout
+        self.label = label
+        self.term_at = term_at
+        self._buf = b""
+        self._ctl_open = True
+
+    def run_actions(self) -> bool:
+        """Run every action (bounded); True when all succeeded."""
+        ok = True
+        for url, name in self.docker:
+            try:
+                self.log(f"docker kill {name}: {docker_kill(url, name, self.timeout)}")
+            except (OSError, ValueError) as exc:
+                ok = False
+                self.log(f"docker kill {name} failed: {exc}")
+        for argv in self.actions:
+            try:
+                rc = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=self.timeout,
+                                    check=False).returncode
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                ok = False
+                self.log(f"action {argv[:6]} failed: {exc}")
+                continue
+            self.log(f"action {argv[:6]} exited with {rc}")
+            ok = ok and rc == 0
+        return ok
+
+    def fence(self, why: str) -> int:
+        """Fence now: report it, run the actions, report the outcome."""
+        self.say(f"fencing {why}")
+        self.log(f"{why}: running the fence actions")
+        ok = self.run_actions()
+        self.say(f"fenced {'ok' if ok else 'failed'}")
+        return 0 if ok else 1
+
+    def run(self) -> int:
+        """Wait for deadlines, renewals and the node's end; returns the guard's exit status."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)
+        self.say("armed")
+        self.ctl.setblocking(False)
+        while True:
+            if self.term_at is not None and time.monotonic() >= self.term_at:
+                return self.fence("lease deadline passed without renewal (node paused or stuck)")
+            timeout = None if self.term_at is None else max(0.0, self.term_at - time.monotonic())
+            try:
+                ready, _, _ = select.select([wake_r, self.ctl.fileno()], [], [], timeout)
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    if os.read(wake_r, 512):
+                        return self.fence("signalled (node gone)")
+            if self.ctl.fileno() not in ready:
+                continue
+            try:
+                data = self.ctl.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._ctl_open = False
+                return self.fence("node gone (control socket closed)")
+            self._buf += data
+            while b"\n" in self._buf:
+                raw, self._buf = self._buf.split(b"\n", 1)
+                words = raw.decode(errors="replace").split()
+                if words[:1] == ["deadline"] and len(words) == 3:
+                    self.term_at = None if words[1] == "none" else float(words[1])
+                elif words[:1] == ["release"]:
+                    self.say("released")
+                    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments and run the guard."""
     p = argparse.ArgumentParser(prog="fenceguard")
@@ -302,12 +465,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="backend")
     p.add_argument("--term-at", type=float, default=None)
     p.add_argument("--kill-at", type=float, default=None)
+    p.add_argument("--fence-action", action="append", default=[], metavar="ARGV_JSON",
+                   help="fence-action mode: an argv (JSON list) to run when fencing")
+    p.add_argument("--docker-kill", action="append", nargs=2, default=[], metavar=("URL", "NAME"),
+                   help="fence-action mode: stop container NAME through the engine at URL")
+    p.add_argument("--action-timeout", type=float, default=10.0)
     p.add_argument("command", nargs=argparse.REMAINDER)
     ns = p.parse_args(argv)
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
-    if not command:
+    actions: list[list[str]] = []
+    for raw in ns.fence_action:
+        try:
+            action = json.loads(raw)
+        except ValueError as exc:
+            p.error(f"--fence-action {raw!r}: {exc}")
+        if not (isinstance(action, list) and action and all(isinstance(w, str) for w in action)):
+            p.error(f"--fence-action {raw!r}: must be a non-empty JSON list of strings")
+        actions.append(action)
+    docker = [(url, name) for url, name in ns.docker_kill]
+    if command and (actions or docker):
+        p.error("give either a command or fence actions, not both")
+    if not command and not (actions or docker):
         p.error("no command given")
     ctl = socket.socket(fileno=ns.control_fd)
+    if not command:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        fencer = ActionGuard(ctl, actions, docker, ns.action_timeout, ns.label, ns.term_at)
+        if ns.parent_pid and os.getppid() != ns.parent_pid:
+            return fencer.fence("node gone before the guard started")
+        return fencer.run()
     # Orphans of the tree come to us, and our own parent's death reaches us as SIGTERM; the
     # parent may have died before prctl took effect, hence the check that follows it.
     _prctl(PR_SET_CHILD_SUBREAPER, 1)

@@ -6,9 +6,12 @@ exactly as it would reach another host through ``ssh host``.
 
 from __future__ import annotations
 
+import asyncio
+import shlex
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ import pycluster_systemd.plugin as systemd_plugin
 from pycluster import App, Platform
 from pycluster.context import Context
 from pycluster.plugins import create_plugin_manager
+from pycluster.testing.nodes import NodeCluster
 from pycluster.testing.pytest_plugin import require
 from pycluster.testing.systemd import SystemdContainer, systemd_available
 from pycluster.testing.wait import wait_for
@@ -243,3 +247,54 @@ async def test_unit_that_cannot_be_restarted_hands_over_to_standby(
     assert rt is not None
     failed = [e for e in rt.stage_events if e.action == "running" and e.outcome == "failed"]
     assert failed and "restart policy exhausted" in failed[-1].error
+
+
+def _monotonic(sd: SystemdContainer, prop: str) -> int:
+    """A ``...TimestampMonotonic`` property of main.service (the host's CLOCK_MONOTONIC, in
+    microseconds: containers share the kernel's clock)."""
+    out = sd.systemctl("show", "main.service", f"--property={prop}").stdout
+    return int(out.strip().split("=", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+async def test_unit_never_outlives_the_lease_of_a_dead_or_paused_node(
+    how: str, sd1: SystemdContainer, sd2: SystemdContainer, tmp_path: Path, nats_url: str,
+    unique_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reset(sd1)
+    reset(sd2)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    hosts = {"n1": sd1, "n2": sd2}
+    c = NodeCluster(unique_name, [nats_url], tmp_path, size=2, lease_ttl=2.0, heartbeat=0.5,
+                    extra_args=["--setup", "systemd_fence_node:options"],
+                    node_args={n: ["--setup-arg", f"prefix={shlex.join(prefix(sd))}"]
+                               for n, sd in hosts.items()})
+    try:
+        await c.start(60)
+        first = await c.wait_for_leader(60)
+        epoch = c.role(first)[1] or 0
+        old = hosts[first]
+        await wait_for(lambda: active(old, "main.service"), 60, message="unit active")
+        if how == "sigkill":
+            c.kill(first)  # the node runs no code any more: its fence guard stops the unit
+        else:
+            c.pause(first)  # SIGSTOP: renewals stop, the guard fences at the deadline
+        await wait_for(lambda: not active(old, "main.service"), 60,
+                       message="fence guard stopped the unit")
+        second = await c.wait_for_leader(60, exclude=[first], min_epoch=epoch + 1)
+        new = hosts[second]
+        await wait_for(lambda: active(new, "main.service"), 60, message="unit active on n2")
+        stopped = _monotonic(old, "ExecMainExitTimestampMonotonic")
+        started = _monotonic(new, "ExecMainStartTimestampMonotonic")
+        assert 0 < stopped < started, (stopped, started)
+        if how == "sigstop":
+            c.resume(first)  # it learns it lost the lease; it must not start its unit again
+            await wait_for(lambda: c.role(first)[0] == "passive", 60)
+            await asyncio.sleep(1.0)
+            assert not active(old, "main.service")
+        await c.stop()
+    finally:
+        c.stop_sync()
+        reset(sd1)
+        reset(sd2)

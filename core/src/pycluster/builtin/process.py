@@ -37,7 +37,6 @@ import os
 import shlex
 import signal
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .. import fenceguard
 from ..backend import (
     BackendError,
     BackendHealth,
@@ -54,6 +52,9 @@ from ..backend import (
     backends_of,
     expand,
     fencing_env,
+    guard_argv,
+    guard_deadline_line,
+    guard_deadlines,
 )
 from ..context import Context
 from ..errors import ConfigError
@@ -210,17 +211,10 @@ class ProcessBackend:
         rt = self._runtime()
         return rt is None or rt.election is None or rt.election.is_leader
 
-    def _deadlines(self, deadline: float | None) -> tuple[float, float] | None:
-        """(SIGTERM at, SIGKILL at) for the guard from a local lease deadline."""
-        rt = self._runtime()
-        if deadline is None or rt is None:
-            return None
-        return deadline - rt.fence_margin, deadline
-
     def _renewed(self, deadline: float) -> None:
-        child, d = self._child, self._deadlines(deadline)
+        child, d = self._child, guard_deadlines(self._runtime(), deadline)
         if child is not None and child.running and d is not None:
-            child.send(f"deadline {d[0]:.6f} {d[1]:.6f}")
+            child.send(guard_deadline_line(d))
 
     # -- starting -------------------------------------------------------------------------
 
@@ -268,12 +262,8 @@ class ProcessBackend:
             raise BackendError(self.app.name, self.kind, "no valid lease: not starting")
         env = dict(os.environ) | opt.env | fencing_env(ctx)
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-I", "-S", fenceguard.__file__,
-               "--control-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid()),
-               "--grace", str(opt.grace), "--label", self.app.name]
-        d = self._deadlines(lease)
-        if d is not None:
-            cmd += ["--term-at", f"{d[0]:.6f}", "--kill-at", f"{d[1]:.6f}"]
+        cmd = guard_argv(theirs.fileno(), self.app.name, guard_deadlines(rt, lease),
+                         "--grace", str(opt.grace))
         try:
             guard = await asyncio.create_subprocess_exec(
                 *cmd, "--", *argv, env=env, cwd=opt.cwd, stdin=asyncio.subprocess.DEVNULL,

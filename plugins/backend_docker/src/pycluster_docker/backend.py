@@ -17,6 +17,11 @@ Behaviour:
   (category ``docker``); `DockerBackend.health` feeds the app health check ``docker-<i>`` and
   the metrics.
 * stop: ``stop(timeout)`` bounded by the lease deadline (SIGKILL after it), then remove or keep.
+* the fence: once the container runs, a `pycluster.backend.LeaseFence` (a fence guard process)
+  gets every lease renewal; if the node is SIGKILLed or paused past the lease, the guard stops
+  the container itself through the engine API (``POST /containers/NAME/stop?t=0``, then
+  ``/kill``; stdlib HTTP, no SDK), before another node can win the lease. A graceful stop
+  releases the guard first.
 * Loss of the NATS connection does not touch the container; the coordinator stops it when the
   lease is lost. An unreachable engine shows as an unhealthy probe.
 """
@@ -30,7 +35,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from pycluster.backend import BackendError, BackendHealth, RestartPolicy, fencing_env
+from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy, fencing_env
 from pycluster.context import Context
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ log = logging.getLogger("pycluster.docker")
 DEFAULT_SOCKETS = ("/var/run/docker.sock", "/run/podman/podman.sock")
 _API_TIMEOUT = 60
 _NS = 1_000_000_000
+_FENCE_ACTION_TIMEOUT = 10.0  # bound of the fence guard's call to the engine
 
 
 class DockerBackendError(BackendError):
@@ -172,6 +178,7 @@ class DockerBackend:
         self._task: asyncio.Task[None] | None = None
         self._stopping = True
         self.running = False
+        self.fence: LeaseFence | None = None
         option._backend = self
 
     def _runtime(self) -> AppRuntime | None:
@@ -356,12 +363,22 @@ class DockerBackend:
             raise await self._fail("start", f"{type(exc).__name__}: {exc}") from exc
         self._setup_health()
         await self._wait_up(self.option.start_timeout)
+        await self._arm_fence()
         log.info("app %s: container %s (%s) is up, epoch %s", self.app.name, self.name,
                  self.container.short_id, ctx.epoch)
         self.last_health = BackendHealth(True, "running")
         self.running = True
         self.audit("started", epoch=ctx.epoch, id=self.container.short_id)
         self._task = asyncio.create_task(self._supervise(), name=f"docker:{self.name}")
+
+    async def _arm_fence(self) -> None:
+        """Start the fence guard (no-op while it runs): the container cannot outlive the lease."""
+        if self.fence is None:
+            url = engine_url(self.option.base_url)
+            assert url is not None  # the client connected to it
+            self.fence = LeaseFence(self.app.name, self.platform, docker=[(url, self.name)],
+                                    action_timeout=_FENCE_ACTION_TIMEOUT)
+        await self.fence.start()
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -371,6 +388,8 @@ class DockerBackend:
 
         self._stopping = True
         self.running = False
+        if self.fence is not None:  # a graceful stop: the guard must not act meanwhile
+            await self.fence.release()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -469,6 +488,7 @@ class DockerBackend:
                 return
             try:
                 await self._restart()
+                await self._arm_fence()  # re-armed if it fenced meanwhile
                 log.info("app %s: container %s restarted", self.app.name, self.name)
                 self.audit("restarted", detail=h.detail, restarts=self.policy.total)
             except Exception as exc:

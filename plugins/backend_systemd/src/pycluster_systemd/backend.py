@@ -18,6 +18,10 @@ Behaviour:
   ``{app}.systemd-<unit>`` and the metrics.
 * stop: ``systemctl stop`` bounded by the lease deadline; if that does not finish, ``systemctl
   kill --signal=SIGKILL`` so the service cannot outlive the lease (fencing).
+* the fence: once the unit is active, a `pycluster.backend.LeaseFence` (a fence guard process)
+  gets every lease renewal; if the node is SIGKILLed or paused past the lease, the guard runs
+  ``systemctl kill --signal=SIGKILL UNIT`` then ``systemctl stop UNIT`` (through the prefix) on
+  its own, before another node can win the lease. A graceful stop releases the guard first.
 * Loss of the NATS connection does not touch the unit; the coordinator stops it when the lease
   is lost. Loss of the prefix's transport (ssh down, container gone) shows as an unhealthy
   probe and is handled like a failed unit.
@@ -31,7 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pycluster.backend import BackendError, BackendHealth, RestartPolicy
+from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy
 from pycluster.context import Context
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ PROPERTIES = ("LoadState", "ActiveState", "SubState", "Result", "Type", "MainPID
               "ExecMainStatus", "StatusText")
 _TRANSIENT = ("activating", "deactivating", "reloading")
 _CALL_TIMEOUT = 30.0
+_FENCE_ACTION_TIMEOUT = 10.0  # bound of each fence action (systemctl kill, systemctl stop)
 
 
 class SystemdUnitError(BackendError):
@@ -82,6 +87,10 @@ class SystemdBackend:
         self._task: asyncio.Task[None] | None = None
         self._stopping = True
         self.running = False
+        unit = option.unit
+        self.fence = LeaseFence(app.name, platform, action_timeout=_FENCE_ACTION_TIMEOUT,
+                                actions=[self._argv("systemctl", "kill", "--signal=SIGKILL", unit),
+                                         self._argv("systemctl", "stop", unit)])
         option._backend = self
 
     def _runtime(self) -> AppRuntime | None:
@@ -180,6 +189,7 @@ class SystemdBackend:
             await self.systemctl("set-environment", f"{self.option.epoch_variable}={ctx.epoch}")
         for unit in (*self.option.requires, self.option.unit):
             await self._start_unit(unit)
+        await self.fence.start()  # from now on the unit cannot outlive the lease
         self.last_health = BackendHealth(True, "active")
         self.running = True
         self.audit("started", epoch=ctx.epoch)
@@ -207,6 +217,7 @@ class SystemdBackend:
         """Stop the unit, then (``stop_requires``) the required units in reverse order."""
         self._stopping = True
         self.running = False
+        await self.fence.release()  # a graceful stop: the guard must not act meanwhile
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -277,6 +288,7 @@ class SystemdBackend:
                 return
             try:
                 await self._start_unit(self.option.unit)
+                await self.fence.start()  # re-armed if it fenced meanwhile
                 self.audit("restarted", detail=h.detail, restarts=self.policy.total)
             except (SystemdUnitError, TimeoutError) as exc:
                 log.error("app %s: restart failed: %s", self.app.name, exc)
