@@ -215,8 +215,7 @@ class AppRuntime:
             margin = getattr(self.election, "fence_margin", 1.0)
             self._lease_deadline = time.monotonic() + margin + max(0.0, -ttl % 1.0)
         self._changed.set()
-        if self._stage_task is not None and not self._stage_task.done():
-            self._stage_task.cancel()  # interrupt a running activation stage at once
+        self._interrupt_activation()
 
     def renewed(self, deadline: float) -> None:
         """Election callback: the lease was won or renewed; ``deadline`` is its local end."""
@@ -267,11 +266,18 @@ class AppRuntime:
             self._want_active, self._want_reason = True, "spread"
             self._changed.set()
 
+    def _interrupt_activation(self) -> None:
+        """Cancel a running activation stage: the role is no longer wanted (lease lost, the
+        node leaves or steps down), so waiting out e.g. a backend's start timeout is pointless."""
+        if self._stage_task is not None and not self._stage_task.done():
+            self._stage_task.cancel()
+
     async def stop(self) -> None:
         """Graceful leave: deactivate, hand the lease over at once, ``on_stop``."""
         self._stopping = True
         self._want_active, self._want_reason = False, "node leaving"
         self._changed.set()
+        self._interrupt_activation()
         if self.role in (Role.ACTIVE, Role.ACTIVATING):
             await self._wait_role_settled()
         await cancel_and_wait(self._worker)
@@ -303,6 +309,7 @@ class AppRuntime:
         self.election.pause_campaign(time.monotonic() + cd)
         self._want_active, self._want_reason = False, "stepped down"
         self._changed.set()
+        self._interrupt_activation()
         await self._wait_role_settled()
         await self.election.step_down(successor=successor, cooldown=cd)
 
