@@ -133,6 +133,8 @@ async def run(url: str, args: argparse.Namespace) -> int:
             "platform.api().call (JSON dict)": (bare, lambda: api.call("echo", json_payload)),
             "app.rpc.call(node) +default mw": (full, lambda: cli_app.rpc.call("server", "echo",
                                                                               payload)),
+            "app.rpc.call_leader +default mw": (full, lambda: cli_app.rpc.call_leader("echo",
+                                                                               payload)),
             "platform.api().call +default mw": (full, lambda: api.call("echo", payload)),
         }
         for setup, fn in variants.values():  # warm up

@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any
 from .breaker import BreakerPolicy, CircuitBreaker
 from .errors import NoInstanceError, PluginError
 from .names import platform_subject, validate_ident, validate_key
-from .rpc import AnyInstance, Endpoint, FixedNode, RetryPolicy, Target, check_timeout, rpc_service
+from .rpc import (
+    AnyInstance,
+    Endpoint,
+    FixedNode,
+    RetryPolicy,
+    Target,
+    check_method,
+    check_timeout,
+    rpc_service,
+)
 
 if TYPE_CHECKING:
     from .coordinator import AppRuntime
@@ -176,10 +185,10 @@ class ApiClient:
 
     def _target(self, method: str, route: Route | None) -> Target:
         if isinstance(route, ForKey):
-            return KeyOwner(self.service.platform, self.app, method, route.key)
+            return KeyOwner(self.service.platform, self.app, check_method(method), route.key)
         key = (method, route)
         target = self._targets.get(key)
-        if target is None:  # fixed routes are stateless: build each once
+        if target is None:  # fixed routes are stateless: build (and validate) each once
             if len(self._targets) > 1024:
                 self._targets.clear()
             target = self._targets[key] = self._fixed_target(method, route)
@@ -211,8 +220,7 @@ class ApiClient:
         :param response_model: validate the answer into this type.
         """
         svc = self.service.rpc
-        validate_ident("method", method)
-        target = self._target(method, route)
+        target = self._target(method, route)  # validates the method name (once per target)
         call = svc.new_call(
             kind="api", app=self.app, method=method, target=target, payload=payload,
             timeout=self.timeout if timeout is None else timeout, idempotent=idempotent,

@@ -190,6 +190,8 @@ class MiddlewareChain:
     def __init__(self) -> None:
         self._items: list[object] = []
         self._cache: dict[tuple[str, int], tuple[Next, Next]] = {}
+        #: Bumped whenever the chain changes, so users may keep a composition until then.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -205,11 +207,13 @@ class MiddlewareChain:
             )
         self._items.append(mw)
         self._cache.clear()
+        self.version += 1
 
     def remove(self, mw: object) -> None:
         """Remove a middleware added before."""
         self._items.remove(mw)
         self._cache.clear()
+        self.version += 1
 
     def wrap(self, hook: str, inner: Next, cache: bool = True) -> Next:
         """``inner`` wrapped by every middleware that implements ``hook``.

@@ -12,11 +12,12 @@ subscribed only while the app is active on this node (following role changes), a
 message on it is checked against ``app.is_active`` again: a node that is no longer active
 answers ``not_leader``, and the caller retries against the new leader.
 
-Headers: requests carry ``Pycluster-Call: <request id> <timeout> <source node> [<source
-app>]`` (one compact header: nats-py parses every header in Python, on both sides; the timeout
-is the caller's remaining seconds, and the server cancels the handler when the caller stops
-waiting), ``Content-Type`` (omitted for non-empty raw bytes), plus whatever middleware adds
-(``traceparent``, credentials). Replies carry ``Pycluster-Node`` (who answered), and on failure
+Headers: requests carry ``Pc-Call: <request id> <timeout> <source node> [<source app>]``
+(one compact header with a short name: nats-py builds and parses every header in Python, on
+both sides, character by character; the timeout is the caller's remaining seconds, and the
+server cancels the handler when the caller stops waiting; the former name ``Pycluster-Call`` is
+still accepted), ``Content-Type`` (omitted for non-empty raw bytes), plus whatever middleware
+adds (``traceparent``, credentials). Replies carry ``Pc-Node`` (who answered), and on failure
 ``Pycluster-Error: <code>`` with a JSON body ``{"type", "message", "code", "details"}``.
 
 Retries (client side): a request nobody received (no responders, or ``not_leader``) is retried
@@ -72,9 +73,11 @@ log = logging.getLogger("pycluster.rpc")
 # -- protocol constants ------------------------------------------------------------------------
 
 # One compact request header, "<request id> <timeout s> <source node> [<source app>]": every
-# header costs parsing time in nats-py on both sides, so the call's metadata travels together.
-H_CALL = "Pycluster-Call"
-H_NODE = "Pycluster-Node"
+# header costs parsing time in nats-py on both sides (per character of its name, in Python), so
+# the call's metadata travels together and the two per-message headers have short names.
+H_CALL = "Pc-Call"
+H_CALL_OLD = "Pycluster-Call"  # still accepted from older callers
+H_NODE = "Pc-Node"
 H_ERROR = "Pycluster-Error"
 H_LEADER = "Pycluster-Leader"
 
@@ -91,6 +94,20 @@ CANCELLED = "cancelled"
 
 # Header bytes reserved when checking a request against the server's max_payload.
 _HEADER_SLACK = 512
+# Bound of the per-name caches below (names come from callers).
+_CACHE_MAX = 4096
+_valid_methods: set[str] = set()
+
+
+def check_method(method: str) -> str:
+    """Validate a method name (`validate_ident`), remembering names already seen valid: the
+    check runs once per distinct name, not on every call."""
+    if method not in _valid_methods:
+        validate_ident("method", method)
+        if len(_valid_methods) >= _CACHE_MAX:
+            _valid_methods.clear()
+        _valid_methods.add(method)
+    return method
 _RUNNING_ROLES = frozenset({"passive", "active", "activating", "deactivating"})
 
 
@@ -277,9 +294,14 @@ class RpcService:
         self._running = False
         self._rid_prefix = os.urandom(4).hex() + "-"
         self._rid_counter = itertools.count(1)
-        # Stable inner functions, so the middleware chain is composed once.
+        # Stable inner functions, so the middleware chain is composed once; the compositions
+        # are kept until the chain changes (its version).
         self._invoke_fn: Callable[[Request], Awaitable[Any]] = self._invoke
         self._send_fn: Callable[[Call], Awaitable[Any]] = self._send
+        self._chains_of: MiddlewareChain | None = None
+        self._chains_version = -1
+        self._call_chain: Callable[[Call], Awaitable[Any]] = self._send
+        self._request_chain: Callable[[Request], Awaitable[Any]] = self._invoke
         self.reconcile_interval = 1.0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -396,7 +418,8 @@ class RpcService:
             # task so a slow one does not hold up the next message.
             try:
                 task = asyncio.create_task(self._serve(ep, msg))
-                meta = msg.headers.get(H_CALL) if msg.headers else None
+                headers = msg.headers
+                meta = (headers.get(H_CALL) or headers.get(H_CALL_OLD)) if headers else None
                 rid = meta.partition(" ")[0] if meta else None
                 if rid:
                     self._inflight[rid] = task
@@ -449,7 +472,7 @@ class RpcService:
                     raise _Reject(BAD_REQUEST, "CodecError", str(exc)) from None
                 deadline: float | None = None
                 rid, source_node, source_app = "", None, None
-                if meta := headers.get(H_CALL):
+                if meta := headers.get(H_CALL) or headers.get(H_CALL_OLD):
                     parts = meta.split(" ")
                     try:
                         # The loop's clock is time.monotonic(): Request.deadline compares to it.
@@ -466,7 +489,10 @@ class RpcService:
                     request_id=rid, source_node=source_node, source_app=source_app,
                     deadline=deadline, reply_headers=reply_headers, handler=fn,
                 )
-                chain = self.middleware.wrap("on_request", self._invoke_fn)
+                mw = self.middleware
+                if mw is not self._chains_of or self._chains_version != mw.version:
+                    self._compose()
+                chain = self._request_chain
                 if deadline is None:
                     result = await chain(req)
                 else:
@@ -571,6 +597,13 @@ class RpcService:
 
     # -- client side -------------------------------------------------------------------------
 
+    def _compose(self) -> None:
+        mw = self.middleware
+        self._call_chain = mw.wrap("on_call", self._send_fn)
+        self._request_chain = mw.wrap("on_request", self._invoke_fn)
+        self._chains_of = mw
+        self._chains_version = mw.version
+
     def _nc(self) -> Any:
         nc = self.platform.nc
         if nc is None or not self.platform._running:
@@ -599,7 +632,7 @@ class RpcService:
         retry: RetryPolicy | None, source_app: str | None,
     ) -> Call:
         """Build the `Call` middleware will see (validating the method name)."""
-        validate_ident("method", method)
+        check_method(method)
         call = Call(kind=kind, app=app, method=method, route=target.route, payload=payload,
                     headers={}, timeout=check_timeout(timeout), idempotent=idempotent,
                     source_node=self.platform.node_id, source_app=source_app,
@@ -613,7 +646,10 @@ class RpcService:
     async def call(self, call: Call) -> Any:
         """Run a call through the middleware chain and the transport."""
         self._nc()
-        return await self.middleware.wrap("on_call", self._send_fn)(call)
+        mw = self.middleware
+        if mw is not self._chains_of or self._chains_version != mw.version:
+            self._compose()
+        return await self._call_chain(call)
 
     async def _send(self, call: Call) -> Any:
         nc = self._nc()
@@ -760,6 +796,11 @@ class AppRpc:
     def __init__(self, app: App) -> None:
         self.app = app
         self.handlers: dict[str, Callable[..., Any]] = {}
+        # Call targets (subjects) per (node, method) and per leader method, built and validated
+        # once; they belong to one platform (reset if the app is registered elsewhere).
+        self._targets_of: Platform | None = None
+        self._node_targets: dict[tuple[str, str], FixedNode] = {}
+        self._leader_targets: dict[str, AnyInstance] = {}
 
     def handler(self, method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: serve ``method`` to the app's other nodes."""
@@ -780,6 +821,37 @@ class AppRpc:
             raise RuntimeError(f"app {self.app.name!r} is not registered with a platform")
         return rpc_service(self.app.platform)
 
+    def _platform(self) -> Platform:
+        p = self.app.platform
+        if p is None:
+            raise RuntimeError(f"app {self.app.name!r} is not registered with a platform")
+        if p is not self._targets_of:
+            self._targets_of = p
+            self._node_targets.clear()
+            self._leader_targets.clear()
+        return p
+
+    def _node_target(self, p: Platform, node: str, method: str) -> FixedNode:
+        target = self._node_targets.get((node, method))
+        if target is None:
+            validate_ident("node id", node)
+            check_method(method)
+            if len(self._node_targets) >= _CACHE_MAX:
+                self._node_targets.clear()
+            subject = app_subject(p.name, self.app.name, "rpc", f"{node}.{method}")
+            target = self._node_targets[(node, method)] = FixedNode(subject, node)
+        return target
+
+    def _leader_target(self, p: Platform, method: str) -> AnyInstance:
+        target = self._leader_targets.get(method)
+        if target is None:
+            check_method(method)
+            if len(self._leader_targets) >= _CACHE_MAX:
+                self._leader_targets.clear()
+            subject = app_subject(p.name, self.app.name, "rpc", f"{LEADER_TARGET}.{method}")
+            target = self._leader_targets[method] = AnyInstance(subject, "leader")
+        return target
+
     async def call(
         self, node: str, method: str, data: Any = None, timeout: float = 5.0, *,
         idempotent: bool = False, codec: str = "json", response_model: Any = None,
@@ -796,13 +868,11 @@ class AppRpc:
         :param response_model: validate the answer into this type (e.g. a pydantic model).
         :param retry: back-off settings.
         """
-        svc = self._svc()
-        validate_ident("node id", node)
-        p = self.app.platform
-        assert p is not None
-        subject = app_subject(p.name, self.app.name, "rpc", f"{node}.{method}")
+        p = self._platform()
+        svc = rpc_service(p)
+        target = self._node_target(p, node, method)
         call = svc.new_call(
-            kind="rpc", app=self.app.name, method=method, target=FixedNode(subject, node),
+            kind="rpc", app=self.app.name, method=method, target=target,
             payload=data, timeout=timeout, idempotent=idempotent, codec=codec,
             response_model=response_model, retry=retry, source_app=self.app.name,
         )
@@ -815,13 +885,11 @@ class AppRpc:
     ) -> Any:
         """Call ``method`` on the active instance, following leadership changes: while no
         instance is active (a failover), retry with back-off until ``timeout``."""
-        svc = self._svc()
-        p = self.app.platform
-        assert p is not None
-        validate_ident("method", method)
-        subject = app_subject(p.name, self.app.name, "rpc", f"{LEADER_TARGET}.{method}")
+        p = self._platform()
+        svc = rpc_service(p)
+        target = self._leader_target(p, method)
         call = svc.new_call(
-            kind="rpc", app=self.app.name, method=method, target=AnyInstance(subject, "leader"),
+            kind="rpc", app=self.app.name, method=method, target=target,
             payload=data, timeout=timeout, idempotent=idempotent, codec=codec,
             response_model=response_model, retry=retry, source_app=self.app.name,
         )
@@ -834,7 +902,7 @@ class AppRpc:
         """Call ``method`` on every live node of the app at once; one `NodeResult` per node
         (sorted by node id). A slow node yields a `CallTimeoutError` entry after ``timeout``
         without holding the others back; a dead one a `NoInstanceError` entry at once."""
-        validate_ident("method", method)
+        check_method(method)
         check_timeout(timeout)
         nodes = await self.nodes()
 
