@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pycluster.aio import cancel_and_wait
 from pycluster.builtin.process import Process, ProcessBackend
 from pycluster.context import Context
 from pycluster.names import bucket
@@ -250,10 +251,7 @@ class SQLiteRuntime:
     async def stop(self) -> None:
         """Stop everything (the app stops on this node; it already stepped down)."""
         for t in self._tasks + self._active_tasks:
-            t.cancel()
-        for t in self._tasks + self._active_tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            await cancel_and_wait(t)  # a single cancel can be swallowed by wait_for on 3.11
         self._tasks, self._active_tasks = [], []
         if self._unwatch is not None:
             self._unwatch()
