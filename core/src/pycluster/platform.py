@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -291,32 +291,30 @@ class Platform:
 
     async def stop(self) -> None:
         """Leave gracefully: apps step down in reverse order, membership is deleted, NATS
-        closes, an embedded server stops."""
+        closes, an embedded server stops.
+
+        Every step is bounded (the app's stages and hooks by their own timeouts, everything
+        else by ``hook_timeout``): a step that hangs is logged and skipped, so leaving never
+        hangs — the lease and the membership record then simply expire.
+        """
         was_running, self._running = self._running, False
+        limit = self.settings.hook_timeout
         if was_running:
             for name in reversed(list(self.runtimes)):
                 rt = self.runtimes[name]
-                try:
-                    await rt.stop()
-                except Exception:
-                    log.exception("app %s: stop failed", name)
+                await self._bounded(rt.stop(), limit * (len(rt.stages) + 3), f"app {name}: stop")
                 for svc in reversed(self._started_services):
-                    try:
-                        await svc.app_stopped(rt)
-                    except Exception:
-                        log.exception("service %s: app_stopped(%s) failed", svc.name, name)
+                    await self._bounded(svc.app_stopped(rt), limit,
+                                        f"service {svc.name}: app_stopped({name})")
             await call_notify(
-                self.pm.hook.pycluster_platform_stopping(platform=self),
-                self.settings.hook_timeout, "platform_stopping",
+                self.pm.hook.pycluster_platform_stopping(platform=self), limit,
+                "platform_stopping",
             )
             for svc in reversed(self._started_services):
-                try:
-                    await svc.stop()
-                except Exception:
-                    log.exception("service %s: stop failed", svc.name)
+                await self._bounded(svc.stop(), limit, f"service {svc.name}: stop")
             self._started_services.clear()
             if self.membership is not None:
-                await self.membership.leave()
+                await self._bounded(self.membership.leave(), limit, "membership: leave")
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -324,8 +322,7 @@ class Platform:
         for task in list(self._tasks):
             await cancel_and_wait(task)
         if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await self._bounded(self.nc.drain(), limit, "nats: drain")
             with contextlib.suppress(Exception):
                 await self.nc.close()
         if self.embedded is not None:
@@ -334,6 +331,17 @@ class Platform:
         for app in self.apps.values():
             app._runtime = None
         self.runtimes.clear()
+
+    @staticmethod
+    async def _bounded(aw: Awaitable[Any], timeout: float, what: str) -> None:
+        """Await one step of leaving: errors and overruns are logged, never raised."""
+        try:
+            async with asyncio.timeout(timeout):
+                await aw
+        except TimeoutError:
+            log.error("%s did not finish within %.1fs; going on", what, timeout)
+        except Exception:
+            log.exception("%s failed", what)
 
     async def run(self) -> None:
         """Start, run until SIGTERM/SIGINT or cancellation, then leave gracefully."""
