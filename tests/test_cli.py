@@ -68,9 +68,11 @@ def test_stepdown_without_leader_is_a_clear_error(nats_url: str, unique_name: st
     assert sd.returncode == 2 and "not the leader" in sd.stderr
 
 
-def test_status_unreachable_nats() -> None:
+def test_status_unreachable_nats(monkeypatch: pytest.MonkeyPatch) -> None:
     from pycluster.embedded import free_port
 
+    monkeypatch.setenv("PYCLUSTER_CONNECT_TIMEOUT", "0.5")  # settings apply to the CLI too
+    monkeypatch.setenv("PYCLUSTER_RECONNECT_WAIT", "0.1")
     st = run("status", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--platform", "p")
     assert st.returncode == 2 and "error: NATS at" in st.stderr
 

@@ -217,10 +217,10 @@ async def test_repeated_step_downs_always_hand_over(make_platform: Any) -> None:
     await make_platform("a", a)
     await make_platform("b", b)
     await wait_for(lambda: a.is_leader or b.is_leader, 10)
-    for _ in range(15):
+    for _ in range(12):
         cur, other = (a, b) if a.is_leader else (b, a)
         epoch = cur.epoch or 0
-        await cur.step_down()
+        await cur.step_down(cooldown=0.2)
         await wait_for(lambda other=other: other.is_leader, 5)
         assert (other.epoch or 0) > epoch and not cur.is_leader
-        await asyncio.sleep(0.6)  # let the old leader's cooldown (one heartbeat) pass
+        await asyncio.sleep(0.25)  # let the old leader's cooldown pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,7 @@ from pycluster import App, Platform
 from pycluster.context import Context
 from pycluster.embedded import free_port
 from pycluster.plugins import create_plugin_manager
-from pycluster.testing.podman import PodmanService, build_busybox_image, podman_available
-from pycluster.testing.pytest_plugin import require
+from pycluster.testing.podman import PodmanService, build_busybox_image
 from pycluster.testing.wait import wait_for
 from pycluster_docker import Docker, DockerBackend, DockerBackendError
 
@@ -30,26 +29,6 @@ SERVE = ("test -f /data/broken && { echo 'refusing: broken' >&2; exit 1; }; "
          "echo \"$PYCLUSTER_EPOCH\" > /data/epoch; echo ok > /var/www/index.html; "
          "echo serving; exec httpd -f -p 8080 -h /var/www")
 HEALTH = "wget -q -O /dev/null http://127.0.0.1:8080/"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[PodmanService]:
-    """podman's API on a private socket, and the busybox image."""
-    ok, reason = podman_available()
-    require("podman", ok, reason)
-    build_busybox_image()
-    with PodmanService() as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(engine: PodmanService) -> Iterator[Any]:
-    """An SDK client; removes the test's containers (by label) afterwards."""
-    c = docker.DockerClient(base_url=engine.base_url, timeout=60)
-    yield c
-    for ctr in c.containers.list(all=True, filters={"label": "pycluster.test=docker"}):
-        ctr.remove(force=True)
-    c.close()
 
 
 def opt(engine: PodmanService, data: Path, **kw: Any) -> Docker:

@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +22,10 @@ import pytest
 
 from pycluster import fenceguard
 from pycluster.testing.nodes import NodeCluster
-from pycluster.testing.podman import PodmanService, build_busybox_image, podman_available
-from pycluster.testing.pytest_plugin import require
+from pycluster.testing.podman import PodmanService, build_busybox_image
 from pycluster.testing.wait import wait_for
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[PodmanService]:
-    """podman's API on a private socket, and the busybox image."""
-    ok, reason = podman_available()
-    require("podman", ok, reason)
-    build_busybox_image()
-    with PodmanService() as svc:
-        yield svc
-
-
-@pytest.fixture
-def client(engine: PodmanService) -> Iterator[Any]:
-    """An SDK client; removes the test's containers (by label) afterwards."""
-    c = docker.DockerClient(base_url=engine.base_url, timeout=60)
-    yield c
-    for ctr in c.containers.list(all=True, filters={"label": "pycluster.test=docker"}):
-        ctr.remove(force=True)
-    c.close()
 
 
 def _when(stamp: str) -> datetime.datetime:

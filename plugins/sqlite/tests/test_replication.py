@@ -60,6 +60,7 @@ async def test_active_replicates_and_standby_follows(make_node: Any) -> None:
     assert db_a.wal.status()["replicate"]["pid"] is not None
 
 
+@pytest.mark.slow  # several nodes with litestream: end-to-end
 async def test_lag_is_observed_while_the_follower_is_held(make_node: Any) -> None:
     n1 = await make_node("n1")
     n2 = await make_node("n2")
@@ -157,6 +158,7 @@ async def test_promotion_rejects_a_corrupt_replica(make_node: Any) -> None:
     assert await asyncio.to_thread(rows, db_b.path) == expected
 
 
+@pytest.mark.slow  # several nodes with litestream: end-to-end
 async def test_a_lagging_standby_leaves_the_promotion_to_a_current_one(make_node: Any) -> None:
     n1 = await make_node("n1", max_promotion_lag=1.0)
     (_pa, app_a, db_a) = n1

@@ -76,6 +76,7 @@ async def test_cli_snapshot_create_list_restore(make_node: Any, nats_url: str, t
     assert await asyncio.to_thread(rows, dest) == expected
 
 
+@pytest.mark.slow  # several nodes with litestream: end-to-end
 async def test_fresh_node_bootstraps_from_latest_snapshot_plus_wal(make_node: Any) -> None:
     kw = {"snapshot_interval": 1.0, "retention": 4.0}
     _pa, app_a, db_a = await make_node("n1", **kw)
