@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pycluster.aio import cancel_and_wait
+
 from . import dbfile
 from . import litestream as ls
 
@@ -124,17 +126,17 @@ class Follower:
     async def stop(self, grace: float = 3.0) -> None:
         """Stop following; the replica stays at the position it reached."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task)  # a single cancel can be swallowed by wait_for on 3.11
         proc, self.proc = self.proc, None
         if proc is not None:
             await ls.kill(proc, grace)
         bump, self._bump_task = self._bump_task, None
         if bump is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await bump
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.shield(bump)
+            await cancel_and_wait(bump)
         if self.state == "following":
             self._txid = ls.read_txid_file(self.replica)
         self.following.clear()
