@@ -60,6 +60,7 @@ from nats.js.api import (
 )
 
 from . import natsutil as nu
+from .aio import cancel_and_wait
 from .errors import ConfigError, InvalidNameError
 from .names import bucket, platform_subject, validate_ident
 from .tracing import current_trace_id
@@ -647,9 +648,7 @@ class AuditLog:
         if self._task is not None:
             if not await self.flush(2.0):
                 log.warning("audit: %d entries not stored before leaving", len(self._queue))
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         self._started = False
 

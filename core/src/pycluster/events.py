@@ -46,6 +46,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import codec as codecs
+from .aio import cancel_and_wait
 from .errors import ConfigError, PayloadTooLargeError
 from .names import (
     app_subject,
@@ -207,9 +208,7 @@ class Subscription:
         self._stopped = True
         self.bus.service._subs.discard(self)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

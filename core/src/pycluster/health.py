@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .aio import cancel_and_wait
 from .context import Context
 from .errors import ConfigError
 from .httpserver import HttpServer, Request, Response
@@ -789,9 +790,7 @@ class PlatformHealth:
         for full in self._app_checks.pop(rt.app.name, []):
             chk = self.checks.pop(full, None)
             if chk is not None and chk.task is not None:
-                chk.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await chk.task
+                await cancel_and_wait(chk.task)
 
     async def stop(self) -> None:
         """Stop the HTTP server and every check."""

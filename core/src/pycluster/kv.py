@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import names, natsutil
+from .aio import cancel_and_wait
 from .errors import KeyExistsError, PayloadTooLargeError, RevisionMismatchError
 
 log = logging.getLogger(__name__)
@@ -362,9 +363,7 @@ class KVWatcher:
             return
         self._stopped = True
         if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+            await cancel_and_wait(self._poller)
         await self._drop_sub()
         self._queue.put_nowait(None)
 

@@ -70,6 +70,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from . import names, natsutil
+from .aio import cancel_and_wait
 from .errors import LockLostError, LockTimeoutError
 from .kv import KVWatcher
 
@@ -273,9 +274,7 @@ class _KeyState:
             self._linger.cancel()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _observe(self) -> None:
         svc = self._svc
@@ -679,9 +678,7 @@ class Lock:
     async def _stop_renewer(self) -> None:
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            await cancel_and_wait(renewer)
 
 
 async def _shielded(coro: Any) -> None:

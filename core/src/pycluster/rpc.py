@@ -52,6 +52,7 @@ import pydantic
 from nats.aio.msg import Msg
 
 from . import codec as codecs
+from .aio import cancel_and_wait
 from .errors import (
     CallTimeoutError,
     ConfigError,
@@ -338,9 +339,7 @@ class RpcService:
         """Unsubscribe everything; cancel running handlers."""
         self._running = False
         if self._reconcile_task is not None:
-            self._reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reconcile_task
+            await cancel_and_wait(self._reconcile_task)
         for name in list(self._endpoints):
             await self.remove_endpoints(name)
         if self._cancel_sub is not None:

@@ -24,7 +24,6 @@ datagram (systemd restarting) is logged once and ignored: notification never blo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import logging
 import os
@@ -33,6 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .aio import cancel_and_wait
 from .plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -200,9 +200,7 @@ class SystemdIntegration:
         """Stop the watchdog loop."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 async def run_platform(platform: Platform) -> None:

@@ -35,6 +35,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from pycluster.aio import cancel_and_wait
 from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy, fencing_env
 from pycluster.context import Context
 
@@ -391,9 +392,7 @@ class DockerBackend:
         if self.fence is not None:  # a graceful stop: the guard must not act meanwhile
             await self.fence.release()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         c = self.container
         if c is None:

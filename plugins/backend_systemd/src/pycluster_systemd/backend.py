@@ -35,6 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pycluster.aio import cancel_and_wait
 from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy
 from pycluster.context import Context
 
@@ -219,9 +220,7 @@ class SystemdBackend:
         self.running = False
         await self.fence.release()  # a graceful stop: the guard must not act meanwhile
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         units = [self.option.unit]
         if self.option.stop_requires:

@@ -250,9 +250,7 @@ class Follower:
                 reason = f"exited with {code}" + (f": {self.last_error}" if self.last_error
                                                  else "")
         finally:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            await cancel_and_wait(watchdog)
         return reason
 
     def _line(self, line: str, seeded: Snapshot | None) -> bool:

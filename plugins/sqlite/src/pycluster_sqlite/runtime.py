@@ -605,9 +605,7 @@ class SQLiteRuntime:
         keep = []
         for t in self._active_tasks:
             if t.get_name().startswith("sqlite-snapshots:"):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+                await cancel_and_wait(t)
             else:
                 keep.append(t)
         self._active_tasks = keep

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pycluster.aio import cancel_and_wait
 from pycluster.app import App
 from pycluster.context import Context
 from pycluster.platform import Platform
@@ -98,9 +99,7 @@ class _Writer:
     async def on_passive(self, ctx: Context) -> None:
         task, self.task = self.task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
 
     async def on_stop(self, ctx: Context) -> None:
         await self.on_passive(ctx)

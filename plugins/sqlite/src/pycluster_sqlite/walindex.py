@@ -37,6 +37,8 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType
 
+from pycluster.aio import cancel_and_wait
+
 from .errors import FencedError
 from .litestream import SNAPSHOT_LEVEL, ltx_name, parse_ltx_name
 
@@ -172,9 +174,7 @@ class WalIndex:
         """Stop watching."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         await self._unsubscribe()
 
     async def reconnected(self) -> None:
