@@ -82,18 +82,11 @@ async def ensure_kv(
     JetStream that is still electing its meta leader (a cluster starting up) answers with no
     responders or "unavailable": retried with back-off for up to ``wait`` seconds.
     """
-    delay = 0.05
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            await _ensure_kv_once(js, bucket, history=history, marker_ttl=marker_ttl,
-                                  replicas=replicas, max_value_size=max_value_size, memory=memory)
-            return
-        except TRANSIENT_ERRORS:
-            if time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    await retry_transient(
+        lambda: _ensure_kv_once(js, bucket, history=history, marker_ttl=marker_ttl,
+                                replicas=replicas, max_value_size=max_value_size, memory=memory),
+        wait,
+    )
 
 
 async def _ensure_kv_once(
