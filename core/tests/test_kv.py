@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -25,84 +19,14 @@ from pycluster.errors import (
     RevisionMismatchError,
 )
 from pycluster.kv import AppKV, KVWatcher, WatchEvent
+from pycluster.testing import NatsServer
 
-NATS_SERVER = os.environ.get("PYCLUSTER_NATS_SERVER", "/work/venv/bin/nats-server")
-
-
-# -- a private nats-server fixture (until the shared pytest plugin exists) -----------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ``nats_url``: the shared session server of pycluster.testing.pytest_plugin (it finds the
+# nats-server binary and removes its temporary directory); buckets here have unique names.
 
 
 async def _quiet(_exc: Exception) -> None:
     """nats-py logs every failed connect attempt at ERROR; tests expect some."""
-
-
-class _Server:
-    """A nats-server subprocess with JetStream on a fixed 127.0.0.1 port and data directory."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.data_dir = tempfile.mkdtemp(prefix="pycluster-kv-test-")
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self) -> None:
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-js", "-sd", self.data_dir, "-a", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def start(self, timeout: float = 15.0) -> None:
-        """Start and wait until JetStream answers (outside an event loop)."""
-        self._spawn()
-        asyncio.run(self._wait_ready(timeout))
-
-    async def astart(self, timeout: float = 15.0) -> None:
-        """Start and wait until JetStream answers (inside a test's event loop)."""
-        self._spawn()
-        await self._wait_ready(timeout)
-
-    async def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc is not None and self.proc.poll() is None, "nats-server exited"
-            try:
-                nc = await nats.connect(
-                    self.url, connect_timeout=0.5, allow_reconnect=False, error_cb=_quiet
-                )
-                try:
-                    await nc.jetstream().account_info()
-                    return
-                finally:
-                    await nc.close()
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
-
-    def cleanup(self) -> None:
-        self.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def natsd() -> Iterator[_Server]:
-    server = _Server()
-    server.start()
-    yield server
-    server.cleanup()
 
 
 async def _connect(url: str) -> Client:
@@ -116,8 +40,8 @@ async def _connect(url: str) -> Client:
 
 
 @pytest.fixture
-async def js(natsd: _Server) -> AsyncIterator[JetStreamContext]:
-    nc = await _connect(natsd.url)
+async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    nc = await _connect(nats_url)
     yield nc.jetstream()
     await nc.close()
 
@@ -237,8 +161,8 @@ async def test_watch_initial_values(kv: AppKV) -> None:
 
 @pytest.mark.timeout(60)
 async def test_watch_survives_server_restart() -> None:
-    server = _Server()
-    await server.astart()
+    server = NatsServer()  # its own server: this test restarts it
+    await server.start()
     nc = await _connect(server.url)
     try:
         kv = AppKV(nc.jetstream(), "restart_kv")
@@ -248,7 +172,7 @@ async def test_watch_survives_server_restart() -> None:
             assert (await _events(watcher, 1))[0].key == "r.before"
 
             server.kill()
-            await server.astart()  # same port and data directory: the bucket survives
+            await server.restart()  # same port and data directory: the bucket survives
             deadline = time.monotonic() + 20
             while True:  # writes fail until the client has reconnected
                 try:
@@ -264,7 +188,7 @@ async def test_watch_survives_server_restart() -> None:
         assert events[0].revision == rev
     finally:
         await nc.close()
-        server.cleanup()
+        await server.stop()  # also removes its temporary directory
 
 
 @pytest.mark.timeout(60)

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -25,60 +21,17 @@ from pycluster import natsutil
 from pycluster.errors import InvalidNameError, LockLostError, LockTimeoutError
 from pycluster.kv import AppKV
 from pycluster.locks import Lock, LockHolder, LockService
+from pycluster.testing import NatsServer
 
-NATS_SERVER = os.environ.get("PYCLUSTER_NATS_SERVER", "/work/venv/bin/nats-server")
 SRC = str(Path(pycluster.__file__).resolve().parent.parent)
 
 
-# -- a private nats-server fixture (until the shared pytest plugin exists) -----------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# ``nats_url``: the shared session server of pycluster.testing.pytest_plugin (it finds the
+# nats-server binary and removes its temporary directory); bucket names are unique per test.
 
 
 async def _quiet(_exc: Exception) -> None:
     """nats-py logs every failed connect attempt at ERROR; tests expect some."""
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, "nats-server exited"
-        try:
-            nc = await nats.connect(
-                url, connect_timeout=0.5, allow_reconnect=False, error_cb=_quiet
-            )
-            try:
-                await nc.jetstream().account_info()
-                return
-            finally:
-                await nc.close()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    data_dir = tempfile.mkdtemp(prefix="pycluster-locks-test-")
-    port = _free_port()
-    url = f"nats://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [NATS_SERVER, "-js", "-sd", data_dir, "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        asyncio.run(_wait_ready(url, proc, 15.0))
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -341,30 +294,9 @@ async def test_invalid_names(services: Callable[[str], Awaitable[LockService]]) 
 @pytest.mark.timeout(60)
 async def test_lock_and_waiter_survive_a_server_restart() -> None:
     """A restart shorter than the lease: the holder keeps the lock, the waiter gets it next."""
-    data_dir = tempfile.mkdtemp(prefix="pycluster-locks-restart-")
-    port = _free_port()
-    url = f"nats://127.0.0.1:{port}"
-    args = [NATS_SERVER, "-js", "-sd", data_dir, "-a", "127.0.0.1", "-p", str(port)]
-
-    async def start() -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.returncode is None, "nats-server exited"
-            try:
-                nc = await nats.connect(url, allow_reconnect=False, error_cb=_quiet)
-                try:
-                    await nc.jetstream().account_info()
-                    return proc
-                finally:
-                    await nc.close()
-            except Exception:
-                assert time.monotonic() < deadline, "nats-server not ready"
-                await asyncio.sleep(0.05)
-
-    server = await start()
+    server = NatsServer()  # its own server: this test restarts it
+    await server.start()
+    url = server.url
     conns = [
         await nats.connect(url, reconnect_time_wait=0.1, max_reconnect_attempts=-1, error_cb=_quiet)
         for _ in range(2)
@@ -381,10 +313,9 @@ async def test_lock_and_waiter_survive_a_server_restart() -> None:
             return len(await queue_of(a, "job")) == 1
 
         await wait_until(queued, what="waiter queued")
-        kill(server)
-        await server.wait()
+        server.kill()
         killed = time.monotonic()
-        server = await start()  # same port and data: the lock state survives
+        await server.restart()  # same port and data: the lock state survives
         # Still held a whole lease after the outage began: renewals got through again.
         while time.monotonic() < killed + held.ttl + 0.5:
             assert held.held, "lock lost across a restart shorter than its lease"
@@ -399,9 +330,7 @@ async def test_lock_and_waiter_survive_a_server_restart() -> None:
         await b.close()
         for nc in conns:
             await nc.close()
-        kill(server)
-        await server.wait()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        await server.stop()  # also removes its temporary directory
 
 
 # -- several processes -------------------------------------------------------------------------

@@ -280,6 +280,15 @@ async def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
+async def test_failed_start_removes_the_temporary_directory(tmp_path: Path) -> None:
+    server = NatsServer(extra_args=["-c", str(tmp_path / "missing.conf")])
+    assert server.data_dir.is_dir()
+    with pytest.raises(NatsServerError):
+        await server.start(timeout=5)
+    assert not server.data_dir.exists()
+
+
+@pytest.mark.timeout(30)
 async def test_a_taken_port_is_never_mistaken_for_ours(tmp_path: Path) -> None:
     async with NatsServer() as first:
         # An explicit port is kept: the start fails (the other server answering there does not

@@ -129,7 +129,7 @@ def nats_server() -> Iterator[NatsServer]:
     except FileNotFoundError as exc:
         require("nats-server", False, str(exc))
     server = NatsServer()
-    server.start_sync()
+    server.start_sync()  # a failed start removes the server's temporary directory itself
     try:
         yield server
     finally:

@@ -75,6 +75,15 @@ class NatsServer(EmbeddedNatsServer):
             data_dir = tempfile.mkdtemp(prefix="pycluster-nats-")
         super().__init__(data_dir, host=host, port=port, extra_args=tuple(extra_args), name=name)
 
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start and wait until ready; a start that fails removes a temporary data directory
+        (a test that never got the server must not leave it behind)."""
+        try:
+            await super().start(timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the server; a temporary data directory is removed afterwards."""
         await super().stop(timeout)
