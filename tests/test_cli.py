@@ -96,7 +96,9 @@ async def test_run_config_process_backend_and_graceful_exit(
     cfg.write_text(
         f"name: {unique_name}\nnode_id: n1\nnats_url: {nats_url}\nlease_ttl: 2\n"
         "heartbeat_interval: 0.5\napps:\n  - name: web\n    process:\n"
-        f"      command: [sh, -c, 'echo $PYCLUSTER_EPOCH > {marker}; exec sleep 600']\n"
+        # The path is an argument ($0), never pasted into the script: it may contain spaces.
+        f"      command: [sh, -c, 'echo $PYCLUSTER_EPOCH > \"$0\"; exec sleep 600', "
+        f"{json.dumps(str(marker))}]\n"
         "      grace: 2\n"
     )
     proc = subprocess.Popen([*PYCLUSTER, "run", "--config", str(cfg)],  # noqa: ASYNC220

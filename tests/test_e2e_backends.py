@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shlex
 import sys
 import textwrap
 import time
@@ -130,7 +132,9 @@ class Backends:
 def backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Backends:
     b = Backends(tmp_path)
     monkeypatch.setenv("E2E_BACKEND_LOG", str(b.log))
-    monkeypatch.setenv("PYTHONPATH", str(b.dir))
+    # Prepended, not replaced: the node processes must still import this checkout's pycluster.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(b.dir), os.environ.get("PYTHONPATH")) if p))
     return b
 
 
@@ -242,7 +246,8 @@ async def test_backend_that_never_becomes_healthy_hands_over(
     nats_url: str, backends: Backends, cluster_factory: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("POISON_FIRST", "1")  # the first node to run the backend is broken
-    health = f"sh -c 'test -e {backends.dir}/$PYCLUSTER_NODE'"
+    # The folder is an argument ($0), not pasted into the script: it may contain spaces.
+    health = f"sh -c 'test -e \"$0/$PYCLUSTER_NODE\"' {shlex.quote(str(backends.dir))}"
     c = cluster_factory([nats_url], backends, "--backend-health-cmd", health,
                         "--backend-start-timeout", "2", lease_ttl=2.0, heartbeat=0.5)
     await c.start()

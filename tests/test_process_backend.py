@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -50,6 +51,11 @@ def backend_of(app: App) -> ProcessBackend:
 
 def sh(script: str) -> list[str]:
     return ["sh", "-c", textwrap.dedent(script)]
+
+
+def q(path: Path) -> str:
+    """A path as one shell word (a checkout or TMPDIR may contain spaces)."""
+    return shlex.quote(str(path))
 
 
 # -- options ----------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ async def test_health_probes_against_real_endpoints(tmp_path: Path) -> None:
     closed = await HealthCheck(tcp=f"127.0.0.1:{free_port()}").probe()
     assert not closed.healthy and "TCP" in closed.detail
     marker = tmp_path / "ok"
-    check = HealthCheck(command=f"test -e {marker}")
+    check = HealthCheck(command=["test", "-e", str(marker)])
     assert not (await check.probe()).healthy
     marker.touch()
     assert (await check.probe()).healthy
@@ -185,9 +191,10 @@ async def test_stop_is_sigterm_then_sigkill_for_the_whole_tree(make_platform: An
     # session of its own: stop must reach all of them.
     app = App("svc", Singleton(), Process(sh(f"""
         trap '' TERM
-        sleep 600 & echo $! >> {pids}
-        setsid sh -c 'trap "" TERM; sleep 601 & echo $! >> {pids}; wait' &
-        echo $$ >> {pids}
+        P={q(pids)}; export P
+        sleep 600 & echo $! >> "$P"
+        setsid sh -c 'trap "" TERM; sleep 601 & echo $! >> "$P"; wait' &
+        echo $$ >> "$P"
         wait
     """), grace=0.5))
     await make_platform("n1", app)
@@ -234,7 +241,7 @@ async def test_crash_is_restarted_with_back_off_then_the_node_steps_down(
 ) -> None:
     starts = tmp_path / "starts"
     proc = Process(sh(f"""
-        echo "$PYCLUSTER_NODE" >> {starts}
+        echo "$PYCLUSTER_NODE" >> {q(starts)}
         [ "$PYCLUSTER_NODE" = n2 ] && exec sleep 600
         exit 3
     """), max_restarts=2, restart_backoff=0.2)
@@ -255,7 +262,7 @@ async def test_restart_never_steps_down_at_the_first_exit(make_platform: Any,
                                                           tmp_path: Path) -> None:
     starts = tmp_path / "starts"
     proc = Process(sh(f"""
-        echo "$PYCLUSTER_NODE" >> {starts}
+        echo "$PYCLUSTER_NODE" >> {q(starts)}
         [ "$PYCLUSTER_NODE" = n2 ] && exec sleep 600
         sleep 0.3; exit 1
     """), restart="never")
@@ -341,8 +348,8 @@ async def test_unhealthy_while_active_is_restarted(make_platform: Any, tmp_path:
     ready = tmp_path / "ready"
     starts = tmp_path / "starts"
     app = App("svc", Singleton(), Process(
-        sh(f"echo x >> {starts}; touch {ready}; exec sleep 600"), restart_backoff=0.1,
-        health=HealthCheck(command=f"test -e {ready}", interval=0.2, failure_threshold=2,
+        sh(f"echo x >> {q(starts)}; touch {q(ready)}; exec sleep 600"), restart_backoff=0.1,
+        health=HealthCheck(command=["test", "-e", str(ready)], interval=0.2, failure_threshold=2,
                            start_timeout=30)))
     await make_platform("n1", app)
     await wait_for(lambda: app.is_active, 20)
@@ -368,9 +375,10 @@ class Guarded:
         self.ours, theirs = socket.socketpair()
         script = f"""
             trap '' TERM
-            echo $$ >> {self.pids}
-            sleep 600 & echo $! >> {self.pids}
-            setsid sh -c 'sleep 601 & echo $! >> {self.pids}; wait' &
+            P={q(self.pids)}; export P
+            echo $$ >> "$P"
+            sleep 600 & echo $! >> "$P"
+            setsid sh -c 'sleep 601 & echo $! >> "$P"; wait' &
             wait
         """
         self.proc = subprocess.Popen(

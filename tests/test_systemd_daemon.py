@@ -10,6 +10,7 @@ with a process backend. A first test reads the notify protocol from a plain sock
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -46,9 +47,9 @@ apps:
         - sh
         - -c
         - |
-          touch /etc/pyc-probe 2>/dev/null && echo rw > {DATA}/etc || echo ro > {DATA}/etc
+          touch /etc/pyc-probe 2>/dev/null && echo rw > "{DATA}/etc" || echo ro > "{DATA}/etc"
           echo "started epoch=$PYCLUSTER_EPOCH"
-          echo $$ > {DATA}/backend.pid
+          echo $$ > "{DATA}/backend.pid"
           exec sleep 100000
       grace: 2
 """
@@ -186,8 +187,9 @@ def install(sd: SystemdContainer) -> None:
         "sys.exit(main())\n"
     ), mode=0o755)
     sd.write_file("/etc/pycluster/test.yaml", CONFIG)
-    sd.write_file("/etc/pycluster/test.env",
-                  f"PYCLUSTER_NATS_SERVER={Path(site).parents[2]}/bin/nats-server\n", 0o640)
+    # Quoted: the venv's path may contain spaces (systemd's EnvironmentFile= syntax).
+    server = json.dumps(f"{Path(site).parents[2]}/bin/nats-server")
+    sd.write_file("/etc/pycluster/test.env", f"PYCLUSTER_NATS_SERVER={server}\n", 0o640)
     sd.write_file("/etc/systemd/system/pycluster@.service", UNIT.read_text())
     # Only if this checkout lives under /root or /home: let the node read it there; likewise
     # PrivateTmp= hides a checkout (or venv) under /tmp, where CI may clone the repository.

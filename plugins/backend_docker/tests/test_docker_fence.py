@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -74,7 +76,7 @@ def _action_guard(*args: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
 
 def test_action_guard_fences_on_node_death_and_deadline_not_on_release(tmp_path: Path) -> None:
     mark = tmp_path / "fenced"
-    action = ["--fence-action", json.dumps(["sh", "-c", f"echo x >> {mark}"])]
+    action = ["--fence-action", json.dumps(["sh", "-c", f"echo x >> {shlex.quote(str(mark))}"])]
     proc, ctl = _action_guard(*action)
     ctl.sendall(b"release\n")
     assert proc.wait(30) == 0 and not mark.exists()  # graceful: no action
@@ -98,7 +100,9 @@ async def test_container_never_outlives_the_lease_of_a_dead_or_paused_node(
     how: str, engine: PodmanService, client: Any, tmp_path: Path, nats_url: str,
     unique_name: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    # Prepended, not replaced: the node processes must still import this checkout's pycluster.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p))
     c = NodeCluster(unique_name, [nats_url], tmp_path, size=2, lease_ttl=2.0, heartbeat=0.5,
                     extra_args=["--setup", "docker_fence_node:options",
                                 "--setup-arg", f"image={build_busybox_image()}",

@@ -7,6 +7,7 @@ exactly as it would reach another host through ``ssh host``.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -264,7 +265,9 @@ async def test_unit_never_outlives_the_lease_of_a_dead_or_paused_node(
 ) -> None:
     reset(sd1)
     reset(sd2)
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    # Prepended, not replaced: the node processes must still import this checkout's pycluster.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p))
     hosts = {"n1": sd1, "n2": sd2}
     c = NodeCluster(unique_name, [nats_url], tmp_path, size=2, lease_ttl=2.0, heartbeat=0.5,
                     extra_args=["--setup", "systemd_fence_node:options"],

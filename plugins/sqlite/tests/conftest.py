@@ -60,7 +60,7 @@ async def make_node(nats_url: str, unique_name: str, tmp_path: Path,
 
 def rows(path: str | Path, table: str = "t") -> list[tuple[Any, ...]]:
     """Every row of ``table`` (read-only), sorted by id; [] when the table does not exist."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    con = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
     try:
         return con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
     except sqlite3.OperationalError as exc:

@@ -61,7 +61,7 @@ def db_path(cluster: NodeCluster, node: str) -> Path:
 
 
 def read_rows(path: Path) -> dict[int, str]:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10.0)
     try:
         return {int(r[0]): str(r[1]) for r in con.execute("SELECT id, payload FROM t")}
     finally:

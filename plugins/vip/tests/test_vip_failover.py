@@ -10,6 +10,7 @@ for the VIP.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -106,7 +107,7 @@ def world(tmp_path: Path, unique_name: str) -> Iterator[World]:
             heartbeat=0.5, hosts={"n1": h1, "n2": h2},
             extra_args=["--setup", "pycluster_vip.testing:setup", "--setup-arg", f"vip={vip}/24",
                         "--setup-arg", f"peer={net.ip(h3)}", "--setup-arg", "check_interval=0.5",
-                        "--backend-cmd", f"sh {script} {vip} {tmp_path}"],
+                        "--backend-cmd", shlex.join(["sh", str(script), vip, str(tmp_path)])],
         )
         try:
             wait_ready = time.monotonic() + 30

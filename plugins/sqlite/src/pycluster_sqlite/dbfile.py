@@ -65,7 +65,8 @@ def check_wal_mode(path: str | Path) -> None:
 def _sqlite_mode_name(path: str | Path) -> str:
     """The journal mode SQLite reports (read-only open; "delete" when it cannot tell)."""
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        # as_uri(): a plain "file:" + path breaks on "%", "#" or "?" in a folder name.
+        con = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=1.0)
         try:
             found = _query(con, "PRAGMA journal_mode")
         finally:

@@ -141,6 +141,8 @@ def open_replica(db: SQLite, timeout: float = 5.0) -> sqlite3.Connection:
     short (a long read transaction delays the follower), never write, and reopen if the
     connection fails while the replica is rebuilt.
     """
-    con = sqlite3.connect(f"file:{db.replica_path}?mode=ro", uri=True, timeout=timeout)
+    # as_uri(): a plain "file:" + path breaks on "%", "#" or "?" in a folder name.
+    uri = f"{Path(db.replica_path).absolute().as_uri()}?mode=ro"
+    con = sqlite3.connect(uri, uri=True, timeout=timeout)
     con.execute("PRAGMA query_only=1")
     return con
