@@ -534,14 +534,9 @@ class AuditLog:
             num_replicas=self.platform.settings.stream_replicas,
             duplicate_window=DUPLICATE_WINDOW,
         )
-        try:
-            info = await js.stream_info(self.stream_name)
-        except nats.js.errors.NotFoundError:
-            try:
-                await js.add_stream(cfg)
-                return
-            except nats.js.errors.BadRequestError:
-                info = await js.stream_info(self.stream_name)  # created by another node
+        info = await nu.ensure_stream(js, self.stream_name, lambda: js.add_stream(cfg))
+        if info is None:
+            return  # created now, with this configuration
         have = info.config
         def limits(c: StreamConfig) -> tuple[float, int, int]:
             return (c.max_age or 0, max(c.max_bytes or -1, -1), max(c.max_msgs or -1, -1))

@@ -46,6 +46,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import codec as codecs
+from . import natsutil
 from .aio import cancel_and_wait
 from .errors import ConfigError, PayloadTooLargeError
 from .names import (
@@ -265,18 +266,12 @@ class EventBus:
         if self._ensured:
             return
         js = self.service._js()
-        try:
-            await js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            cfg = StreamConfig(
-                name=self.stream, subjects=[self.base + ">"], max_age=self.service.max_age,
-                max_bytes=self.service.max_bytes or -1, duplicate_window=120.0,
-                num_replicas=self.service.platform.settings.stream_replicas,
-            )
-            try:
-                await js.add_stream(cfg)
-            except nats.js.errors.BadRequestError:
-                await js.stream_info(self.stream)  # lost a creation race: fine if it exists now
+        cfg = StreamConfig(
+            name=self.stream, subjects=[self.base + ">"], max_age=self.service.max_age,
+            max_bytes=self.service.max_bytes or -1, duplicate_window=120.0,
+            num_replicas=self.service.platform.settings.stream_replicas,
+        )
+        await natsutil.ensure_stream(js, self.stream, lambda: js.add_stream(cfg))
         self._ensured = True
 
     async def publish(

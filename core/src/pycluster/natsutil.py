@@ -5,12 +5,22 @@ Facts these rely on (measured, see the design notes in docs/concepts.md):
   subject with ``Nats-Expected-Last-Subject-Sequence`` (compare-and-set) and ``Nats-TTL``.
 - With ``limit_marker_ttl`` an expired key leaves a marker message (``Nats-Marker-Reason``);
   ``kv.create()`` then fails, so a takeover is a conditional write against the marker's sequence.
+- A conditional write is refused with err_code 10071 when the subject's last sequence differs,
+  and on a replicated stream also with 10164 while another conditional write on the same subject
+  is still being proposed (it cannot be decided yet). 10164 is retried with the same expectation
+  for the rest of the caller's timeout: the competing write either lands (then the retry gets
+  10071, a real conflict) or fails (then the retry succeeds).
+- Direct gets are answered by any replica, also one that is behind (after a partition heals) or
+  an isolated former stream leader. A *linearizable* read confirms what it read with a guard
+  write (`confirm_read`): a replicated write that the stream accepts only if the key's last
+  sequence is still the one read, so the value was current at a moment inside the read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +29,7 @@ from typing import Any, TypeVar
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType, StreamInfo
 
 from .errors import PayloadTooLargeError
 
@@ -28,12 +38,30 @@ T = TypeVar("T")
 KV_OP = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 TTL_HEADER = "Nats-TTL"
 WRONG_LAST_SEQUENCE = 10071
+"""err_code: the subject's last sequence is not the expected one (a real conflict)."""
+CAS_IN_FLIGHT = 10164
+"""err_code: another conditional write on the subject is still in flight (R3 streams)."""
+GUARD_KEY = "_pycluster.guard"
+"""Reserved key that read guards are written to (`confirm_read`); never a user key."""
+# Pause between attempts of a write refused with CAS_IN_FLIGHT (jittered, doubling).
+_IN_FLIGHT_PAUSE = 0.001
+_IN_FLIGHT_PAUSE_MAX = 0.01
 
 
 class CASConflict(Exception):
     """A compare-and-set write found a different last sequence on the subject."""
+
+
+def cas_error_code(exc: BaseException) -> int | None:
+    """The JetStream err_code of a refused conditional write (10071 or 10164), else None."""
+    if isinstance(exc, nats.js.errors.APIError):
+        code = exc.err_code
+        if code in (WRONG_LAST_SEQUENCE, CAS_IN_FLIGHT):
+            return int(code)
+    return None
 
 
 @dataclass
@@ -76,13 +104,14 @@ async def ensure_kv(
     max_value_size: int | None = None,
     memory: bool = False,
     wait: float = 30.0,
-) -> None:
+) -> StreamInfo | None:
     """Create the bucket if it does not exist (idempotent; an existing bucket is kept as is).
 
-    JetStream that is still electing its meta leader (a cluster starting up) answers with no
-    responders or "unavailable": retried with back-off for up to ``wait`` seconds.
+    Returns the existing bucket's stream info, or None if it was created now. JetStream that is
+    still electing its meta leader (a cluster starting up) answers with no responders or
+    "unavailable": retried with back-off for up to ``wait`` seconds.
     """
-    await retry_transient(
+    return await retry_transient(
         lambda: _ensure_kv_once(js, bucket, history=history, marker_ttl=marker_ttl,
                                 replicas=replicas, max_value_size=max_value_size, memory=memory),
         wait,
@@ -98,12 +127,7 @@ async def _ensure_kv_once(
     replicas: int,
     max_value_size: int | None,
     memory: bool,
-) -> None:
-    try:
-        await js.stream_info(kv_stream(bucket))
-        return
-    except nats.js.errors.NotFoundError:
-        pass
+) -> StreamInfo | None:
     cfg = KeyValueConfig(
         bucket=bucket,
         history=history,
@@ -113,23 +137,82 @@ async def _ensure_kv_once(
         storage=StorageType.MEMORY if memory else None,
         direct=True,
     )
+    info = await _ensure_stream_once(js, kv_stream(bucket), lambda: js.create_key_value(cfg))
+    if info is None and replicas > 1:
+        await wait_stream_leader(js, kv_stream(bucket))
+    return info
+
+
+async def ensure_stream(
+    js: JetStreamContext,
+    stream: str,
+    create: Callable[[], Awaitable[Any]],
+    wait: float = 30.0,
+) -> StreamInfo | None:
+    """The info of ``stream`` if it exists; otherwise call ``create()`` and return None.
+
+    Idempotent across nodes (losing a creation race to another node is fine) and retried while
+    JetStream answers with `TRANSIENT_ERRORS` (a cluster still electing), for up to ``wait`` s.
+    ``create`` makes the stream (``js.add_stream``, ``js.create_key_value``, an object store).
+    A stream created now is returned only once it has a leader: writes right after the
+    creation of a replicated stream otherwise fail with "no response from stream".
+    """
+    info = await retry_transient(lambda: _ensure_stream_once(js, stream, create), wait)
+    if info is None:
+        await wait_stream_leader(js, stream, wait)
+    return info
+
+
+async def wait_stream_leader(js: JetStreamContext, stream: str, wait: float = 30.0) -> None:
+    """Return once ``stream`` has a leader (at once for a single server); bounded by ``wait``."""
+    deadline = time.monotonic() + wait
+    delay = 0.02
+    while True:
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        except TRANSIENT_ERRORS:
+            pass
+        if time.monotonic() + delay > deadline:
+            raise TimeoutError(f"stream {stream} has no leader after {wait:g}s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+async def _ensure_stream_once(
+    js: JetStreamContext, stream: str, create: Callable[[], Awaitable[Any]]
+) -> StreamInfo | None:
     try:
-        await js.create_key_value(cfg)
+        return await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await create()
+        return None
     except nats.js.errors.BadRequestError as exc:
         # Lost a creation race against another node: fine if it now exists.
         try:
-            await js.stream_info(kv_stream(bucket))
+            return await js.stream_info(stream)
         except nats.js.errors.NotFoundError:
             raise exc from None
 
 
-async def last_msg(js: JetStreamContext, bucket: str, key: str) -> LastMsg | None:
-    """The last message on a key's subject (a value, a delete or a marker), or None."""
+async def last_msg(
+    js: JetStreamContext, bucket: str, key: str, *, direct: bool = True
+) -> LastMsg | None:
+    """The last message on a key's subject (a value, a delete or a marker), or None.
+
+    ``direct`` asks any replica (fast, possibly behind); otherwise the stream leader answers.
+    Neither alone is linearizable on a replicated stream: see `confirm_read`.
+    """
     stream, subject = kv_stream(bucket), kv_subject(bucket, key)
     try:
         try:
-            raw = await js.get_last_msg(stream, subject, direct=True)
+            raw = await js.get_last_msg(stream, subject, direct=direct)
         except nats.errors.NoRespondersError:
+            if not direct:
+                raise
             # A new replicated stream's direct-get responders may not be known to our server
             # yet: ask the stream leader through the API instead.
             raw = await js.get_last_msg(stream, subject, direct=False)
@@ -191,7 +274,8 @@ async def cas_publish(
 ) -> int:
     """Write ``payload`` to a KV key if its last sequence is ``expected_seq`` (0: no message).
 
-    Returns the new revision. Raises `CASConflict` when someone else wrote first; NATS timeouts
+    Returns the new revision. Raises `CASConflict` when someone else wrote first (also when a
+    competing conditional write was still in flight for the whole ``timeout``); NATS timeouts
     and connection errors propagate (the caller decides whether to retry).
     """
     if max_payload is not None and len(payload) > max_payload:
@@ -201,15 +285,58 @@ async def cas_publish(
         headers[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_seq)
     if ttl is not None:
         headers[TTL_HEADER] = ttl_header(ttl)
-    try:
-        ack = await js.publish(
-            kv_subject(bucket, key), payload, timeout=timeout, headers=headers or None
-        )
-    except nats.js.errors.APIError as exc:
-        if exc.err_code == WRONG_LAST_SEQUENCE:
-            raise CASConflict(str(exc)) from None
-        raise
-    return int(ack.seq)
+    seq = await conditional_publish(js, kv_subject(bucket, key), payload, headers, timeout)
+    if seq is None:
+        raise CASConflict(f"{bucket}/{key}: last sequence is not {expected_seq}")
+    return seq
+
+
+async def conditional_publish(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+) -> int | None:
+    """Publish with expectation headers; the stored sequence, or None if the stream refused.
+
+    A refusal because a competing conditional write is still in flight (`CAS_IN_FLIGHT`) is
+    retried with the same headers until ``timeout`` has passed: only the stream can tell
+    whether the competitor lands. Timeouts and connection errors propagate.
+    """
+    deadline = time.monotonic() + timeout
+    pause = _IN_FLIGHT_PAUSE
+    while True:
+        remaining = max(0.05, deadline - time.monotonic())
+        try:
+            ack = await js.publish(subject, payload, timeout=remaining, headers=headers or None)
+            return int(ack.seq)
+        except nats.js.errors.APIError as exc:
+            code = cas_error_code(exc)
+            if code is None:
+                raise
+            if code == WRONG_LAST_SEQUENCE or time.monotonic() + pause >= deadline:
+                return None
+        await asyncio.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, _IN_FLIGHT_PAUSE_MAX)
+
+
+async def confirm_read(
+    js: JetStreamContext, bucket: str, key: str, seq: int, *, timeout: float = 2.0
+) -> bool:
+    """Confirm that ``seq`` is still the last sequence of ``key`` (0: no message) by a write.
+
+    The guard is a replicated write of an empty message to `GUARD_KEY` that the stream leader
+    accepts only while the key's last sequence is ``seq``
+    (``Nats-Expected-Last-Subject-Sequence-Subject``). Accepted means a quorum agreed at a
+    moment after this call started, so what was read is current: the read is linearizable.
+    False means the key changed (re-read from the leader and confirm again). A side cut off
+    from the quorum never gets a guard accepted: the call times out instead.
+    ``key`` may be a pattern (``>``/``*``): then ``seq`` is the last sequence of all matching
+    keys.
+    """
+    headers = {
+        EXPECTED_LAST_SUBJECT_SEQ: str(seq),
+        EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: kv_subject(bucket, key),
+    }
+    guard = kv_subject(bucket, GUARD_KEY)
+    return await conditional_publish(js, guard, b"", headers, timeout) is not None
 
 
 async def cas_delete(

@@ -37,6 +37,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType
 
+from pycluster import natsutil
 from pycluster.aio import cancel_and_wait
 
 from .errors import FencedError
@@ -65,19 +66,12 @@ def stream_name(bucket: str) -> str:
 async def ensure_object_store(js: JetStreamContext, bucket: str, replicas: int = 1,
                               description: str = "") -> None:
     """Create the object store if it does not exist (an existing one is kept as is)."""
-    try:
-        await js.stream_info(stream_name(bucket))
-        return
-    except nats.js.errors.NotFoundError:
-        pass
     from nats.js.api import ObjectStoreConfig
 
-    try:
-        await js.create_object_store(bucket, ObjectStoreConfig(
-            bucket=bucket, description=description or None, replicas=replicas,
-            storage=StorageType.FILE))
-    except nats.js.errors.BadRequestError:
-        await js.stream_info(stream_name(bucket))  # lost a creation race: fine if it exists
+    cfg = ObjectStoreConfig(bucket=bucket, description=description or None, replicas=replicas,
+                            storage=StorageType.FILE)
+    await natsutil.ensure_stream(js, stream_name(bucket),
+                                 lambda: js.create_object_store(bucket, cfg))
 
 
 def _parse_time(value: Any) -> float | None:
@@ -379,8 +373,8 @@ class WalIndex:
                              "Nats-Expected-Last-Subject-Sequence": str(got[0] if got else 0)},
                 )
             except nats.js.errors.BadRequestError as exc:
-                if getattr(exc, "err_code", None) == 10071 or "wrong last" in str(exc):
-                    continue  # someone wrote in between: read again
+                if natsutil.cas_error_code(exc) is not None:
+                    continue  # someone wrote in between (or is writing): read again
                 raise
             rec.seq = ack.seq
             self._set_writer(rec)
