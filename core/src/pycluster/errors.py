@@ -92,6 +92,24 @@ class RevisionMismatchError(PyclusterError):
         super().__init__(f"key {key!r} in {bucket}: revision is no longer {expected}")
 
 
+class ReadNotConfirmedError(PyclusterError, TimeoutError):
+    """A linearizable read could not be confirmed by the stream's quorum in time.
+
+    Raised instead of returning a value that may be stale: the reader's NATS server is cut off
+    from the majority, or the stream is electing a leader. Retry, or read with ``stale_ok=True``.
+    """
+
+    def __init__(self, bucket: str, key: str, timeout: float) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.timeout = timeout
+        super().__init__(
+            f"read of {key!r} in {bucket} not confirmed by the stream's quorum within "
+            f"{timeout:g}s (server cut off, or stream leader election); retry, or pass "
+            "stale_ok=True to accept a possibly stale value"
+        )
+
+
 class NotLeaderError(PyclusterError):
     """An operation that needs leadership ran on a node that does not hold it."""
 

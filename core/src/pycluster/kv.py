@@ -5,6 +5,18 @@ size checked *before* anything is sent, conditional writes raise pycluster's err
 (`KeyExistsError`, `RevisionMismatchError`), and reads treat deletes, purges and server expiry
 markers alike as "no value". An `AppKV` only ever reads or writes its own bucket.
 
+Consistency. On a replicated bucket (``stream_replicas`` > 1) reads are **linearizable** by
+default: `AppKV.get`, `AppKV.get_entry` and `AppKV.keys` read (from any replica, then from the
+stream leader after a miss) and confirm what they read with a guard write
+(`pycluster.natsutil.confirm_read`) that the stream's quorum accepts only while the key still has
+the revision read. A read that cannot be confirmed raises `ReadNotConfirmedError` rather than
+return a value that may be stale (a reader whose server is cut off from the majority, or a
+stream electing its leader). ``stale_ok=True`` skips the guard: one round trip to any replica,
+possibly behind. On a single-replica bucket every read is answered by the one copy and needs no
+guard. Conditional writes (`create`, `update`, `delete(revision=)`, `transform`) are
+compare-and-set on the key's last revision, which is what makes a read-modify-write safe against
+a delayed write of a former lock holder; see ``docs/concepts.md`` (locks and fencing).
+
 Behaviour under connection loss (kazoo style):
 
 - Reads and writes are single JetStream requests. While NATS is unreachable they fail with the
@@ -22,12 +34,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import nats.errors
 import nats.js.errors
@@ -37,9 +51,21 @@ from nats.js.api import DeliverPolicy
 
 from . import names, natsutil
 from .aio import cancel_and_wait
-from .errors import KeyExistsError, PayloadTooLargeError, RevisionMismatchError
+from .errors import (
+    InvalidNameError,
+    KeyExistsError,
+    PayloadTooLargeError,
+    ReadNotConfirmedError,
+    RevisionMismatchError,
+)
+
+if TYPE_CHECKING:
+    from .locks import Lock
 
 log = logging.getLogger(__name__)
+
+RESERVED_PREFIX = "_pycluster."
+"""Keys under this prefix belong to pycluster (read guards); user keys may not use it."""
 
 Op = Literal["PUT", "DEL", "PURGE", "EXPIRED"]
 
@@ -50,6 +76,11 @@ _WATCH_INACTIVE_THRESHOLD = 30.0
 # A conditional create can lose to concurrent writers; after this many rounds it reports the
 # key as existing (someone else keeps recreating it).
 _CREATE_ATTEMPTS = 10
+# `AppKV.transform` gives up with RevisionMismatchError after this many lost races.
+_TRANSFORM_ATTEMPTS = 100
+
+Value = bytes | str
+Transform = Callable[[bytes | None], "Value | Awaitable[Value | None] | None"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +107,15 @@ class WatchEvent:
     revision: int
     op: Op
     created: datetime | None = None
+
+
+def check_key(key: object) -> str:
+    """`names.validate_key`, plus: keys under `RESERVED_PREFIX` are pycluster's own."""
+    names.validate_key(key)
+    assert isinstance(key, str)
+    if key.startswith(RESERVED_PREFIX):
+        raise InvalidNameError("key", key, f"keys starting with {RESERVED_PREFIX!r} are reserved")
+    return key
 
 
 def to_bytes(value: object) -> bytes:
@@ -144,58 +184,173 @@ class AppKV:
         self.bucket = bucket
         self.max_value_size = max_value_size
         self.timeout = timeout
+        self._replicas: int | None = None  # the bucket's replica count, once known
+        # Confirmed reads per key: the one in flight and the one that queued callers share.
+        self._reads: dict[str, _ReadBatch] = {}
 
     async def ensure(self, history: int = 1, replicas: int = 1) -> None:
         """Create the bucket if it is missing (idempotent; an existing bucket is kept as is)."""
-        await natsutil.ensure_kv(
+        info = await natsutil.ensure_kv(
             self._js,
             self.bucket,
             history=history,
             replicas=replicas,
             max_value_size=self.max_value_size,
         )
+        self._replicas = replicas if info is None else int(info.config.num_replicas or 1)
+
+    async def _replication(self) -> int:
+        """The bucket's replica count (read once: an existing bucket keeps its own)."""
+        if self._replicas is None:
+            info = await self._js.stream_info(natsutil.kv_stream(self.bucket))
+            self._replicas = int(info.config.num_replicas or 1)
+        return self._replicas
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def get(self, key: str) -> bytes | None:
-        """The key's value, or None if it is missing, deleted, purged or expired."""
-        entry = await self.get_entry(key)
+    async def get(self, key: str, *, stale_ok: bool = False) -> bytes | None:
+        """The key's value, or None if it is missing, deleted, purged or expired.
+
+        Linearizable unless ``stale_ok`` (see the module docstring); raises
+        `ReadNotConfirmedError` when the read cannot be confirmed within ``timeout``.
+        """
+        entry = await self.get_entry(key, stale_ok=stale_ok)
         return None if entry is None else entry.value
 
-    async def get_entry(self, key: str) -> Entry | None:
+    async def get_entry(self, key: str, *, stale_ok: bool = False) -> Entry | None:
         """The key's live `Entry` (value, revision, created), or None as for `get`."""
-        names.validate_key(key)
-        last = await natsutil.last_msg(self._js, self.bucket, key)
+        check_key(key)
+        last = await self._read(key, stale_ok)
         if last is None or last.tombstone:
             return None
         created = parse_timestamp(last.headers.get("Nats-Time-Stamp"))
         return Entry(key=key, value=last.data, revision=last.seq, created=created)
 
-    async def keys(self, pattern: str = ">") -> list[str]:
-        """Sorted keys with a live value that match ``pattern`` (``*``/``>`` wildcards)."""
-        names.validate_pattern(pattern)
-        kv = await self._js.key_value(self.bucket)
-        # nats-py's watcher with ignore_deletes skips DEL/PURGE and expiry markers and signals
-        # "caught up" with a None entry; kv.keys() itself would raise on an empty bucket and
-        # filters by substring, so use the watcher directly.
-        watcher: Any = await kv.watch(pattern, ignore_deletes=True, meta_only=True)
-        found: set[str] = set()
+    async def _read(self, key: str, stale_ok: bool) -> natsutil.LastMsg | None:
+        """The key's last message; confirmed by a guard write unless stale reads are fine.
+
+        Concurrent confirmed reads of one key share work: a caller that arrives while a read is
+        in flight waits for the *next* one, which starts after it arrived (so its answer is
+        linearizable for every caller sharing it); all callers arriving meanwhile share that
+        one. Guards of one key are decided one at a time by the stream, so this turns N
+        concurrent readers into one guard per round instead of N contending ones.
+        """
+        if stale_ok or await self._replication() <= 1:
+            return await natsutil.last_msg(self._js, self.bucket, key)
+        batch = self._reads.get(key)
+        if batch is None or batch.started:
+            batch = _ReadBatch(batch)
+            self._reads[key] = batch
+            batch.task = asyncio.ensure_future(self._run_batch(key, batch))
+        assert batch.task is not None
+        return await asyncio.shield(batch.task)
+
+    async def _run_batch(self, key: str, batch: _ReadBatch) -> natsutil.LastMsg | None:
+        previous, batch.previous = batch.previous, None
+        if previous is not None and previous.task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(previous.task)  # one confirmed read of a key at a time
+        batch.started = True
         try:
-            while True:
-                entry = await watcher.updates(timeout=self.timeout)
-                if entry is None:
-                    break
-                found.add(entry.key)
+            return await self._confirmed_read(key)
         finally:
-            with contextlib.suppress(*natsutil.TRANSIENT_ERRORS):
-                await watcher.stop()
-        return sorted(found)
+            if self._reads.get(key) is batch:
+                del self._reads[key]
+
+    async def _confirmed_read(self, key: str) -> natsutil.LastMsg | None:
+        deadline = time.monotonic() + self.timeout
+        direct = True
+        while True:
+            try:
+                last = await natsutil.last_msg(self._js, self.bucket, key, direct=direct)
+                seq = 0 if last is None else last.seq
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and await natsutil.confirm_read(
+                    self._js, self.bucket, key, seq, timeout=remaining
+                ):
+                    return last
+            except natsutil.TRANSIENT_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise ReadNotConfirmedError(self.bucket, key, self.timeout) from exc
+                await asyncio.sleep(0.05)
+            if time.monotonic() >= deadline:
+                raise ReadNotConfirmedError(self.bucket, key, self.timeout)
+            direct = False  # the replica that answered was behind: ask the stream leader
+
+    async def keys(self, pattern: str = ">", *, stale_ok: bool = False) -> list[str]:
+        """Sorted keys with a live value that match ``pattern`` (``*``/``>`` wildcards).
+
+        Linearizable unless ``stale_ok``, like `get`: the listing is confirmed by a guard write
+        against the last revision of every matching key (under many concurrent writes to
+        matching keys it may take several attempts, bounded by ``timeout``).
+        """
+        names.validate_pattern(pattern)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                found, last_seq = await self._scan(pattern)
+                if stale_ok or await self._replication() <= 1:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and await natsutil.confirm_read(
+                    self._js, self.bucket, pattern, last_seq, timeout=remaining
+                ):
+                    return found
+            except natsutil.TRANSIENT_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    raise ReadNotConfirmedError(self.bucket, pattern, self.timeout) from exc
+                await asyncio.sleep(0.05)
+            if time.monotonic() >= deadline:
+                raise ReadNotConfirmedError(self.bucket, pattern, self.timeout)
+
+    async def _scan(self, pattern: str) -> tuple[list[str], int]:
+        """Live user keys matching ``pattern`` and the highest revision of any matching
+        message (deletes, markers and guards included: the guard checks against it)."""
+        # An ordered consumer over the last message per subject, headers only. nats-py's own
+        # watcher skips unknown server markers, which would hide the true last revision.
+        done = asyncio.get_running_loop().create_future()
+        live: dict[str, bool] = {}
+        last_seq = 0
+        prefix = len(natsutil.kv_subject(self.bucket, ""))
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal last_seq
+            meta = msg.metadata
+            last_seq = max(last_seq, int(meta.sequence.stream))
+            key = msg.subject[prefix:]
+            live[key] = op_of(dict(msg.headers or {})) == "PUT"
+            if meta.num_pending == 0 and not done.done():
+                done.set_result(None)
+
+        sub: Any = await self._js.subscribe(
+            natsutil.kv_subject(self.bucket, pattern),
+            stream=natsutil.kv_stream(self.bucket),
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            headers_only=True,
+            inactive_threshold=_WATCH_INACTIVE_THRESHOLD,
+        )
+        try:
+            info = await sub.consumer_info()
+            if int(info.num_pending or 0) > 0 or int(info.delivered.stream_seq or 0) > 0:
+                async with asyncio.timeout(self.timeout):
+                    await done
+        finally:
+            with contextlib.suppress(*natsutil.TRANSIENT_ERRORS, nats.errors.Error):
+                await sub.unsubscribe()
+        keys = sorted(k for k, ok in live.items() if ok and not k.startswith(RESERVED_PREFIX))
+        return keys, last_seq
 
     # -- writes --------------------------------------------------------------------------------
 
     async def put(self, key: str, value: bytes | str) -> int:
-        """Write ``value`` unconditionally; return the new revision."""
-        names.validate_key(key)
+        """Write ``value`` unconditionally; return the new revision.
+
+        Not fenced: under a lock use `update` or `transform`, so that a delayed write of a
+        former holder cannot land on top of a later one.
+        """
+        check_key(key)
         data = self._checked(value, {})
         ack = await self._js.publish(
             natsutil.kv_subject(self.bucket, key), data, timeout=self.timeout
@@ -208,7 +363,7 @@ class AppKV:
         Raises `KeyExistsError` if it has one. A deleted, purged or expired key can be created
         again (the write is made conditional on the tombstone's revision).
         """
-        names.validate_key(key)
+        check_key(key)
         # Size check against the longest expected-sequence header a retry could carry.
         data = self._checked(value, {natsutil.EXPECTED_LAST_SUBJECT_SEQ: "9" * 20})
         expected = 0
@@ -224,13 +379,18 @@ class AppKV:
             expected = 0 if last is None else last.seq
         raise KeyExistsError(self.bucket, key)
 
-    async def update(self, key: str, value: bytes | str, revision: int) -> int:
+    async def update(
+        self, key: str, value: bytes | str, revision: int, *, lock: Lock | None = None
+    ) -> int:
         """Write ``value`` only if the key's last revision is ``revision``; return the new one.
 
-        Raises `RevisionMismatchError` if the key changed (or was deleted) since.
+        Raises `RevisionMismatchError` if the key changed (or was deleted) since. With ``lock``
+        the write is refused with `LockLostError` once that lock is no longer held.
         """
-        names.validate_key(key)
+        check_key(key)
         data = self._checked(value, {natsutil.EXPECTED_LAST_SUBJECT_SEQ: str(revision)})
+        if lock is not None:
+            lock.check()
         try:
             return await self._cas(key, data, revision)
         except natsutil.CASConflict:
@@ -242,7 +402,7 @@ class AppKV:
         With ``revision`` the delete is conditional and raises `RevisionMismatchError` if the
         key's last revision differs. Deleting a missing key is not an error.
         """
-        names.validate_key(key)
+        check_key(key)
         try:
             if revision is None:
                 return await natsutil.cas_publish(
@@ -259,6 +419,55 @@ class AppKV:
             )
         except natsutil.CASConflict:
             raise RevisionMismatchError(self.bucket, key, revision or 0) from None
+
+    async def transform(
+        self,
+        key: str,
+        fn: Transform,
+        *,
+        lock: Lock | None = None,
+        attempts: int = _TRANSFORM_ATTEMPTS,
+    ) -> Entry | None:
+        """Atomically replace the key's value with ``fn(old)`` (old: bytes, or None if absent).
+
+        A read-modify-write as one compare-and-set: read the last revision, compute, write only
+        if the key still has that revision, else read again and call ``fn`` again (so ``fn`` may
+        run several times and must have no side effects). ``fn`` may be async; returning None
+        deletes the key. With ``lock`` each write is refused with `LockLostError` once the lock
+        is no longer held. Returns the new `Entry` (None after a delete). Raises
+        `RevisionMismatchError` after ``attempts`` lost races.
+
+        No write of a former lock holder can be lost or land on top of a later one: a delayed
+        write carries the revision its writer read, which no longer matches.
+        """
+        check_key(key)
+        direct = True
+        for _ in range(max(1, attempts)):
+            # A replica's answer is enough here: a stale read only makes the write's
+            # compare-and-set fail, and the next read asks the stream leader.
+            last = await natsutil.last_msg(self._js, self.bucket, key, direct=direct)
+            old = None if last is None or last.tombstone else last.data
+            new = fn(old)
+            if inspect.isawaitable(new):
+                new = await new
+            expected = 0 if last is None else last.seq
+            headers = {natsutil.EXPECTED_LAST_SUBJECT_SEQ: str(expected)}
+            data = None if new is None else self._checked(new, headers)
+            if lock is not None:
+                lock.check()
+            try:
+                if data is None:
+                    if old is None:
+                        return None  # nothing to delete
+                    await natsutil.cas_delete(
+                        self._js, self.bucket, key, expected_seq=expected, timeout=self.timeout
+                    )
+                    return None
+                revision = await self._cas(key, data, expected)
+                return Entry(key=key, value=data, revision=revision, created=None)
+            except natsutil.CASConflict:
+                direct = False
+        raise RevisionMismatchError(self.bucket, key, 0)
 
     # -- watch ---------------------------------------------------------------------------------
 
@@ -302,6 +511,15 @@ class AppKV:
         return await natsutil.cas_publish(
             self._js, self.bucket, key, data, expected_seq=expected, timeout=self.timeout
         )
+
+
+class _ReadBatch:
+    """One confirmed read of a key, shared by the callers that arrived before it started."""
+
+    def __init__(self, previous: _ReadBatch | None) -> None:
+        self.previous = previous
+        self.started = False
+        self.task: asyncio.Future[natsutil.LastMsg | None] | None = None
 
 
 class KVWatcher:
@@ -444,6 +662,8 @@ class KVWatcher:
         if op is None:
             return
         key = msg.subject[len(self._prefix) :]
+        if key.startswith(RESERVED_PREFIX):
+            return  # read guards, not user data
         known = self._revs.get(key)
         if known is not None and seq <= known:
             return  # already delivered (a re-created watcher replays the latest revisions)

@@ -59,6 +59,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -71,7 +72,7 @@ from nats.js import JetStreamContext
 
 from . import names, natsutil
 from .aio import cancel_and_wait
-from .errors import LockLostError, LockTimeoutError
+from .errors import ConfigError, LockLostError, LockTimeoutError
 from .kv import KVWatcher
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ _RETRY_PAUSE = 0.05
 
 # Before appending behind a pending handoff, wait this long for the new holder's claim.
 _CLAIM_GRACE = 0.02
+
+MIN_TTL = 1.0
+"""Shortest lock lease: the server's TTLs are whole seconds (minimum 1 s) and a holder renews
+every ttl/3, so a shorter lease would be lost before its first renewal could land."""
 
 _Waiter = tuple[str, float]  # (waiter id, ttl it asked for)
 
@@ -357,6 +362,18 @@ class Lock:
     def lost(self) -> bool:
         """True once the lease ran out or another holder was seen while we held the lock."""
         return self._lost or (self._acquired and time.monotonic() >= self._deadline)
+
+    def check(self) -> int:
+        """Return the fencing token if the lock is held right now, else raise `LockLostError`.
+
+        For a write under the lock: call it just before the write (`AppKV.update` and
+        `AppKV.transform` do, given ``lock=``). It cannot stop a write already sent from landing
+        late; the write's compare-and-set on the revision read under the lock does that.
+        """
+        if not self.held:
+            raise LockLostError(self._name, self._token or 0)
+        assert self._token is not None
+        return self._token
 
     async def __aenter__(self) -> Lock:
         await self.acquire()
@@ -731,12 +748,16 @@ class LockService:
     def lock(self, name: str, ttl: float = 10.0) -> Lock:
         """A handle on lock ``name`` with a lease of ``ttl`` seconds (renewed every ttl/3).
 
-        The server expires keys in whole seconds (minimum 1 s), rounded up.
+        The server expires keys in whole seconds (minimum 1 s), rounded up; ``ttl`` must be at
+        least `MIN_TTL` (1 s).
         """
         names.validate_key(name, "lock name")
         key = names.validate_key(f"{self.prefix}{name}", "lock key")
-        if not ttl > 0:
-            raise ValueError(f"lock ttl must be positive, not {ttl!r}")
+        if not (isinstance(ttl, int | float) and math.isfinite(ttl) and ttl >= MIN_TTL):
+            raise ConfigError(
+                "lock ttl", ttl, f"must be a number of seconds >= {MIN_TTL:g} (renewed every "
+                "ttl/3; the server's expiry is whole seconds, minimum 1 s)"
+            )
         return Lock(self, name, key, float(ttl))
 
     async def holder(self, name: str) -> LockHolder | None:
