@@ -71,3 +71,86 @@ def test_platform_rejects_bad_settings_before_connecting() -> None:
     pm = create_plugin_manager(load_entrypoints=False)
     with pytest.raises(ConfigError, match="node_id"):
         Platform("prod", node_id="no spaces", plugin_manager=pm)
+
+
+# -- clear errors for a newcomer's mistakes -------------------------------------------------------
+
+
+def test_labels_that_are_not_json_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCLUSTER_LABELS", "zone=a")
+    with pytest.raises(ConfigError) as info:
+        load_settings(name="p", node_id="n")
+    assert info.value.field == "PYCLUSTER_LABELS"
+    assert "zone=a" in str(info.value) and "JSON" in str(info.value)
+    assert '{"zone": "a"' in str(info.value)  # an example of the right form
+
+
+def test_an_invalid_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYCLUSTER_STREAM_REPLICAS", "2")
+    with pytest.raises(ConfigError, match=r"PYCLUSTER_STREAM_REPLICAS='2': must be 1, 3 or 5"):
+        load_settings(name="p", node_id="n")
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("htp://alice:s3cret@nats-1:4222", "scheme 'htp://'; accepted: nats://, tls://, ws://, wss://"),
+        ("nats://alice:s3cret@nats-1:42x2", "not a valid URL"),
+        ("nats://:4222", "names no host"),
+        ("nats-1:4222", "not a URL"),
+    ],
+)
+def test_a_bad_nats_url_is_named_without_its_password(
+    url: str, needle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for source in ("kwargs", "env"):
+        with pytest.raises(ConfigError) as info:
+            if source == "env":
+                monkeypatch.setenv("PYCLUSTER_NATS_URL", f"nats://ok:4222,{url}")
+                load_settings(name="p", node_id="n")
+            else:
+                load_settings(name="p", node_id="n", nats_url=["nats://ok:4222", url])
+        msg = str(info.value)
+        assert needle in msg and "s3cret" not in msg, msg
+        assert url.replace("s3cret", "***") in msg
+    assert load_settings(name="p", node_id="n", nats_url="tls://h:4222,wss://h:443").nats_url
+
+
+def test_secrets_are_never_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(name="p", node_id="n", nats_password=["not", "a", "string"])
+    assert "nats_password='***'" in str(info.value) and "['not'" not in str(info.value)
+
+
+def test_unknown_pycluster_variable_warns_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pycluster import settings
+
+    monkeypatch.setattr(settings, "_warned_env", set())
+    monkeypatch.setenv("PYCLUSTER_LEASE_TTTL", "3")
+    monkeypatch.setenv("PYCLUSTER_STRICT", "1")  # read elsewhere: not a typo
+    monkeypatch.setenv("PYCLUSTER_EPOCH", "7")  # what a node started by a backend inherits
+    caplog.set_level("WARNING", logger="pycluster.settings")
+    load_settings(name="p", node_id="n")
+    load_settings(name="p", node_id="n")
+    warned = [r.getMessage() for r in caplog.records if r.name == "pycluster.settings"]
+    assert len(warned) == 1, warned  # once per process
+    assert "PYCLUSTER_LEASE_TTTL" in warned[0] and "did you mean PYCLUSTER_LEASE_TTL?" in warned[0]
+
+
+def test_every_pycluster_variable_the_project_uses_is_known() -> None:
+    """A new ``PYCLUSTER_*`` variable read outside the settings must be listed in
+    ``pycluster.settings.OTHER_ENV_VARS``, or every user setting it gets a typo warning."""
+    import re
+
+    from pycluster.settings import OTHER_ENV_VARS, PlatformSettings
+
+    root = Path(__file__).resolve().parents[2]
+    known = {"PYCLUSTER_" + f.upper() for f in PlatformSettings.model_fields} | set(OTHER_ENV_VARS)
+    used: dict[str, str] = {}
+    for path in [*root.glob("*.md"), *root.glob("docs/*.md"), *root.glob("packaging/*"),
+                 *root.glob("core/src/**/*.py"), *root.glob("plugins/*/src/**/*.py")]:
+        for name in re.findall(r"PYCLUSTER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()):
+            used.setdefault(name, str(path.relative_to(root)))
+    assert {n: f for n, f in used.items() if n not in known} == {}

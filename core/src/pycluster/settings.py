@@ -1,23 +1,102 @@
 """Settings: keyword arguments > ``PYCLUSTER_*`` environment > a YAML or TOML file > defaults.
 
-Invalid settings fail at start with `ConfigError` naming the field, the value and why.
+Invalid settings fail at start with `ConfigError` naming the field (or the environment variable),
+the value and why; secrets (passwords, tokens, the password part of a URL) are never echoed. An
+environment variable ``PYCLUSTER_*`` that names no setting is a typo until proven otherwise: it
+is reported with the closest valid name (once per process).
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from .errors import ConfigError
 from .names import validate_ident
 from .options import check_timing
+
+log = logging.getLogger("pycluster.settings")
+
+ENV_PREFIX = "PYCLUSTER_"
+URL_SCHEMES = ("nats", "tls", "ws", "wss")  # what nats-py connects with
+
+# ``PYCLUSTER_*`` variables that are not settings but are read (or set) elsewhere; an unknown
+# name outside these and the settings is reported as a probable typo.
+OTHER_ENV_VARS: dict[str, str] = {
+    "PYCLUSTER_NATS_SERVER": "the nats-server binary of the embedded server and the tests",
+    "PYCLUSTER_LITESTREAM": "the litestream binary (sqlite plugin)",
+    "PYCLUSTER_SYSTEMD_PREFIX": "command prefix reaching systemctl (systemd plugin)",
+    "PYCLUSTER_DISABLE_PLUGINS": "plugin names not to load",
+    "PYCLUSTER_TRACE_HOOKS": "log every hook call",
+    "PYCLUSTER_STRICT": "tests: a skipped test fails",
+    "PYCLUSTER_CACHE_DIR": "tests: cached container images",
+    "PYCLUSTER_DEBIAN_MIRROR": "tests: the mirror of the systemd test image",
+    "PYCLUSTER_CHAOS_WITNESS": "tests: the chaos harness's witness socket",
+    # Set by pycluster for backends (a process, a unit, a container):
+    "PYCLUSTER_EPOCH": "backends: the fencing token",
+    "PYCLUSTER_APP": "backends: the app name",
+    "PYCLUSTER_NODE": "backends: the node id",
+    "PYCLUSTER_PLATFORM": "backends: the platform name",
+}
+_SECRET_FIELDS = ("nats_password", "nats_token")
+_warned_env: set[str] = set()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password (or a token given as the user part) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    auth, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = auth.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return SplitResult(parts.scheme, f"{masked}@{host}", parts.path, parts.query,
+                       parts.fragment).geturl()
+
+
+def _redact(field: str, value: Any) -> Any:
+    """A setting's value as it may appear in an error message."""
+    if field in _SECRET_FIELDS and value is not None:
+        return "***"
+    if field == "nats_url":
+        if isinstance(value, str):
+            return ",".join(redact_url(u) for u in value.split(","))
+        if isinstance(value, list | tuple):
+            return [redact_url(str(u)) for u in value]
+    return value
+
+
+def _check_url(url: str) -> None:
+    """Raise ValueError (message without the password) unless ``url`` is a NATS server URL."""
+    shown = redact_url(url)
+    if "://" not in url:
+        raise ValueError(f"{shown!r} is not a URL (expected e.g. nats://host:4222)")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in URL_SCHEMES:
+        accepted = ", ".join(f"{s}://" for s in URL_SCHEMES)
+        raise ValueError(f"{shown!r} has the scheme {parts.scheme + '://'!r}; accepted: "
+                         f"{accepted} (e.g. nats://host:4222)")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} names no host (expected e.g. nats://host:4222)")
 
 
 class AppConfig(BaseModel):
@@ -112,8 +191,7 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _url_scheme(cls, v: list[str] | None) -> list[str] | None:
         for url in v or []:
-            if "://" not in url:
-                raise ValueError(f"{url!r} is not a URL (expected e.g. nats://host:4222)")
+            _check_url(url)
         return v
 
     @field_validator("stream_replicas")
@@ -226,13 +304,63 @@ def load_settings(file: str | Path | None = None, **kwargs: Any) -> PlatformSett
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, _DictSource(settings_cls, data))
 
+    warn_unknown_env()
     try:
         settings = _Settings(**kwargs)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "settings"
-        value = err.get("input")
+        field = str(err["loc"][0]) if err["loc"] else ""
+        value = _redact(field, err.get("input"))
         msg = err["msg"].removeprefix("Value error, ")
+        env = _env_name(field) if field and field not in kwargs else None
+        if env is not None and loc == field:  # name what the user typed: the variable
+            loc = env
         raise ConfigError(loc, value, msg) from None
+    except SettingsError as exc:
+        # pydantic-settings could not decode a variable (a dict or list that is not JSON).
+        raise _settings_error(exc) from None
     check_timing(settings.lease_ttl, settings.heartbeat_interval)  # cross-field: clear error
     return settings
+
+
+def _env_name(field: str) -> str | None:
+    """The environment variable that set ``field`` (names are case-insensitive), if any."""
+    wanted = ENV_PREFIX + field.upper()
+    return next((k for k in os.environ if k.upper() == wanted), None)
+
+
+def _settings_error(exc: SettingsError) -> ConfigError:
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else ""
+    env = _env_name(field) if field else None
+    if env is None:
+        return ConfigError(field or "settings", None, str(exc))
+    examples = {"labels": '{"zone": "a", "tier": "app"}',
+                "nats_url": "nats://a:4222,nats://b:4222"}
+    example = examples.get(field, "a JSON value")
+    return ConfigError(env, _redact(field, os.environ[env]),
+                       f"cannot be parsed as the setting {field!r}: expected JSON, e.g. "
+                       f"{env}='{example}'")
+
+
+def warn_unknown_env(environ: dict[str, str] | None = None) -> list[str]:
+    """Log a warning for each ``PYCLUSTER_*`` variable that names no setting and nothing else
+    pycluster reads (a probable typo), with the closest valid name; once per name and process.
+
+    Returns the unknown names (also those warned about before).
+    """
+    env = os.environ if environ is None else environ
+    fields = {ENV_PREFIX + f.upper() for f in PlatformSettings.model_fields}
+    known = fields | set(OTHER_ENV_VARS)
+    unknown = sorted(k for k in env if k.upper().startswith(ENV_PREFIX)
+                     and k.upper() not in known)
+    for name in unknown:
+        if name in _warned_env:
+            continue
+        _warned_env.add(name)
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md"
+        log.warning("environment variable %s matches no pycluster setting and is ignored (%s)",
+                    name, hint)
+    return unknown
