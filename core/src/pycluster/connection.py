@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .errors import ConfigError, NatsUnavailableError
-from .settings import PlatformSettings
+from .settings import PlatformSettings, redact_url
 
 log = logging.getLogger("pycluster.nats")
 
@@ -60,7 +60,7 @@ async def connect(
 ) -> NATS:
     """Connect and check JetStream; `NatsUnavailableError` with the reason otherwise."""
     opts = connect_options(s)
-    servers = list(opts["servers"])
+    servers = [redact_url(u) for u in opts["servers"]]  # for messages: no passwords
 
     last_error: list[BaseException] = []
 
@@ -120,3 +120,53 @@ async def connect(
             servers, f"JetStream is not enabled or not reachable ({type(exc).__name__})"
         ) from None
     return nc
+
+
+def jetstream_servers(nc: NATS) -> int | None:
+    """How many servers the connected NATS cluster has, from the server's INFO: 1 for a
+    server that is not part of a cluster, the number of its cluster's client URLs otherwise,
+    None when it cannot tell (a cluster whose servers do not advertise their URLs)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}  # nats-py: no public accessor
+    if not info.get("cluster"):
+        return 1
+    urls = info.get("connect_urls") or []
+    return len(set(urls)) or None
+
+
+def check_stream_replicas(nc: NATS, replicas: int) -> None:
+    """Refuse ``stream_replicas`` that the connected NATS cannot hold, before any bucket exists.
+
+    A single server (no cluster) holds one replica only: a clear `ConfigError` instead of the
+    server's "replicas > 1 not supported in non-clustered mode" from deep inside the start.
+    A cluster is not checked here: its connected-server count drops during an outage, when
+    existing R3 buckets still work (see `replicas_error` for a placement that fails).
+    """
+    if replicas > 1 and jetstream_servers(nc) == 1:
+        url = nc.connected_url.geturl() if nc.connected_url else "the NATS server"
+        raise ConfigError(
+            "stream_replicas", replicas,
+            f"the NATS server at {redact_url(url)} is a single server (not part of a cluster: "
+            f"cluster size 1), which cannot keep {replicas} replicas of a bucket; use "
+            f"stream_replicas=1, or a NATS cluster of at least {replicas} servers")
+
+
+# JetStream API errors of a stream that cannot get the replicas it asks for.
+_PLACEMENT_ERRORS = {10074: "replicas > 1 not supported in non-clustered mode",
+                     10005: "no suitable peers for placement",
+                     10023: "insufficient resources"}
+
+
+def replicas_error(exc: BaseException, replicas: int, nc: NATS) -> ConfigError | None:
+    """A `ConfigError` naming ``stream_replicas`` when ``exc`` is JetStream refusing to place a
+    bucket's replicas (None for any other error)."""
+    code = getattr(exc, "err_code", None)
+    if replicas <= 1 or code not in _PLACEMENT_ERRORS:
+        return None
+    size = jetstream_servers(nc)
+    seen = f"{size} server(s) connected in its cluster" if size else "cluster size unknown"
+    description = getattr(exc, "description", None) or _PLACEMENT_ERRORS[code]
+    return ConfigError(
+        "stream_replicas", replicas,
+        f"NATS cannot place {replicas} replicas of a bucket ({description}; {seen}): the "
+        f"cluster needs at least {replicas} JetStream servers up; use a smaller "
+        "stream_replicas or add servers")

@@ -27,14 +27,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .aio import cancel_and_wait
 from .context import Context
+from .errors import ConfigError
 from .metrics import observe_hook
+from .names import validate_ident
 from .registry import FailurePolicy, Stage, StageOrder, StageRegistry
 from .tracing import role_span
 from .types import Role
@@ -50,6 +53,43 @@ log = logging.getLogger("pycluster.coordinator")
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
+
+
+def check_step_down(app: str, leader: str, members: Mapping[str, Any],
+                    successor: str | None, cooldown: float | None) -> None:
+    """Refuse a step-down that cannot do what it asks, with a `ConfigError` saying why.
+
+    Checked where a step-down is asked for (the CLI, `App.step_down`) and where it is executed
+    (the leader, on its control subject). A negative cooldown means nothing; a successor that
+    is not a live node able to lead ``app`` would never take over (the old leader would win
+    again with a new epoch: a pointless restart of its backends), and neither would naming the
+    leader itself.
+
+    :param leader: the node stepping down (the current leader).
+    :param members: live node records by node id (`Membership.members`), each with ``apps``.
+    """
+    if cooldown is not None and (isinstance(cooldown, bool) or not isinstance(cooldown, int | float)
+                                 or not math.isfinite(cooldown) or cooldown < 0):
+        raise ConfigError("cooldown", cooldown, "must be a number of seconds >= 0")
+    if successor is None:
+        return
+    validate_ident("successor", successor)
+    if successor == leader:
+        raise ConfigError("successor", successor,
+                          f"is the node stepping down (the leader of app {app!r}); it would "
+                          "only win again with a new epoch: name another node, or none")
+    rec = members.get(successor)
+    if rec is None:
+        live = ", ".join(sorted(n for n in members if n != leader)) or "none"
+        raise ConfigError("successor", successor,
+                          f"is not a live node of this platform (other live nodes: {live})")
+    state = (rec.get("apps") or {}).get(app) or {}
+    if not state.get("eligible"):
+        raise ConfigError("successor", successor,
+                          f"does not run app {app!r} (not registered there, or its placement "
+                          "excludes that node)")
+    if state.get("no_failover"):
+        raise ConfigError("successor", successor, f"never leads app {app!r} (no_failover)")
 
 
 @dataclass
@@ -302,7 +342,21 @@ class AppRuntime:
                 await asyncio.wait_for(self._role_event.wait(), min(left, 0.5))
 
     async def step_down(self, successor: str | None, cooldown: float | None) -> None:
-        """Graceful handover: deactivate while still holding the lease, then release it."""
+        """Graceful handover: deactivate while still holding the lease, then release it.
+
+        Raises `ConfigError` before doing anything when the request cannot work (see
+        `check_step_down`).
+        """
+        membership = self.platform.membership
+        members = membership.members if membership is not None else {}
+        try:
+            check_step_down(self.app.name, self.platform.node_id, members, successor, cooldown)
+        except ConfigError as exc:
+            if exc.field != "successor" or membership is None:
+                raise
+            await membership.refresh_view()  # the view may lag a node that has just started
+            check_step_down(self.app.name, self.platform.node_id, membership.members,
+                            successor, cooldown)
         if self.election is None:
             return
         cd = self.cooldown if cooldown is None else cooldown

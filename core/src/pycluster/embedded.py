@@ -19,7 +19,10 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
+import logging
 import os
 import random
 import shutil
@@ -38,9 +41,13 @@ from typing import Any, Self, TypeVar
 
 import nats
 
+from .errors import EmbeddedServerConflictError
+
+log = logging.getLogger("pycluster.embedded")
 __all__ = [
     "NATS_SERVER_ENV",
     "EmbeddedNatsServer",
+    "EmbeddedServerLock",
     "NatsServerError",
     "NatsServerNotFoundError",
     "WrongServerError",
@@ -519,3 +526,80 @@ class EmbeddedNatsServer:
     def __repr__(self) -> str:
         state = "paused" if self.paused else "running" if self.running else "stopped"
         return f"<EmbeddedNatsServer {self.name} {self.url} {state} pid={self.pid}>"
+
+
+class EmbeddedServerLock:
+    """One embedded nats-server per platform and data root: an exclusive ``flock`` on
+    ``<root>/.embedded-nats-<platform>.lock``, held while the server runs.
+
+    ``Platform(nats_url=None)`` takes it before starting its server. A second node of the same
+    platform whose data directory shares the root (by default ``.../pycluster/<platform>/``)
+    is refused with `EmbeddedServerConflictError`: its own server would be a separate one-node
+    cluster with a second leader. The kernel drops the lock when the process dies, so a crash
+    never leaves a stale claim. Where locking is impossible (no ``fcntl``, a root that cannot
+    be written) the check is skipped, with a debug log.
+
+    Example::
+
+        lock = EmbeddedServerLock(data_dir.parent, "prod")
+        lock.acquire()                                  # or EmbeddedServerConflictError
+        lock.describe(node_id="n1", url=server.url)     # what a refused node is told
+        ...
+        lock.release()
+    """
+
+    def __init__(self, root: str | os.PathLike[str], platform: str) -> None:
+        self.path = Path(root) / f".embedded-nats-{platform}.lock"
+        self.platform = platform
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """True between a successful :meth:`acquire` and :meth:`release`."""
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `EmbeddedServerConflictError` naming the holder."""
+        try:
+            import fcntl
+        except ImportError:  # not on this platform: no check
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.debug("embedded server lock %s not usable (%s): not checked", self.path, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._read(fd)
+            os.close(fd)
+            raise EmbeddedServerConflictError(self.platform, str(self.path), holder) from None
+        self._fd = fd
+
+    def describe(self, **info: object) -> None:
+        """Record who holds the lock (node id, URL; the pid is added) for a refused node."""
+        if self._fd is None:
+            return
+        data = json.dumps({"platform": self.platform, "pid": os.getpid(), **info}).encode()
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, object]:
+        try:
+            raw = os.pread(fd, 4096, 0)
+            data = json.loads(raw) if raw else {}
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing the descriptor releases the flock

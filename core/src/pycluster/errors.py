@@ -122,6 +122,69 @@ class NotLeaderError(PyclusterError):
         )
 
 
+class NoLiveNodesError(PyclusterError, LookupError):
+    """No node of the platform is alive on this NATS: a wrong platform name or NATS URL?
+
+    :ivar platform: the platform asked for.
+    :ivar servers: the NATS URLs that were asked (passwords masked).
+    :ivar platforms: platforms that have nodes records on this NATS (to spot a typo).
+    """
+
+    def __init__(self, platform: str, servers: list[str], platforms: list[str]) -> None:
+        self.platform = platform
+        self.servers = servers
+        self.platforms = platforms
+        known = ", ".join(platforms) if platforms else "none"
+        super().__init__(
+            f"no node of platform {platform!r} is alive (NATS at {', '.join(servers)}; "
+            f"platforms found there: {known})"
+        )
+
+
+class EmbeddedServerConflictError(PyclusterError):
+    """Another node of the platform already runs an embedded nats-server on this data root.
+
+    A second embedded server would make a separate one-node cluster with its own leader (two
+    "leaders" that never see each other). Several nodes on one machine share one nats-server.
+
+    :ivar platform: the platform.
+    :ivar lock: the lock file under the data root.
+    :ivar holder: what the first node wrote there (node_id, pid, url), possibly empty.
+    """
+
+    def __init__(self, platform: str, lock: str, holder: dict[str, object]) -> None:
+        self.platform = platform
+        self.lock = lock
+        self.holder = holder
+        who = ", ".join(f"{k} {holder[k]}" for k in ("node_id", "pid", "url") if k in holder)
+        super().__init__(
+            f"platform {platform!r} already runs an embedded nats-server on this machine "
+            f"({who or 'starting'}; lock {lock}); a second one would be a separate one-node "
+            "cluster electing its own leader. For several nodes on one machine, start one "
+            "nats-server (nats-server -js -sd <dir>) and give every node its URL, e.g. "
+            "nats_url='nats://127.0.0.1:4222' (docs/getting-started.md, \"Several nodes on one "
+            "machine\"); for an unrelated platform choose another name or data_dir"
+        )
+
+
+class NoSuchAppError(PyclusterError, LookupError):
+    """No live node of the platform runs the app: a wrong app or platform name?
+
+    :ivar platform: the platform.
+    :ivar app: the app asked for.
+    :ivar apps: the apps that its live nodes run.
+    """
+
+    def __init__(self, platform: str, app: str, apps: list[str]) -> None:
+        self.platform = platform
+        self.app = app
+        self.apps = apps
+        known = ", ".join(apps) if apps else "none"
+        super().__init__(
+            f"no app {app!r} on platform {platform!r} (apps of its live nodes: {known})"
+        )
+
+
 class LockTimeoutError(PyclusterError, TimeoutError):
     """A lock was not acquired within its timeout."""
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
+import threading
 import time
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from nats.js import JetStreamContext
 from . import __version__
 from .aio import cancel_and_wait
 from .app import App
-from .connection import connect
+from .connection import check_stream_replicas, connect, replicas_error
 from .context import Context
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
@@ -44,6 +46,31 @@ if TYPE_CHECKING:
     from .metrics import PlatformMetrics
 
 log = logging.getLogger("pycluster")
+
+_LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def default_logging() -> None:
+    """Log to stderr at INFO, unless the application configured logging already (the root
+    logger has a handler): a node that logs nothing hides why a backend did not start."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format=_LOG_FORMAT)
+
+
+def _handler_is_default(sig: signal.Signals) -> bool:
+    """Whether ``sig`` still has Python's or asyncio.run()'s own handler (not the app's)."""
+    handler = signal.getsignal(sig)
+    if handler in (signal.SIG_DFL, None):
+        return True
+    if sig == signal.SIGINT:
+        if handler is signal.default_int_handler:
+            return True
+        func = getattr(getattr(handler, "func", None), "__func__", None)
+        return isinstance(handler, functools.partial) and func is getattr(
+            asyncio.runners.Runner, "_on_sigint", object())
+    return False
 
 
 class Platform:
@@ -108,6 +135,10 @@ class Platform:
         self._locks: LockService | None = None
         self._stop_event: asyncio.Event | None = None
         self._running = False
+        self._embedded_lock: Any = None
+        self._signal_received: signal.Signals | None = None
+        self._signal_task: asyncio.Task[Any] | None = None
+        self._signal_restore: list[tuple[signal.Signals, Callable[..., Any] | int | None]] = []
         self._started_services: list[Service] = []
         self.services: dict[str, Service] = create_services(self)
 
@@ -149,49 +180,148 @@ class Platform:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Platform:
+        """Start (see :meth:`start`); until the block ends, SIGTERM and SIGINT (Ctrl-C) cancel
+        the block and the node leaves gracefully, after which the program goes on after the
+        ``async with`` (an application's own handler of either signal is left alone). Logs to
+        stderr at INFO unless the application configured logging."""
+        default_logging()
         await self.start()
+        self._install_signal_handlers()
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
+    ) -> bool:
+        """Leave gracefully; swallow only the cancellation that our signal handler caused."""
+        try:
+            if self._signal_received is None:
+                await self.stop()
+            else:
+                await self._stop_through_cancellation()
+        finally:
+            self._remove_signal_handlers()
+        if self._signal_received is None:
+            return False
+        self._signal_received = None
+        task = asyncio.current_task()
+        if task is not None and task.uncancel() > 0:
+            raise asyncio.CancelledError  # cancelled by someone else as well: not ours to eat
+        return isinstance(e, asyncio.CancelledError)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        self._signal_task = asyncio.current_task()
+        for sig in _SIGNALS:
+            if not _handler_is_default(sig):
+                continue  # the application handles it
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            self._signal_restore.append((sig, previous))
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig, previous in self._signal_restore:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, previous)  # e.g. asyncio.run()'s own Ctrl-C handler
+        self._signal_restore.clear()
+        self._signal_task = None
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._signal_received is not None:
+            log.info("node %s: %s again: already leaving", self.node_id, sig.name)
+            return
+        self._signal_received = sig
+        log.info("node %s: %s: leaving gracefully", self.node_id, sig.name)
+        if self._signal_task is not None:
+            self._signal_task.cancel()
+
+    async def _stop_through_cancellation(self) -> None:
+        """Finish the graceful stop even if our own cancellation is delivered meanwhile."""
+        stopping = asyncio.ensure_future(self.stop())
+        while True:
+            try:
+                await asyncio.shield(stopping)
+                return
+            except asyncio.CancelledError:
+                if stopping.done():
+                    raise
 
     async def start(self) -> None:
         """Connect, join the membership and start every registered app."""
         if self._running:
             return
         self._stop_event = asyncio.Event()
-        for info in self.pm.problems():
-            log.warning("plugin %s (%s %s) is %s: %s", info.name, info.distribution,
-                        info.version, info.status, info.reason)
+        self._report_plugin_problems()
         settings = self.settings
-        if not settings.nats_url:
-            from .embedded import EmbeddedNatsServer
-
-            data = settings.resolved_data_dir() / "nats"
-            data.mkdir(parents=True, exist_ok=True)
-            self.embedded = EmbeddedNatsServer(data)
-            await self.embedded.start()
-            settings = settings.model_copy(update={"nats_url": [self.embedded.url]})
-            log.info("started an embedded nats-server at %s (data in %s)", self.embedded.url, data)
         try:
+            if not settings.nats_url:
+                settings = await self._start_embedded(settings)
             self.nc = await connect(settings, on_reconnect=self._reconnected)
+            check_stream_replicas(self.nc, settings.stream_replicas)  # before any bucket
             self.js = self.nc.jetstream(timeout=max(2.0, settings.heartbeat_interval))
             self._running = True
             self.started_at = time.time()
-            await self._join()
-            for svc in self.services.values():
-                await svc.start()
-                self._started_services.append(svc)
-            for app in self.apps.values():
-                await self._start_app(app)
+            try:
+                await self._join()
+                for svc in self.services.values():
+                    await svc.start()
+                    self._started_services.append(svc)
+                for app in self.apps.values():
+                    await self._start_app(app)
+            except Exception as exc:
+                clear = replicas_error(exc, settings.stream_replicas, self.nc)
+                if clear is None:
+                    raise
+                raise clear from None  # the server's own words are in the message
             self._subs.append(await self.nc.subscribe(
                 f"{self.name}.*.control.stepdown", cb=self._on_stepdown))
             self.notify(self.pm.hook.pycluster_platform_started(platform=self), "platform_started")
         except BaseException:
             await self.stop()
             raise
+
+    def _report_plugin_problems(self) -> None:
+        """A plugin that failed to load is reported always; one that is unusable here (a
+        missing system dependency) only when an app of this node uses it."""
+        users: dict[str, list[str]] = {}
+        for app in self.apps.values():
+            for opt in app.options:
+                kind = self.backends.for_option(opt)
+                name = self.options.plugin_for(opt) or (kind.plugin if kind else None)
+                if name is not None and app.name not in users.setdefault(name, []):
+                    users[name].append(app.name)
+        for info in self.pm.problems():
+            where = f"{info.name} ({info.distribution} {info.version})"
+            if info.status != "unusable":
+                log.warning("plugin %s is %s: %s", where, info.status, info.reason)
+            elif info.name in users:
+                log.warning("plugin %s, used by app(s) %s, is unusable here: %s", where,
+                            ", ".join(users[info.name]), info.reason)
+            else:
+                log.debug("plugin %s is unusable here (no app uses it): %s", where, info.reason)
+
+    async def _start_embedded(self, settings: PlatformSettings) -> PlatformSettings:
+        """Start the embedded nats-server (one per platform and data root, see
+        `EmbeddedServerLock`); returns the settings pointing at it."""
+        from .embedded import EmbeddedNatsServer, EmbeddedServerLock
+
+        node_dir = settings.resolved_data_dir()
+        lock = EmbeddedServerLock(node_dir.parent, self.name)
+        lock.acquire()  # EmbeddedServerConflictError: another node of this platform has one
+        self._embedded_lock = lock
+        data = node_dir / "nats"
+        data.mkdir(parents=True, exist_ok=True)
+        self.embedded = EmbeddedNatsServer(data)
+        await self.embedded.start()
+        lock.describe(node_id=self.node_id, url=self.embedded.url, data_dir=str(data))
+        log.info("started an embedded nats-server at %s (data in %s)", self.embedded.url, data)
+        return settings.model_copy(update={"nats_url": [self.embedded.url]})
 
     async def _join(self) -> None:
         assert self.nc is not None and self.js is not None
@@ -328,6 +458,9 @@ class Platform:
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
+        if self._embedded_lock is not None:
+            self._embedded_lock.release()
+            self._embedded_lock = None
         for app in self.apps.values():
             app._runtime = None
         self.runtimes.clear()
@@ -344,7 +477,12 @@ class Platform:
             log.exception("%s failed", what)
 
     async def run(self) -> None:
-        """Start, run until SIGTERM/SIGINT or cancellation, then leave gracefully."""
+        """Start, run until SIGTERM/SIGINT or cancellation, then leave gracefully.
+
+        Logs to stderr at INFO unless the application configured logging (the root logger has
+        a handler).
+        """
+        default_logging()
         loop = asyncio.get_running_loop()
         await self.start()
         assert self._stop_event is not None
@@ -518,11 +656,21 @@ class Platform:
         try:
             req = json.loads(msg.data or b"{}")
         except ValueError:
-            req = {}
+            req = None
         epoch = app.epoch
-        await app.step_down(successor=req.get("successor"), cooldown=req.get("cooldown"))
+        reply: dict[str, Any] = {"node": self.node_id, "epoch": epoch}
+        if not isinstance(req, dict):
+            reply["error"] = {"field": "request", "value": None,
+                              "reason": "not a JSON object {successor, cooldown}"}
+        else:
+            try:  # validated here too: the request may come from anything on the bus
+                await app.step_down(successor=req.get("successor"), cooldown=req.get("cooldown"))
+            except ConfigError as exc:
+                log.warning("app %s: step-down request refused: %s", app_name, exc)
+                value = exc.value if isinstance(exc.value, str | int | float | None) else None
+                reply["error"] = {"field": exc.field, "value": value, "reason": exc.reason}
         if msg.reply:
-            await msg.respond(json.dumps({"node": self.node_id, "epoch": epoch}).encode())
+            await msg.respond(json.dumps(reply).encode())
 
     def status(self) -> dict[str, Any]:
         """This node's view: node, labels, apps with role, leader, epoch."""

@@ -1,38 +1,95 @@
-"""Read-only views of a platform from NATS, and control requests (for the CLI)."""
+"""Read-only views of a platform from NATS, and control requests (for the CLI).
+
+A platform or app name that matches nothing is an error that says so (`NoLiveNodesError`,
+`NoSuchAppError`), never an empty table or a misleading "not the leader".
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from .. import natsutil as nu
 from ..connection import connect
-from ..errors import NotLeaderError, PyclusterError
+from ..coordinator import check_step_down
+from ..errors import (
+    ConfigError,
+    NoInstanceError,
+    NoLiveNodesError,
+    NoSuchAppError,
+    PyclusterError,
+)
 from ..names import validate_ident
 from ..platform import stepdown_subject
-from ..settings import load_settings
+from ..settings import load_settings, redact_url
 
 
 async def _connect(nats_url: str, platform: str) -> NATS:
+    return (await _open(nats_url, platform))[0]
+
+
+async def _open(nats_url: str, platform: str) -> tuple[NATS, list[str]]:
+    """A connection, and its server URLs for messages (passwords masked)."""
     s = load_settings(name=platform, node_id="cli", nats_url=nats_url)
-    return await connect(s)
+    return await connect(s), [redact_url(u) for u in s.nats_url or []]
+
+
+async def _live_nodes(js: JetStreamContext, platform: str) -> list[dict[str, Any]]:
+    """The live node records of ``platform``, by node id."""
+    try:
+        records = await nu.live_values(js, f"{platform}_platform", "nodes.")
+    except nats.js.errors.NotFoundError:
+        records = {}
+    return [records[k] for k in sorted(records)]
+
+
+async def _platforms(js: JetStreamContext) -> list[str]:
+    """Platforms that have a platform bucket on this NATS (to point at a typo)."""
+    names: list[str] = []
+    with contextlib.suppress(nats.errors.Error, TimeoutError):
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if name.startswith("KV_") and name.endswith("_platform"):
+                names.append(name[len("KV_"):-len("_platform")])
+    return sorted(names)
+
+
+async def _nodes_or_fail(js: JetStreamContext, platform: str,
+                         servers: list[str]) -> list[dict[str, Any]]:
+    nodes = await _live_nodes(js, platform)
+    if not nodes:
+        raise NoLiveNodesError(platform, servers, await _platforms(js))
+    return nodes
+
+
+async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | None, int | None]:
+    """The leader and epoch in ``app``'s election lease (None, None when vacant)."""
+    try:
+        msg = await nu.last_msg(js, f"{platform}_{app}_election", "leader")
+    except nats.js.errors.NotFoundError:
+        return None, None
+    if msg is None or msg.tombstone:
+        return None, None
+    body = json.loads(msg.data)
+    return body.get("node"), body.get("epoch") or msg.seq
 
 
 async def read_status(nats_url: str, platform: str) -> dict[str, Any]:
-    """Nodes (live records) and apps (leader lease, epoch, where active)."""
+    """Nodes (live records) and apps (leader lease, epoch, where active).
+
+    Raises `NoLiveNodesError` when no node of ``platform`` is alive there.
+    """
     validate_ident("platform", platform)
-    nc = await _connect(nats_url, platform)
+    nc, servers = await _open(nats_url, platform)
     try:
         js = nc.jetstream()
-        try:
-            records = await nu.live_values(js, f"{platform}_platform", "nodes.")
-        except nats.js.errors.NotFoundError:
-            records = {}
-        nodes: list[dict[str, Any]] = [records[k] for k in sorted(records)]
+        nodes = await _nodes_or_fail(js, platform, servers)
         apps: dict[str, dict[str, Any]] = {}
         for rec in nodes:
             for name, a in (rec.get("apps") or {}).items():
@@ -43,13 +100,7 @@ async def read_status(nats_url: str, platform: str) -> dict[str, Any]:
                 elif a.get("role") == "passive":
                     entry["standby_on"].append(rec["node_id"])
         for name, entry in apps.items():
-            msg = await nu.last_msg(js, f"{platform}_{name}_election", "leader")
-            if msg is not None and not msg.tombstone:
-                body = json.loads(msg.data)
-                entry["leader"] = body.get("node")
-                entry["epoch"] = body.get("epoch") or msg.seq
-            else:
-                entry["leader"], entry["epoch"] = None, None
+            entry["leader"], entry["epoch"] = await _lease(js, platform, name)
         return {"platform": platform, "nodes": nodes, "apps": sorted(apps.values(),
                                                                      key=lambda a: a["app"])}
     finally:
@@ -58,20 +109,52 @@ async def read_status(nats_url: str, platform: str) -> dict[str, Any]:
 
 async def request_stepdown(nats_url: str, platform: str, app: str, successor: str | None,
                            cooldown: float | None) -> dict[str, Any]:
-    """Ask the active instance of ``app`` to step down; returns its node and epoch."""
+    """Ask the active instance of ``app`` to step down; returns its node and epoch.
+
+    Checked first, each with its own error: the platform has live nodes (`NoLiveNodesError`),
+    one of them runs ``app`` (`NoSuchAppError`), ``successor`` is a live node that can lead it
+    and not the leader, ``cooldown`` is not negative (`ConfigError`, as `App.step_down`); then
+    an active instance must answer (`NoInstanceError`). The leader checks the request again.
+    """
     subject = stepdown_subject(platform, app)
-    if successor:
+    check_step_down(app, "", {}, None, cooldown)  # before connecting
+    if successor is not None:
         validate_ident("successor", successor)
-    nc = await _connect(nats_url, platform)
+    nc, servers = await _open(nats_url, platform)
     try:
+        js = nc.jetstream()
+        nodes = await _nodes_or_fail(js, platform, servers)
+        if not any(app in (n.get("apps") or {}) for n in nodes):
+            known = sorted({a for n in nodes for a in (n.get("apps") or {})})
+            raise NoSuchAppError(platform, app, known)
+        states = {str(n["node_id"]): (n.get("apps") or {}).get(app) or {} for n in nodes}
+        modes = {st.get("mode") for st in states.values()} - {None}
+        if modes == {"spread"}:
+            raise NoInstanceError(app, "leader", "a Spread app has no leader to step down")
+        leader, _ = await _lease(js, platform, app)
+        members = {str(n["node_id"]): n for n in nodes}
+        check_step_down(app, leader or "", members, successor, cooldown)
+        standby = ", ".join(sorted(n for n, st in states.items()
+                                   if st.get("role") == "passive")) or "none"
+        if leader is None and not any(st.get("role") == "active" for st in states.values()):
+            # Every node listens on the control subject, so asking would only time out.
+            raise NoInstanceError(app, "leader", f"no active instance on platform {platform!r} "
+                                  f"right now (standby on: {standby})")
         body = json.dumps({"successor": successor, "cooldown": cooldown}).encode()
         try:
             msg = await nc.request(subject, body, timeout=15)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
-            raise NotLeaderError(app, None, None) from exc
-        res: dict[str, Any] = json.loads(msg.data)
+            raise NoInstanceError(
+                app, "leader", f"no active instance on platform {platform!r} answered "
+                f"(leader in the lease: {leader}; standby on: {standby})") from exc
+        try:
+            res: dict[str, Any] = json.loads(msg.data)
+        except ValueError as exc:
+            raise PyclusterError(f"bad reply to a step-down request: {exc}") from None
+        err = res.get("error")
+        if isinstance(err, dict):
+            raise ConfigError(str(err.get("field")), err.get("value"),
+                              f"refused by the leader {res.get('node')}: {err.get('reason')}")
         return res
-    except ValueError as exc:
-        raise PyclusterError(f"bad reply: {exc}") from None
     finally:
         await nc.close()

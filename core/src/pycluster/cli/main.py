@@ -7,12 +7,13 @@ commands (`pycluster.hookspecs.pycluster_add_cli_commands`), then parse.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,12 +21,16 @@ from ..errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
 from .audit_cmd import audit_cmd
 
+if TYPE_CHECKING:
+    from ..platform import Platform
+
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
@@ -70,15 +75,43 @@ def plugins_cmd(pm: PluginManager, output: str) -> None:
 # -- run ------------------------------------------------------------------------------------
 
 
-def _load_target(target: str) -> Any:
+def _load_target(target: str) -> Platform:
+    """The Platform that ``module:attribute`` names (an attribute may be a function returning
+    one); a clear usage error for a module, attribute or object that is not what it should."""
+    from ..platform import Platform
+
     module, _, attr = target.partition(":")
     if not module or not attr:
-        raise click.BadParameter(f"{target!r}: expected module:attribute, e.g. myapp:platform")
+        raise click.BadParameter(f"{target!r}: expected module:attribute, e.g. myapp:platform",
+                                 param_hint="TARGET")
     sys.path.insert(0, str(Path.cwd()))
-    obj: Any = importlib.import_module(module)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if not exc.name or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise  # a module that the target imports is missing: its traceback says where
+        raise click.BadParameter(
+            f"{target!r}: no module named {exc.name!r} (looked in the current folder "
+            f"{Path.cwd()} and on sys.path); run from the folder that contains it or add that "
+            "folder to PYTHONPATH", param_hint="TARGET") from None
+    where = module
     for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj() if callable(obj) and not hasattr(obj, "run") else obj
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise click.BadParameter(f"{target!r}: {where!r} has no attribute {part!r}{hint}",
+                                     param_hint="TARGET") from None
+        where = f"{where}.{part}"
+    if not isinstance(obj, Platform) and callable(obj) and not isinstance(obj, type):
+        obj = obj()  # a factory function
+    if not isinstance(obj, Platform):
+        raise click.BadParameter(
+            f"{target!r} is {type(obj).__name__} {obj!r:.60}, not a pycluster Platform (name "
+            "the Platform object, or a function that returns one)", param_hint="TARGET")
+    return obj
 
 
 @cli.command("hooks")
@@ -102,7 +135,8 @@ def hooks_cmd(output: str) -> None:
 @click.argument("target", required=False)
 @click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
               help="YAML or TOML config file (platform settings and apps).")
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              default="INFO", show_default=True, help="Log level (to stderr).")
 @click.pass_obj
 def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level: str) -> None:
     """Run a node until SIGTERM/SIGINT (then leave gracefully, exit 0).
@@ -172,7 +206,8 @@ def status_cmd(nats_url: str, platform: str, output: str) -> None:
 @cli.command("stepdown")
 @click.argument("app")
 @click.option("--successor", help="Node id that should take over first.")
-@click.option("--cooldown", type=float, help="Seconds the old leader stays out of elections.")
+@click.option("--cooldown", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Seconds the old leader stays out of elections (>= 0).")
 @NATS_OPT
 @PLATFORM_OPT
 @OUTPUT
@@ -196,8 +231,11 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, nats_u
 
 
 @cli.command("demo")
-@click.option("--lease-ttl", type=float, default=2.0, show_default=True)
-@click.option("--nodes", type=int, default=3, show_default=True)
+# The story needs a standby to fail over to, and a lease short enough to finish in a minute.
+@click.option("--lease-ttl", type=click.FloatRange(1.0, 10.0), default=2.0, show_default=True,
+              help="Lease of the demo's app in seconds (1 to 10).")
+@click.option("--nodes", type=click.IntRange(2, 9), default=3, show_default=True,
+              help="Node processes (2 to 9).")
 def demo_cmd(lease_ttl: float, nodes: int) -> None:
     """A whole failover story on an embedded nats-server: election, SIGKILL of the leader,
     failover, graceful handover. Exits by itself."""

@@ -76,7 +76,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="module:function called as fn(ns) -> list of extra App options; if the "
                         "module has attach(app, platform, ns), it is called before the start")
     p.add_argument("--setup-arg", action="append", default=[], help="key=value for --setup")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p.parse_args(argv)
 
 
@@ -149,7 +150,7 @@ def main() -> None:
     """Entry point."""
     ns = parse()
     logging.basicConfig(
-        level=getattr(logging, ns.log_level.upper(), logging.INFO),
+        level=getattr(logging, ns.log_level),
         format=f"%(asctime)s {ns.node_id} %(name)s %(levelname)s %(message)s",
     )
     sys.exit(asyncio.run(amain(ns)))
