@@ -389,3 +389,4 @@ def test_run_logs_to_stderr_unless_the_app_configured_logging(
         assert "pycluster INFO started an embedded nats-server" in out
         assert "web[stderr] Address already in use" in out
         assert "leaving gracefully" in out
+        assert "unusable" not in out  # installed plugins that no app uses stay quiet

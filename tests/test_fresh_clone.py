@@ -151,6 +151,8 @@ def test_documented_install_with_extras_in_a_fresh_venv(spaced: Path) -> None:
         assert proc.wait(30) == 0, "".join(lines)
         reader.join(10)
         assert any("leaving gracefully" in line for line in lines), "".join(lines)
+        # No app uses docker or vip: whether they work on this machine is not worth a warning.
+        assert not any("unusable" in line for line in lines), "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
