@@ -204,7 +204,12 @@ class App:
     async def step_down(self, successor: str | None = None, cooldown: float | None = None) -> None:
         """Hand leadership over now: deactivate, release the lease, stay out for ``cooldown``.
 
-        :param successor: node id that should take over first, if it is eligible and alive.
+        :param successor: node id that should take over first: a live node that runs this app
+            and may lead it, not this node.
+        :param cooldown: seconds this node stays out of the election (>= 0; default: the
+            app's ``cooldown``).
+        :raises ConfigError: the request could not do what it asks (a negative cooldown, a
+            successor that is not a live eligible node, or this node itself); nothing changed.
         """
         await self._rt().step_down(successor=successor, cooldown=cooldown)
 
