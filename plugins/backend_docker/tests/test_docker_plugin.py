@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import pycluster_docker.plugin as docker_plugin
-from pycluster import App, Platform
+from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
 from pycluster.errors import ConfigError
 from pycluster.plugins import create_plugin_manager
@@ -109,4 +109,11 @@ async def test_missing_engine_is_reported_at_start_up(
     assert info.reason is not None and "unix:///nonexistent/docker.sock" in info.reason
     await p.start()
     await p.stop()
-    assert f"plugin docker (pycluster-docker 0.1.0) is unusable: {info.reason}" in caplog.text
+    assert "unusable" not in caplog.text  # no app of this node uses docker: not worth a word
+    # An app that uses it (placed elsewhere: nothing is started here) makes it worth a warning.
+    p = Platform(unique_name, node_id="n1", nats_url=nats_url)
+    p.register(App("web", Docker("bb:latest"), OnNodes("elsewhere")))
+    await p.start()
+    await p.stop()
+    assert (f"plugin docker (pycluster-docker 0.1.0), used by app(s) web, is unusable here: "
+            f"{info.reason}") in caplog.text

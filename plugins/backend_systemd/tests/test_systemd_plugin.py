@@ -8,7 +8,7 @@ import os
 import pytest
 
 import pycluster_systemd.plugin as systemd_plugin
-from pycluster import App, Platform
+from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
 from pycluster.errors import ConfigError
 from pycluster.plugins import create_plugin_manager
@@ -99,7 +99,14 @@ async def test_missing_systemd_is_reported_at_start_up(
     assert info.reason == f"${PREFIX_ENV} runs '/nonexistent/ssh', which is not installed"
     await p.start()
     await p.stop()
-    assert f"plugin systemd (pycluster-systemd 0.1.0) is unusable: {info.reason}" in caplog.text
+    assert "unusable" not in caplog.text  # no app of this node uses systemd: not worth a word
+    # An app that uses it (placed elsewhere: nothing is started here) makes it worth a warning.
+    p = Platform(unique_name, node_id="n1", nats_url=nats_url)
+    p.register(App("web", Systemd("web-backend"), OnNodes("elsewhere")))
+    await p.start()
+    await p.stop()
+    assert (f"plugin systemd (pycluster-systemd 0.1.0), used by app(s) web, is unusable here: "
+            f"{info.reason}") in caplog.text
     monkeypatch.setenv(PREFIX_ENV, "")
     if os.path.isdir("/run/systemd/system"):
         return  # this machine runs systemd: nothing is missing

@@ -86,11 +86,17 @@ def test_missing_netlink_rights_are_reported_at_start_up(nats_url: str,
     code = (
         "import asyncio, logging, sys\n"
         "logging.basicConfig(stream=sys.stdout, level=logging.WARNING)\n"
-        "from pycluster import Platform\n"
+        "from pycluster import App, OnNodes, Platform\n"
+        "from pycluster_vip import VIP\n"
         "async def main():\n"
         f"    p = Platform({unique_name!r}, node_id='n1', nats_url={nats_url!r})\n"
         "    i = p.pm.infos['vip']\n"
         "    print('INFO', i.status, i.distribution, i.version)\n"
+        "    await p.start()\n"  # no app uses vip: no warning
+        "    await p.stop()\n"
+        "    print('WITH AN APP')\n"
+        f"    p = Platform({unique_name!r}, node_id='n1', nats_url={nats_url!r})\n"
+        "    p.register(App('db', VIP('10.0.1.100/24', 'eth0'), OnNodes('elsewhere')))\n"
         "    await p.start()\n"
         "    await p.stop()\n"
         "asyncio.run(main())\n"
@@ -100,5 +106,7 @@ def test_missing_netlink_rights_are_reported_at_start_up(nats_url: str,
          sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
     ).stdout
     assert "INFO unusable pycluster-vip 0.1.0" in out
-    assert "plugin vip (pycluster-vip 0.1.0) is unusable: no netlink rights: the process " \
-        "lacks CAP_NET_ADMIN and CAP_NET_RAW" in out
+    before, after = out.split("WITH AN APP")
+    assert "unusable here" not in before
+    assert "plugin vip (pycluster-vip 0.1.0), used by app(s) db, is unusable here: no netlink " \
+        "rights: the process lacks CAP_NET_ADMIN and CAP_NET_RAW" in after
