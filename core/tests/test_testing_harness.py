@@ -325,7 +325,7 @@ async def test_data_survives_a_new_server_object_on_the_same_dir(tmp_path: Path)
 CRASHING_PARENT = """
 import sys, time
 from pycluster.testing import NatsServer
-server = NatsServer()
+server = NatsServer(sys.argv[1])  # a folder of the test: a killed parent cannot remove its own
 server.start_sync()
 print(server.pid, flush=True)
 time.sleep(120)
@@ -333,10 +333,11 @@ time.sleep(120)
 
 
 @pytest.mark.timeout(60)
-def test_server_dies_with_a_killed_parent() -> None:
+def test_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     """A test run killed by SIGKILL (e.g. a CI timeout) must not leave its servers behind."""
     parent = subprocess.Popen(
-        [sys.executable, "-c", CRASHING_PARENT], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CRASHING_PARENT, str(tmp_path / "nats")], stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert parent.stdout is not None
