@@ -44,6 +44,8 @@ OTHER_ENV_VARS: dict[str, str] = {
     "PYCLUSTER_CACHE_DIR": "tests: cached container images",
     "PYCLUSTER_DEBIAN_MIRROR": "tests: the mirror of the systemd test image",
     "PYCLUSTER_CHAOS_WITNESS": "tests: the chaos harness's witness socket",
+    "PYCLUSTER_CHAOS_FAULTS": "tests: faults injected by the chaos test",
+    "PYCLUSTER_CHAOS_SEED": "tests: seed of the chaos test's faults",
     # Set by pycluster for backends (a process, a unit, a container):
     "PYCLUSTER_EPOCH": "backends: the fencing token",
     "PYCLUSTER_APP": "backends: the app name",
