@@ -56,7 +56,8 @@ BACKOFF_MAX = 30.0
 
 
 def check_step_down(app: str, leader: str, members: Mapping[str, Any],
-                    successor: str | None, cooldown: float | None) -> None:
+                    successor: str | None, cooldown: float | None,
+                    max_cooldown: float | None = None) -> None:
     """Refuse a step-down that cannot do what it asks, with a `ConfigError` saying why.
 
     Checked where a step-down is asked for (the CLI, `App.step_down`) and where it is executed
@@ -67,12 +68,19 @@ def check_step_down(app: str, leader: str, members: Mapping[str, Any],
 
     :param leader: the node stepping down (the current leader).
     :param members: live node records by node id (`Membership.members`), each with ``apps``.
+    :param max_cooldown: the longest cooldown accepted (the leader knows its lease:
+        ``max(60, 10 x lease_ttl)``); a longer one would keep the node out of the election
+        for good.
     """
     if cooldown is not None and (isinstance(cooldown, bool) or not isinstance(cooldown, int | float)
                                  or not math.isfinite(cooldown) or cooldown < 0):
         raise ConfigError("cooldown", cooldown, "must be a number of seconds >= 0")
+    if cooldown is not None and max_cooldown is not None and cooldown > max_cooldown:
+        raise ConfigError("cooldown", cooldown, f"must be at most {max_cooldown:g} seconds")
     if successor is None:
         return
+    if not isinstance(successor, str):
+        raise ConfigError("successor", successor, "must be a node id (a string)")
     validate_ident("successor", successor)
     if successor == leader:
         raise ConfigError("successor", successor,
@@ -83,12 +91,14 @@ def check_step_down(app: str, leader: str, members: Mapping[str, Any],
         live = ", ".join(sorted(n for n in members if n != leader)) or "none"
         raise ConfigError("successor", successor,
                           f"is not a live node of this platform (other live nodes: {live})")
-    state = (rec.get("apps") or {}).get(app) or {}
-    if not state.get("eligible"):
+    apps = rec.get("apps") if isinstance(rec, Mapping) else None
+    state = apps.get(app) if isinstance(apps, Mapping) else None
+    state = state if isinstance(state, Mapping) else {}
+    if state.get("eligible") is not True:
         raise ConfigError("successor", successor,
                           f"does not run app {app!r} (not registered there, or its placement "
                           "excludes that node)")
-    if state.get("no_failover"):
+    if state.get("no_failover", False) is not False:
         raise ConfigError("successor", successor, f"never leads app {app!r} (no_failover)")
 
 
@@ -349,14 +359,16 @@ class AppRuntime:
         """
         membership = self.platform.membership
         members = membership.members if membership is not None else {}
+        cap = getattr(self.election, "max_cooldown", None)
         try:
-            check_step_down(self.app.name, self.platform.node_id, members, successor, cooldown)
+            check_step_down(self.app.name, self.platform.node_id, members, successor, cooldown,
+                            cap)
         except ConfigError as exc:
             if exc.field != "successor" or membership is None:
                 raise
             await membership.refresh_view()  # the view may lag a node that has just started
             check_step_down(self.app.name, self.platform.node_id, membership.members,
-                            successor, cooldown)
+                            successor, cooldown, cap)
         if self.election is None:
             return
         cd = self.cooldown if cooldown is None else cooldown

@@ -25,6 +25,21 @@ Behaviour, and why (see docs/concepts.md, "Election"):
   silent when its server dies; watches are re-created after a reconnect.
 * A graceful step-down deletes the lease (one CAS), optionally naming a successor in a header;
   the others take over at once, deferring briefly to a named successor.
+* Records are not trusted blindly (any client that may write the bucket can forge one). A
+  record is valid only with a ``Nats-TTL`` header and a body ``{node, epoch, ttl}`` of the
+  right types (epoch ``None`` or ``1 <= epoch <= revision``, never below an epoch seen before
+  on the key; a TTL at most ``max(60, 10 x lease_ttl)``). A record that stays unchanged on
+  this node's monotonic clock for longer than its TTL (this election's ``lease_ttl`` for an
+  invalid one) plus ``stale_margin`` is stale: no pycluster holder can still act on it (a
+  holder renews before its TTL or self-fences), so it is taken over by compare-and-set
+  against its revision. The same holds for a live record that vanished without a tombstone
+  (the bucket was deleted and re-created).
+* Every lease write carries ``Pycluster-Lease: <incarnation>:<write-no>``. The holder's
+  headers-only watch sees every change of its key; a change that is not its own (a raw
+  delete, purge or put by another client) fences it at once, before anyone can win the key.
+  The renewal's compare-and-set stays the fallback when the watch is silent.
+* A deleted bucket is re-created (starting its revisions above those seen, so epochs keep
+  increasing) by whichever node notices first.
 """
 
 from __future__ import annotations
@@ -33,7 +48,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,11 +62,99 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
+from .names import validate_ident
 
 log = logging.getLogger("pycluster.election")
 
 SUCCESSOR_HEADER = "Pycluster-Successor"
+LEASE_MARK_HEADER = "Pycluster-Lease"
+"""Header on every lease write: ``<incarnation>:<write-no>`` of the writing election."""
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_ttl_header(value: str | None) -> float | None:
+    """Seconds of a ``Nats-TTL`` header (``"10s"``, ``"1m30s"``, ``"5"``), None if absent or
+    not a finite positive duration (``"never"`` included)."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        seconds = float(v)
+    else:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(v):
+            if m.start() != pos:
+                return None
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(v) or not v:
+            return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+@dataclass
+class LeaseRecord:
+    """A validated lease record (see `parse_lease`)."""
+
+    node: str
+    epoch: int
+    ttl: float
+    inc: str | None
+    write_no: int | None
+
+
+def parse_lease(msg: nu.LastMsg, max_ttl: float) -> LeaseRecord | str:
+    """Validate the live KV message of a lease key: the record, or why it is not one.
+
+    A valid record has a ``Nats-TTL`` header and a JSON object body with ``node`` (a node
+    id), ``epoch`` (None: the write's own revision, or an int ``1 <= epoch <= revision``) and
+    ``ttl`` (a positive finite number); neither TTL may exceed ``max_ttl``.
+    """
+    header = msg.headers.get(nu.TTL_HEADER)
+    header_ttl = parse_ttl_header(header)
+    if header_ttl is None:
+        return "no Nats-TTL header" if header is None else f"bad Nats-TTL header {header[:32]!r}"
+    try:
+        body = json.loads(msg.data)
+    except (ValueError, UnicodeDecodeError):
+        return "the body is not JSON"
+    if not isinstance(body, dict):
+        return f"the body is a JSON {type(body).__name__}, not an object"
+    node = body.get("node")
+    try:
+        validate_ident("node", node)
+    except Exception:
+        return f"node {str(node)[:70]!r} is not a node id"
+    epoch = body.get("epoch")
+    if epoch is None:
+        epoch = msg.seq
+    elif isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= msg.seq:
+        return f"epoch {str(epoch)[:32]!r} is not an int in 1..{msg.seq} (its revision)"
+    ttl = body.get("ttl")
+    if (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
+            or ttl <= 0):
+        return f"ttl {str(ttl)[:32]!r} is not a positive number"
+    longest = max(float(ttl), header_ttl)
+    if longest > max_ttl:
+        return f"TTL {longest:g}s exceeds the cap of {max_ttl:g}s"
+    inc, w = body.get("inc"), body.get("w")
+    return LeaseRecord(str(node), epoch, longest, inc if isinstance(inc, str) else None,
+                       w if isinstance(w, int) and not isinstance(w, bool) else None)
+
+
+@dataclass
+class _Seen:
+    """What this node saw on a key: a live message, since when (monotonic), how long it may
+    stay unchanged before it is stale, and the holder it named (None: invalid record)."""
+
+    seq: int
+    since: float
+    limit: float
+    leader: str | None
+    epoch: int | None
 
 
 @dataclass
@@ -165,6 +270,21 @@ class LeaseElection:
         self.default_cooldown = cooldown if cooldown is not None else heartbeat_interval
         self.replicas = replicas
         self.incarnation = os.urandom(6).hex()
+        #: A live record unchanged for longer than its TTL plus this is stale (taken over).
+        self.stale_margin = max(self.fence_margin, 0.1)
+        #: The longest TTL a record may claim (a forged "TTL: 10 days" would block the app).
+        self.max_record_ttl = max(60.0, 10 * lease_ttl)
+        self._seen: dict[str, _Seen] = {}
+        self._key_seq: dict[str, int] = {}  # highest revision seen per key
+        self._key_epoch: dict[str, int] = {}  # highest valid epoch seen per key
+        self._max_seq = 0  # highest revision seen in the bucket (first_seq of a re-creation)
+        self._warned: dict[tuple[str, int], str] = {}
+        self._healer = nu.Healer(
+            f"election {bucket}",
+            lambda: nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1,
+                                 replicas=self.replicas, wait=2.0, first_seq=self._max_seq + 1),
+            interval=max(0.5, self.poll_interval),
+        )
 
         self._listener: ElectionListener | None = None
         self._task: asyncio.Task[None] | None = None
@@ -234,7 +354,7 @@ class LeaseElection:
         """Create the bucket if needed, start watching and campaigning."""
         await nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas)
         await self._subscribe()
-        self._task = asyncio.create_task(self._run(), name=f"election:{self.bucket}")
+        self._task = supervise(f"election:{self.bucket}", self._run, logger=log)
 
     async def stop(self, release: bool = True) -> None:
         """Stop; a held lease is deleted (handover at once) unless ``release`` is False."""
@@ -250,7 +370,14 @@ class LeaseElection:
         await self._unsubscribe()
 
     async def step_down(self, successor: str | None = None, cooldown: float | None = None) -> None:
-        """Release the lease now (if held) and stay out of campaigns for ``cooldown`` s."""
+        """Release the lease now (if held) and stay out of campaigns for ``cooldown`` s.
+
+        Raises `pycluster.ConfigError` for a cooldown that is negative, not finite, or above
+        ``max(60, 10 x lease_ttl)`` (it would leave this node out of the election for good).
+        """
+        from .coordinator import check_step_down
+
+        check_step_down("", self.node_id, {}, None, cooldown, max_cooldown=self.max_cooldown)
         cd = self.default_cooldown if cooldown is None else cooldown
         self._campaign_after = max(self._campaign_after, time.monotonic() + cd)
         if self._held_key is None:
@@ -261,6 +388,11 @@ class LeaseElection:
         self._wake.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self._step_done), self.lease_ttl + 1)
+
+    @property
+    def max_cooldown(self) -> float:
+        """The longest step-down cooldown accepted: ``max(60, 10 x lease_ttl)`` seconds."""
+        return max(60.0, 10 * self.lease_ttl)
 
     def pause_campaign(self, until: float) -> None:
         """Do not campaign before ``until`` (monotonic)."""
@@ -280,6 +412,10 @@ class LeaseElection:
 
         async def on_msg(msg: Msg) -> None:
             self._wake.set()
+            try:
+                self._check_foreign(msg)
+            except Exception:  # never into nats-py's delivery loop
+                log.exception("election %s: watch callback failed", self.bucket)
 
         try:
             self._watch_sub = await self._js.subscribe(
@@ -293,6 +429,33 @@ class LeaseElection:
         except Exception as exc:  # polling still works; the next reconnect retries
             log.warning("election %s: watch failed (%s); polling only", self.bucket, exc)
             self._watch_sub = None
+
+    def _is_ours(self, headers: dict[str, str] | None) -> bool:
+        mark = (headers or {}).get(LEASE_MARK_HEADER, "")
+        inc, _, wno = mark.partition(":")
+        return inc == self.incarnation and wno.isdigit() and int(wno) <= self._write_no
+
+    def _check_foreign(self, msg: Msg) -> None:
+        """Fence at once when the held key changes and the change is not ours (a raw delete,
+        purge or put by another client): whoever wins the key next must not overlap us."""
+        key = self._held_key
+        if key is None or msg.subject != nu.kv_subject(self.bucket, key):
+            return
+        seq = msg.metadata.sequence.stream
+        if seq <= self._lease_rev or self._is_ours(msg.headers):
+            return
+        headers = msg.headers or {}
+        op = headers.get(nu.KV_OP) or ("MARKER" if headers.get(nu.MARKER_REASON) else "PUT")
+        self._lose(key, f"lease changed by another client ({op} at revision {seq}); fenced")
+
+    def _lose(self, key: str, reason: str) -> None:
+        """Drop the held lease and tell the listener (once, whoever notices first)."""
+        if self._held_key != key:
+            return
+        epoch = self._epoch or 0
+        self._drop_lease()
+        self._notify_lost(key, epoch, reason)
+        self._wake.set()
 
     async def _unsubscribe(self) -> None:
         sub, self._watch_sub = self._watch_sub, None
@@ -316,6 +479,7 @@ class LeaseElection:
     # -- main loop -------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        last_error, logged_at = "", -math.inf
         while not self._stopping:
             try:
                 if self._held_key is not None:
@@ -324,8 +488,14 @@ class LeaseElection:
                     await self._follow()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("election %s: unexpected error; retrying", self.bucket)
+            except Exception as exc:
+                # One traceback per distinct error a minute, not one per poll.
+                error = f"{type(exc).__name__}: {exc}"
+                if error != last_error or time.monotonic() - logged_at > 60:
+                    log.exception("election %s: unexpected error; retrying", self.bucket)
+                    last_error, logged_at = error, time.monotonic()
+                else:
+                    log.debug("election %s: %s again", self.bucket, error)
                 await asyncio.sleep(self.poll_interval)
 
     def _encode(self, key: str) -> tuple[bytes, int]:
@@ -343,34 +513,47 @@ class LeaseElection:
         """One round as a non-holder: read every key, adopt/observe, maybe campaign, wait."""
         self._wake.clear()  # before reading: a change during the reads wakes the sleep below
         vacant: list[tuple[str, nu.LastMsg | None]] = []
-        observed: tuple[str | None, int | None, str | None] = (None, None, None)
+        observed: tuple[str | None, int | None, str | None] | None = None
+        wait = self.poll_interval
         try:
             for key in self.keys:
                 msg = await nu.last_msg(self._js, self.bucket, key)
+                now = time.monotonic()
+                seen = self._note(key, msg, now)
                 if msg is None or msg.tombstone:
+                    if msg is None and seen is not None and now - seen.since <= seen.limit:
+                        # A live record vanished without a tombstone (the bucket was deleted
+                        # and re-created): its holder may still act until its TTL is over.
+                        wait = min(wait, seen.since + seen.limit - now)
+                        if seen.leader is not None and (observed is None or key == "leader"):
+                            observed = (seen.leader, seen.epoch, key)
+                        continue
+                    self._seen.pop(key, None)
                     vacant.append((key, msg))
                     continue
-                try:
-                    body = json.loads(msg.data)
-                except ValueError:
-                    body = {}
-                if (
-                    body.get("node") == self.node_id
-                    and body.get("inc") == self.incarnation
-                    and body.get("w") in self._pending
-                ):
+                assert seen is not None
+                rec = self._validate(key, msg)
+                if isinstance(rec, LeaseRecord) and rec.node == self.node_id \
+                        and rec.inc == self.incarnation and rec.write_no in self._pending:
                     # Our write landed but its ack was lost: adopt it with its send time.
-                    sent = self._pending[body["w"]]
-                    epoch = body.get("epoch") or msg.seq
-                    self._take(key, msg.seq, epoch, sent)
+                    self._take(key, msg.seq, rec.epoch, self._pending[rec.write_no])
                     return
-                if observed[0] is None or key == "leader":
-                    observed = (body.get("node"), body.get("epoch") or msg.seq, key)
+                if now - seen.since > seen.limit:
+                    vacant.append((key, msg))  # stale: no holder can still act on it
+                    continue
+                wait = min(wait, seen.since + seen.limit - now)
+                if isinstance(rec, LeaseRecord) and (observed is None or key == "leader"):
+                    observed = (rec.node, rec.epoch, key)
         except nu.TRANSIENT_ERRORS as exc:
             log.debug("election %s: read failed: %s", self.bucket, exc)
+            if nu.stream_gone(exc):
+                await self._heal()
             await self._sleep(self.poll_interval)
             return
-        self._observe(*observed)
+        if observed is not None:
+            self._observe(*observed)
+        elif vacant:
+            self._observe(None, None, None)
 
         if vacant and not self.no_failover and not self._stopping:
             key, msg = vacant[0]
@@ -381,7 +564,53 @@ class LeaseElection:
                 return  # lost the race or failed: re-read at once
             await self._sleep(min(delay, self.poll_interval))
             return
-        await self._sleep(self.poll_interval)
+        await self._sleep(max(0.01, wait + 0.01))
+
+    def _note(self, key: str, msg: nu.LastMsg | None, now: float) -> _Seen | None:
+        """Track revisions of ``key``: when a live message was first seen, a re-created
+        bucket (revisions going backwards). Returns the key's entry (None: nothing live)."""
+        if msg is not None:
+            if msg.seq < self._key_seq.get(key, 0):
+                log.warning("election %s: revisions of %s went back from %d to %d: the bucket "
+                            "was re-created", self.bucket, key, self._key_seq[key], msg.seq)
+                self._key_epoch.pop(key, None)
+            self._key_seq[key] = msg.seq
+            self._max_seq = max(self._max_seq, msg.seq)
+        seen = self._seen.get(key)
+        if msg is None or msg.tombstone:
+            return seen
+        if seen is None or seen.seq != msg.seq:
+            seen = _Seen(msg.seq, now, self.lease_ttl + self.stale_margin, None, None)
+            self._seen[key] = seen
+        return seen
+
+    def _validate(self, key: str, msg: nu.LastMsg) -> LeaseRecord | str:
+        """`parse_lease` plus: the epoch never goes below one seen before on this key.
+        Sets the key's stale limit; a problem is logged once per record."""
+        rec = parse_lease(msg, self.max_record_ttl)
+        if isinstance(rec, LeaseRecord) and rec.epoch < self._key_epoch.get(key, 0):
+            rec = (f"epoch {rec.epoch} is below epoch {self._key_epoch[key]} seen before on "
+                   "this key")
+        seen = self._seen[key]
+        if isinstance(rec, str):
+            seen.limit, seen.leader, seen.epoch = self.lease_ttl + self.stale_margin, None, None
+            if (key, msg.seq) not in self._warned:
+                if len(self._warned) > 64:
+                    self._warned.clear()
+                self._warned[(key, msg.seq)] = rec
+                log.warning("election %s: ignoring the record of %s at revision %d (%s); taken "
+                            "over if it stays unchanged for %.1fs", self.bucket, key, msg.seq,
+                            rec, seen.limit)
+            return rec
+        self._key_epoch[key] = max(self._key_epoch.get(key, 0), rec.epoch)
+        seen.limit, seen.leader, seen.epoch = rec.ttl + self.stale_margin, rec.node, rec.epoch
+        return rec
+
+    async def _heal(self) -> None:
+        """The bucket is gone: re-create it (revisions above those seen) and re-watch."""
+        if await self._healer.heal():
+            await self._unsubscribe()
+            await self._subscribe()
 
     def _campaign_delay(self, key: str, msg: nu.LastMsg | None) -> float:
         now = time.monotonic()
@@ -402,6 +631,9 @@ class LeaseElection:
             delay = max(delay, seen[1] + rank * self.defer_step - now)
         return delay
 
+    def _mark(self, wno: int) -> dict[str, str]:
+        return {LEASE_MARK_HEADER: f"{self.incarnation}:{wno}"}
+
     async def _acquire(self, key: str, expected: int) -> bool:
         payload, wno = self._encode(key)
         sent = time.monotonic()
@@ -409,13 +641,15 @@ class LeaseElection:
         try:
             rev = await nu.cas_publish(
                 self._js, self.bucket, key, payload, expected_seq=expected, ttl=self.lease_ttl,
-                timeout=max(self.heartbeat_interval, 0.5),
+                timeout=max(self.heartbeat_interval, 0.5), extra_headers=self._mark(wno),
             )
         except nu.CASConflict:
             self._pending.pop(wno, None)
             return False
         except nu.TRANSIENT_ERRORS as exc:
             log.debug("election %s: campaign write failed: %s", self.bucket, exc)
+            if nu.stream_gone(exc):
+                await self._heal()
             await self._sleep(self.poll_interval)
             return False
         self._pending.clear()
@@ -424,6 +658,10 @@ class LeaseElection:
 
     def _take(self, key: str, rev: int, epoch: int, sent: float) -> None:
         self._pending.clear()
+        self._seen.pop(key, None)
+        self._key_seq[key] = rev
+        self._key_epoch[key] = max(self._key_epoch.get(key, 0), epoch)
+        self._max_seq = max(self._max_seq, rev)
         self._held_key = key
         self._lease_rev = rev
         self._epoch = epoch
@@ -453,26 +691,26 @@ class LeaseElection:
                 self._listener.observed(leader, epoch)
 
     async def _lead(self) -> None:
-        """Hold the lease: renew every heartbeat; fence at the local deadline."""
+        """Hold the lease: renew every heartbeat; fence at the local deadline, or at once when
+        the watch shows a foreign change of the key (`_check_foreign`)."""
         key = self._held_key
         assert key is not None
-        epoch = self._epoch or 0
         next_renew = self._deadline + self.fence_margin - self.lease_ttl + self.heartbeat_interval
         while not self._stopping:
             self._wake.clear()  # before the checks: a step-down request after them wakes us
+            if self._held_key != key:  # fenced by the watch
+                self._finish_step_down()
+                return
             now = time.monotonic()
             if now >= self._deadline:
-                self._drop_lease()
-                self._notify_lost(key, epoch, "lease not renewed in time (self-fenced)")
+                self._lose(key, "lease not renewed in time (self-fenced)")
                 return
             if self._step_down_req is not None:
                 successor, _ = self._step_down_req
                 self._step_down_req = None
                 await self._release(successor)
-                self._drop_lease()
-                self._notify_lost(key, epoch, "stepped down")
-                if self._step_done is not None and not self._step_done.done():
-                    self._step_done.set_result(None)
+                self._lose(key, "stepped down")
+                self._finish_step_down()
                 return
             if now < next_renew:
                 await self._sleep(min(next_renew, self._deadline) - now)
@@ -485,24 +723,35 @@ class LeaseElection:
                     self._js, self.bucket, key, payload, expected_seq=self._lease_rev,
                     ttl=self.lease_ttl,
                     timeout=max(0.05, min(self.heartbeat_interval, self._deadline - sent)),
+                    extra_headers=self._mark(wno),
                 )
             except nu.CASConflict:
                 adopted = await self._adopt_landed_renewal(key)
                 if adopted is None:
-                    self._drop_lease()
-                    self._notify_lost(key, epoch, "lease taken over (renewal conflict)")
+                    self._lose(key, "lease taken over (renewal conflict)")
                     return
                 rev, sent = adopted
             except nu.TRANSIENT_ERRORS as exc:
                 log.warning("election %s: renewal failed (%s); %.2fs of lease left",
                             self.bucket, type(exc).__name__, self._deadline - time.monotonic())
+                if nu.stream_gone(exc):
+                    await self._heal()  # the next renewal then conflicts: the lease is lost
                 next_renew = time.monotonic() + min(self.heartbeat_interval / 3, 0.5)
                 continue
+            if self._held_key != key:
+                continue  # fenced while the renewal was in flight
             self._pending.clear()
             self._lease_rev = rev
+            self._key_seq[key] = rev
+            self._max_seq = max(self._max_seq, rev)
             self._deadline = sent + self.lease_ttl - self.fence_margin
             next_renew = sent + self.heartbeat_interval
             self._notify_renewed()
+        self._finish_step_down()
+
+    def _finish_step_down(self) -> None:
+        if self._step_done is not None and not self._step_done.done():
+            self._step_done.set_result(None)
 
     async def _adopt_landed_renewal(self, key: str) -> tuple[int, float] | None:
         """After a renewal conflict: if the last write is one of ours whose ack was lost (a
@@ -513,14 +762,14 @@ class LeaseElection:
             return None
         if msg is None or msg.tombstone:
             return None
-        try:
-            body = json.loads(msg.data)
-        except ValueError:
+        rec = parse_lease(msg, self.max_record_ttl)
+        if not isinstance(rec, LeaseRecord) or rec.inc != self.incarnation \
+                or rec.node != self.node_id or rec.write_no is None:
             return None
-        sent = self._pending.get(body.get("w")) if body.get("inc") == self.incarnation else None
+        sent = self._pending.get(rec.write_no)
         if sent is None or time.monotonic() >= sent + self.lease_ttl - self.fence_margin:
             return None
-        log.info("election %s: adopted renewal %s whose ack was lost", self.bucket, body["w"])
+        log.info("election %s: adopted renewal %s whose ack was lost", self.bucket, rec.write_no)
         return msg.seq, sent
 
     def _notify_renewed(self) -> None:
@@ -529,7 +778,10 @@ class LeaseElection:
             renewed(self._deadline)
 
     async def _release(self, successor: str | None) -> None:
-        headers = {SUCCESSOR_HEADER: successor} if successor else None
+        self._write_no += 1
+        headers = self._mark(self._write_no)
+        if successor:
+            headers[SUCCESSOR_HEADER] = successor
         key = self._held_key
         if key is None:
             return

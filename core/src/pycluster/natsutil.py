@@ -19,6 +19,7 @@ Facts these rely on (measured, see the design notes in docs/concepts.md):
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -29,10 +30,11 @@ from typing import Any, TypeVar
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamInfo
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig, StreamInfo
 
 from .errors import PayloadTooLargeError
 
+log = logging.getLogger("pycluster.natsutil")
 T = TypeVar("T")
 
 KV_OP = "KV-Operation"
@@ -51,8 +53,77 @@ _IN_FLIGHT_PAUSE = 0.001
 _IN_FLIGHT_PAUSE_MAX = 0.01
 
 
+STREAM_NOT_FOUND = 10059
+"""err_code: the stream (a KV bucket's) does not exist (deleted, or a fresh server)."""
+
+
 class CASConflict(Exception):
     """A compare-and-set write found a different last sequence on the subject."""
+
+
+class StreamGoneError(nats.js.errors.NoStreamResponseError):
+    """The stream behind a bucket does not exist (deleted while nodes run, or a fresh server).
+
+    A subclass of ``NoStreamResponseError`` (what a publish to a subject no stream captures
+    raises), so code that retries transient errors keeps doing so; code that can re-create the
+    stream checks `stream_gone`.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(f"stream {stream} not found")
+        self.stream = stream
+
+    def __str__(self) -> str:
+        return f"nats: stream {self.stream} not found"
+
+
+def stream_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the stream may not exist: a publish nothing captured
+    (``NoStreamResponseError``, also seen briefly while a new replicated stream elects its
+    leader: callers re-create idempotently) or an API answer "stream not found"."""
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return True
+    return isinstance(exc, nats.js.errors.NotFoundError) and exc.err_code == STREAM_NOT_FOUND
+
+
+class Healer:
+    """Re-creates a deleted stream (``ensure()``, idempotent), at most once per ``interval``.
+
+    Example::
+
+        healer = Healer("election prod_web_election", lambda: ensure_kv(js, bucket, ...))
+        try:
+            await cas_publish(...)
+        except TRANSIENT_ERRORS as exc:
+            if stream_gone(exc):
+                await healer.heal()
+    """
+
+    def __init__(self, what: str, ensure: Callable[[], Awaitable[Any]], *,
+                 interval: float = 1.0, timeout: float = 5.0) -> None:
+        self.what = what
+        self._ensure = ensure
+        self.interval = interval
+        self.timeout = timeout
+        self._last = -math.inf
+        self.healed = 0
+
+    async def heal(self) -> bool:
+        """Re-create the stream if it is missing; True when ``ensure()`` ran and succeeded."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        try:
+            async with asyncio.timeout(self.timeout):
+                created = await self._ensure() is None
+        except Exception as exc:
+            log.warning("%s: re-creating the stream failed: %s", self.what, exc)
+            return False
+        if created:
+            self.healed += 1
+            log.warning("%s: the stream was missing (deleted?); re-created it", self.what)
+        return True
 
 
 def cas_error_code(exc: BaseException) -> int | None:
@@ -104,16 +175,20 @@ async def ensure_kv(
     max_value_size: int | None = None,
     memory: bool = False,
     wait: float = 30.0,
+    first_seq: int | None = None,
 ) -> StreamInfo | None:
     """Create the bucket if it does not exist (idempotent; an existing bucket is kept as is).
 
     Returns the existing bucket's stream info, or None if it was created now. JetStream that is
     still electing its meta leader (a cluster starting up) answers with no responders or
-    "unavailable": retried with back-off for up to ``wait`` seconds.
+    "unavailable": retried with back-off for up to ``wait`` seconds. ``first_seq`` (when
+    re-creating a deleted bucket) starts its revisions above those seen before, so revisions
+    used as fencing tokens keep increasing.
     """
     return await retry_transient(
         lambda: _ensure_kv_once(js, bucket, history=history, marker_ttl=marker_ttl,
-                                replicas=replicas, max_value_size=max_value_size, memory=memory),
+                                replicas=replicas, max_value_size=max_value_size, memory=memory,
+                                first_seq=first_seq),
         wait,
     )
 
@@ -127,6 +202,7 @@ async def _ensure_kv_once(
     replicas: int,
     max_value_size: int | None,
     memory: bool,
+    first_seq: int | None = None,
 ) -> StreamInfo | None:
     cfg = KeyValueConfig(
         bucket=bucket,
@@ -137,7 +213,20 @@ async def _ensure_kv_once(
         storage=StorageType.MEMORY if memory else None,
         direct=True,
     )
-    info = await _ensure_stream_once(js, kv_stream(bucket), lambda: js.create_key_value(cfg))
+
+    async def create() -> Any:
+        if not first_seq or first_seq <= 1:
+            return await js.create_key_value(cfg)
+        # The stream nats-py's create_key_value makes, plus a first sequence.
+        return await js.add_stream(StreamConfig(
+            name=kv_stream(bucket), subjects=[kv_subject(bucket, ">")], allow_direct=True,
+            allow_rollup_hdrs=True, allow_msg_ttl=True, deny_delete=True,
+            discard=DiscardPolicy.NEW, duplicate_window=120.0, max_consumers=-1, max_msgs=-1,
+            max_msg_size=max_value_size, max_msgs_per_subject=history, num_replicas=replicas,
+            storage=cfg.storage, subject_delete_marker_ttl=marker_ttl, first_seq=first_seq,
+        ))
+
+    info = await _ensure_stream_once(js, kv_stream(bucket), create)
     if info is None and replicas > 1:
         await wait_stream_leader(js, kv_stream(bucket))
     return info
@@ -216,7 +305,9 @@ async def last_msg(
             # A new replicated stream's direct-get responders may not be known to our server
             # yet: ask the stream leader through the API instead.
             raw = await js.get_last_msg(stream, subject, direct=False)
-    except nats.js.errors.NotFoundError:
+    except nats.js.errors.NotFoundError as exc:
+        if exc.err_code == STREAM_NOT_FOUND:
+            raise StreamGoneError(stream) from None
         return None
     headers = {k: str(v) for k, v in (raw.headers or {}).items()}
     return LastMsg(seq=raw.seq or 0, data=raw.data or b"", headers=headers)
@@ -246,7 +337,13 @@ async def live_values(js: JetStreamContext, bucket: str, prefix: str) -> dict[st
     """JSON values of every live key under ``prefix`` (tombstones and markers skipped)."""
     import json
 
-    info = await js.stream_info(kv_stream(bucket), subjects_filter=kv_subject(bucket, prefix + ">"))
+    try:
+        info = await js.stream_info(kv_stream(bucket),
+                                    subjects_filter=kv_subject(bucket, prefix + ">"))
+    except nats.js.errors.NotFoundError as exc:
+        if exc.err_code == STREAM_NOT_FOUND:
+            raise StreamGoneError(kv_stream(bucket)) from None
+        raise
     out: dict[str, Any] = {}
     base = len(kv_subject(bucket, ""))
     for subject in (info.state.subjects or {}):
