@@ -372,7 +372,8 @@ class AppRuntime:
         if self.election is None:
             return
         cd = self.cooldown if cooldown is None else cooldown
-        self.election.pause_campaign(time.monotonic() + cd)
+        # A soft cooldown where the election has one: it never leaves the app leaderless.
+        getattr(self.election, "cool_down", self.election.pause_campaign)(time.monotonic() + cd)
         self._want_active, self._want_reason = False, "stepped down"
         self._changed.set()
         self._interrupt_activation()

@@ -293,7 +293,9 @@ class LeaseElection:
         self._stopping = False
         self._step_down_req: tuple[str | None, float] | None = None
         self._step_done: asyncio.Future[None] | None = None
-        self._campaign_after = 0.0
+        self._campaign_after = 0.0  # hard: pause_campaign (back-off, health, replaced)
+        self._cooldown_until = 0.0  # soft: a step-down's cooldown (see _campaign_delay)
+        self._vacant_since: dict[str, tuple[int, float]] = {}  # key -> (revision, since)
         self._write_no = 0
         self._pending: dict[int, float] = {}  # write number -> send time (adopt a lost ack)
         self._tomb_seen: dict[str, tuple[int, float]] = {}
@@ -346,7 +348,8 @@ class LeaseElection:
         """Seconds from a holder's crash until a standby holds the lease, at worst (no NATS
         fault): the server-side TTL since the last renewal, marker detection (poll fallback),
         and priority deferral."""
-        return float(nu.ttl_header(self.lease_ttl)[:-1]) + self.poll_interval + self.defer_step * 2
+        return (float(nu.ttl_header(self.lease_ttl)[:-1]) + self.poll_interval
+                + min(self.defer_step * 2, self.max_defer))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -379,7 +382,7 @@ class LeaseElection:
 
         check_step_down("", self.node_id, {}, None, cooldown, max_cooldown=self.max_cooldown)
         cd = self.default_cooldown if cooldown is None else cooldown
-        self._campaign_after = max(self._campaign_after, time.monotonic() + cd)
+        self.cool_down(time.monotonic() + cd)
         if self._held_key is None:
             return
         loop = asyncio.get_running_loop()
@@ -393,6 +396,12 @@ class LeaseElection:
     def max_cooldown(self) -> float:
         """The longest step-down cooldown accepted: ``max(60, 10 x lease_ttl)`` seconds."""
         return max(60.0, 10 * self.lease_ttl)
+
+    def cool_down(self, until: float) -> None:
+        """Prefer others until ``until`` (monotonic), as after a step-down: this node still
+        takes a key that stayed vacant for a whole lease, so cooldowns on every node (two
+        step-down requests in a row) never leave the app leaderless for longer."""
+        self._cooldown_until = max(self._cooldown_until, until)
 
     def pause_campaign(self, until: float) -> None:
         """Do not campaign before ``until`` (monotonic)."""
@@ -532,6 +541,7 @@ class LeaseElection:
                     vacant.append((key, msg))
                     continue
                 assert seen is not None
+                self._vacant_since.pop(key, None)
                 rec = self._validate(key, msg)
                 if isinstance(rec, LeaseRecord) and rec.node == self.node_id \
                         and rec.inc == self.incarnation and rec.write_no in self._pending:
@@ -614,7 +624,12 @@ class LeaseElection:
 
     def _campaign_delay(self, key: str, msg: nu.LastMsg | None) -> float:
         now = time.monotonic()
-        delay = self._campaign_after - now
+        seq = msg.seq if msg is not None else 0
+        vacant = self._vacant_since.get(key)
+        if vacant is None or (seq and vacant[0] != seq):  # a marker may expire to nothing
+            vacant = self._vacant_since[key] = (seq, now)
+        soft = min(self._cooldown_until, vacant[1] + self.lease_ttl) - now
+        delay = max(self._campaign_after - now, soft)
         if msg is not None and msg.headers.get(nu.KV_OP) == "DEL":
             successor = msg.headers.get(SUCCESSOR_HEADER)
             seen = self._tomb_seen.get(key)
@@ -624,12 +639,19 @@ class LeaseElection:
             if successor and successor != self.node_id:
                 delay = max(delay, seen[1] + self.successor_grace - now)
             if successor == self.node_id:
-                return 0.0  # the named successor goes first, even in a cooldown
+                # The named successor goes first, even in a cooldown (not in a hard pause).
+                return self._campaign_after - now
         rank = self._rank()
         if rank > 0:
             seen = self._tomb_seen.setdefault(key, (msg.seq if msg else 0, now))
-            delay = max(delay, seen[1] + rank * self.defer_step - now)
+            delay = max(delay, seen[1] + min(rank * self.defer_step, self.max_defer) - now)
         return delay
+
+    @property
+    def max_defer(self) -> float:
+        """The longest priority deferral: below half a lease, however many higher-priority
+        standbys the membership shows (records can be forged)."""
+        return 0.45 * self.lease_ttl
 
     def _mark(self, wno: int) -> dict[str, str]:
         return {LEASE_MARK_HEADER: f"{self.incarnation}:{wno}"}
@@ -659,6 +681,7 @@ class LeaseElection:
     def _take(self, key: str, rev: int, epoch: int, sent: float) -> None:
         self._pending.clear()
         self._seen.pop(key, None)
+        self._vacant_since.pop(key, None)
         self._key_seq[key] = rev
         self._key_epoch[key] = max(self._key_epoch.get(key, 0), epoch)
         self._max_seq = max(self._max_seq, rev)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import signal
 import threading
@@ -649,28 +648,17 @@ class Platform:
             self.spawn(self.membership.reconnected(), "membership:reconnected")
 
     async def _on_stepdown(self, msg: Msg) -> None:
-        app_name = msg.subject.split(".")[1]
-        app = self.apps.get(app_name)
+        """A step-down request: validated, through the middleware chain, audited
+        (`pycluster.control.serve_stepdown`); only the active instance answers."""
+        from .control import serve_stepdown
+
+        app = self.apps.get(msg.subject.split(".")[1])
         if app is None or not app.is_active or app.mode.slots() is None:
             return
         try:
-            req = json.loads(msg.data or b"{}")
-        except ValueError:
-            req = None
-        epoch = app.epoch
-        reply: dict[str, Any] = {"node": self.node_id, "epoch": epoch}
-        if not isinstance(req, dict):
-            reply["error"] = {"field": "request", "value": None,
-                              "reason": "not a JSON object {successor, cooldown}"}
-        else:
-            try:  # validated here too: the request may come from anything on the bus
-                await app.step_down(successor=req.get("successor"), cooldown=req.get("cooldown"))
-            except ConfigError as exc:
-                log.warning("app %s: step-down request refused: %s", app_name, exc)
-                value = exc.value if isinstance(exc.value, str | int | float | None) else None
-                reply["error"] = {"field": exc.field, "value": value, "reason": exc.reason}
-        if msg.reply:
-            await msg.respond(json.dumps(reply).encode())
+            await serve_stepdown(self, app, msg)
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("app %s: step-down request failed", app.name)
 
     def status(self) -> dict[str, Any]:
         """This node's view: node, labels, apps with role, leader, epoch."""
