@@ -123,12 +123,13 @@ class ControlPlane:
             log.exception("control: audit entry not queued")
 
     async def request(self, subject: str, payload: bytes, *, app: str, name: str,
-                      timeout: float, gather: float | None = None) -> list[Msg]:
+                      timeout: float, gather: float | None = None,
+                      enough: Callable[[Msg], bool] | None = None) -> list[Msg]:
         """Send a control request with this node's credentials (the ``on_call`` chain).
 
         Returns the replies: the first one, or with ``gather`` every reply that arrives
-        within ``gather`` seconds (several processes may answer one subject). An empty list
-        means nobody answered.
+        within ``gather`` seconds (several processes may answer one subject), ending early at
+        a reply for which ``enough(reply)`` is true. An empty list means nobody answered.
         """
         p = self.platform
         nc = p.nc
@@ -143,15 +144,20 @@ class ControlPlane:
                 except Exception:
                     return []
             replies: list[Msg] = []
+            done = asyncio.Event()
 
             async def cb(m: Msg) -> None:
                 replies.append(m)
+                if enough is not None and enough(m):
+                    done.set()
 
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox, cb=cb)
             try:
                 await nc.publish(subject, payload, reply=inbox, headers=call.headers or None)
-                await asyncio.sleep(gather)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(gather):
+                        await done.wait()
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
 from .metrics import observe_hook
@@ -308,7 +308,10 @@ class AppRuntime:
         self._set_role(Role.PASSIVE, None, "started")
         await run_hooks(self.app.hooks("passive"), self.ctx("started"), self.hook_timeout,
                         "on_passive", False)
-        self._worker = asyncio.create_task(self._work(), name=f"coordinator:{self.app.name}")
+        # Its state (role, stages run so far) is not to be trusted after a crash: the node
+        # leaves (its lease is released) rather than restart it.
+        self._worker = supervise(f"coordinator:{self.app.name}", self._work, restart=False,
+                                 on_fatal=self.platform.task_failed, logger=log)
         if self.election is not None:
             self.election.set_listener(self)
             await self.election.start()

@@ -73,6 +73,32 @@ class DuplicateNodeError(PyclusterError):
         )
 
 
+class NodeReplacedError(PyclusterError):
+    """Another process took this node id over (confirmed: it answers for the new record);
+    this process left. ``pycluster run`` exits with `exit_code` (4)."""
+
+    exit_code = 4
+
+    def __init__(self, platform: str, node_id: str) -> None:
+        self.platform = platform
+        self.node_id = node_id
+        super().__init__(f"node id {node_id!r} of platform {platform!r} was taken over by "
+                         "another process; this process left")
+
+
+class NodeFailedError(PyclusterError):
+    """An internal task of this node died and cannot be restarted; the node left.
+    ``pycluster run`` exits with `exit_code` (3)."""
+
+    exit_code = 3
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        self.what = what
+        self.cause = cause
+        super().__init__(f"{what} failed and cannot be restarted: "
+                         f"{type(cause).__name__}: {cause}")
+
+
 class KeyExistsError(PyclusterError):
     """`kv.create()` on a key that already has a value."""
 

@@ -6,10 +6,21 @@ expires and a graceful leave deletes it. Other nodes watch ``nodes.>`` (with a p
 since watchers can go silent) and raise ``on_member_join`` / ``on_member_leave``.
 
 A second process starting with a node id whose record is alive asks that process over NATS
-whether it is running (``{platform}._.node.{node_id}.ping``); if it answers, the start is refused
-with `DuplicateNodeError`; if not (a crashed process whose record has not expired yet), the new
-process takes the record over. A process whose record was taken over (it was paused or cut off
-too long) learns it at its next refresh and shuts down.
+whether it is running (``{platform}._.node.{node_id}.ping``); if the process named by the
+record (its incarnation) answers, the start is refused with `DuplicateNodeError`; if not (a
+crashed process whose record has not expired yet, or a reply from someone else), the new
+process takes the record over.
+
+A process whose record was overwritten by another incarnation (it was paused or cut off too
+long, or someone forged its record) confirms the takeover before it leaves: it pings its own
+node id and requires a pong with the new record's incarnation, i.e. a real second process. If
+nobody answers for it the record is taken back by compare-and-set and the node stays;
+otherwise ``on_replaced`` is called (the platform leaves and ``pycluster run`` exits non-zero).
+
+Records are validated (`validate_member`): a record that is not a JSON object of the
+expected shape, has no ``Nats-TTL`` header, or has not changed for longer than its TTL is
+ignored (logged once), so a forged record cannot steer priorities, placement or routing. A
+deleted bucket is re-created and this node's record written again.
 """
 
 from __future__ import annotations
@@ -21,8 +32,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -31,13 +42,78 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import DuplicateNodeError
 from .names import platform_subject
+
+if TYPE_CHECKING:
+    from .control import ControlPlane
 
 log = logging.getLogger("pycluster.membership")
 
 NODE_PREFIX = "nodes."
+PRIORITY_LIMIT = 1_000_000
+"""Priorities are ints in ``-PRIORITY_LIMIT..PRIORITY_LIMIT`` (a record outside is invalid)."""
+_RETRYABLE: tuple[type[BaseException], ...] = (nu.CASConflict, *nu.TRANSIENT_ERRORS)
+_MAX_LABELS = 256
+_MAX_APPS = 1024
+
+
+def _ttl_of(headers: Mapping[str, str]) -> float | None:
+    from .election import parse_ttl_header
+
+    return parse_ttl_header(headers.get(nu.TTL_HEADER))
+
+
+def validate_member(node: str, rec: Any, headers: Mapping[str, str] | None,
+                    max_ttl: float) -> str | None:
+    """Why the record of ``node`` is not a valid membership record (None: valid).
+
+    Valid: a JSON object with ``node_id`` = ``node``, a string ``incarnation``, ``labels`` a
+    str -> str mapping, ``apps`` a mapping of app name -> ``{eligible: bool, no_failover:
+    bool, priority: int in ±PRIORITY_LIMIT, role: str, mode: str, epoch: int|None, leader:
+    str|None}``, and (``headers`` given) a ``Nats-TTL`` header of at most ``max_ttl``.
+    """
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    if rec.get("node_id") != node:
+        return f"node_id {str(rec.get('node_id'))[:70]!r} is not {node!r}"
+    if not isinstance(rec.get("incarnation"), str) or not rec["incarnation"]:
+        return "no incarnation"
+    if headers is not None:
+        ttl = _ttl_of(headers)
+        if ttl is None:
+            return "no valid Nats-TTL header"
+        if ttl > max_ttl:
+            return f"TTL {ttl:g}s exceeds the cap of {max_ttl:g}s"
+    labels = rec.get("labels", {})
+    if not isinstance(labels, dict) or len(labels) > _MAX_LABELS or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        return "labels are not a mapping of strings to strings"
+    apps = rec.get("apps", {})
+    if not isinstance(apps, dict) or len(apps) > _MAX_APPS:
+        return "apps is not a mapping"
+    for name, a in apps.items():
+        if not isinstance(a, dict):
+            return f"app {str(name)[:64]!r} is not a mapping"
+        prio = a.get("priority", 0)
+        if isinstance(prio, bool) or not isinstance(prio, int) or abs(prio) > PRIORITY_LIMIT:
+            return f"app {str(name)[:64]!r}: priority {str(prio)[:32]!r} is not an int within " \
+                   f"±{PRIORITY_LIMIT}"
+        for field in ("eligible", "no_failover"):
+            if not isinstance(a.get(field, False), bool):
+                return f"app {str(name)[:64]!r}: {field} is not a boolean"
+        for field in ("role", "mode"):
+            if not isinstance(a.get(field, ""), str):
+                return f"app {str(name)[:64]!r}: {field} is not a string"
+        epoch = a.get("epoch")
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            return f"app {str(name)[:64]!r}: epoch is not an int"
+        if a.get("leader") is not None and not isinstance(a.get("leader"), str):
+            return f"app {str(name)[:64]!r}: leader is not a string"
+    if not isinstance(rec.get("plugins", {}), dict):
+        return "plugins is not a mapping"
+    return None
 
 
 class Membership:
@@ -58,6 +134,8 @@ class Membership:
         on_replaced: Callable[[], None],
         poll_interval: float = 1.0,
         replicas: int = 1,
+        control: ControlPlane | None = None,
+        on_restored: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -73,7 +151,22 @@ class Membership:
         self.poll_interval = poll_interval
         self.replicas = replicas
         self.incarnation = os.urandom(6).hex()
+        self._control = control
+        self._on_restored = on_restored
+        #: Valid, live records by node id (invalid ones are never in here).
         self.members: dict[str, dict[str, Any]] = {}
+        #: node -> (revision, first seen (monotonic), seconds it may stay unchanged)
+        self._fresh: dict[str, tuple[int, float, float]] = {}
+        self._warned: dict[tuple[str, int], str] = {}
+        self.max_ttl = max(60.0, 10 * ttl)
+        self.restored = 0  # records of ours taken back from an unconfirmed takeover
+        self._max_seq = 0
+        self._healer = nu.Healer(
+            f"membership {self.bucket}",
+            lambda: nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1,
+                                 replicas=self.replicas, wait=2.0, first_seq=self._max_seq + 1),
+            interval=max(0.5, min(poll_interval, heartbeat)),
+        )
         self._rev = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._ping_sub: Any = None
@@ -108,7 +201,8 @@ class Membership:
             lambda: nu.last_msg(self._js, self.bucket, self.key))
         if existing is not None and not existing.tombstone:
             holder = _decode(existing.data)
-            if await self._alive(subject):
+            inc = holder.get("incarnation")
+            if isinstance(inc, str) and await self._answers(inc):
                 raise DuplicateNodeError(self.platform, self.node_id, holder)
             log.info("node %s: previous record (pid %s) is stale; taking it over",
                      self.node_id, holder.get("pid"))
@@ -125,23 +219,70 @@ class Membership:
                 raise DuplicateNodeError(self.platform, self.node_id, body) from None
             self._rev = current.seq  # our own write landed before a retried timeout
 
-        async def pong(msg: Msg) -> None:
-            if msg.reply:
-                await msg.respond(json.dumps({"incarnation": self.incarnation}).encode())
-
-        self._ping_sub = await self._nc.subscribe(subject, cb=pong)
+        self._max_seq = max(self._max_seq, self._rev)
+        self._ping_sub = await self._nc.subscribe(subject, cb=self._pong)
         await self._subscribe()
         await self.refresh_view()
         self._tasks = [
-            asyncio.create_task(self._heartbeat(), name="membership:heartbeat"),
-            asyncio.create_task(self._poll(), name="membership:poll"),
+            supervise("membership:heartbeat", self._heartbeat, logger=log),
+            supervise("membership:poll", self._poll, logger=log),
         ]
 
-    async def _alive(self, subject: str) -> bool:
+    async def _pong(self, msg: Msg) -> None:
+        """Answer a ping of our node id with our incarnation (behind the middleware chain)."""
+        if not msg.reply:
+            return
+        body = json.dumps({"incarnation": self.incarnation}).encode()
         try:
-            await self._nc.request(subject, b"", timeout=min(1.0, self.ttl / 2))
-            return True
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError, TimeoutError):
+            if self._control is not None:
+                async def handler(req: Any) -> bytes:
+                    return body
+
+                reply, error = await self._control.serve(msg, app="_", name="ping",
+                                                         handler=handler)
+                if error is not None:
+                    return  # refused (e.g. no credentials): the pinger sees no answer
+                body = reply
+            await msg.respond(body)
+        except Exception as exc:
+            log.debug("node %s: pong not sent: %s", self.node_id, exc)
+
+    async def _answers(self, incarnation: str) -> bool:
+        """Whether a process with ``incarnation`` answers pings of this node id (replies from
+        anyone else, e.g. a spoofed pong, do not count)."""
+        subject = platform_subject(self.platform, "node", self.node_id, "ping")
+        window = min(1.0, self.ttl / 2)
+
+        def matches(m: Msg) -> bool:
+            try:
+                body = json.loads(m.data)
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return isinstance(body, dict) and body.get("incarnation") == incarnation
+
+        if self._control is not None:
+            replies = await self._control.request(subject, b"", app="_", name="ping",
+                                                  timeout=window, gather=window, enough=matches)
+            return any(matches(m) for m in replies)
+        try:
+            inbox = self._nc.new_inbox()
+            found = asyncio.Event()
+
+            async def cb(m: Msg) -> None:
+                if matches(m):
+                    found.set()
+
+            sub = await self._nc.subscribe(inbox, cb=cb)
+            try:
+                await self._nc.publish(subject, b"", reply=inbox)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(window):
+                        await found.wait()
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            return found.is_set()
+        except (nats.errors.Error, OSError):
             return False
 
     def _encode(self) -> bytes:
@@ -164,36 +305,72 @@ class Membership:
                     self._js, self.bucket, self.key, self._encode(), expected_seq=self._rev,
                     ttl=self.ttl,
                 )
+                self._max_seq = max(self._max_seq, self._rev)
             except nu.CASConflict:
-                current = await nu.last_msg(self._js, self.bucket, self.key)
-                body = _decode(current.data) if current and not current.tombstone else {}
-                if current is None or current.tombstone:
-                    # Our record expired (we were cut off); re-create it.
-                    try:
-                        self._rev = await nu.cas_publish(
-                            self._js, self.bucket, self.key, self._encode(),
-                            expected_seq=current.seq if current else 0, ttl=self.ttl,
-                        )
-                        continue
-                    except Exception:
-                        continue
-                if body.get("incarnation") != self.incarnation:
-                    log.error("node %s: another process took this node id over; leaving",
-                              self.node_id)
-                    self._on_replaced()
+                if await self._conflict():
                     return
             except nu.TRANSIENT_ERRORS as exc:
                 log.warning("node %s: membership refresh failed: %s", self.node_id, exc)
+                if nu.stream_gone(exc) and await self._healer.heal():
+                    await self._resubscribe()
+                    self._wake.set()  # write the record again at once (the CAS conflicts)
+
+    async def _conflict(self) -> bool:
+        """Our record is not at the revision we wrote last. Returns True when this node was
+        really replaced (``on_replaced`` was called)."""
+        current = await nu.last_msg(self._js, self.bucket, self.key)
+        if current is None or current.tombstone:
+            # Our record expired (we were cut off) or the bucket was re-created: write it again.
+            with contextlib.suppress(nu.CASConflict, *nu.TRANSIENT_ERRORS):
+                self._rev = await nu.cas_publish(
+                    self._js, self.bucket, self.key, self._encode(),
+                    expected_seq=current.seq if current else 0, ttl=self.ttl,
+                )
+            return False
+        body = _decode(current.data)
+        inc = body.get("incarnation")
+        if inc == self.incarnation:
+            self._rev = current.seq  # our own write landed before a retried timeout
+            return False
+        if isinstance(inc, str) and await self._answers(inc):
+            log.error("node %s: another process (incarnation %s, pid %s on %s) took this node "
+                      "id over; leaving", self.node_id, inc, body.get("pid"), body.get("host"))
+            self._on_replaced()
+            return True
+        log.warning("node %s: our record was overwritten (incarnation %r, pid %s on %s) but no "
+                    "process answers for it: forged or stale; taking the record back",
+                    self.node_id, str(inc)[:32], str(body.get("pid"))[:16],
+                    str(body.get("host"))[:64])
+        try:
+            self._rev = await nu.cas_publish(
+                self._js, self.bucket, self.key, self._encode(), expected_seq=current.seq,
+                ttl=self.ttl,
+            )
+        except _RETRYABLE as exc:
+            log.warning("node %s: taking the record back failed (%s); retrying",
+                        self.node_id, type(exc).__name__)
+            self._wake.set()
+            return False
+        self.restored += 1
+        if self._on_restored is not None:
+            self._on_restored({k: str(v)[:64] for k, v in list(body.items())[:8]})
+        return False
 
     async def _subscribe(self) -> None:
         async def on_msg(msg: Msg) -> None:
-            key = msg.subject.split(".", 2)[2]
-            node = key[len(NODE_PREFIX):]
-            headers = msg.headers or {}
-            if headers.get(nu.KV_OP) in ("DEL", "PURGE") or headers.get(nu.MARKER_REASON):
-                self._left(node)
-            else:
-                self._seen(node, _decode(msg.data))
+            try:
+                key = msg.subject.split(".", 2)[2]
+                node = key[len(NODE_PREFIX):]
+                headers = {k: str(v) for k, v in (msg.headers or {}).items()}
+                if headers.get(nu.KV_OP) in ("DEL", "PURGE") or headers.get(nu.MARKER_REASON):
+                    self._fresh.pop(node, None)
+                    self._left(node)
+                else:
+                    seq = msg.metadata.sequence.stream
+                    self._max_seq = max(self._max_seq, seq)
+                    self._observe(node, seq, msg.data, headers)
+            except Exception:  # never into nats-py's delivery loop
+                log.exception("membership: watch callback failed")
 
         try:
             self._watch_sub = await self._js.subscribe(
@@ -205,11 +382,49 @@ class Membership:
 
     async def reconnected(self) -> None:
         """Re-create the watch after a reconnect."""
+        await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
         sub, self._watch_sub = self._watch_sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await self._subscribe()
+
+    def _observe(self, node: str, seq: int, data: bytes, headers: Mapping[str, str]) -> None:
+        """A live record of ``node`` at revision ``seq``: validate, track its freshness."""
+        try:
+            rec: Any = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            rec = None
+        problem = validate_member(node, rec, headers, self.max_ttl)
+        if problem is not None:
+            if (node, seq) not in self._warned:
+                if len(self._warned) > 256:
+                    self._warned.clear()
+                self._warned[(node, seq)] = problem
+                log.warning("membership: ignoring the record of node %s at revision %d: %s",
+                            node[:64], seq, problem)
+            self._fresh.pop(node, None)
+            self._left(node)
+            return
+        fresh = self._fresh.get(node)
+        if fresh is None or fresh[0] != seq:
+            ttl = _ttl_of(headers) or self.ttl
+            self._fresh[node] = (seq, time.monotonic(), ttl + max(0.5, self.poll_interval))
+        if self.alive(node):
+            self._seen(node, rec)
+        else:
+            self._left(node)
+
+    def alive(self, node: str) -> bool:
+        """Whether ``node``'s record is valid and changed within its TTL (plus a margin) on
+        this node's clock: a record nobody refreshes is not a live member, even if the server
+        keeps it (a record written without a TTL)."""
+        if node == self.node_id:
+            return True
+        fresh = self._fresh.get(node)
+        return fresh is not None and time.monotonic() - fresh[1] <= fresh[2]
 
     def _seen(self, node: str, rec: dict[str, Any]) -> None:
         is_new = node not in self.members
@@ -226,17 +441,25 @@ class Membership:
         """Read every record (the polling fallback of the watch)."""
         try:
             live = {
-                key[len(NODE_PREFIX):]: body
-                for key, body in (await nu.live_values(self._js, self.bucket, NODE_PREFIX)).items()
+                key[len(NODE_PREFIX):]: msg
+                for key, msg in (await nu.live_msgs(self._js, self.bucket, NODE_PREFIX)).items()
             }
         except nu.TRANSIENT_ERRORS as exc:
             log.debug("membership poll failed: %s", exc)
+            if nu.stream_gone(exc) and await self._healer.heal():
+                await self._resubscribe()
+                self._wake.set()  # write our record again at once
             return
         for node in list(self.members):
             if node not in live:
+                self._fresh.pop(node, None)
                 self._left(node)
-        for node, rec in live.items():
-            self._seen(node, rec)
+        for node, msg in live.items():
+            self._max_seq = max(self._max_seq, msg.seq)
+            self._observe(node, msg.seq, msg.data, msg.headers)
+        for node in list(self.members):  # records nobody refreshes (no TTL) are not members
+            if not self.alive(node):
+                self._left(node)
 
     async def _poll(self) -> None:
         while not self._stopped:

@@ -333,10 +333,11 @@ async def retry_transient(
             delay = min(delay * 2, 1.0)
 
 
-async def live_values(js: JetStreamContext, bucket: str, prefix: str) -> dict[str, Any]:
-    """JSON values of every live key under ``prefix`` (tombstones and markers skipped)."""
-    import json
+async def live_msgs(js: JetStreamContext, bucket: str, prefix: str) -> dict[str, LastMsg]:
+    """The last message of every live key under ``prefix`` (tombstones and markers skipped).
 
+    Raises `StreamGoneError` when the bucket does not exist.
+    """
     try:
         info = await js.stream_info(kv_stream(bucket),
                                     subjects_filter=kv_subject(bucket, prefix + ">"))
@@ -344,16 +345,32 @@ async def live_values(js: JetStreamContext, bucket: str, prefix: str) -> dict[st
         if exc.err_code == STREAM_NOT_FOUND:
             raise StreamGoneError(kv_stream(bucket)) from None
         raise
-    out: dict[str, Any] = {}
+    out: dict[str, LastMsg] = {}
     base = len(kv_subject(bucket, ""))
     for subject in (info.state.subjects or {}):
         key = subject[base:]
         msg = await last_msg(js, bucket, key)
         if msg is not None and not msg.tombstone:
-            try:
-                out[key] = json.loads(msg.data)
-            except ValueError:
-                continue
+            out[key] = msg
+    return out
+
+
+async def live_values(js: JetStreamContext, bucket: str, prefix: str) -> dict[str, Any]:
+    """JSON values of every live key under ``prefix`` (tombstones, markers and values that
+    are not JSON skipped). A missing bucket raises ``NotFoundError`` (err_code 10059)."""
+    import json
+
+    try:
+        msgs = await live_msgs(js, bucket, prefix)
+    except StreamGoneError:
+        raise nats.js.errors.NotFoundError(code=404, err_code=STREAM_NOT_FOUND,
+                                           description="stream not found") from None
+    out: dict[str, Any] = {}
+    for key, msg in msgs.items():
+        try:
+            out[key] = json.loads(msg.data)
+        except ValueError:
+            continue
     return out
 
 

@@ -23,12 +23,20 @@ from .aio import cancel_and_wait
 from .app import App
 from .connection import check_stream_replicas, connect, replicas_error
 from .context import Context
+from .control import control_plane
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
-from .errors import ConfigError, DuplicateNodeError, UnclaimedOptionError
+from .errors import (
+    ConfigError,
+    DuplicateNodeError,
+    NodeFailedError,
+    NodeReplacedError,
+    PyclusterError,
+    UnclaimedOptionError,
+)
 from .kv import AppKV
 from .locks import Lock, LockService
-from .membership import Membership
+from .membership import PRIORITY_LIMIT, Membership
 from .names import app_subject, bucket, validate_ident
 from .options import Replicas, check_timing
 from .plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
@@ -139,6 +147,10 @@ class Platform:
         self._signal_task: asyncio.Task[Any] | None = None
         self._signal_restore: list[tuple[signal.Signals, Callable[..., Any] | int | None]] = []
         self._started_services: list[Service] = []
+        #: Why the node stopped on its own (`fail`): `run` raises it after leaving.
+        self.failure: PyclusterError | None = None
+        self._in_run = False
+        self._fail_task: asyncio.Task[None] | None = None
         self.services: dict[str, Service] = create_services(self)
 
     def __repr__(self) -> str:
@@ -162,6 +174,10 @@ class Platform:
             e.heartbeat_interval or self.settings.heartbeat_interval,
             f"App({app.name!r}).election",
         )
+        priority = self.settings.priority if e.priority is None else e.priority
+        if abs(priority) > PRIORITY_LIMIT:  # other nodes would ignore our membership record
+            raise ConfigError(f"App({app.name!r}).election.priority", priority,
+                              f"must be within ±{PRIORITY_LIMIT}")
         app.platform = self
         self.apps[app.name] = app
         self.pm.hook.pycluster_app_registered(app=app, platform=self)
@@ -330,6 +346,7 @@ class Platform:
             heartbeat=s.heartbeat_interval, record=self._record, on_join=self._member_joined,
             on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
+            control=control_plane(self), on_restored=self._record_restored,
         )
         try:
             await self.membership.join()
@@ -403,20 +420,28 @@ class Platform:
             "replicas": self.settings.stream_replicas,
         }
 
+    MAX_RANK = 3
+    """At most this many distinct higher priorities defer a campaign (records can be forged;
+    the election also caps the whole deferral below half a lease)."""
+
     def _rank(self, app: str, priority: int) -> int:
-        """How many distinct higher standby priorities live members have for ``app``."""
-        if self.membership is None:
+        """How many distinct higher priorities live standbys of ``app`` have (at most
+        `MAX_RANK`): members whose valid record was refreshed within its TTL, that run the app
+        as a passive instance and may lead it."""
+        m = self.membership
+        if m is None:
             return 0
         higher = set()
-        for node, rec in self.membership.members.items():
-            if node == self.node_id:
+        for node, rec in m.members.items():
+            if node == self.node_id or not m.alive(node):
                 continue
             a = (rec.get("apps") or {}).get(app)
-            if a and a.get("eligible") and not a.get("no_failover"):
+            if (isinstance(a, dict) and a.get("eligible") is True and a.get("no_failover") is False
+                    and a.get("role") == Role.PASSIVE.value):
                 p = a.get("priority", 0)
-                if p > priority:
+                if isinstance(p, int) and p > priority:
                     higher.add(p)
-        return len(higher)
+        return min(len(higher), self.MAX_RANK)
 
     async def stop(self) -> None:
         """Leave gracefully: apps step down in reverse order, membership is deleted, NATS
@@ -490,13 +515,30 @@ class Platform:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self._stop_event.set)
                 installed.append(sig)
+        self._in_run = True
         try:
             await self._stop_event.wait()
             log.info("node %s: leaving gracefully", self.node_id)
         finally:
+            self._in_run = False
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await asyncio.shield(self.stop())
+        if self.failure is not None:
+            raise self.failure
+
+    def fail(self, error: PyclusterError) -> None:
+        """Leave because this node cannot go on (it was replaced, an internal task died):
+        logged CRITICAL, recorded as `failure`; `run` leaves gracefully and raises ``error``
+        (``pycluster run`` exits non-zero: ``error.exit_code``). Outside `run` the platform
+        stops by itself."""
+        if self.failure is None:
+            self.failure = error
+        log.critical("node %s: %s; leaving", self.node_id, error)
+        if self._in_run:
+            self.request_stop()
+        elif self._running and self._fail_task is None:
+            self._fail_task = asyncio.get_running_loop().create_task(self.stop())
 
     def request_stop(self) -> None:
         """Ask ``run()`` to leave gracefully."""
@@ -633,12 +675,20 @@ class Platform:
                                  False), f"{rt.app.name}:{event}")
 
     def _replaced(self) -> None:
-        log.error("node %s: replaced by another process with the same node id; stopping",
-                  self.node_id)
         for rt in self.runtimes.values():
             if rt.election is not None:
                 rt.election.pause_campaign(float("inf"))
-        self.request_stop()
+        self.audit.log("membership", "replaced", {"node": self.node_id})
+        self.fail(NodeReplacedError(self.name, self.node_id))
+
+    def _record_restored(self, forged: dict[str, Any]) -> None:
+        """Our record was overwritten by an incarnation nobody answers for, and taken back."""
+        self.audit.log("membership", "record_restored", {"node": self.node_id, "found": forged})
+
+    def task_failed(self, name: str, exc: BaseException) -> None:
+        """An internal task that cannot be restarted died (`pycluster.aio.supervise`'s
+        ``on_fatal``): the node leaves and `run` raises `NodeFailedError`."""
+        self.fail(NodeFailedError(name, exc))
 
     async def _reconnected(self) -> None:
         for rt in self.runtimes.values():

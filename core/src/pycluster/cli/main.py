@@ -36,7 +36,7 @@ def _setup_logging(level: str) -> None:
 
 def _fail(exc: BaseException) -> None:
     click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+    sys.exit(getattr(exc, "exit_code", 2))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -144,6 +144,12 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     TARGET is an import path ``module:platform`` of a Platform object (or a function returning
     one); --config gives a config file. With both, the file's apps are added to the target's.
     Under systemd (``Type=notify``) it reports READY, STATUS and WATCHDOG pings.
+
+    \b
+    Exit codes: 0 left after SIGTERM/SIGINT; 1 unexpected error (traceback);
+    2 refused to start (configuration, NATS, duplicate node id);
+    3 an internal task died and could not be restarted (the node left);
+    4 another process took this node id over (confirmed; the node left).
     """
     from ..sdnotify import run_platform
     from .config_apps import apps_from_config, platform_from_config

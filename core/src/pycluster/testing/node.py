@@ -140,6 +140,9 @@ async def amain(ns: argparse.Namespace) -> int:
     print("READY", flush=True)
     try:
         await platform.run()  # start() already ran: run() only waits for the signal
+    except PyclusterError as exc:  # the node left on its own (replaced, failed): as `pycluster run`
+        print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return int(getattr(exc, "exit_code", 2))
     finally:
         ticker.cancel()
         rec.write(event="exit")
