@@ -60,7 +60,7 @@ from nats.js.api import (
 )
 
 from . import natsutil as nu
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import ConfigError, InvalidNameError
 from .names import bucket, platform_subject, validate_ident
 from .tracing import current_trace_id
@@ -609,7 +609,7 @@ class AuditLog:
         assert self.platform.js is not None
         await self._ensure_stream(self.platform.js)
         self._started = True
-        self._task = asyncio.create_task(self._publisher(), name="audit:publisher")
+        self._task = supervise("audit:publisher", self._publisher)
 
     async def app_started(self, rt: AppRuntime) -> None:
         """Listen to the app's failover stages (failures are audited as ``hook`` entries)."""

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from . import fenceguard
+from .aio import supervise
 from .context import Context
 from .errors import ConfigError, PyclusterError
 
@@ -547,7 +548,7 @@ class LeaseFence:
             raise BackendError(self.app, "fence guard", f"not armed: {first!r}")
         if rt is not None and self._renewed not in rt.lease_listeners:
             rt.lease_listeners.append(self._renewed)
-        self._follow = asyncio.create_task(self._read(reader), name=f"{self.app}:fence")
+        self._follow = supervise(f"{self.app}:fence", lambda: self._read(reader))
         log.info("app %s: fence guard %d armed", self.app, self._proc.pid)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:

@@ -275,6 +275,9 @@ class LeaseElection:
         #: The longest TTL a record may claim (a forged "TTL: 10 days" would block the app).
         self.max_record_ttl = max(60.0, 10 * lease_ttl)
         self._seen: dict[str, _Seen] = {}
+        #: Monotonic time a live holder was last seen: a new revision of a valid record, or our
+        #: own win or renewal (health: "no live leader for more than a lease").
+        self.leader_seen = time.monotonic()
         self._key_seq: dict[str, int] = {}  # highest revision seen per key
         self._key_epoch: dict[str, int] = {}  # highest valid epoch seen per key
         self._max_seq = 0  # highest revision seen in the bucket (first_seq of a re-creation)
@@ -552,8 +555,10 @@ class LeaseElection:
                     vacant.append((key, msg))  # stale: no holder can still act on it
                     continue
                 wait = min(wait, seen.since + seen.limit - now)
-                if isinstance(rec, LeaseRecord) and (observed is None or key == "leader"):
-                    observed = (rec.node, rec.epoch, key)
+                if isinstance(rec, LeaseRecord):
+                    self.leader_seen = max(self.leader_seen, seen.since)
+                    if observed is None or key == "leader":
+                        observed = (rec.node, rec.epoch, key)
         except nu.TRANSIENT_ERRORS as exc:
             log.debug("election %s: read failed: %s", self.bucket, exc)
             if nu.stream_gone(exc):
@@ -688,6 +693,7 @@ class LeaseElection:
         self._held_key = key
         self._lease_rev = rev
         self._epoch = epoch
+        self.leader_seen = time.monotonic()
         self._deadline = sent + self.lease_ttl - self.fence_margin
         self._obs_leader, self._obs_epoch, self._obs_key = self.node_id, epoch, key
         log.info("election %s: %s won %s (epoch %d)", self.bucket, self.node_id, key, epoch)
@@ -768,6 +774,7 @@ class LeaseElection:
             self._key_seq[key] = rev
             self._max_seq = max(self._max_seq, rev)
             self._deadline = sent + self.lease_ttl - self.fence_margin
+            self.leader_seen = max(self.leader_seen, sent)
             next_renew = sent + self.heartbeat_interval
             self._notify_renewed()
         self._finish_step_down()

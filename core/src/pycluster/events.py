@@ -47,7 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from . import codec as codecs
 from . import natsutil
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import ConfigError, PayloadTooLargeError
 from .names import (
     app_subject,
@@ -326,7 +326,7 @@ class EventBus:
             js = self.service._js()
             try:
                 ack = await js.publish(ev.subject, body, timeout=timeout, headers=ev.headers)
-            except nats.errors.NoRespondersError:
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
                 self._ensured = False  # the stream vanished (deleted, or a fresh server)
                 await self.ensure_stream()
                 ack = await js.publish(ev.subject, body, timeout=timeout, headers=ev.headers)
@@ -428,16 +428,7 @@ class EventBus:
                     "another name, or delete it first",
                 )
         except nats.js.errors.NotFoundError:
-            cfg = ConsumerConfig(
-                durable_name=name, name=name, filter_subject=full,
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
-                deliver_policy=DeliverPolicy.ALL if deliver == "all" else DeliverPolicy.NEW,
-                max_ack_pending=1000,
-            )
-            try:
-                await js.add_consumer(self.stream, cfg)
-            except nats.js.errors.BadRequestError:
-                await js.consumer_info(self.stream, name)  # created concurrently: fine
+            await self._add_consumer(name, full, ack_wait, max_deliver, deliver)
         psub = await js.pull_subscribe_bind(durable=name, stream=self.stream)
         sub = Subscription(self, full, name)
         sub._sub = psub
@@ -459,14 +450,49 @@ class EventBus:
                     log.debug("events: fetch for %s failed: %s", name, exc)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 2.0)
+                    if pause >= 0.8:  # failing for a while: the stream may have been deleted
+                        await self._restore_consumer(name, full, ack_wait, max_deliver)
                     continue
                 pause = 0.1
                 for msg in msgs:
                     await self._deliver_durable(msg, chain, manual, retry_delay, base_len, scope)
 
-        sub._task = asyncio.create_task(loop(), name=f"events:durable:{name}")
+        sub._task = supervise(f"events:durable:{name}", loop)
         self.service._subs.add(sub)
         return sub
+
+    async def _add_consumer(self, name: str, full: str, ack_wait: float, max_deliver: int,
+                            deliver: str) -> None:
+        js = self.service._js()
+        cfg = ConsumerConfig(
+            durable_name=name, name=name, filter_subject=full,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
+            deliver_policy=DeliverPolicy.ALL if deliver == "all" else DeliverPolicy.NEW,
+            max_ack_pending=1000,
+        )
+        try:
+            await js.add_consumer(self.stream, cfg)
+        except nats.js.errors.BadRequestError:
+            await js.consumer_info(self.stream, name)  # created concurrently: fine
+
+    async def _restore_consumer(self, name: str, full: str, ack_wait: float,
+                                max_deliver: int) -> None:
+        """Re-create a deleted stream and durable consumer (their events are gone; new ones
+        are delivered again)."""
+        try:
+            js = self.service._js()
+            try:
+                await js.consumer_info(self.stream, name)
+                return
+            except nats.js.errors.NotFoundError:
+                pass
+            self._ensured = False
+            await self.ensure_stream()
+            await self._add_consumer(name, full, ack_wait, max_deliver, "all")
+            log.warning("events: stream %s or durable %s was missing; re-created", self.stream,
+                        name)
+        except Exception as exc:
+            log.debug("events: re-creating durable %s failed: %s", name, exc)
 
     async def _deliver_durable(self, msg: Msg, chain: Callback, manual: bool,
                                retry_delay: float, base_len: int, scope: bool) -> None:

@@ -48,6 +48,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import inspect
 import logging
 import time
@@ -55,7 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
 from .httpserver import HttpServer, Request, Response
@@ -381,7 +382,7 @@ class PlatformHealth:
         )
         self.checks[full] = chk
         if self._running:
-            chk.task = asyncio.create_task(self._loop(chk), name=f"health:{full}")
+            chk.task = supervise(f"health:{full}", functools.partial(self._loop, chk))
 
     def _add_app_check(self, app: App, spec: CheckSpec) -> None:
         full = f"{app.name}.{spec.name}"
@@ -428,10 +429,15 @@ class PlatformHealth:
             self._install(spec, name, None, deps)
 
     def _election_check(self, rt: AppRuntime) -> CheckSpec:
+        held_inactive: list[float] = []  # since when this node holds the lease, not active
+        leaderless: list[float] = []  # since when no holder is known (other elections)
+
         async def election_check() -> dict[str, Any]:
             budget = rt.hook_timeout * (len(rt.stages) + 2)
             el = rt.election
             assert el is not None
+            now = time.monotonic()
+            lease = float(getattr(el, "lease_ttl", 10.0))
             task = getattr(el, "_task", None)
             if isinstance(task, asyncio.Task) and task.done():
                 raise RuntimeError("the election loop has stopped")
@@ -441,8 +447,28 @@ class PlatformHealth:
                 since = rt.last_transition.get("at", time.time())
                 if time.time() - since > budget:
                     raise RuntimeError(f"{rt.role.value} for {time.time() - since:.0f}s")
+            # Holding the lease while the app is not active: activation stuck (or not begun).
+            if el.is_leader and rt.role is not Role.ACTIVE:
+                held_inactive[:] = held_inactive[:1] or [now]
+                if now - held_inactive[0] > budget:
+                    raise RuntimeError(f"holds the lease but the app is {rt.role.value} for "
+                                       f"{now - held_inactive[0]:.0f}s")
+            else:
+                held_inactive.clear()
+            # No live leader seen for more than a lease.
+            seen = getattr(el, "leader_seen", None)
+            if not isinstance(seen, float):  # another election implementation
+                if el.leader is None:
+                    leaderless[:] = leaderless[:1] or [now]
+                else:
+                    leaderless.clear()
+                seen = leaderless[0] if leaderless else now
+            margin = float(getattr(el, "stale_margin", 0.0))
+            if now - seen > lease + margin:
+                raise RuntimeError(f"no live leader seen for {now - seen:.1f}s (lease "
+                                   f"{lease:g}s)")
             return {"role": rt.role.value, "leader": el.leader, "epoch": el.epoch,
-                    "is_leader": el.is_leader}
+                    "is_leader": el.is_leader, "leader_seen_ago": round(now - seen, 3)}
 
         return CheckSpec("election", election_check, builtin=True)
 
@@ -668,6 +694,9 @@ class PlatformHealth:
         for n, c in sorted(self.checks.items()):
             if c.spec.critical and c.status is CheckStatus.UNHEALTHY:
                 reasons.append(f"critical check {n} is unhealthy")
+            elif c.spec.builtin and c.app is not None and c.status is CheckStatus.UNHEALTHY:
+                err = c.last.error if c.last is not None else None
+                reasons.append(f"check {n} is unhealthy ({err})")
         return not reasons, reasons
 
     def node_status(self, history: bool = False) -> dict[str, Any]:
@@ -760,7 +789,7 @@ class PlatformHealth:
         self._running = True
         for chk in self.checks.values():
             if chk.task is None:
-                chk.task = asyncio.create_task(self._loop(chk), name=f"health:{chk.name}")
+                chk.task = supervise(f"health:{chk.name}", functools.partial(self._loop, chk))
         s = self.platform.settings
         if s.health_addr:
             server = HttpServer(s.health_addr, name="health")

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -50,7 +50,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from . import names, natsutil
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import (
     InvalidNameError,
     KeyExistsError,
@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from .locks import Lock
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESERVED_PREFIX = "_pycluster."
 """Keys under this prefix belong to pycluster (read guards); user keys may not use it."""
@@ -185,11 +186,16 @@ class AppKV:
         self.max_value_size = max_value_size
         self.timeout = timeout
         self._replicas: int | None = None  # the bucket's replica count, once known
+        self._healer: natsutil.Healer | None = None  # set by ensure()
         # Confirmed reads per key: the one in flight and the one that queued callers share.
         self._reads: dict[str, _ReadBatch] = {}
 
     async def ensure(self, history: int = 1, replicas: int = 1) -> None:
-        """Create the bucket if it is missing (idempotent; an existing bucket is kept as is)."""
+        """Create the bucket if it is missing (idempotent; an existing bucket is kept as is).
+
+        After it, an operation that finds the bucket deleted re-creates it (with the same
+        settings) and is tried once more.
+        """
         info = await natsutil.ensure_kv(
             self._js,
             self.bucket,
@@ -198,6 +204,24 @@ class AppKV:
             max_value_size=self.max_value_size,
         )
         self._replicas = replicas if info is None else int(info.config.num_replicas or 1)
+        self._healer = natsutil.Healer(
+            f"kv {self.bucket}",
+            lambda: natsutil.ensure_kv(self._js, self.bucket, history=history,
+                                       replicas=replicas, max_value_size=self.max_value_size,
+                                       wait=2.0),
+            interval=0.2,
+        )
+
+    async def _healing(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``; if the bucket is gone, re-create it (once `ensure` ran) and retry once.
+        Nothing was stored by the failed attempt: no stream captured it."""
+        try:
+            return await op()
+        except Exception as exc:
+            healer = self._healer
+            if healer is None or not natsutil.stream_gone(exc) or not await healer.heal():
+                raise
+        return await op()
 
     async def _replication(self) -> int:
         """The bucket's replica count (read once: an existing bucket keeps its own)."""
@@ -220,7 +244,7 @@ class AppKV:
     async def get_entry(self, key: str, *, stale_ok: bool = False) -> Entry | None:
         """The key's live `Entry` (value, revision, created), or None as for `get`."""
         check_key(key)
-        last = await self._read(key, stale_ok)
+        last = await self._healing(lambda: self._read(key, stale_ok))
         if last is None or last.tombstone:
             return None
         created = parse_timestamp(last.headers.get("Nats-Time-Stamp"))
@@ -352,9 +376,9 @@ class AppKV:
         """
         check_key(key)
         data = self._checked(value, {})
-        ack = await self._js.publish(
+        ack = await self._healing(lambda: self._js.publish(
             natsutil.kv_subject(self.bucket, key), data, timeout=self.timeout
-        )
+        ))
         return int(ack.seq)
 
     async def create(self, key: str, value: bytes | str) -> int:
@@ -405,7 +429,7 @@ class AppKV:
         check_key(key)
         try:
             if revision is None:
-                return await natsutil.cas_publish(
+                return await self._healing(lambda: natsutil.cas_publish(
                     self._js,
                     self.bucket,
                     key,
@@ -413,7 +437,7 @@ class AppKV:
                     expected_seq=None,
                     timeout=self.timeout,
                     extra_headers={natsutil.KV_OP: "DEL"},
-                )
+                ))
             return await natsutil.cas_delete(
                 self._js, self.bucket, key, expected_seq=revision, timeout=self.timeout
             )
@@ -508,9 +532,9 @@ class AppKV:
         return min(limits) if limits else None
 
     async def _cas(self, key: str, data: bytes, expected: int) -> int:
-        return await natsutil.cas_publish(
+        return await self._healing(lambda: natsutil.cas_publish(
             self._js, self.bucket, key, data, expected_seq=expected, timeout=self.timeout
-        )
+        ))
 
 
 class _ReadBatch:
@@ -572,7 +596,7 @@ class KVWatcher:
             await self._create()
         except natsutil.TRANSIENT_ERRORS as exc:
             log.info("watch %s/%s: starting later (%s)", self.bucket, self.pattern, exc)
-        self._poller = asyncio.create_task(self._poll_loop())
+        self._poller = supervise(f"kv-watch:{self.bucket}", self._poll_loop)
         return self
 
     async def stop(self) -> None:

@@ -71,7 +71,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from . import names, natsutil
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import ConfigError, LockLostError, LockTimeoutError
 from .kv import KVWatcher
 
@@ -260,7 +260,7 @@ class _KeyState:
             self._linger.cancel()
             self._linger = None
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._observe())
+            self._task = supervise(f"lock-observer:{self.key}", self._observe)
 
     def unuse(self) -> None:
         self._users -= 1
@@ -444,7 +444,9 @@ class Lock:
                 except natsutil.CASConflict:
                     snap = await self._reread(ks, deadline, timeout)
                     continue
-                except natsutil.TRANSIENT_ERRORS:
+                except natsutil.TRANSIENT_ERRORS as exc:
+                    if natsutil.stream_gone(exc):
+                        await svc.healer.heal()  # the bucket was deleted: re-create it
                     await asyncio.sleep(_RETRY_PAUSE)
                     snap = await self._reread(ks, deadline, timeout)
                     continue
@@ -519,7 +521,9 @@ class Lock:
         while True:
             try:
                 return await ks.read()
-            except natsutil.TRANSIENT_ERRORS:
+            except natsutil.TRANSIENT_ERRORS as exc:
+                if natsutil.stream_gone(exc):
+                    await self._svc.healer.heal()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise self._timeout_error(timeout, ks.snap) from None
                 await asyncio.sleep(_RETRY_PAUSE)
@@ -534,7 +538,7 @@ class Lock:
         self._mine = _Snap(revision, state)
         self._deadline = sent + self.ttl
         self._acquired = True
-        self._renewer = asyncio.create_task(self._renew_loop())
+        self._renewer = supervise(f"lock-renewer:{self.name}", self._renew_loop)
         self._held_since = time.monotonic()
         self._emit("acquired", token=token, waited=self._held_since - self._wait_started)
         return token
@@ -744,6 +748,17 @@ class LockService:
         await natsutil.ensure_kv(
             self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas
         )
+
+    @property
+    def healer(self) -> natsutil.Healer:
+        """Re-creates the bucket when it was deleted while nodes run (rate-limited)."""
+        h = self.__dict__.get("_healer")
+        if h is None:
+            h = self.__dict__["_healer"] = natsutil.Healer(
+                f"locks {self.bucket}",
+                lambda: natsutil.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1,
+                                           replicas=self.replicas, wait=2.0))
+        return h
 
     def lock(self, name: str, ttl: float = 10.0) -> Lock:
         """A handle on lock ``name`` with a lease of ``ttl`` seconds (renewed every ttl/3).

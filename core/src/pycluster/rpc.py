@@ -52,7 +52,7 @@ import pydantic
 from nats.aio.msg import Msg
 
 from . import codec as codecs
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .errors import (
     CallTimeoutError,
     ConfigError,
@@ -316,7 +316,7 @@ class RpcService:
         self._cancel_sub = await nc.subscribe(
             platform_subject(self.platform.name, "rpc", "cancel"), cb=self._on_cancel
         )
-        self._reconcile_task = asyncio.create_task(self._reconcile(), name="rpc:reconcile")
+        self._reconcile_task = supervise("rpc:reconcile", self._reconcile)
 
     async def app_started(self, rt: AppRuntime) -> None:
         """Serve the app's RPC handlers on this node."""

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, supervise
 from .plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class SystemdIntegration:
         for rt in self.platform.runtimes.values():
             rt.lease_listeners.append(self._renewed)
         if self.interval is not None and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="sdnotify:watchdog")
+            self._task = supervise("sdnotify:watchdog", self._loop)
 
     async def _loop(self) -> None:
         assert self.interval is not None
