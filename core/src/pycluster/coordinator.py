@@ -198,6 +198,7 @@ class AppRuntime:
         self._obs_leader: str | None = None
         self._obs_epoch: int | None = None
         self._stage_task: asyncio.Future[None] | None = None
+        self._release_task: asyncio.Future[None] | None = None
         self.stage_listeners: list[Callable[[StageEvent], None]] = []
         self.stage_events: list[StageEvent] = []  # the last 200, for status and tests
         self.lease_listeners: list[Callable[[float], None]] = []
@@ -311,13 +312,22 @@ class AppRuntime:
         # Its state (role, stages run so far) is not to be trusted after a crash: the node
         # leaves (its lease is released) rather than restart it.
         self._worker = supervise(f"coordinator:{self.app.name}", self._work, restart=False,
-                                 on_fatal=self.platform.task_failed, logger=log)
+                                 on_fatal=self._worker_died, logger=log)
         if self.election is not None:
             self.election.set_listener(self)
             await self.election.start()
         else:
             self._want_active, self._want_reason = True, "spread"
             self._changed.set()
+
+    def _worker_died(self, name: str, exc: BaseException) -> None:
+        """The worker crashed: give the lease up at once (no node renews a lease while its
+        instance cannot act or step down), then fail the node (it leaves, exits non-zero)."""
+        self._stopping = True
+        if self.election is not None:
+            self.election.pause_campaign(math.inf)
+            self._release_task = asyncio.ensure_future(self.election.stop(release=True))
+        self.platform.task_failed(name, exc)
 
     def _interrupt_activation(self) -> None:
         """Cancel a running activation stage: the role is no longer wanted (lease lost, the
@@ -334,8 +344,11 @@ class AppRuntime:
         if self.role in (Role.ACTIVE, Role.ACTIVATING):
             await self._wait_role_settled()
         await cancel_and_wait(self._worker)
-        if self.role is Role.ACTIVE:  # the worker was cancelled mid-way
-            await self._deactivate("node leaving")
+        if self.role is Role.ACTIVE:  # the worker was cancelled mid-way (or died)
+            try:
+                await self._deactivate("node leaving")
+            except Exception:
+                log.exception("app %s: deactivating on leave failed", self.app.name)
         if self.election is not None:
             await self.election.stop(release=True)
         await run_hooks(self.app.hooks("stop"), self.ctx("stop"), self.hook_timeout,
@@ -346,6 +359,8 @@ class AppRuntime:
         """Wait until the worker has brought the role to passive (bounded by the hooks' time)."""
         deadline = time.monotonic() + self.hook_timeout * (len(self.stages) + 1)
         while self.role in (Role.ACTIVE, Role.ACTIVATING, Role.DEACTIVATING):
+            if self._worker is not None and self._worker.done():
+                return  # nobody left to settle it
             left = deadline - time.monotonic()
             if left <= 0:
                 return
