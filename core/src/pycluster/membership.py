@@ -18,9 +18,10 @@ nobody answers for it the record is taken back by compare-and-set and the node s
 otherwise ``on_replaced`` is called (the platform leaves and ``pycluster run`` exits non-zero).
 
 Records are validated (`validate_member`): a record that is not a JSON object of the
-expected shape, has no ``Nats-TTL`` header, or has not changed for longer than its TTL is
-ignored (logged once), so a forged record cannot steer priorities, placement or routing. A
-deleted bucket is re-created and this node's record written again.
+expected shape or has no ``Nats-TTL`` header is ignored (logged once), so a forged record
+cannot steer priorities, placement or routing; one that has not changed for longer than its
+TTL does not count for priorities (`alive`). A deleted bucket is re-created and this node's
+record written again.
 """
 
 from __future__ import annotations
@@ -412,15 +413,13 @@ class Membership:
         if fresh is None or fresh[0] != seq:
             ttl = _ttl_of(headers) or self.ttl
             self._fresh[node] = (seq, time.monotonic(), ttl + max(0.5, self.poll_interval))
-        if self.alive(node):
-            self._seen(node, rec)
-        else:
-            self._left(node)
+        self._seen(node, rec)
 
     def alive(self, node: str) -> bool:
         """Whether ``node``'s record is valid and changed within its TTL (plus a margin) on
-        this node's clock: a record nobody refreshes is not a live member, even if the server
-        keeps it (a record written without a TTL)."""
+        this node's clock. A record nobody refreshes stays in `members` until the server
+        expires it (a write stall of the stream must not look like every node leaving), but
+        does not count where a forged record could steer: priority ranking."""
         if node == self.node_id:
             return True
         fresh = self._fresh.get(node)
@@ -457,9 +456,6 @@ class Membership:
         for node, msg in live.items():
             self._max_seq = max(self._max_seq, msg.seq)
             self._observe(node, msg.seq, msg.data, msg.headers)
-        for node in list(self.members):  # records nobody refreshes (no TTL) are not members
-            if not self.alive(node):
-                self._left(node)
 
     async def _poll(self) -> None:
         while not self._stopped:
