@@ -147,6 +147,9 @@ class ControlPlane:
             done = asyncio.Event()
 
             async def cb(m: Msg) -> None:
+                if no_responders(m):
+                    done.set()  # nobody listens: no need to wait out the window
+                    return
                 replies.append(m)
                 if enough is not None and enough(m):
                     done.set()
@@ -168,6 +171,12 @@ class ControlPlane:
                     source_node=p.node_id)
         replies: list[Msg] = await self._chain("on_call", send)(call)
         return replies
+
+
+def no_responders(msg: Msg) -> bool:
+    """Whether ``msg`` is the server's "no responders" status (nobody subscribes the
+    subject a request was published to)."""
+    return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
 
 
 def error_reply(error: BaseException) -> dict[str, Any]:

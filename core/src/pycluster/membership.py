@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
 from .aio import cancel_and_wait, supervise
+from .control import no_responders
 from .errors import DuplicateNodeError
 from .names import platform_subject
 
@@ -208,17 +210,24 @@ class Membership:
             log.info("node %s: previous record (pid %s) is stale; taking it over",
                      self.node_id, holder.get("pid"))
         expected = existing.seq if existing is not None else 0
-        try:
-            self._rev = await nu.retry_transient(lambda: nu.cas_publish(
-                self._js, self.bucket, self.key, self._encode(), expected_seq=expected,
-                ttl=self.ttl,
-            ))
-        except nu.CASConflict:
-            current = await nu.last_msg(self._js, self.bucket, self.key)
-            body = _decode(current.data) if current else {}
-            if current is None or body.get("incarnation") != self.incarnation:
-                raise DuplicateNodeError(self.platform, self.node_id, body) from None
-            self._rev = current.seq  # our own write landed before a retried timeout
+        for attempt in range(3):
+            try:
+                self._rev = await nu.retry_transient(functools.partial(
+                    nu.cas_publish, self._js, self.bucket, self.key, self._encode(),
+                    expected_seq=expected, ttl=self.ttl,
+                ))
+                break
+            except nu.CASConflict:
+                current = await nu.last_msg(self._js, self.bucket, self.key)
+                if (current is None or current.tombstone) and attempt < 2:
+                    # The stale record expired (or was deleted) meanwhile: try against that.
+                    expected = current.seq if current is not None else 0
+                    continue
+                body = _decode(current.data) if current else {}
+                if current is None or body.get("incarnation") != self.incarnation:
+                    raise DuplicateNodeError(self.platform, self.node_id, body) from None
+                self._rev = current.seq  # our own write landed before a retried timeout
+                break
 
         self._max_seq = max(self._max_seq, self._rev)
         self._ping_sub = await self._nc.subscribe(subject, cb=self._pong)
@@ -268,9 +277,11 @@ class Membership:
         try:
             inbox = self._nc.new_inbox()
             found = asyncio.Event()
+            got: list[bool] = []
 
             async def cb(m: Msg) -> None:
-                if matches(m):
+                if matches(m) or no_responders(m):
+                    got.append(matches(m))
                     found.set()
 
             sub = await self._nc.subscribe(inbox, cb=cb)
@@ -282,7 +293,7 @@ class Membership:
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-            return found.is_set()
+            return any(got)
         except (nats.errors.Error, OSError):
             return False
 
