@@ -155,6 +155,7 @@ class _Seen:
     limit: float
     leader: str | None
     epoch: int | None
+    inc: str | None = None  # the holder's incarnation (from a valid record)
 
 
 @dataclass
@@ -299,6 +300,8 @@ class LeaseElection:
         self._campaign_after = 0.0  # hard: pause_campaign (back-off, health, replaced)
         self._cooldown_until = 0.0  # soft: a step-down's cooldown (see _campaign_delay)
         self._vacant_since: dict[str, tuple[int, float]] = {}  # key -> (revision, since)
+        # key -> (tombstone revision, monotonic time from which the key may be taken)
+        self._safe_at: dict[str, tuple[int, float]] = {}
         self._write_no = 0
         self._pending: dict[int, float] = {}  # write number -> send time (adopt a lost ack)
         self._tomb_seen: dict[str, tuple[int, float]] = {}
@@ -540,6 +543,7 @@ class LeaseElection:
                         if seen.leader is not None and (observed is None or key == "leader"):
                             observed = (seen.leader, seen.epoch, key)
                         continue
+                    self._vacated(key, msg, seen, now)
                     self._seen.pop(key, None)
                     vacant.append((key, msg))
                     continue
@@ -599,6 +603,34 @@ class LeaseElection:
             self._seen[key] = seen
         return seen
 
+    def _vacated(self, key: str, msg: nu.LastMsg | None, seen: _Seen | None, now: float) -> None:
+        """Decide from when a vacant key may be taken.
+
+        At once after a server expiry (the holder's lease ended on its own clock first) or a
+        release by the holder whose record we saw (its delete carries its incarnation). Any
+        other tombstone — a delete or purge by another client, or one whose writer we never
+        saw — may hide a holder that has not noticed yet (its watch can lag, e.g. under a
+        flood): wait until that holder's lease would have run out, as after a crash.
+        """
+        seq = msg.seq if msg is not None else 0
+        known = self._safe_at.get(key)
+        if known is not None and known[0] == seq:
+            return
+        headers = msg.headers if msg is not None else {}
+        inc = headers.get(LEASE_MARK_HEADER, "").partition(":")[0]
+        if msg is None or headers.get(nu.MARKER_REASON) == "MaxAge":
+            safe = now
+        elif seen is not None and seen.inc is not None and inc == seen.inc:
+            safe = now
+        elif seen is not None:
+            safe = seen.since + seen.limit
+            log.warning("election %s: %s was emptied by another client (revision %d); taking "
+                        "it only after its holder's lease ran out (%.1fs)", self.bucket, key,
+                        seq, max(0.0, safe - now))
+        else:
+            safe = now + self.lease_ttl + self.stale_margin
+        self._safe_at[key] = (seq, safe)
+
     def _validate(self, key: str, msg: nu.LastMsg) -> LeaseRecord | str:
         """`parse_lease` plus: the epoch never goes below one seen before on this key.
         Sets the key's stale limit; a problem is logged once per record."""
@@ -619,6 +651,7 @@ class LeaseElection:
             return rec
         self._key_epoch[key] = max(self._key_epoch.get(key, 0), rec.epoch)
         seen.limit, seen.leader, seen.epoch = rec.ttl + self.stale_margin, rec.node, rec.epoch
+        seen.inc = rec.inc
         return rec
 
     async def _heal(self) -> None:
@@ -634,7 +667,9 @@ class LeaseElection:
         if vacant is None or (seq and vacant[0] != seq):  # a marker may expire to nothing
             vacant = self._vacant_since[key] = (seq, now)
         soft = min(self._cooldown_until, vacant[1] + self.lease_ttl) - now
-        delay = max(self._campaign_after - now, soft)
+        safe = self._safe_at.get(key)
+        hard = max(self._campaign_after, safe[1] if safe is not None else 0.0) - now
+        delay = max(hard, soft)
         if msg is not None and msg.headers.get(nu.KV_OP) == "DEL":
             successor = msg.headers.get(SUCCESSOR_HEADER)
             seen = self._tomb_seen.get(key)
@@ -645,7 +680,7 @@ class LeaseElection:
                 delay = max(delay, seen[1] + self.successor_grace - now)
             if successor == self.node_id:
                 # The named successor goes first, even in a cooldown (not in a hard pause).
-                return self._campaign_after - now
+                return hard
         rank = self._rank()
         if rank > 0:
             seen = self._tomb_seen.setdefault(key, (msg.seq if msg else 0, now))
@@ -687,6 +722,7 @@ class LeaseElection:
         self._pending.clear()
         self._seen.pop(key, None)
         self._vacant_since.pop(key, None)
+        self._safe_at.pop(key, None)
         self._key_seq[key] = rev
         self._key_epoch[key] = max(self._key_epoch.get(key, 0), epoch)
         self._max_seq = max(self._max_seq, rev)
