@@ -143,7 +143,8 @@ async def cluster_factory(tmp_path: Path, unique_name: str) -> Any:
     made: list[NodeCluster] = []
 
     def make(urls: Any, backends: Backends, *extra: str, **kw: Any) -> NodeCluster:
-        args = ["--backend-cmd", backends.command(), "--setup", "vipstage:options", *extra]
+        args = ["--backend-cmd", backends.command(), "--setup", "vipstage:options",
+                "--backend-inherit-env", "POISON_FIRST", *extra]
         c = NodeCluster(unique_name, urls, tmp_path / f"c{len(made)}", extra_args=args, **kw)
         made.append(c)
         return c

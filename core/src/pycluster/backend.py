@@ -43,9 +43,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fnmatch
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -54,7 +56,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -73,18 +75,22 @@ log = logging.getLogger("pycluster.backend")
 FENCE_START_TIMEOUT = 30.0  # seconds for a fence guard to report it is armed (loaded hosts)
 
 __all__ = [
+    "ENV_ALLOWLIST",
     "Backend",
     "BackendError",
     "BackendHealth",
     "HealthCheck",
     "LeaseFence",
     "RestartPolicy",
+    "backend_env",
     "backend_stage",
     "backends_of",
+    "base_environ",
     "expand",
     "fencing_env",
     "guard_argv",
     "guard_deadlines",
+    "scrubbed_environ",
 ]
 
 
@@ -164,6 +170,63 @@ def fencing_env(ctx: Context) -> dict[str, str]:
         "PYCLUSTER_NODE": ctx.node_id,
         "PYCLUSTER_PLATFORM": ctx.platform.name,
     }
+
+
+# -- the environment of a service ---------------------------------------------------------------
+
+ENV_ALLOWLIST: tuple[str, ...] = (
+    "PATH", "HOME", "LANG", "LANGUAGE", "LC_*", "TZ", "USER", "LOGNAME", "SHELL", "TMPDIR",
+    # A node that runs in a virtualenv or with a PYTHONPATH starts Python services that expect
+    # the same import path and I/O encoding; none of these carries a credential.
+    "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "PYTHONUTF8", "VIRTUAL_ENV",
+)
+"""The node's environment variables a service gets (names; ``LC_*`` is a pattern). Everything
+else — NATS credentials (``PYCLUSTER_NATS_PASSWORD``, ``PYCLUSTER_NATS_TOKEN``, ...), API
+tokens, cloud keys — stays with the node unless an option names it (``inherit_env``)."""
+
+# Node settings that are credentials or lead to them: never handed to a helper process.
+_SECRET_ENV = re.compile(r"^PYCLUSTER_(NATS_(PASSWORD|TOKEN|USER|NKEY_SEED|CREDS|URL)|TLS_KEY)$",
+                         re.IGNORECASE)
+
+
+def check_env_names(field: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Validate ``inherit_env``: variable names or shell-style patterns (``AWS_*``)."""
+    out = tuple(names)
+    bad = [n for n in out if not isinstance(n, str) or not n or "=" in n or n.strip() != n]
+    if bad:
+        raise ConfigError(field, bad, "names (or patterns such as 'AWS_*') of environment "
+                          "variables, without '=' or spaces")
+    return out
+
+
+def base_environ(inherit: Iterable[str] = (),
+                 environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The part of the node's environment a service may see: `ENV_ALLOWLIST` plus the names
+    or patterns in ``inherit`` (an option's ``inherit_env``)."""
+    env = os.environ if environ is None else environ
+    patterns = (*ENV_ALLOWLIST, *inherit)
+    exact = {p for p in patterns if not any(c in p for c in "*?[")}
+    globs = [p for p in patterns if p not in exact]
+    return {k: v for k, v in env.items()
+            if k in exact or any(fnmatch.fnmatchcase(k, g) for g in globs)}
+
+
+def backend_env(ctx: Context | None, env: Mapping[str, str] | None = None,
+                inherit: Iterable[str] = ()) -> dict[str, str]:
+    """The whole environment of a service: `base_environ` (the allow-list and ``inherit``),
+    then the option's own ``env``, then `fencing_env` (which nothing overrides)."""
+    out = base_environ(inherit) | dict(env or {})
+    if ctx is not None:
+        out |= fencing_env(ctx)
+    return out
+
+
+def scrubbed_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The node's environment without its NATS credentials: for the node's own helper tools
+    (fence actions such as ``systemctl kill`` through an ``ssh`` prefix), which may need more
+    than `ENV_ALLOWLIST` (``SSH_AUTH_SOCK``, ``XDG_RUNTIME_DIR``) but never the credentials."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not _SECRET_ENV.match(k)}
 
 
 def expand(args: Iterable[str], ctx: Context) -> list[str]:
@@ -249,8 +312,9 @@ class HealthCheck:
 
     :param http: URL; healthy when it answers with a status below 400.
     :param tcp: ``host:port``; healthy when a TCP connection is accepted.
-    :param command: argv list or shell-like string; healthy when it exits 0 (it gets the
-        `fencing_env` variables).
+    :param command: argv list or shell-like string; healthy when it exits 0 (its environment
+        is `base_environ` plus the `fencing_env` variables, and a process backend's own
+        ``env``/``inherit_env``: not the node's credentials).
     :param interval: seconds between checks while active.
     :param timeout: seconds one check may take.
     :param start_timeout: seconds the service may take to become healthy after a start; the
@@ -342,7 +406,8 @@ class HealthCheck:
         return BackendHealth(True, f"TCP {host}:{port} accepts connections")
 
     async def _command(self, env: dict[str, str] | None) -> BackendHealth:
-        full_env = dict(os.environ) | (env or {})
+        # Not the node's whole environment: its NATS credentials stay with it.
+        full_env = base_environ() | (env or {})
         proc = await asyncio.create_subprocess_exec(
             *self.argv(), env=full_env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -531,7 +596,7 @@ class LeaseFence:
                               guard_deadlines(rt, rt.lease_deadline() if rt else None), *extra)
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                start_new_session=True)
+                start_new_session=True, env=scrubbed_environ())
         except BaseException:
             ours.close()
             raise

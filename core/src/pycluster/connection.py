@@ -15,7 +15,14 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from .errors import ConfigError, NatsUnavailableError
-from .settings import PlatformSettings, redact_url
+from .settings import (
+    DEFAULT_INBOX_PREFIX,
+    PlatformSettings,
+    redact_text,
+    redact_url,
+    secret_value,
+    server_address,
+)
 
 log = logging.getLogger("pycluster.nats")
 
@@ -34,9 +41,13 @@ def connect_options(s: PlatformSettings) -> dict[str, Any]:
     }
     if s.nats_user:
         opts["user"] = s.nats_user
-        opts["password"] = s.nats_password or ""
+        opts["password"] = secret_value(s.nats_password) or ""
     if s.nats_token:
-        opts["token"] = s.nats_token
+        opts["token"] = secret_value(s.nats_token)
+    if s.inbox_prefix != DEFAULT_INBOX_PREFIX:
+        # Replies (and JetStream deliveries) come to subjects under this prefix only, so NATS
+        # permissions can keep other users from subscribing to them (pycluster nats-config).
+        opts["inbox_prefix"] = s.inbox_prefix
     if s.nats_nkey_seed:
         opts["nkeys_seed"] = s.nats_nkey_seed
     if s.nats_creds:
@@ -67,16 +78,24 @@ async def connect(
     auth_error: list[BaseException] = []
     connecting: list[asyncio.Task[None]] = []
 
+    secrets = (secret_value(s.nats_password), secret_value(s.nats_token))
+
     async def error_cb(exc: Exception) -> None:
         last_error[:] = [exc]
-        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+        text = str(exc).lower()
+        if "authorization" in text or "authentication" in text:
             auth_error[:] = [exc]
             if connecting and not nc.is_connected:
                 connecting[0].cancel()  # bad credentials do not get better with retries
-        log.debug("nats: %s", exc)
+        if "permissions violation" in text:
+            # The server refused a publish or subscription: a request would only time out,
+            # so say which subject the NATS user may not use (see docs/security.md).
+            log.error("nats: %s", redact_text(str(exc), secrets))
+        else:
+            log.debug("nats: %s", redact_text(str(exc), secrets))
 
     async def reconnected_cb() -> None:
-        log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        log.info("nats: reconnected to %s", server_address(nc.connected_url) or "?")
         if on_reconnect is not None:
             await on_reconnect()
 
@@ -105,9 +124,9 @@ async def connect(
         with contextlib.suppress(Exception):
             await nc.close()
         cause = auth_error[0] if auth_error else (last_error[0] if last_error else exc)
-        reason = f"{type(cause).__name__}: {cause}".rstrip(": ")
+        reason = redact_text(f"{type(cause).__name__}: {cause}".rstrip(": "), secrets)
         if auth_error:
-            reason = f"authorization failed ({cause})"
+            reason = f"authorization failed ({redact_text(str(cause), secrets)})"
         elif isinstance(exc, TimeoutError):
             reason = f"not reachable within {budget:.1f}s (last error: {reason})"
         raise NatsUnavailableError(servers, reason) from None

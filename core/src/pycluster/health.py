@@ -62,6 +62,7 @@ from .errors import ConfigError
 from .httpserver import HttpServer, Request, Response
 from .names import validate_ident
 from .plugins import call_notify
+from .settings import server_address
 from .types import Role
 
 if TYPE_CHECKING:
@@ -412,8 +413,8 @@ class PlatformHealth:
                 raise ConnectionError("not connected to NATS")
             started = time.monotonic()
             await nc.flush()  # bounded by the check's timeout
-            url = nc.connected_url
-            return {"server": url.netloc if url else None,
+            # host:port only: a URL may carry a password (nats://user:pass@host).
+            return {"server": server_address(nc.connected_url),
                     "rtt": round(time.monotonic() - started, 6)}
 
         async def jetstream_check() -> dict[str, Any]:

@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
@@ -54,10 +55,18 @@ OTHER_ENV_VARS: dict[str, str] = {
 }
 _SECRET_FIELDS = ("nats_password", "nats_token")
 _warned_env: set[str] = set()
+DEFAULT_INBOX_PREFIX = "_INBOX"
+_INBOX_TOKEN = re.compile(r"^[A-Za-z0-9_$-]+$")
+# ``scheme://[user[:password]@]host``, anywhere in a text (for messages built from URLs).
+_URL_AUTH = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<auth>[^/@\s'\",]*)@")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with the password (or a token given as the user part) replaced by ``***``."""
+    """``url`` with the password (or a token given as the user part) replaced by ``***``.
+
+    The one helper behind every place a NATS URL may be shown: errors, logs, ``/status``,
+    the CLI (`redact_text` applies it to URLs inside a longer text).
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -69,6 +78,53 @@ def redact_url(url: str) -> str:
     masked = f"{user}:***" if colon else "***"
     return SplitResult(parts.scheme, f"{masked}@{host}", parts.path, parts.query,
                        parts.fragment).geturl()
+
+
+def redact_text(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with the credentials of every URL in it masked as `redact_url` does, and every
+    value of ``secrets`` (passwords, tokens; None and very short values are skipped)
+    replaced by ``***``."""
+
+    def mask(m: re.Match[str]) -> str:
+        user, colon, _ = m.group("auth").partition(":")
+        return f"{m.group('scheme')}{user}:***@" if colon else f"{m.group('scheme')}***@"
+
+    out = _URL_AUTH.sub(mask, text)
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            out = out.replace(secret, "***")
+    return out
+
+
+def server_address(url: Any) -> str | None:
+    """``host:port`` of a server URL (a string or a parsed URL), never its credentials."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else url
+        host, port = parts.hostname, parts.port
+    except (ValueError, AttributeError):
+        return redact_url(str(url))
+    if host is None:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port else host
+
+
+def secret_value(value: SecretStr | str | None) -> str | None:
+    """The plain text of a secret setting (None stays None)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return value
+
+
+def check_inbox_prefix(prefix: str) -> str:
+    """Validate an inbox prefix: dot-separated tokens of ``[A-Za-z0-9_$-]``, no wildcards."""
+    tokens = prefix.split(".") if isinstance(prefix, str) else [""]
+    if not prefix or any(not _INBOX_TOKEN.match(t) for t in tokens):
+        raise ValueError("must be a subject prefix of tokens of letters, digits, '_', '-', '$' "
+                         "separated by '.' (no wildcards), e.g. _INBOX or _INBOX_prod.node-1")
+    return prefix
 
 
 def _redact(field: str, value: Any) -> Any:
@@ -140,10 +196,12 @@ class PlatformSettings(BaseSettings):
     node_id: str = Field(default_factory=lambda: os.uname().nodename.split(".")[0])
     nats_url: list[str] | None = None
     nats_user: str | None = None
-    nats_password: str | None = None
-    nats_token: str | None = None
+    # Secrets: SecretStr never prints its value (repr, str, model dumps, tracebacks).
+    nats_password: SecretStr | None = None
+    nats_token: SecretStr | None = None
     nats_nkey_seed: str | None = None
     nats_creds: str | None = None
+    inbox_prefix: str = DEFAULT_INBOX_PREFIX
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -195,6 +253,18 @@ class PlatformSettings(BaseSettings):
         for url in v or []:
             _check_url(url)
         return v
+
+    @field_validator("inbox_prefix")
+    @classmethod
+    def _inbox(cls, v: str) -> str:
+        return check_inbox_prefix(v)
+
+    def __repr_args__(self) -> Any:
+        # nats_url may carry a password (nats://user:pass@host): shown masked.
+        for name, value in super().__repr_args__():
+            if name == "nats_url" and value is not None:
+                value = [redact_url(u) for u in value]
+            yield name, value
 
     @field_validator("stream_replicas")
     @classmethod

@@ -48,10 +48,11 @@ from ..backend import (
     BackendError,
     BackendHealth,
     HealthCheck,
+    backend_env,
     backend_stage,
     backends_of,
+    check_env_names,
     expand,
-    fencing_env,
     guard_argv,
     guard_deadline_line,
     guard_deadlines,
@@ -89,6 +90,12 @@ class Process:
         placeholders ``{epoch}``, ``{app}``, ``{node}``, ``{platform}`` are substituted.
     :param env: extra environment variables (``PYCLUSTER_EPOCH``, ``PYCLUSTER_APP``,
         ``PYCLUSTER_NODE``, ``PYCLUSTER_PLATFORM`` are always set).
+    :param inherit_env: names (or shell-style patterns such as ``"AWS_*"``) of the node's own
+        environment variables to pass on. The command does not inherit the node's whole
+        environment: only `pycluster.backend.ENV_ALLOWLIST` (``PATH``, ``HOME``, ``LANG``,
+        ``LC_*``, ...), these, ``env`` and the four variables above — never the node's NATS
+        credentials unless named here. The same environment is given to a command health
+        check.
     :param cwd: working directory (must exist when the command starts).
     :param grace: seconds between SIGTERM and SIGKILL on stop.
     :param restart: ``"on-failure"`` (restart after a non-zero exit, a signal or failed health
@@ -103,6 +110,7 @@ class Process:
     command: str | Sequence[str]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    inherit_env: Sequence[str] = ()
     grace: float = 10.0
     restart: str = "on-failure"
     max_restarts: int = 3
@@ -112,6 +120,11 @@ class Process:
     def __post_init__(self) -> None:
         if not isinstance(self.command, str):  # a list is kept as a tuple (frozen, comparable)
             object.__setattr__(self, "command", tuple(self.command))
+        if isinstance(self.inherit_env, str):
+            raise ConfigError("Process.inherit_env", self.inherit_env,
+                              "a list of variable names (or patterns), not one string")
+        object.__setattr__(self, "inherit_env",
+                           check_env_names("Process.inherit_env", self.inherit_env))
         self.argv()
         if not self.grace > 0:
             raise ConfigError("Process.grace", self.grace, "must be positive")
@@ -129,6 +142,10 @@ class Process:
             raise ConfigError("Process.env", bad, "keys and values must be strings")
         if self.health is not None and not isinstance(self.health, HealthCheck):
             raise ConfigError("Process.health", self.health, "must be a HealthCheck")
+
+    def environment(self, ctx: Context | None) -> dict[str, str]:
+        """The command's environment for the transition ``ctx`` (see ``inherit_env``)."""
+        return backend_env(ctx, self.env, self.inherit_env)
 
     def argv(self) -> list[str]:
         """The command as an argv list (placeholders not yet substituted)."""
@@ -244,8 +261,8 @@ class ProcessBackend:
                 return None if child.running else _describe(child.exit.result())
 
             try:
-                self.last_health = await check.wait_healthy(self.app.name, failed,
-                                                            env=fencing_env(ctx))
+                self.last_health = await check.wait_healthy(
+                    self.app.name, failed, env=self.option.environment(ctx))
             except BaseException:
                 await self._terminate(child, 0.0)
                 raise
@@ -260,7 +277,7 @@ class ProcessBackend:
         lease = rt.lease_deadline() if rt is not None else None
         if rt is not None and rt.election is not None and lease is None:
             raise BackendError(self.app.name, self.kind, "no valid lease: not starting")
-        env = dict(os.environ) | opt.env | fencing_env(ctx)
+        env = opt.environment(ctx)  # not the node's whole environment (its credentials)
         ours, theirs = socket.socketpair()
         cmd = guard_argv(theirs.fileno(), self.app.name, guard_deadlines(rt, lease),
                          "--grace", str(opt.grace))
@@ -393,7 +410,7 @@ class ProcessBackend:
         """Probe the health check every ``interval`` while running."""
         check = self.option.health
         assert check is not None and self._ctx is not None
-        env = fencing_env(self._ctx)
+        env = self.option.environment(self._ctx)
         while not self._stopping:
             await asyncio.sleep(check.interval)
             child = self._child
@@ -510,6 +527,7 @@ class ProcessSection(BaseModel):
 
     command: str | list[str]
     env: dict[str, str] = {}
+    inherit_env: list[str] = []
     cwd: str | None = None
     grace: float = 10.0
     restart: str = "on-failure"
@@ -521,7 +539,8 @@ class ProcessSection(BaseModel):
 def process_from_section(section: ProcessSection) -> Process:
     """Build the `Process` option of a validated ``process:`` section."""
     health = HealthCheck(**section.health.model_dump()) if section.health is not None else None
-    return Process(section.command, env=section.env, cwd=section.cwd, grace=section.grace,
+    return Process(section.command, env=section.env, cwd=section.cwd,
+                   inherit_env=tuple(section.inherit_env), grace=section.grace,
                    restart=section.restart, max_restarts=section.max_restarts,
                    restart_backoff=section.restart_backoff, health=health)
 

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ import click
 
 from ..errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
+from ..settings import redact_text
 from .audit_cmd import audit_cmd
 
 if TYPE_CHECKING:
@@ -35,7 +37,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _fail(exc: BaseException) -> None:
-    click.echo(f"error: {exc}", err=True)
+    # Errors are built to hold no secrets; a URL's password or a secret from the environment
+    # is masked here once more, whatever the error (docs/security.md).
+    secrets = [os.environ.get(f"PYCLUSTER_{k}") for k in ("NATS_PASSWORD", "NATS_TOKEN")]
+    click.echo(f"error: {redact_text(str(exc), secrets)}", err=True)
     sys.exit(getattr(exc, "exit_code", 2))
 
 

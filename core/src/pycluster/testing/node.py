@@ -70,6 +70,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend-max-restarts", type=int, default=3)
     p.add_argument("--backend-restart-backoff", type=float, default=1.0)
     p.add_argument("--backend-health-cmd", default=None, help="a HealthCheck command")
+    p.add_argument("--backend-inherit-env", action="append", default=[],
+                   help="a variable of the node's environment the backend gets (inherit_env)")
     p.add_argument("--backend-start-timeout", type=float, default=60.0)
     p.add_argument("--label", action="append", default=[], help="key=value")
     p.add_argument("--setup", action="append", default=[],
@@ -100,7 +102,8 @@ async def amain(ns: argparse.Namespace) -> int:
                                  start_timeout=ns.backend_start_timeout)
         options.append(Process(ns.backend_cmd, grace=ns.backend_grace, health=health,
                                max_restarts=ns.backend_max_restarts,
-                               restart_backoff=ns.backend_restart_backoff))
+                               restart_backoff=ns.backend_restart_backoff,
+                               inherit_env=ns.backend_inherit_env))
     ns.setup_args = dict(x.split("=", 1) for x in ns.setup_arg)
     modules = []
     for spec in ns.setup:

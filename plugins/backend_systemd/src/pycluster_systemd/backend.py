@@ -36,7 +36,13 @@ import time
 from typing import TYPE_CHECKING
 
 from pycluster.aio import cancel_and_wait
-from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy
+from pycluster.backend import (
+    BackendError,
+    BackendHealth,
+    LeaseFence,
+    RestartPolicy,
+    scrubbed_environ,
+)
 from pycluster.context import Context
 
 if TYPE_CHECKING:
@@ -116,9 +122,11 @@ class SystemdBackend:
 
     async def _run(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         try:
+            # systemctl (or its prefix: ssh, podman exec) is the node's own tool and may need
+            # SSH_AUTH_SOCK or XDG_RUNTIME_DIR, but never the node's NATS credentials.
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=scrubbed_environ(),
             )
         except OSError as exc:
             raise SystemdUnitError(self.app.name, self.option.unit, argv[len(self.prefix)],

@@ -51,6 +51,7 @@ from pycluster.builtin.process import Process, ProcessBackend
 from pycluster.context import Context
 from pycluster.names import bucket
 from pycluster.registry import FailurePolicy, Stage, StageOrder
+from pycluster.settings import secret_value
 
 from . import dbfile
 from . import litestream as ls
@@ -129,7 +130,8 @@ def access_for(s: PlatformSettings, nc: NATS | None, fallback: str | None = None
         raise SQLiteError("litestream cannot authenticate with an nkey seed; use a creds file "
                           "(nats_creds) or user/password for platforms with SQLite apps")
     return ls.NatsAccess.from_url(
-        url, username=s.nats_user, password=s.nats_password, token=s.nats_token,
+        url, username=s.nats_user, password=secret_value(s.nats_password),
+        token=secret_value(s.nats_token),
         creds=s.nats_creds, tls=bool(s.tls_ca or s.tls_cert),
         root_cas=[s.tls_ca] if s.tls_ca else [], client_cert=s.tls_cert, client_key=s.tls_key,
     )
