@@ -14,6 +14,10 @@ Behaviour worth knowing:
   must not leave servers behind): ``PR_SET_PDEATHSIG``, armed from one long-lived spawner thread
   because the kernel ties it to the thread that forked, not to the process.
 - The server's stdout and stderr go to ``<data_dir>/nats-server.log``; start errors quote its tail.
+- A server that requires authentication (``config_file`` with an ``authorization`` block) is
+  probed with ``auth`` (nats-py ``connect()`` credentials). The platform's embedded server
+  always requires a user and password: `LocalCredentials` (a 0600 file in its data directory,
+  reused across restarts); another local process finds both through `find_embedded`.
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -48,9 +54,11 @@ __all__ = [
     "NATS_SERVER_ENV",
     "EmbeddedNatsServer",
     "EmbeddedServerLock",
+    "LocalCredentials",
     "NatsServerError",
     "NatsServerNotFoundError",
     "WrongServerError",
+    "find_embedded",
     "find_nats_server",
     "free_port",
     "ignore_error",
@@ -210,14 +218,17 @@ class WrongServerError(ConnectionError):
         super().__init__(f"{url} is served by {actual!r}, not by {expected!r}")
 
 
-async def jetstream_ready(url: str, timeout: float, server_name: str | None = None) -> None:
+async def jetstream_ready(url: str, timeout: float, server_name: str | None = None,
+                          auth: Mapping[str, str] | None = None) -> None:
     """One readiness probe: connect to ``url`` and get JetStream account info within ``timeout``.
 
     With ``server_name``, also check that this server answered (not another process that held
-    the port). Raises whatever nats-py raises (connection refused, timeout, no JetStream), or
-    :class:`WrongServerError`.
+    the port); ``auth`` are nats-py credentials (``user``/``password``, ``token``,
+    ``nkeys_seed_str``). Raises whatever nats-py raises (connection refused, timeout, no
+    JetStream), or :class:`WrongServerError`.
     """
     nc = await nats.connect(
+        **dict(auth or {}),
         servers=[url],
         connect_timeout=max(1, round(timeout)),
         allow_reconnect=False,
@@ -267,7 +278,9 @@ class EmbeddedNatsServer:
     directory, so JetStream data survives a restart. ``name`` (default: a unique one) is the
     ``server_name``; readiness checks it, so a process that already held the port is never
     mistaken for ours. ``extra_args`` are appended to the command line (flags override a ``-c``
-    config file). The object is an (async) context manager.
+    config file). ``config_file`` is passed as ``-c`` (e.g. an ``authorization`` block);
+    ``auth`` are the nats-py credentials the readiness probe connects with when that config
+    requires them. The object is an (async) context manager.
     """
 
     def __init__(
@@ -277,8 +290,12 @@ class EmbeddedNatsServer:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         name: str | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        auth: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.config_file = Path(config_file) if config_file is not None else None
+        self.auth: dict[str, str] | None = dict(auth) if auth is not None else None
         self.host = host
         self._auto_port = port is None
         self.port = free_port(host) if port is None else port
@@ -330,6 +347,8 @@ class EmbeddedNatsServer:
         """The full command line used to start the server."""
         host, port, store = self.host, str(self.port), str(self.store_dir)
         args = ["-js", "-a", host, "-p", port, "-sd", store, "-n", self.name]
+        if self.config_file is not None:
+            args = ["-c", str(self.config_file), *args]  # the flags override the file
         return [find_nats_server(), *args, *self.extra_args]
 
     @property
@@ -399,7 +418,8 @@ class EmbeddedNatsServer:
                 probe = 0.25 if attempts < 8 else min(2.0, 0.25 * 1.5 ** (attempts - 7))
                 attempts += 1
                 await asyncio.wait_for(
-                    jetstream_ready(self.url, min(probe, remaining), self.server_name),
+                    jetstream_ready(self.url, min(probe, remaining), self.server_name,
+                                    self.auth),
                     min(probe + 1.0, remaining),
                 )
             except Exception as exc:
@@ -603,3 +623,149 @@ class EmbeddedServerLock:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             os.close(fd)  # closing the descriptor releases the flock
+
+
+# -- the embedded server's own credentials ---------------------------------------------------
+
+CREDENTIALS_FILE = "credentials.json"
+AUTH_CONFIG_FILE = "auth.conf"
+EMBEDDED_USER = "pycluster"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (0600), atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class LocalCredentials:
+    """The user and password (or token) of a node's embedded nats-server.
+
+    Kept in ``<dir>/credentials.json`` (mode 0600, created on first use with a random 256-bit
+    password and reused across restarts, so the node's and the CLI's connections keep working
+    after a restart). The server gets them through ``<dir>/auth.conf`` (also 0600; never on
+    its command line, which every local user can read). A file that others may read is
+    tightened to 0600, with a warning.
+
+    Example::
+
+        creds = LocalCredentials.load_or_create(data_dir / "nats")
+        server = EmbeddedNatsServer(data_dir / "nats", config_file=creds.write_server_config(),
+                                    auth=creds.connect_options())
+    """
+
+    def __init__(self, path: Path, user: str | None, password: str | None,
+                 token: str | None = None) -> None:
+        self.path = path
+        self.user = user
+        self.password = password
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"LocalCredentials({str(self.path)!r}, user={self.user!r})"
+
+    @classmethod
+    def load_or_create(cls, directory: str | os.PathLike[str], *, user: str | None = None,
+                       password: str | None = None, token: str | None = None
+                       ) -> LocalCredentials:
+        """Credentials given by the node's settings (``user``/``password`` or ``token``), or
+        those stored in ``directory``, or new random ones (stored there)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / CREDENTIALS_FILE
+        if token or user:
+            creds = cls(path, None if token else user, None if token else (password or ""),
+                        token or None)
+            creds.save()
+            return creds
+        try:
+            creds = cls.read(path)
+        except FileNotFoundError:
+            creds = cls(path, EMBEDDED_USER, secrets.token_urlsafe(32))
+            creds.save()
+        return creds
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> LocalCredentials:
+        """Read a credentials file (FileNotFoundError when absent; ValueError when garbled)."""
+        p = Path(path)
+        mode = p.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("%s was readable by other users (mode %o); set to 0600", p,
+                        stat.S_IMODE(mode))
+            with contextlib.suppress(OSError):
+                os.chmod(p, 0o600)
+        data = json.loads(p.read_text())
+        if not isinstance(data, dict) or not (data.get("token") or data.get("user")):
+            raise ValueError(f"{p}: not a pycluster credentials file")
+        return cls(p, data.get("user"), data.get("password"), data.get("token"))
+
+    def save(self) -> None:
+        """Store in `path` (0600)."""
+        data = {"token": self.token} if self.token else {"user": self.user,
+                                                          "password": self.password}
+        _write_private(self.path, json.dumps(data) + "\n")
+
+    def connect_options(self) -> dict[str, str]:
+        """nats-py ``connect()`` keyword arguments."""
+        if self.token:
+            return {"token": self.token}
+        return {"user": self.user or "", "password": self.password or ""}
+
+    def settings(self) -> dict[str, Any]:
+        """`pycluster.settings.PlatformSettings` fields (``nats_user`` and ``nats_password``,
+        or ``nats_token``), the secrets as ``SecretStr``."""
+        from pydantic import SecretStr
+
+        if self.token:
+            return {"nats_token": SecretStr(self.token)}
+        return {"nats_user": self.user, "nats_password": SecretStr(self.password or "")}
+
+    def write_server_config(self) -> Path:
+        """Write the server's ``authorization`` block next to `path` (0600); returns its path."""
+        if self.token:
+            block = f"authorization {{\n  token: {json.dumps(self.token)}\n}}\n"
+        else:
+            block = (f"authorization {{\n  user: {json.dumps(self.user)}\n"
+                     f"  password: {json.dumps(self.password)}\n}}\n")
+        conf = self.path.with_name(AUTH_CONFIG_FILE)
+        _write_private(conf, "# written by pycluster: the embedded server's credentials\n"
+                             + block)
+        return conf
+
+
+def find_embedded(platform: str, root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What the node that runs ``platform``'s embedded server under data root ``root`` (the
+    parent of its data directory) recorded in its `EmbeddedServerLock`: ``url``, ``node_id``,
+    ``pid``, ``data_dir`` and ``credentials`` (the path of its `LocalCredentials` file, which
+    only the same OS user can read). None when no node holds the lock.
+
+    This is how the CLI (``pycluster status --data-dir ...``) reaches a local embedded server.
+    """
+    lock = EmbeddedServerLock(root, platform)
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        info = EmbeddedServerLock._read(fd)  # emptied when the holder releases the lock
+    finally:
+        os.close(fd)
+    pid = info.get("pid")
+    if not info.get("url") or not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)  # a holder that was SIGKILLed left its record behind
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return info

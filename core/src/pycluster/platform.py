@@ -324,19 +324,35 @@ class Platform:
     async def _start_embedded(self, settings: PlatformSettings) -> PlatformSettings:
         """Start the embedded nats-server (one per platform and data root, see
         `EmbeddedServerLock`); returns the settings pointing at it."""
-        from .embedded import EmbeddedNatsServer, EmbeddedServerLock
+        from .embedded import EmbeddedNatsServer, EmbeddedServerLock, LocalCredentials
+        from .settings import secret_value
 
+        if settings.nats_nkey_seed or settings.nats_creds:
+            raise ConfigError("nats_nkey_seed" if settings.nats_nkey_seed else "nats_creds",
+                              "***", "the embedded server (nats_url unset) authenticates with "
+                              "nats_user/nats_password or nats_token; give a nats_url to use "
+                              "NKeys or a creds file")
         node_dir = settings.resolved_data_dir()
         lock = EmbeddedServerLock(node_dir.parent, self.name)
         lock.acquire()  # EmbeddedServerConflictError: another node of this platform has one
         self._embedded_lock = lock
         data = node_dir / "nats"
         data.mkdir(parents=True, exist_ok=True)
-        self.embedded = EmbeddedNatsServer(data)
+        # Never an open server: the settings' credentials, or a random password kept in a
+        # 0600 file of the data directory (reused across restarts; the CLI reads it there).
+        creds = LocalCredentials.load_or_create(
+            data, user=settings.nats_user, password=secret_value(settings.nats_password),
+            token=secret_value(settings.nats_token))
+        self.embedded = EmbeddedNatsServer(data, config_file=creds.write_server_config(),
+                                           auth=creds.connect_options())
         await self.embedded.start()
-        lock.describe(node_id=self.node_id, url=self.embedded.url, data_dir=str(data))
-        log.info("started an embedded nats-server at %s (data in %s)", self.embedded.url, data)
-        return settings.model_copy(update={"nats_url": [self.embedded.url]})
+        lock.describe(node_id=self.node_id, url=self.embedded.url, data_dir=str(data),
+                      credentials=str(creds.path))
+        log.info("started an embedded nats-server at %s (data in %s, credentials in %s)",
+                 self.embedded.url, data, creds.path)
+        # Plugins that connect on their own (Litestream) read the credentials from here.
+        self.settings = self.settings.model_copy(update=creds.settings())
+        return settings.model_copy(update={"nats_url": [self.embedded.url], **creds.settings()})
 
     async def _join(self) -> None:
         assert self.nc is not None and self.js is not None

@@ -70,11 +70,11 @@ def format_entry(e: AuditEntry) -> str:
             f"node={e.node:<10} {data}{extra}")
 
 
-async def _run(nats_url: str, platform: str, f: AuditFilter, follow: bool, limit: int | None,
-               output: str) -> None:
+async def _run(nats_url: str | None, platform: str, f: AuditFilter, follow: bool,
+               limit: int | None, output: str, data_dir: str | None = None) -> None:
     from .inspect import _connect
 
-    nc = await _connect(nats_url, platform)
+    nc = await _connect(nats_url, platform, data_dir)
     try:
         reader = AuditReader(nc.jetstream(), platform)
         before = await reader.last_seq()
@@ -118,15 +118,18 @@ def _print(e: AuditEntry, output: str) -> None:
               help="The newest N matching entries (0: all).")
 @click.option("--categories", "list_categories", is_flag=True,
               help="List the known categories and actions (core and plugins), then exit.")
-@click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default="nats://127.0.0.1:4222",
-              show_default=True, help="NATS URL(s), comma-separated.")
+@click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
+              help="NATS URL(s), comma-separated (default: as for pycluster status).")
+@click.option("--data-dir", envvar="PYCLUSTER_DATA_DIR", type=click.Path(file_okay=False),
+              help="Data directory of a local node with an embedded server.")
 @click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
               show_default=True, help="Platform name.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format (json: one entry per line).")
 def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: str | None,
               action: str | None, since: str | None, until: str | None, limit: int,
-              list_categories: bool, nats_url: str, platform: str, output: str) -> None:
+              list_categories: bool, nats_url: str | None, data_dir: str | None, platform: str,
+              output: str) -> None:
     """Show a platform's audit trail (oldest first), optionally following new entries."""
     if list_categories:
         reg = AuditCategoryRegistry()
@@ -148,9 +151,10 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
         f = AuditFilter(since=parse_time(since), until=parse_time(until),
                         category=list(categories) or None, app=app, node=node, action=action)
         f.subjects(platform)  # validate names before connecting
-        asyncio.run(_run(nats_url, platform, f, follow, limit or None, output))
+        asyncio.run(_run(nats_url, platform, f, follow, limit or None, output, data_dir))
     except PyclusterError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        from .main import _fail
+
+        _fail(exc)
     except KeyboardInterrupt:
         pass

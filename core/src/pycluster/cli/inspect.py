@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from .. import natsutil as nu
 from ..connection import connect
 from ..coordinator import check_step_down
+from ..embedded import LocalCredentials, find_embedded
 from ..errors import (
     ConfigError,
     NoInstanceError,
@@ -27,16 +28,52 @@ from ..errors import (
 )
 from ..names import validate_ident
 from ..platform import stepdown_subject
-from ..settings import load_settings, redact_url
+from ..settings import PlatformSettings, load_settings, redact_url
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
-async def _connect(nats_url: str, platform: str) -> NATS:
-    return (await _open(nats_url, platform))[0]
+def cli_settings(nats_url: str | None, platform: str,
+                 data_dir: str | None = None) -> PlatformSettings:
+    """The settings a CLI command connects with.
+
+    An explicit ``nats_url`` (``--nats-url`` / ``PYCLUSTER_NATS_URL``) is used as given, with
+    the credentials of the environment (``PYCLUSTER_NATS_USER`` / ``_PASSWORD`` / ``_TOKEN``
+    / ``_NKEY_SEED`` / ``_CREDS``, ``PYCLUSTER_INBOX_PREFIX``: what ``pycluster nats-config``
+    writes for its operator user). Without one, the local embedded server of ``platform`` is
+    looked up (`pycluster.embedded.find_embedded`) under the parent of ``data_dir`` (the node's
+    data directory) or the default data directory, and its URL and credentials file are used;
+    failing that, ``nats://127.0.0.1:4222``.
+    """
+    if nats_url:
+        return load_settings(name=platform, node_id="cli", nats_url=nats_url)
+    base = load_settings(name=platform, node_id="cli", data_dir=data_dir)
+    node_dir = base.resolved_data_dir()
+    for root in dict.fromkeys((node_dir.parent, node_dir)):
+        found = find_embedded(platform, root)
+        if found is None:
+            continue
+        extra: dict[str, Any] = {}
+        path = found.get("credentials")
+        if isinstance(path, str):
+            try:
+                extra = LocalCredentials.read(path).settings()
+            except OSError as exc:
+                raise ConfigError("credentials", path, f"the embedded server of platform "
+                                  f"{platform!r} needs them, but they cannot be read "
+                                  f"({exc.strerror or exc}); run as the node's user") from None
+        return base.model_copy(update={"nats_url": [str(found["url"])], **extra})
+    return load_settings(name=platform, node_id="cli", nats_url=DEFAULT_URL)
 
 
-async def _open(nats_url: str, platform: str) -> tuple[NATS, list[str]]:
+async def _connect(nats_url: str | None, platform: str, data_dir: str | None = None) -> NATS:
+    return (await _open(nats_url, platform, data_dir))[0]
+
+
+async def _open(nats_url: str | None, platform: str,
+                data_dir: str | None = None) -> tuple[NATS, list[str]]:
     """A connection, and its server URLs for messages (passwords masked)."""
-    s = load_settings(name=platform, node_id="cli", nats_url=nats_url)
+    s = cli_settings(nats_url, platform, data_dir)
     return await connect(s), [redact_url(u) for u in s.nats_url or []]
 
 
@@ -80,13 +117,15 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
     return body.get("node"), body.get("epoch") or msg.seq
 
 
-async def read_status(nats_url: str, platform: str) -> dict[str, Any]:
+async def read_status(nats_url: str | None, platform: str,
+                      data_dir: str | None = None) -> dict[str, Any]:
     """Nodes (live records) and apps (leader lease, epoch, where active).
 
-    Raises `NoLiveNodesError` when no node of ``platform`` is alive there.
+    Raises `NoLiveNodesError` when no node of ``platform`` is alive there. ``nats_url`` None:
+    see `cli_settings`.
     """
     validate_ident("platform", platform)
-    nc, servers = await _open(nats_url, platform)
+    nc, servers = await _open(nats_url, platform, data_dir)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
@@ -107,8 +146,9 @@ async def read_status(nats_url: str, platform: str) -> dict[str, Any]:
         await nc.close()
 
 
-async def request_stepdown(nats_url: str, platform: str, app: str, successor: str | None,
-                           cooldown: float | None) -> dict[str, Any]:
+async def request_stepdown(nats_url: str | None, platform: str, app: str,
+                           successor: str | None, cooldown: float | None,
+                           data_dir: str | None = None) -> dict[str, Any]:
     """Ask the active instance of ``app`` to step down; returns its node and epoch.
 
     Checked first, each with its own error: the platform has live nodes (`NoLiveNodesError`),
@@ -120,7 +160,7 @@ async def request_stepdown(nats_url: str, platform: str, app: str, successor: st
     check_step_down(app, "", {}, None, cooldown)  # before connecting
     if successor is not None:
         validate_ident("successor", successor)
-    nc, servers = await _open(nats_url, platform)
+    nc, servers = await _open(nats_url, platform, data_dir)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)

@@ -181,22 +181,30 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
 # -- status / stepdown ----------------------------------------------------------------------
 
 
-NATS_OPT = click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default="nats://127.0.0.1:4222",
-                        show_default=True, help="NATS URL(s), comma-separated.")
+NATS_OPT = click.option(
+    "--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
+    help="NATS URL(s), comma-separated (credentials: PYCLUSTER_NATS_USER/_PASSWORD/_TOKEN/"
+         "_CREDS). Default: the platform's local embedded server, if a node runs one (found "
+         "through --data-dir), else nats://127.0.0.1:4222.")
+DATA_DIR_OPT = click.option(
+    "--data-dir", envvar="PYCLUSTER_DATA_DIR", type=click.Path(file_okay=False),
+    help="Data directory of a local node with an embedded server (default: the default "
+         "data directory of the platform): its URL and credentials are read there.")
 PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
                             show_default=True, help="Platform name.")
 
 
 @cli.command("status")
 @NATS_OPT
+@DATA_DIR_OPT
 @PLATFORM_OPT
 @OUTPUT
-def status_cmd(nats_url: str, platform: str, output: str) -> None:
+def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output: str) -> None:
     """Show nodes, apps, leaders and epochs of a platform."""
     from .inspect import read_status
 
     try:
-        st = asyncio.run(read_status(nats_url, platform))
+        st = asyncio.run(read_status(nats_url, platform, data_dir))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -220,15 +228,17 @@ def status_cmd(nats_url: str, platform: str, output: str) -> None:
 @click.option("--cooldown", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Seconds the old leader stays out of elections (>= 0).")
 @NATS_OPT
+@DATA_DIR_OPT
 @PLATFORM_OPT
 @OUTPUT
-def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, nats_url: str,
-                 platform: str, output: str) -> None:
+def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, nats_url: str | None,
+                 data_dir: str | None, platform: str, output: str) -> None:
     """Ask the active instance of APP to hand leadership over now."""
     from .inspect import request_stepdown
 
     try:
-        res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown))
+        res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown,
+                                           data_dir))
     except PyclusterError as exc:
         _fail(exc)
         return
