@@ -27,10 +27,11 @@ from typing import Any
 
 import nats
 
-from pycluster import App, OnNodes, Platform, Singleton
+from pycluster import App, AuthMiddleware, OnNodes, Platform, SignedAuth, Singleton
 from pycluster.embedded import EmbeddedNatsServer
 from pycluster.plugins import create_plugin_manager
 from pycluster.rpc import rpc_service
+from pycluster.signing import generate_keypair
 from pycluster.testing import wait_for
 
 
@@ -123,6 +124,21 @@ async def run(url: str, args: argparse.Namespace) -> int:
             return apply
 
         bare, full = set_middleware(False), set_middleware(True)
+
+        # Authentication alone (no other middleware): NKey signatures, and the weak token.
+        seed, public = generate_keypair()
+        signer = SignedAuth("client", seed)
+        verifier = SignedAuth(trusted={"client": public})
+        token = AuthMiddleware(token="t0ken")
+
+        def auth(server_mw: Any, client_mw: Any) -> Callable[[], Awaitable[None]]:
+            async def apply() -> None:
+                await bare()
+                chains[0].add(server_mw)
+                chains[1].add(client_mw)
+            return apply
+
+        signed, weak = auth(verifier, signer), auth(token, token)
         variants: dict[str, tuple[Callable[[], Awaitable[None]],
                                   Callable[[], Awaitable[Any]]]] = {
             "raw nats-py request/reply": (bare, lambda: nc_cli.request("bench.raw.echo",
@@ -136,6 +152,9 @@ async def run(url: str, args: argparse.Namespace) -> int:
             "app.rpc.call_leader +default mw": (full, lambda: cli_app.rpc.call_leader("echo",
                                                                                payload)),
             "platform.api().call +default mw": (full, lambda: api.call("echo", payload)),
+            "platform.api().call +SignedAuth": (signed, lambda: api.call("echo", payload)),
+            "platform.api().call +AuthMiddleware(token)": (weak, lambda: api.call("echo",
+                                                                                 payload)),
         }
         for setup, fn in variants.values():  # warm up
             await setup()
@@ -165,7 +184,7 @@ async def run(url: str, args: argparse.Namespace) -> int:
             p50, p99 = pct(lat[name], 50), pct(lat[name], 99)
             rate = len(lat[name]) / spent[name]
             per_cpu = cpu[name] / len(lat[name])
-            line = (f"{name:<34} p50 {p50 * 1e6:7.1f} us  p99 {p99 * 1e6:8.1f} us  "
+            line = (f"{name:<42} p50 {p50 * 1e6:7.1f} us  p99 {p99 * 1e6:8.1f} us  "
                     f"{rate:6.0f} calls/s  cpu {per_cpu * 1e6:6.1f} us/call")
             if name != raw:
                 over = (p50 - base50) / base50 * 100

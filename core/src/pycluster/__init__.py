@@ -42,7 +42,7 @@ from .errors import (
 )
 from .events import Event
 from .health import CheckResult, CheckStatus
-from .middleware import AuthMiddleware, Middleware, Request
+from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
 from .options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
 from .platform import Platform
 from .plugins import hookimpl
@@ -96,6 +96,7 @@ __all__ = [
     "RetryPolicy",
     "RevisionMismatchError",
     "Role",
+    "SignedAuth",
     "Singleton",
     "Spread",
     "Stage",

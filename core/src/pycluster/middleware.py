@@ -17,15 +17,21 @@ from ``request.headers`` on the other side (and the same for events). Middleware
 they were added, the first outermost; those contributed by plugins
 (`pycluster.hookspecs.pycluster_middleware`) come before those added with `use`.
 
-`AuthMiddleware` is the worked example: a shared token, or per-app credentials with an optional
-per-method allow list, carried in headers.
+`SignedAuth` authenticates calls with NKey signatures (the caller's identity is bound to its
+key; servers hold only public keys; stale and replayed requests are refused). `AuthMiddleware`
+is the older, *weak* mode: a shared token or per-app secrets that travel in plain headers (see
+docs/security.md for what each protects against).
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import functools
+import hashlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError, UnauthorizedError
 from .names import validate_ident
+from .signing import SignatureError, SigningKey, VerifyingKey, load_seed
 
 if TYPE_CHECKING:
     from .events import Event
@@ -65,6 +72,9 @@ class Call:
     :ivar codec: ``"json"`` or ``"msgpack"`` (how a non-bytes payload is encoded).
     :ivar response_model: the type the answer is validated into, if any.
     :ivar extra: free room for middleware (e.g. a span).
+    :ivar before_send: called by the transport right before each attempt is sent, with
+        ``(subject, body, headers)``; it may add headers that depend on the exact subject and
+        bytes of that attempt (`SignedAuth` signs them there).
     """
 
     kind: Kind
@@ -86,6 +96,8 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     target: Any = field(default=None, repr=False)  # the transport's routing strategy
     retry: Any = field(default=None, repr=False)  # the transport's RetryPolicy
+    before_send: Callable[[str, bytes, dict[str, str]], None] | None = field(
+        default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -256,7 +268,12 @@ def use(platform: Platform, *middleware: object) -> None:
 
 
 class AuthMiddleware(Middleware):
-    """Authenticate calls with a shared token or per-app credentials, carried in headers.
+    """*Weak* authentication: a shared token or per-app secrets, carried in plain headers.
+
+    Prefer `SignedAuth`. Here every server that checks a secret learns it (and can then call
+    others with it), and any NATS user allowed to subscribe to the request subjects reads it.
+    A shared token proves no identity: the ``Pycluster-Auth-App`` a token holder sends is not
+    trusted (``request.identity`` stays None), so ``allow`` lists need per-app ``credentials``.
 
     Shared token (every node and client is configured with the same secret)::
 
@@ -311,6 +328,10 @@ class AuthMiddleware(Middleware):
         for name in self.credentials:
             validate_ident("AuthMiddleware.credentials", name)
         self.allow = {m: frozenset(apps) for m, apps in (allow or {}).items()}
+        if self.allow and not self.credentials:
+            raise ConfigError("AuthMiddleware.allow", sorted(self.allow),
+                              "a shared token proves no identity: allow lists need per-app "
+                              "credentials (or SignedAuth)")
         self.kinds = frozenset(kinds)
 
     async def on_call(self, call: Call, call_next: Next) -> Any:
@@ -345,8 +366,211 @@ class AuthMiddleware(Middleware):
                 return app
             raise UnauthorizedError(f"bad credentials for {app!r}")
         if self.token is not None and hmac.compare_digest(secret.encode(), self.token.encode()):
-            return app
+            return None  # the token holder's claimed app is not proven by the token
         raise UnauthorizedError("bad credentials")
+
+
+# -- signed requests --------------------------------------------------------------------------
+
+SIG_HEADER = "Pc-Sig"
+SIG_VERSION = b"pycluster-sig-v1"
+
+
+def key_id(public_key: str) -> str:
+    """The short id of a public key sent with signatures (its last 6 characters)."""
+    return public_key[-6:]
+
+
+def signed_content(identity: str, subject: str, timestamp: str, nonce: str,
+                   content_type: str, body: bytes) -> bytes:
+    """What a `SignedAuth` signature covers: the identity, the exact subject, the time, the
+    nonce, the content type and a SHA-256 of the body."""
+    return b"\n".join((SIG_VERSION, identity.encode(), subject.encode(), timestamp.encode(),
+                       nonce.encode(), content_type.encode(), hashlib.sha256(body).digest()))
+
+
+class SignedAuth(Middleware):
+    """Authenticate calls with NKey (Ed25519) signatures bound to caller identities.
+
+    Each caller identity (an app, a service, an operator) has an NKey seed; servers are given
+    the identities' *public* keys. A caller signs every attempt of a call: the identity, the
+    exact subject, a timestamp, a random nonce, the content type and a hash of the body, sent
+    in one header (``Pc-Sig: <identity> <key id> <ms> <nonce> <signature>``; the key id is the
+    public key's last 6 characters). A server accepts a request only if the identity is trusted
+    with a public key of that id whose signature matches, the timestamp is within ``max_skew``
+    seconds of its clock, and the nonce was not seen before within that window (a replayed
+    request is refused). ``allow`` lists refer to verified identities (``request.identity``).
+
+    Example::
+
+        seed, public = pycluster.signing.generate_keypair()   # once per identity
+        use(platform, SignedAuth(
+            identity="web", seed=os.environ["WEB_NKEY_SEED"],  # how this node calls
+            trusted={"web": WEB_PUBLIC, "ops": OPS_PUBLIC},    # whom it accepts
+            allow={"reset": ["ops"]},                          # method -> identities
+        ))
+
+    A refused request never reaches the handler; the caller gets `pycluster.RemoteError` with
+    ``code == "unauthorized"``. Replies are not signed: NATS permissions keep other users off a
+    caller's inbox (``pycluster nats-config``). Clocks must agree within ``max_skew``.
+
+    :param identity: the name this node calls as (validated like an app name).
+    :param seed: its NKey seed (``SU...``) or the path of a file holding it; without
+        ``identity``/``seed`` this node only verifies.
+    :param trusted: identity → public key (``U...``) or a list of them (key rotation); without
+        it this node only signs.
+    :param allow: method name → identities allowed (other methods: any trusted identity).
+    :param max_skew: seconds a request's timestamp may differ from this node's clock.
+    :param kinds: which requests to protect (``"api"``, ``"rpc"``; default both).
+    :param max_nonces: bound of the replay cache (a request is refused while it is full).
+    """
+
+    def __init__(
+        self,
+        identity: str | None = None,
+        seed: str | bytes | os.PathLike[str] | None = None,
+        *,
+        trusted: Mapping[str, str | Iterable[str]] | None = None,
+        allow: Mapping[str, Iterable[str]] | None = None,
+        max_skew: float = 30.0,
+        kinds: Iterable[Kind] = ("api", "rpc"),
+        max_nonces: int = 1_000_000,
+    ) -> None:
+        if (identity is None) != (seed is None):
+            raise ConfigError("SignedAuth", identity, "give both identity and seed, or neither")
+        if identity is None and not trusted:
+            raise ConfigError("SignedAuth", None, "give identity and seed (to sign), trusted "
+                              "keys (to verify), or both")
+        self.identity = validate_ident("SignedAuth.identity", identity) if identity else None
+        self._key = SigningKey(load_seed(seed)) if seed is not None else None
+        self.public_key = self._key.public_key if self._key is not None else None
+        self.trusted: dict[str, dict[str, VerifyingKey]] = {}
+        for name, keys in (trusted or {}).items():
+            validate_ident("SignedAuth.trusted", name)
+            keys = [keys] if isinstance(keys, str) else list(keys)
+            if not keys:
+                raise ConfigError("SignedAuth.trusted", name, "no public key")
+            self.trusted[name] = {k: VerifyingKey(k) for k in keys}
+        # identity -> key id -> the keys with that id (nearly always one)
+        self._by_id: dict[str, dict[str, list[VerifyingKey]]] = {}
+        for name, by_key in self.trusted.items():
+            for k, vk in by_key.items():
+                self._by_id.setdefault(name, {}).setdefault(key_id(k), []).append(vk)
+        self.allow = {m: frozenset(ids) for m, ids in (allow or {}).items()}
+        unknown = sorted({i for ids in self.allow.values() for i in ids} - set(self.trusted))
+        if unknown and self.trusted:
+            raise ConfigError("SignedAuth.allow", unknown, "names identities that are not "
+                              "trusted (no public key)")
+        if not max_skew > 0:
+            raise ConfigError("SignedAuth.max_skew", max_skew, "must be positive")
+        self.max_skew = float(max_skew)
+        self.kinds = frozenset(kinds)
+        self.max_nonces = max_nonces
+        # Nonces seen within the window: (identity, nonce) -> when they may be forgotten.
+        self._seen: dict[tuple[str, str], float] = {}
+        self._order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
+        # A short header: nats-py builds and parses headers in Python, per character.
+        self._header_prefix = (f"{self.identity} {key_id(self.public_key)} "
+                               if self.public_key else "")
+
+    def __repr__(self) -> str:
+        return (f"SignedAuth(identity={self.identity!r}, public_key={self.public_key!r}, "
+                f"trusted={sorted(self.trusted)})")
+
+    # -- client side --------------------------------------------------------------------------
+
+    async def on_call(self, call: Call, call_next: Next) -> Any:
+        """Sign each attempt of the call (right before it is sent)."""
+        if self._key is not None and call.kind in self.kinds:
+            # A placeholder of the signature's size, so the transport's size check (against
+            # the server's max_payload, headers included) counts it; replaced at each attempt.
+            call.headers[SIG_HEADER] = "x" * (len(self._header_prefix) + 13 + 1 + 16 + 1 + 86)
+            inner = call.before_send
+            if inner is None:
+                call.before_send = self._sign
+            else:
+                def both(subject: str, body: bytes, headers: dict[str, str]) -> None:
+                    inner(subject, body, headers)
+                    self._sign(subject, body, headers)
+
+                call.before_send = both
+        return await call_next(call)
+
+    def _sign(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        assert self._key is not None and self.identity is not None
+        ts = str(int(time.time() * 1000))
+        nonce = base64.urlsafe_b64encode(os.urandom(12)).decode()
+        content = signed_content(self.identity, subject, ts, nonce,
+                                 headers.get("Content-Type", ""), body)
+        sig = base64.urlsafe_b64encode(self._key.sign(content)).decode().rstrip("=")
+        headers[SIG_HEADER] = f"{self._header_prefix}{ts} {nonce} {sig}"
+
+    # -- server side --------------------------------------------------------------------------
+
+    async def on_request(self, request: Request, call_next: Next) -> Any:
+        """Refuse requests that are unsigned, forged, stale or replayed (before the handler)."""
+        if request.kind in self.kinds:
+            if not self.trusted:
+                raise UnauthorizedError("this node trusts no signing keys")
+            request.identity = self.verify(request.subject, request.data, request.headers)
+            allowed = self.allow.get(request.method)
+            if allowed is not None and request.identity not in allowed:
+                raise UnauthorizedError(
+                    f"caller {request.identity!r} may not call {request.app}.{request.method}")
+        return await call_next(request)
+
+    def verify(self, subject: str, body: bytes, headers: Mapping[str, str],
+               now: float | None = None) -> str:
+        """The verified identity of a request, or `UnauthorizedError` saying why not."""
+        value = headers.get(SIG_HEADER)
+        if not value:
+            raise UnauthorizedError("missing signature")
+        parts = value.split(" ")
+        if len(parts) != 5:
+            raise UnauthorizedError("malformed signature header")
+        identity, kid, ts, nonce, sig = parts
+        by_id = self._by_id.get(identity)
+        keys = by_id.get(kid) if by_id is not None else None
+        if not keys:
+            raise UnauthorizedError(f"identity {identity[:64]!r} is not trusted with key id "
+                                    f"{kid[:8]!r}")
+        now = time.time() if now is None else now
+        try:
+            when = int(ts) / 1000.0
+        except ValueError:
+            raise UnauthorizedError("malformed signature timestamp") from None
+        if abs(now - when) > self.max_skew:
+            raise UnauthorizedError(f"stale request: signed {now - when:+.1f}s from this "
+                                    f"node's clock (allowed: {self.max_skew:g}s)")
+        token = (identity, nonce)
+        if token in self._seen:
+            raise UnauthorizedError("replayed request (nonce already seen)")
+        try:
+            raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+        except (ValueError, TypeError):
+            raise UnauthorizedError("malformed signature") from None
+        content = signed_content(identity, subject, ts, nonce,
+                                 headers.get("Content-Type", ""), body)
+        for key in keys:
+            try:
+                key.verify(content, raw)
+                break
+            except SignatureError:
+                continue
+        else:
+            raise UnauthorizedError(f"bad signature for {identity!r}")
+        self._remember(token, when + self.max_skew, now)
+        return identity
+
+    def _remember(self, token: tuple[str, str], until: float, now: float) -> None:
+        seen, order = self._seen, self._order
+        while order and (order[0][0] < now or len(seen) >= self.max_nonces):
+            if order[0][0] >= now:  # full of live nonces: refuse rather than forget one
+                raise UnauthorizedError("replay cache full; retry later")
+            _, old = order.popleft()
+            seen.pop(old, None)
+        seen[token] = until
+        order.append((until, token))
 
 
 class LoggingMiddleware(Middleware):

@@ -678,6 +678,8 @@ class RpcService:
                 raise CallTimeoutError(call.app, call.method, call.timeout, call.route, last)
             subject = target.subject()
             headers[H_CALL] = f"{call.request_id} {remaining:.3f}{meta_tail}"
+            if call.before_send is not None:  # e.g. a signature over this subject and body
+                call.before_send(subject, body, headers)
             wait = min(remaining, retry.attempt_timeout) if call.idempotent else remaining
             call.attempts += 1
             try:

@@ -19,7 +19,14 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
@@ -258,6 +265,12 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _inbox(cls, v: str) -> str:
         return check_inbox_prefix(v)
+
+    @field_serializer("nats_url")
+    def _dump_urls(self, v: list[str] | None) -> list[str] | None:
+        # Dumps (JSON, dicts) mask a URL's password like SecretStr masks the others; the
+        # connection reads the attribute itself.
+        return [redact_url(u) for u in v] if v is not None else None
 
     def __repr_args__(self) -> Any:
         # nats_url may carry a password (nats://user:pass@host): shown masked.

@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -69,11 +69,14 @@ class NatsServer(EmbeddedNatsServer):
         port: int | None = None,
         extra_args: Iterable[str] = (),
         name: str | None = None,
+        config_file: str | Path | None = None,
+        auth: Mapping[str, str] | None = None,
     ) -> None:
         self._own_dir = data_dir is None
         if data_dir is None:
             data_dir = tempfile.mkdtemp(prefix="pycluster-nats-")
-        super().__init__(data_dir, host=host, port=port, extra_args=tuple(extra_args), name=name)
+        super().__init__(data_dir, host=host, port=port, extra_args=tuple(extra_args), name=name,
+                         config_file=config_file, auth=auth)
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start and wait until ready; a start that fails removes a temporary data directory
