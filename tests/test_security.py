@@ -339,3 +339,256 @@ async def test_the_embedded_server_refuses_clients_without_its_credentials(
 
 async def _quiet(exc: Exception) -> None:
     pass
+
+
+# -- 4. generated per-app NATS permissions ----------------------------------------------------
+
+
+class Secured:
+    """A nats-server started with the configuration `pycluster nats-config` generates for a
+    platform of two nodes: ``na`` runs app ``a``, ``nb`` runs app ``b``."""
+
+    def __init__(self, tmp: Path, platform: str, auth: str = "nkey") -> None:
+        self.dir = tmp / "nats-auth"
+        self.platform = platform
+        out = invoke("nats-config", "--platform", platform, "--node", "na=a", "--node", "nb=b",
+                     "--auth", auth, "--out", str(self.dir), "--output", "json")
+        assert out.exit_code == 0, out.output
+        self.users = {u["user"]: u for u in json.loads(out.output)["users"]}
+        self.server = NatsServer(config_file=self.dir / "nats-server.conf",
+                                 auth=self.connect_options("operator"))
+
+    def env(self, stem: str) -> dict[str, str]:
+        lines = (self.dir / f"{stem}.env").read_text().splitlines()
+        return dict(x.split("=", 1) for x in lines if x and not x.startswith("#"))
+
+    def connect_options(self, stem: str) -> dict[str, str]:
+        """nats-py connect() options of a user (its seed or password, its inbox prefix)."""
+        env = self.env(stem)
+        opts = {"inbox_prefix": env["PYCLUSTER_INBOX_PREFIX"]}
+        if "PYCLUSTER_NATS_NKEY_SEED" in env:
+            opts["nkeys_seed_str"] = Path(env["PYCLUSTER_NATS_NKEY_SEED"]).read_text().strip()
+        else:
+            opts["user"], opts["password"] = env["PYCLUSTER_NATS_USER"], env[
+                "PYCLUSTER_NATS_PASSWORD"]
+        return opts
+
+    def settings(self, stem: str) -> dict[str, Any]:
+        """Platform(...) keyword arguments of a node user."""
+        env = self.env(stem)
+        kw: dict[str, Any] = {"nats_url": self.server.url,
+                              "inbox_prefix": env["PYCLUSTER_INBOX_PREFIX"]}
+        if "PYCLUSTER_NATS_NKEY_SEED" in env:
+            kw["nats_nkey_seed"] = env["PYCLUSTER_NATS_NKEY_SEED"]
+        else:
+            kw["nats_user"], kw["nats_password"] = env["PYCLUSTER_NATS_USER"], env[
+                "PYCLUSTER_NATS_PASSWORD"]
+        return kw
+
+    async def provision(self) -> None:
+        env = dict(self.env("operator"), PYCLUSTER_NATS_URL=self.server.url)
+        out = await ainvoke("provision", "--platform", self.platform, "--app", "a", "--app",
+                            "b", env=env)
+        assert out.exit_code == 0 and "created 11 stream(s)" in out.output, out.output
+
+
+class Attacker:
+    """A raw nats-py client with some user's credentials that records the server's refusals."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: Any = None
+        self.got: list[str] = []
+
+    async def connect(self, url: str, opts: dict[str, str]) -> Attacker:
+        async def error_cb(exc: Exception) -> None:
+            self.errors.append(str(exc).lower())
+
+        self.nc = await nats.connect(url, error_cb=error_cb, **opts)
+        return self
+
+    async def _record(self, msg: Any) -> None:
+        self.got.append(msg.subject)
+
+    async def denied(self, action: str, subject: str) -> None:
+        needle = f'permissions violation for {action} to "{subject.lower()}"'
+        await wait_for(lambda: any(needle in e for e in self.errors), 10,
+                       message=f"the server did not refuse {action} to {subject}")
+
+    async def publish_denied(self, subject: str, data: bytes = b"x",
+                             headers: dict[str, str] | None = None) -> None:
+        inbox = self.nc.new_inbox()  # under the user's own prefix: allowed
+        await self.nc.publish(subject, data, reply=inbox, headers=headers)
+        await self.denied("publish", subject)
+
+    async def subscribe_denied(self, subject: str) -> None:
+        await self.nc.subscribe(subject, cb=self._record)
+        await self.denied("subscription", subject)
+
+
+def attack_app(name: str) -> App:
+    app = App(name, Singleton())
+
+    @app.handle("echo")
+    async def echo(data: Any) -> Any:
+        return data
+
+    @app.rpc.handler("hi")
+    async def hi() -> str:
+        assert app.platform is not None
+        return f"hi from {app.platform.node_id}"
+
+    return app
+
+
+@pytest.mark.timeout(180)
+async def test_generated_permissions_keep_one_app_out_of_another(
+    tmp_path: Path, unique_name: str
+) -> None:
+    P = unique_name
+    sec = Secured(tmp_path, P)
+    await sec.server.start()
+    platforms: list[Platform] = []
+    attacker = Attacker()
+    op = await nats.connect(sec.server.url, **sec.connect_options("operator"))
+    try:
+        # Without the operator's buckets and streams a node may not start: it may not create
+        # streams (a stream could capture another app's subjects).
+        await sec.provision()
+        app_b, app_a = attack_app("b"), attack_app("a")
+        b = Platform(P, node_id="nb", lease_ttl=2.0, heartbeat_interval=0.5, hook_timeout=5.0,
+                     plugin_manager=_pm(), **sec.settings("node-nb"))
+        b.register(app_b)
+        await b.start()
+        platforms.append(b)
+        await app_b.wait_for_leadership(15)
+        epoch_b = app_b.epoch
+        await app_b.kv.put("secret", b"b-data")
+        lock_b = app_b.lock("bl", ttl=30)
+        await lock_b.acquire(timeout=10)
+
+        # Everything of A's works with A's credentials: election, kv, locks, rpc, events, the
+        # API bus (A may call B's API: who may call what is SignedAuth's job), platform events.
+        a = Platform(P, node_id="na", lease_ttl=2.0, heartbeat_interval=0.5, hook_timeout=5.0,
+                     plugin_manager=_pm(), **sec.settings("node-na"))
+        a.register(app_a)
+        await a.start()
+        platforms.append(a)
+        await app_a.wait_for_leadership(15)
+        await app_a.kv.put("k", b"a-data")
+        assert await app_a.kv.get("k") == b"a-data" and await app_a.kv.keys() == ["k"]
+        async with app_a.lock("al", ttl=5) as lock:
+            await app_a.kv.transform("n", lambda old: b"1", lock=lock)
+        async with a.lock("shared", ttl=5):
+            pass
+        assert await app_a.rpc.call("na", "hi") == "hi from na"
+        assert await app_a.rpc.call_leader("hi") == "hi from na"
+        assert await a.api("a").call("echo", {"x": 1}) == {"x": 1}
+        assert await a.api("b").call("echo", "to b") == "to b"
+        assert await b.api("a").call("echo", "to a") == "to a"
+        got: list[Any] = []
+
+        async def on_event(ev: Any) -> None:
+            got.append(ev.type)
+
+        await app_a.events.subscribe("x.>", on_event)
+        await app_a.events.subscribe_durable("x.>", "a-durable", on_event, deliver="all")
+        await app_a.events.publish("x.y", {"n": 1})
+        await a.events.publish("hello", {"n": 2}, source_app="a")
+        await wait_for(lambda: got.count("x.y") == 2, 10)
+        await app_a.step_down()
+        await app_a.wait_for_leadership(15)
+
+        # A's credentials against B: every read, write, delete and forgery is refused.
+        await attacker.connect(sec.server.url, sec.connect_options("node-na"))
+        await attacker.nc.publish(f"$KV.{P}_a.probe", b"allowed")  # a control: no refusal
+        kv_b = f"$KV.{P}_b.secret"
+        for subject, headers in (
+            (kv_b, None),                                        # overwrite B's value
+            (kv_b, {"KV-Operation": "DEL"}),                     # delete it
+            (f"$JS.API.STREAM.PURGE.KV_{P}_b", None),            # purge B's bucket
+            (f"$JS.API.DIRECT.GET.KV_{P}_b.{kv_b}", None),       # read it
+            (f"$JS.API.STREAM.MSG.GET.KV_{P}_b", None),
+            (f"$JS.API.STREAM.INFO.KV_{P}_b", None),
+            (f"$JS.API.CONSUMER.CREATE.KV_{P}_b", None),          # watch it
+            (f"$KV.{P}_b_locks.bl", None),                        # take B's lock
+            (f"$JS.API.DIRECT.GET.KV_{P}_b_locks.$KV.{P}_b_locks.bl", None),
+            (f"$KV.{P}_b_election.leader", None),                 # forge B's lease
+            (f"{P}.b.rpc.nb.hi", None),                           # B's internal RPC
+            (f"{P}.b.rpc._leader.hi", None),
+            (f"{P}.b.control.stepdown", None),                    # make B step down
+            (f"{P}.b.events.forged", None),                       # B's events
+            (f"{P}._.events.b.forged", None),                     # platform events as B
+            (f"$JS.API.CONSUMER.CREATE.{P}_b_events", None),
+            (f"_INBOX_{P}.node.nb.forged", None),                 # a forged reply to B
+            (f"$KV.{P}_platform.nodes.nb", None),                 # B's node record
+            (f"{P}._.audit.lock.b.na", None),                     # audit entries about B
+            (f"{P}._.audit.membership._.nb", None),               # ...or as node nb
+            (f"{P}._.node.nb.ping", None),                        # impersonate nb's ping
+            (f"$JS.API.STREAM.CREATE.{P}_capture", None),         # a stream capturing B
+            (f"$JS.API.STREAM.DELETE.KV_{P}_b", None),
+        ):
+            await attacker.publish_denied(subject, b"{}", headers)
+        for subject in (f"$KV.{P}_b.>", f"{P}.b.>", f"{P}.b.rpc.>", f"{P}._.api.b.>",
+                        f"{P}.b.events.>", f"_INBOX_{P}.node.nb.>", "_INBOX.>",
+                        f"_INBOX_{P}.>", f"{P}._.node.nb.ping", ">", "$JS.ACK.>"):
+            await attacker.subscribe_denied(subject)
+        assert not any('"$kv.' + f"{P}_a.probe".lower() + '"' in e for e in attacker.errors)
+
+        # B carries on, and nothing of its traffic reached the attacker's subscriptions.
+        assert await app_b.rpc.call("nb", "hi") == "hi from nb"
+        assert await b.api("b").call("echo", "own") == "own"
+        assert await a.api("b").call("echo", "from a") == "from a"
+        assert attacker.got == []
+        # Checked from outside, with the operator's credentials: B's state is intact.
+        js = op.jetstream()
+        assert (await (await js.key_value(f"{P}_b")).get("secret")).value == b"b-data"
+        assert app_b.is_leader and app_b.epoch == epoch_b
+        holder = await (await js.key_value(f"{P}_b_locks")).get("bl")
+        assert holder.value is not None and b"nb" in holder.value
+        assert f"{P}_capture" not in [s.config.name for s in await js.streams_info()]
+        record = json.loads((await (await js.key_value(f"{P}_platform")).get("nodes.nb")).value)
+        assert record["node_id"] == "nb"
+        await lock_b.release()
+    finally:
+        if attacker.nc is not None:
+            await attacker.nc.close()
+        await op.close()
+        for p in reversed(platforms):
+            await p.stop()
+        await sec.server.stop()
+
+
+async def test_a_node_may_not_create_its_streams_and_says_so(
+    tmp_path: Path, unique_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sec = Secured(tmp_path, unique_name, auth="password")
+    await sec.server.start()
+    try:
+        p = Platform(unique_name, node_id="na", plugin_manager=_pm(), **sec.settings("node-na"))
+        p.register(App("a", Singleton()))
+        starting = asyncio.create_task(p.start())  # retries until its start-up deadline
+
+        def refused() -> bool:
+            return any("permissions violation" in r.getMessage()
+                       and "stream.create" in r.getMessage() for r in caplog.records
+                       if r.levelno >= logging.ERROR and r.name == "pycluster.nats")
+
+        await wait_for(refused, 20, message="the refused stream creation was not logged")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await p.stop()
+        # With the buckets and streams provisioned, the same user starts.
+        await sec.provision()
+        p = Platform(unique_name, node_id="na", plugin_manager=_pm(), lease_ttl=1.0,
+                     heartbeat_interval=0.25, **sec.settings("node-na"))
+        app = p.register(App("a", Singleton()))
+        async with p:
+            await app.wait_for_leadership(15)
+        # The CLI with the operator's environment file sees the platform.
+        env = dict(sec.env("operator"), PYCLUSTER_NATS_URL=sec.server.url)
+        out = await ainvoke("audit", "--platform", unique_name, "--limit", "5", env=env)
+        assert out.exit_code == 0 and "election/" in out.output, out.output
+    finally:
+        await sec.server.stop()

@@ -250,6 +250,23 @@ def audit_stream(platform: str) -> str:
     return bucket(platform, suffix="audit")
 
 
+def audit_stream_config(platform: str, *, retention: float = 30 * 86400.0, max_bytes: int = 0,
+                        max_msgs: int = 1_000_000, replicas: int = 1) -> StreamConfig:
+    """The configuration of ``{platform}_audit`` (what a node creates, or provisioning)."""
+    return StreamConfig(
+        name=audit_stream(platform),
+        description=f"pycluster audit trail of platform {platform}",
+        subjects=[platform_subject(platform, "audit", ">")],
+        max_age=retention if retention > 0 else None,
+        max_bytes=max_bytes if max_bytes > 0 else None,
+        max_msgs=max_msgs if max_msgs > 0 else None,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+
+
 class AuditReader:
     """Query and follow the audit stream of a platform with any JetStream context."""
 
@@ -522,18 +539,9 @@ class AuditLog:
         return True
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        cfg = StreamConfig(
-            name=self.stream_name,
-            description=f"pycluster audit trail of platform {self.platform.name}",
-            subjects=[platform_subject(self.platform.name, "audit", ">")],
-            max_age=self.retention if self.retention > 0 else None,
-            max_bytes=self.max_bytes if self.max_bytes > 0 else None,
-            max_msgs=self.max_msgs if self.max_msgs > 0 else None,
-            discard=DiscardPolicy.OLD,
-            storage=StorageType.FILE,
-            num_replicas=self.platform.settings.stream_replicas,
-            duplicate_window=DUPLICATE_WINDOW,
-        )
+        cfg = audit_stream_config(self.platform.name, retention=self.retention,
+                                  max_bytes=self.max_bytes, max_msgs=self.max_msgs,
+                                  replicas=self.platform.settings.stream_replicas)
         info = await nu.ensure_stream(js, self.stream_name, lambda: js.add_stream(cfg))
         if info is None:
             return  # created now, with this configuration
@@ -547,7 +555,14 @@ class AuditLog:
             have.max_age = cfg.max_age
             have.max_bytes = cfg.max_bytes if cfg.max_bytes else -1
             have.max_msgs = cfg.max_msgs if cfg.max_msgs else -1
-            await js.update_stream(have)
+            try:
+                await js.update_stream(have)
+            except (nats.errors.Error, TimeoutError) as exc:
+                # A NATS user with generated permissions may not change streams (the
+                # operator provisions them): keep the stream's own retention.
+                log.warning("audit stream %s: retention not changed (%s: %s); the stream keeps "
+                            "its own (pycluster provision sets it)", self.stream_name,
+                            type(exc).__name__, exc)
 
     async def _publisher(self) -> None:
         pause = 0.1

@@ -226,6 +226,21 @@ class Subscription:
                     await js.delete_consumer(self.bus.stream, self.durable)
 
 
+def events_stream_config(platform: str, app: str | None, *, max_age: float = STREAM_MAX_AGE,
+                         max_bytes: int | None = STREAM_MAX_BYTES,
+                         replicas: int = 1) -> StreamConfig:
+    """The configuration of an events stream: ``{platform}_{app}_events`` for an app,
+    ``{platform}_events`` for the platform (``app`` None)."""
+    if app is None:
+        name, base = bucket(platform, suffix="events"), platform_subject(platform, "events")
+    else:
+        name, base = bucket(platform, app, "events"), app_subject(platform, app, "events", "")
+        base = base.rstrip(".")
+    return StreamConfig(name=name, subjects=[base + ".>"], max_age=max_age,
+                        max_bytes=max_bytes or -1, duplicate_window=120.0,
+                        num_replicas=replicas)
+
+
 class EventBus:
     """Publish and subscribe within one scope: an app's events or the platform's."""
 
@@ -266,11 +281,10 @@ class EventBus:
         if self._ensured:
             return
         js = self.service._js()
-        cfg = StreamConfig(
-            name=self.stream, subjects=[self.base + ">"], max_age=self.service.max_age,
-            max_bytes=self.service.max_bytes or -1, duplicate_window=120.0,
-            num_replicas=self.service.platform.settings.stream_replicas,
-        )
+        cfg = events_stream_config(
+            self.service.platform.name, self.app, max_age=self.service.max_age,
+            max_bytes=self.service.max_bytes,
+            replicas=self.service.platform.settings.stream_replicas)
         await natsutil.ensure_stream(js, self.stream, lambda: js.add_stream(cfg))
         self._ensured = True
 

@@ -294,8 +294,11 @@ class Platform:
                 if clear is None:
                     raise
                 raise clear from None  # the server's own words are in the message
-            self._subs.append(await self.nc.subscribe(
-                f"{self.name}.*.control.stepdown", cb=self._on_stepdown))
+            for app_name in self.apps:
+                # One subscription per app (not "{platform}.*.control.stepdown"): NATS
+                # permissions let a node subscribe to its own apps' subjects only.
+                self._subs.append(await self.nc.subscribe(
+                    stepdown_subject(self.name, app_name), cb=self._on_stepdown))
             self.notify(self.pm.hook.pycluster_platform_started(platform=self), "platform_started")
         except BaseException:
             await self.stop()

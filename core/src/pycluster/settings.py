@@ -89,15 +89,18 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str, secrets: Iterable[str | None] = ()) -> str:
     """``text`` with the credentials of every URL in it masked as `redact_url` does, and every
-    value of ``secrets`` (passwords, tokens; None and very short values are skipped)
-    replaced by ``***``."""
+    value of ``secrets`` (passwords, tokens; None and very short values are skipped), as well
+    as the URLs' passwords wherever the text repeats them, replaced by ``***``."""
+
+    found: list[str] = []
 
     def mask(m: re.Match[str]) -> str:
-        user, colon, _ = m.group("auth").partition(":")
+        user, colon, password = m.group("auth").partition(":")
+        found.append(password if colon else user)  # also masked where the text repeats it
         return f"{m.group('scheme')}{user}:***@" if colon else f"{m.group('scheme')}***@"
 
     out = _URL_AUTH.sub(mask, text)
-    for secret in secrets:
+    for secret in (*secrets, *found):
         if secret and len(secret) >= 4:
             out = out.replace(secret, "***")
     return out

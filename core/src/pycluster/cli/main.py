@@ -22,6 +22,7 @@ from ..errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
 from ..settings import redact_text
 from .audit_cmd import audit_cmd
+from .security_cmd import nats_config_cmd, provision_cmd
 
 if TYPE_CHECKING:
     from ..platform import Platform
@@ -269,6 +270,8 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
 
 
 cli.add_command(audit_cmd)
+cli.add_command(nats_config_cmd)
+cli.add_command(provision_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
