@@ -159,7 +159,7 @@ def test_verify_refuses_stale_replayed_and_malformed_requests(
 
 
 def test_signed_auth_configuration_errors() -> None:
-    seed, public = generate_keypair()
+    _seed, public = generate_keypair()
     with pytest.raises(ConfigError):
         SignedAuth("web")  # identity without a seed
     with pytest.raises(ConfigError):
