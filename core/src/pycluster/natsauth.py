@@ -188,6 +188,9 @@ def permissions(user: NatsUser) -> dict[str, Any]:
         pub += _stream_api(bucket(p, app, "events"))
         pub += [f"{p}.{app}.>", f"{p}._.events.{app}.>", f"{p}._.audit.*.{app}.{node}"]
         sub += [f"{p}.{app}.>", f"{p}._.api.{app}.>"]
+    if user.sqlite_apps:
+        # Litestream (a Go client) has no inbox prefix setting: its replies come to _INBOX.
+        sub.append("_INBOX.>")
     # The platform bucket: read (membership watch, lock holders), write own node record and
     # the shared platform locks, confirm reads (the reserved guard key).
     pub += _stream_api(f"KV_{platform_kv}")
@@ -359,6 +362,9 @@ def generate(
     check_collisions(platform, every, sqlite)
     if auth not in ("nkey", "password"):
         raise ConfigError("auth", auth, "must be nkey or password")
+    if sqlite and auth == "nkey":
+        raise ConfigError("auth", auth, "Litestream (SQLite apps) cannot authenticate with an "
+                          "NKey seed: use passwords (--auth password)")
     users = [NatsUser(platform, "node", n, a, tuple(x for x in a if x in sqlite))
              for n, a in node_map.items()]
     users += [NatsUser(platform, "app", a, (a,), (a,) if a in sqlite else ())

@@ -5,7 +5,9 @@ the VIP, before replication and ``on_active``).
 
 * **Start**: the command runs under a fence guard (`pycluster.fenceguard`) in a session and
   process group of its own, with the fencing token in ``PYCLUSTER_EPOCH`` (and ``{epoch}``,
-  ``{app}``, ``{node}``, ``{platform}`` substituted in its arguments). With a `HealthCheck`
+  ``{app}``, ``{node}``, ``{platform}`` substituted in its arguments). Its environment is an
+  allow-list of the node's (`pycluster.backend.ENV_ALLOWLIST`), the option's ``env`` and the
+  variables it names in ``inherit_env``: never the node's NATS credentials by default. With a `HealthCheck`
   the stage completes only once the service is healthy; not healthy within ``start_timeout``,
   or an exit before that, fails the stage, and the node steps down so that another takes over.
 * **Output**: stdout and stderr go to the node's log, line by line, under the logger
