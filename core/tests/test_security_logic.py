@@ -185,7 +185,8 @@ def _resources(p: str, app: str) -> list[str]:
 
 
 def test_one_apps_permissions_reach_nothing_of_another() -> None:
-    gen = generate("prod", nodes={"n-a": ["a"], "n-b": ["b"]}, apps=["a"], sqlite_apps=["b"])
+    gen = generate("prod", nodes={"n-a": ["a"], "n-b": ["b"]}, apps=["a"], sqlite_apps=["b"],
+                   auth="password")  # Litestream takes no NKey seeds
     users = {c.user.user: c.user for c in gen.credentials}
     for name in ("prod:node:n-a", "prod:app:a"):
         perms = permissions(users[name])

@@ -223,9 +223,9 @@ async def jetstream_ready(url: str, timeout: float, server_name: str | None = No
     """One readiness probe: connect to ``url`` and get JetStream account info within ``timeout``.
 
     With ``server_name``, also check that this server answered (not another process that held
-    the port); ``auth`` are nats-py credentials (``user``/``password``, ``token``,
-    ``nkeys_seed_str``). Raises whatever nats-py raises (connection refused, timeout, no
-    JetStream), or :class:`WrongServerError`.
+    the port); ``auth`` are nats-py ``connect()`` options (``user``/``password``, ``token``,
+    ``nkeys_seed_str``, ``inbox_prefix``). Raises whatever nats-py raises (connection refused,
+    timeout, no JetStream), or :class:`WrongServerError`.
     """
     nc = await nats.connect(
         **dict(auth or {}),
@@ -279,8 +279,9 @@ class EmbeddedNatsServer:
     ``server_name``; readiness checks it, so a process that already held the port is never
     mistaken for ours. ``extra_args`` are appended to the command line (flags override a ``-c``
     config file). ``config_file`` is passed as ``-c`` (e.g. an ``authorization`` block);
-    ``auth`` are the nats-py credentials the readiness probe connects with when that config
-    requires them. The object is an (async) context manager.
+    ``auth`` are the nats-py ``connect()`` options the readiness probe uses when that config
+    requires them (credentials, and an ``inbox_prefix`` if the user is held to one). The
+    object is an (async) context manager.
     """
 
     def __init__(
