@@ -7,9 +7,10 @@ the VIP, before replication and ``on_active``).
   process group of its own, with the fencing token in ``PYCLUSTER_EPOCH`` (and ``{epoch}``,
   ``{app}``, ``{node}``, ``{platform}`` substituted in its arguments). Its environment is an
   allow-list of the node's (`pycluster.backend.ENV_ALLOWLIST`), the option's ``env`` and the
-  variables it names in ``inherit_env``: never the node's NATS credentials by default. With a `HealthCheck`
-  the stage completes only once the service is healthy; not healthy within ``start_timeout``,
-  or an exit before that, fails the stage, and the node steps down so that another takes over.
+  variables it names in ``inherit_env``: never the node's NATS credentials by default. With a
+  `HealthCheck` the stage completes only once the service is healthy; not healthy within
+  ``start_timeout``, or an exit before that, fails the stage, and the node steps down so that
+  another takes over.
 * **Output**: stdout and stderr go to the node's log, line by line, under the logger
   ``pycluster.backend.<app>``, each line prefixed with the app name.
 * **While active**: the health check runs every ``interval``; ``failure_threshold`` failures in
