@@ -348,11 +348,15 @@ class Secured:
     """A nats-server started with the configuration `pycluster nats-config` generates for a
     platform of two nodes: ``na`` runs app ``a``, ``nb`` runs app ``b``."""
 
-    def __init__(self, tmp: Path, platform: str, auth: str = "nkey") -> None:
+    def __init__(self, tmp: Path, platform: str, auth: str = "nkey",
+                 nodes: tuple[str, ...] = ("na=a", "nb=b"), extra: tuple[str, ...] = ()) -> None:
         self.dir = tmp / "nats-auth"
         self.platform = platform
-        out = invoke("nats-config", "--platform", platform, "--node", "na=a", "--node", "nb=b",
-                     "--auth", auth, "--out", str(self.dir), "--output", "json")
+        self.apps = sorted({a for spec in nodes for a in spec.split("=")[1].split(",")})
+        self.extra = extra
+        args = [x for spec in nodes for x in ("--node", spec)]
+        out = invoke("nats-config", "--platform", platform, *args, *extra, "--auth", auth,
+                     "--out", str(self.dir), "--output", "json")
         assert out.exit_code == 0, out.output
         self.users = {u["user"]: u for u in json.loads(out.output)["users"]}
         self.server = NatsServer(config_file=self.dir / "nats-server.conf",
@@ -387,9 +391,10 @@ class Secured:
 
     async def provision(self) -> None:
         env = dict(self.env("operator"), PYCLUSTER_NATS_URL=self.server.url)
-        out = await ainvoke("provision", "--platform", self.platform, "--app", "a", "--app",
-                            "b", env=env)
-        assert out.exit_code == 0 and "created 11 stream(s)" in out.output, out.output
+        apps = [x for a in self.apps for x in ("--app", a)]
+        out = await ainvoke("provision", "--platform", self.platform, *apps, *self.extra,
+                            env=env)
+        assert out.exit_code == 0 and "created" in out.output, out.output
 
 
 class Attacker:
@@ -592,3 +597,59 @@ async def test_a_node_may_not_create_its_streams_and_says_so(
         assert out.exit_code == 0 and "election/" in out.output, out.output
     finally:
         await sec.server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_sqlite_app_replicates_under_generated_permissions(
+    tmp_path: Path, unique_name: str
+) -> None:
+    pytest.importorskip("pycluster_sqlite")
+    from pycluster.testing.pytest_plugin import require
+    from pycluster_sqlite import SQLite
+    from pycluster_sqlite.litestream import find_litestream
+
+    try:
+        find_litestream()
+    except Exception as exc:
+        require("litestream", False, str(exc))
+    # Litestream takes passwords, not NKey seeds, and has no inbox prefix (docs/security.md).
+    sec = Secured(tmp_path, unique_name, auth="password", nodes=("n1=db", "n2=db"),
+                  extra=("--sqlite-app", "db"))
+    await sec.server.start()
+    nodes: list[tuple[Platform, App, Any]] = []
+    try:
+        await sec.provision()
+        for n in ("n1", "n2"):
+            db = SQLite(tmp_path / n / "data.db")
+            app = App("db", Singleton(), db)
+            p = Platform(unique_name, node_id=n, lease_ttl=2.0, heartbeat_interval=0.5,
+                         data_dir=str(tmp_path / n), **sec.settings(f"node-{n}"))
+            p.register(app)
+            await p.start()
+            nodes.append((p, app, db))
+        await wait_for(lambda: any(a.is_active for _, a, _ in nodes), 60)
+        _, _, db = next(x for x in nodes if x[1].is_active)
+        _, _, standby = next(x for x in nodes if not x[1].is_active)
+        import sqlite3
+
+        con = sqlite3.connect(db.path)
+        con.execute("create table t(x)")
+        con.execute("insert into t values (42)")
+        con.commit()
+        con.close()
+        await db.wal.sync()
+        def caught_up() -> bool:
+            lag = standby.wal.lag()
+            return lag is not None and lag < 5
+
+        await wait_for(caught_up, 60, message="the standby did not follow the WAL")
+        await db.snapshots.create()
+        assert len(await db.snapshots.list()) == 1
+    finally:
+        for p, _, _ in reversed(nodes):
+            await p.stop()
+        server_log = sec.server.log_tail(100000)  # before stop() removes its directory
+        await sec.server.stop()
+    assert "Server is ready" in server_log
+    assert "Violation" not in server_log, [x for x in server_log.splitlines() if "Violation" in x]
