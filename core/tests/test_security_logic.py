@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -249,3 +250,38 @@ def test_user_names_and_inboxes_never_collide_across_platforms() -> None:
     b = NatsUser("a-node", "node", "b")
     assert a.user != b.user and a.inbox_prefix != b.inbox_prefix
     assert not overlaps(a.inbox_prefix + ".>", b.inbox_prefix + ".>")
+
+
+def test_nats_config_reads_node_config_files(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pycluster.cli.main import cli
+    from pycluster.plugins import create_plugin_manager
+
+    conf = tmp_path / "node-1.yaml"
+    conf.write_text("name: prod\nnode_id: node-1\napps:\n  - name: web\n"
+                    "  - name: db\n    sqlite: {path: /data/db.sqlite}\n")
+    out_dir = tmp_path / "auth"
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, ["nats-config", "--config", str(conf), *args, "--out",
+                                        str(out_dir), "--output", "json"],
+                                  obj=create_plugin_manager(load_entrypoints=False))
+
+    refused = run()
+    assert refused.exit_code == 2 and "--auth password" in refused.output
+    ok = run("--auth", "password", "--app", "api")
+    assert ok.exit_code == 0, ok.output
+    users = {u["user"]: u for u in json.loads(ok.output)["users"]}
+    assert users["prod:node:node-1"]["apps"] == ["web", "db"]
+    assert "$O.prod_db_wal.>" in users["prod:node:node-1"]["permissions"]["publish"]["allow"]
+    assert users["prod:app:api"]["inbox_prefix"] == "_INBOX_prod.app.api"
+    assert set(users) == {"prod:node:node-1", "prod:app:api", "prod:operator"}
+    other = tmp_path / "other.yaml"
+    other.write_text("name: staging\nnode_id: n2\napps: [{name: web}]\n")
+    mixed = CliRunner().invoke(cli, ["nats-config", "--config", str(conf), "--config",
+                                     str(other), "--out", str(out_dir)],
+                               obj=create_plugin_manager(load_entrypoints=False))
+    assert mixed.exit_code == 2 and "another platform" in mixed.output
