@@ -285,3 +285,12 @@ def test_nats_config_reads_node_config_files(tmp_path: Path) -> None:
                                      str(other), "--out", str(out_dir)],
                                obj=create_plugin_manager(load_entrypoints=False))
     assert mixed.exit_code == 2 and "another platform" in mixed.output
+
+
+def test_a_config_file_that_cannot_be_parsed_is_named_without_its_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "node.yaml"
+    bad.write_text('name: p\nnats_password: "pw-never-shown\nnode_id: [x\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad)
+    assert "pw-never-shown" not in str(info.value)
+    assert "line 2, column 16" in str(info.value) and "quoted scalar" in str(info.value)

@@ -123,7 +123,8 @@ class Request:
     :ivar source_app: the calling app, when given.
     :ivar deadline: monotonic instant after which the caller no longer waits (None: unknown).
     :ivar reply_headers: headers to send with the reply (mutable).
-    :ivar identity: the authenticated caller (set by `AuthMiddleware`), if any.
+    :ivar identity: the authenticated caller (verified by `SignedAuth`; the app of matching
+        per-app secrets with `AuthMiddleware`), if any.
     :ivar extra: free room for middleware.
     :ivar handler: the function that will serve it (middleware may replace it).
     """

@@ -365,7 +365,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             raise ConfigError("config file", str(p), "must end in .yaml, .yml or .toml")
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError("config file", str(p), f"cannot be parsed: {exc}") from None
+        raise ConfigError("config file", str(p), f"cannot be parsed: {_parse_error(exc)}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError("config file", str(p), "must contain a mapping at the top level")
     # A file may nest everything under "platform:" for readability.
@@ -373,6 +374,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         apps = data.get("apps")
         data = dict(data["platform"]) | ({"apps": apps} if apps is not None else {})
     return dict(data)
+
+
+def _parse_error(exc: Exception) -> str:
+    """A parse error without the source line it quotes (it may hold a password)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = []
+        for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+            if what:
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                parts.append(f"{what}{where}")
+        return "; ".join(parts) or type(exc).__name__
+    return str(exc)
 
 
 def load_settings(file: str | Path | None = None, **kwargs: Any) -> PlatformSettings:
