@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from pycluster import (
     App,
     AuthMiddleware,
+    DuplicateNodeError,
     Platform,
     Process,
     RemoteError,
@@ -34,7 +35,9 @@ from pycluster import (
 from pycluster.backend import HealthCheck
 from pycluster.cli.main import cli
 from pycluster.middleware import SIG_HEADER, use
+from pycluster.platform import stepdown_subject
 from pycluster.plugins import create_plugin_manager
+from pycluster.rpc import rpc_service
 from pycluster.signing import generate_keypair
 from pycluster.testing import NatsServer, wait_for
 
@@ -280,6 +283,52 @@ async def test_a_stale_signed_request_is_refused(
         assert "stale request" in json.loads(reply.data)["message"]
     finally:
         await nc.close()
+
+
+async def test_control_requests_are_signed_too(
+    make_platform: Any, keys: dict[str, tuple[str, str]], nats_url: str, unique_name: str
+) -> None:
+    trusted = {name: keys[name][1] for name in ("shop", "ops")}
+
+    def auth() -> SignedAuth:
+        return SignedAuth("shop", keys["shop"][0], trusted=trusted,
+                          allow={"control.stepdown": ["ops"]})
+
+    app = App("svc", Singleton())
+    node = await make_platform("a", app, start=False)
+    use(node, auth())
+    await node.start()
+    await app.wait_for_leadership(15)
+    epoch = app.epoch
+    # A second process with the same node id pings it, signed: the live node answers.
+    twin = await make_platform("a", App("svc", Singleton()), start=False)
+    use(twin, auth())
+    with pytest.raises(DuplicateNodeError):
+        await twin.start()
+    subject = stepdown_subject(unique_name, "svc")
+    body = b'{"cooldown": 0}'
+    nc = await nats.connect(nats_url)
+    try:
+        # A step-down request: unsigned, or signed by an identity the allow list does not
+        # name, is refused; signed by ops, it is served.
+        res = json.loads((await nc.request(subject, body, timeout=10)).data)
+        assert res["error"]["code"] == "unauthorized"
+        for identity, allowed in (("shop", False), ("ops", True)):
+            headers: dict[str, str] = {}
+            SignedAuth(identity, keys[identity][0])._sign(subject, body, headers)
+            res = json.loads((await nc.request(subject, body, timeout=15,
+                                               headers=headers)).data)
+            if allowed:
+                assert "error" not in res and res["node"] == "a", res
+            else:
+                assert res["error"]["code"] == "unauthorized", res
+                assert app.is_active and app.epoch == epoch
+    finally:
+        await nc.close()
+    await wait_for(lambda: app.epoch != epoch, 15, message="a new epoch after the step-down")
+    # Let the new activation settle (its subscriptions) before the platform stops.
+    await wait_for(lambda: app.is_active and all(rpc_service(node).subscribed("svc").values()),
+                   15)
 
 
 async def test_weak_token_mode_proves_no_identity(make_platform: Any) -> None:

@@ -1,13 +1,14 @@
 """Control requests (step-down, node ping) through the middleware chain, audited.
 
 Anything on the bus can publish to a control subject, so each request runs through the
-platform's server-side middleware chain (``on_request``, the chain of ``app.rpc``: an
-`pycluster.middleware.AuthMiddleware` refuses it before it does anything) as a `Request` of
-kind ``"rpc"`` with method ``control.<name>`` (``AuthMiddleware(allow={"control.stepdown":
-["ops"]})`` limits who may ask), and is audited (category ``control``) with its source: the
-subject, the reply subject, the identity the middleware established and the caller's
-``Pycluster-Auth-App`` header. Outgoing control requests of this node run through the
-client-side chain (``on_call``), so they carry the node's credentials.
+platform's server-side middleware chain (``on_request``, the chain of ``app.rpc``:
+`pycluster.middleware.SignedAuth` or `pycluster.middleware.AuthMiddleware` refuses it before
+it does anything) as a `Request` of kind ``"rpc"`` with method ``control.<name>``
+(``allow={"control.stepdown": ["ops"]}`` limits who may ask), and is audited (category
+``control``) with its source: the subject, the reply subject, the identity the middleware
+established and the caller's ``Pycluster-Auth-App`` header. Outgoing control requests of
+this node run through the client-side chain (``on_call``, then ``Call.before_send``), so they
+carry the node's credentials or signature.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class ControlPlane:
             return []
 
         async def send(call: Call) -> list[Msg]:
+            if call.before_send is not None:  # e.g. SignedAuth: signs this subject and body
+                call.before_send(subject, payload, call.headers)
             if gather is None:
                 try:
                     return [await nc.request(subject, payload, timeout=timeout,
