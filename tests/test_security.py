@@ -497,7 +497,7 @@ def attack_app(name: str) -> App:
 
 @pytest.mark.timeout(180)
 async def test_generated_permissions_keep_one_app_out_of_another(
-    tmp_path: Path, unique_name: str
+    tmp_path: Path, unique_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     P = unique_name
     sec = Secured(tmp_path, P)
@@ -604,6 +604,10 @@ async def test_generated_permissions_keep_one_app_out_of_another(
         record = json.loads((await (await js.key_value(f"{P}_platform")).get("nodes.nb")).value)
         assert record["node_id"] == "nb"
         await lock_b.release()
+        # The nodes themselves never hit a refusal: their users allow all they do.
+        refused = [r.getMessage() for r in caplog.records if r.name == "pycluster.nats"
+                   and "permissions violation" in r.getMessage()]
+        assert refused == []
     finally:
         if attacker.nc is not None:
             await attacker.nc.close()
