@@ -1,4 +1,17 @@
-"""The NATS connection of a platform: URLs, credentials, TLS, reconnects, JetStream check."""
+"""The NATS connections of a platform: URLs, credentials, TLS, reconnects, JetStream check.
+
+A platform opens two connections with the same settings (`open_connections`): the *data*
+connection (``platform.nc``: RPC, API bus, events, app data) and the *control* connection
+(``platform.nc_control``: election, membership, step-down requests). A flood on the data plane
+(a hostile or buggy client) then cannot delay lease renewals behind it on the wire, nor take
+them down with it when the server cuts a slow consumer.
+
+Both connections watch their JetStream writes (`WatchedJetStream`). A server cut off from the
+rest of its cluster (a partition) keeps its clients connected while every write times out; when
+no write has been acknowledged for longer than about a lease although writes were tried, and
+other servers are configured, the `ConnectionWatchdog` moves the connection to another server
+(nats-py's ``force_reconnect``, the cut-off server avoided for a while by `ServerSelector`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +27,8 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.client import Server
+from nats.js import JetStreamContext
 
 from .errors import ConfigError, NatsUnavailableError
 from .settings import (
@@ -27,11 +43,12 @@ from .settings import (
 log = logging.getLogger("pycluster.nats")
 
 
-def connect_options(s: PlatformSettings) -> dict[str, Any]:
-    """nats-py ``connect()`` keyword arguments for these settings."""
+def connect_options(s: PlatformSettings, role: str = "") -> dict[str, Any]:
+    """nats-py ``connect()`` keyword arguments for these settings (``role``: a suffix of the
+    connection's name, e.g. ``control``)."""
     opts: dict[str, Any] = {
         "servers": s.nats_url or [],
-        "name": f"pycluster:{s.name}:{s.node_id}",
+        "name": f"pycluster:{s.name}:{s.node_id}" + (f":{role}" if role else ""),
         "connect_timeout": s.connect_timeout,
         "reconnect_time_wait": s.reconnect_wait,
         "max_reconnect_attempts": -1,
@@ -68,9 +85,20 @@ async def connect(
     *,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    on_slow_consumer: Callable[[nats.errors.SlowConsumerError], None] | None = None,
+    selector: ServerSelector | None = None,
+    role: str = "",
 ) -> NATS:
-    """Connect and check JetStream; `NatsUnavailableError` with the reason otherwise."""
-    opts = connect_options(s)
+    """Connect and check JetStream; `NatsUnavailableError` with the reason otherwise.
+
+    :param on_slow_consumer: called (synchronously, keep it cheap) for every message nats-py
+        drops because a subscription's pending queue is full.
+    :param selector: picks the server of each reconnect (default: nats-py's round robin).
+    :param role: a suffix of the connection's name as the server shows it.
+    """
+    opts = connect_options(s, role)
+    if selector is not None:
+        opts["reconnect_to_server_handler"] = selector
     servers = [redact_url(u) for u in opts["servers"]]  # for messages: no passwords
 
     last_error: list[BaseException] = []
@@ -81,6 +109,10 @@ async def connect(
     secrets = (secret_value(s.nats_password), secret_value(s.nats_token))
 
     async def error_cb(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):  # one per dropped message: cheap
+            if on_slow_consumer is not None:
+                on_slow_consumer(exc)
+            return
         last_error[:] = [exc]
         text = str(exc).lower()
         if "authorization" in text or "authentication" in text:
@@ -189,3 +221,231 @@ def replicas_error(exc: BaseException, replicas: int, nc: NATS) -> ConfigError |
         f"NATS cannot place {replicas} replicas of a bucket ({description}; {seen}): the "
         f"cluster needs at least {replicas} JetStream servers up; use a smaller "
         "stream_replicas or add servers")
+
+
+# -- two connections, watched --------------------------------------------------------------------
+
+# A JetStream write that got no answer from the stream (the server cannot reach its peers).
+_WRITE_FAILURES = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                   nats.js.errors.ServiceUnavailableError, TimeoutError)
+
+
+class WriteHealth:
+    """When JetStream last answered a write on one connection, and whether one failed since."""
+
+    def __init__(self) -> None:
+        self.last_ok = time.monotonic()
+        self.failed = False
+
+    def ok(self) -> None:
+        """A write was answered (acknowledged or refused by the stream: it is reachable)."""
+        self.last_ok = time.monotonic()
+        self.failed = False
+
+    def fail(self) -> None:
+        """A write got no answer."""
+        self.failed = True
+
+    def failing_for(self, now: float | None = None) -> float:
+        """Seconds since the last answered write, if a write failed since; else 0."""
+        if not self.failed:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self.last_ok
+
+
+class WatchedJetStream(JetStreamContext):
+    """A JetStream context that records in `health` whether its writes get answers (every KV
+    and stream write of nats-py goes through ``publish``)."""
+
+    def __init__(self, conn: NATS, health: WriteHealth, **opts: Any) -> None:
+        super().__init__(conn, **opts)
+        self.health = health
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        """``JetStreamContext.publish``, watched."""
+        try:
+            ack = await super().publish(*args, **kwargs)
+        except _WRITE_FAILURES:
+            self.health.fail()
+            raise
+        except nats.js.errors.APIError:
+            self.health.ok()  # refused (e.g. a compare-and-set conflict): the stream answered
+            raise
+        self.health.ok()
+        return ack
+
+
+class ServerSelector:
+    """nats-py's ``reconnect_to_server_handler``: servers marked bad (`avoid`) come last for a
+    while; otherwise the server with the fewest failed attempts, in pool order (nats-py
+    shuffles the pool before each reconnect). A server that failed before is tried after
+    ``wait`` seconds (nats-py's ``reconnect_time_wait``)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self._avoid: dict[str, float] = {}
+
+    def avoid(self, netloc: str, seconds: float) -> None:
+        """Prefer other servers than ``netloc`` (host:port) for ``seconds``."""
+        self._avoid[netloc] = time.monotonic() + seconds
+
+    def avoided(self) -> list[str]:
+        """Servers avoided now."""
+        now = time.monotonic()
+        return sorted(n for n, until in self._avoid.items() if until > now)
+
+    def __call__(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        """Choose the next server (nats-py calls this before each reconnect attempt)."""
+        if not servers:
+            return None, 0.0
+        now = time.monotonic()
+
+        def rank(item: tuple[int, Server]) -> tuple[bool, int, int]:
+            i, srv = item
+            return self._avoid.get(srv.uri.netloc, 0.0) > now, srv.reconnects, i
+
+        best = min(enumerate(servers), key=rank)[1]
+        return best, (self.wait if best.reconnects > 0 else 0.0)
+
+
+class ConnectionWatchdog:
+    """Moves a connection off a server whose JetStream stopped answering its writes.
+
+    Every ``interval`` seconds: if the connection is up, some write failed, none was answered
+    for ``threshold`` seconds, and the pool has another server, the current server is avoided
+    for ``avoid_for`` seconds and the connection reconnects (subscriptions are restored by
+    nats-py; its reconnect callback re-creates watches). After a reconnect the new server gets
+    a full ``threshold`` again.
+    """
+
+    def __init__(
+        self, nc: NATS, health: WriteHealth, selector: ServerSelector, *, threshold: float,
+        name: str, on_move: Callable[[str], None] | None = None, interval: float | None = None,
+        avoid_for: float | None = None,
+    ) -> None:
+        self.nc = nc
+        self.health = health
+        self.selector = selector
+        self.threshold = threshold
+        self.name = name
+        self.on_move = on_move
+        self.interval = interval if interval is not None else min(1.0, threshold / 4)
+        self.avoid_for = avoid_for if avoid_for is not None else max(60.0, 6 * threshold)
+        self.moves = 0
+        self._reconnects = -1
+
+    async def run(self) -> None:
+        """Check forever (cancel to stop)."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check()
+            except Exception:  # never let the watchdog die of a surprise
+                log.exception("nats %s connection: watchdog check failed", self.name)
+
+    async def check(self) -> bool:
+        """One check; True when it moved the connection."""
+        nc = self.nc
+        if not nc.is_connected:
+            return False
+        reconnects = nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:  # a new server (or the first check): a fresh start
+            self._reconnects = reconnects
+            self.health.ok()
+            return False
+        stalled = self.health.failing_for()
+        if stalled < self.threshold or len(nc.server_pool) < 2:
+            return False
+        url = nc.connected_url
+        where = url.netloc if url is not None else "?"
+        if url is not None:
+            self.selector.avoid(url.netloc, self.avoid_for)
+        log.warning("nats %s connection: no JetStream write acknowledged through %s for %.1fs "
+                    "(cut off from its cluster?); reconnecting to another server", self.name,
+                    where, stalled)
+        self.health.ok()
+        self.moves += 1
+        await nc.force_reconnect()
+        if self.on_move is not None:
+            self.on_move("jetstream_unavailable")
+        return True
+
+
+class Connections:
+    """The data and control connections of a platform, their JetStream contexts and
+    watchdogs (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.nc: NATS | None = None
+        self.js: WatchedJetStream | None = None
+        self.nc_control: NATS | None = None
+        self.js_control: WatchedJetStream | None = None
+        self.watchdogs: dict[str, ConnectionWatchdog] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def open(
+        self, s: PlatformSettings, *,
+        on_control_reconnect: Callable[[], Awaitable[None]] | None = None,
+        on_slow_consumer: Callable[[nats.errors.SlowConsumerError], None] | None = None,
+        on_reconnect_event: Callable[[str, str], None] | None = None,
+        js_timeout: float = 2.0,
+    ) -> None:
+        """Connect both (data first; `NatsUnavailableError` as `connect`) and start watching.
+
+        :param on_control_reconnect: awaited after the control connection reconnected (re-create
+            election and membership watches there).
+        :param on_slow_consumer: see `connect` (data connection).
+        :param on_reconnect_event: ``(connection, reason)`` for every reconnect, for metrics.
+        :param js_timeout: the JetStream API timeout of both contexts.
+        """
+        def event(conn: str, reason: str) -> None:
+            if on_reconnect_event is not None:
+                on_reconnect_event(conn, reason)
+
+        async def data_reconnected() -> None:
+            event("data", "lost")
+
+        async def control_reconnected() -> None:
+            event("control", "lost")
+            if on_control_reconnect is not None:
+                await on_control_reconnect()
+
+        for role in ("data", "control"):
+            selector = ServerSelector(s.reconnect_wait)
+            nc = await connect(
+                s, on_reconnect=control_reconnected if role == "control" else data_reconnected,
+                on_slow_consumer=on_slow_consumer if role == "data" else None,
+                selector=selector, role="control" if role == "control" else "",
+            )
+            health = WriteHealth()
+            js = WatchedJetStream(nc, health, timeout=js_timeout)
+            if role == "data":
+                self.nc, self.js = nc, js
+            else:
+                self.nc_control, self.js_control = nc, js
+            dog = ConnectionWatchdog(
+                nc, health, selector, threshold=s.lease_ttl, name=role,
+                on_move=lambda reason, role=role: event(role, reason),  # type: ignore[misc]
+            )
+            self.watchdogs[role] = dog
+            self._tasks.append(asyncio.create_task(dog.run(), name=f"nats:{role}:watchdog"))
+
+    async def close(self, timeout: float) -> None:
+        """Stop watching; drain and close both connections (control last: the membership
+        record is deleted through it before)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for nc in (self.nc, self.nc_control):
+            if nc is None:
+                continue
+            try:
+                async with asyncio.timeout(timeout):
+                    await nc.drain()
+            except Exception as exc:  # also a timeout: close anyway
+                log.debug("nats: drain failed: %s", exc)
+            with contextlib.suppress(Exception):
+                await nc.close()

@@ -17,6 +17,14 @@ cluster had to wait, which is what a user of the app experiences.
 
 Under connection loss the endpoint keeps answering (from in-process state);
 ``pycluster_nats_connected`` turns 0.
+
+Bounded and non-blocking: labels taken from the network (RPC method names, event sources) are
+kept only for names this node knows (registered handlers, known apps); anything else counts
+under ``unknown``, so a client sending random names cannot grow the registry. ``/metrics`` is
+rendered in a worker thread (`PlatformMetrics.render_async`): prometheus-client's metric types
+are thread-safe, and collectors that read the platform's in-process state (the built-in state
+gauges, plugins' collectors) are collected on the event loop first, so a scrape never stalls
+lease renewals.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from . import natsutil as nu
@@ -51,6 +60,54 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
                     10.0, 30.0, 60.0)
 LOCK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 PLATFORM_SCOPE = "_platform"
+
+
+class PlatformRegistry(CollectorRegistry):
+    """A `CollectorRegistry` that can be rendered off the event loop (`snapshot`).
+
+    Metrics of prometheus-client's own types (Counter, Histogram, Gauge, ...) are thread-safe
+    and are read by the rendering thread; every other collector (they read in-process state
+    that only the event loop may touch) is collected by `snapshot` on the loop, at the
+    position it was registered in.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self._order: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        """Add a collector (as `CollectorRegistry.register`)."""
+        super().register(collector)
+        self._order.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        """Remove a collector (as `CollectorRegistry.unregister`)."""
+        super().unregister(collector)
+        with contextlib.suppress(ValueError):
+            self._order.remove(collector)
+
+    def snapshot(self) -> _Frozen:
+        """On the event loop: collect the state collectors now; the returned object renders
+        the rest (thread-safe metrics) wherever its ``collect`` runs."""
+        parts: list[Collector | list[Metric]] = []
+        for c in list(self._order):
+            parts.append(c if isinstance(c, MetricWrapperBase) else list(c.collect()))
+        return _Frozen(parts)
+
+
+class _Frozen(Collector):
+    """What `generate_latest` reads in the rendering thread."""
+
+    def __init__(self, parts: list[Collector | list[Metric]]) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        """Thread-safe metrics are read now; state collectors were read on the loop."""
+        for part in self.parts:
+            if isinstance(part, list):
+                yield from part
+            else:
+                yield from part.collect()
 
 
 class _StateCollector(Collector):
@@ -77,6 +134,12 @@ class _StateCollector(Collector):
                                       "1 while the NATS connection is up, else 0.")
         connected.add_metric([], 1 if (p.nc is not None and p.nc.is_connected) else 0)
         yield connected
+        control = GaugeMetricFamily("pycluster_nats_control_connected",
+                                    "1 while the control-plane NATS connection (election, "
+                                    "membership) is up, else 0.")
+        nc_control = getattr(p, "nc_control", None)
+        control.add_metric([], 1 if (nc_control is not None and nc_control.is_connected) else 0)
+        yield control
         members = GaugeMetricFamily("pycluster_members",
                                     "Live members of the platform as this node sees them.")
         members.add_metric([], len(p.membership.members) if p.membership is not None else 0)
@@ -128,7 +191,7 @@ class PlatformMetrics:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self.enabled: bool = bool(getattr(platform.settings, "metrics", True))
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry: PlatformRegistry = PlatformRegistry()
         r = self.registry
         self.failover_seconds = Histogram(
             "pycluster_failover_seconds",
@@ -169,6 +232,20 @@ class PlatformMetrics:
         self.rpc_errors = Counter(
             "pycluster_rpc_errors_total", "RPC and API calls that failed, by side.",
             ["app", "method", "side"], registry=r)
+        self.rpc_rejected = Counter(
+            "pycluster_rpc_rejected_total",
+            "RPC and API requests refused before a handler ran, by reason (overloaded: the "
+            "app's in-flight limit, max_inflight, was reached).", ["app", "reason"], registry=r)
+        self.slow_consumer = Counter(
+            "pycluster_slow_consumer_total",
+            "Messages this node dropped because a subscription's pending queue was full (a "
+            "flood faster than it can take them), by app and kind (rpc, api, cancel, other).",
+            ["app", "kind"], registry=r)
+        self.nats_reconnects = Counter(
+            "pycluster_nats_reconnects_total",
+            "Reconnects of this node's NATS connections (data or control), by reason: lost "
+            "(the connection dropped) or jetstream_unavailable (moved away from a server whose "
+            "JetStream writes kept failing).", ["connection", "reason"], registry=r)
         self.events = Counter(
             "pycluster_events_total", "Events published and consumed by this node.",
             ["app", "direction"], registry=r)
@@ -190,12 +267,18 @@ class PlatformMetrics:
     # -- exposition ----------------------------------------------------------------------------
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of the registry."""
+        """The Prometheus text exposition of the registry (on the calling thread)."""
         return generate_latest(self.registry)
+
+    async def render_async(self) -> bytes:
+        """The same, rendered in a worker thread: the event loop only collects the state
+        gauges (a few per app), so a large registry never stalls lease renewals."""
+        frozen = self.registry.snapshot()
+        return await asyncio.to_thread(generate_latest, frozen)  # type: ignore[arg-type]
 
     async def handle_metrics(self, request: Request) -> Response:
         """``GET /metrics``."""
-        return Response(200, self.render(), CONTENT_TYPE_LATEST)
+        return Response(200, await self.render_async(), CONTENT_TYPE_LATEST)
 
     @property
     def url(self) -> str | None:
@@ -318,6 +401,10 @@ class PlatformMetrics:
         """Monotonic time of ``node``'s last lease write for ``app`` seen here (renewal, win or
         release), if any."""
         return self._life.get(app, {}).get(node)
+
+    def nats_reconnect(self, connection: str, reason: str) -> None:
+        """Count a reconnect of the ``data`` or ``control`` connection."""
+        self.nats_reconnects.labels(connection, reason).inc()
 
     def audit_entry(self, category: str) -> None:
         """Count an audit entry."""

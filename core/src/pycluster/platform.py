@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from . import __version__
 from .aio import cancel_and_wait
 from .app import App
-from .connection import check_stream_replicas, connect, replicas_error
+from .connection import Connections, check_stream_replicas, replicas_error
 from .context import Context
 from .control import control_plane
 from .coordinator import AppRuntime, run_hooks
@@ -133,6 +133,11 @@ class Platform:
         self.runtimes: dict[str, AppRuntime] = {}
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
+        # The control plane's own connection (election, membership, step-down requests): a
+        # flood on the data plane (self.nc) cannot hold up lease renewals.
+        self.nc_control: NATS | None = None
+        self.js_control: JetStreamContext | None = None
+        self.connections = Connections()
         self.membership: Membership | None = None
         self.embedded: Any = None
         self.started_at: float | None = None
@@ -277,9 +282,15 @@ class Platform:
         try:
             if not settings.nats_url:
                 settings = await self._start_embedded(settings)
-            self.nc = await connect(settings, on_reconnect=self._reconnected)
+            c = self.connections = Connections()
+            await c.open(settings, on_control_reconnect=self._reconnected,
+                         on_slow_consumer=functools.partial(self._tell, "slow_consumer"),
+                         on_reconnect_event=functools.partial(self._tell, "nats_reconnect"),
+                         js_timeout=max(2.0, settings.heartbeat_interval))
+            self.nc, self.js, self.nc_control, self.js_control = (
+                c.nc, c.js, c.nc_control, c.js_control)
+            assert self.nc is not None
             check_stream_replicas(self.nc, settings.stream_replicas)  # before any bucket
-            self.js = self.nc.jetstream(timeout=max(2.0, settings.heartbeat_interval))
             self._running = True
             self.started_at = time.time()
             try:
@@ -294,10 +305,11 @@ class Platform:
                 if clear is None:
                     raise
                 raise clear from None  # the server's own words are in the message
+            assert self.nc_control is not None
             for app_name in self.apps:
                 # One subscription per app (not "{platform}.*.control.stepdown"): NATS
                 # permissions let a node subscribe to its own apps' subjects only.
-                self._subs.append(await self.nc.subscribe(
+                self._subs.append(await self.nc_control.subscribe(
                     stepdown_subject(self.name, app_name), cb=self._on_stepdown))
             self.notify(self.pm.hook.pycluster_platform_started(platform=self), "platform_started")
         except BaseException:
@@ -358,10 +370,11 @@ class Platform:
         return settings.model_copy(update={"nats_url": [self.embedded.url], **creds.settings()})
 
     async def _join(self) -> None:
-        assert self.nc is not None and self.js is not None
+        assert self.nc_control is not None and self.js_control is not None
+        assert self.js is not None
         s = self.settings
         self.membership = Membership(
-            self.nc, self.js, self.name, self.node_id, ttl=s.lease_ttl,
+            self.nc_control, self.js_control, self.name, self.node_id, ttl=s.lease_ttl,
             heartbeat=s.heartbeat_interval, record=self._record, on_join=self._member_joined,
             on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
@@ -494,10 +507,7 @@ class Platform:
         self._subs.clear()
         for task in list(self._tasks):
             await cancel_and_wait(task)
-        if self.nc is not None:
-            await self._bounded(self.nc.drain(), limit, "nats: drain")
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        await self.connections.close(limit)
         if self.embedded is not None:
             await self.embedded.stop()
             self.embedded = None
@@ -738,6 +748,7 @@ class Platform:
             "version": __version__,
             "started": self.started_at,
             "connected": bool(self.nc and self.nc.is_connected),
+            "control_connected": bool(self.nc_control and self.nc_control.is_connected),
             "members": sorted(self.membership.members) if self.membership else [],
             "plugin_mismatches": self.plugin_mismatches,
             "apps": {

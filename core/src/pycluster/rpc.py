@@ -12,13 +12,29 @@ subscribed only while the app is active on this node (following role changes), a
 message on it is checked against ``app.is_active`` again: a node that is no longer active
 answers ``not_leader``, and the caller retries against the new leader.
 
-Headers: requests carry ``Pc-Call: <request id> <timeout> <source node> [<source app>]``
-(one compact header with a short name: nats-py builds and parses every header in Python, on
-both sides, character by character; the timeout is the caller's remaining seconds, and the
-server cancels the handler when the caller stops waiting; the former name ``Pycluster-Call`` is
-still accepted), ``Content-Type`` (omitted for non-empty raw bytes), plus whatever middleware
-adds (``traceparent``, credentials). Replies carry ``Pc-Node`` (who answered), and on failure
-``Pycluster-Error: <code>`` with a JSON body ``{"type", "message", "code", "details"}``.
+Headers: requests carry ``Pc-Call: <request id>/<cancel token> <timeout> <source node>
+[<source app>]`` (one compact header with a short name: nats-py builds and parses every header in
+Python, on both sides, character by character; the timeout is the caller's remaining seconds,
+and the server cancels the handler when the caller stops waiting; the former name
+``Pycluster-Call`` is still accepted), ``Content-Type`` (omitted for non-empty raw bytes), plus
+whatever middleware adds (``traceparent``, credentials). Replies carry ``Pc-Node`` (who
+answered), and on failure ``Pycluster-Error: <code>`` with a JSON body ``{"type", "message",
+"code", "details"}``.
+
+Cancellation: a caller that stops waiting publishes ``<request id>/<cancel token>`` on the
+cancel subject. The token is 64 random bits per call, carried only in the request itself, so
+only those who can read the request (the caller and the serving node) can cancel it; the
+request id alone (which appears in logs, audit entries and traces) cancels nothing. A request
+without a token (an older caller) is not cancellable by message; its deadline still ends it.
+
+Resource limits (a hostile or buggy client on the bus): each app has at most ``max_inflight``
+(a setting, 256 by default) handlers running per kind (``rpc``, ``api``) on a node; a request
+beyond that is answered at once with the error code ``overloaded`` (`RemoteError`) and counted
+in ``pycluster_rpc_rejected_total``. Each serving subscription has bounded pending limits
+(`pending_limits`): a flood faster than the node can take it is dropped on that subscription
+(counted in ``pycluster_slow_consumer_total``) instead of growing memory or making the server
+cut the whole connection. Election and membership use their own connection
+(``platform.nc_control``), so a flood here cannot delay lease renewals on the wire.
 
 Retries (client side): a request nobody received (no responders, or ``not_leader``) is retried
 with back-off while the membership shows an instance that could answer (a failover in
@@ -92,6 +108,19 @@ NOT_LEADER = "not_leader"
 REPLY_TOO_LARGE = "reply_too_large"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 CANCELLED = "cancelled"
+OVERLOADED = "overloaded"
+
+DEFAULT_MAX_INFLIGHT = 256
+# Pending limits of a serving subscription: enough to absorb bursts of max_inflight-sized
+# waves, small enough that a flood is dropped here (cheaply, counted) rather than queued.
+_PENDING_MSGS_PER_INFLIGHT = 8
+_PENDING_MSGS_MIN = 1024
+_PENDING_BYTES_MIN = 64 * 1024 * 1024
+# Pending limits of the cancel subscription (tiny messages).
+_CANCEL_PENDING_MSGS = 4096
+_CANCEL_PENDING_BYTES = 4 * 1024 * 1024
+# At most one warning per this many seconds per app/kind about refused or dropped requests.
+_WARN_EVERY = 10.0
 
 # Header bytes reserved when checking a request against the server's max_payload.
 _HEADER_SLACK = 512
@@ -220,6 +249,58 @@ class AnyInstance(Target):
         return f"no instance answered (running on {', '.join(nodes)}; failover in progress?)"
 
 
+class Gate:
+    """The in-flight limit of one app and kind on this node (a counter, not a semaphore: a
+    request beyond the limit is refused at once rather than queued)."""
+
+    __slots__ = (
+        "_body",
+        "_headers",
+        "_warned",
+        "app",
+        "busy",
+        "dropped",
+        "kind",
+        "limit",
+        "rejected",
+    )
+
+    def __init__(self, app: str, kind: str, limit: int, node: str) -> None:
+        self.app = app
+        self.kind = kind
+        self.limit = limit
+        self.busy = 0
+        self.rejected = 0
+        self.dropped = 0
+        self._warned = -_WARN_EVERY
+        # The refusal is the same every time: encoded once.
+        self._body = json.dumps({
+            "type": "OverloadedError", "code": OVERLOADED, "details": {"limit": limit},
+            "message": f"{node} is at its limit of {limit} {kind} requests in flight for "
+                       f"app {app!r}; retry later",
+        }).encode()
+        self._headers = {H_NODE: node, H_ERROR: OVERLOADED, codecs.CONTENT_TYPE: codecs.JSON}
+
+    def release(self, _task: Any = None) -> None:
+        """One handler finished."""
+        self.busy -= 1
+
+    def should_warn(self) -> bool:
+        """Rate limit of warnings about this gate."""
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY:
+            self._warned = now
+            return True
+        return False
+
+
+def pending_limits(max_inflight: int, max_payload: int) -> tuple[int, int]:
+    """``(messages, bytes)`` pending limits of a serving subscription: a few waves of
+    ``max_inflight`` requests, and room for several messages of the largest size."""
+    return (max(_PENDING_MSGS_MIN, _PENDING_MSGS_PER_INFLIGHT * max_inflight),
+            max(_PENDING_BYTES_MIN, 4 * max_payload))
+
+
 @dataclass
 class Endpoint:
     """One wildcard subscription serving the methods of one app on one route."""
@@ -232,6 +313,7 @@ class Endpoint:
     active_only: bool
     handlers: dict[str, Callable[..., Any]]
     sub: Any = None
+    gate: Gate | None = None
 
     @property
     def prefix_len(self) -> int:
@@ -286,7 +368,14 @@ class RpcService:
                     self.middleware.add(mw)
         self._endpoints: dict[str, list[Endpoint]] = {}
         self._sync_locks: dict[str, asyncio.Lock] = {}
+        # In-flight requests by "<request id>/<cancel token>" (only tokened ones).
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.max_inflight = int(getattr(platform.settings, "max_inflight", DEFAULT_MAX_INFLIGHT))
+        self._gates: dict[tuple[str, str], Gate] = {}
+        # Serving subscriptions, for counting what a slow consumer dropped: id -> (sub, gate).
+        self._sub_gates: dict[int, tuple[Any, Gate]] = {}
+        self._other_drops = 0
+        self._other_warned = -_WARN_EVERY
         self._specs: dict[Callable[..., Any], codecs.HandlerSpec] = {}
         self._watcher = _RoleWatcher(self)
         self._watcher_name = f"pycluster-rpc-roles-{id(self):x}"
@@ -314,7 +403,8 @@ class RpcService:
         if self.platform.pm.get_plugin(self._watcher_name) is None:
             self.platform.pm.register(self._watcher, name=self._watcher_name)
         self._cancel_sub = await nc.subscribe(
-            platform_subject(self.platform.name, "rpc", "cancel"), cb=self._on_cancel
+            platform_subject(self.platform.name, "rpc", "cancel"), cb=self._on_cancel,
+            pending_msgs_limit=_CANCEL_PENDING_MSGS, pending_bytes_limit=_CANCEL_PENDING_BYTES,
         )
         self._reconcile_task = supervise("rpc:reconcile", self._reconcile)
 
@@ -354,8 +444,20 @@ class RpcService:
     # -- endpoints ---------------------------------------------------------------------------
 
     def add_endpoints(self, app_name: str, endpoints: list[Endpoint]) -> None:
-        """Add endpoints of an app (subscribed by the next `sync`)."""
+        """Add endpoints of an app (subscribed by the next `sync`); endpoints of one app and
+        kind share one in-flight limit (`gate`)."""
+        for ep in endpoints:
+            if ep.gate is None:
+                ep.gate = self.gate(app_name, ep.kind)
         self._endpoints.setdefault(app_name, []).extend(endpoints)
+
+    def gate(self, app_name: str, kind: str) -> Gate:
+        """The in-flight limit of ``app_name``'s ``kind`` requests on this node."""
+        g = self._gates.get((app_name, kind))
+        if g is None:
+            g = self._gates[(app_name, kind)] = Gate(app_name, kind, self.max_inflight,
+                                                     self.platform.node_id)
+        return g
 
     async def remove_endpoints(self, app_name: str, kind: Kind | None = None) -> None:
         """Unsubscribe and forget the app's endpoints (of one kind, or all)."""
@@ -364,6 +466,7 @@ class RpcService:
         for ep in eps:
             if ep not in keep and ep.sub is not None:
                 sub, ep.sub = ep.sub, None
+                self._sub_gates.pop(id(sub), None)
                 await _drain(sub)
         if keep:
             self._endpoints[app_name] = keep
@@ -383,10 +486,15 @@ class RpcService:
             for ep in eps:
                 want = active or not ep.active_only
                 if want and ep.sub is None:
-                    ep.sub = await nc.subscribe(ep.subject, queue=ep.queue, cb=self._callback(ep))
+                    msgs, size = pending_limits(self.max_inflight, self._max_payload())
+                    ep.sub = await nc.subscribe(ep.subject, queue=ep.queue, cb=self._callback(ep),
+                                                pending_msgs_limit=msgs, pending_bytes_limit=size)
+                    assert ep.gate is not None
+                    self._sub_gates[id(ep.sub)] = (ep.sub, ep.gate)
                     changed = True
                 elif not want and ep.sub is not None:
                     sub, ep.sub = ep.sub, None
+                    self._sub_gates.pop(id(sub), None)
                     await _drain(sub)
                     changed = True
             if changed:
@@ -412,29 +520,77 @@ class RpcService:
     # -- server side ---------------------------------------------------------------------------
 
     def _callback(self, ep: Endpoint) -> Callable[[Msg], Awaitable[None]]:
+        gate = ep.gate
+        assert gate is not None
+
         async def cb(msg: Msg) -> None:
             # Never let anything escape into nats-py's delivery loop; handlers run in their own
-            # task so a slow one does not hold up the next message.
+            # task so a slow one does not hold up the next message, at most gate.limit at once.
             try:
+                if gate.busy >= gate.limit:
+                    await self._overloaded(gate, msg)
+                    return
                 task = asyncio.create_task(self._serve(ep, msg))
+                gate.busy += 1
                 headers = msg.headers
                 meta = (headers.get(H_CALL) or headers.get(H_CALL_OLD)) if headers else None
-                rid = meta.partition(" ")[0] if meta else None
-                if rid:
-                    self._inflight[rid] = task
-                    task.add_done_callback(functools.partial(self._done, rid))
+                key = meta.partition(" ")[0] if meta else ""
+                if "/" in key:  # "<request id>/<cancel token>": cancellable
+                    self._inflight[key] = task
+                    task.add_done_callback(functools.partial(self._done, gate, key))
+                else:
+                    task.add_done_callback(gate.release)
             except Exception:
                 log.exception("rpc: dropping a message on %s", msg.subject)
 
         return cb
 
-    def _done(self, rid: str, task: asyncio.Task[None]) -> None:
-        if self._inflight.get(rid) is task:  # an idempotent re-send reuses the request id
-            del self._inflight[rid]
+    def _done(self, gate: Gate, key: str, task: asyncio.Task[None]) -> None:
+        gate.busy -= 1
+        if self._inflight.get(key) is task:  # an idempotent re-send reuses the request id
+            del self._inflight[key]
+
+    async def _overloaded(self, gate: Gate, msg: Msg) -> None:
+        """Refuse a request beyond the in-flight limit: counted, answered at once."""
+        gate.rejected += 1
+        m = self.platform.services.get("metrics")
+        if m is not None:
+            m.rpc_rejected.labels(gate.app, OVERLOADED).inc()  # type: ignore[attr-defined]
+        if gate.should_warn():
+            log.warning("rpc: %s requests of app %s refused: %d handlers in flight (limit %d, "
+                        "max_inflight); %d refused so far", gate.kind, gate.app, gate.busy,
+                        gate.limit, gate.rejected)
+        if msg.reply:
+            await self._respond(msg, gate._body, gate._headers)
+
+    def slow_consumer(self, exc: Any) -> None:
+        """A subscription's pending queue was full and nats-py dropped a message (called by
+        the platform for every such drop: count it, warn now and then)."""
+        entry = self._sub_gates.get(id(getattr(exc, "sub", None)))
+        gate = entry[1] if entry is not None and entry[0] is exc.sub else None
+        m = self.platform.services.get("metrics")
+        if gate is not None:
+            gate.dropped += 1
+            app, kind, dropped, warn = gate.app, gate.kind, gate.dropped, gate.should_warn()
+        else:
+            self._other_drops += 1
+            is_cancel = self._cancel_sub is not None and exc.sub is self._cancel_sub
+            app, kind, dropped = "_platform", "cancel" if is_cancel else "other", self._other_drops
+            now = time.monotonic()
+            warn = now - self._other_warned >= _WARN_EVERY
+            if warn:
+                self._other_warned = now
+        if m is not None:
+            m.slow_consumer.labels(app, kind).inc()  # type: ignore[attr-defined]
+        if warn:
+            log.warning("rpc: slow consumer on %s (app %s, %s): messages dropped, %d so far",
+                        getattr(exc, "subject", "?"), app, kind, dropped)
 
     async def _on_cancel(self, msg: Msg) -> None:
+        # Only "<request id>/<cancel token>" as the caller sent it cancels: the token is in
+        # the request alone, not in anything the request id appears in.
         try:
-            task = self._inflight.get(msg.data.decode("ascii", "replace"))
+            task = self._inflight.get(msg.data.decode("ascii"))
         except Exception:
             return
         if task is not None:
@@ -475,7 +631,8 @@ class RpcService:
                     parts = meta.split(" ")
                     try:
                         # The loop's clock is time.monotonic(): Request.deadline compares to it.
-                        rid, deadline = parts[0], loop.time() + max(0.0, float(parts[1]))
+                        rid = parts[0].partition("/")[0]  # the cancel token stays private
+                        deadline = loop.time() + max(0.0, float(parts[1]))
                         source_node = parts[2]
                         source_app = parts[3] if len(parts) > 3 else None
                     except (IndexError, ValueError):
@@ -670,6 +827,8 @@ class RpcService:
             )
         failures = 0
         last = ""
+        # The cancel token: unguessable, per call, known only to readers of the request.
+        cancel_key = f"{call.request_id}/{os.urandom(8).hex()}"
         meta_tail = f" {call.source_node} {call.source_app}" if call.source_app else (
             f" {call.source_node}")
         while True:
@@ -677,7 +836,7 @@ class RpcService:
             if remaining <= 0:
                 raise CallTimeoutError(call.app, call.method, call.timeout, call.route, last)
             subject = target.subject()
-            headers[H_CALL] = f"{call.request_id} {remaining:.3f}{meta_tail}"
+            headers[H_CALL] = f"{cancel_key} {remaining:.3f}{meta_tail}"
             if call.before_send is not None:  # e.g. a signature over this subject and body
                 call.before_send(subject, body, headers)
             wait = min(remaining, retry.attempt_timeout) if call.idempotent else remaining
@@ -692,7 +851,7 @@ class RpcService:
                     raise CallTimeoutError(call.app, call.method, call.timeout, call.route,
                                            "sent, but no answer") from None
             except asyncio.CancelledError:
-                self._send_cancel(call.request_id)
+                self._send_cancel(cancel_key)
                 raise
             else:
                 rh = msg.headers or {}
@@ -713,13 +872,14 @@ class RpcService:
             if pause > 0:
                 await asyncio.sleep(pause)
 
-    def _send_cancel(self, rid: str | None) -> None:
+    def _send_cancel(self, key: str | None) -> None:
+        """Ask the serving node to cancel the call (``key``: ``<request id>/<cancel token>``)."""
         nc = self.platform.nc
-        if not rid or nc is None or not self._running:
+        if not key or nc is None or not self._running:
             return
         subject = platform_subject(self.platform.name, "rpc", "cancel")
         with contextlib.suppress(Exception):
-            self.platform.spawn(nc.publish(subject, rid.encode()), "rpc:cancel")
+            self.platform.spawn(nc.publish(subject, key.encode()), "rpc:cancel")
 
 
 def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
@@ -926,6 +1086,7 @@ class AppRpc:
 
 __all__ = [
     "AppRpc",
+    "Gate",
     "NodeResult",
     "Request",
     "RetryPolicy",

@@ -226,6 +226,8 @@ class PlatformSettings(BaseSettings):
     priority: int = 0
     no_failover: bool = False
     stream_replicas: int = 1
+    # Handlers running at once per app and kind (rpc, api) on this node; beyond: "overloaded".
+    max_inflight: int = 256
     health_addr: str | None = None
     metrics_addr: str | None = None
     # Observability (docs/observability.md): everything runs in-process by default; the HTTP
@@ -301,7 +303,7 @@ class PlatformSettings(BaseSettings):
                 raise ValueError(exc.reason) from None
         return v
 
-    @field_validator("health_history", "audit_buffer")
+    @field_validator("health_history", "audit_buffer", "max_inflight")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:

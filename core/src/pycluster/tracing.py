@@ -279,6 +279,15 @@ class LockSpans:
         sp.end()
 
 
+_UNKNOWN = "unknown"
+
+
+def _method_label(request: Any) -> str:
+    """A served request's method as a metric label: only methods with a handler keep their
+    name (the method comes from the subject, before any auth); the rest share ``unknown``."""
+    return request.method if request.handler is not None else _UNKNOWN
+
+
 class ObservabilityMiddleware:
     """The core's middleware on RPC, API-bus calls and events (added first, so outermost):
 
@@ -301,6 +310,8 @@ class ObservabilityMiddleware:
         self._metrics_of: Any = None
         self._client_hist: dict[tuple[str, str], Any] = {}
         self._server_hist: dict[tuple[str, str], Any] = {}
+        self._known_apps: set[str] = set()
+        self._known_at = -1e9
 
     def _metrics(self) -> Any:
         return self.platform.services.get("metrics")
@@ -323,6 +334,24 @@ class ObservabilityMiddleware:
             metric = m.rpc_duration if server else m.rpc_client_duration
             child = cache[key] = metric.labels(app, method)
         return child
+
+    def _source_label(self, source: str | None) -> str:
+        """An incoming event's source app as a label: apps this node knows (registered here
+        or in a live member's record) by name, anything else (names come from the subject)
+        as ``unknown``."""
+        if source is None:
+            return "_platform"
+        p = self.platform
+        if source in p.apps:
+            return source
+        now = time.monotonic()
+        if now - self._known_at > 1.0:
+            known: set[str] = set()
+            m = p.membership
+            for rec in list(m.members.values()) if m is not None else ():
+                known.update(rec.get("apps") or {})
+            self._known_apps, self._known_at = known, now
+        return source if source in self._known_apps else _UNKNOWN
 
     @staticmethod
     def _rpc_attrs(kind: str, app: str, method: str) -> dict[str, Any]:
@@ -386,14 +415,14 @@ class ObservabilityMiddleware:
         except BaseException as exc:
             m = self._metrics()
             if m is not None and not isinstance(exc, asyncio.CancelledError):
-                m.rpc_errors.labels(request.app, request.method, "server").inc()
+                m.rpc_errors.labels(request.app, _method_label(request), "server").inc()
             raise
         finally:
             if token is not None:
                 var.reset(token)
             m = self._metrics()
             if m is not None:
-                self._hist(m, True, request.app, request.method).observe(
+                self._hist(m, True, request.app, _method_label(request)).observe(
                     time.monotonic() - started)
 
     @staticmethod
@@ -421,7 +450,7 @@ class ObservabilityMiddleware:
         """Around delivering an event to a subscriber."""
         m = self._metrics()
         if m is not None:
-            m.events.labels(event.source_app or "_platform", "consumed").inc()
+            m.events.labels(self._source_label(event.source_app), "consumed").inc()
         if not self._tracing():
             return await call_next(event)
         with span(f"{event.type} process", platform=self.platform, kind=SpanKind.CONSUMER,

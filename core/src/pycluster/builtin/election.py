@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 @hookimpl(trylast=True)
 def pycluster_election(app: App, platform: Platform, keys: list[str]) -> Election | None:
-    """A `LeaseElection` in ``{platform}_{app}_election``."""
-    assert platform.nc is not None and platform.js is not None
+    """A `LeaseElection` in ``{platform}_{app}_election``, on the platform's control
+    connection (a data-plane flood cannot delay its renewals)."""
+    nc = platform.nc_control or platform.nc
+    js = platform.js_control or platform.js
+    assert nc is not None and js is not None
     return LeaseElection(
-        platform.nc, platform.js, bucket(platform.name, app.name, "election"), platform.node_id,
+        nc, js, bucket(platform.name, app.name, "election"), platform.node_id,
         keys=keys, **platform.election_kwargs(app),
     )
