@@ -411,10 +411,15 @@ class PlatformHealth:
             nc = self.platform.nc
             if nc is None or not nc.is_connected:
                 raise ConnectionError("not connected to NATS")
+            control = getattr(self.platform, "nc_control", None)
+            if control is not None and not control.is_connected:
+                raise ConnectionError("the control connection (election, membership) is down")
             started = time.monotonic()
             await nc.flush()  # bounded by the check's timeout
             # host:port only: a URL may carry a password (nats://user:pass@host).
             return {"server": server_address(nc.connected_url),
+                    "control_server": server_address(control.connected_url)
+                    if control is not None else None,
                     "rtt": round(time.monotonic() - started, 6)}
 
         async def jetstream_check() -> dict[str, Any]:

@@ -3,7 +3,15 @@
 It serves ``GET`` and ``HEAD`` on a fixed set of paths, answers everything else with a clear
 4xx, keeps connections alive (Prometheus scrapers and probes reuse them) and bounds what a client
 can make it do: request line and headers are limited to `MAX_HEADER_BYTES`, a request body is
-refused, and an idle or slow connection is closed after `IDLE_TIMEOUT` seconds.
+refused, a connection waiting for a request is closed after `IDLE_TIMEOUT` seconds, a request
+head must arrive within `HEADER_TIMEOUT` seconds of its first byte (slowloris), and a response
+must be taken within `WRITE_TIMEOUT` seconds.
+
+At most ``max_connections`` (`MAX_CONNECTIONS`) connections are open at once. A connection
+beyond that makes room by closing the connection that has waited longest for a request (idle
+keep-alive or a slow header: closing it loses nothing), so held-open idle connections cannot
+lock real probes out; if every connection is busy inside a request, the new one gets a ``503``
+and is closed at once. Either way the server's file descriptors stay bounded.
 
 Handlers are ``async def handler(request) -> Response``; an exception in a handler becomes a
 ``500`` with the error's type (logged), never a dropped connection. The server keeps running
@@ -26,6 +34,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +46,13 @@ log = logging.getLogger("pycluster.http")
 
 MAX_HEADER_BYTES = 16 * 1024
 IDLE_TIMEOUT = 15.0
+HEADER_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
 MAX_REQUESTS_PER_CONNECTION = 1000
+MAX_CONNECTIONS = 64
+_WARN_EVERY = 10.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
 
 _REASONS = {
     200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
@@ -87,6 +102,16 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class _Conn:
+    """One open connection: idle (waiting for a request) since when, or busy (None)."""
+
+    __slots__ = ("idle_since", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, now: float) -> None:
+        self.writer = writer
+        self.idle_since: float | None = now
+
+
 def parse_addr(addr: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6; port 0 = any free port).
 
@@ -111,16 +136,30 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class HttpServer:
     """An HTTP/1.1 server bound to one address, routing exact paths to handlers."""
 
-    def __init__(self, addr: str, *, name: str = "http") -> None:
+    def __init__(self, addr: str, *, name: str = "http",
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        if max_connections < 1:
+            raise ConfigError("max_connections", max_connections, "must be at least 1")
         self.host, self.port = parse_addr(addr)
         self.name = name
+        self.max_connections = max_connections
+        self.evicted = 0
+        """Idle connections closed to make room for a new one."""
+        self.refused = 0
+        """Connections refused (503) because every open one was busy."""
         self._routes: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[None]] = set()
+        self._conns: dict[asyncio.Task[None], _Conn] = {}
+        self._warned = -_WARN_EVERY
 
     def route(self, path: str, handler: Handler) -> None:
         """Serve ``GET``/``HEAD`` ``path`` (exact match, query string ignored) with ``handler``."""
         self._routes[path] = handler
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now."""
+        return len(self._conns)
 
     @property
     def paths(self) -> list[str]:
@@ -170,29 +209,63 @@ class HttpServer:
 
     # -- connection handling ---------------------------------------------------------------
 
+    def _make_room(self) -> bool:
+        """At the connection cap: close the connection idle the longest; False if none is."""
+        idle = [(c.idle_since, t) for t, c in self._conns.items() if c.idle_since is not None]
+        if not idle:
+            return False
+        _, victim = min(idle, key=lambda item: item[0])
+        conn = self._conns.pop(victim)
+        with contextlib.suppress(Exception):
+            conn.writer.transport.abort()  # the descriptor is released now
+        victim.cancel()
+        self.evicted += 1
+        return True
+
+    def _warn_full(self) -> None:
+        now = time.monotonic()
+        if now - self._warned >= _WARN_EVERY:
+            self._warned = now
+            log.warning("%s server on %s: %d connections open (the limit): closing idle ones "
+                        "(%d so far), refusing when all are busy (%d so far)", self.name,
+                        self.url, len(self._conns), self.evicted, self.refused)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
+        assert task is not None
+        if len(self._conns) >= self.max_connections:
+            self._warn_full()
+            if not self._make_room():
+                self.refused += 1
+                with contextlib.suppress(Exception):
+                    writer.write(_BUSY)
+                    writer.close()
+                return
+        conn = self._conns[task] = _Conn(writer, time.monotonic())
         try:
             for _ in range(MAX_REQUESTS_PER_CONNECTION):
-                keep = await self._one(reader, writer)
+                keep = await self._one(reader, writer, conn)
                 if not keep:
                     break
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except asyncio.CancelledError:
             pass
         finally:
-            if task is not None:
-                self._conns.discard(task)
+            self._conns.pop(task, None)
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   conn: _Conn) -> bool:
         """Handle one request; return whether to keep the connection open."""
+        loop = asyncio.get_running_loop()
+        conn.idle_since = time.monotonic()
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
+            async with asyncio.timeout(IDLE_TIMEOUT) as limit:
+                first = await reader.readexactly(1)  # a request starts ...
+                limit.reschedule(loop.time() + HEADER_TIMEOUT)  # ... and must arrive in time
+                head = first + await reader.readuntil(b"\r\n\r\n")
         except TimeoutError:
             return False
         except asyncio.LimitOverrunError:
@@ -200,6 +273,7 @@ class HttpServer:
             return False
         except asyncio.IncompleteReadError:
             return False
+        conn.idle_since = None  # busy: never closed to make room
         if len(head) > MAX_HEADER_BYTES:
             await self._send(writer, Response.text("request header too large\n", 431), False, False)
             return False
@@ -248,7 +322,7 @@ class HttpServer:
         if not head_only:
             data += resp.body
         writer.write(data)
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)  # a client that does not read
 
 
 def _parse(head: bytes) -> Request:
