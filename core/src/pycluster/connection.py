@@ -6,11 +6,15 @@ connection (``platform.nc``: RPC, API bus, events, app data) and the *control* c
 (a hostile or buggy client) then cannot delay lease renewals behind it on the wire, nor take
 them down with it when the server cuts a slow consumer.
 
-Both connections watch their JetStream writes (`WatchedJetStream`). A server cut off from the
-rest of its cluster (a partition) keeps its clients connected while every write times out; when
-no write has been acknowledged for longer than about a lease although writes were tried, and
-other servers are configured, the `ConnectionWatchdog` moves the connection to another server
-(nats-py's ``force_reconnect``, the cut-off server avoided for a while by `ServerSelector`).
+The control connection watches its JetStream writes (`WatchedJetStream`: lease renewals and
+membership records, every heartbeat, all to buckets that exist). A server cut off from the rest
+of its cluster (a partition) keeps its clients connected while every write fails; when no write
+has been acknowledged for longer than a lease while writes were failing, and other servers are
+configured, the `ConnectionWatchdog` moves the control connection to another server (nats-py's
+``force_reconnect``, the cut-off server avoided for a while by `ServerSelector`), and the data
+connection with it when it is on the same server. Only the control plane's writes are the
+evidence: a data-plane write can fail the same way for reasons of its own (no stream bound to
+its subject).
 """
 
 from __future__ import annotations
@@ -225,29 +229,26 @@ def replicas_error(exc: BaseException, replicas: int, nc: NATS) -> ConfigError |
 
 # -- two connections, watched --------------------------------------------------------------------
 
-# A JetStream write that got no answer from the stream (the server cannot reach its peers).
-_WRITE_FAILURES = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                   nats.js.errors.ServiceUnavailableError, TimeoutError)
-
-
 class WriteHealth:
-    """When JetStream last answered a write on one connection, and whether one failed since."""
+    """When JetStream last acknowledged a write on one connection, and whether one failed
+    since. (The control connection writes every heartbeat: this node's membership record, a
+    compare-and-set that succeeds while the cluster works.)"""
 
     def __init__(self) -> None:
         self.last_ok = time.monotonic()
         self.failed = False
 
     def ok(self) -> None:
-        """A write was answered (acknowledged or refused by the stream: it is reachable)."""
+        """A write was acknowledged."""
         self.last_ok = time.monotonic()
         self.failed = False
 
     def fail(self) -> None:
-        """A write got no answer."""
+        """A write failed (no answer, or refused)."""
         self.failed = True
 
     def failing_for(self, now: float | None = None) -> float:
-        """Seconds since the last answered write, if a write failed since; else 0."""
+        """Seconds since the last acknowledged write, if a write failed since; else 0."""
         if not self.failed:
             return 0.0
         return (time.monotonic() if now is None else now) - self.last_ok
@@ -265,11 +266,11 @@ class WatchedJetStream(JetStreamContext):
         """``JetStreamContext.publish``, watched."""
         try:
             ack = await super().publish(*args, **kwargs)
-        except _WRITE_FAILURES:
+        except Exception:
+            # No answer (timeout, no response from the stream) or a refusal: neither shows a
+            # working stream. A server cut off from its cluster may still answer as a stale
+            # stream leader, refusing every compare-and-set for many seconds.
             self.health.fail()
-            raise
-        except nats.js.errors.APIError:
-            self.health.ok()  # refused (e.g. a compare-and-set conflict): the stream answered
             raise
         self.health.ok()
         return ack
@@ -315,13 +316,15 @@ class ConnectionWatchdog:
     for ``threshold`` seconds, and the pool has another server, the current server is avoided
     for ``avoid_for`` seconds and the connection reconnects (subscriptions are restored by
     nats-py; its reconnect callback re-creates watches). After a reconnect the new server gets
-    a full ``threshold`` again.
+    a full ``threshold`` again. ``followers`` (name, connection, selector) connected to the
+    same server are moved along.
     """
 
     def __init__(
         self, nc: NATS, health: WriteHealth, selector: ServerSelector, *, threshold: float,
-        name: str, on_move: Callable[[str], None] | None = None, interval: float | None = None,
-        avoid_for: float | None = None,
+        name: str, on_move: Callable[[str, str], None] | None = None,
+        interval: float | None = None, avoid_for: float | None = None,
+        followers: list[tuple[str, NATS, ServerSelector]] | None = None,
     ) -> None:
         self.nc = nc
         self.health = health
@@ -329,6 +332,7 @@ class ConnectionWatchdog:
         self.threshold = threshold
         self.name = name
         self.on_move = on_move
+        self.followers = followers or []
         self.interval = interval if interval is not None else min(1.0, threshold / 4)
         self.avoid_for = avoid_for if avoid_for is not None else max(60.0, 6 * threshold)
         self.moves = 0
@@ -367,20 +371,29 @@ class ConnectionWatchdog:
         self.moves += 1
         await nc.force_reconnect()
         if self.on_move is not None:
-            self.on_move("jetstream_unavailable")
+            self.on_move(self.name, "jetstream_unavailable")
+        for name, other, selector in self.followers:
+            there = other.connected_url
+            if url is None or there is None or there.netloc != url.netloc:
+                continue
+            selector.avoid(url.netloc, self.avoid_for)
+            log.warning("nats %s connection: on the same server; reconnecting too", name)
+            await other.force_reconnect()
+            if self.on_move is not None:
+                self.on_move(name, "jetstream_unavailable")
         return True
 
 
 class Connections:
-    """The data and control connections of a platform, their JetStream contexts and
-    watchdogs (see the module docstring)."""
+    """The data and control connections of a platform, their JetStream contexts and the
+    control connection's watchdog (see the module docstring)."""
 
     def __init__(self) -> None:
         self.nc: NATS | None = None
-        self.js: WatchedJetStream | None = None
+        self.js: JetStreamContext | None = None
         self.nc_control: NATS | None = None
         self.js_control: WatchedJetStream | None = None
-        self.watchdogs: dict[str, ConnectionWatchdog] = {}
+        self.watchdog: ConnectionWatchdog | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def open(
@@ -410,25 +423,20 @@ class Connections:
             if on_control_reconnect is not None:
                 await on_control_reconnect()
 
-        for role in ("data", "control"):
-            selector = ServerSelector(s.reconnect_wait)
-            nc = await connect(
-                s, on_reconnect=control_reconnected if role == "control" else data_reconnected,
-                on_slow_consumer=on_slow_consumer if role == "data" else None,
-                selector=selector, role="control" if role == "control" else "",
-            )
-            health = WriteHealth()
-            js = WatchedJetStream(nc, health, timeout=js_timeout)
-            if role == "data":
-                self.nc, self.js = nc, js
-            else:
-                self.nc_control, self.js_control = nc, js
-            dog = ConnectionWatchdog(
-                nc, health, selector, threshold=s.lease_ttl, name=role,
-                on_move=lambda reason, role=role: event(role, reason),  # type: ignore[misc]
-            )
-            self.watchdogs[role] = dog
-            self._tasks.append(asyncio.create_task(dog.run(), name=f"nats:{role}:watchdog"))
+        data_selector = ServerSelector(s.reconnect_wait)
+        self.nc = await connect(s, on_reconnect=data_reconnected,
+                                on_slow_consumer=on_slow_consumer, selector=data_selector)
+        self.js = self.nc.jetstream(timeout=js_timeout)
+        selector = ServerSelector(s.reconnect_wait)
+        self.nc_control = nc = await connect(s, on_reconnect=control_reconnected,
+                                             selector=selector, role="control")
+        health = WriteHealth()
+        self.js_control = WatchedJetStream(nc, health, timeout=js_timeout)
+        self.watchdog = ConnectionWatchdog(
+            nc, health, selector, threshold=s.lease_ttl, name="control", on_move=event,
+            followers=[("data", self.nc, data_selector)],
+        )
+        self._tasks.append(asyncio.create_task(self.watchdog.run(), name="nats:watchdog"))
 
     async def close(self, timeout: float) -> None:
         """Stop watching; drain and close both connections (control last: the membership

@@ -252,7 +252,8 @@ class RemoteError(PyclusterError):
     :ivar code: a stable, machine-readable code: the exception's ``code`` attribute when it has
         one, else one of ``handler_error``, ``unknown_method``, ``bad_request``,
         ``invalid_request`` (pydantic validation), ``unauthorized``, ``reply_too_large``,
-        ``deadline_exceeded``, ``cancelled``.
+        ``deadline_exceeded``, ``cancelled``, ``overloaded`` (the node runs its limit of
+        handlers for the app already, ``max_inflight``: the handler did not run, retry later).
     :ivar node: the node that answered, when known.
     :ivar details: extra JSON data (e.g. pydantic's error list), or None.
     """

@@ -50,6 +50,10 @@ HEADER_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 MAX_REQUESTS_PER_CONNECTION = 1000
 MAX_CONNECTIONS = 64
+# Listen backlog, which is also how many connections asyncio accepts per wake-up: small, so a
+# burst of connections is accepted in small batches, each trimmed to the cap before the next
+# (a large batch would hold hundreds of descriptors before any is closed).
+ACCEPT_BACKLOG = 16
 _WARN_EVERY = 10.0
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
          b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
@@ -184,7 +188,7 @@ class HttpServer:
         """Bind and serve; a busy or invalid address raises `ConfigError` naming it."""
         try:
             self._server = await asyncio.start_server(
-                self._serve, self.host, self.port, reuse_address=True,
+                self._serve, self.host, self.port, reuse_address=True, backlog=ACCEPT_BACKLOG,
                 family=socket.AF_INET6 if ":" in self.host else socket.AF_UNSPEC,
             )
         except OSError as exc:
