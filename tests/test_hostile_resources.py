@@ -25,6 +25,7 @@ import re
 import resource
 import secrets
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -76,6 +77,10 @@ def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
           **labels: str) -> float:
     return sum(v for lab, v in samples.get(name, [])
                if all(lab.get(k) == want for k, want in labels.items()))
+
+
+def _rpc_series(samples: dict[str, list[tuple[dict[str, str], float]]]) -> int:
+    return sum(len(v) for name, v in samples.items() if name.startswith("pycluster_rpc_"))
 
 
 async def _ask_in_waves(nc: Any, subjects: list[str], wave: int = 200) -> int:
@@ -133,12 +138,12 @@ async def test_random_method_names_do_not_grow_metrics(make_platform: Any, nats_
 
         assert await _ask_in_waves(nc, subjects(100)) == 200
         first = await scrape(p.metrics.url)
-        lines_first = sum(len(v) for v in first.values())
+        lines_first = _rpc_series(first)
         assert await _ask_in_waves(nc, subjects(2500)) == 5000
         after = await scrape(p.metrics.url)
     finally:
         await nc.close()
-    lines_after = sum(len(v) for v in after.values())
+    lines_after = _rpc_series(after)
     methods = {lab["method"] for name in ("pycluster_rpc_duration_seconds_count",
                                           "pycluster_rpc_errors_total")
                for lab, _ in after.get(name, [])}
@@ -148,7 +153,7 @@ async def test_random_method_names_do_not_grow_metrics(make_platform: Any, nats_
     # 5200 requests under 5200 distinct names: all counted, under one series per kind of data.
     assert total(after, "pycluster_rpc_errors_total", app="svc", method="unknown",
                  side="server") == 5200
-    assert lines_after == lines_first  # the registry did not grow with the names
+    assert lines_after == lines_first  # the RPC metrics did not grow with the names
     # A registered method keeps its own name.
     client = await make_platform("b")
     assert await client.api("svc").call("echo", 7) == 7
@@ -241,6 +246,53 @@ async def test_inflight_limit_refuses_at_once(make_platform: Any) -> None:
     assert await api.call("hold", route=ToNode("a")) == "done"
     m = await scrape(p.metrics.url)
     assert total(m, "pycluster_rpc_rejected_total", app="svc", reason=OVERLOADED) == 2
+
+
+PUBLISH_N = r"""
+import asyncio, sys
+import nats
+
+async def main() -> None:
+    url, subject, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    nc = await nats.connect(url)
+    for i in range(n):
+        headers = {"Pc-Call": f"p{i}/0 5 x"}
+        await nc.publish(subject, b'"x"', reply="nobody.listens", headers=headers)
+    await nc.flush(timeout=30)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_backlog_beyond_the_pending_limit_is_dropped_and_counted(
+    make_platform: Any, nats_url: str,
+) -> None:
+    """The node cannot read while 20,000 requests arrive (its event loop is blocked here, as by
+    a long stall): when it reads again, what exceeds the subscription's pending limit is
+    dropped on that subscription and counted; the node serves normally afterwards."""
+    app = App("svc", Singleton())
+
+    @app.handle("echo")
+    async def echo(data: Any) -> Any:
+        return data
+
+    p = await make_platform("a", app, max_inflight=1, metrics_addr="127.0.0.1:0")
+    assert await app.wait_for_leadership(15) and p.metrics.url
+    subject = platform_subject(p.name, "api", "svc", "echo")
+    # Synchronous on purpose: the event loop (and so the node) does not run meanwhile.
+    done = subprocess.run(  # noqa: ASYNC221
+        [sys.executable, "-c", PUBLISH_N, nats_url, subject, "20000"],
+        capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    await wait_for(lambda: rpc_service(p).gate("svc", "api").dropped > 0, 20)
+    client = await make_platform("b")
+    assert await wait_for_call(client, 20, "echo", 5) == 5
+    m = await scrape(p.metrics.url)
+    dropped = total(m, "pycluster_slow_consumer_total", app="svc", kind="api")
+    measured(test="backlog_dropped", sent=20000, dropped=dropped,
+             refused=total(m, "pycluster_rpc_rejected_total", app="svc"))
+    assert dropped == rpc_service(p).gate("svc", "api").dropped > 0
 
 
 FLOOD = r"""
@@ -344,11 +396,12 @@ async def test_request_flood_does_not_cost_the_lease(
     assert c.overlaps() == []
 
 
-async def wait_for_call(client: Platform, timeout: float) -> Any:
+async def wait_for_call(client: Platform, timeout: float, method: str = "whoami",
+                        payload: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return await client.api("svc").call("whoami", timeout=2.0)
+            return await client.api("svc").call(method, payload, timeout=2.0)
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -566,6 +619,28 @@ async def test_foreign_cancel_is_ignored_callers_cancel_works(make_platform: Any
         assert json.loads(reply.data) == "done" and "legacy-1" in finished
     finally:
         await third.close()
+
+
+def test_server_selector_avoids_a_marked_server() -> None:
+    from urllib.parse import urlparse
+
+    from nats.aio.client import Server
+
+    from pycluster.connection import ServerSelector
+
+    pool = [Server(urlparse(f"nats://127.0.0.1:{port}")) for port in (1, 2, 3)]
+    sel = ServerSelector(wait=0.5)
+    assert sel(pool, {}) == (pool[0], 0.0)
+    sel.avoid("127.0.0.1:1", 60)
+    assert sel(pool, {}) == (pool[1], 0.0)
+    pool[1].reconnects = 1  # a failed attempt: the next one without failures first
+    assert sel(pool, {}) == (pool[2], 0.0)
+    pool[2].reconnects = 2
+    assert sel(pool, {}) == (pool[1], 0.5)  # fewest failures, after a pause
+    for srv in pool[1:]:
+        sel.avoid(srv.uri.netloc, 60)
+    assert sel(pool, {})[0] is pool[0] and sel.avoided() == ["127.0.0.1:1", "127.0.0.1:2",
+                                                             "127.0.0.1:3"]
 
 
 def test_unit_file_raises_the_descriptor_limit() -> None:

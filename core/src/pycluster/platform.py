@@ -284,7 +284,7 @@ class Platform:
                 settings = await self._start_embedded(settings)
             c = self.connections = Connections()
             await c.open(settings, on_control_reconnect=self._reconnected,
-                         on_slow_consumer=functools.partial(self._tell, "slow_consumer"),
+                         on_slow_consumer=functools.partial(self._tell, "message_dropped"),
                          on_reconnect_event=functools.partial(self._tell, "nats_reconnect"),
                          js_timeout=max(2.0, settings.heartbeat_interval))
             self.nc, self.js, self.nc_control, self.js_control = (

@@ -31,10 +31,12 @@ Resource limits (a hostile or buggy client on the bus): each app has at most ``m
 (a setting, 256 by default) handlers running per kind (``rpc``, ``api``) on a node; a request
 beyond that is answered at once with the error code ``overloaded`` (`RemoteError`) and counted
 in ``pycluster_rpc_rejected_total``. Each serving subscription has bounded pending limits
-(`pending_limits`): a flood faster than the node can take it is dropped on that subscription
-(counted in ``pycluster_slow_consumer_total``) instead of growing memory or making the server
-cut the whole connection. Election and membership use their own connection
-(``platform.nc_control``), so a flood here cannot delay lease renewals on the wire.
+(`pending_limits`): what the handlers cannot take is dropped on that subscription (counted in
+``pycluster_slow_consumer_total``) instead of growing memory. A flood faster than nats-py can
+read at all (some 30-60 k messages/s) makes the server cut this (data) connection as a slow
+consumer; it reconnects at once. Election and membership use their own connection
+(``platform.nc_control``), so a flood here can neither delay lease renewals on the wire nor
+take them down with the data connection.
 
 Retries (client side): a request nobody received (no responders, or ``not_leader``) is retried
 with back-off while the membership shows an instance that could answer (a failover in
@@ -256,6 +258,8 @@ class Gate:
     __slots__ = (
         "_body",
         "_headers",
+        "_metric",
+        "_metrics_of",
         "_warned",
         "app",
         "busy",
@@ -280,6 +284,16 @@ class Gate:
                        f"app {app!r}; retry later",
         }).encode()
         self._headers = {H_NODE: node, H_ERROR: OVERLOADED, codecs.CONTENT_TYPE: codecs.JSON}
+        self._metrics_of: Any = None
+        self._metric: Any = None
+
+    def count_rejected(self, metrics: Any) -> None:
+        """Count one refusal in ``pycluster_rpc_rejected_total`` (the labelled child is kept:
+        this runs for every refused request of a flood)."""
+        if metrics is not self._metrics_of:
+            self._metrics_of = metrics
+            self._metric = metrics.rpc_rejected.labels(self.app, OVERLOADED)
+        self._metric.inc()
 
     def release(self, _task: Any = None) -> None:
         """One handler finished."""
@@ -555,7 +569,7 @@ class RpcService:
         gate.rejected += 1
         m = self.platform.services.get("metrics")
         if m is not None:
-            m.rpc_rejected.labels(gate.app, OVERLOADED).inc()  # type: ignore[attr-defined]
+            gate.count_rejected(m)
         if gate.should_warn():
             log.warning("rpc: %s requests of app %s refused: %d handlers in flight (limit %d, "
                         "max_inflight); %d refused so far", gate.kind, gate.app, gate.busy,
@@ -563,7 +577,7 @@ class RpcService:
         if msg.reply:
             await self._respond(msg, gate._body, gate._headers)
 
-    def slow_consumer(self, exc: Any) -> None:
+    def message_dropped(self, exc: Any) -> None:
         """A subscription's pending queue was full and nats-py dropped a message (called by
         the platform for every such drop: count it, warn now and then)."""
         entry = self._sub_gates.get(id(getattr(exc, "sub", None)))
