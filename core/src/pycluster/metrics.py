@@ -305,7 +305,9 @@ class PlatformMetrics:
         if isinstance(listeners, list):
             listeners.append(self.stage_event)
         bucket = getattr(rt.election, "bucket", None)
-        nc = self.platform.nc
+        # Lease writes are control-plane traffic: followed on the control connection, which a
+        # data-plane flood does not cut.
+        nc = getattr(self.platform, "nc_control", None) or self.platform.nc
         if not self.enabled or not isinstance(bucket, str) or nc is None:
             return
         app = rt.app.name
