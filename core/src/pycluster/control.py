@@ -133,7 +133,7 @@ class ControlPlane:
         a reply for which ``enough(reply)`` is true. An empty list means nobody answered.
         """
         p = self.platform
-        nc = p.nc
+        nc = p.nc_control or p.nc  # control traffic: on the control connection
         if nc is None:
             return []
 

@@ -284,8 +284,11 @@ _UNKNOWN = "unknown"
 
 def _method_label(request: Any) -> str:
     """A served request's method as a metric label: only methods with a handler keep their
-    name (the method comes from the subject, before any auth); the rest share ``unknown``."""
-    return request.method if request.handler is not None else _UNKNOWN
+    name (the method comes from the subject, before any auth), and the control requests
+    (``control.stepdown``, ...: names fixed by the code); the rest share ``unknown``."""
+    if request.handler is not None or request.route == "control":
+        return str(request.method)
+    return _UNKNOWN
 
 
 class ObservabilityMiddleware:
