@@ -165,13 +165,18 @@ async def test_large_scrape_does_not_stall_the_loop(make_platform: Any) -> None:
     """A registry large enough to take a noticeable time to render: a scrape runs in a thread,
     so the event loop keeps ticking (and the lease holder keeps renewing) meanwhile."""
     app = App("svc", Singleton())
-    p = await make_platform("a", app, metrics_addr="127.0.0.1:0", lease_ttl=1.0,
-                            heartbeat_interval=0.25)
+    p = await make_platform("a", app, metrics_addr="127.0.0.1:0", lease_ttl=2.0,
+                            heartbeat_interval=0.5)
     assert await app.wait_for_leadership(15) and p.metrics.url
-    epoch = app.epoch
     big = Histogram("test_big_seconds", "A large metric.", ["k"], registry=p.metrics.registry)
-    for i in range(12_000):
-        big.labels(str(i)).observe(0.01)
+
+    def populate() -> None:  # in a thread: metric updates are thread-safe
+        for i in range(12_000):
+            big.labels(str(i)).observe(0.01)
+
+    await asyncio.to_thread(populate)
+    assert await app.wait_for_leadership(15)
+    epoch = app.epoch
 
     gaps: list[float] = []
     stop = asyncio.Event()
