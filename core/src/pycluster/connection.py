@@ -287,13 +287,14 @@ class ServerSelector:
         self._avoid: dict[str, float] = {}
 
     def avoid(self, netloc: str, seconds: float) -> None:
-        """Prefer other servers than ``netloc`` (host:port) for ``seconds``."""
+        """Prefer other servers than ``netloc`` (a parsed URL's netloc) for ``seconds``."""
         self._avoid[netloc] = time.monotonic() + seconds
 
     def avoided(self) -> list[str]:
-        """Servers avoided now."""
+        """Servers avoided now (``host:port``, never credentials)."""
         now = time.monotonic()
-        return sorted(n for n, until in self._avoid.items() if until > now)
+        return sorted(server_address(f"nats://{n}") or "?" for n, until in self._avoid.items()
+                      if until > now)
 
     def __call__(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
         """Choose the next server (nats-py calls this before each reconnect attempt)."""
@@ -361,7 +362,7 @@ class ConnectionWatchdog:
         if stalled < self.threshold or len(nc.server_pool) < 2:
             return False
         url = nc.connected_url
-        where = url.netloc if url is not None else "?"
+        where = server_address(url) or "?"  # host:port only: a URL may carry a password
         if url is not None:
             self.selector.avoid(url.netloc, self.avoid_for)
         log.warning("nats %s connection: no JetStream write acknowledged through %s for %.1fs "
