@@ -302,6 +302,8 @@ class LeaseElection:
         self._vacant_since: dict[str, tuple[int, float]] = {}  # key -> (revision, since)
         # key -> (tombstone revision, monotonic time from which the key may be taken)
         self._safe_at: dict[str, tuple[int, float]] = {}
+        # (key, expected revision) of the last refused campaign write, and how often in a row
+        self._refused: tuple[tuple[str, int], int] = (("", -1), 0)
         self._write_no = 0
         self._pending: dict[int, float] = {}  # write number -> send time (adopt a lost ack)
         self._tomb_seen: dict[str, tuple[int, float]] = {}
@@ -707,6 +709,12 @@ class LeaseElection:
             )
         except nu.CASConflict:
             self._pending.pop(wno, None)
+            # A lost race is re-read at once; the same revision refused again and again means a
+            # server that is behind or cut off (a stale stream leader): back off, doubling.
+            again = self._refused if self._refused[0] == (key, expected) else ((key, expected), 0)
+            self._refused = (again[0], again[1] + 1)
+            if again[1] > 0:
+                await self._sleep(min(self.poll_interval, 0.005 * 2 ** again[1]))
             return False
         except nu.TRANSIENT_ERRORS as exc:
             log.debug("election %s: campaign write failed: %s", self.bucket, exc)
