@@ -331,6 +331,42 @@ async def test_control_requests_are_signed_too(
                    15)
 
 
+async def test_cli_stepdown_signs_with_an_operator_seed(
+    make_platform: Any, keys: dict[str, tuple[str, str]], nats_url: str, unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """`pycluster stepdown --sign-as ops --seed FILE` reaches a leader that only serves signed
+    control requests of ops; without a signature the CLI reports the refusal."""
+    trusted = {"shop": keys["shop"][1], "ops": keys["ops"][1]}
+    app = App("svc", Singleton())
+    node = await make_platform("a", app, start=False)
+    use(node, SignedAuth("shop", keys["shop"][0], trusted=trusted,
+                         allow={"control.stepdown": ["ops"]}))
+    await node.start()
+    await make_platform("b", App("svc", Singleton()))
+    await app.wait_for_leadership(15)
+    epoch = app.epoch
+    seed = tmp_path / "ops.nk"
+    seed.write_text(keys["ops"][0])
+    seed.chmod(0o600)
+    base = [sys.executable, "-m", "pycluster.cli", "stepdown", "svc", "-p", unique_name,
+            "--nats-url", nats_url]
+
+    async def run(*extra: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *base, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    code, out = await run()
+    assert code != 0 and "refused the request" in out and "--sign-as" in out, out
+    assert app.is_active and app.epoch == epoch
+    code, out = await run("--sign-as", "ops", "--seed", str(seed))
+    assert code == 0, out
+    assert "stepped down" in out
+    await wait_for(lambda: app.epoch != epoch or not app.is_active, 15)
+
+
 async def test_weak_token_mode_proves_no_identity(make_platform: Any) -> None:
     app = shop_app()
     server = await make_platform("a", app)

@@ -497,6 +497,12 @@ class SignedAuth(Middleware):
                 call.before_send = both
         return await call_next(call)
 
+    def sign_request(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Add the signature header of a request sent outside a platform (e.g. by the CLI)."""
+        if self._key is None:
+            raise ConfigError("SignedAuth", None, "no identity and seed to sign with")
+        self._sign(subject, body, headers)
+
     def _sign(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         assert self._key is not None and self.identity is not None
         ts = str(int(time.time() * 1000))

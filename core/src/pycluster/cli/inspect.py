@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
@@ -25,10 +25,14 @@ from ..errors import (
     NoLiveNodesError,
     NoSuchAppError,
     PyclusterError,
+    UnauthorizedError,
 )
 from ..names import validate_ident
 from ..platform import stepdown_subject
 from ..settings import PlatformSettings, load_settings, redact_url
+
+if TYPE_CHECKING:
+    from ..middleware import SignedAuth
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -148,8 +152,12 @@ async def read_status(nats_url: str | None, platform: str,
 
 async def request_stepdown(nats_url: str | None, platform: str, app: str,
                            successor: str | None, cooldown: float | None,
-                           data_dir: str | None = None) -> dict[str, Any]:
+                           data_dir: str | None = None,
+                           signer: SignedAuth | None = None) -> dict[str, Any]:
     """Ask the active instance of ``app`` to step down; returns its node and epoch.
+
+    With ``signer`` (a `SignedAuth` holding an identity and its seed) the request is signed, for
+    nodes whose middleware requires signed control requests.
 
     Checked first, each with its own error: the platform has live nodes (`NoLiveNodesError`),
     one of them runs ``app`` (`NoSuchAppError`), ``successor`` is a live node that can lead it
@@ -181,8 +189,11 @@ async def request_stepdown(nats_url: str | None, platform: str, app: str,
             raise NoInstanceError(app, "leader", f"no active instance on platform {platform!r} "
                                   f"right now (standby on: {standby})")
         body = json.dumps({"successor": successor, "cooldown": cooldown}).encode()
+        headers: dict[str, str] = {}
+        if signer is not None:
+            signer.sign_request(subject, body, headers)
         try:
-            msg = await nc.request(subject, body, timeout=15)
+            msg = await nc.request(subject, body, timeout=15, headers=headers or None)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
             raise NoInstanceError(
                 app, "leader", f"no active instance on platform {platform!r} answered "
@@ -192,6 +203,11 @@ async def request_stepdown(nats_url: str | None, platform: str, app: str,
         except ValueError as exc:
             raise PyclusterError(f"bad reply to a step-down request: {exc}") from None
         err = res.get("error")
+        if isinstance(err, dict) and err.get("code") == "unauthorized":
+            hint = ("" if signer is not None else "; sign it with --sign-as IDENTITY --seed FILE "
+                    "(an identity the nodes trust for control.stepdown)")
+            raise UnauthorizedError(f"the leader {res.get('node')} refused the request: "
+                                    f"{err.get('reason')}{hint}")
         if isinstance(err, dict):
             raise ConfigError(str(err.get("field")), err.get("value"),
                               f"refused by the leader {res.get('node')}: {err.get('reason')}")

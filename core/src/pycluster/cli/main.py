@@ -228,18 +228,33 @@ def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output
 @click.option("--successor", help="Node id that should take over first.")
 @click.option("--cooldown", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Seconds the old leader stays out of elections (>= 0).")
+@click.option("--sign-as", metavar="IDENTITY",
+              help="Sign the request as IDENTITY (nodes that use SignedAuth for control "
+                   "requests refuse unsigned ones); needs --seed.")
+@click.option("--seed", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The NKey seed file of --sign-as.")
 @NATS_OPT
 @DATA_DIR_OPT
 @PLATFORM_OPT
 @OUTPUT
-def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, nats_url: str | None,
-                 data_dir: str | None, platform: str, output: str) -> None:
-    """Ask the active instance of APP to hand leadership over now."""
+def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_as: str | None,
+                 seed: str | None, nats_url: str | None, data_dir: str | None, platform: str,
+                 output: str) -> None:
+    """Ask the active instance of APP to hand leadership over now.
+
+    Example: ``pycluster stepdown orders -p prod --successor node-2 --sign-as ops --seed
+    /etc/pycluster/ops.nk``
+    """
     from .inspect import request_stepdown
 
     try:
+        signer = None
+        if sign_as is not None or seed is not None:
+            from ..middleware import SignedAuth
+
+            signer = SignedAuth(sign_as, seed, kinds=("rpc",))
         res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown,
-                                           data_dir))
+                                           data_dir, signer=signer))
     except PyclusterError as exc:
         _fail(exc)
         return
