@@ -162,9 +162,9 @@ async def main() -> None:
                     await asyncio.sleep(3.0)
             await admin.close()
         finally:
-            await floor.stop()
-            await nodes.stop()
+            await nodes.stop()  # first: node processes must never outlive the benchmark
             witness.stop()
+            await floor.stop()
     print(f"\nlease {ns.lease}s, heartbeat {ns.heartbeat}s; median (min-max) over {ns.rounds}")
     for scenario, pairs in results.items():
         gaps, raws = [g for g, _ in pairs], [r for _, r in pairs]
