@@ -23,8 +23,8 @@ from pathlib import Path
 import nats
 
 from pycluster import App, Platform
-from pycluster import natsutil as nu
-from pycluster.embedded import EmbeddedNatsServer
+from pycluster.kernel import natsutil as nu
+from pycluster.kernel.embedded import EmbeddedNatsServer
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing.nodes import NodeCluster
 

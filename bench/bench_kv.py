@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "core" / "src"))
 import nats  # noqa: E402
 import nats.js.errors  # noqa: E402
 
-from pycluster import natsutil as nu  # noqa: E402
-from pycluster.kv import AppKV  # noqa: E402
+from pycluster.kernel import natsutil as nu  # noqa: E402
+from pycluster.kernel.kv import AppKV  # noqa: E402
 from pycluster.testing import NatsCluster, NatsServer  # noqa: E402
 
 

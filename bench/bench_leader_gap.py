@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "core" / "src"))
 
 import nats  # noqa: E402
 
-from pycluster import natsutil as nu  # noqa: E402
+from pycluster.kernel import natsutil as nu  # noqa: E402
 from pycluster.testing import NatsCluster  # noqa: E402
 from pycluster.testing.chaos import Witness  # noqa: E402
 from pycluster.testing.nodes import NodeCluster  # noqa: E402

@@ -1,4 +1,5 @@
-"""Benchmark of `pycluster.locks` against the raw nats-py floor, on a nats-server it starts itself.
+"""Benchmark of `pycluster.kernel.locks` against the raw nats-py floor, on a nats-server it starts
+itself.
 
 Run from the repository root (needs the ``nats-server`` binary: ``$PYCLUSTER_NATS_SERVER``, the
 venv's ``bin/nats-server`` or ``PATH``)::
@@ -42,9 +43,9 @@ import nats  # noqa: E402
 import nats.js.errors  # noqa: E402
 from nats.aio.client import Client  # noqa: E402
 
-from pycluster import natsutil  # noqa: E402
-from pycluster.kv import AppKV  # noqa: E402
-from pycluster.locks import LockService  # noqa: E402
+from pycluster.kernel import natsutil  # noqa: E402
+from pycluster.kernel.kv import AppKV  # noqa: E402
+from pycluster.kernel.locks import LockService  # noqa: E402
 
 LOCKS = "bench_locks"
 NAIVE = "bench_naive"

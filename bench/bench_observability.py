@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT / "core" / "src"))
 import nats  # noqa: E402
 
 from pycluster import App, Platform, Singleton, ToLeader  # noqa: E402
+from pycluster.builtin.tracing.spans import ObservabilityMiddleware  # noqa: E402
 from pycluster.plugins import create_plugin_manager  # noqa: E402
 from pycluster.testing.servers import NatsServer  # noqa: E402
-from pycluster.tracing import ObservabilityMiddleware  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -28,9 +28,9 @@ from typing import Any
 import nats
 
 from pycluster import App, AuthMiddleware, OnNodes, Platform, SignedAuth, Singleton
-from pycluster.embedded import EmbeddedNatsServer
+from pycluster.builtin.rpc.service import rpc_service
+from pycluster.kernel.embedded import EmbeddedNatsServer
 from pycluster.plugins import create_plugin_manager
-from pycluster.rpc import rpc_service
 from pycluster.signing import generate_keypair
 from pycluster.testing import wait_for
 

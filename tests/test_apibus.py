@@ -31,8 +31,8 @@ from pycluster import (
     ToNode,
     hookimpl,
 )
-from pycluster.apibus import api_subject
-from pycluster.breaker import BreakerState, CircuitBreaker
+from pycluster.builtin.api.breaker import BreakerState, CircuitBreaker
+from pycluster.builtin.api.bus import api_subject
 from pycluster.codec import CodecError, decode, encode
 from pycluster.middleware import Call, use
 from pycluster.testing import wait_for

@@ -69,7 +69,7 @@ def test_stepdown_without_leader_is_a_clear_error(nats_url: str, unique_name: st
 
 
 def test_status_unreachable_nats(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pycluster.embedded import free_port
+    from pycluster.kernel.embedded import free_port
 
     monkeypatch.setenv("PYCLUSTER_CONNECT_TIMEOUT", "0.5")  # settings apply to the CLI too
     monkeypatch.setenv("PYCLUSTER_RECONNECT_WAIT", "0.1")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from pycluster import NatsUnavailableError, Platform
-from pycluster.connection import connect
-from pycluster.embedded import find_nats_server, free_port
+from pycluster.kernel.connection import connect
+from pycluster.kernel.embedded import find_nats_server, free_port
+from pycluster.kernel.settings import load_settings
 from pycluster.plugins import create_plugin_manager
-from pycluster.settings import load_settings
 from pycluster.testing.pytest_plugin import require
 
 pytestmark = pytest.mark.timeout(60)

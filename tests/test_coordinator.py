@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from pycluster import App, ConfigError, Context, Singleton, Spread, Stage, StageOrder, hookimpl
-from pycluster import coordinator as coordinator_mod
-from pycluster.coordinator import StageEvent
-from pycluster.registry import FailurePolicy
+from pycluster.kernel import coordinator as coordinator_mod
+from pycluster.kernel.coordinator import StageEvent
+from pycluster.kernel.registry import FailurePolicy
 from pycluster.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)

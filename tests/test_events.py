@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pycluster import App, ConfigError, Event, InvalidNameError, Middleware, Spread
-from pycluster.errors import PayloadTooLargeError
+from pycluster.kernel.errors import PayloadTooLargeError
 from pycluster.middleware import use
 from pycluster.testing import wait_for
 

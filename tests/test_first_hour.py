@@ -31,9 +31,9 @@ from pycluster import (
 )
 from pycluster.cli.inspect import request_stepdown
 from pycluster.cli.main import cli
-from pycluster.embedded import EmbeddedServerLock
-from pycluster.errors import EmbeddedServerConflictError
-from pycluster.platform import stepdown_subject
+from pycluster.kernel.embedded import EmbeddedServerLock
+from pycluster.kernel.errors import EmbeddedServerConflictError
+from pycluster.kernel.platform import stepdown_subject
 from pycluster.plugins import create_plugin_manager, hookimpl
 from pycluster.testing import NatsCluster, wait_for
 
@@ -271,7 +271,7 @@ async def test_a_second_embedded_server_of_a_platform_is_refused(tmp_path: Path)
 def test_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import os, sys
-        from pycluster.embedded import EmbeddedServerLock
+        from pycluster.kernel.embedded import EmbeddedServerLock
         lock = EmbeddedServerLock({str(tmp_path)!r}, "p")
         lock.acquire()
         lock.describe(node_id="n1")

@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from pycluster import App, ConfigError, Singleton
-from pycluster.context import Context
-from pycluster.embedded import EmbeddedNatsServer
-from pycluster.health import CheckStatus, PlatformHealth
+from pycluster.builtin.health.checks import CheckStatus, PlatformHealth
 from pycluster.httpserver import HttpServer, Response, parse_addr
+from pycluster.kernel.context import Context
+from pycluster.kernel.embedded import EmbeddedNatsServer
 from pycluster.testing import NatsServer, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -24,13 +24,13 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from pycluster import App, Election, NodeFailedError, Singleton
-from pycluster import natsutil as nu
-from pycluster.aio import cancel_and_wait, supervise
-from pycluster.election import parse_lease, parse_ttl_header
-from pycluster.membership import validate_member
+from pycluster.kernel import natsutil as nu
+from pycluster.kernel.aio import cancel_and_wait, supervise
+from pycluster.kernel.election import parse_lease, parse_ttl_header
+from pycluster.kernel.membership import validate_member
+from pycluster.kernel.platform import stepdown_subject
+from pycluster.kernel.registry import Stage, StageOrder
 from pycluster.middleware import AuthMiddleware, use
-from pycluster.platform import stepdown_subject
-from pycluster.registry import Stage, StageOrder
 from pycluster.testing import wait_for
 from pycluster.testing.chaos import Witness
 from pycluster.testing.nodes import NodeCluster

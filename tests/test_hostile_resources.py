@@ -40,9 +40,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pycluster import App, OnNodes, Platform, RemoteError, Request, Singleton, ToNode
 from pycluster import httpserver as httpserver_mod
-from pycluster.names import app_subject, platform_subject
+from pycluster.builtin.rpc.service import H_CALL, OVERLOADED, rpc_service
+from pycluster.kernel.names import app_subject, platform_subject
 from pycluster.plugins import create_plugin_manager
-from pycluster.rpc import H_CALL, OVERLOADED, rpc_service
 from pycluster.testing import wait_for
 from pycluster.testing.nodes import NodeCluster
 
@@ -631,7 +631,7 @@ def test_server_selector_avoids_a_marked_server() -> None:
 
     from nats.aio.client import Server
 
-    from pycluster.connection import ServerSelector
+    from pycluster.kernel.connection import ServerSelector
 
     pool = [Server(urlparse(f"nats://127.0.0.1:{port}")) for port in (1, 2, 3)]
     sel = ServerSelector(wait=0.5)

@@ -21,7 +21,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from pycluster import natsutil as nu
+from pycluster.kernel import natsutil as nu
 from pycluster.testing import NatsServer
 from pycluster.testing.chaos import Witness
 from pycluster.testing.nodes import NodeCluster

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pycluster.registry import BackendRegistry, ConfigRegistry, OptionRegistry
+from pycluster.kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = "pycluster"

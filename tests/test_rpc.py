@@ -18,8 +18,8 @@ from pycluster import (
     Singleton,
     Spread,
 )
-from pycluster.errors import InvalidNameError
-from pycluster.rpc import rpc_service
+from pycluster.builtin.rpc.service import rpc_service
+from pycluster.kernel.errors import InvalidNameError
 from pycluster.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -134,7 +134,7 @@ async def test_broadcast_reports_a_slow_node_as_timeout(make_platform: Any) -> N
 
 def _nodes(app: App) -> list[str]:
     assert app.platform is not None and app.platform.membership is not None
-    from pycluster.rpc import _running
+    from pycluster.builtin.rpc.service import _running
 
     return _running(app.platform.membership.members, app.name)
 

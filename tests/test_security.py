@@ -33,11 +33,11 @@ from pycluster import (
     Singleton,
 )
 from pycluster.backend import HealthCheck
+from pycluster.builtin.rpc.service import rpc_service
 from pycluster.cli.main import cli
+from pycluster.kernel.platform import stepdown_subject
 from pycluster.middleware import SIG_HEADER, use
-from pycluster.platform import stepdown_subject
 from pycluster.plugins import create_plugin_manager
-from pycluster.rpc import rpc_service
 from pycluster.signing import generate_keypair
 from pycluster.testing import NatsServer, wait_for
 
@@ -109,7 +109,7 @@ async def test_a_password_url_is_never_shown_in_status_logs_or_cli_errors(
 
 
 def test_secret_settings_are_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pycluster.settings import load_settings
+    from pycluster.kernel.settings import load_settings
 
     monkeypatch.setenv("PYCLUSTER_NATS_PASSWORD", PASSWORD)
     monkeypatch.setenv("PYCLUSTER_NATS_TOKEN", TOKEN)

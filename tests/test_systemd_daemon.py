@@ -26,7 +26,7 @@ import pytest
 
 import pycluster
 from pycluster.testing import require, wait_for_sync
-from pycluster.testing.systemd import SystemdContainer, systemd_available
+from pycluster.testing.engines.systemd import SystemdContainer, systemd_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

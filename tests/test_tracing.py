@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from pycluster import App, Singleton
-from pycluster.apibus import ToLeader
+from pycluster.builtin.api.bus import ToLeader
+from pycluster.builtin.tracing.spans import current_trace_id, extract, get_tracer, inject
 from pycluster.testing import wait_for
 from pycluster.testing.nodes import NodeCluster
-from pycluster.tracing import current_trace_id, extract, get_tracer, inject
 
 pytestmark = pytest.mark.timeout(120)
 

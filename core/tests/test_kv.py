@@ -1,4 +1,4 @@
-"""`pycluster.kv.AppKV` against a real nats-server (no mocks)."""
+"""`pycluster.kernel.kv.AppKV` against a real nats-server (no mocks)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from pycluster.errors import (
+from pycluster.kernel.errors import (
     InvalidNameError,
     KeyExistsError,
     PayloadTooLargeError,
     RevisionMismatchError,
 )
-from pycluster.kv import AppKV, KVWatcher, WatchEvent
+from pycluster.kernel.kv import AppKV, KVWatcher, WatchEvent
 from pycluster.testing import NatsServer
 
 # ``nats_url``: the shared session server of pycluster.testing.pytest_plugin (it finds the
@@ -210,7 +210,7 @@ async def test_watch_recovers_from_a_silent_watcher(kv: AppKV, js: JetStreamCont
 @pytest.mark.timeout(60)
 async def test_watch_reports_expiry(js: JetStreamContext) -> None:
     # Expiry markers exist only with limit_marker_ttl (NATS-FACTS): use a lease-style bucket.
-    from pycluster import natsutil
+    from pycluster.kernel import natsutil
 
     bucket = f"exp_{uuid.uuid4().hex[:8]}"
     await natsutil.ensure_kv(js, bucket, marker_ttl=1)

@@ -19,9 +19,9 @@ from pycluster import (
     ReadNotConfirmedError,
     RevisionMismatchError,
 )
-from pycluster import natsutil as nu
-from pycluster.kv import AppKV
-from pycluster.locks import LockService
+from pycluster.kernel import natsutil as nu
+from pycluster.kernel.kv import AppKV
+from pycluster.kernel.locks import LockService
 from pycluster.testing import NatsCluster
 from pycluster.testing.wait import wait_for
 

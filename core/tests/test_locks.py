@@ -1,4 +1,5 @@
-"""`pycluster.locks` against a real nats-server: exclusion across processes, FIFO, fencing, TTL."""
+"""`pycluster.kernel.locks` against a real nats-server: exclusion across processes, FIFO, fencing,
+TTL."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 import pycluster
-from pycluster import natsutil
-from pycluster.errors import InvalidNameError, LockLostError, LockTimeoutError
-from pycluster.kv import AppKV
-from pycluster.locks import Lock, LockHolder, LockService
+from pycluster.kernel import natsutil
+from pycluster.kernel.errors import InvalidNameError, LockLostError, LockTimeoutError
+from pycluster.kernel.kv import AppKV
+from pycluster.kernel.locks import Lock, LockHolder, LockService
 from pycluster.testing import NatsServer
 
 SRC = str(Path(pycluster.__file__).resolve().parent.parent)
@@ -338,8 +339,8 @@ async def test_lock_and_waiter_survive_a_server_restart() -> None:
 COUNTER_WORKER = r"""
 import asyncio, sys
 import nats
-from pycluster.kv import AppKV
-from pycluster.locks import LockService
+from pycluster.kernel.kv import AppKV
+from pycluster.kernel.locks import LockService
 
 async def main(url, locks, data, n, ident):
     nc = await nats.connect(url)
@@ -362,7 +363,7 @@ asyncio.run(main(*sys.argv[1:]))
 HOLDER = r"""
 import asyncio, sys
 import nats
-from pycluster.locks import LockService
+from pycluster.kernel.locks import LockService
 
 async def main(url, locks, name, owner, ttl):
     nc = await nats.connect(url)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pycluster import App, InvalidNameError
-from pycluster.names import bucket, platform_subject, validate_ident, validate_key, validate_pattern
+from pycluster.kernel.names import (
+    bucket,
+    platform_subject,
+    validate_ident,
+    validate_key,
+    validate_pattern,
+)
 
 
 @pytest.mark.parametrize("name", ["prod", "node-1", "a_b", "A9", "x" * 64])

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from pycluster.backend import base_environ, scrubbed_environ
-from pycluster.errors import ConfigError, UnauthorizedError
+from pycluster.kernel.errors import ConfigError, UnauthorizedError
+from pycluster.kernel.settings import load_settings, redact_text, server_address
 from pycluster.middleware import SIG_HEADER, SignedAuth
 from pycluster.natsauth import NatsUser, check_collisions, generate, permissions
-from pycluster.settings import load_settings, redact_text, server_address
 from pycluster.signing import SigningKey, VerifyingKey, generate_keypair, load_seed
 
 

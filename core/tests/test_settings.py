@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pycluster import ConfigError, Platform
+from pycluster.kernel.settings import load_settings
 from pycluster.plugins import create_plugin_manager
-from pycluster.settings import load_settings
 
 
 def test_defaults() -> None:
@@ -125,7 +125,7 @@ def test_secrets_are_never_echoed() -> None:
 def test_unknown_pycluster_variable_warns_with_the_closest_name(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pycluster import settings
+    from pycluster.kernel import settings
 
     monkeypatch.setattr(settings, "_warned_env", set())
     monkeypatch.setenv("PYCLUSTER_LEASE_TTTL", "3")
@@ -141,10 +141,10 @@ def test_unknown_pycluster_variable_warns_with_the_closest_name(
 
 def test_every_pycluster_variable_the_project_uses_is_known() -> None:
     """A new ``PYCLUSTER_*`` variable read outside the settings must be listed in
-    ``pycluster.settings.OTHER_ENV_VARS``, or every user setting it gets a typo warning."""
+    ``pycluster.kernel.settings.OTHER_ENV_VARS``, or every user setting it gets a typo warning."""
     import re
 
-    from pycluster.settings import OTHER_ENV_VARS, PlatformSettings
+    from pycluster.kernel.settings import OTHER_ENV_VARS, PlatformSettings
 
     root = Path(__file__).resolve().parents[2]
     known = {"PYCLUSTER_" + f.upper() for f in PlatformSettings.model_fields} | set(OTHER_ENV_VARS)

@@ -14,15 +14,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from pycluster.testing.netns import NetNamespaces, netns_available
-from pycluster.testing.podman import (
+from pycluster.testing.engines.netns import NetNamespaces, netns_available
+from pycluster.testing.engines.podman import (
     PodmanService,
     build_busybox_image,
     image_exists,
     podman,
     podman_available,
 )
-from pycluster.testing.systemd import SystemdContainer, build_systemd_image, systemd_available
+from pycluster.testing.engines.systemd import (
+    SystemdContainer,
+    build_systemd_image,
+    systemd_available,
+)
 from pycluster.testing.wait import wait_for_sync
 
 pytestmark = pytest.mark.slow

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .apibus import ForKey, ToAny, ToLeader, ToNode
-from .app import App
-from .audit import AuditEntry, AuditFilter
 from .backend import HealthCheck
-from .breaker import BreakerPolicy
+from .builtin.api.breaker import BreakerPolicy
+from .builtin.api.bus import ForKey, ToAny, ToLeader, ToNode
+from .builtin.audit.log import AuditEntry, AuditFilter, correlation
+from .builtin.events.bus import Event
+from .builtin.health.checks import CheckResult, CheckStatus
 from .builtin.process import Process
-from .context import Context
-from .errors import (
+from .builtin.rpc.service import RetryPolicy
+from .kernel.app import App
+from .kernel.context import Context
+from .kernel.errors import (
     CallTimeoutError,
     CircuitOpenError,
     ConfigError,
@@ -40,15 +43,12 @@ from .errors import (
     UnauthorizedError,
     UnclaimedOptionError,
 )
-from .events import Event
-from .health import CheckResult, CheckStatus
+from .kernel.options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
+from .kernel.platform import Platform
+from .kernel.registry import FailurePolicy, Stage, StageOrder
+from .kernel.types import Role
 from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
-from .options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
-from .platform import Platform
 from .plugins import hookimpl
-from .registry import FailurePolicy, Stage, StageOrder
-from .rpc import RetryPolicy
-from .types import Role
 
 __all__ = [
     "App",
@@ -107,5 +107,6 @@ __all__ = [
     "UnauthorizedError",
     "UnclaimedOptionError",
     "__version__",
+    "correlation",
     "hookimpl",
 ]

@@ -61,14 +61,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from . import fenceguard
-from .aio import supervise
-from .context import Context
-from .errors import ConfigError, PyclusterError
+from .kernel.aio import supervise
+from .kernel.context import Context
+from .kernel.errors import ConfigError, PyclusterError
 
 if TYPE_CHECKING:
-    from .coordinator import AppRuntime
-    from .platform import Platform
-    from .registry import Stage
+    from .kernel.coordinator import AppRuntime
+    from .kernel.platform import Platform
+    from .kernel.registry import Stage
 
 log = logging.getLogger("pycluster.backend")
 
@@ -476,7 +476,7 @@ def backend_stage(
     :param order: position in the sequence; default `StageOrder.BACKEND` (after the VIP).
     :param timeout: bound of start and of stop; default the app's hook timeout.
     """
-    from .registry import Stage, StageOrder
+    from .kernel.registry import Stage, StageOrder
 
     return Stage(
         name=name, order=StageOrder.BACKEND if order is None else order,

@@ -27,7 +27,7 @@ import msgpack
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
-from .errors import ConfigError
+from .kernel.errors import ConfigError
 
 CONTENT_TYPE = "Content-Type"
 OCTET_STREAM = "application/octet-stream"

@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     import click
     from prometheus_client import CollectorRegistry
 
-    from .app import App
-    from .audit import AuditCategoryRegistry
-    from .election import Election
-    from .health import PlatformHealth
-    from .platform import Platform
-    from .registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
-    from .types import NodeInfo
+    from .builtin.audit.log import AuditCategoryRegistry
+    from .builtin.health.checks import PlatformHealth
+    from .kernel.app import App
+    from .kernel.election import Election
+    from .kernel.platform import Platform
+    from .kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
+    from .kernel.types import NodeInfo
 
 hookspec = pluggy.HookspecMarker("pycluster")
 
@@ -128,7 +128,7 @@ def pycluster_election(app: App, platform: Platform, keys: list[str]) -> Electio
 
     Called once when an elected app (Singleton, Replicas) starts on this node. Stops at the
     first non-None result; the core default is the NATS KV lease election
-    (`pycluster.election.LeaseElection`).
+    (`pycluster.kernel.election.LeaseElection`).
 
     :param app: the app that campaigns.
     :param platform: its platform (connection, node id, settings).
@@ -170,10 +170,11 @@ def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> N
     """Join the failover sequence of one app with ordered stages.
 
     Called once per app when the platform starts it. Each stage has an ``order`` (see
-    `pycluster.registry.StageOrder`), async ``activate(ctx)`` / ``deactivate(ctx)`` and a timeout.
+    `pycluster.kernel.registry.StageOrder`), async ``activate(ctx)`` / ``deactivate(ctx)`` and a
+    timeout.
     Becoming active runs stages in ascending order; stepping down runs the activated ones in
     reverse. A stage that fails or times out is handled by its ``on_failure`` policy
-    (`pycluster.registry.FailurePolicy`): by default the node undoes what ran, steps down and
+    (`pycluster.kernel.registry.FailurePolicy`): by default the node undoes what ran, steps down and
     backs off; ``RETRY`` re-runs the stage first; ``CONTINUE`` carries on (optional stages).
 
     :param app: the app whose sequence is being built.

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .errors import ConfigError
+from .kernel.errors import ConfigError
 
 log = logging.getLogger("pycluster.http")
 

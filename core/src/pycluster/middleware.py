@@ -37,13 +37,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ConfigError, UnauthorizedError
-from .names import validate_ident
+from .kernel.errors import ConfigError, UnauthorizedError
+from .kernel.names import validate_ident
 from .signing import SignatureError, SigningKey, VerifyingKey, load_seed
 
 if TYPE_CHECKING:
-    from .events import Event
-    from .platform import Platform
+    from .builtin.events.bus import Event
+    from .kernel.platform import Platform
 
 log = logging.getLogger("pycluster.middleware")
 
@@ -258,7 +258,7 @@ def use(platform: Platform, *middleware: object) -> None:
 
         pycluster.middleware.use(platform, AuthMiddleware(token=os.environ["API_TOKEN"]))
     """
-    from .rpc import rpc_service
+    from .builtin.rpc.service import rpc_service
 
     chain = rpc_service(platform).middleware
     for mw in middleware:

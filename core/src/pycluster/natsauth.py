@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import ConfigError
-from .names import bucket, validate_ident
+from .kernel.errors import ConfigError
+from .kernel.names import bucket, validate_ident
 from .signing import SigningKey, generate_keypair
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-    from .settings import PlatformSettings
+    from .kernel.settings import PlatformSettings
 
 __all__ = [
     "Credential",
@@ -416,10 +416,10 @@ async def provision(
     plugin). Returns the names of the streams created. Run it with the operator's
     credentials before nodes whose users may not create streams start.
     """
-    from . import natsutil as nu
-    from .audit import audit_stream_config
-    from .events import events_stream_config
-    from .settings import load_settings
+    from .builtin.audit.log import audit_stream_config
+    from .builtin.events.bus import events_stream_config
+    from .kernel import natsutil as nu
+    from .kernel.settings import load_settings
 
     s = settings or load_settings(name=platform, node_id="provision")
     r = s.stream_replicas

@@ -24,8 +24,8 @@ from .backend import BackendHealth, RestartPolicy
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from .app import App
-    from .platform import Platform
+    from .kernel.app import App
+    from .kernel.platform import Platform
 
 __all__ = [
     "BackendCollector",

@@ -32,7 +32,7 @@ ENTRY_POINT_GROUP = "pycluster"
 # Core defaults: ordinary plugin modules, registered first and marked trylast so that any
 # installed plugin implementing the same hook is asked first.
 CORE_PLUGINS: dict[str, str] = {
-    "election": "pycluster.builtin.election",
+    "election": "pycluster.builtin.election.plugin",
     "placement": "pycluster.builtin.placement",
     "process": "pycluster.builtin.process",
 }

@@ -25,7 +25,7 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 
-from .errors import ConfigError, PyclusterError
+from .kernel.errors import ConfigError, PyclusterError
 
 __all__ = [
     "SignatureError",

@@ -9,7 +9,7 @@ from typing import Any
 import docker
 import pytest
 
-from pycluster.testing.podman import PodmanService, build_busybox_image, podman_available
+from pycluster.testing.engines.podman import PodmanService, build_busybox_image, podman_available
 from pycluster.testing.pytest_plugin import require
 
 

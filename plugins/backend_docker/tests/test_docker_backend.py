@@ -15,10 +15,10 @@ import pytest
 
 import pycluster_docker.plugin as docker_plugin
 from pycluster import App, Platform
-from pycluster.context import Context
-from pycluster.embedded import free_port
+from pycluster.kernel.context import Context
+from pycluster.kernel.embedded import free_port
 from pycluster.plugins import create_plugin_manager
-from pycluster.testing.podman import PodmanService, build_busybox_image
+from pycluster.testing.engines.podman import PodmanService, build_busybox_image
 from pycluster.testing.wait import wait_for
 from pycluster_docker import Docker, DockerBackend, DockerBackendError
 

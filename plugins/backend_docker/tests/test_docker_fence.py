@@ -23,8 +23,8 @@ import docker
 import pytest
 
 from pycluster import fenceguard
+from pycluster.testing.engines.podman import PodmanService, build_busybox_image
 from pycluster.testing.nodes import NodeCluster
-from pycluster.testing.podman import PodmanService, build_busybox_image
 from pycluster.testing.wait import wait_for
 
 pytestmark = pytest.mark.timeout(300)

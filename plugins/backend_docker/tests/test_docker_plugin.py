@@ -9,10 +9,10 @@ import pytest
 import pycluster_docker.plugin as docker_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.settings import AppConfig
 from pycluster.plugins import create_plugin_manager
-from pycluster.registry import ConfigRegistry, StageOrder, StageRegistry
-from pycluster.settings import AppConfig
 from pycluster_docker import Docker
 from pycluster_docker.backend import ExecHealth, engine_url
 from pycluster_docker.options import normalize_ports, normalize_volumes, restart_policy

@@ -19,11 +19,11 @@ import pytest
 
 import pycluster_systemd.plugin as systemd_plugin
 from pycluster import App, Platform
-from pycluster.context import Context
+from pycluster.kernel.context import Context
 from pycluster.plugins import create_plugin_manager
+from pycluster.testing.engines.systemd import SystemdContainer, systemd_available
 from pycluster.testing.nodes import NodeCluster
 from pycluster.testing.pytest_plugin import require
-from pycluster.testing.systemd import SystemdContainer, systemd_available
 from pycluster.testing.wait import wait_for
 from pycluster_systemd import Systemd, SystemdBackend, SystemdUnitError
 

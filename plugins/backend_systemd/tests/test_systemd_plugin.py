@@ -10,10 +10,10 @@ import pytest
 import pycluster_systemd.plugin as systemd_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.settings import AppConfig
 from pycluster.plugins import create_plugin_manager
-from pycluster.registry import ConfigRegistry, StageOrder, StageRegistry
-from pycluster.settings import AppConfig
 from pycluster_systemd import Systemd
 from pycluster_systemd.backend import RestartPolicy
 from pycluster_systemd.options import PREFIX_ENV

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import Node, insert, rows
 
-from pycluster.errors import NotLeaderError
+from pycluster.kernel.errors import NotLeaderError
 from pycluster.testing.wait import wait_for
 from pycluster_sqlite import open_replica
 from pycluster_sqlite.walindex import WalIndex

@@ -13,10 +13,10 @@ import yaml
 import pycluster_sqlite.plugin as sqlite_plugin
 from pycluster import App, Platform, Replicas, Singleton
 from pycluster.cli.config_apps import build_app
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.settings import AppConfig
 from pycluster.plugins import create_plugin_manager
-from pycluster.registry import ConfigRegistry, StageOrder, StageRegistry
-from pycluster.settings import AppConfig
 from pycluster_sqlite import (
     NotWALModeError,
     PathNotWritableError,

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from pycluster.embedded import find_nats_server
-from pycluster.testing.netns import NetNamespaces, netns_available
+from pycluster.kernel.embedded import find_nats_server
+from pycluster.testing.engines.netns import NetNamespaces, netns_available
 from pycluster.testing.nodes import NodeCluster, NodeProc
 from pycluster.testing.pytest_plugin import require
 from pycluster.testing.wait import wait_for

@@ -18,10 +18,10 @@ import pytest
 
 import pycluster_vip.plugin as vip_plugin
 from pycluster import App, Platform
-from pycluster.audit import AuditReader
+from pycluster.builtin.audit.log import AuditReader
 from pycluster.builtin.process import Process
 from pycluster.plugins import create_plugin_manager
-from pycluster.testing.netns import NetNamespaces, netns_available
+from pycluster.testing.engines.netns import NetNamespaces, netns_available
 from pycluster.testing.pytest_plugin import require
 from pycluster.testing.wait import wait_for
 from pycluster_vip import VIP, VipError, VipManager

@@ -11,10 +11,10 @@ import pytest
 import pycluster_vip.plugin as vip_plugin
 from pycluster import App, Platform
 from pycluster.cli.config_apps import build_app
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.settings import AppConfig
 from pycluster.plugins import create_plugin_manager
-from pycluster.registry import ConfigRegistry, StageOrder, StageRegistry
-from pycluster.settings import AppConfig
 from pycluster.testing.pytest_plugin import require
 from pycluster_vip import VIP
 from pycluster_vip.arp import garp_frames, mac_bytes, parse_frame

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 from ..plugins import hookimpl
 
 if TYPE_CHECKING:
-    from ..app import App
-    from ..types import NodeInfo
+    from ..kernel.app import App
+    from ..kernel.types import NodeInfo
 
 
 @hookimpl(trylast=True)

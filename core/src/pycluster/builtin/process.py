@@ -60,15 +60,15 @@ from ..backend import (
     guard_deadline_line,
     guard_deadlines,
 )
-from ..context import Context
-from ..errors import ConfigError
+from ..kernel.context import Context
+from ..kernel.errors import ConfigError
+from ..kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 from ..plugins import hookimpl
-from ..registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
 if TYPE_CHECKING:
-    from ..app import App
-    from ..coordinator import AppRuntime
-    from ..platform import Platform
+    from ..kernel.app import App
+    from ..kernel.coordinator import AppRuntime
+    from ..kernel.platform import Platform
 
 log = logging.getLogger("pycluster.process")
 

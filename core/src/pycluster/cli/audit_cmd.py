@@ -20,14 +20,14 @@ import time
 import click
 import nats.js.errors
 
-from ..audit import (
+from ..builtin.audit.log import (
     CORE_CATEGORIES,
     AuditCategoryRegistry,
     AuditEntry,
     AuditFilter,
     AuditReader,
 )
-from ..errors import ConfigError, PyclusterError
+from ..kernel.errors import ConfigError, PyclusterError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

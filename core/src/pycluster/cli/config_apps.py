@@ -22,13 +22,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..app import App
-from ..errors import ConfigError
-from ..options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
-from ..platform import Platform
+from ..kernel.app import App
+from ..kernel.errors import ConfigError
+from ..kernel.options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
+from ..kernel.platform import Platform
+from ..kernel.registry import ConfigRegistry
+from ..kernel.settings import AppConfig, load_settings
 from ..plugins import PluginManager
-from ..registry import ConfigRegistry
-from ..settings import AppConfig, load_settings
 
 
 def build_app(cfg: AppConfig, sections: ConfigRegistry) -> App:

@@ -15,11 +15,11 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from .. import natsutil as nu
-from ..connection import connect
-from ..coordinator import check_step_down
-from ..embedded import LocalCredentials, find_embedded
-from ..errors import (
+from ..kernel import natsutil as nu
+from ..kernel.connection import connect
+from ..kernel.coordinator import check_step_down
+from ..kernel.embedded import LocalCredentials, find_embedded
+from ..kernel.errors import (
     ConfigError,
     NoInstanceError,
     NoLiveNodesError,
@@ -27,9 +27,9 @@ from ..errors import (
     PyclusterError,
     UnauthorizedError,
 )
-from ..names import validate_ident
-from ..platform import stepdown_subject
-from ..settings import PlatformSettings, load_settings, redact_url
+from ..kernel.names import validate_ident
+from ..kernel.platform import stepdown_subject
+from ..kernel.settings import PlatformSettings, load_settings, redact_url
 
 if TYPE_CHECKING:
     from ..middleware import SignedAuth
@@ -45,7 +45,8 @@ def cli_settings(nats_url: str | None, platform: str,
     the credentials of the environment (``PYCLUSTER_NATS_USER`` / ``_PASSWORD`` / ``_TOKEN``
     / ``_NKEY_SEED`` / ``_CREDS``, ``PYCLUSTER_INBOX_PREFIX``: what ``pycluster nats-config``
     writes for its operator user). Without one, the local embedded server of ``platform`` is
-    looked up (`pycluster.embedded.find_embedded`) under the parent of ``data_dir`` (the node's
+    looked up (`pycluster.kernel.embedded.find_embedded`) under the parent of ``data_dir`` (the
+    node's
     data directory) or the default data directory, and its URL and credentials file are used;
     failing that, ``nats://127.0.0.1:4222``.
     """

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import PyclusterError
+from ..kernel.errors import PyclusterError
+from ..kernel.settings import redact_text
 from ..plugins import PluginManager, create_plugin_manager
-from ..settings import redact_text
 from .audit_cmd import audit_cmd
 from .security_cmd import nats_config_cmd, provision_cmd
 
 if TYPE_CHECKING:
-    from ..platform import Platform
+    from ..kernel.platform import Platform
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
@@ -84,7 +84,7 @@ def plugins_cmd(pm: PluginManager, output: str) -> None:
 def _load_target(target: str) -> Platform:
     """The Platform that ``module:attribute`` names (an attribute may be a function returning
     one); a clear usage error for a module, attribute or object that is not what it should."""
-    from ..platform import Platform
+    from ..kernel.platform import Platform
 
     module, _, attr = target.partition(":")
     if not module or not attr:
@@ -157,7 +157,7 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     3 an internal task died and could not be restarted (the node left);
     4 another process took this node id over (confirmed; the node left).
     """
-    from ..sdnotify import run_platform
+    from ..builtin.sdnotify import run_platform
     from .config_apps import apps_from_config, platform_from_config
 
     _setup_logging(log_level)
@@ -276,7 +276,7 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
 def demo_cmd(lease_ttl: float, nodes: int) -> None:
     """A whole failover story on an embedded nats-server: election, SIGKILL of the leader,
     failover, graceful handover. Exits by itself."""
-    from ..demo import run_demo
+    from .demo import run_demo
 
     try:
         sys.exit(asyncio.run(run_demo(lease_ttl=lease_ttl, size=nodes)))

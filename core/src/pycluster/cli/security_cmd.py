@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError, PyclusterError
-from ..names import validate_ident
+from ..kernel.errors import ConfigError, PyclusterError
+from ..kernel.names import validate_ident
+from ..kernel.settings import PlatformSettings, load_settings
 from ..natsauth import generate, provision
 from ..plugins import PluginManager
-from ..settings import PlatformSettings, load_settings
 
 SQLITE_PLUGIN = "sqlite"
 
@@ -168,7 +168,7 @@ def provision_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...
     """Create the platform's buckets and streams (as nodes would) with the operator's
     credentials, for nodes whose NATS users may not create streams (`pycluster nats-config`).
     Existing ones are kept as they are."""
-    from ..connection import connect
+    from ..kernel.connection import connect
     from .main import _fail
 
     try:

@@ -5,7 +5,7 @@ strict mode live in :mod:`pycluster.testing.pytest_plugin`, enabled by the ``pyt
 point of pycluster-core.
 """
 
-from pycluster.embedded import (
+from pycluster.kernel.embedded import (
     EmbeddedNatsServer,
     NatsServerError,
     NatsServerNotFoundError,

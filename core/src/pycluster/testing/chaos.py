@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import LockLostError, LockTimeoutError, RevisionMismatchError
+from ..kernel.errors import LockLostError, LockTimeoutError, RevisionMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ async def run_chaos(
     """
     import nats as nats_py
 
-    from ..kv import AppKV
+    from ..kernel.kv import AppKV
     from .nodes import NodeCluster
     from .servers import NatsCluster
 

@@ -18,10 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..app import App
-from ..platform import Platform
+from ..builtin.tracing.spans import current_trace_id
+from ..kernel.app import App
+from ..kernel.platform import Platform
 from ..plugins import hookimpl
-from ..tracing import current_trace_id
 
 
 def setup(ns: argparse.Namespace) -> list[Any]:

@@ -28,7 +28,7 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
-from pycluster.embedded import find_nats_server
+from pycluster.kernel.embedded import find_nats_server
 
 from .servers import NatsCluster, NatsServer
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..app import App
-from ..context import Context
-from ..events import Event
-from ..platform import Platform
+from ..builtin.events.bus import Event
+from ..kernel.app import App
+from ..kernel.context import Context
+from ..kernel.platform import Platform
 
 
 def options(ns: argparse.Namespace) -> list[Any]:

@@ -36,7 +36,7 @@ import nats
 import nats.errors
 from nats.js.api import StorageType, StreamConfig
 
-from pycluster.embedded import (
+from pycluster.kernel.embedded import (
     EmbeddedNatsServer,
     NatsServerError,
     find_nats_server,

@@ -35,14 +35,14 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from pycluster.aio import cancel_and_wait
 from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy, fencing_env
-from pycluster.context import Context
+from pycluster.kernel.aio import cancel_and_wait
+from pycluster.kernel.context import Context
 
 if TYPE_CHECKING:
-    from pycluster.app import App
-    from pycluster.coordinator import AppRuntime
-    from pycluster.platform import Platform
+    from pycluster.kernel.app import App
+    from pycluster.kernel.coordinator import AppRuntime
+    from pycluster.kernel.platform import Platform
 
     from .options import Docker
 

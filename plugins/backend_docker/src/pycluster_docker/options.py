@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from pycluster.backend import BackendHealth
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
     from .backend import DockerBackend

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pycluster.backend import backend_stage
+from pycluster.kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 from pycluster.pluginkit import BackendCollector, backend_health_check, claim_with_health_check
 from pycluster.plugins import hookimpl
-from pycluster.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
 from .backend import DEFAULT_SOCKETS, DockerBackend, engine_url, make_client
 from .options import Docker, DockerSection, docker_from_section
@@ -26,9 +26,9 @@ from .options import Docker, DockerSection, docker_from_section
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from pycluster.app import App
-    from pycluster.audit import AuditCategoryRegistry
-    from pycluster.platform import Platform
+    from pycluster.builtin.audit.log import AuditCategoryRegistry
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
 
 PLUGIN = "docker"
 

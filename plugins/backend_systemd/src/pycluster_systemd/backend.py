@@ -35,7 +35,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from pycluster.aio import cancel_and_wait
 from pycluster.backend import (
     BackendError,
     BackendHealth,
@@ -43,12 +42,13 @@ from pycluster.backend import (
     RestartPolicy,
     scrubbed_environ,
 )
-from pycluster.context import Context
+from pycluster.kernel.aio import cancel_and_wait
+from pycluster.kernel.context import Context
 
 if TYPE_CHECKING:
-    from pycluster.app import App
-    from pycluster.coordinator import AppRuntime
-    from pycluster.platform import Platform
+    from pycluster.kernel.app import App
+    from pycluster.kernel.coordinator import AppRuntime
+    from pycluster.kernel.platform import Platform
 
     from .options import Systemd
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from pycluster.backend import BackendHealth
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
     from .backend import SystemdBackend

@@ -17,9 +17,9 @@ import shutil
 from typing import TYPE_CHECKING
 
 from pycluster.backend import backend_stage
+from pycluster.kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 from pycluster.pluginkit import BackendCollector, backend_health_check, claim_with_health_check
 from pycluster.plugins import hookimpl
-from pycluster.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
 
 from .backend import SystemdBackend
 from .options import PREFIX_ENV, Systemd, SystemdSection, split_prefix, systemd_from_section
@@ -27,9 +27,9 @@ from .options import PREFIX_ENV, Systemd, SystemdSection, split_prefix, systemd_
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from pycluster.app import App
-    from pycluster.audit import AuditCategoryRegistry
-    from pycluster.platform import Platform
+    from pycluster.builtin.audit.log import AuditCategoryRegistry
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
 
 PLUGIN = "systemd"
 

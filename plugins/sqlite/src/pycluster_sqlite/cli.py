@@ -19,10 +19,10 @@ from typing import Any
 import click
 from nats.aio.client import Client as NATS
 
-from pycluster.connection import connect
-from pycluster.errors import PyclusterError
-from pycluster.names import bucket, validate_ident
-from pycluster.settings import PlatformSettings, load_settings
+from pycluster.kernel.connection import connect
+from pycluster.kernel.errors import PyclusterError
+from pycluster.kernel.names import bucket, validate_ident
+from pycluster.kernel.settings import PlatformSettings, load_settings
 
 from . import litestream as ls
 from .snapshots import Snapshot, SnapshotStore

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pycluster.errors import ConfigError, PyclusterError
+from pycluster.kernel.errors import ConfigError, PyclusterError
 
 
 class SQLiteError(PyclusterError):

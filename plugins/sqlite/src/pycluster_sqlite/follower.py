@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pycluster.aio import cancel_and_wait
+from pycluster.kernel.aio import cancel_and_wait
 
 from . import dbfile
 from . import litestream as ls

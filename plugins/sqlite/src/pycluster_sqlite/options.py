@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
 
 from .dbfile import VERIFY_MODES
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pycluster.context import Context
-from pycluster.errors import ConfigError
-from pycluster.options import Singleton
+from pycluster.kernel.context import Context
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.options import Singleton
+from pycluster.kernel.registry import ConfigRegistry, OptionRegistry, StageRegistry
 from pycluster.plugins import hookimpl
-from pycluster.registry import ConfigRegistry, OptionRegistry, StageRegistry
 
 from . import dbfile
 from .errors import SQLiteError
@@ -29,9 +29,9 @@ from .runtime import PLUGIN, SQLiteRuntime, runtimes_of
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from pycluster.app import App
-    from pycluster.audit import AuditCategoryRegistry
-    from pycluster.platform import Platform
+    from pycluster.builtin.audit.log import AuditCategoryRegistry
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
 
 
 @hookimpl

@@ -46,12 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pycluster.aio import cancel_and_wait
 from pycluster.builtin.process import Process, ProcessBackend
-from pycluster.context import Context
-from pycluster.names import bucket
-from pycluster.registry import FailurePolicy, Stage, StageOrder
-from pycluster.settings import secret_value
+from pycluster.kernel.aio import cancel_and_wait
+from pycluster.kernel.context import Context
+from pycluster.kernel.names import bucket
+from pycluster.kernel.registry import FailurePolicy, Stage, StageOrder
+from pycluster.kernel.settings import secret_value
 
 from . import dbfile
 from . import litestream as ls
@@ -71,10 +71,10 @@ from .walindex import WalIndex, WriterRecord, ensure_object_store
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
 
-    from pycluster.app import App
-    from pycluster.coordinator import AppRuntime
-    from pycluster.platform import Platform
-    from pycluster.settings import PlatformSettings
+    from pycluster.kernel.app import App
+    from pycluster.kernel.coordinator import AppRuntime
+    from pycluster.kernel.platform import Platform
+    from pycluster.kernel.settings import PlatformSettings
 
     from .options import SQLite
 
@@ -653,7 +653,7 @@ class SQLiteRuntime:
 
     async def sync(self, timeout: float) -> dict[str, Any]:
         """Upload everything committed so far and wait for it (active instance only)."""
-        from pycluster.errors import NotLeaderError
+        from pycluster.kernel.errors import NotLeaderError
 
         if self.role not in ("active", "promoting"):
             raise NotLeaderError(self.app.name, self.app.leader, self.app.epoch)

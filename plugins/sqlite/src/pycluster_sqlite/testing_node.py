@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pycluster.aio import cancel_and_wait
-from pycluster.app import App
-from pycluster.context import Context
-from pycluster.platform import Platform
+from pycluster.kernel.aio import cancel_and_wait
+from pycluster.kernel.app import App
+from pycluster.kernel.context import Context
+from pycluster.kernel.platform import Platform
 
 from .options import SQLite
 

@@ -37,8 +37,8 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType
 
-from pycluster import natsutil
-from pycluster.aio import cancel_and_wait
+from pycluster.kernel import natsutil
+from pycluster.kernel.aio import cancel_and_wait
 
 from .errors import FencedError
 from .litestream import SNAPSHOT_LEVEL, ltx_name, parse_ltx_name

@@ -34,14 +34,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pycluster.backend import BackendHealth
-from pycluster.context import Context
-from pycluster.errors import PyclusterError
+from pycluster.kernel.context import Context
+from pycluster.kernel.errors import PyclusterError
 
 from .arp import ArpSocket
 
 if TYPE_CHECKING:
-    from pycluster.app import App
-    from pycluster.platform import Platform
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
 
     from .options import VIP
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
-from pycluster.errors import ConfigError
+from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
     from .manager import VipManager, VipStatus

@@ -17,9 +17,15 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pycluster.kernel.registry import (
+    ConfigRegistry,
+    OptionRegistry,
+    Stage,
+    StageOrder,
+    StageRegistry,
+)
 from pycluster.pluginkit import claim_with_health_check
 from pycluster.plugins import hookimpl
-from pycluster.registry import ConfigRegistry, OptionRegistry, Stage, StageOrder, StageRegistry
 
 from .manager import VipManager
 from .options import VIP, VipSection, vip_from_section
@@ -27,9 +33,9 @@ from .options import VIP, VipSection, vip_from_section
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from pycluster.app import App
-    from pycluster.audit import AuditCategoryRegistry
-    from pycluster.platform import Platform
+    from pycluster.builtin.audit.log import AuditCategoryRegistry
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
 
 PLUGIN = "vip"
 CAP_NET_ADMIN = 12

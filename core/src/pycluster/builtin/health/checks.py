@@ -56,19 +56,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .aio import cancel_and_wait, supervise
-from .context import Context
-from .errors import ConfigError
-from .httpserver import HttpServer, Request, Response
-from .names import validate_ident
-from .plugins import call_notify
-from .settings import server_address
-from .types import Role
+from ...httpserver import HttpServer, Request, Response
+from ...kernel.aio import cancel_and_wait, supervise
+from ...kernel.context import Context
+from ...kernel.errors import ConfigError
+from ...kernel.names import validate_ident
+from ...kernel.settings import server_address
+from ...kernel.types import Role
+from ...plugins import call_notify
 
 if TYPE_CHECKING:
-    from .app import App
-    from .coordinator import AppRuntime
-    from .platform import Platform
+    from ...kernel.app import App
+    from ...kernel.coordinator import AppRuntime
+    from ...kernel.platform import Platform
 
 log = logging.getLogger("pycluster.health")
 
@@ -584,7 +584,7 @@ class PlatformHealth:
         extra = {"check": chk.name, "status": status.value, "previous": previous.value,
                  "error": result.error}
         apps = [chk.app] if chk.app is not None else list(p.apps.values())
-        from .coordinator import run_hooks
+        from ...kernel.coordinator import run_hooks
 
         for app in apps:
             rt = p.runtimes.get(app.name)

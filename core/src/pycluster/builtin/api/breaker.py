@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import CallTimeoutError, CircuitOpenError, ConfigError, NoInstanceError, RemoteError
+from ...kernel.errors import (
+    CallTimeoutError,
+    CircuitOpenError,
+    ConfigError,
+    NoInstanceError,
+    RemoteError,
+)
 
 
 class BreakerState(enum.StrEnum):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-from .embedded import EmbeddedNatsServer
-from .testing.nodes import NodeCluster
+from ..kernel.embedded import EmbeddedNatsServer
+from ..testing.nodes import NodeCluster
 
 
 def _say(msg: str, **style: object) -> None:
@@ -33,7 +33,7 @@ def _active_since(cluster: NodeCluster, node: str, after: float) -> float | None
 
 async def run_demo(lease_ttl: float = 2.0, size: int = 3) -> int:
     """Run the story; returns the process exit code."""
-    from .cli.inspect import read_status, request_stepdown
+    from .inspect import read_status, request_stepdown
 
     tmp = Path(tempfile.mkdtemp(prefix="pycluster-demo-"))
     server = EmbeddedNatsServer(tmp / "nats")

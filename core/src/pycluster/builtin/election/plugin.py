@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..election import Election, LeaseElection
-from ..names import bucket
-from ..plugins import hookimpl
+from ...kernel.election import Election, LeaseElection
+from ...kernel.names import bucket
+from ...plugins import hookimpl
 
 if TYPE_CHECKING:
-    from ..app import App
-    from ..platform import Platform
+    from ...kernel.app import App
+    from ...kernel.platform import Platform
 
 
 @hookimpl(trylast=True)

@@ -722,7 +722,7 @@ class LocalCredentials:
         return {"user": self.user or "", "password": self.password or ""}
 
     def settings(self) -> dict[str, Any]:
-        """`pycluster.settings.PlatformSettings` fields (``nats_user`` and ``nats_password``,
+        """`pycluster.kernel.settings.PlatformSettings` fields (``nats_user`` and ``nats_password``,
         or ``nats_token``), the secrets as ``SecretStr``."""
         from pydantic import SecretStr
 

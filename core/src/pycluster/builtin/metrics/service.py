@@ -43,14 +43,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from . import natsutil as nu
-from .httpserver import HttpServer, Request, Response
-from .tracing import LockSpans, install_middleware, past_span, span
+from ...httpserver import HttpServer, Request, Response
+from ...kernel import natsutil as nu
+from ..tracing.spans import LockSpans, install_middleware, past_span, span
 
 if TYPE_CHECKING:
-    from .app import App
-    from .coordinator import AppRuntime, StageEvent
-    from .platform import Platform
+    from ...kernel.app import App
+    from ...kernel.coordinator import AppRuntime, StageEvent
+    from ...kernel.platform import Platform
 
 log = logging.getLogger("pycluster.metrics")
 
@@ -123,7 +123,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """The current values."""
         p = self.platform
-        from . import __version__
+        from ... import __version__
 
         info = GaugeMetricFamily("pycluster_info", "Constant 1, labelled with this node's "
                                  "platform, node id and pycluster version.",
@@ -372,7 +372,7 @@ class PlatformMetrics:
                          "of life)", app.name, took)
 
     def stage_event(self, ev: StageEvent) -> None:
-        """A failover stage ran (`pycluster.coordinator.StageEvent`): its duration, failures
+        """A failover stage ran (`pycluster.kernel.coordinator.StageEvent`): its duration, failures
         and a span (child of the transition's span)."""
         if ev.action == "running":
             hook = f"stage:{ev.stage}"
@@ -423,7 +423,8 @@ class PlatformMetrics:
 
 
 def lock_listener(platform: Platform, scope: str) -> Any:
-    """The ``on_event`` callback for a `pycluster.locks.LockService`: metrics, audit, spans."""
+    """The ``on_event`` callback for a `pycluster.kernel.locks.LockService`: metrics, audit,
+    spans."""
     spans = LockSpans(platform, scope)
 
     def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:

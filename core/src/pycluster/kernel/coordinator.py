@@ -33,13 +33,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..builtin.metrics.service import observe_hook
+from ..builtin.tracing.spans import role_span
 from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
-from .metrics import observe_hook
 from .names import validate_ident
 from .registry import FailurePolicy, Stage, StageOrder, StageRegistry
-from .tracing import role_span
 from .types import Role
 
 if TYPE_CHECKING:

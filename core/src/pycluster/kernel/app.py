@@ -12,13 +12,13 @@ from .options import Constraint, Election, Mode, Singleton
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
+    from ..builtin.events.bus import EventBus
+    from ..builtin.health.checks import AppHealth
+    from ..builtin.rpc.service import AppRpc
     from .coordinator import AppRuntime
-    from .events import EventBus
-    from .health import AppHealth
     from .kv import AppKV
     from .locks import Lock
     from .platform import Platform
-    from .rpc import AppRpc
 
 Hook = Callable[..., Awaitable[Any]]
 H = TypeVar("H", bound=Hook)
@@ -222,9 +222,9 @@ class App:
     @property
     def rpc(self) -> AppRpc:
         """RPC between this app's nodes: ``handler(name)``, ``call(node, ...)``,
-        ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.rpc.AppRpc`)."""
+        ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.builtin.rpc.service.AppRpc`)."""
         if self._rpc is None:
-            from .rpc import AppRpc
+            from ..builtin.rpc.service import AppRpc
 
             self._rpc = AppRpc(self)
         return self._rpc
@@ -232,17 +232,19 @@ class App:
     @property
     def events(self) -> EventBus:
         """This app's events (``{platform}.{app}.events.>``): ``publish``, ``subscribe``,
-        ``subscribe_durable`` (see `pycluster.events.EventBus`); needs a started platform."""
-        from .events import app_events
+        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`); needs a started
+        platform."""
+        from ..builtin.events.bus import app_events
 
         return app_events(self)
 
     @property
     def health(self) -> AppHealth:
         """This app's health checks: ``app.health.register(name, check, interval=...,
-        timeout=..., depends_on=[...])`` (see `pycluster.health.AppHealth`); usable before the
+        timeout=..., depends_on=[...])`` (see `pycluster.builtin.health.checks.AppHealth`); usable
+        before the
         platform starts, the checks run while the app runs on this node."""
-        from .health import AppHealth
+        from ..builtin.health.checks import AppHealth
 
         h = self.__dict__.get("_health")
         if h is None:

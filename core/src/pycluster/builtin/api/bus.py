@@ -21,7 +21,8 @@ no live node runs the app (or the target node does not answer), `CallTimeoutErro
 deadline (a failover that did not finish in time is retried until then), `CircuitOpenError`
 while the target's circuit breaker is open, `PayloadTooLargeError` before sending.
 
-Behaviour under connection loss: as for `pycluster.rpc` (calls time out at their deadline; the
+Behaviour under connection loss: as for `pycluster.builtin.rpc.service` (calls time out at their
+deadline; the
 server's subscriptions come back with the connection).
 """
 
@@ -30,10 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .breaker import BreakerPolicy, CircuitBreaker
-from .errors import NoInstanceError, PluginError
-from .names import platform_subject, validate_ident, validate_key
-from .rpc import (
+from ...kernel.errors import NoInstanceError, PluginError
+from ...kernel.names import platform_subject, validate_ident, validate_key
+from ..rpc.service import (
     AnyInstance,
     Endpoint,
     FixedNode,
@@ -43,11 +43,12 @@ from .rpc import (
     check_timeout,
     rpc_service,
 )
+from .breaker import BreakerPolicy, CircuitBreaker
 
 if TYPE_CHECKING:
-    from .coordinator import AppRuntime
-    from .platform import Platform
-    from .rpc import RpcService
+    from ...kernel.coordinator import AppRuntime
+    from ...kernel.platform import Platform
+    from ..rpc.service import RpcService
 
 ANY_TOKEN = "_any"
 NODE_TOKEN = "_node"

@@ -12,7 +12,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from .backend import Backend
+    from ..backend import Backend
     from .context import Context as StageContext
 
 

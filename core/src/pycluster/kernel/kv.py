@@ -8,7 +8,8 @@ markers alike as "no value". An `AppKV` only ever reads or writes its own bucket
 Consistency. On a replicated bucket (``stream_replicas`` > 1) reads are **linearizable** by
 default: `AppKV.get`, `AppKV.get_entry` and `AppKV.keys` read (from any replica, then from the
 stream leader after a miss) and confirm what they read with a guard write
-(`pycluster.natsutil.confirm_read`) that the stream's quorum accepts only while the key still has
+(`pycluster.kernel.natsutil.confirm_read`) that the stream's quorum accepts only while the key
+still has
 the revision read. A read that cannot be confirmed raises `ReadNotConfirmedError` rather than
 return a value that may be stale (a reader whose server is cut off from the majority, or a
 stream electing its leader). ``stale_ok=True`` skips the guard: one round trip to any replica,
@@ -20,7 +21,7 @@ a delayed write of a former lock holder; see ``docs/concepts.md`` (locks and fen
 Behaviour under connection loss (kazoo style):
 
 - Reads and writes are single JetStream requests. While NATS is unreachable they fail with the
-  nats-py error (one of `pycluster.natsutil.TRANSIENT_ERRORS`); nothing is retried for you,
+  nats-py error (one of `pycluster.kernel.natsutil.TRANSIENT_ERRORS`); nothing is retried for you,
   because a write that timed out may or may not have been applied: re-read, then decide.
 - A `KVWatcher` outlives disconnects. Its JetStream watcher is re-created after every reconnect
   and whenever a poll (every ``poll_interval``, default 0.5 s) finds the server-side consumer
@@ -170,7 +171,7 @@ class AppKV:
     """Key/value data of one app, stored in the NATS KV bucket ``bucket``.
 
     Call `ensure` once (it creates the bucket or binds an existing one). Keys follow
-    `pycluster.names.validate_key`; values are bytes or str.
+    `pycluster.kernel.names.validate_key`; values are bytes or str.
     """
 
     def __init__(

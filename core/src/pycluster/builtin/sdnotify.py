@@ -32,12 +32,12 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .aio import cancel_and_wait, supervise
-from .plugins import hookimpl
+from ..kernel.aio import cancel_and_wait, supervise
+from ..plugins import hookimpl
 
 if TYPE_CHECKING:
-    from .app import App
-    from .platform import Platform
+    from ..kernel.app import App
+    from ..kernel.platform import Platform
 
 log = logging.getLogger("pycluster.sdnotify")
 

@@ -45,11 +45,11 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
-from . import codec as codecs
-from . import natsutil
-from .aio import cancel_and_wait, supervise
-from .errors import ConfigError, PayloadTooLargeError
-from .names import (
+from ... import codec as codecs
+from ...kernel import natsutil
+from ...kernel.aio import cancel_and_wait, supervise
+from ...kernel.errors import ConfigError, PayloadTooLargeError
+from ...kernel.names import (
     app_subject,
     bucket,
     platform_subject,
@@ -59,10 +59,10 @@ from .names import (
 )
 
 if TYPE_CHECKING:
-    from .app import App
-    from .coordinator import AppRuntime
-    from .platform import Platform
-    from .rpc import RpcService
+    from ...kernel.app import App
+    from ...kernel.coordinator import AppRuntime
+    from ...kernel.platform import Platform
+    from ..rpc.service import RpcService
 
 log = logging.getLogger("pycluster.events")
 
@@ -542,7 +542,7 @@ class EventsService:
     @property
     def rpc(self) -> RpcService:
         """The rpc service (holds the middleware chain)."""
-        from .rpc import rpc_service
+        from ..rpc.service import rpc_service
 
         return rpc_service(self.platform)
 

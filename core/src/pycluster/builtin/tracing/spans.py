@@ -38,9 +38,9 @@ from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from .coordinator import AppRuntime
-    from .platform import Platform
-    from .types import Role
+    from ...kernel.coordinator import AppRuntime
+    from ...kernel.platform import Platform
+    from ...kernel.types import Role
 
 __all__ = [
     "SpanKind",
@@ -63,7 +63,7 @@ def get_tracer() -> trace.Tracer:
     global _TRACER
     provider = trace.get_tracer_provider()
     if _TRACER is None or _TRACER[0] is not provider:
-        from . import __version__
+        from ... import __version__
 
         _TRACER = (provider, provider.get_tracer(TRACER_NAME, __version__))
     return _TRACER[1]
@@ -170,7 +170,7 @@ def _correlation_var() -> ContextVar[str | None]:
     """The audit module's correlation-id variable (imported on first use, as before)."""
     global _CORRELATION
     if _CORRELATION is None:
-        from .audit import _correlation
+        from ..audit.log import _correlation
 
         _CORRELATION = _correlation
     return _CORRELATION
@@ -237,7 +237,8 @@ def past_span(platform: Platform | None, name: str, duration: float,
 
 
 class LockSpans:
-    """Turns lock events (`pycluster.locks.LockService.on_event`) into ``pycluster.lock.wait``
+    """Turns lock events (`pycluster.kernel.locks.LockService.on_event`) into
+    ``pycluster.lock.wait``
     spans: from the start of an acquisition to the grant, a timeout or a cancellation.
 
     The span's parent is the context current when the acquisition started.

@@ -18,7 +18,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from . import __version__
+from .. import __version__
+from ..plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
 from .aio import cancel_and_wait
 from .app import App
 from .connection import Connections, check_stream_replicas, replicas_error
@@ -39,18 +40,17 @@ from .locks import Lock, LockService
 from .membership import PRIORITY_LIMIT, Membership
 from .names import app_subject, bucket, validate_ident
 from .options import Replicas, check_timing
-from .plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
 from .registry import BackendRegistry, OptionRegistry
 from .services import Service, create_services
 from .settings import PlatformSettings, load_settings
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
-    from .apibus import ApiClient
-    from .audit import AuditLog
-    from .events import EventBus
-    from .health import PlatformHealth
-    from .metrics import PlatformMetrics
+    from ..builtin.api.bus import ApiClient
+    from ..builtin.audit.log import AuditLog
+    from ..builtin.events.bus import EventBus
+    from ..builtin.health.checks import PlatformHealth
+    from ..builtin.metrics.service import PlatformMetrics
 
 log = logging.getLogger("pycluster")
 
@@ -642,16 +642,17 @@ class Platform:
         """A client of another app's API (the API bus): ``await platform.api("convex").call(
         "query", payload, route=ToLeader())``. ``options``: ``timeout``, ``codec``, ``retry``,
         ``breaker`` (a `BreakerPolicy` for that app), ``source_app`` (see
-        `pycluster.apibus.ApiClient`)."""
-        from .apibus import api_service
+        `pycluster.builtin.api.bus.ApiClient`)."""
+        from ..builtin.api.bus import api_service
 
         return api_service(self).client(app_name, **options)
 
     @property
     def events(self) -> EventBus:
         """Platform-wide events (stream ``{platform}_events``): ``publish``, ``subscribe``,
-        ``subscribe_durable`` (see `pycluster.events.EventBus`); needs a started platform."""
-        from .events import events_service
+        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`); needs a started
+        platform."""
+        from ..builtin.events.bus import events_service
 
         return events_service(self).bus(None)
 
@@ -715,7 +716,7 @@ class Platform:
         self.audit.log("membership", "record_restored", {"node": self.node_id, "found": forged})
 
     def task_failed(self, name: str, exc: BaseException) -> None:
-        """An internal task that cannot be restarted died (`pycluster.aio.supervise`'s
+        """An internal task that cannot be restarted died (`pycluster.kernel.aio.supervise`'s
         ``on_fatal``): the node leaves and `run` raises `NodeFailedError`."""
         self.fail(NodeFailedError(name, exc))
 
@@ -728,7 +729,7 @@ class Platform:
 
     async def _on_stepdown(self, msg: Msg) -> None:
         """A step-down request: validated, through the middleware chain, audited
-        (`pycluster.control.serve_stepdown`); only the active instance answers."""
+        (`pycluster.kernel.control.serve_stepdown`); only the active instance answers."""
         from .control import serve_stepdown
 
         app = self.apps.get(msg.subject.split(".")[1])

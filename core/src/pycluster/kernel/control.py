@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 
+from ..middleware import Call, Request
 from .errors import PyclusterError
-from .middleware import Call, Request
 
 if TYPE_CHECKING:
     from .platform import Platform
@@ -59,7 +59,7 @@ class ControlPlane:
         self.suppressed = 0
 
     def _chain(self, hook: str, inner: Callable[[Any], Awaitable[Any]]) -> Any:
-        from .rpc import rpc_service
+        from ..builtin.rpc.service import rpc_service
 
         return rpc_service(self.platform).middleware.wrap(hook, inner, cache=False)
 

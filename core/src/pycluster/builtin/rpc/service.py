@@ -69,23 +69,23 @@ import nats.errors
 import pydantic
 from nats.aio.msg import Msg
 
-from . import codec as codecs
-from .aio import cancel_and_wait, supervise
-from .errors import (
+from ... import codec as codecs
+from ...kernel.aio import cancel_and_wait, supervise
+from ...kernel.errors import (
     CallTimeoutError,
     ConfigError,
     NoInstanceError,
     PayloadTooLargeError,
     RemoteError,
 )
-from .middleware import Call, Kind, MiddlewareChain, Request
-from .names import app_subject, platform_subject, validate_ident
-from .plugins import hookimpl
+from ...kernel.names import app_subject, platform_subject, validate_ident
+from ...middleware import Call, Kind, MiddlewareChain, Request
+from ...plugins import hookimpl
 
 if TYPE_CHECKING:
-    from .app import App
-    from .coordinator import AppRuntime
-    from .platform import Platform
+    from ...kernel.app import App
+    from ...kernel.coordinator import AppRuntime
+    from ...kernel.platform import Platform
 
 log = logging.getLogger("pycluster.rpc")
 

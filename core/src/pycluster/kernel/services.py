@@ -20,13 +20,15 @@ if TYPE_CHECKING:
 CORE_SERVICES: list[str] = []
 
 # Communication (issue 3): the rpc transport first (the api bus and events use its middleware).
-CORE_SERVICES += ["pycluster.rpc:RpcService", "pycluster.apibus:ApiService",
-                  "pycluster.events:EventsService"]
+CORE_SERVICES += ["pycluster.builtin.rpc.service:RpcService",
+                  "pycluster.builtin.api.bus:ApiService",
+                  "pycluster.builtin.events.bus:EventsService"]
 
 # Observability (issue 4): metrics first (the others record into it), the audit trail, then
 # health, whose HTTP server starts last and stops first.
-CORE_SERVICES += ["pycluster.metrics:PlatformMetrics", "pycluster.audit:AuditLog",
-                  "pycluster.health:PlatformHealth"]
+CORE_SERVICES += ["pycluster.builtin.metrics.service:PlatformMetrics",
+                  "pycluster.builtin.audit.log:AuditLog",
+                  "pycluster.builtin.health.checks:PlatformHealth"]
 
 
 class Service(Protocol):

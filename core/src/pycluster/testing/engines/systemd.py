@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from pycluster.testing.podman import (
+from pycluster.testing.engines.podman import (
     PodmanError,
     _file_lock,
     cache_dir,

@@ -295,7 +295,7 @@ class PlatformSettings(BaseSettings):
     @classmethod
     def _addr(cls, v: str | None) -> str | None:
         if v is not None:
-            from .httpserver import parse_addr
+            from ..httpserver import parse_addr
 
             try:
                 parse_addr(v)

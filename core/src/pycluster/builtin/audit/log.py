@@ -59,16 +59,16 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from . import natsutil as nu
-from .aio import cancel_and_wait, supervise
-from .errors import ConfigError, InvalidNameError
-from .names import bucket, platform_subject, validate_ident
-from .tracing import current_trace_id
+from ...kernel import natsutil as nu
+from ...kernel.aio import cancel_and_wait, supervise
+from ...kernel.errors import ConfigError, InvalidNameError
+from ...kernel.names import bucket, platform_subject, validate_ident
+from ..tracing.spans import current_trace_id
 
 if TYPE_CHECKING:
-    from .app import App
-    from .coordinator import AppRuntime, StageEvent
-    from .platform import Platform
+    from ...kernel.app import App
+    from ...kernel.coordinator import AppRuntime, StageEvent
+    from ...kernel.platform import Platform
 
 log = logging.getLogger("pycluster.audit")
 

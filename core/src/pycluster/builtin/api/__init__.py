@@ -1,0 +1,1 @@
+"""pycluster.builtin.api."""
