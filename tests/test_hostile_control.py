@@ -24,10 +24,11 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from pycluster import App, Election, NodeFailedError, Singleton
+from pycluster.builtin.election.records import parse_lease
 from pycluster.kernel import natsutil as nu
 from pycluster.kernel.aio import cancel_and_wait, supervise
-from pycluster.kernel.election import parse_lease, parse_ttl_header
 from pycluster.kernel.membership import validate_member
+from pycluster.kernel.natsutil import parse_ttl_header
 from pycluster.kernel.platform import stepdown_subject
 from pycluster.kernel.registry import Stage, StageOrder
 from pycluster.middleware import AuthMiddleware, use

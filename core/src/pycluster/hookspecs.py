@@ -128,7 +128,7 @@ def pycluster_election(app: App, platform: Platform, keys: list[str]) -> Electio
 
     Called once when an elected app (Singleton, Replicas) starts on this node. Stops at the
     first non-None result; the core default is the NATS KV lease election
-    (`pycluster.kernel.election.LeaseElection`).
+    (`pycluster.builtin.election.lease.LeaseElection`).
 
     :param app: the app that campaigns.
     :param platform: its platform (connection, node id, settings).

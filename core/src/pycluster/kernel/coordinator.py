@@ -262,8 +262,7 @@ class AppRuntime:
         """Election callback: lease gone; deactivate before the lease's server-side end."""
         self._want_active, self._want_reason = False, reason
         if self.election is not None:
-            ttl = getattr(self.election, "lease_ttl", 10.0)
-            margin = getattr(self.election, "fence_margin", 1.0)
+            ttl, margin = self.election.lease_ttl, self.election.fence_margin
             self._lease_deadline = time.monotonic() + margin + max(0.0, -ttl % 1.0)
         self._changed.set()
         self._interrupt_activation()
@@ -276,6 +275,10 @@ class AppRuntime:
             except Exception:
                 log.exception("app %s: lease listener failed", self.app.name)
 
+    def leader_alive(self, leader: str, epoch: int | None) -> None:
+        """Election callback: a sign of life of the holder (another node) was seen."""
+        self.platform.leader_alive(self.app, leader, epoch)
+
     def lease_deadline(self) -> float | None:
         """Monotonic instant at which this node's lease ends (None: no lease, or no election)."""
         return self.election.lease_deadline() if self.election is not None else None
@@ -283,7 +286,7 @@ class AppRuntime:
     @property
     def fence_margin(self) -> float:
         """Seconds between the local lease deadline and the earliest takeover by another node."""
-        return float(getattr(self.election, "fence_margin", 0.0))
+        return self.election.fence_margin if self.election is not None else 0.0
 
     def observed(self, leader: str | None, epoch: int | None) -> None:
         """Election callback: the observed leader changed."""
@@ -377,7 +380,7 @@ class AppRuntime:
         """
         membership = self.platform.membership
         members = membership.members if membership is not None else {}
-        cap = getattr(self.election, "max_cooldown", None)
+        cap = self.election.max_cooldown if self.election is not None else None
         try:
             check_step_down(self.app.name, self.platform.node_id, members, successor, cooldown,
                             cap)
@@ -391,7 +394,7 @@ class AppRuntime:
             return
         cd = self.cooldown if cooldown is None else cooldown
         # A soft cooldown where the election has one: it never leaves the app leaderless.
-        getattr(self.election, "cool_down", self.election.pause_campaign)(time.monotonic() + cd)
+        self.election.cool_down(time.monotonic() + cd)
         self._want_active, self._want_reason = False, "stepped down"
         self._changed.set()
         self._interrupt_activation()

@@ -63,9 +63,7 @@ _MAX_APPS = 1024
 
 
 def _ttl_of(headers: Mapping[str, str]) -> float | None:
-    from .election import parse_ttl_header
-
-    return parse_ttl_header(headers.get(nu.TTL_HEADER))
+    return nu.parse_ttl_header(headers.get(nu.TTL_HEADER))
 
 
 def validate_member(node: str, rec: Any, headers: Mapping[str, str] | None,

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -163,6 +164,30 @@ def kv_stream(bucket: str) -> str:
 def ttl_header(ttl: float) -> str:
     """Server TTLs are whole seconds, minimum 1; round up so the server never expires early."""
     return f"{max(1, math.ceil(ttl))}s"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_ttl_header(value: str | None) -> float | None:
+    """Seconds of a ``Nats-TTL`` header (``"10s"``, ``"1m30s"``, ``"5"``), None if absent or
+    not a finite positive duration (``"never"`` included)."""
+    if value is None:
+        return None
+    v = value.strip()
+    if v.isdigit():
+        seconds = float(v)
+    else:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(v):
+            if m.start() != pos:
+                return None
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(v) or not v:
+            return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 async def ensure_kv(

@@ -431,7 +431,7 @@ class Platform:
         for svc in self._started_services:
             await svc.app_started(rt)
         if election is not None:
-            worst = getattr(election, "worst_case_failover", lambda: t["lease_ttl"])()
+            worst = election.worst_case_failover()
             log.info(
                 "app %s: lease_ttl=%.1fs heartbeat=%.1fs priority=%d%s; worst-case crash "
                 "failover %.1fs (plus up to ~9s if the node that leads the election stream "
@@ -601,6 +601,10 @@ class Platform:
         """The leader this node observes for ``app`` changed (from the coordinator)."""
         self._tell("leader_observed", app, leader, epoch)
 
+    def leader_alive(self, app: App, leader: str, epoch: int | None) -> None:
+        """A sign of life of ``app``'s leader (another node) was seen (from the coordinator)."""
+        self._tell("leader_alive", app, leader, epoch)
+
     def _tell(self, method: str, *args: Any) -> None:
         """Call ``method`` on every core service that has it; an error is logged only."""
         for svc in self.services.values():
@@ -722,7 +726,7 @@ class Platform:
 
     async def _reconnected(self) -> None:
         for rt in self.runtimes.values():
-            if rt.election is not None and hasattr(rt.election, "reconnected"):
+            if rt.election is not None:
                 self.spawn(rt.election.reconnected(), "election:reconnected")
         if self.membership is not None:
             self.spawn(self.membership.reconnected(), "membership:reconnected")

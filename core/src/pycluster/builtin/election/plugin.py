@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...kernel.election import Election, LeaseElection
+from ...kernel.election import Election
 from ...kernel.names import bucket
 from ...plugins import hookimpl
+from .lease import LeaseElection
 
 if TYPE_CHECKING:
     from ...kernel.app import App

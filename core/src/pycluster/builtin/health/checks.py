@@ -436,16 +436,14 @@ class PlatformHealth:
 
     def _election_check(self, rt: AppRuntime) -> CheckSpec:
         held_inactive: list[float] = []  # since when this node holds the lease, not active
-        leaderless: list[float] = []  # since when no holder is known (other elections)
 
         async def election_check() -> dict[str, Any]:
             budget = rt.hook_timeout * (len(rt.stages) + 2)
             el = rt.election
             assert el is not None
             now = time.monotonic()
-            lease = float(getattr(el, "lease_ttl", 10.0))
-            task = getattr(el, "_task", None)
-            if isinstance(task, asyncio.Task) and task.done():
+            lease = el.lease_ttl
+            if el.stopped:
                 raise RuntimeError("the election loop has stopped")
             if rt.role is Role.ACTIVE and not el.is_leader:
                 raise RuntimeError("active without a valid lease (stepping down)")
@@ -462,14 +460,8 @@ class PlatformHealth:
             else:
                 held_inactive.clear()
             # No live leader seen for more than a lease.
-            seen = getattr(el, "leader_seen", None)
-            if not isinstance(seen, float):  # another election implementation
-                if el.leader is None:
-                    leaderless[:] = leaderless[:1] or [now]
-                else:
-                    leaderless.clear()
-                seen = leaderless[0] if leaderless else now
-            margin = float(getattr(el, "stale_margin", 0.0))
+            seen = el.leader_seen
+            margin = el.stale_margin
             if now - seen > lease + margin:
                 raise RuntimeError(f"no live leader seen for {now - seen:.1f}s (lease "
                                    f"{lease:g}s)")
@@ -722,8 +714,7 @@ class PlatformHealth:
             el = rt.election
             deadline = el.lease_deadline() if el is not None else None
             if el is not None and deadline is not None and el.is_leader:
-                ttl = float(getattr(el, "lease_ttl", 0.0))
-                margin = float(getattr(el, "fence_margin", 0.0))
+                ttl, margin = el.lease_ttl, el.fence_margin
                 info["lease_remaining"] = round(max(0.0, deadline - now), 3)
                 info["lease_age"] = round(max(0.0, ttl - margin - (deadline - now)), 3)
             elif el is not None and rt.leader is not None:

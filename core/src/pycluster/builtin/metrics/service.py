@@ -11,9 +11,9 @@ Every metric, with its labels and meaning, is listed in docs/observability.md.
 
 Failover time (``pycluster_failover_seconds``) is measured by the node that becomes active: from
 the last sign of life of the previous leader this node saw (its last lease renewal, or its
-release on a graceful step-down; standbys see each through a plain subscription on the election
-subjects) to the end of this node's activation. For a crash that includes the lease TTL the
-cluster had to wait, which is what a user of the app experiences.
+release on a graceful step-down, as the election reports them to standbys) to the end of this
+node's activation. For a crash that includes the lease TTL the cluster had to wait, which is
+what a user of the app experiences.
 
 Under connection loss the endpoint keeps answering (from in-process state);
 ``pycluster_nats_connected`` turns 0.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -44,7 +43,6 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from ...httpserver import HttpServer, Request, Response
-from ...kernel import natsutil as nu
 from ..tracing.spans import LockSpans, install_middleware, past_span, span
 
 if TYPE_CHECKING:
@@ -258,7 +256,6 @@ class PlatformMetrics:
         r.register(_StateCollector(platform))
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
         self._server: HttpServer | None = None
-        self._subs: dict[str, Any] = {}
         # app -> node -> monotonic time of that node's last lease write seen (renewal, win or
         # release), and app -> the last leader other than this node that was observed.
         self._life: dict[str, dict[str, float]] = {}
@@ -299,55 +296,19 @@ class PlatformMetrics:
         install_middleware(self.platform)  # RPC / API / event spans and durations
 
     async def app_started(self, rt: AppRuntime) -> None:
-        """Hook the app's locks and stages; follow its election subjects to time failovers."""
+        """Hook the app's locks and stages."""
         rt.locks.on_event = lock_listener(self.platform, rt.app.name)
         listeners = getattr(rt, "stage_listeners", None)
         if isinstance(listeners, list):
             listeners.append(self.stage_event)
-        bucket = getattr(rt.election, "bucket", None)
-        # Lease writes are control-plane traffic: followed on the control connection, which a
-        # data-plane flood does not cut.
-        nc = getattr(self.platform, "nc_control", None) or self.platform.nc
-        if not self.enabled or not isinstance(bucket, str) or nc is None:
-            return
-        app = rt.app.name
-        own = getattr(rt.election, "incarnation", None)
-
-        life = self._life.setdefault(app, {})
-
-        async def on_lease(msg: Any) -> None:
-            headers = msg.headers or {}
-            if headers.get(nu.KV_OP) == "DEL":  # a graceful release by the holder
-                holder = self._prev_leader.get(app)
-                if holder is not None:
-                    life[holder] = time.monotonic()
-                return
-            try:
-                body = json.loads(msg.data)
-            except ValueError:
-                return
-            if isinstance(body, dict) and body.get("inc") != own and body.get("node"):
-                life[str(body["node"])] = time.monotonic()
-
-        try:
-            self._subs[app] = await nc.subscribe(nu.kv_subject(bucket, ">"), cb=on_lease)
-        except Exception as exc:  # metrics must never stop an app
-            log.warning("metrics: cannot follow %s (%s); failover times not measured", bucket, exc)
 
     async def app_stopped(self, rt: AppRuntime) -> None:
-        """Stop following the app's election."""
-        sub = self._subs.pop(rt.app.name, None)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        """Forget the app's leaders."""
         self._life.pop(rt.app.name, None)
         self._prev_leader.pop(rt.app.name, None)
 
     async def stop(self) -> None:
         """Stop serving."""
-        for name in list(self._subs):
-            with contextlib.suppress(Exception):
-                await self._subs.pop(name).unsubscribe()
         if self._server is not None:
             await self._server.stop()
             self._server = None
@@ -398,6 +359,10 @@ class PlatformMetrics:
             self._prev_leader[app.name] = leader
             life = self._life.setdefault(app.name, {})
             life[leader] = max(life.get(leader, 0.0), time.monotonic())
+
+    def leader_alive(self, app: App, leader: str, epoch: int | None) -> None:
+        """A sign of life of ``app``'s leader (a renewal, or its graceful release) seen here."""
+        self._life.setdefault(app.name, {})[leader] = time.monotonic()
 
     def last_seen(self, app: str, node: str) -> float | None:
         """Monotonic time of ``node``'s last lease write for ``app`` seen here (renewal, win or
