@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "core" / "src"))
 import nats  # noqa: E402
 
 from pycluster import App, Platform, Singleton, ToLeader  # noqa: E402
-from pycluster.builtin.tracing.spans import ObservabilityMiddleware  # noqa: E402
+from pycluster.builtin.metrics.middleware import MetricsMiddleware  # noqa: E402
+from pycluster.builtin.tracing.middleware import TracingMiddleware  # noqa: E402
 from pycluster.plugins import create_plugin_manager  # noqa: E402
 from pycluster.testing.servers import NatsServer  # noqa: E402
 
@@ -85,11 +86,13 @@ async def main(calls: int, entries: int) -> None:
 
         for _ in range(200):
             await call()  # warm up
-        chain = p.services["rpc"].middleware  # type: ignore[attr-defined]
-        mine = next(m for m in chain if isinstance(m, ObservabilityMiddleware))
-        chain.remove(mine)
+        chain = p.middleware
+        mine = [m for m in chain if isinstance(m, TracingMiddleware | MetricsMiddleware)]
+        for m in mine:
+            chain.remove(m)
         without = await timed(calls, call)
-        chain.add(mine)
+        for m in mine:
+            chain.add(m)
         with_noop = await timed(calls, call)
 
         from opentelemetry import trace

@@ -12,16 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from pycluster import App, ConfigError, DuplicateNodeError, InvalidNameError, Singleton
-from pycluster.builtin.audit.log import (
-    AuditEntry,
-    AuditFilter,
-    AuditReader,
-    audit_stream,
-    correlation,
-)
+from pycluster.builtin.audit.query import AuditEntry, AuditFilter, AuditReader, audit_stream
 from pycluster.cli.audit_cmd import parse_time
 from pycluster.cli.main import cli
-from pycluster.kernel.context import Context
+from pycluster.kernel.context import Context, correlation
 from pycluster.testing import wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,8 +13,7 @@ import pytest
 
 from pycluster import App, ConfigError, Context, Singleton, Spread, Stage, StageOrder, hookimpl
 from pycluster.kernel import coordinator as coordinator_mod
-from pycluster.kernel.coordinator import StageEvent
-from pycluster.kernel.registry import FailurePolicy
+from pycluster.kernel.stages import FailurePolicy, StageEvent
 from pycluster.testing import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -346,17 +345,32 @@ async def test_graceful_shutdown_runs_the_reverse_sequence_for_every_active_app(
     assert [c[1] for c in calls][:1] == ["beta"] and calls[-1][1] == "alpha"
 
 
-async def test_listeners_see_stage_events_and_lease_renewals(make_platform: Any) -> None:
+class Observer:
+    """A plugin that records stage events and lease renewals through their hooks."""
+
+    def __init__(self) -> None:
+        self.seen: list[StageEvent] = []
+        self.renewals: list[float] = []
+
+    @hookimpl
+    def pycluster_stage_event(self, app: App, event: StageEvent) -> None:
+        self.seen.append(event)
+
+    @hookimpl
+    def pycluster_lease_renewed(self, app: App, deadline: float) -> None:
+        self.renewals.append(deadline)
+
+
+async def test_hooks_see_stage_events_and_lease_renewals(make_platform: Any) -> None:
     calls: list[tuple[Any, ...]] = []
     app = recorded_app(calls)
+    obs = Observer()
     p = await make_platform("n1", app, start=False,
-                            extra_plugins=[("rec", Recorder(calls, Spec("vip", StageOrder.VIP)))])
-    seen: list[StageEvent] = []
-    renewals: list[float] = []
+                            extra_plugins=[("rec", Recorder(calls, Spec("vip", StageOrder.VIP))),
+                                           ("obs", obs)])
+    seen, renewals = obs.seen, obs.renewals
     await p.start()
     rt = p.runtimes["svc"]
-    rt.stage_listeners.append(seen.append)
-    rt.lease_listeners.append(renewals.append)
     await wait_for(lambda: app.is_active, 15)
     await wait_for(lambda: len(renewals) >= 3, 10)
     assert renewals == sorted(renewals) and renewals[-1] > time.monotonic()

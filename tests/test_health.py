@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from pycluster import App, ConfigError, Singleton
-from pycluster.builtin.health.checks import CheckStatus, PlatformHealth
+from pycluster.builtin.health.checks import CheckStatus
+from pycluster.builtin.health.service import PlatformHealth
 from pycluster.httpserver import HttpServer, Response, parse_addr
 from pycluster.kernel.context import Context
 from pycluster.kernel.embedded import EmbeddedNatsServer

@@ -30,7 +30,7 @@ from pycluster.kernel.aio import cancel_and_wait, supervise
 from pycluster.kernel.membership import validate_member
 from pycluster.kernel.natsutil import parse_ttl_header
 from pycluster.kernel.platform import stepdown_subject
-from pycluster.kernel.registry import Stage, StageOrder
+from pycluster.kernel.stages import Stage, StageOrder
 from pycluster.middleware import AuthMiddleware, use
 from pycluster.testing import wait_for
 from pycluster.testing.chaos import Witness
@@ -384,7 +384,7 @@ async def test_invalid_member_records_are_ignored(
     await asyncio.sleep(1.5)
     assert pa.membership is not None
     assert set(pa.membership.members) == {"a"}
-    assert pa._rank("svc", 0) == 0
+    assert pa.placement.rank(a) == 0
     stop.set()
     await forger
 

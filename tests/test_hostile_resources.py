@@ -40,7 +40,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pycluster import App, OnNodes, Platform, RemoteError, Request, Singleton, ToNode
 from pycluster import httpserver as httpserver_mod
-from pycluster.builtin.rpc.service import H_CALL, OVERLOADED, rpc_service
+from pycluster.builtin.rpc.service import rpc_service
+from pycluster.builtin.rpc.wire import H_CALL, OVERLOADED
 from pycluster.kernel.names import app_subject, platform_subject
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
@@ -584,7 +585,7 @@ async def test_foreign_cancel_is_ignored_callers_cancel_works(make_platform: Any
     caller_app = App("svc", Singleton(), OnNodes("a"))
     await make_platform("b", caller_app)
     cancel_subject = platform_subject(pa.name, "rpc", "cancel")
-    cancel_sub = rpc_service(pa)._cancel_sub
+    cancel_sub = rpc_service(pa).cancellations.sub
     assert cancel_sub is not None
     third = await nats.connect(nats_url)
     try:

@@ -134,9 +134,9 @@ async def test_broadcast_reports_a_slow_node_as_timeout(make_platform: Any) -> N
 
 def _nodes(app: App) -> list[str]:
     assert app.platform is not None and app.platform.membership is not None
-    from pycluster.builtin.rpc.service import _running
+    from pycluster.builtin.rpc.wire import running_nodes
 
-    return _running(app.platform.membership.members, app.name)
+    return running_nodes(app.platform.membership.members, app.name)
 
 
 async def test_errors_are_typed(make_platform: Any) -> None:

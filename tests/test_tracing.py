@@ -18,7 +18,8 @@ from opentelemetry.trace import SpanKind
 
 from pycluster import App, Singleton
 from pycluster.builtin.api.bus import ToLeader
-from pycluster.builtin.tracing.spans import current_trace_id, extract, get_tracer, inject
+from pycluster.builtin.tracing.spans import extract, get_tracer, inject
+from pycluster.kernel.context import current_trace_id
 from pycluster.testing import wait_for
 from pycluster.testing.nodes import NodeCluster
 

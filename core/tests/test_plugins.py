@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pycluster import App, Platform, UnclaimedOptionError, hookimpl, hookspecs
-from pycluster.plugins import CORE_PLUGINS, create_plugin_manager
+from pycluster.plugins import DEFAULT_PLUGINS, create_plugin_manager
 
 
 def _specs() -> list[str]:
@@ -32,7 +32,7 @@ def test_every_hook_is_documented_and_marked() -> None:
 
 def test_core_defaults_registered_and_disablable() -> None:
     pm = create_plugin_manager(load_entrypoints=False)
-    for name in CORE_PLUGINS:
+    for name in DEFAULT_PLUGINS:
         assert pm.get_plugin(name) is not None
         assert pm.infos[name].builtin and pm.infos[name].status == "loaded"
     assert "pycluster_election" in pm.infos["election"].hooks
@@ -41,9 +41,9 @@ def test_core_defaults_registered_and_disablable() -> None:
 
 
 def test_env_disables_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYCLUSTER_DISABLE_PLUGINS", "process, placement")
+    monkeypatch.setenv("PYCLUSTER_DISABLE_PLUGINS", "process, audit")
     pm = create_plugin_manager(load_entrypoints=False)
-    assert pm.get_plugin("process") is None and pm.get_plugin("placement") is None
+    assert pm.get_plugin("process") is None and pm.get_plugin("audit") is None
 
 
 def test_installed_plugin_overrides_core_default() -> None:
@@ -103,7 +103,7 @@ def test_plugins_command_lists_json() -> None:
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     names = {r["name"] for r in rows}
-    assert set(CORE_PLUGINS) <= names
+    assert set(DEFAULT_PLUGINS) <= names
     assert all({"distribution", "version", "hooks", "status"} <= set(r) for r in rows)
     text = CliRunner().invoke(cli, ["plugins"], obj=pm)
     assert "election" in text.output and "pycluster-core" in text.output

@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 from .backend import HealthCheck
 from .builtin.api.breaker import BreakerPolicy
 from .builtin.api.bus import ForKey, ToAny, ToLeader, ToNode
-from .builtin.audit.log import AuditEntry, AuditFilter, correlation
+from .builtin.audit.query import AuditEntry, AuditFilter
 from .builtin.events.bus import Event
 from .builtin.health.checks import CheckResult, CheckStatus
 from .builtin.process import Process
 from .builtin.rpc.service import RetryPolicy
 from .kernel.app import App
-from .kernel.context import Context
+from .kernel.context import Context, correlation
 from .kernel.errors import (
     CallTimeoutError,
     CircuitOpenError,
@@ -45,7 +45,7 @@ from .kernel.errors import (
 )
 from .kernel.options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
 from .kernel.platform import Platform
-from .kernel.registry import FailurePolicy, Stage, StageOrder
+from .kernel.stages import FailurePolicy, Stage, StageOrder
 from .kernel.types import Role
 from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
 from .plugins import hookimpl

@@ -58,17 +58,18 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from . import fenceguard
 from .kernel.aio import supervise
 from .kernel.context import Context
 from .kernel.errors import ConfigError, PyclusterError
+from .plugins import hookimpl
 
 if TYPE_CHECKING:
     from .kernel.coordinator import AppRuntime
     from .kernel.platform import Platform
-    from .kernel.registry import Stage
+    from .kernel.stages import Stage
 
 log = logging.getLogger("pycluster.backend")
 
@@ -476,7 +477,7 @@ def backend_stage(
     :param order: position in the sequence; default `StageOrder.BACKEND` (after the VIP).
     :param timeout: bound of start and of stop; default the app's hook timeout.
     """
-    from .kernel.registry import Stage, StageOrder
+    from .kernel.stages import Stage, StageOrder
 
     return Stage(
         name=name, order=StageOrder.BACKEND if order is None else order,
@@ -498,7 +499,8 @@ def guard_deadlines(rt: AppRuntime | None, deadline: float | None) -> tuple[floa
     stop the service ``fence_margin`` before the deadline and is done at it (None: no lease).
 
     :param rt: the app's runtime (its ``fence_margin``).
-    :param deadline: the local lease deadline (monotonic), as given to ``lease_listeners``.
+    :param deadline: the local lease deadline (monotonic), as ``pycluster_lease_renewed``
+        gives it.
     """
     if deadline is None or rt is None:
         return None
@@ -578,6 +580,19 @@ class LeaseFence:
         if d is not None and self.running:
             self._send(guard_deadline_line(d))
 
+    @hookimpl
+    def pycluster_lease_renewed(self, app: Any, deadline: float) -> None:
+        """While armed, the fence is a plugin object: it takes every renewal of its app."""
+        if app.platform is self.platform and app.name == self.app:
+            self._renewed(deadline)
+
+    def _follow_renewals(self, on: bool) -> None:
+        pm, name = self.platform.pm, f"lease-fence-{id(self):x}"
+        if on and pm.get_plugin(name) is None:
+            pm.register(self, name=name)
+        elif not on and pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+
     async def start(self) -> None:
         """Start the guard (no-op while one runs); return once it is armed."""
         if self.running:
@@ -611,8 +626,7 @@ class LeaseFence:
         if first.strip() != b"armed":
             await self._kill()
             raise BackendError(self.app, "fence guard", f"not armed: {first!r}")
-        if rt is not None and self._renewed not in rt.lease_listeners:
-            rt.lease_listeners.append(self._renewed)
+        self._follow_renewals(True)
         self._follow = supervise(f"{self.app}:fence", lambda: self._read(reader))
         log.info("app %s: fence guard %d armed", self.app, self._proc.pid)
 
@@ -634,9 +648,7 @@ class LeaseFence:
         self._close()
 
     def _close(self) -> None:
-        rt = self._runtime()
-        if rt is not None and self._renewed in rt.lease_listeners:
-            rt.lease_listeners.remove(self._renewed)
+        self._follow_renewals(False)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -650,9 +662,7 @@ class LeaseFence:
         if proc is None:
             self._close()
             return
-        rt = self._runtime()
-        if rt is not None and self._renewed in rt.lease_listeners:
-            rt.lease_listeners.remove(self._renewed)
+        self._follow_renewals(False)
         if proc.returncode is None:
             self._send("release")
             try:

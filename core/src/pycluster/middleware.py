@@ -258,11 +258,8 @@ def use(platform: Platform, *middleware: object) -> None:
 
         pycluster.middleware.use(platform, AuthMiddleware(token=os.environ["API_TOKEN"]))
     """
-    from .builtin.rpc.service import rpc_service
-
-    chain = rpc_service(platform).middleware
     for mw in middleware:
-        chain.add(mw)
+        platform.middleware.add(mw)
 
 
 # -- the worked example: authentication ------------------------------------------------------

@@ -416,7 +416,7 @@ async def provision(
     plugin). Returns the names of the streams created. Run it with the operator's
     credentials before nodes whose users may not create streams start.
     """
-    from .builtin.audit.log import audit_stream_config
+    from .builtin.audit.query import audit_stream_config
     from .builtin.events.bus import events_stream_config
     from .kernel import natsutil as nu
     from .kernel.settings import load_settings

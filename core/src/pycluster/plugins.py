@@ -1,8 +1,15 @@
-"""The plugin-manager factory: core defaults from an explicit list, then entry points.
+"""The plugin-manager factory: the default plugins from an explicit list, then entry points.
+
+The core is a kernel (`pycluster.kernel`) plus default plugins (`DEFAULT_PLUGINS`): modules of
+hook implementations registered through the same hooks a third-party plugin uses, like
+pytest's ``default_plugins``. Each is marked ``trylast`` where it provides a default, so an
+installed plugin implementing the same hook is asked first; an installed plugin of the same
+name replaces it. Any of them but the `ESSENTIAL` ones can be disabled by name, and the node
+still runs without it (an API that needs it fails with a `PluginError` naming it).
 
 Built on demand (never at import), so tests create a manager per test with autoload off.
 Every plugin has one name, used everywhere: entry-point name = registration name = config
-section = the name in ``PYCLUSTER_DISABLE_PLUGINS``.
+section = service name = the name in ``PYCLUSTER_DISABLE_PLUGINS``.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+from pluggy import HookCaller
 
 from . import hookspecs
+from .kernel.errors import PluginError
 
 log = logging.getLogger("pycluster.plugins")
 
@@ -29,13 +38,24 @@ hookimpl = pluggy.HookimplMarker("pycluster")
 
 ENTRY_POINT_GROUP = "pycluster"
 
-# Core defaults: ordinary plugin modules, registered first and marked trylast so that any
-# installed plugin implementing the same hook is asked first.
-CORE_PLUGINS: dict[str, str] = {
+DEFAULT_PLUGINS: dict[str, str] = {
     "election": "pycluster.builtin.election.plugin",
     "placement": "pycluster.builtin.placement",
     "process": "pycluster.builtin.process",
+    "rpc": "pycluster.builtin.rpc.plugin",
+    "api": "pycluster.builtin.api.plugin",
+    "events": "pycluster.builtin.events.plugin",
+    "metrics": "pycluster.builtin.metrics.plugin",
+    "tracing": "pycluster.builtin.tracing.plugin",
+    "audit": "pycluster.builtin.audit.plugin",
+    "health": "pycluster.builtin.health.plugin",
+    "sdnotify": "pycluster.builtin.sdnotify",
 }
+"""The default plugins, name -> module, registered in this order before entry points."""
+
+ESSENTIAL: frozenset[str] = frozenset({"election", "placement"})
+"""Default plugins that cannot be disabled (an installed plugin of the same name may replace
+one): without an election or placement no app can run."""
 
 
 @dataclass
@@ -117,9 +137,15 @@ def create_plugin_manager(
     """
     pm = PluginManager()
     off = set(disabled) if disabled is not None else disabled_from_env()
+    essential = sorted(off & ESSENTIAL)
+    if essential:
+        raise PluginError(essential[0], "pycluster-core", _core_version(), "essential",
+                          message=f"plugin {essential[0]!r} is essential and cannot be disabled "
+                          f"(PYCLUSTER_DISABLE_PLUGINS); the essential plugins are "
+                          f"{', '.join(sorted(ESSENTIAL))}")
     version = _core_version()
 
-    for name, modname in CORE_PLUGINS.items():
+    for name, modname in DEFAULT_PLUGINS.items():
         info = PluginInfo(name, modname, "pycluster-core", version, builtin=True)
         pm.infos[name] = info
         if name in off:
@@ -184,6 +210,22 @@ def create_plugin_manager(
         pm.trace.root.setwriter(lambda msg: tracer.debug(msg.rstrip()))
         pm.enable_tracing()
     return pm
+
+
+def call_each(caller: HookCaller, what: str = "", /, **kwargs: Any) -> list[Any]:
+    """Call a notification hook implementation by implementation, in pluggy's order: one that
+    raises is logged (with ``what``) and the others still run. Returns the non-None results."""
+    results = []
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            res = impl.function(*[kwargs[a] for a in impl.argnames])
+        except Exception:
+            log.exception("%s: plugin %s failed in %s", what or caller.name, impl.plugin_name,
+                          caller.name)
+            continue
+        if res is not None:
+            results.append(res)
+    return results
 
 
 async def call_notify(results: Iterable[Any], timeout: float, what: str) -> None:

@@ -11,8 +11,9 @@ import pycluster_systemd.plugin as systemd_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
 from pycluster.kernel.errors import ConfigError
-from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
+from pycluster.kernel.stages import StageOrder, StageRegistry
 from pycluster.plugins import create_plugin_manager
 from pycluster_systemd import Systemd
 from pycluster_systemd.backend import RestartPolicy

@@ -14,8 +14,9 @@ import pycluster_sqlite.plugin as sqlite_plugin
 from pycluster import App, Platform, Replicas, Singleton
 from pycluster.cli.config_apps import build_app
 from pycluster.kernel.errors import ConfigError
-from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
+from pycluster.kernel.stages import StageOrder, StageRegistry
 from pycluster.plugins import create_plugin_manager
 from pycluster_sqlite import (
     NotWALModeError,

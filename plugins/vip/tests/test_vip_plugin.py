@@ -12,8 +12,9 @@ import pycluster_vip.plugin as vip_plugin
 from pycluster import App, Platform
 from pycluster.cli.config_apps import build_app
 from pycluster.kernel.errors import ConfigError
-from pycluster.kernel.registry import ConfigRegistry, StageOrder, StageRegistry
+from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
+from pycluster.kernel.stages import StageOrder, StageRegistry
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing.pytest_plugin import require
 from pycluster_vip import VIP

@@ -1,4 +1,6 @@
-"""Core default plugin "placement": the hard constraints OnNodes, OnLabel, AvoidLabel."""
+"""Default plugin "placement": the hard constraints (`OnNodes`, `OnLabel`, `AvoidLabel`) as a
+placement filter, and a node's ``priority`` for an app as its placement score (the kernel ranks
+standbys by score: the highest-priority live standby takes over first)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from ..plugins import hookimpl
 
 if TYPE_CHECKING:
     from ..kernel.app import App
+    from ..kernel.placement import PlacementView
     from ..kernel.types import NodeInfo
 
 
@@ -15,3 +18,13 @@ if TYPE_CHECKING:
 def pycluster_placement_filter(app: App, node: NodeInfo) -> bool | None:
     """Admit ``node`` when every hard constraint of ``app`` allows it."""
     return app.allows(node)
+
+
+@hookimpl(trylast=True)
+def pycluster_placement_score(app: App, node: NodeInfo, view: PlacementView) -> float | None:
+    """The node's ``priority`` for ``app``, as its membership record publishes it."""
+    entry = view.app_record(node.node_id, app.name)
+    priority = entry.get("priority") if entry is not None else None
+    if isinstance(priority, int) and not isinstance(priority, bool):
+        return priority
+    return None

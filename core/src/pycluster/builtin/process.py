@@ -62,7 +62,8 @@ from ..backend import (
 )
 from ..kernel.context import Context
 from ..kernel.errors import ConfigError
-from ..kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
+from ..kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry
+from ..kernel.stages import StageRegistry
 from ..plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -244,9 +245,6 @@ class ProcessBackend:
         self._ctx = ctx
         self.restarts = 0
         self._health_failures = 0
-        rt = self._runtime()
-        if rt is not None and self._renewed not in rt.lease_listeners:
-            rt.lease_listeners.append(self._renewed)
         await self._launch(ctx)
         self._tasks = [asyncio.create_task(self._watch(ctx), name=f"{self.stage}:watch")]
         if self.option.health is not None:
@@ -477,9 +475,6 @@ class ProcessBackend:
                 grace = min(grace, max(0.0, ctx.deadline - time.monotonic()) / 2)
             # Renewals still reach the guard meanwhile: a graceful stop may take its whole grace.
             await self._terminate(child, grace)
-        rt = self._runtime()
-        if rt is not None and self._renewed in rt.lease_listeners:
-            rt.lease_listeners.remove(self._renewed)
         if child is None:
             self.state = "stopped"
             return
@@ -599,6 +594,17 @@ def _backend_check(app: App, stage: str) -> Callable[[], Awaitable[dict[str, Any
         return {"state": h.detail, **h.data}
 
     return check
+
+
+@hookimpl
+def pycluster_lease_renewed(app: App, deadline: float) -> None:
+    """Hand the new lease deadline to the fence guard of each running process of ``app``."""
+    rt = app.platform.runtimes.get(app.name) if app.platform is not None else None
+    if rt is None:
+        return
+    for _, backend in backends_of(rt.stages):
+        if isinstance(backend, ProcessBackend):
+            backend._renewed(deadline)
 
 
 @hookimpl(trylast=True)

@@ -1,7 +1,8 @@
-"""systemd integration of ``pycluster run``: the notify protocol, without libsystemd.
+"""Default plugin "sdnotify": systemd's notify protocol, without libsystemd.
 
 Under a ``Type=notify`` unit systemd passes ``NOTIFY_SOCKET`` (and, with ``WatchdogSec=``,
-``WATCHDOG_USEC``); `run_platform` then:
+``WATCHDOG_USEC``); a platform created there (``pycluster run``, or a program's own) registers
+the plugin's service, which:
 
 * sends ``READY=1`` once the platform is connected, joined and its apps started (as standbys;
   activation follows the election), so that ``systemctl start`` returns when the node is up;
@@ -17,8 +18,8 @@ Under a ``Type=notify`` unit systemd passes ``NOTIFY_SOCKET`` (and, with ``Watch
   and restarting it would not help;
 * sends ``STOPPING=1`` when the platform leaves (after its apps stepped down).
 
-Without ``NOTIFY_SOCKET`` nothing is sent and `run_platform` is ``platform.run()``. A lost
-datagram (systemd restarting) is logged once and ignored: notification never blocks the node.
+Without ``NOTIFY_SOCKET`` the plugin registers no service and sends nothing. A lost datagram
+(systemd restarting) is logged once and ignored: notification never blocks the node.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from ..plugins import hookimpl
 if TYPE_CHECKING:
     from ..kernel.app import App
     from ..kernel.platform import Platform
+    from ..kernel.services import PlatformServices
 
 log = logging.getLogger("pycluster.sdnotify")
 
-__all__ = ["Notifier", "SystemdIntegration", "run_platform", "watchdog_interval"]
+__all__ = ["Notifier", "SystemdIntegration", "watchdog_interval"]
 
 
 class Notifier:
@@ -120,7 +122,7 @@ def watchdog_interval() -> float | None:
 
 
 class SystemdIntegration:
-    """The plugin (status lines on role changes) and the watchdog of one platform."""
+    """The plugin's service for one platform: status lines, READY, STOPPING and the watchdog."""
 
     def __init__(self, platform: Platform, notifier: Notifier,
                  interval: float | None = None) -> None:
@@ -139,19 +141,6 @@ class SystemdIntegration:
             role = app.role.value
             parts.append(f"{name} {role}" + (f" (epoch {app.epoch})" if app.is_active else ""))
         return f"{p.name}/{p.node_id}: " + (", ".join(parts) or "no apps")
-
-    # -- hooks --------------------------------------------------------------------------------
-
-    @hookimpl
-    def pycluster_role_changed(self, app: App, role: str, epoch: int | None,
-                               leader: str | None) -> None:
-        """STATUS= on every role change."""
-        self.notifier.status(self.summary())
-
-    @hookimpl
-    def pycluster_platform_stopping(self, platform: Platform) -> None:
-        """STOPPING=1 once the apps stepped down."""
-        self.notifier.stopping(f"{platform.name}/{platform.node_id}: leaving")
 
     # -- the watchdog -------------------------------------------------------------------------
 
@@ -180,48 +169,80 @@ class SystemdIntegration:
             self._last_ping = now
             self.pings += 1
 
-    def _renewed(self, deadline: float) -> None:
-        self.ping()
-
-    def attach(self) -> None:
-        """Follow lease renewals and start the watchdog loop (after the platform started)."""
-        for rt in self.platform.runtimes.values():
-            rt.lease_listeners.append(self._renewed)
-        if self.interval is not None and self._task is None:
-            self._task = supervise("sdnotify:watchdog", self._loop)
-
     async def _loop(self) -> None:
         assert self.interval is not None
         while True:
             self.ping()
             await asyncio.sleep(self.interval / 4)
 
-    async def detach(self) -> None:
-        """Stop the watchdog loop."""
+    # -- service lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the watchdog loop (READY follows once the apps started)."""
+        if self.interval is not None and self._task is None:
+            self._task = supervise("sdnotify:watchdog", self._loop)
+
+    async def stop(self) -> None:
+        """Stop the watchdog loop; close the socket."""
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
+        self.notifier.close()
 
 
-async def run_platform(platform: Platform) -> None:
-    """``platform.run()``, speaking systemd's notify protocol when ``NOTIFY_SOCKET`` is set."""
-    notifier = Notifier()
-    if not notifier.enabled:
-        await platform.run()
-        return
+def _service(platform: Platform) -> SystemdIntegration | None:
+    svc = platform.services.get("sdnotify")
+    return svc if isinstance(svc, SystemdIntegration) else None
+
+
+def _create(platform: Platform, notifier: Notifier) -> SystemdIntegration:
     interval = watchdog_interval()
     if interval is not None:
         faulthandler.enable(file=sys.stderr, all_threads=True)  # a watchdog SIGABRT explains
-    integration = SystemdIntegration(platform, notifier, interval)
-    platform.pm.register(integration, name="sdnotify")
     notifier.status(f"{platform.name}/{platform.node_id}: starting")
-    try:
-        await platform.start()
-        integration.attach()
-        notifier.ready(integration.summary())
-        log.info("systemd: READY sent%s", f"; watchdog every {interval / 4:.1f}s"
-                 if interval else "")
-        await platform.run()  # started already: waits for SIGTERM/SIGINT, then leaves
-    finally:
-        await integration.detach()
-        notifier.close()
+    return SystemdIntegration(platform, notifier, interval)
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+@hookimpl
+def pycluster_platform_services(platform: Platform, registry: PlatformServices) -> None:
+    """Under a ``Type=notify`` unit (``NOTIFY_SOCKET`` set): the notify service."""
+    notifier = Notifier()
+    if notifier.enabled:
+        registry.add("sdnotify", lambda: _create(platform, notifier))
+
+
+@hookimpl
+def pycluster_platform_started(platform: Platform) -> None:
+    """READY=1 once connected, joined and the apps started (as standbys)."""
+    svc = _service(platform)
+    if svc is not None:
+        svc.notifier.ready(svc.summary())
+        log.info("systemd: READY sent%s", f"; watchdog every {svc.interval / 4:.1f}s"
+                 if svc.interval else "")
+
+
+@hookimpl
+def pycluster_role_changed(app: App) -> None:
+    """STATUS= on every role change."""
+    svc = _service(app.platform) if app.platform is not None else None
+    if svc is not None:
+        svc.notifier.status(svc.summary())
+
+
+@hookimpl
+def pycluster_lease_renewed(app: App) -> None:
+    """WATCHDOG=1 at once after a renewal."""
+    svc = _service(app.platform) if app.platform is not None else None
+    if svc is not None:
+        svc.ping()
+
+
+@hookimpl
+def pycluster_platform_stopping(platform: Platform) -> None:
+    """STOPPING=1 once the apps stepped down."""
+    svc = _service(platform)
+    if svc is not None:
+        svc.notifier.stopping(f"{platform.name}/{platform.node_id}: leaving")

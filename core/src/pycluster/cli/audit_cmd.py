@@ -20,13 +20,8 @@ import time
 import click
 import nats.js.errors
 
-from ..builtin.audit.log import (
-    CORE_CATEGORIES,
-    AuditCategoryRegistry,
-    AuditEntry,
-    AuditFilter,
-    AuditReader,
-)
+from ..builtin.audit.log import CORE_CATEGORIES, AuditCategoryRegistry
+from ..builtin.audit.query import AuditEntry, AuditFilter, AuditReader
 from ..kernel.errors import ConfigError, PyclusterError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")

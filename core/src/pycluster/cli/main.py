@@ -157,7 +157,6 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     3 an internal task died and could not be restarted (the node left);
     4 another process took this node id over (confirmed; the node left).
     """
-    from ..builtin.sdnotify import run_platform
     from .config_apps import apps_from_config, platform_from_config
 
     _setup_logging(log_level)
@@ -172,7 +171,7 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
         else:
             assert config is not None
             platform = platform_from_config(config, pm)
-        asyncio.run(run_platform(platform))
+        asyncio.run(platform.run())
     except PyclusterError as exc:
         _fail(exc)
     except KeyboardInterrupt:

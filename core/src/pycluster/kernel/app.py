@@ -1,4 +1,10 @@
-"""`App`: an isolated component with its own data, mode, placement and lifecycle hooks."""
+"""`App`: an isolated component with its own data, mode, placement and lifecycle hooks.
+
+Per-app plugin state lives in one place: ``app.state(plugin)``, a dict per plugin name kept by
+the app (the runtime reaches the same dict as ``runtime.state(plugin)``). Plugins keep there
+what they know of the app (declared handlers and checks, open spans, controllers, ...); they
+never add attributes to the App, its options or the runtime.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,12 @@ from .types import NodeInfo, Role
 if TYPE_CHECKING:
     from ..builtin.events.bus import EventBus
     from ..builtin.health.checks import AppHealth
-    from ..builtin.rpc.service import AppRpc
+    from ..builtin.rpc.app import AppRpc
     from .coordinator import AppRuntime
     from .kv import AppKV
     from .locks import Lock
     from .platform import Platform
+    from .registry import AppEventRegistry
 
 Hook = Callable[..., Awaitable[Any]]
 H = TypeVar("H", bound=Hook)
@@ -28,6 +35,21 @@ HOOK_NAMES = (
     "member_leave", "health_change", "migration_start", "migration_complete",
     "placement_invalid",
 )
+
+KERNEL_EVENTS = frozenset({"active", "passive", "leader_change", "start", "stop",
+                           "member_join", "member_leave"})
+"""App events the kernel fires itself; the others are fired by plugins that declare them
+(``pycluster_app_events``)."""
+
+EVENT_SOURCES = {
+    "own": "a ring plugin (key ownership, e.g. pycluster-ring)",
+    "release": "a ring plugin (key ownership, e.g. pycluster-ring)",
+    "health_change": "the 'health' plugin",
+    "migration_start": "a placement scheduler plugin",
+    "migration_complete": "a placement scheduler plugin",
+    "placement_invalid": "a placement scheduler plugin",
+}
+"""What fires each plugin event (for the error when nothing installed does)."""
 
 
 class App:
@@ -73,7 +95,8 @@ class App:
         self.handlers: dict[str, Callable[..., Awaitable[Any]]] = {}
         self._runtime: AppRuntime | None = None
         self.platform: Platform | None = None
-        self._rpc: AppRpc | None = None
+        self._state: dict[str, dict[str, Any]] = {}
+        self._needs: set[str] = set()
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, {self.mode!r})"
@@ -142,9 +165,47 @@ class App:
         """The registered hooks of ``event`` (e.g. "active")."""
         return list(self._hooks[event])
 
+    def check_events(self, fired: AppEventRegistry) -> None:
+        """Refuse hooks of an event nothing installed fires (at ``platform.register``).
+
+        :raises ConfigError: naming the hooks and what would fire them.
+        """
+        for event in HOOK_NAMES:
+            if event in KERNEL_EVENTS or not self._hooks[event] or fired.fired_by(event):
+                continue
+            names = ", ".join(getattr(fn, "__name__", "?") for fn in self._hooks[event])
+            raise ConfigError(f"App({self.name!r}).on_{event}", names,
+                              f"no installed plugin fires {event!r} events, so these hooks "
+                              f"would never run; {EVENT_SOURCES.get(event, 'a plugin')} does "
+                              "(install or enable it, or remove the hooks)")
+
+    # -- per-app plugin state ------------------------------------------------------------------
+
+    def state(self, plugin: str) -> dict[str, Any]:
+        """The dict in which plugin ``plugin`` keeps what it knows of this app (created on
+        first use; it lives as long as the app)."""
+        st = self._state.get(plugin)
+        if st is None:
+            st = self._state[plugin] = {}
+        return st
+
+    def needs(self) -> set[str]:
+        """The plugins whose features this app declared (``"rpc"`` for RPC handlers,
+        ``"api"`` for API handlers): ``platform.register`` refuses the app without them."""
+        return set(self._needs)
+
+    def _feature(self, plugin: str) -> None:
+        """This app uses plugin ``plugin``: once registered, a missing plugin is a
+        `PluginError` now; before, at ``platform.register``."""
+        self._needs.add(plugin)
+        if self.platform is not None:
+            self.platform.service(plugin)
+
     def handle(self, method: str) -> Callable[[H], H]:
-        """Declare an API method of this app (served through the platform's API bus)."""
+        """Declare an API method of this app (served through the platform's API bus; plugin
+        ``api``)."""
         validate_ident("method", method)
+        self._feature("api")
 
         def deco(fn: H) -> H:
             self.handlers[method] = fn
@@ -219,37 +280,47 @@ class App:
 
     # -- feature handles contributed by core services (RPC, events, health, ...) --------------
 
+    # -- handles of the default plugins (RPC, events, health) ---------------------------------
+
     @property
     def rpc(self) -> AppRpc:
         """RPC between this app's nodes: ``handler(name)``, ``call(node, ...)``,
-        ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.builtin.rpc.service.AppRpc`)."""
-        if self._rpc is None:
-            from ..builtin.rpc.service import AppRpc
+        ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.builtin.rpc.app.AppRpc`;
+        plugin ``rpc``)."""
+        self._feature("rpc")
+        st = self.state("rpc")
+        handle = st.get("handle")
+        if handle is None:
+            from ..builtin.rpc.app import AppRpc  # the default plugin's handle
 
-            self._rpc = AppRpc(self)
-        return self._rpc
+            handle = st["handle"] = AppRpc(self)
+        return handle  # type: ignore[no-any-return]
 
     @property
     def events(self) -> EventBus:
         """This app's events (``{platform}.{app}.events.>``): ``publish``, ``subscribe``,
-        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`); needs a started
-        platform."""
-        from ..builtin.events.bus import app_events
-
-        return app_events(self)
+        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`; plugin
+        ``events``); needs a started platform."""
+        if self.platform is None:
+            raise RuntimeError(f"app {self.name!r} is not registered with a platform")
+        return self.platform.service("events").bus(self.name)  # type: ignore[no-any-return]
 
     @property
     def health(self) -> AppHealth:
         """This app's health checks: ``app.health.register(name, check, interval=...,
-        timeout=..., depends_on=[...])`` (see `pycluster.builtin.health.checks.AppHealth`); usable
-        before the
-        platform starts, the checks run while the app runs on this node."""
-        from ..builtin.health.checks import AppHealth
+        timeout=..., depends_on=[...])`` (see `pycluster.builtin.health.checks.AppHealth`;
+        plugin ``health``). Checks may be declared before the app is registered (they run
+        while the app runs on this node, when the plugin is enabled); once registered, the
+        handle needs the plugin."""
+        if self.platform is not None:
+            self.platform.service("health")
+        st = self.state("health")
+        handle = st.get("handle")
+        if handle is None:
+            from ..builtin.health.checks import AppHealth  # the default plugin's handle
 
-        h = self.__dict__.get("_health")
-        if h is None:
-            h = self.__dict__["_health"] = AppHealth(self)
-        return h  # type: ignore[no-any-return]
+            handle = st["handle"] = AppHealth(self)
+        return handle  # type: ignore[no-any-return]
 
     def require_leader(self) -> int:
         """Return the epoch, or raise `NotLeaderError` when this node is not active."""

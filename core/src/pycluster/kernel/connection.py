@@ -43,6 +43,7 @@ from .settings import (
     secret_value,
     server_address,
 )
+from .types import ConnectionState
 
 log = logging.getLogger("pycluster.nats")
 
@@ -401,7 +402,7 @@ class Connections:
         self, s: PlatformSettings, *,
         on_control_reconnect: Callable[[], Awaitable[None]] | None = None,
         on_slow_consumer: Callable[[nats.errors.SlowConsumerError], None] | None = None,
-        on_reconnect_event: Callable[[str, str], None] | None = None,
+        on_state: Callable[[str, ConnectionState], None] | None = None,
         js_timeout: float = 2.0,
     ) -> None:
         """Connect both (data first; `NatsUnavailableError` as `connect`) and start watching.
@@ -409,32 +410,46 @@ class Connections:
         :param on_control_reconnect: awaited after the control connection reconnected (re-create
             election and membership watches there).
         :param on_slow_consumer: see `connect` (data connection).
-        :param on_reconnect_event: ``(connection, reason)`` for every reconnect, for metrics.
+        :param on_state: ``(connection, state)`` for every change of either connection:
+            ``data`` or ``control``; disconnected, reconnected, or moved by the watchdog.
         :param js_timeout: the JetStream API timeout of both contexts.
         """
-        def event(conn: str, reason: str) -> None:
-            if on_reconnect_event is not None:
-                on_reconnect_event(conn, reason)
+        def event(conn: str, state: ConnectionState) -> None:
+            if on_state is not None:
+                try:
+                    on_state(conn, state)
+                except Exception:  # an observer never breaks a reconnect
+                    log.exception("nats %s connection: state observer failed", conn)
 
         async def data_reconnected() -> None:
-            event("data", "lost")
+            event("data", ConnectionState.RECONNECTED)
+
+        async def data_disconnected() -> None:
+            event("data", ConnectionState.DISCONNECTED)
 
         async def control_reconnected() -> None:
-            event("control", "lost")
+            event("control", ConnectionState.RECONNECTED)
             if on_control_reconnect is not None:
                 await on_control_reconnect()
 
+        async def control_disconnected() -> None:
+            event("control", ConnectionState.DISCONNECTED)
+
+        def moved(conn: str, _reason: str) -> None:
+            event(conn, ConnectionState.MOVED)
+
         data_selector = ServerSelector(s.reconnect_wait)
-        self.nc = await connect(s, on_reconnect=data_reconnected,
+        self.nc = await connect(s, on_reconnect=data_reconnected, on_disconnect=data_disconnected,
                                 on_slow_consumer=on_slow_consumer, selector=data_selector)
         self.js = self.nc.jetstream(timeout=js_timeout)
         selector = ServerSelector(s.reconnect_wait)
         self.nc_control = nc = await connect(s, on_reconnect=control_reconnected,
+                                             on_disconnect=control_disconnected,
                                              selector=selector, role="control")
         health = WriteHealth()
         self.js_control = WatchedJetStream(nc, health, timeout=js_timeout)
         self.watchdog = ConnectionWatchdog(
-            nc, health, selector, threshold=s.lease_ttl, name="control", on_move=event,
+            nc, health, selector, threshold=s.lease_ttl, name="control", on_move=moved,
             followers=[("data", self.nc, data_selector)],
         )
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="nats:watchdog"))

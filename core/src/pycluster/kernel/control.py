@@ -1,14 +1,16 @@
 """Control requests (step-down, node ping) through the middleware chain, audited.
 
 Anything on the bus can publish to a control subject, so each request runs through the
-platform's server-side middleware chain (``on_request``, the chain of ``app.rpc``:
-`pycluster.middleware.SignedAuth` or `pycluster.middleware.AuthMiddleware` refuses it before
-it does anything) as a `Request` of kind ``"rpc"`` with method ``control.<name>``
-(``allow={"control.stepdown": ["ops"]}`` limits who may ask), and is audited (category
-``control``) with its source: the subject, the reply subject, the identity the middleware
-established and the caller's ``Pycluster-Auth-App`` header. Outgoing control requests of
-this node run through the client-side chain (``on_call``, then ``Call.before_send``), so they
-carry the node's credentials or signature.
+platform's server-side middleware chain (``on_request``, ``platform.middleware``, the chain of
+``app.rpc`` too: `pycluster.middleware.SignedAuth` or `pycluster.middleware.AuthMiddleware`
+refuses it before it does anything) as a `Request` of kind ``"rpc"`` with method
+``control.<name>`` (``allow={"control.stepdown": ["ops"]}`` limits who may ask), and is reported
+through ``pycluster_control_request`` (the audit plugin writes it to category ``control``) with
+its source: the subject, the reply subject, the identity the middleware established and the
+caller's ``Pycluster-Auth-App`` header. At most ``_AUDIT_PER_SECOND`` requests a second are
+reported; the rest of a flood is counted and summarised in the log. Outgoing control requests
+of this node run through the client-side chain (``on_call``, then ``Call.before_send``), so
+they carry the node's credentials or signature.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from ..middleware import Call, Request
-from .errors import PyclusterError
+from ..plugins import call_each
+from .errors import ConfigError, PyclusterError
 
 if TYPE_CHECKING:
     from .platform import Platform
@@ -59,9 +62,7 @@ class ControlPlane:
         self.suppressed = 0
 
     def _chain(self, hook: str, inner: Callable[[Any], Awaitable[Any]]) -> Any:
-        from ..builtin.rpc.service import rpc_service
-
-        return rpc_service(self.platform).middleware.wrap(hook, inner, cache=False)
+        return self.platform.middleware.wrap(hook, inner, cache=False)
 
     async def serve(self, msg: Msg, *, app: str, name: str, handler: Handler,
                     audit: bool = True) -> tuple[Any, BaseException | None]:
@@ -90,10 +91,10 @@ class ControlPlane:
         except Exception as exc:
             error = exc
         if audit or error is not None:
-            self._audit(req, msg, error)
+            self._report(req, msg, error)
         return result, error
 
-    def _audit(self, req: Request, msg: Msg, error: BaseException | None) -> None:
+    def _report(self, req: Request, msg: Msg, error: BaseException | None) -> None:
         now = time.monotonic()
         if now - self._window >= 1.0:
             if self.suppressed:
@@ -104,24 +105,13 @@ class ControlPlane:
         if self._in_window > _AUDIT_PER_SECOND:
             self.suppressed += 1
             return
-        data: dict[str, Any] = {
-            "subject": msg.subject, "reply": msg.reply or None, "identity": req.identity,
-            "source_app": req.source_app, "size": len(req.data),
-            "outcome": "ok" if error is None else "refused",
-        }
-        if error is not None:
-            data["error"] = f"{type(error).__name__}: {error}"[:300]
-        preview = req.extra.get("request")
-        if preview is not None:
-            data["request"] = preview
-        audit = self.platform.services.get("audit")
-        if audit is None:
-            return
-        try:
-            audit.log("control", req.method.split(".", 1)[1],  # type: ignore[attr-defined]
-                      data, app=req.app if req.app != "_" else None)
-        except Exception:
-            log.exception("control: audit entry not queued")
+        p = self.platform
+        call_each(p.pm.hook.pycluster_control_request, "control request", platform=p,
+                  request=req, subject=msg.subject, reply=msg.reply or None, error=error)
+
+    async def serve_stepdown(self, app: Any, msg: Msg) -> None:
+        """Handle a step-down request for ``app`` (see `serve_stepdown`)."""
+        await serve_stepdown(self.platform, app, msg)
 
     async def request(self, subject: str, payload: bytes, *, app: str, name: str,
                       timeout: float, gather: float | None = None,
@@ -189,15 +179,6 @@ def error_reply(error: BaseException) -> dict[str, Any]:
             "reason": f"{type(error).__name__}: {error}"[:300]}
 
 
-def control_plane(platform: Platform) -> ControlPlane:
-    """The platform's `ControlPlane` (created on first use)."""
-    cp = platform.__dict__.get("_control_plane")
-    if not isinstance(cp, ControlPlane):
-        cp = ControlPlane(platform)
-        platform.__dict__["_control_plane"] = cp
-    return cp
-
-
 def decode_object(data: bytes) -> dict[str, Any]:
     """A control request's JSON object body (empty body: ``{}``); `ControlRefused` else."""
     if not data:
@@ -219,8 +200,6 @@ async def serve_stepdown(platform: Platform, app: Any, msg: Msg) -> None:
     max(60, 10 x lease_ttl)``); anything else is refused with the reason, and nothing changes.
     The reply is ``{"node", "epoch"}``, plus ``"error": {field, value, reason}`` if refused.
     """
-    from .errors import ConfigError
-
     epoch = app.epoch
 
     async def handler(req: Request) -> None:
@@ -236,8 +215,8 @@ async def serve_stepdown(platform: Platform, app: Any, msg: Msg) -> None:
                                 None if cooldown is None else repr(cooldown)[:64]}
         await app.step_down(successor=successor, cooldown=cooldown)
 
-    _, error = await control_plane(platform).serve(msg, app=app.name, name="stepdown",
-                                                   handler=handler)
+    _, error = await platform.control.serve(msg, app=app.name, name="stepdown",
+                                            handler=handler)
     reply: dict[str, Any] = {"node": platform.node_id, "epoch": epoch}
     if isinstance(error, ConfigError):
         log.warning("app %s: step-down request refused: %s", app.name, error)

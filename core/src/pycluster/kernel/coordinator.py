@@ -15,8 +15,11 @@ Policies:
   goes on (a step-down never hangs), each call bounded by the lease's end when it was lost.
 * A component that fails while active (a backend that cannot be restarted) calls
   `AppRuntime.report_failure`: the node steps down with back-off so that a standby takes over.
-* Every stage call is reported to ``stage_listeners`` as a `StageEvent` (audit, metrics), and
-  lease renewals to ``lease_listeners`` (fence guards, the systemd watchdog).
+* Everything that happens is reported through notification hooks, never to listeners kept
+  here: every stage call as a `StageEvent` (``pycluster_stage_event``: audit, metrics, spans),
+  role changes (``pycluster_role_transition``, ``pycluster_role_changed``), lease renewals
+  (``pycluster_lease_renewed``: fence guards, the systemd watchdog), the observed leader and
+  its signs of life, and every app hook run (``pycluster_app_hook_call``).
 * Losing the lease (taken over, renewal failures, paused past the lease) interrupts activation
   and deactivates against the lease's end (``ctx.deadline``).
 * Transitions are serialised: one worker reconciles the wanted role with the current one.
@@ -30,16 +33,22 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ..builtin.metrics.service import observe_hook
-from ..builtin.tracing.spans import role_span
+from ..plugins import call_each
 from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
 from .names import validate_ident
-from .registry import FailurePolicy, Stage, StageOrder, StageRegistry
+from .stages import (
+    FailurePolicy,
+    Stage,
+    StageAction,
+    StageEvent,
+    StageOrder,
+    StageOutcome,
+    StageRegistry,
+)
 from .types import Role
 
 if TYPE_CHECKING:
@@ -102,28 +111,17 @@ def check_step_down(app: str, leader: str, members: Mapping[str, Any],
         raise ConfigError("successor", successor, f"never leads app {app!r} (no_failover)")
 
 
-@dataclass
-class StageEvent:
-    """One call of a stage of the failover sequence, as reported to ``stage_listeners``.
+A, Out = StageAction, StageOutcome
 
-    :ivar action: ``"activate"``, ``"deactivate"`` or ``"running"`` (a failure while active).
-    :ivar outcome: ``"ok"``, ``"failed"``, ``"timeout"`` or ``"cancelled"`` (lease lost).
-    :ivar policy: on a failure, what follows: ``"retry"``, ``"continue"`` or ``"step_down"``.
-    :ivar backoff: for ``"step_down"``, the seconds this node stays out of the election.
-    """
 
-    app: str
-    stage: str
-    plugin: str
-    action: str
-    outcome: str
-    epoch: int | None
-    duration: float
-    attempt: int = 1
-    policy: str = ""
-    error: str = ""
-    backoff: float | None = None
-    at: float = field(default_factory=time.time)
+async def _bounded(aw: Awaitable[None], timeout: float) -> None:
+    """Await ``aw`` within ``timeout`` seconds (`TimeoutError` after)."""
+    async with asyncio.timeout(timeout):
+        await aw
+
+
+async def _noop(ctx: Context) -> None:
+    return None
 
 
 class StageFailed(Exception):
@@ -143,10 +141,15 @@ async def run_hooks(
     hooks: list[Callable[..., Awaitable[Any]]], ctx: Context, timeout: float, what: str,
     raise_errors: bool,
 ) -> None:
-    """Run app hooks in registration order, each bounded by ``timeout``."""
+    """Run app hooks in registration order, each bounded by ``timeout`` and wrapped in the
+    context managers of ``pycluster_app_hook_call`` (spans, durations, failure records)."""
+    hook_call = ctx.platform.pm.hook.pycluster_app_hook_call
     for fn in hooks:
         try:
-            with observe_hook(ctx.platform, ctx.app, what, fn.__name__):  # span, time, audit
+            with contextlib.ExitStack() as stack:
+                for cm in call_each(hook_call, what, app=ctx.app, hook=what,
+                                    function=fn.__name__):
+                    stack.enter_context(cm)
                 async with asyncio.timeout(timeout):  # wait_for can swallow a cancel on 3.11
                     await fn(ctx)
         except asyncio.CancelledError:
@@ -199,9 +202,8 @@ class AppRuntime:
         self._obs_epoch: int | None = None
         self._stage_task: asyncio.Future[None] | None = None
         self._release_task: asyncio.Future[None] | None = None
-        self.stage_listeners: list[Callable[[StageEvent], None]] = []
         self.stage_events: list[StageEvent] = []  # the last 200, for status and tests
-        self.lease_listeners: list[Callable[[float], None]] = []
+        self._hooks = platform.pm.hook
 
     # -- state -------------------------------------------------------------------------------
 
@@ -225,6 +227,10 @@ class AppRuntime:
         if self.election is None:
             return None
         return self.election.epoch
+
+    def state(self, plugin: str) -> dict[str, Any]:
+        """Per-app plugin state: ``app.state(plugin)`` (see `pycluster.kernel.app.App.state`)."""
+        return self.app.state(plugin)
 
     def ctx(self, reason: str = "", deadline: float | None = None) -> Context:
         """A context for hooks and stages."""
@@ -269,15 +275,13 @@ class AppRuntime:
 
     def renewed(self, deadline: float) -> None:
         """Election callback: the lease was won or renewed; ``deadline`` is its local end."""
-        for fn in list(self.lease_listeners):
-            try:
-                fn(deadline)
-            except Exception:
-                log.exception("app %s: lease listener failed", self.app.name)
+        call_each(self._hooks.pycluster_lease_renewed, "lease renewed", app=self.app,
+                  deadline=deadline)
 
     def leader_alive(self, leader: str, epoch: int | None) -> None:
         """Election callback: a sign of life of the holder (another node) was seen."""
-        self.platform.leader_alive(self.app, leader, epoch)
+        call_each(self._hooks.pycluster_leader_alive, "leader alive", app=self.app,
+                  leader=leader, epoch=epoch)
 
     def lease_deadline(self) -> float | None:
         """Monotonic instant at which this node's lease ends (None: no lease, or no election)."""
@@ -293,7 +297,8 @@ class AppRuntime:
         if (leader, epoch) == (self._obs_leader, self._obs_epoch):
             return
         self._obs_leader, self._obs_epoch = leader, epoch
-        self.platform.leader_observed(self.app, leader, epoch)  # audit
+        call_each(self._hooks.pycluster_leader_observed, "leader observed", app=self.app,
+                  leader=leader, epoch=epoch)
         ctx = self.ctx("leader changed")
         ctx.leader, ctx.epoch = leader, epoch
         self.platform.spawn(
@@ -370,7 +375,8 @@ class AppRuntime:
             self._role_event.clear()
             self._changed.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._role_event.wait(), min(left, 0.5))
+                async with asyncio.timeout(min(left, 0.5)):
+                    await self._role_event.wait()
 
     async def step_down(self, successor: str | None, cooldown: float | None) -> None:
         """Graceful handover: deactivate while still holding the lease, then release it.
@@ -404,6 +410,9 @@ class AppRuntime:
     async def wait_active(self, timeout: float | None) -> bool:
         """Wait until active."""
         try:
+            # wait_for rather than asyncio.timeout: its inner task makes the caller resume a
+            # few loop iterations after the activation, once the tasks the activation started
+            # (the leader route's subscription and its flush to the server) have run.
             await asyncio.wait_for(self._active_event.wait(), timeout)
         except TimeoutError:
             return False
@@ -421,7 +430,9 @@ class AppRuntime:
                 await self._deactivate(self._want_reason)
 
     def _set_role(self, role: Role, epoch: int | None, reason: str) -> None:
-        role_span(self, role, epoch, reason)  # tracing: pycluster.activate / .deactivate
+        # In this task, before the transition's stages run (a span opened here is theirs).
+        call_each(self._hooks.pycluster_role_transition, f"{self.app.name}: role_transition",
+                  app=self.app, runtime=self, role=role, epoch=epoch, reason=reason)
         self.role = role
         self._role_event.set()
         self.history.append((time.time(), role.value, epoch, reason))
@@ -433,9 +444,9 @@ class AppRuntime:
         else:
             self._active_event.clear()
         if role in (Role.ACTIVE, Role.PASSIVE, Role.STOPPED):
-            results = self.platform.pm.hook.pycluster_role_changed(
-                app=self.app, role=role.value, epoch=epoch, leader=self.leader
-            )
+            results = call_each(self._hooks.pycluster_role_changed,
+                                f"{self.app.name}: role_changed", app=self.app, role=role.value,
+                                epoch=epoch, leader=self.leader, reason=reason)
             self.platform.notify(results, f"{self.app.name}: role_changed")
             self.platform.transition(self.app, role.value, epoch, reason)
 
@@ -457,6 +468,8 @@ class AppRuntime:
             log.error("app %s: activation failed at %s; stepping down, retry in %.1fs",
                       self.app.name, exc, self._backoff)
             self.platform.transition(self.app, "activation_failed", epoch, str(exc))
+            call_each(self._hooks.pycluster_activation_failed, "activation failed",
+                      app=self.app, epoch=epoch, error=str(exc))
             await self._undo(ctx, f"activation failed: {exc}")
             self._set_role(Role.PASSIVE, epoch, f"activation failed: {exc}")
             if self.election is not None and self._want_active:
@@ -487,18 +500,15 @@ class AppRuntime:
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         return backoff
 
-    def _report(self, stage: Stage, action: str, outcome: str, epoch: int | None,
-                started: float, attempt: int = 1, policy: str = "", error: str = "",
+    def _report(self, stage: Stage, action: StageAction, outcome: StageOutcome,
+                epoch: int | None, started: float, attempt: int = 1,
+                policy: FailurePolicy | Literal[""] = "", error: str = "",
                 backoff: float | None = None) -> None:
         ev = StageEvent(self.app.name, stage.name, stage.plugin, action, outcome, epoch,
                         time.monotonic() - started, attempt, policy, error, backoff)
         self.stage_events.append(ev)
         del self.stage_events[:-200]
-        for fn in list(self.stage_listeners):
-            try:
-                fn(ev)
-            except Exception:
-                log.exception("app %s: stage listener failed", self.app.name)
+        call_each(self._hooks.pycluster_stage_event, "stage event", app=self.app, event=ev)
 
     async def _interruptible(self, stage: Stage, aw: Awaitable[None]) -> None:
         """Await ``aw`` as the current stage task, which `lost` cancels at once."""
@@ -519,39 +529,39 @@ class AppRuntime:
             timeout = stage.timeout or self.hook_timeout
             started = time.monotonic()
             try:
-                await self._interruptible(stage, asyncio.wait_for(stage.activate(ctx), timeout))
-                self._report(stage, "activate", "ok", ctx.epoch, started, attempt)
+                await self._interruptible(stage, _bounded(stage.activate(ctx), timeout))
+                self._report(stage, A.ACTIVATE, Out.OK, ctx.epoch, started, attempt)
                 return
             except _LeaseLost:
-                self._report(stage, "activate", "cancelled", ctx.epoch, started, attempt,
+                self._report(stage, A.ACTIVATE, Out.CANCELLED, ctx.epoch, started, attempt,
                              error="leadership lost")
                 raise
             except StageFailed as exc:  # an on_active hook (run_hooks) failed or timed out
                 failure = exc
-                outcome = "timeout" if isinstance(exc.cause, TimeoutError) else "failed"
+                outcome = Out.TIMEOUT if isinstance(exc.cause, TimeoutError) else Out.FAILED
             except TimeoutError as exc:
                 failure = StageFailed(stage.name, TimeoutError(f"timed out after {timeout}s"))
-                failure.__cause__, outcome = exc, "timeout"
+                failure.__cause__, outcome = exc, Out.TIMEOUT
             except Exception as exc:
-                failure, outcome = StageFailed(stage.name, exc), "failed"
+                failure, outcome = StageFailed(stage.name, exc), Out.FAILED
                 failure.__cause__ = exc
             policy = stage.on_failure
             if policy is FailurePolicy.RETRY and attempt <= stage.retries and self._want_active:
                 delay = stage.retry_delay * 2 ** (attempt - 1)
-                self._report(stage, "activate", outcome, ctx.epoch, started, attempt,
-                             "retry", str(failure.cause))
+                self._report(stage, A.ACTIVATE, outcome, ctx.epoch, started, attempt,
+                             FailurePolicy.RETRY, str(failure.cause))
                 log.warning("app %s: %s; retry %d/%d in %.1fs", self.app.name, failure,
                             attempt, stage.retries, delay)
                 await self._deactivate_stage(stage, ctx)
                 await self._interruptible(stage, asyncio.sleep(delay))
                 continue
             if policy is FailurePolicy.CONTINUE:
-                self._report(stage, "activate", outcome, ctx.epoch, started, attempt,
-                             "continue", str(failure.cause))
+                self._report(stage, A.ACTIVATE, outcome, ctx.epoch, started, attempt,
+                             FailurePolicy.CONTINUE, str(failure.cause))
                 log.warning("app %s: %s; continuing (policy continue)", self.app.name, failure)
                 return
-            self._report(stage, "activate", outcome, ctx.epoch, started, attempt, "step_down",
-                         str(failure.cause), self._backoff)
+            self._report(stage, A.ACTIVATE, outcome, ctx.epoch, started, attempt,
+                         FailurePolicy.STEP_DOWN, str(failure.cause), self._backoff)
             raise failure
 
     async def _deactivate_stage(self, stage: Stage, ctx: Context) -> None:
@@ -561,25 +571,26 @@ class AppRuntime:
         timeout = max(ctx.remaining(stage.timeout or self.hook_timeout), 0.05)
         started = time.monotonic()
         try:
-            await asyncio.wait_for(stage.deactivate(ctx), timeout)
+            async with asyncio.timeout(timeout):
+                await stage.deactivate(ctx)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
             # A stray cancellation from inside the stage must not kill the worker.
             log.error("app %s: undoing stage %s was cancelled", self.app.name, stage.name)
-            self._report(stage, "deactivate", "failed", ctx.epoch, started, error="cancelled")
+            self._report(stage, A.DEACTIVATE, Out.FAILED, ctx.epoch, started, error="cancelled")
         except TimeoutError:
             log.error("app %s: undoing stage %s timed out after %.2fs", self.app.name,
                       stage.name, timeout)
-            self._report(stage, "deactivate", "timeout", ctx.epoch, started,
+            self._report(stage, A.DEACTIVATE, Out.TIMEOUT, ctx.epoch, started,
                          error=f"timed out after {timeout:.2f}s")
         except Exception as exc:
             log.exception("app %s: undoing stage %s failed", self.app.name, stage.name)
-            self._report(stage, "deactivate", "failed", ctx.epoch, started,
+            self._report(stage, A.DEACTIVATE, Out.FAILED, ctx.epoch, started,
                          error=f"{type(exc).__name__}: {exc}")
         else:
-            self._report(stage, "deactivate", "ok", ctx.epoch, started)
+            self._report(stage, A.DEACTIVATE, Out.OK, ctx.epoch, started)
 
     async def _undo(self, ctx: Context, reason: str) -> None:
         ctx.reason = reason
@@ -603,9 +614,10 @@ class AppRuntime:
         backoff = self._next_backoff()
         log.error("app %s: stage %s failed while active (%s); stepping down for %.1fs",
                   self.app.name, stage, reason, backoff)
-        if found is not None:
-            self._report(found, "running", "failed", self.active_epoch, time.monotonic(),
-                         policy="step_down", error=reason, backoff=backoff)
+        if found is None:  # reported under the name given
+            found = Stage(stage, 0, _noop, _noop, plugin="")
+        self._report(found, A.RUNNING, Out.FAILED, self.active_epoch, time.monotonic(),
+                     policy=FailurePolicy.STEP_DOWN, error=reason, backoff=backoff)
         self.platform.transition(self.app, "stage_failed", self.active_epoch,
                                  f"{stage}: {reason}")
         if self.election is not None:

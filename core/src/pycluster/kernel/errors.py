@@ -24,13 +24,14 @@ class InvalidNameError(ConfigError):
 class PluginError(PyclusterError):
     """A plugin could not be loaded or used; names the plugin and its distribution."""
 
-    def __init__(self, plugin: str, distribution: str | None, version: str | None, reason: str):
+    def __init__(self, plugin: str, distribution: str | None, version: str | None, reason: str,
+                 *, message: str | None = None) -> None:
         self.plugin = plugin
         self.distribution = distribution
         self.version = version
         self.reason = reason
         dist = f" ({distribution} {version})" if distribution else ""
-        super().__init__(f"plugin {plugin!r}{dist}: {reason}")
+        super().__init__(message or f"plugin {plugin!r}{dist}: {reason}")
 
 
 class UnclaimedOptionError(PyclusterError, TypeError):

@@ -1,10 +1,20 @@
-"""`Platform`: one node's membership in a named cluster, and the apps it may run."""
+"""`Platform`: one node's membership in a named cluster, and the apps it may run.
+
+The platform is the kernel's root object: it connects to NATS (a data and a control
+connection), joins the membership, builds the services of the enabled plugins
+(``pycluster_platform_services``), runs each app placed on this node through its
+`AppRuntime`, and turns what happens into notification hooks (members joining and leaving,
+connection state, lock events, ...). It never depends on a plugin's service: accessors such as
+``platform.audit`` go through the services registry and raise `PluginError` naming the plugin
+when it is missing.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import signal
 import threading
@@ -19,12 +29,19 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .. import __version__
-from ..plugins import PluginManager, call_notify, create_plugin_manager, distribution_of
+from ..middleware import MiddlewareChain
+from ..plugins import (
+    PluginManager,
+    call_each,
+    call_notify,
+    create_plugin_manager,
+    distribution_of,
+)
 from .aio import cancel_and_wait
 from .app import App
 from .connection import Connections, check_stream_replicas, replicas_error
 from .context import Context
-from .control import control_plane
+from .control import ControlPlane
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
 from .errors import (
@@ -40,16 +57,21 @@ from .locks import Lock, LockService
 from .membership import PRIORITY_LIMIT, Membership
 from .names import app_subject, bucket, validate_ident
 from .options import Replicas, check_timing
-from .registry import BackendRegistry, OptionRegistry
-from .services import Service, create_services
+from .placement import Placement
+from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
+from .replication import ReplicatorRegistry
+from .services import PlatformServices
 from .settings import PlatformSettings, load_settings
-from .types import NodeInfo, Role
+from .types import ConnectionState, NodeInfo, Role
+from .vip import VipRegistry
 
 if TYPE_CHECKING:
+    import nats.errors
+
     from ..builtin.api.bus import ApiClient
     from ..builtin.audit.log import AuditLog
     from ..builtin.events.bus import EventBus
-    from ..builtin.health.checks import PlatformHealth
+    from ..builtin.health.service import PlatformHealth
     from ..builtin.metrics.service import PlatformMetrics
 
 log = logging.getLogger("pycluster")
@@ -127,9 +149,16 @@ class Platform:
         self.pm = plugin_manager or create_plugin_manager()
         self.options = OptionRegistry()
         self.backends = BackendRegistry()
+        self.replicators = ReplicatorRegistry()
+        self.vips = VipRegistry()
+        self.app_events = AppEventRegistry()
         self.pm.hook.pycluster_register_options(registry=self.options)
         self.pm.hook.pycluster_register_backends(registry=self.backends)
+        self.pm.hook.pycluster_register_replicators(registry=self.replicators)
+        self.pm.hook.pycluster_register_vips(registry=self.vips)
+        self.pm.hook.pycluster_app_events(registry=self.app_events)
         self.apps: dict[str, App] = {}
+        self._option_apps: dict[int, App] = {}
         self.runtimes: dict[str, AppRuntime] = {}
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -151,12 +180,26 @@ class Platform:
         self._signal_received: signal.Signals | None = None
         self._signal_task: asyncio.Task[Any] | None = None
         self._signal_restore: list[tuple[signal.Signals, Callable[..., Any] | int | None]] = []
-        self._started_services: list[Service] = []
+        self._started_services: list[Any] = []
         #: Why the node stopped on its own (`fail`): `run` raises it after leaving.
         self.failure: PyclusterError | None = None
         self._in_run = False
         self._fail_task: asyncio.Task[None] | None = None
-        self.services: dict[str, Service] = create_services(self)
+        #: Placement decisions (filters, scores, the rank of this node among standbys).
+        self.placement = Placement(self)
+        #: Serves and sends this node's control requests (step-down, ping).
+        self.control = ControlPlane(self)
+        #: The middleware chain around calls, handlers and events: plugins' first
+        #: (``pycluster_middleware``), then those added with `pycluster.middleware.use`.
+        self.middleware = MiddlewareChain()
+        for contributed in self.pm.hook.pycluster_middleware(platform=self):
+            for mw in contributed if isinstance(contributed, list | tuple) else [contributed]:
+                if mw is not None:
+                    self.middleware.add(mw)
+        #: The services of the enabled plugins, in start order (``pycluster_platform_services``).
+        self.services = PlatformServices(self.pm)
+        self.pm.hook.pycluster_platform_services(platform=self, registry=self.services)
+        self.services.build()
 
     def __repr__(self) -> str:
         return f"Platform({self.name!r}, node_id={self.node_id!r})"
@@ -164,7 +207,9 @@ class Platform:
     # -- apps -------------------------------------------------------------------------------
 
     def register(self, app: App) -> App:
-        """Add an app; every plugin option must be claimed by an installed plugin."""
+        """Add an app; every plugin option must be claimed by an installed plugin, every app
+        event it has hooks for must be fired by one, and the features it declared (RPC and
+        API handlers) need their plugins (`PluginError` naming a missing one)."""
         if app.name in self.apps:
             raise ConfigError("app", app.name, "an app of this name is already registered")
         if self._running:
@@ -173,6 +218,10 @@ class Platform:
             claimed = self.pm.hook.pycluster_claim_option(app=app, option=opt)
             if not claimed:
                 raise UnclaimedOptionError(app.name, opt, distribution_of(opt))
+        app.check_events(self.app_events)
+        for plugin in app.needs():
+            if plugin not in self.services:
+                raise self.services.error(plugin)
         e = app.election_options
         check_timing(
             e.lease_ttl or self.settings.lease_ttl,
@@ -185,8 +234,21 @@ class Platform:
                               f"must be within ±{PRIORITY_LIMIT}")
         app.platform = self
         self.apps[app.name] = app
-        self.pm.hook.pycluster_app_registered(app=app, platform=self)
+        for opt in app.options:
+            self._option_apps[id(opt)] = app
         return app
+
+    def app_of(self, option: object) -> App | None:
+        """The registered app that ``option`` (an object passed to ``App(...)``) belongs to:
+        how a handle on an option (``db.wal``) finds its app, and through it
+        ``app.state(plugin)``."""
+        app = self._option_apps.get(id(option))
+        return app if app is not None and any(o is option for o in app.options) else None
+
+    def service(self, name: str) -> Any:
+        """The service of plugin ``name`` (`PluginError` naming the plugin and why it is
+        missing: disabled, not installed, or lacking a plugin it requires)."""
+        return self.services[name]
 
     def node_info(self) -> NodeInfo:
         """This node as placement sees it."""
@@ -194,8 +256,7 @@ class Platform:
 
     def eligible(self, app: App) -> bool:
         """Whether every placement filter admits this node for ``app``."""
-        results = self.pm.hook.pycluster_placement_filter(app=app, node=self.node_info())
-        return all(r is not False for r in results)
+        return self.placement.eligible(app)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -284,8 +345,8 @@ class Platform:
                 settings = await self._start_embedded(settings)
             c = self.connections = Connections()
             await c.open(settings, on_control_reconnect=self._reconnected,
-                         on_slow_consumer=functools.partial(self._tell, "message_dropped"),
-                         on_reconnect_event=functools.partial(self._tell, "nats_reconnect"),
+                         on_slow_consumer=self._message_dropped,
+                         on_state=self._connection_state,
                          js_timeout=max(2.0, settings.heartbeat_interval))
             self.nc, self.js, self.nc_control, self.js_control = (
                 c.nc, c.js, c.nc_control, c.js_control)
@@ -295,9 +356,9 @@ class Platform:
             self.started_at = time.time()
             try:
                 await self._join()
-                for svc in self.services.values():
+                for name, svc in self.services.items():
                     await svc.start()
-                    self._started_services.append(svc)
+                    self._started_services.append((name, svc))
                 for app in self.apps.values():
                     await self._start_app(app)
             except Exception as exc:
@@ -311,7 +372,8 @@ class Platform:
                 # permissions let a node subscribe to its own apps' subjects only.
                 self._subs.append(await self.nc_control.subscribe(
                     stepdown_subject(self.name, app_name), cb=self._on_stepdown))
-            self.notify(self.pm.hook.pycluster_platform_started(platform=self), "platform_started")
+            self.notify(call_each(self.pm.hook.pycluster_platform_started, platform=self),
+                        "platform_started")
         except BaseException:
             await self.stop()
             raise
@@ -375,21 +437,25 @@ class Platform:
         s = self.settings
         self.membership = Membership(
             self.nc_control, self.js_control, self.name, self.node_id, ttl=s.lease_ttl,
-            heartbeat=s.heartbeat_interval, record=self._record, on_join=self._member_joined,
-            on_leave=self._member_left, on_replaced=self._replaced,
+            heartbeat=s.heartbeat_interval, record=self.membership_record,
+            on_join=self._member_joined, on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
-            control=control_plane(self), on_restored=self._record_restored,
+            control=self.control, on_restored=self._record_restored,
         )
         try:
             await self.membership.join()
         except DuplicateNodeError as exc:
-            await self.audit.write("membership", "duplicate_refused",
-                                   {"node": self.node_id, "holder": exc.holder})
+            # Awaited (bounded): an audit entry is stored before the start fails.
+            await call_notify(call_each(
+                self.pm.hook.pycluster_membership_event, platform=self,
+                event="duplicate_refused", data={"node": self.node_id, "holder": exc.holder}),
+                s.hook_timeout, "membership_event")
             raise
         self._locks = LockService(
             self.js, bucket(self.name, suffix="platform"), self.node_id, prefix="locks.",
             replicas=s.stream_replicas,
         )
+        self._locks.on_event = self.lock_observer("_platform")
         await self._locks.ensure()
 
     def _timing(self, app: App) -> dict[str, Any]:
@@ -414,6 +480,7 @@ class Platform:
         await kv.ensure(replicas=self.settings.stream_replicas)
         locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
                             replicas=self.settings.stream_replicas)
+        locks.on_event = self.lock_observer(app.name)
         await locks.ensure()
         slots = app.mode.slots()
         election: Election | None = None
@@ -428,8 +495,11 @@ class Platform:
         )
         app._runtime = rt
         self.runtimes[app.name] = rt
-        for svc in self._started_services:
-            await svc.app_started(rt)
+        # Awaited in turn, errors propagate: the app's endpoints, checks and streams exist
+        # before it campaigns.
+        for result in self.pm.hook.pycluster_app_started(app=app, runtime=rt):
+            if inspect.isawaitable(result):
+                await result
         if election is not None:
             worst = election.worst_case_failover()
             log.info(
@@ -447,33 +517,10 @@ class Platform:
             "lease_ttl": t["lease_ttl"],
             "heartbeat_interval": t["heartbeat_interval"],
             "no_failover": t["no_failover"],
-            "rank": lambda: self._rank(app.name, t["priority"]),
+            "rank": lambda: self.placement.rank(app),
             "cooldown": t["cooldown"],
             "replicas": self.settings.stream_replicas,
         }
-
-    MAX_RANK = 3
-    """At most this many distinct higher priorities defer a campaign (records can be forged;
-    the election also caps the whole deferral below half a lease)."""
-
-    def _rank(self, app: str, priority: int) -> int:
-        """How many distinct higher priorities live standbys of ``app`` have (at most
-        `MAX_RANK`): members whose valid record was refreshed within its TTL, that run the app
-        as a passive instance and may lead it."""
-        m = self.membership
-        if m is None:
-            return 0
-        higher = set()
-        for node, rec in m.members.items():
-            if node == self.node_id or not m.alive(node):
-                continue
-            a = (rec.get("apps") or {}).get(app)
-            if (isinstance(a, dict) and a.get("eligible") is True and a.get("no_failover") is False
-                    and a.get("role") == Role.PASSIVE.value):
-                p = a.get("priority", 0)
-                if isinstance(p, int) and p > priority:
-                    higher.add(p)
-        return min(len(higher), self.MAX_RANK)
 
     async def stop(self) -> None:
         """Leave gracefully: apps step down in reverse order, membership is deleted, NATS
@@ -489,15 +536,15 @@ class Platform:
             for name in reversed(list(self.runtimes)):
                 rt = self.runtimes[name]
                 await self._bounded(rt.stop(), limit * (len(rt.stages) + 3), f"app {name}: stop")
-                for svc in reversed(self._started_services):
-                    await self._bounded(svc.app_stopped(rt), limit,
-                                        f"service {svc.name}: app_stopped({name})")
+                await call_notify(
+                    call_each(self.pm.hook.pycluster_app_stopped, f"app {name}: app_stopped",
+                              app=rt.app, runtime=rt), limit, f"app {name}: app_stopped")
             await call_notify(
-                self.pm.hook.pycluster_platform_stopping(platform=self), limit,
+                call_each(self.pm.hook.pycluster_platform_stopping, platform=self), limit,
                 "platform_stopping",
             )
-            for svc in reversed(self._started_services):
-                await self._bounded(svc.stop(), limit, f"service {svc.name}: stop")
+            for svc_name, svc in reversed(self._started_services):
+                await self._bounded(svc.stop(), limit, f"service {svc_name}: stop")
             self._started_services.clear()
             if self.membership is not None:
                 await self._bounded(self.membership.leave(), limit, "membership: leave")
@@ -590,45 +637,49 @@ class Platform:
             self.spawn(call_notify(pending, self.settings.hook_timeout, what), what)
 
     def transition(self, app: App, role: str, epoch: int | None, reason: str) -> None:
-        """Record a transition: logged, audited, measured (the core services' ``transition``),
-        and the membership record refreshed so others see it at once. Cheap: no I/O here."""
+        """Record a transition: logged, and the membership record refreshed so others see it
+        at once. Cheap: no I/O here."""
         log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
-        if self.membership is not None:
+        if self.membership is not None and role in (Role.ACTIVE, Role.PASSIVE, Role.STOPPED):
             self.spawn(self.membership.publish_now(), "membership:publish")
-        self._tell("transition", app, role, epoch, reason)  # audit, metrics (cheap, no I/O)
 
-    def leader_observed(self, app: App, leader: str | None, epoch: int | None) -> None:
-        """The leader this node observes for ``app`` changed (from the coordinator)."""
-        self._tell("leader_observed", app, leader, epoch)
+    def lock_observer(self, scope: str) -> Callable[[str, Any, dict[str, Any]], None] | None:
+        """The ``on_event`` observer of a lock service: ``pycluster_lock_event`` (None when no
+        plugin implements it: a lock then costs nothing more)."""
+        hook = self.pm.hook.pycluster_lock_event
+        if not hook.get_hookimpls():
+            return None
 
-    def leader_alive(self, app: App, leader: str, epoch: int | None) -> None:
-        """A sign of life of ``app``'s leader (another node) was seen (from the coordinator)."""
-        self._tell("leader_alive", app, leader, epoch)
+        def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:
+            call_each(hook, "lock event", platform=self, scope=scope, event=event, lock=lock,
+                      fields=fields)
 
-    def _tell(self, method: str, *args: Any) -> None:
-        """Call ``method`` on every core service that has it; an error is logged only."""
-        for svc in self.services.values():
-            fn = getattr(svc, method, None)
-            if fn is not None:
-                try:
-                    fn(*args)
-                except Exception:
-                    log.exception("service %s: %s failed", svc.name, method)
+        return on_event
+
+    def _message_dropped(self, exc: nats.errors.SlowConsumerError) -> None:
+        call_each(self.pm.hook.pycluster_message_dropped, platform=self, error=exc)
+
+    def _connection_state(self, connection: str, state: ConnectionState) -> None:
+        call_each(self.pm.hook.pycluster_connection_state, platform=self,
+                  connection=connection, state=state)
 
     @property
     def audit(self) -> AuditLog:
-        """The audit trail (stream ``{platform}_audit``): ``log``, ``query``, ``stream``."""
-        return self.services["audit"]  # type: ignore[return-value]
+        """The audit trail (stream ``{platform}_audit``): ``log``, ``query``, ``stream``
+        (plugin ``audit``)."""
+        return self.service("audit")  # type: ignore[no-any-return]
 
     @property
     def health(self) -> PlatformHealth:
-        """Health checks of this node: ``register``, ``status``, ``readiness``, ``on_change``."""
-        return self.services["health"]  # type: ignore[return-value]
+        """Health checks of this node: ``register``, ``status``, ``readiness``, ``on_change``
+        (plugin ``health``)."""
+        return self.service("health")  # type: ignore[no-any-return]
 
     @property
     def metrics(self) -> PlatformMetrics:
-        """Prometheus metrics of this node (``metrics.registry``, ``metrics.render()``)."""
-        return self.services["metrics"]  # type: ignore[return-value]
+        """Prometheus metrics of this node (``metrics.registry``, ``metrics.render()``;
+        plugin ``metrics``)."""
+        return self.service("metrics")  # type: ignore[no-any-return]
 
     def lock(self, name: str, ttl: float = 10.0) -> Lock:
         """A platform-wide fair lock (in ``{platform}_platform``, key ``locks.{name}``)."""
@@ -646,21 +697,18 @@ class Platform:
         """A client of another app's API (the API bus): ``await platform.api("convex").call(
         "query", payload, route=ToLeader())``. ``options``: ``timeout``, ``codec``, ``retry``,
         ``breaker`` (a `BreakerPolicy` for that app), ``source_app`` (see
-        `pycluster.builtin.api.bus.ApiClient`)."""
-        from ..builtin.api.bus import api_service
-
-        return api_service(self).client(app_name, **options)
+        `pycluster.builtin.api.bus.ApiClient`; plugin ``api``)."""
+        return self.service("api").client(app_name, **options)  # type: ignore[no-any-return]
 
     @property
     def events(self) -> EventBus:
         """Platform-wide events (stream ``{platform}_events``): ``publish``, ``subscribe``,
-        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`); needs a started
-        platform."""
-        from ..builtin.events.bus import events_service
+        ``subscribe_durable`` (see `pycluster.builtin.events.bus.EventBus`; plugin
+        ``events``); needs a started platform."""
+        return self.service("events").bus(None)  # type: ignore[no-any-return]
 
-        return events_service(self).bus(None)
-
-    def _record(self) -> dict[str, Any]:
+    def membership_record(self) -> dict[str, Any]:
+        """This node's membership record as it is published now (placement, apps, plugins)."""
         apps: dict[str, Any] = {}
         for app in self.apps.values():
             rt = self.runtimes.get(app.name)
@@ -693,13 +741,19 @@ class Platform:
                 }
                 self.plugin_mismatches[str(node)] = diff
                 log.warning("node %s runs a different plugin set: %s", node, diff)
-        self._tell("member_joined", rec)
+        call_each(self.pm.hook.pycluster_member_joined, platform=self, node=str(node),
+                  record=rec)
         self._member_hook("member_join", rec)
 
     def _member_left(self, rec: dict[str, Any]) -> None:
-        self.plugin_mismatches.pop(str(rec.get("node_id")), None)
-        self._tell("member_left", rec)
+        node = str(rec.get("node_id"))
+        self.plugin_mismatches.pop(node, None)
+        call_each(self.pm.hook.pycluster_member_left, platform=self, node=node, record=rec)
         self._member_hook("member_leave", rec)
+
+    def _membership_event(self, event: str, data: dict[str, Any]) -> None:
+        self.notify(call_each(self.pm.hook.pycluster_membership_event, platform=self,
+                              event=event, data=data), f"membership_event {event}")
 
     def _member_hook(self, event: str, rec: dict[str, Any]) -> None:
         for rt in self.runtimes.values():
@@ -712,12 +766,12 @@ class Platform:
         for rt in self.runtimes.values():
             if rt.election is not None:
                 rt.election.pause_campaign(float("inf"))
-        self.audit.log("membership", "replaced", {"node": self.node_id})
+        self._membership_event("replaced", {"node": self.node_id})
         self.fail(NodeReplacedError(self.name, self.node_id))
 
     def _record_restored(self, forged: dict[str, Any]) -> None:
         """Our record was overwritten by an incarnation nobody answers for, and taken back."""
-        self.audit.log("membership", "record_restored", {"node": self.node_id, "found": forged})
+        self._membership_event("record_restored", {"node": self.node_id, "found": forged})
 
     def task_failed(self, name: str, exc: BaseException) -> None:
         """An internal task that cannot be restarted died (`pycluster.kernel.aio.supervise`'s
@@ -734,13 +788,11 @@ class Platform:
     async def _on_stepdown(self, msg: Msg) -> None:
         """A step-down request: validated, through the middleware chain, audited
         (`pycluster.kernel.control.serve_stepdown`); only the active instance answers."""
-        from .control import serve_stepdown
-
         app = self.apps.get(msg.subject.split(".")[1])
         if app is None or not app.is_active or app.mode.slots() is None:
             return
         try:
-            await serve_stepdown(self, app, msg)
+            await self.control.serve_stepdown(app, msg)
         except Exception:  # never into nats-py's delivery loop
             log.exception("app %s: step-down request failed", app.name)
 

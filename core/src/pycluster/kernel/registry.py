@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
@@ -13,7 +12,6 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from ..backend import Backend
-    from .context import Context as StageContext
 
 
 class OptionRegistry:
@@ -99,81 +97,22 @@ class ConfigRegistry:
         self.sections[name] = ConfigSection(name, model, to_option)
 
 
-class StageOrder(enum.IntEnum):
-    """Positions of the failover sequence (DESIGN §5); plugins pick one or a value between."""
+class AppEventRegistry:
+    """The app events (``App.on_<event>`` hooks) that installed plugins fire, by plugin.
 
-    CATCH_UP = 100
-    PROMOTE = 200
-    VIP = 300
-    BACKEND = 400
-    REPLICATE = 500
-    SNAPSHOTS = 600
-    APP_HOOKS = 1000
-
-
-class FailurePolicy(enum.StrEnum):
-    """What the coordinator does when a stage's ``activate`` fails or times out.
-
-    Every failure is logged and reported to the app runtime's stage listeners (audit, metrics).
+    The kernel fires ``active``, ``passive``, ``leader_change``, ``start``, ``stop``,
+    ``member_join`` and ``member_leave`` itself; other events are declared by the plugin that
+    fires them (``pycluster_app_events``), and ``platform.register(app)`` refuses an app with
+    hooks for an event that nothing installed fires.
     """
-
-    STEP_DOWN = "step_down"
-    """Undo the stages that ran (reverse order), release the lease, back off (doubling, capped)
-    and campaign again, so that another node takes over. The default."""
-    RETRY = "retry"
-    """Undo this stage alone and run it again, up to ``Stage.retries`` times with a doubling
-    ``Stage.retry_delay``; then as STEP_DOWN."""
-    CONTINUE = "continue"
-    """Carry on with the next stage (for optional stages: discovery, snapshots). The failed
-    stage's ``deactivate`` still runs on step-down."""
-
-
-@dataclass
-class Stage:
-    """One step of the failover sequence for one app.
-
-    ``activate`` runs when the node becomes active (ascending ``order``); ``deactivate`` runs
-    when it steps down (descending), only for stages whose ``activate`` completed or started.
-    ``timeout`` bounds each call (default: the app's hook timeout); ``on_failure`` says what a
-    failed or timed-out ``activate`` leads to (see `FailurePolicy`). A failed ``deactivate`` is
-    logged and reported, and the reverse sequence goes on: it never blocks a step-down.
-    """
-
-    name: str
-    order: int
-    activate: Callable[[StageContext], Awaitable[None]]
-    deactivate: Callable[[StageContext], Awaitable[None]]
-    timeout: float | None = None
-    plugin: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    on_failure: FailurePolicy = FailurePolicy.STEP_DOWN
-    retries: int = 0
-    retry_delay: float = 1.0
-
-    def __post_init__(self) -> None:
-        try:
-            self.on_failure = FailurePolicy(self.on_failure)
-        except ValueError:
-            choices = ", ".join(p.value for p in FailurePolicy)
-            raise ConfigError(f"Stage({self.name!r}).on_failure", self.on_failure,
-                              f"must be one of {choices}") from None
-        if self.retries < 0 or self.retry_delay < 0:
-            raise ConfigError(f"Stage({self.name!r}).retries", (self.retries, self.retry_delay),
-                              "retries and retry_delay must not be negative")
-
-
-class StageRegistry:
-    """The stages of one app's failover sequence."""
 
     def __init__(self) -> None:
-        self._stages: list[Stage] = []
+        self.events: dict[str, str] = {}
 
-    def add(self, stage: Stage) -> None:
-        """Add a stage; names must be unique per app."""
-        if any(s.name == stage.name for s in self._stages):
-            raise ConfigError("stage", stage.name, "a stage of this name is already registered")
-        self._stages.append(stage)
+    def add(self, event: str, plugin: str) -> None:
+        """Declare that ``plugin`` fires ``event`` (e.g. ``"own"`` for a ring plugin)."""
+        self.events.setdefault(event, plugin)
 
-    def ordered(self) -> list[Stage]:
-        """Stages in activation order (stable for equal orders)."""
-        return sorted(self._stages, key=lambda s: s.order)
+    def fired_by(self, event: str) -> str | None:
+        """The plugin that fires ``event``, if any."""
+        return self.events.get(event)

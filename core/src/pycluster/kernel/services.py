@@ -1,60 +1,175 @@
-"""Core services: components whose lifecycle follows the platform's (RPC, API bus, events,
-health, audit, metrics, ...).
+"""Platform services: the objects whose lifecycle follows a platform's (RPC, audit, health, ...).
 
-A service is created with the platform (so apps can reach it before the start), started once
-NATS is connected and the node has joined, told about each app that starts or stops on this
-node, and stopped in reverse order when the platform leaves. Each is listed here once, as
-``"module:Class"`` (imported on demand), and reached as ``platform.services[name]``.
+A plugin registers its service for a platform in ``pycluster_platform_services(platform,
+registry)``, as a factory with ordering constraints, only when its feature is enabled::
+
+    @hookimpl
+    def pycluster_platform_services(platform, registry):
+        registry.add("audit", lambda: AuditLog(platform), after=("metrics",))
+
+The kernel then builds the services in dependency order (``after`` names services that must
+exist and start first, when they are registered at all; ``requires`` names services without
+which this one is not built), starts them in that order once NATS is connected and the node
+joined, and stops them in reverse order when the platform leaves. Nothing depends on the order
+in which plugins were registered.
+
+A service is reached as ``platform.services.get(name)`` (None when absent) or
+``platform.service(name)``, which raises `PluginError` naming the plugin and why it is missing
+(disabled, not installed, or unavailable because a plugin it requires is missing). Plugins use
+each other's services only through their public methods (e.g. ``platform.audit.log(...)``),
+never their private state; the kernel never depends on a service.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Protocol
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import ConfigError, PluginError
+from .names import validate_ident
 
 if TYPE_CHECKING:
-    from .coordinator import AppRuntime
-    from .platform import Platform
+    from ..plugins import PluginManager
 
-# Order matters: started in this order, stopped in reverse.
-CORE_SERVICES: list[str] = []
-
-# Communication (issue 3): the rpc transport first (the api bus and events use its middleware).
-CORE_SERVICES += ["pycluster.builtin.rpc.service:RpcService",
-                  "pycluster.builtin.api.bus:ApiService",
-                  "pycluster.builtin.events.bus:EventsService"]
-
-# Observability (issue 4): metrics first (the others record into it), the audit trail, then
-# health, whose HTTP server starts last and stops first.
-CORE_SERVICES += ["pycluster.builtin.metrics.service:PlatformMetrics",
-                  "pycluster.builtin.audit.log:AuditLog",
-                  "pycluster.builtin.health.checks:PlatformHealth"]
+log = logging.getLogger("pycluster.services")
 
 
 class Service(Protocol):
-    """The lifecycle a core service implements."""
-
-    name: str
+    """The lifecycle a platform service implements (apps are followed through the
+    ``pycluster_app_started`` / ``pycluster_app_stopped`` hooks)."""
 
     async def start(self) -> None:
         """NATS is connected and the node joined: subscribe, open ports, ..."""
 
-    async def app_started(self, rt: AppRuntime) -> None:
-        """An app started on this node (it is passive; it may become active at any time)."""
-
-    async def app_stopped(self, rt: AppRuntime) -> None:
-        """An app stopped on this node (it already stepped down)."""
-
     async def stop(self) -> None:
-        """The platform leaves: release everything."""
+        """The platform leaves: release everything (bounded by the hook timeout)."""
 
 
-def create_services(platform: Platform) -> dict[str, Service]:
-    """Instantiate the core services for ``platform`` (``Class(platform)``)."""
-    out: dict[str, Service] = {}
-    for spec in CORE_SERVICES:
-        module, _, attr = spec.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
-        svc: Service = cls(platform)
-        out[svc.name] = svc
-    return out
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One registered service: its name, factory and ordering constraints."""
+
+    name: str
+    factory: Callable[[], Any]
+    after: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    plugin: str = ""
+
+
+class PlatformServices(Mapping[str, Any]):
+    """The services of one platform: filled by ``pycluster_platform_services``, then built.
+
+    As a mapping it holds the built services by name, in start order.
+    """
+
+    def __init__(self, pm: PluginManager | None = None) -> None:
+        self._pm = pm
+        self._entries: dict[str, ServiceEntry] = {}
+        self._built: dict[str, Any] = {}
+        #: Services that were registered but not built, with the reason.
+        self.unavailable: dict[str, str] = {}
+        self._frozen = False
+
+    # -- registration (the hook) ------------------------------------------------------------
+
+    def add(self, name: str, factory: Callable[[], Any], *, after: Iterable[str] = (),
+            requires: Iterable[str] = (), plugin: str = "") -> None:
+        """Register service ``name`` built by ``factory()``.
+
+        :param name: the service name (by convention the plugin's name).
+        :param factory: builds the service object (cheap: no I/O; NATS is not connected yet).
+        :param after: services built and started before this one when they exist.
+        :param requires: services without which this one is not built (and is reported
+            unavailable, naming them); implies ``after``.
+        :param plugin: the registering plugin (default: ``name``).
+        """
+        if self._frozen:
+            raise ConfigError("service", name, "services are registered when the platform is "
+                              "created (pycluster_platform_services)")
+        validate_ident("service", name)
+        if name in self._entries:
+            raise ConfigError("service", name, "a service of this name is already registered "
+                              f"(by plugin {self._entries[name].plugin!r})")
+        req = tuple(requires)
+        self._entries[name] = ServiceEntry(name, factory, tuple(after) + req, req,
+                                           plugin or name)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Build every service in dependency order (a cycle is a `ConfigError`)."""
+        self._frozen = True
+        state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+        def visit(name: str, path: tuple[str, ...]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                raise ConfigError("service", name, "ordering cycle: " + " -> ".join(path))
+            state[name] = "visiting"
+            entry = self._entries[name]
+            for dep in entry.after:
+                if dep in self._entries:
+                    visit(dep, (*path, dep))
+            missing = [d for d in entry.requires if d not in self._built]
+            if missing:
+                why = "; ".join(self.why_missing(d) for d in missing)
+                self.unavailable[name] = f"needs {', '.join(map(repr, missing))} ({why})"
+                log.warning("service %s is not built: it needs %s (%s)", name,
+                            ", ".join(missing), why)
+            else:
+                self._built[name] = entry.factory()
+            state[name] = "done"
+
+        for name in sorted(self._entries):
+            visit(name, (name,))
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Any:
+        """The service ``name``; `PluginError` naming the plugin when it is missing."""
+        try:
+            return self._built[name]
+        except KeyError:
+            raise self.error(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The service ``name``, or ``default`` when it is missing."""
+        return self._built.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._built
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built)
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    def plugin_of(self, name: str) -> str:
+        """The plugin that registered service ``name``."""
+        entry = self._entries.get(name)
+        return entry.plugin if entry is not None else name
+
+    def why_missing(self, name: str) -> str:
+        """Why service ``name`` is not there, in words."""
+        if name in self.unavailable:
+            return f"plugin {self.plugin_of(name)!r} is unavailable: it {self.unavailable[name]}"
+        info = self._pm.infos.get(name) if self._pm is not None else None
+        if info is None:
+            return f"plugin {name!r} is not installed"
+        if info.status == "disabled":
+            return f"plugin {name!r} is disabled (PYCLUSTER_DISABLE_PLUGINS)"
+        if info.status in ("failed", "unusable"):
+            return f"plugin {name!r} is {info.status}: {info.reason}"
+        return f"plugin {name!r} provides no service {name!r} on this platform"
+
+    def error(self, name: str) -> PluginError:
+        """The `PluginError` for a missing service ``name``."""
+        info = self._pm.infos.get(name) if self._pm is not None else None
+        reason = "disabled" if info is not None and info.status == "disabled" else "missing"
+        return PluginError(name, info.distribution if info else None,
+                           info.version if info else None, reason,
+                           message=self.why_missing(name))

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..builtin.tracing.spans import current_trace_id
 from ..kernel.app import App
+from ..kernel.context import current_trace_id
 from ..kernel.platform import Platform
 from ..plugins import hookimpl
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pycluster.backend import backend_stage
-from pycluster.kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry, StageRegistry
+from pycluster.kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry
+from pycluster.kernel.stages import StageRegistry
 from pycluster.pluginkit import BackendCollector, backend_health_check, claim_with_health_check
 from pycluster.plugins import hookimpl
 

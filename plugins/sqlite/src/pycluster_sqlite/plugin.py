@@ -17,7 +17,8 @@ import click
 from pycluster.kernel.context import Context
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.options import Singleton
-from pycluster.kernel.registry import ConfigRegistry, OptionRegistry, StageRegistry
+from pycluster.kernel.registry import ConfigRegistry, OptionRegistry
+from pycluster.kernel.stages import StageRegistry
 from pycluster.plugins import hookimpl
 
 from . import dbfile

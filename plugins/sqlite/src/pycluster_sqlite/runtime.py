@@ -50,8 +50,8 @@ from pycluster.builtin.process import Process, ProcessBackend
 from pycluster.kernel.aio import cancel_and_wait
 from pycluster.kernel.context import Context
 from pycluster.kernel.names import bucket
-from pycluster.kernel.registry import FailurePolicy, Stage, StageOrder
 from pycluster.kernel.settings import secret_value
+from pycluster.kernel.stages import FailurePolicy, Stage, StageOrder
 
 from . import dbfile
 from . import litestream as ls

@@ -17,13 +17,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pycluster.kernel.registry import (
-    ConfigRegistry,
-    OptionRegistry,
-    Stage,
-    StageOrder,
-    StageRegistry,
-)
+from pycluster.kernel.registry import ConfigRegistry, OptionRegistry
+from pycluster.kernel.stages import Stage, StageOrder, StageRegistry
 from pycluster.pluginkit import claim_with_health_check
 from pycluster.plugins import hookimpl
 

@@ -33,16 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from ...kernel.errors import NoInstanceError, PluginError
 from ...kernel.names import platform_subject, validate_ident, validate_key
-from ..rpc.service import (
-    AnyInstance,
-    Endpoint,
-    FixedNode,
-    RetryPolicy,
-    Target,
-    check_method,
-    check_timeout,
-    rpc_service,
-)
+from ..rpc.client import AnyInstance, FixedNode, RetryPolicy, RpcClient, Target
+from ..rpc.server import Endpoint
+from ..rpc.wire import check_method, check_timeout
 from .breaker import BreakerPolicy, CircuitBreaker
 
 if TYPE_CHECKING:
@@ -133,7 +126,7 @@ class KeyOwner(Target):
         self.node = validate_ident("node id", node)
         return api_subject(self.platform.name, self.app, self.method, ToNode(node))
 
-    async def unanswered(self, svc: RpcService, app: str) -> str:
+    async def unanswered(self, svc: RpcClient, app: str) -> str:
         """Retry only if the owner changed since (a rebalance)."""
         assert self.node is not None
         self._tried.add(self.node)
@@ -257,7 +250,7 @@ class ApiService:
     @property
     def rpc(self) -> RpcService:
         """The transport."""
-        return rpc_service(self.platform)
+        return self.platform.service("rpc")  # type: ignore[no-any-return]
 
     async def start(self) -> None:
         """Nothing to do before apps start."""
@@ -308,11 +301,8 @@ class ApiService:
 
 
 def api_service(platform: Platform) -> ApiService:
-    """The platform's `ApiService`."""
-    svc = platform.services.get("api")
-    if not isinstance(svc, ApiService):
-        raise RuntimeError("the api core service is not installed in this platform")
-    return svc
+    """The platform's `ApiService` (`PluginError` naming the plugin when it is missing)."""
+    return platform.service("api")  # type: ignore[no-any-return]
 
 
 __all__ = [

@@ -35,52 +35,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
-import datetime as dt
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    StorageType,
     StreamConfig,
 )
 
 from ...kernel import natsutil as nu
 from ...kernel.aio import cancel_and_wait, supervise
-from ...kernel.errors import ConfigError, InvalidNameError
-from ...kernel.names import bucket, platform_subject, validate_ident
-from ..tracing.spans import current_trace_id
+from ...kernel.context import CORRELATION, current_trace_id
+from ...kernel.names import validate_ident
+from ...kernel.stages import StageAction, StageOutcome
+from .query import (
+    AuditEntry,
+    AuditFilter,
+    AuditReader,
+    audit_stream,
+    audit_stream_config,
+    validate_token,
+)
 
 if TYPE_CHECKING:
     from ...kernel.app import App
-    from ...kernel.coordinator import AppRuntime, StageEvent
+    from ...kernel.coordinator import AppRuntime
     from ...kernel.platform import Platform
+    from ...kernel.stages import StageEvent
+    from ...middleware import Request
 
 log = logging.getLogger("pycluster.audit")
 
-SCHEMA_VERSION = 1
-MAX_ENTRY_BYTES = 64 * 1024
-DUPLICATE_WINDOW = 120.0
-_TOKEN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "pycluster_correlation_id", default=None
-)
-
-# The categories and actions the core writes (plugins add theirs through a hook).
 CORE_CATEGORIES: dict[str, dict[str, str]] = {
     "election": {
         "leader_acquired": "this node became the active instance (data: epoch, reason, previous)",
@@ -118,284 +108,6 @@ CORE_CATEGORIES: dict[str, dict[str, str]] = {
     },
 }
 
-
-def correlation_id() -> str | None:
-    """The correlation id of the current task (set with `correlation`)."""
-    return _correlation.get()
-
-
-@contextlib.contextmanager
-def correlation(cid: str | None) -> Iterator[str | None]:
-    """Tag every audit entry written inside the block with ``cid`` (None: no id)."""
-    token = _correlation.set(cid)
-    try:
-        yield cid
-    finally:
-        _correlation.reset(token)
-
-
-def validate_token(kind: str, value: object) -> str:
-    """A category or action: lower-case letters, digits and ``_``, starting with a letter."""
-    if not isinstance(value, str) or not _TOKEN.match(value):
-        raise InvalidNameError(
-            kind, value, "must be 1-64 characters of a-z, 0-9 and '_', starting with a letter"
-        )
-    return value
-
-
-@dataclass
-class AuditEntry:
-    """One audit record (``seq`` is the stream sequence, set when read back)."""
-
-    time: float
-    platform: str
-    node: str
-    category: str
-    action: str
-    app: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    trace_id: str | None = None
-    correlation_id: str | None = None
-    id: str = ""
-    seq: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (``time`` also as ISO 8601 in ``iso``)."""
-        d = asdict(self)
-        d["iso"] = dt.datetime.fromtimestamp(self.time, dt.UTC).isoformat(timespec="milliseconds")
-        return d
-
-    def encode(self) -> bytes:
-        """The stored JSON document (without ``seq``)."""
-        d = asdict(self)
-        d.pop("seq")
-        d["v"] = SCHEMA_VERSION
-        raw = json.dumps(d, separators=(",", ":"), default=str).encode()
-        if len(raw) > MAX_ENTRY_BYTES:
-            d["data"] = {"truncated": True, "size": len(raw)}
-            raw = json.dumps(d, separators=(",", ":"), default=str).encode()
-        return raw
-
-    @classmethod
-    def decode(cls, raw: bytes, seq: int | None = None) -> AuditEntry | None:
-        """Parse a stored entry; None for something unreadable (logged, skipped)."""
-        try:
-            d = json.loads(raw)
-            return cls(
-                time=float(d["time"]), platform=str(d["platform"]), node=str(d["node"]),
-                category=str(d["category"]), action=str(d["action"]), app=d.get("app"),
-                data=d.get("data") or {}, trace_id=d.get("trace_id"),
-                correlation_id=d.get("correlation_id"), id=str(d.get("id", "")), seq=seq,
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("skipping an unreadable audit entry (seq %s): %s", seq, exc)
-            return None
-
-    def subject(self) -> str:
-        """The subject the entry is stored on."""
-        return audit_subject(self.platform, self.category, self.app, self.node)
-
-
-@dataclass
-class AuditFilter:
-    """What to read: every field is optional; ``category`` may list several.
-
-    ``since``/``until`` are unix times (seconds); ``action`` is matched client-side.
-    """
-
-    since: float | None = None
-    until: float | None = None
-    category: str | list[str] | None = None
-    app: str | None = None
-    node: str | None = None
-    action: str | None = None
-
-    def categories(self) -> list[str]:
-        """The categories asked for (empty: all)."""
-        if self.category is None:
-            return []
-        cats = [self.category] if isinstance(self.category, str) else list(self.category)
-        return [validate_token("category", c) for c in cats]
-
-    def subjects(self, platform: str) -> list[str]:
-        """Server-side filter subjects."""
-        app = validate_ident("app", self.app) if self.app else "*"
-        node = validate_ident("node", self.node) if self.node else "*"
-        cats = self.categories() or ["*"]
-        return [audit_subject(platform, c, app, node) for c in cats]
-
-    def matches(self, e: AuditEntry) -> bool:
-        """Client-side check (time bounds, action, and the subject filters again)."""
-        if self.since is not None and e.time < self.since:
-            return False
-        if self.until is not None and e.time > self.until:
-            return False
-        if self.action is not None and e.action != self.action:
-            return False
-        cats = self.categories()
-        if cats and e.category not in cats:
-            return False
-        if self.app is not None and e.app != self.app:
-            return False
-        return self.node is None or e.node == self.node
-
-
-def audit_subject(platform: str, category: str, app: str | None, node: str) -> str:
-    """``{platform}._.audit.{category}.{app or _}.{node}``."""
-    return platform_subject(platform, "audit", category, app or "_", node)
-
-
-def audit_stream(platform: str) -> str:
-    """The stream name, ``{platform}_audit``."""
-    return bucket(platform, suffix="audit")
-
-
-def audit_stream_config(platform: str, *, retention: float = 30 * 86400.0, max_bytes: int = 0,
-                        max_msgs: int = 1_000_000, replicas: int = 1) -> StreamConfig:
-    """The configuration of ``{platform}_audit`` (what a node creates, or provisioning)."""
-    return StreamConfig(
-        name=audit_stream(platform),
-        description=f"pycluster audit trail of platform {platform}",
-        subjects=[platform_subject(platform, "audit", ">")],
-        max_age=retention if retention > 0 else None,
-        max_bytes=max_bytes if max_bytes > 0 else None,
-        max_msgs=max_msgs if max_msgs > 0 else None,
-        discard=DiscardPolicy.OLD,
-        storage=StorageType.FILE,
-        num_replicas=replicas,
-        duplicate_window=DUPLICATE_WINDOW,
-    )
-
-
-class AuditReader:
-    """Query and follow the audit stream of a platform with any JetStream context."""
-
-    def __init__(self, js: JetStreamContext, platform: str) -> None:
-        self._js = js
-        self.platform = validate_ident("platform", platform)
-        self.stream_name = audit_stream(platform)
-
-    async def last_seq(self) -> int:
-        """The stream's last sequence (0 when empty or absent)."""
-        try:
-            info = await self._js.stream_info(self.stream_name)
-        except nats.js.errors.NotFoundError:
-            return 0
-        return int(info.state.last_seq or 0)
-
-    async def query(
-        self,
-        filter: AuditFilter | None = None,
-        *,
-        since: float | None = None,
-        until: float | None = None,
-        category: str | list[str] | None = None,
-        app: str | None = None,
-        node: str | None = None,
-        action: str | None = None,
-        limit: int | None = 100,
-        timeout: float = 10.0,
-    ) -> list[AuditEntry]:
-        """Matching entries in stream order (oldest first); with ``limit``, the newest
-        ``limit`` of them. An absent stream gives an empty list.
-
-        Reads from ``since`` (or the stream's start) to the end of the stream as it was when
-        the query began, in batches, with an ephemeral consumer deleted afterwards.
-        """
-        f = filter or AuditFilter(since, until, category, app, node, action)
-        if limit is not None and limit < 1:
-            raise ConfigError("limit", limit, "must be at least 1 (or None for no limit)")
-        out: collections.deque[AuditEntry] = collections.deque(maxlen=limit)
-        subjects = f.subjects(self.platform)
-        cfg = ConsumerConfig(
-            ack_policy=AckPolicy.NONE, inactive_threshold=60.0, mem_storage=True,
-            num_replicas=1, max_ack_pending=-1,
-        )
-        if len(subjects) > 1:
-            cfg.filter_subjects = subjects
-        if f.since is not None:
-            cfg.deliver_policy = DeliverPolicy.BY_START_TIME
-            cfg.opt_start_time = dt.datetime.fromtimestamp(f.since, dt.UTC)  # type: ignore[assignment]
-        try:
-            psub = await self._js.pull_subscribe(subjects[0], stream=self.stream_name, config=cfg)
-        except nats.js.errors.NotFoundError:
-            return []
-        try:
-            info = await psub.consumer_info()
-            remaining = int(info.num_pending or 0)
-            deadline = time.monotonic() + timeout
-            while remaining > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"audit query did not finish within {timeout}s")
-                try:
-                    msgs = await psub.fetch(min(remaining, 256), timeout=min(left, 2.0))
-                except nats.errors.TimeoutError:
-                    # Entries can vanish meanwhile (retention): stop when nothing is left.
-                    if int((await psub.consumer_info()).num_pending or 0) == 0:
-                        break
-                    continue
-                for msg in msgs:
-                    remaining -= 1
-                    e = _entry_of(msg)
-                    if e is None:
-                        continue
-                    if f.until is not None and e.time > f.until:
-                        remaining = 0
-                        break
-                    if f.matches(e):
-                        out.append(e)
-        finally:
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self.stream_name, info.name)
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-        return list(out)
-
-    async def stream(
-        self, filter: AuditFilter | None = None, *, history: bool = False,
-        after_seq: int | None = None, **kw: Any
-    ) -> AsyncIterator[AuditEntry]:
-        """Follow new entries as they are written (``async for e in reader.stream(...)``).
-
-        With ``filter.since`` (or ``history=True``: from the start; ``after_seq``: from the
-        entry after that stream sequence) stored entries come first. The consumer is ordered
-        and re-created by nats-py after reconnects.
-        """
-        f = filter or AuditFilter(**kw)
-        subjects = f.subjects(self.platform)
-        cfg = ConsumerConfig(inactive_threshold=60.0)
-        if len(subjects) > 1:
-            cfg.filter_subjects = subjects
-        policy = DeliverPolicy.ALL if history else DeliverPolicy.NEW
-        if after_seq is not None:
-            policy = DeliverPolicy.BY_START_SEQUENCE
-            cfg.opt_start_seq = after_seq + 1
-        elif f.since is not None:
-            policy = DeliverPolicy.BY_START_TIME
-            cfg.opt_start_time = dt.datetime.fromtimestamp(f.since, dt.UTC)  # type: ignore[assignment]
-        sub = await self._js.subscribe(
-            subjects[0], stream=self.stream_name, ordered_consumer=True, deliver_policy=policy,
-            config=cfg, idle_heartbeat=2.0,
-        )
-        try:
-            async for msg in sub.messages:
-                e = _entry_of(msg)
-                if e is None or not f.matches(e):
-                    if e is not None and f.until is not None and e.time > f.until:
-                        return
-                    continue
-                yield e
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-
-def _entry_of(msg: Msg) -> AuditEntry | None:
-    seq = None
-    with contextlib.suppress(Exception):
-        seq = msg.metadata.sequence.stream
-    return AuditEntry.decode(msg.data, seq)
 
 
 class AuditCategoryRegistry:
@@ -479,7 +191,7 @@ class AuditLog:
             time=time.time(), platform=self.platform.name, node=self.platform.node_id,
             category=category, action=action, app=app_name, data=dict(data or {}),
             trace_id=current_trace_id(),
-            correlation_id=correlation_id or correlation_id_var() or None,
+            correlation_id=correlation_id or CORRELATION.get() or None,
             id=os.urandom(8).hex(),
         )
         if not self.enabled:
@@ -626,21 +338,9 @@ class AuditLog:
         self._started = True
         self._task = supervise("audit:publisher", self._publisher)
 
-    async def app_started(self, rt: AppRuntime) -> None:
-        """Listen to the app's failover stages (failures are audited as ``hook`` entries)."""
-        listeners = getattr(rt, "stage_listeners", None)
-        if isinstance(listeners, list):
-            app = rt.app
-            listeners.append(lambda ev: self.stage_event(app, ev))
-
-    def stage_event(self, app: App, ev: StageEvent) -> None:
-        """A stage failed or timed out (``app-hooks`` failures are audited per hook)."""
-        if ev.outcome not in ("failed", "timeout") or ev.stage == "app-hooks":
-            return
-        self.log("hook", "timeout" if ev.outcome == "timeout" else "failed",
-                 {"hook": f"stage:{ev.stage}", "action": ev.action, "plugin": ev.plugin,
-                  "error": ev.error, "policy": ev.policy, "attempt": ev.attempt,
-                  "backoff": ev.backoff, "epoch": ev.epoch}, app=app)
+    def stats(self) -> dict[str, int]:
+        """Entries queued (not stored yet), written and dropped by this node (``/status``)."""
+        return {"queued": len(self._queue), "written": self.written, "dropped": self.dropped}
 
     async def app_stopped(self, rt: AppRuntime) -> None:
         """Forget the app's observed leader."""
@@ -662,20 +362,32 @@ class AuditLog:
             self._task = None
         self._started = False
 
-    # -- automatic entries (called by the platform) --------------------------------------------
+    # -- automatic entries (from the plugin's hooks) -----------------------------------------
 
-    def transition(self, app: App, role: str, epoch: int | None, reason: str) -> None:
-        """A role change of ``app`` on this node (`Platform.transition`)."""
+    def stage_event(self, app: App, ev: StageEvent) -> None:
+        """A stage failed or timed out (``app-hooks`` failures are audited per hook); a stage
+        that failed while active is also a ``lifecycle``/``stage_failed`` entry."""
+        if ev.outcome not in (StageOutcome.FAILED, StageOutcome.TIMEOUT) \
+                or ev.stage == "app-hooks":
+            return
+        self.log("hook", "timeout" if ev.outcome is StageOutcome.TIMEOUT else "failed",
+                 {"hook": f"stage:{ev.stage}", "action": ev.action.value, "plugin": ev.plugin,
+                  "error": ev.error, "policy": str(ev.policy), "attempt": ev.attempt,
+                  "backoff": ev.backoff, "epoch": ev.epoch}, app=app)
+        if ev.action is StageAction.RUNNING:
+            self.log("lifecycle", "stage_failed",
+                     {"epoch": ev.epoch, "error": f"{ev.stage}: {ev.error}"}, app=app)
+
+    def activation_failed(self, app: App, epoch: int | None, error: str) -> None:
+        """Becoming active failed."""
+        self.log("lifecycle", "activation_failed", {"epoch": epoch, "error": error}, app=app)
+
+    def role_changed(self, app: App, role: str, epoch: int | None, reason: str) -> None:
+        """A role change of ``app`` on this node (active, passive, stopped)."""
         prev = self._roles.get(app.name)
-        if role in ("active", "passive", "stopped"):
-            self._roles[app.name] = role
+        self._roles[app.name] = role
         elected = app.mode.slots() is not None
         single = app.mode.slots() == 1
-        if role in ("activation_failed", "stage_failed"):
-            self.log("lifecycle", role, {"epoch": epoch, "error": reason}, app=app)
-            return
-        if role not in ("active", "passive", "stopped"):
-            return
         if not elected:
             if role == "active" and prev != "active":
                 self.log("lifecycle", "activated", {"reason": reason}, app=app)
@@ -714,7 +426,7 @@ class AuditLog:
                 self.log("election", "leader_lost",
                          {"leader": old, "epoch": old_epoch, "reason": why, "observed_by": node},
                          app=app, msg_id=_mid(app.name, "leader_lost", old_epoch, None))
-        if leader is not None and leader != node:  # our own win is logged by `transition`
+        if leader is not None and leader != node:  # our own win: `role_changed`
             last = self._last_leader.get(app.name)
             if last is not None and last[0] != leader:
                 self._leader_changed(app, last[0], leader, epoch)
@@ -754,10 +466,52 @@ class AuditLog:
                  {"hook": hook, "function": function,
                   "error": f"{type(error).__name__}: {error}"}, app=app)
 
+    @contextlib.contextmanager
+    def hook_recorder(self, app: App, hook: str, function: str) -> Iterator[None]:
+        """Around one app hook run: a ``hook`` entry when it fails or times out (a
+        cancellation is not a failure)."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            try:
+                self.hook_failed(app, hook, function, exc, isinstance(exc, TimeoutError))
+            except Exception:
+                log.exception("hook failure of %s not recorded", hook)
+            raise
 
-def correlation_id_var() -> str | None:
-    """The current correlation id (alias of `correlation_id` for internal use)."""
-    return _correlation.get()
+    def control_request(self, request: Request, subject: str, reply: str | None,
+                        error: BaseException | None) -> None:
+        """A control request served or refused (category ``control``)."""
+        data: dict[str, Any] = {
+            "subject": subject, "reply": reply, "identity": request.identity,
+            "source_app": request.source_app, "size": len(request.data),
+            "outcome": "ok" if error is None else "refused",
+        }
+        if error is not None:
+            data["error"] = f"{type(error).__name__}: {error}"[:300]
+        preview = request.extra.get("request")
+        if preview is not None:
+            data["request"] = preview
+        self.log("control", request.method.split(".", 1)[1], data,
+                 app=request.app if request.app != "_" else None)
+
+    def membership_event(self, event: str, data: dict[str, Any]) -> Any:
+        """Something happened to this node's own membership: ``duplicate_refused`` is stored
+        before the start fails (an awaitable), the others are queued."""
+        if event == "duplicate_refused":
+            return self.write("membership", event, data)
+        self.log("membership", event, data)
+        return None
+
+    def health_changed(self, check: str, status: str, previous: str, app: App | None,
+                       error: str | None) -> None:
+        """A health check changed status (not its first success)."""
+        if previous == "unknown" and status == "healthy":
+            return
+        self.log("health", "changed", {"check": check, "status": status, "previous": previous,
+                                       "error": error}, app=app)
 
 
 def _mid(app: str, action: str, epoch: int | None, node: str | None) -> str:

@@ -59,10 +59,8 @@ from ...kernel.names import (
 )
 
 if TYPE_CHECKING:
-    from ...kernel.app import App
     from ...kernel.coordinator import AppRuntime
     from ...kernel.platform import Platform
-    from ..rpc.service import RpcService
 
 log = logging.getLogger("pycluster.events")
 
@@ -347,7 +345,7 @@ class EventBus:
             ev.seq = ack.seq
             return ev
 
-        chain = self.service.rpc.middleware.wrap("on_publish", send, cache=False)
+        chain = self.service.platform.middleware.wrap("on_publish", send, cache=False)
         result: Event = await chain(event)
         return result
 
@@ -398,7 +396,7 @@ class EventBus:
             if not callable(cb):
                 raise ConfigError("cb", cb, "must be an async callable taking an Event")
             inner = cb
-        chain = self.service.rpc.middleware.wrap("on_event", inner, cache=False)
+        chain = self.service.platform.middleware.wrap("on_event", inner, cache=False)
         return chain
 
     async def subscribe_durable(
@@ -539,13 +537,6 @@ class EventsService:
         self._buses: dict[str | None, EventBus] = {}
         self._subs: set[Subscription] = set()
 
-    @property
-    def rpc(self) -> RpcService:
-        """The rpc service (holds the middleware chain)."""
-        from ..rpc.service import rpc_service
-
-        return rpc_service(self.platform)
-
     def _nc(self) -> Any:
         nc = self.platform.nc
         if nc is None or not self.platform._running:
@@ -585,18 +576,8 @@ class EventsService:
 
 
 def events_service(platform: Platform) -> EventsService:
-    """The platform's `EventsService`."""
-    svc = platform.services.get("events")
-    if not isinstance(svc, EventsService):
-        raise RuntimeError("the events core service is not installed in this platform")
-    return svc
-
-
-def app_events(app: App) -> EventBus:
-    """The event bus of ``app`` (``app.events``)."""
-    if app.platform is None:
-        raise RuntimeError(f"app {app.name!r} is not registered with a platform")
-    return events_service(app.platform).bus(app.name)
+    """The platform's `EventsService` (`PluginError` naming the plugin when it is missing)."""
+    return platform.service("events")  # type: ignore[no-any-return]
 
 
 __all__ = [
@@ -604,6 +585,5 @@ __all__ = [
     "EventBus",
     "EventsService",
     "Subscription",
-    "app_events",
     "events_service",
 ]

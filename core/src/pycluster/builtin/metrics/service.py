@@ -33,22 +33,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.registry import Collector
 
 from ...httpserver import HttpServer, Request, Response
-from ..tracing.spans import LockSpans, install_middleware, past_span, span
+from ...kernel.stages import StageAction, StageOutcome
+from .collectors import PlatformRegistry, StateCollector
 
 if TYPE_CHECKING:
     from ...kernel.app import App
-    from ...kernel.coordinator import AppRuntime, StageEvent
+    from ...kernel.coordinator import AppRuntime
     from ...kernel.platform import Platform
+    from ...kernel.stages import StageEvent
 
 log = logging.getLogger("pycluster.metrics")
 
@@ -57,125 +56,6 @@ FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0)
 LOCK_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-PLATFORM_SCOPE = "_platform"
-
-
-class PlatformRegistry(CollectorRegistry):
-    """A `CollectorRegistry` that can be rendered off the event loop (`snapshot`).
-
-    Metrics of prometheus-client's own types (Counter, Histogram, Gauge, ...) are thread-safe
-    and are read by the rendering thread; every other collector (they read in-process state
-    that only the event loop may touch) is collected by `snapshot` on the loop, at the
-    position it was registered in.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(auto_describe=True)
-        self._order: list[Collector] = []
-
-    def register(self, collector: Collector) -> None:
-        """Add a collector (as `CollectorRegistry.register`)."""
-        super().register(collector)
-        self._order.append(collector)
-
-    def unregister(self, collector: Collector) -> None:
-        """Remove a collector (as `CollectorRegistry.unregister`)."""
-        super().unregister(collector)
-        with contextlib.suppress(ValueError):
-            self._order.remove(collector)
-
-    def snapshot(self) -> _Frozen:
-        """On the event loop: collect the state collectors now; the returned object renders
-        the rest (thread-safe metrics) wherever its ``collect`` runs."""
-        parts: list[Collector | list[Metric]] = []
-        for c in list(self._order):
-            parts.append(c if isinstance(c, MetricWrapperBase) else list(c.collect()))
-        return _Frozen(parts)
-
-
-class _Frozen(Collector):
-    """What `generate_latest` reads in the rendering thread."""
-
-    def __init__(self, parts: list[Collector | list[Metric]]) -> None:
-        self.parts = parts
-
-    def collect(self) -> Iterator[Metric]:
-        """Thread-safe metrics are read now; state collectors were read on the loop."""
-        for part in self.parts:
-            if isinstance(part, list):
-                yield from part
-            else:
-                yield from part.collect()
-
-
-class _StateCollector(Collector):
-    """Gauges computed at scrape time from the platform's in-process state."""
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-
-    def describe(self) -> list[Metric]:
-        """Nothing up front (so registering does not call `collect` early)."""
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        """The current values."""
-        p = self.platform
-        from ... import __version__
-
-        info = GaugeMetricFamily("pycluster_info", "Constant 1, labelled with this node's "
-                                 "platform, node id and pycluster version.",
-                                 labels=["platform", "node", "version"])
-        info.add_metric([p.name, p.node_id, __version__], 1)
-        yield info
-        connected = GaugeMetricFamily("pycluster_nats_connected",
-                                      "1 while the NATS connection is up, else 0.")
-        connected.add_metric([], 1 if (p.nc is not None and p.nc.is_connected) else 0)
-        yield connected
-        control = GaugeMetricFamily("pycluster_nats_control_connected",
-                                    "1 while the control-plane NATS connection (election, "
-                                    "membership) is up, else 0.")
-        nc_control = getattr(p, "nc_control", None)
-        control.add_metric([], 1 if (nc_control is not None and nc_control.is_connected) else 0)
-        yield control
-        members = GaugeMetricFamily("pycluster_members",
-                                    "Live members of the platform as this node sees them.")
-        members.add_metric([], len(p.membership.members) if p.membership is not None else 0)
-        yield members
-        leader = GaugeMetricFamily("pycluster_leader",
-                                   "1 while this node is the active (leader) instance of the "
-                                   "app, else 0.", labels=["app"])
-        epoch = GaugeMetricFamily("pycluster_election_epoch",
-                                  "Current leadership epoch (fencing token) of the app as seen "
-                                  "by this node.", labels=["app"])
-        role = GaugeMetricFamily("pycluster_role", "1 for the app's current role on this node.",
-                                 labels=["app", "role"])
-        lease = GaugeMetricFamily("pycluster_lease_remaining_seconds",
-                                  "Seconds until this node's lease of the app ends locally "
-                                  "(only while it holds one).", labels=["app"])
-        now = time.monotonic()
-        for name, app in p.apps.items():
-            leader.add_metric([name], 1 if app.is_active else 0)
-            if app.epoch is not None:
-                epoch.add_metric([name], app.epoch)
-            role.add_metric([name, app.role.value], 1)
-            rt = p.runtimes.get(name)
-            el = rt.election if rt is not None else None
-            deadline = el.lease_deadline() if el is not None else None
-            if deadline is not None and el is not None and el.is_leader:
-                lease.add_metric([name], max(0.0, deadline - now))
-        yield leader
-        yield epoch
-        yield role
-        yield lease
-        health = GaugeMetricFamily("pycluster_health",
-                                   "1 if the health check passes, 0 if it fails (absent until "
-                                   "its first result).", labels=["check"])
-        hs = p.services.get("health")
-        if hs is not None:
-            for check, ok in hs.gauge_values():  # type: ignore[attr-defined]
-                health.add_metric([check], ok)
-        yield health
 
 
 class PlatformMetrics:
@@ -253,7 +133,7 @@ class PlatformMetrics:
         self.audit_entries = Counter(
             "pycluster_audit_entries_total", "Audit entries written by this node.",
             ["category"], registry=r)
-        r.register(_StateCollector(platform))
+        r.register(StateCollector(platform))
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
         self._server: HttpServer | None = None
         # app -> node -> monotonic time of that node's last lease write seen (renewal, win or
@@ -291,16 +171,6 @@ class PlatformMetrics:
             self._server = HttpServer(s.metrics_addr, name="metrics")
             self._server.route("/metrics", self.handle_metrics)
             await self._server.start()
-        if self.platform._locks is not None:
-            self.platform._locks.on_event = lock_listener(self.platform, PLATFORM_SCOPE)
-        install_middleware(self.platform)  # RPC / API / event spans and durations
-
-    async def app_started(self, rt: AppRuntime) -> None:
-        """Hook the app's locks and stages."""
-        rt.locks.on_event = lock_listener(self.platform, rt.app.name)
-        listeners = getattr(rt, "stage_listeners", None)
-        if isinstance(listeners, list):
-            listeners.append(self.stage_event)
 
     async def app_stopped(self, rt: AppRuntime) -> None:
         """Forget the app's leaders."""
@@ -313,15 +183,10 @@ class PlatformMetrics:
             await self._server.stop()
             self._server = None
 
-    # -- event recording (called by the platform, coordinator and other services) ---------------
+    # -- event recording (from the plugin's hooks; other plugins use the public metrics) ------
 
-    def transition(self, app: App, role: str, epoch: int | None, reason: str) -> None:
+    def role_changed(self, app: App, role: str) -> None:
         """Count a transition; time a failover when this node became active."""
-        if role == "activation_failed":
-            self.activation_failures.labels(app.name).inc()
-            return
-        if role not in ("active", "passive", "stopped"):
-            return
         self.transitions.labels(app.name, role).inc()
         if role == "active":
             prev = self._prev_leader.get(app.name)
@@ -332,23 +197,38 @@ class PlatformMetrics:
                 log.info("app %s: failover took %.3fs (from the previous leader's last sign "
                          "of life)", app.name, took)
 
+    def activation_failed(self, app: App) -> None:
+        """Count a failed activation."""
+        self.activation_failures.labels(app.name).inc()
+
     def stage_event(self, ev: StageEvent) -> None:
-        """A failover stage ran (`pycluster.kernel.coordinator.StageEvent`): its duration, failures
-        and a span (child of the transition's span)."""
-        if ev.action == "running":
+        """A failover stage ran (`pycluster.kernel.stages.StageEvent`): its duration and
+        failures."""
+        if ev.action is StageAction.RUNNING:
             hook = f"stage:{ev.stage}"
         else:
-            hook = f"stage:{ev.stage}" + (":deactivate" if ev.action == "deactivate" else "")
+            hook = f"stage:{ev.stage}" + (
+                ":deactivate" if ev.action is StageAction.DEACTIVATE else "")
             self.hook_duration.labels(ev.app, hook).observe(ev.duration)
-        if ev.outcome in ("failed", "timeout"):
-            self.hook_failures.labels(ev.app, hook,
-                                      "timeout" if ev.outcome == "timeout" else "error").inc()
-        if ev.action != "running":
-            past_span(self.platform, f"pycluster.stage.{ev.action}", ev.duration,
-                      {"pycluster.app": ev.app, "pycluster.stage": ev.stage,
-                       "pycluster.plugin": ev.plugin, "pycluster.outcome": ev.outcome,
-                       "pycluster.attempt": ev.attempt, "pycluster.epoch": ev.epoch},
-                      error=ev.error if ev.outcome in ("failed", "timeout") else None)
+        if ev.outcome in (StageOutcome.FAILED, StageOutcome.TIMEOUT):
+            self.hook_failures.labels(
+                ev.app, hook, "timeout" if ev.outcome is StageOutcome.TIMEOUT else "error").inc()
+
+    @contextlib.contextmanager
+    def hook_timer(self, app: App, hook: str) -> Iterator[None]:
+        """Around one app hook run: its duration, and a failure count when it raises (a
+        cancellation is not a failure)."""
+        started = time.monotonic()
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.hook_failures.labels(
+                app.name, hook, "timeout" if isinstance(exc, TimeoutError) else "error").inc()
+            raise
+        finally:
+            self.hook_duration.labels(app.name, hook).observe(time.monotonic() - started)
 
     def leader_observed(self, app: App, leader: str | None, epoch: int | None) -> None:
         """Remember the last leader other than this node (whose loss a failover ends).
@@ -385,68 +265,3 @@ class PlatformMetrics:
             self.lock_held.labels(scope).observe(float(fields["held"]))
             if event == "expired":
                 self.locks_lost.labels(scope).inc()
-
-
-def lock_listener(platform: Platform, scope: str) -> Any:
-    """The ``on_event`` callback for a `pycluster.kernel.locks.LockService`: metrics, audit,
-    spans."""
-    spans = LockSpans(platform, scope)
-
-    def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:
-        try:
-            spans.event(event, lock, fields)
-            m = platform.services.get("metrics")
-            if m is not None:
-                m.lock_event(scope, event, fields)  # type: ignore[attr-defined]
-            a = platform.services.get("audit")
-            if a is not None:
-                a.lock_event(scope, event, lock, fields)  # type: ignore[attr-defined]
-        except Exception:  # observability never breaks a lock
-            log.exception("lock event %s not recorded", event)
-
-    return on_event
-
-
-def _services(platform: Any) -> dict[str, Any]:
-    services = getattr(platform, "services", None)
-    return services if isinstance(services, dict) else {}
-
-
-@contextlib.contextmanager
-def observe_hook(platform: Any, app: Any, hook: str, function: str) -> Iterator[None]:
-    """Around one app hook or stage: a span, its duration, and on failure an audit entry and
-    a failure count. Exceptions pass through unchanged; a cancellation is not a failure."""
-    app_name = getattr(app, "name", str(app))
-    services = _services(platform)
-    started = time.monotonic()
-    try:
-        with span(f"pycluster.hook.{hook}", platform=platform if services else None,
-                  attributes={"pycluster.app": app_name, "pycluster.hook": hook,
-                              "pycluster.function": function}):
-            yield
-    except asyncio.CancelledError:
-        raise
-    except BaseException as exc:
-        record_hook_failure(platform, app, hook, function, exc)
-        raise
-    finally:
-        m = services.get("metrics")
-        if m is not None:
-            m.hook_duration.labels(app_name, hook).observe(time.monotonic() - started)
-
-
-def record_hook_failure(platform: Any, app: Any, hook: str, function: str,
-                        exc: BaseException) -> None:
-    """Count and audit a failed or timed-out hook or stage (never raises)."""
-    try:
-        services = _services(platform)
-        timed_out = isinstance(exc, TimeoutError)
-        m = services.get("metrics")
-        if m is not None:
-            m.hook_failures.labels(getattr(app, "name", str(app)), hook,
-                                   "timeout" if timed_out else "error").inc()
-        a = services.get("audit")
-        if a is not None:
-            a.hook_failed(app, hook, function, exc, timed_out)
-    except Exception:
-        log.exception("hook failure of %s not recorded", hook)

@@ -1,5 +1,9 @@
-"""OpenTelemetry tracing of pycluster: spans for transitions, hooks, stages, lock waits, RPC,
-API calls and events, and W3C trace context carried in NATS message headers.
+"""OpenTelemetry tracing of pycluster (default plugin ``tracing``): span helpers, and W3C trace
+context carried in NATS message headers.
+
+The plugin (`pycluster.builtin.tracing.plugin`) makes spans for transitions, hooks, stages and
+lock waits through hooks, and for RPC, API calls and events through its middleware
+(`pycluster.builtin.tracing.middleware`).
 
 pycluster uses only the OpenTelemetry *API* (a core dependency). Without an SDK configured by
 the application every span is a no-op and costs a function call; install the ``otel`` extra
@@ -26,10 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -38,13 +40,10 @@ from opentelemetry.context import Context as OtelContext
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from ...kernel.coordinator import AppRuntime
     from ...kernel.platform import Platform
-    from ...kernel.types import Role
 
 __all__ = [
     "SpanKind",
-    "current_trace_id",
     "extract",
     "get_tracer",
     "inject",
@@ -102,14 +101,6 @@ def extract(headers: Mapping[str, str] | None) -> OtelContext:
     return propagate.extract(carrier)
 
 
-def current_trace_id() -> str | None:
-    """Hex trace id of the current span, or None when there is no valid trace."""
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return format(ctx.trace_id, "032x")
-
-
 @contextlib.contextmanager
 def span(
     name: str,
@@ -161,61 +152,6 @@ def span(
             sp.record_exception(exc)
             sp.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
             raise
-
-
-_CORRELATION: ContextVar[str | None] | None = None
-
-
-def _correlation_var() -> ContextVar[str | None]:
-    """The audit module's correlation-id variable (imported on first use, as before)."""
-    global _CORRELATION
-    if _CORRELATION is None:
-        from ..audit.log import _correlation
-
-        _CORRELATION = _correlation
-    return _CORRELATION
-
-
-_OPEN_SPAN = "_pycluster_transition_span"
-
-
-def role_span(rt: AppRuntime, role: Role, epoch: int | None, reason: str) -> None:
-    """Open or close the span of a transition as ``rt`` changes role (from the coordinator).
-
-    Entering ``activating``/``deactivating`` starts ``pycluster.activate``/
-    ``pycluster.deactivate`` and makes it current in the task that runs the transition, so the
-    stages and hooks that follow are its children; the next role change ends it (attribute
-    ``pycluster.outcome``: the role reached). Never raises.
-    """
-    try:
-        opened = rt.__dict__.pop(_OPEN_SPAN, None)
-        if opened is not None:
-            sp, token, task = opened
-            sp.set_attribute("pycluster.outcome", role.value)
-            sp.end()
-            if token is not None and _current_task() is task:
-                otel_context.detach(token)
-        if role.value not in ("activating", "deactivating") or not tracing_enabled(rt.platform) \
-                or not recording():
-            return
-        what = "activate" if role.value == "activating" else "deactivate"
-        sp = get_tracer().start_span(
-            f"pycluster.{what}",
-            attributes={"pycluster.platform": rt.platform.name,
-                        "pycluster.node": rt.platform.node_id, "pycluster.app": rt.app.name,
-                        "pycluster.reason": reason, "pycluster.epoch": epoch or 0},
-        )
-        token = otel_context.attach(trace.set_span_in_context(sp))
-        rt.__dict__[_OPEN_SPAN] = (sp, token, _current_task())
-    except Exception:  # tracing never breaks a transition
-        logging.getLogger("pycluster.tracing").debug("role span failed", exc_info=True)
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 def past_span(platform: Platform | None, name: str, duration: float,
@@ -278,205 +214,3 @@ class LockSpans:
             if fields.get("reason") == "timeout":
                 sp.set_status(Status(StatusCode.ERROR, "lock wait timed out"))
         sp.end()
-
-
-_UNKNOWN = "unknown"
-
-
-def _method_label(request: Any) -> str:
-    """A served request's method as a metric label: only methods with a handler keep their
-    name (the method comes from the subject, before any auth), and the control requests
-    (``control.stepdown``, ...: names fixed by the code); the rest share ``unknown``."""
-    if request.handler is not None or request.route == "control":
-        return str(request.method)
-    return _UNKNOWN
-
-
-class ObservabilityMiddleware:
-    """The core's middleware on RPC, API-bus calls and events (added first, so outermost):
-
-    * client side (``on_call``): a CLIENT span ``{app}/{method}``, the trace context injected
-      into the request's NATS headers, ``pycluster_rpc_client_duration_seconds``;
-    * server side (``on_request``): a SERVER span whose parent is extracted from the request's
-      headers (so the trace continues across processes), ``pycluster_rpc_duration_seconds``,
-      and the request id as the correlation id of audit entries written by the handler;
-    * events: a PRODUCER span ``{type} publish`` injecting the context into the event's
-      headers, a CONSUMER span ``{type} process`` continuing it, ``pycluster_events_total``.
-
-    Errors are counted in ``pycluster_rpc_errors_total`` and re-raised unchanged. Without an
-    OpenTelemetry SDK no span is made; a caller's trace context still passes through.
-    """
-
-    def __init__(self, platform: Platform) -> None:
-        self.platform = platform
-        # Histogram children per (app, method), so a call does not pay prometheus' labels()
-        # lookup; they belong to one metrics service (reset when it is replaced).
-        self._metrics_of: Any = None
-        self._client_hist: dict[tuple[str, str], Any] = {}
-        self._server_hist: dict[tuple[str, str], Any] = {}
-        self._known_apps: set[str] = set()
-        self._known_at = -1e9
-
-    def _metrics(self) -> Any:
-        return self.platform.services.get("metrics")
-
-    def _tracing(self) -> bool:
-        return tracing_enabled(self.platform) and recording()
-
-    def _hist(self, m: Any, server: bool, app: str, method: str) -> Any:
-        """The duration histogram's child of ``(app, method)`` (cached)."""
-        if m is not self._metrics_of:
-            self._metrics_of = m
-            self._client_hist.clear()
-            self._server_hist.clear()
-        cache = self._server_hist if server else self._client_hist
-        key = (app, method)
-        child = cache.get(key)
-        if child is None:
-            if len(cache) >= 4096:  # bounded: method names come from callers
-                cache.clear()
-            metric = m.rpc_duration if server else m.rpc_client_duration
-            child = cache[key] = metric.labels(app, method)
-        return child
-
-    def _source_label(self, source: str | None) -> str:
-        """An incoming event's source app as a label: apps this node knows (registered here
-        or in a live member's record) by name, anything else (names come from the subject)
-        as ``unknown``."""
-        if source is None:
-            return "_platform"
-        p = self.platform
-        if source in p.apps:
-            return source
-        now = time.monotonic()
-        if now - self._known_at > 1.0:
-            known: set[str] = set()
-            m = p.membership
-            for rec in list(m.members.values()) if m is not None else ():
-                known.update(rec.get("apps") or {})
-            self._known_apps, self._known_at = known, now
-        return source if source in self._known_apps else _UNKNOWN
-
-    @staticmethod
-    def _rpc_attrs(kind: str, app: str, method: str) -> dict[str, Any]:
-        return {"rpc.system": "pycluster", "rpc.service": app, "rpc.method": method,
-                "pycluster.kind": kind, "pycluster.app": app}
-
-    async def on_call(self, call: Any, call_next: Any) -> Any:
-        """Around an outgoing call."""
-        started = time.monotonic()
-        try:
-            if not self._tracing():
-                if otel_context.get_current():  # an upstream context passes through
-                    inject(call.headers)
-                return await call_next(call)
-            attrs = self._rpc_attrs(call.kind, call.app, call.method)
-            attrs["pycluster.route"] = call.route
-            with span(f"{call.app}/{call.method}", platform=self.platform,
-                      kind=SpanKind.CLIENT, attributes=attrs) as sp:
-                inject(call.headers)
-                try:
-                    return await call_next(call)
-                finally:
-                    if call.node:
-                        sp.set_attribute("pycluster.server_node", call.node)
-                    sp.set_attribute("pycluster.attempts", call.attempts)
-        except BaseException as exc:
-            m = self._metrics()
-            if m is not None and not isinstance(exc, asyncio.CancelledError):
-                m.rpc_errors.labels(call.app, call.method, "client").inc()
-            raise
-        finally:
-            m = self._metrics()
-            if m is not None:
-                self._hist(m, False, call.app, call.method).observe(time.monotonic() - started)
-
-    async def on_request(self, request: Any, call_next: Any) -> Any:
-        """Around a served request."""
-        started = time.monotonic()
-        # The request id is the correlation id of audit entries the handler writes (set and
-        # reset directly: cheaper than the `correlation` context manager, same effect).
-        var = _correlation_var()
-        cid = request.request_id or None
-        token = var.set(cid) if cid is not None or var.get() is not None else None
-        try:
-            if not self._tracing():
-                headers = request.headers
-                if headers and "traceparent" in headers:
-                    ctx_token = otel_context.attach(extract(headers))
-                    try:
-                        return await call_next(request)
-                    finally:
-                        otel_context.detach(ctx_token)
-                return await call_next(request)
-            attrs = self._rpc_attrs(request.kind, request.app, request.method)
-            attrs["pycluster.client_node"] = request.source_node
-            attrs["pycluster.request_id"] = request.request_id
-            with span(f"{request.app}/{request.method}", platform=self.platform,
-                      kind=SpanKind.SERVER, attributes=attrs,
-                      context=extract(request.headers)):
-                return await call_next(request)
-        except BaseException as exc:
-            m = self._metrics()
-            if m is not None and not isinstance(exc, asyncio.CancelledError):
-                m.rpc_errors.labels(request.app, _method_label(request), "server").inc()
-            raise
-        finally:
-            if token is not None:
-                var.reset(token)
-            m = self._metrics()
-            if m is not None:
-                self._hist(m, True, request.app, _method_label(request)).observe(
-                    time.monotonic() - started)
-
-    @staticmethod
-    def _event_attrs(event: Any) -> dict[str, Any]:
-        return {"messaging.system": "nats", "messaging.destination.name": event.subject,
-                "pycluster.event.type": event.type, "pycluster.event.id": event.id,
-                "pycluster.app": event.source_app}
-
-    async def on_publish(self, event: Any, call_next: Any) -> Any:
-        """Around publishing an event."""
-        if self._tracing():
-            with span(f"{event.type} publish", platform=self.platform, kind=SpanKind.PRODUCER,
-                      attributes=self._event_attrs(event)):
-                inject(event.headers)
-                result = await call_next(event)
-        else:
-            inject(event.headers)
-            result = await call_next(event)
-        m = self._metrics()
-        if m is not None:
-            m.events.labels(event.source_app or "_platform", "published").inc()
-        return result
-
-    async def on_event(self, event: Any, call_next: Any) -> Any:
-        """Around delivering an event to a subscriber."""
-        m = self._metrics()
-        if m is not None:
-            m.events.labels(self._source_label(event.source_app), "consumed").inc()
-        if not self._tracing():
-            return await call_next(event)
-        with span(f"{event.type} process", platform=self.platform, kind=SpanKind.CONSUMER,
-                  context=extract(event.headers), attributes=self._event_attrs(event)):
-            return await call_next(event)
-
-
-def install_middleware(platform: Platform) -> ObservabilityMiddleware | None:
-    """Put `ObservabilityMiddleware` first (outermost) in the platform's middleware chain, using
-    only the chain's public methods; None when the platform has no rpc service."""
-    rpc = platform.services.get("rpc")
-    chain = getattr(rpc, "middleware", None)
-    if chain is None:
-        return None
-    existing = list(chain)
-    for mw in existing:
-        if isinstance(mw, ObservabilityMiddleware):
-            return mw
-    mine = ObservabilityMiddleware(platform)
-    for mw in existing:
-        chain.remove(mw)
-    chain.add(mine)
-    for mw in existing:
-        chain.add(mw)
-    return mine

@@ -1,0 +1,178 @@
+"""The health plugin's endpoints: readiness, the ``/status`` document and the HTTP server
+(``/health``, ``/ready``, ``/status``, and ``/metrics`` when the metrics plugin serves there).
+
+Under connection loss the endpoints keep answering from in-process state: ``/ready`` turns 503
+at once, and 200 again as soon as the connection and JetStream are back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from ...httpserver import HttpServer, Request, Response
+from ...kernel.types import Role
+from .checks import CheckStatus, HealthCheck
+
+if TYPE_CHECKING:
+    from ...kernel.platform import Platform
+
+
+class HealthEndpoints:
+    """The endpoint half of `pycluster.builtin.health.service.PlatformHealth`."""
+
+    platform: Platform
+    checks: dict[str, HealthCheck]
+    _server: HttpServer | None
+    _probe_at: float
+
+    def status(self, history: bool = False) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    @property
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    async def run_check(self, chk: HealthCheck) -> Any:
+        raise NotImplementedError
+
+    async def readiness(self) -> tuple[bool, list[str]]:
+        """``(ready, reasons)``: NATS connected, JetStream reachable, apps settled, critical
+        checks passing. Probes JetStream at once (at most once a second) when its last result
+        is not a recent success, so readiness returns promptly after a reconnect."""
+        p = self.platform
+        reasons: list[str] = []
+        if not p._running:
+            reasons.append("the platform is not running")
+        if p.nc is None or not p.nc.is_connected:
+            reasons.append("not connected to NATS")
+        else:
+            js = self.checks.get("jetstream")
+            if js is not None:
+                last = js.last
+                fresh = last is not None and last.ok and time.time() - last.at < 2 * js.interval
+                if not fresh and time.monotonic() - self._probe_at >= 1.0:
+                    self._probe_at = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self.run_check(js), js.timeout + 0.5)
+                    last = js.last
+                    fresh = last is not None and last.ok
+                if not fresh:
+                    err = last.error if last is not None else "not checked yet"
+                    reasons.append(f"JetStream not reachable ({err})")
+        for name in p.apps:
+            rt = p.runtimes.get(name)
+            if rt is None:
+                continue  # not placed on this node: nothing to settle
+            if rt.role not in (Role.ACTIVE, Role.PASSIVE):
+                reasons.append(f"app {name} is {rt.role.value}")
+            elif rt.role is Role.ACTIVE and not rt.is_active:
+                reasons.append(f"app {name} is active without a valid lease")
+        for n, c in sorted(self.checks.items()):
+            if c.spec.critical and c.status is CheckStatus.UNHEALTHY:
+                reasons.append(f"critical check {n} is unhealthy")
+            elif c.spec.builtin and c.app is not None and c.status is CheckStatus.UNHEALTHY:
+                err = c.last.error if c.last is not None else None
+                reasons.append(f"check {n} is unhealthy ({err})")
+        return not reasons, reasons
+
+    def node_status(self, history: bool = False) -> dict[str, Any]:
+        """The ``/status`` document (without readiness)."""
+        p = self.platform
+        base = p.status()
+        now = time.monotonic()
+        for name, info in base.get("apps", {}).items():
+            rt = p.runtimes.get(name)
+            info["lease_age"] = None
+            info["lease_remaining"] = None
+            info["active_since"] = None
+            if rt is None:
+                info["placed"] = False
+                continue
+            info["placed"] = True
+            el = rt.election
+            deadline = el.lease_deadline() if el is not None else None
+            if el is not None and deadline is not None and el.is_leader:
+                ttl, margin = el.lease_ttl, el.fence_margin
+                info["lease_remaining"] = round(max(0.0, deadline - now), 3)
+                info["lease_age"] = round(max(0.0, ttl - margin - (deadline - now)), 3)
+            elif el is not None and rt.leader is not None:
+                # A standby: how long ago the leader's lease was last seen renewed.
+                info["lease_age"] = round(max(0.0, now - el.leader_seen), 3)
+            if rt.role is Role.ACTIVE:
+                for at, role, _epoch, _why in reversed(rt.history):
+                    if role != Role.ACTIVE.value:
+                        break
+                    info["active_since"] = at
+            info["last_transition"] = rt.last_transition
+        base["uptime"] = round(time.time() - p.started_at, 3) if p.started_at else None
+        base["checks"] = self.status(history)
+        base["healthy"] = self.healthy
+        audit = p.services.get("audit")  # the audit plugin's public counters, when enabled
+        if audit is not None:
+            base["audit"] = audit.stats()
+        base["plugins_status"] = self._plugin_status()
+        return base
+
+    def _plugin_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for impl in self.platform.pm.hook.pycluster_status.get_hookimpls():
+            try:
+                value = impl.function(platform=self.platform)
+            except Exception as exc:
+                value = {"error": f"{type(exc).__name__}: {exc}"}
+            if value is not None:
+                out[impl.plugin_name] = value
+        return out
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def handle_health(self, request: Request) -> Response:
+        """``GET /health``: liveness."""
+        p = self.platform
+        failing = sorted(n for n, c in self.checks.items() if c.status is CheckStatus.UNHEALTHY)
+        body = {"status": "ok" if p._running else "stopping", "node": p.node_id,
+                "platform": p.name, "failing_checks": failing}
+        return Response.json(body, 200 if p._running else 503)
+
+    async def handle_ready(self, request: Request) -> Response:
+        """``GET /ready``: readiness."""
+        ready, reasons = await self.readiness()
+        return Response.json({"ready": ready, "node": self.platform.node_id,
+                              "reasons": reasons}, 200 if ready else 503)
+
+    async def handle_status(self, request: Request) -> Response:
+        """``GET /status`` (``?history=1`` adds each check's recent results)."""
+        history = (request.param("history") or "") not in ("", "0", "false", "no")
+        doc = self.node_status(history)
+        doc["ready"], doc["not_ready"] = await self.readiness()
+        return Response.json(doc)
+
+    @property
+    def url(self) -> str | None:
+        """``http://host:port`` of the health server while it runs."""
+        return self._server.url if self._server is not None else None
+
+
+    async def _serve_http(self) -> None:
+        """Start the HTTP server on ``health_addr`` (with ``/metrics`` when the metrics plugin
+        serves there: ``metrics_addr`` unset or the same)."""
+        s = self.platform.settings
+        if not s.health_addr:
+            return
+        server = HttpServer(s.health_addr, name="health")
+        server.route("/health", self.handle_health)
+        server.route("/ready", self.handle_ready)
+        server.route("/status", self.handle_status)
+        metrics = self.platform.services.get("metrics")  # its public endpoint, when enabled
+        if metrics is not None and s.metrics_addr in (None, s.health_addr) and metrics.enabled:
+            server.route("/metrics", metrics.handle_metrics)
+        await server.start()
+        self._server = server
+
+    async def _stop_http(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
