@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,8 @@ class NodeCluster:
     :param size: number of nodes ``n1..nN``.
     :param app: the app name; ``mode``, ``lease_ttl``, ``heartbeat`` as for the node program.
     :param node_args: extra arguments per node id (e.g. ``{"n3": ["--priority", "-1"]}``).
+    :param env: environment variables set for every node process on top of this process's
+        (e.g. ``{"PYCLUSTER_DISABLE_PLUGINS": "audit,metrics"}``).
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class NodeCluster:
         heartbeat: float = 0.5,
         extra_args: Sequence[str] = (),
         node_args: dict[str, list[str]] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.platform = platform
+        self.env = dict(env or {})
         self.app = app
         self.workdir = Path(workdir)
         self.state_dir = self.workdir / "state"
@@ -95,6 +99,7 @@ class NodeCluster:
         node.log_path = self.workdir / f"{node.node_id}.log"
         log = node.log_path.open("ab")
         env = dict(os.environ)
+        env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         node.proc = subprocess.Popen(
             [sys.executable, "-m", "pycluster.testing.node", *node.args],
