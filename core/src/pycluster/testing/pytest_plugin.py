@@ -11,6 +11,12 @@ Fixtures:
 - ``unique_name``: ``t`` + 8 hex digits, valid as a NATS bucket, stream or platform name.
 - ``nats_cluster`` (function): a fresh 3-server :class:`~pycluster.testing.NatsCluster` with
   partition / kill / pause / restart.
+- ``make_platform`` (function, needs pytest-asyncio): ``await make_platform("n1", app, ...)``
+  builds a `~pycluster.Platform` named ``unique_name`` on the shared server with the core's
+  default plugins (no entry points; ``extra_plugins=[(name, plugin)]`` adds some,
+  ``disabled_plugins=[name]`` leaves some out), short test
+  timings, and starts it (``start=False`` to start it yourself); the started ones are stopped
+  at teardown, in reverse order.
 
 Strict mode: with ``PYCLUSTER_STRICT=1`` in the environment (or ``--pycluster-strict``), every
 skipped test is reported as failed, with the skip reason, so CI cannot go green by skipping
@@ -24,13 +30,20 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 
 from pycluster.kernel.embedded import find_nats_server
 
 from .servers import NatsCluster, NatsServer
+
+try:  # make_platform is an async fixture: pytest-asyncio runs it (an optional dependency)
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - without pytest-asyncio there is no make_platform
+    pytest_asyncio = None  # type: ignore[assignment]
 
 __all__ = ["STRICT_ENV", "require", "strict_mode"]
 
@@ -161,3 +174,38 @@ def nats_cluster() -> Iterator[NatsCluster]:
         yield cluster
     finally:
         cluster.stop_sync()
+
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture
+    async def make_platform(nats_url: str,
+                            unique_name: str) -> AsyncIterator[Callable[..., Any]]:
+        """Build and start platforms on the shared server (stopped at teardown, in reverse).
+
+        ``make(node_id, *apps, start=True, name=unique_name, extra_plugins=(),
+        disabled_plugins=(), **platform_kw)`` returns the `~pycluster.Platform`; ``lease_ttl``
+        defaults to 2 s, ``heartbeat_interval`` to 0.5 s and ``hook_timeout`` to 5 s.
+        """
+        from pycluster import Platform
+        from pycluster.plugins import create_plugin_manager
+
+        async with AsyncExitStack() as stack:
+
+            async def make(node_id: str, *apps: Any, start: bool = True, **kw: Any) -> Platform:
+                kw.setdefault("lease_ttl", 2.0)
+                kw.setdefault("heartbeat_interval", 0.5)
+                kw.setdefault("hook_timeout", 5.0)
+                extra = kw.pop("extra_plugins", ())
+                disabled = kw.pop("disabled_plugins", ())
+                pm = create_plugin_manager(load_entrypoints=False, extra=extra, disabled=disabled)
+                p = Platform(kw.pop("name", unique_name), node_id=node_id, nats_url=nats_url,
+                             plugin_manager=pm, **kw)
+                for app in apps:
+                    p.register(app)
+                if start:
+                    await p.start()
+                    stack.push_async_callback(p.stop)
+                return p
+
+            yield make
