@@ -1,7 +1,7 @@
 """Public test harness of pycluster: real NATS servers, clusters with fault injection, waits.
 
-The pytest fixtures (``nats_server``, ``nats_url``, ``nats_cluster``, ``unique_name``) and
-strict mode live in :mod:`pycluster.testing.pytest_plugin`, enabled by the ``pytest11`` entry
+The pytest fixtures (``nats_server``, ``nats_url``, ``nats_cluster``, ``unique_name``,
+``make_platform``) and strict mode live in :mod:`pycluster.testing.pytest_plugin`, enabled by the ``pytest11`` entry
 point of pycluster-core.
 """
 
