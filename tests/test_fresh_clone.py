@@ -40,11 +40,11 @@ SOURCES = ["core/src", "plugins/backend_systemd/src", "plugins/backend_docker/sr
 INSTALL = ["./core", "./plugins/backend_docker", "./plugins/vip", "./[docker,vip]"]
 
 SUBSET = [
-    "tests/test_cli.py::test_run_config_process_backend_and_graceful_exit",
-    "tests/test_cli.py::test_bad_config_names_the_field",
-    "tests/test_e2e_failover.py::test_graceful_sigterm_hands_over_and_exits_zero",
-    "tests/test_process_backend.py::test_epoch_env_and_placeholders_reach_the_command",
-    "tests/test_process_backend.py::test_guard_kills_the_tree_when_the_node_dies",
+    "core/tests/test_cli.py::test_run_config_process_backend_and_graceful_exit",
+    "core/tests/test_cli.py::test_bad_config_names_the_field",
+    "core/tests/test_e2e_failover.py::test_graceful_sigterm_hands_over_and_exits_zero",
+    "core/tests/test_process_backend.py::test_epoch_env_and_placeholders_reach_the_command",
+    "core/tests/test_process_backend.py::test_guard_kills_the_tree_when_the_node_dies",
     "core/tests/test_testing_harness.py::test_server_restart_kill_and_pause_keep_jetstream_data",
     "tests/test_check_paths.py",
     "plugins/sqlite/tests/test_units.py",

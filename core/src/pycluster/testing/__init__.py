@@ -1,8 +1,8 @@
 """Public test harness of pycluster: real NATS servers, clusters with fault injection, waits.
 
 The pytest fixtures (``nats_server``, ``nats_url``, ``nats_cluster``, ``unique_name``,
-``make_platform``) and strict mode live in :mod:`pycluster.testing.pytest_plugin`, enabled by the ``pytest11`` entry
-point of pycluster-core.
+``make_platform``) and strict mode live in :mod:`pycluster.testing.pytest_plugin`, enabled by
+the ``pytest11`` entry point of pycluster-core.
 """
 
 from pycluster.kernel.embedded import (

@@ -650,7 +650,7 @@ def test_server_selector_avoids_a_marked_server() -> None:
 
 
 def test_unit_file_raises_the_descriptor_limit() -> None:
-    unit = Path(__file__).parent.parent / "packaging" / "pycluster@.service"
+    unit = Path(__file__).resolve().parents[2] / "packaging" / "pycluster@.service"
     limits = re.findall(r"^LimitNOFILE=(\d+)$", unit.read_text(), re.M)
     assert limits and int(limits[0]) >= 65536
 
