@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .kernel.replication import ReplicatorRegistry
     from .kernel.services import PlatformServices
     from .kernel.stages import StageEvent, StageRegistry
-    from .kernel.types import ConnectionState, NodeInfo, Role
+    from .kernel.types import ConnectionState, MembershipEvent, NodeInfo, Role
     from .kernel.vip import VipRegistry
     from .middleware import Request
 
@@ -559,7 +559,8 @@ def pycluster_member_left(platform: Platform, node: str, record: dict[str, Any])
 
 
 @hookspec
-def pycluster_membership_event(platform: Platform, event: str, data: dict[str, Any]) -> Any:
+def pycluster_membership_event(platform: Platform, event: MembershipEvent,
+                               data: dict[str, Any]) -> Any:
     """Notification: something happened to this node's own membership.
 
     Called on ``duplicate_refused`` (another live process has this node id: the start is
@@ -569,7 +570,7 @@ def pycluster_membership_event(platform: Platform, event: str, data: dict[str, A
     can be stored first.
 
     :param platform: the platform.
-    :param event: the event's name.
+    :param event: what happened (`pycluster.kernel.types.MembershipEvent`, a `str`).
     :param data: details (node, holder, the record found, ...).
     """
 

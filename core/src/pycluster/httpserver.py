@@ -209,7 +209,8 @@ class HttpServer:
                 await task
         if server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await server.wait_closed()
 
     # -- connection handling ---------------------------------------------------------------
 
@@ -326,7 +327,8 @@ class HttpServer:
         if not head_only:
             data += resp.body
         writer.write(data)
-        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)  # a client that does not read
+        async with asyncio.timeout(WRITE_TIMEOUT):  # a client that does not read
+            await writer.drain()
 
 
 def _parse(head: bytes) -> Request:

@@ -30,6 +30,7 @@ from pluggy import HookCaller
 
 from . import hookspecs
 from .kernel.errors import PluginError
+from .kernel.types import PluginStatus
 
 log = logging.getLogger("pycluster.plugins")
 
@@ -67,7 +68,7 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     builtin: bool = False
-    status: str = "loaded"  # loaded | failed | disabled | unusable
+    status: PluginStatus = PluginStatus.LOADED
     reason: str | None = None
     hooks: list[str] = field(default_factory=list)
 
@@ -96,12 +97,13 @@ class PluginManager(pluggy.PluginManager):
     def plugin_set(self) -> dict[str, str]:
         """Name → version of the usable plugins (advertised in node records)."""
         return {
-            i.name: i.version or "" for i in self.infos.values() if i.status == "loaded"
+            i.name: i.version or "" for i in self.infos.values() if i.status is PluginStatus.LOADED
         }
 
     def problems(self) -> list[PluginInfo]:
         """Plugins that failed to load or are unusable here."""
-        return [i for i in self.infos.values() if i.status in ("failed", "unusable")]
+        bad = (PluginStatus.FAILED, PluginStatus.UNUSABLE)
+        return [i for i in self.infos.values() if i.status in bad]
 
 
 def disabled_from_env() -> set[str]:
@@ -149,7 +151,7 @@ def create_plugin_manager(
         info = PluginInfo(name, modname, "pycluster-core", version, builtin=True)
         pm.infos[name] = info
         if name in off:
-            info.status = "disabled"
+            info.status = PluginStatus.DISABLED
             continue
         pm.register(importlib.import_module(modname), name=name)
 
@@ -165,13 +167,13 @@ def create_plugin_manager(
                     pm.unregister(old)
             pm.infos[ep.name] = info
             if ep.name in off:
-                info.status = "disabled"
+                info.status = PluginStatus.DISABLED
                 continue
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
             except Exception as exc:  # a broken plugin must not take the node down
-                info.status = "failed"
+                info.status = PluginStatus.FAILED
                 info.reason = f"{type(exc).__name__}: {exc}"
                 log.error("plugin %s (%s %s) failed to load: %s", ep.name, dist, dver, info.reason)
 
@@ -191,7 +193,7 @@ def create_plugin_manager(
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
         if reason and checked is not None:
-            checked.status = "unusable"
+            checked.status = PluginStatus.UNUSABLE
             checked.reason = str(reason)
             # Reported at WARNING by Platform.start() and by `pycluster plugins`; a CLI command
             # that does not use the plugin should not print it.

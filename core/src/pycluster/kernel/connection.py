@@ -153,7 +153,8 @@ async def connect(
     )
     connecting.append(task)
     try:
-        await asyncio.wait_for(task, budget)
+        async with asyncio.timeout(budget):  # cancels the connect task when the budget is spent
+            await task
     except (OSError, TimeoutError, asyncio.CancelledError, nats.errors.Error) as exc:
         current = asyncio.current_task()
         if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():

@@ -418,11 +418,9 @@ class EmbeddedNatsServer:
             try:
                 probe = 0.25 if attempts < 8 else min(2.0, 0.25 * 1.5 ** (attempts - 7))
                 attempts += 1
-                await asyncio.wait_for(
-                    jetstream_ready(self.url, min(probe, remaining), self.server_name,
-                                    self.auth),
-                    min(probe + 1.0, remaining),
-                )
+                async with asyncio.timeout(min(probe + 1.0, remaining)):
+                    await jetstream_ready(self.url, min(probe, remaining), self.server_name,
+                                          self.auth)
             except Exception as exc:
                 last = exc
                 await asyncio.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))

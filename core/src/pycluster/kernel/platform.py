@@ -62,7 +62,7 @@ from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
 from .replication import ReplicatorRegistry
 from .services import PlatformServices
 from .settings import PlatformSettings, load_settings
-from .types import ConnectionState, NodeInfo, Role
+from .types import ConnectionState, MembershipEvent, NodeInfo, Role
 from .vip import VipRegistry
 
 if TYPE_CHECKING:
@@ -448,7 +448,8 @@ class Platform:
             # Awaited (bounded): an audit entry is stored before the start fails.
             await call_notify(call_each(
                 self.pm.hook.pycluster_membership_event, platform=self,
-                event="duplicate_refused", data={"node": self.node_id, "holder": exc.holder}),
+                event=MembershipEvent.DUPLICATE_REFUSED,
+                data={"node": self.node_id, "holder": exc.holder}),
                 s.hook_timeout, "membership_event")
             raise
         self._locks = LockService(
@@ -751,7 +752,7 @@ class Platform:
         call_each(self.pm.hook.pycluster_member_left, platform=self, node=node, record=rec)
         self._member_hook("member_leave", rec)
 
-    def _membership_event(self, event: str, data: dict[str, Any]) -> None:
+    def _membership_event(self, event: MembershipEvent, data: dict[str, Any]) -> None:
         self.notify(call_each(self.pm.hook.pycluster_membership_event, platform=self,
                               event=event, data=data), f"membership_event {event}")
 
@@ -766,12 +767,13 @@ class Platform:
         for rt in self.runtimes.values():
             if rt.election is not None:
                 rt.election.pause_campaign(float("inf"))
-        self._membership_event("replaced", {"node": self.node_id})
+        self._membership_event(MembershipEvent.REPLACED, {"node": self.node_id})
         self.fail(NodeReplacedError(self.name, self.node_id))
 
     def _record_restored(self, forged: dict[str, Any]) -> None:
         """Our record was overwritten by an incarnation nobody answers for, and taken back."""
-        self._membership_event("record_restored", {"node": self.node_id, "found": forged})
+        self._membership_event(MembershipEvent.RECORD_RESTORED,
+                               {"node": self.node_id, "found": forged})
 
     def task_failed(self, name: str, exc: BaseException) -> None:
         """An internal task that cannot be restarted died (`pycluster.kernel.aio.supervise`'s

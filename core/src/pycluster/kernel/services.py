@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError, PluginError
 from .names import validate_ident
+from .types import PluginStatus
 
 if TYPE_CHECKING:
     from ..plugins import PluginManager
@@ -160,16 +161,17 @@ class PlatformServices(Mapping[str, Any]):
         info = self._pm.infos.get(name) if self._pm is not None else None
         if info is None:
             return f"plugin {name!r} is not installed"
-        if info.status == "disabled":
+        if info.status is PluginStatus.DISABLED:
             return f"plugin {name!r} is disabled (PYCLUSTER_DISABLE_PLUGINS)"
-        if info.status in ("failed", "unusable"):
+        if info.status in (PluginStatus.FAILED, PluginStatus.UNUSABLE):
             return f"plugin {name!r} is {info.status}: {info.reason}"
         return f"plugin {name!r} provides no service {name!r} on this platform"
 
     def error(self, name: str) -> PluginError:
         """The `PluginError` for a missing service ``name``."""
         info = self._pm.infos.get(name) if self._pm is not None else None
-        reason = "disabled" if info is not None and info.status == "disabled" else "missing"
+        off = info is not None and info.status is PluginStatus.DISABLED
+        reason = "disabled" if off else "missing"
         return PluginError(name, info.distribution if info else None,
                            info.version if info else None, reason,
                            message=self.why_missing(name))

@@ -28,6 +28,30 @@ class ConnectionState(enum.StrEnum):
     cluster); a ``reconnected`` follows."""
 
 
+class MembershipEvent(enum.StrEnum):
+    """Something that happened to this node's own membership (``pycluster_membership_event``)."""
+
+    DUPLICATE_REFUSED = "duplicate_refused"
+    """Another live process runs this node id: this start is refused."""
+    REPLACED = "replaced"
+    """Another incarnation took this node's record: the node leaves."""
+    RECORD_RESTORED = "record_restored"
+    """A record nobody answers for was taken back by this node."""
+
+
+class PluginStatus(enum.StrEnum):
+    """What became of a plugin when the plugin manager was built (``pycluster plugins``)."""
+
+    LOADED = "loaded"
+    """Registered and usable."""
+    FAILED = "failed"
+    """Its entry point failed to load."""
+    DISABLED = "disabled"
+    """Left out by name (``PYCLUSTER_DISABLE_PLUGINS``)."""
+    UNUSABLE = "unusable"
+    """Loaded, but its ``pycluster_check`` says it cannot work on this machine."""
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     """What placement knows about a node: its id and labels."""

@@ -252,8 +252,10 @@ class LeaseElection:
         self._step_done = loop.create_future()
         self._step_down_req = (successor, cd)
         self._wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._step_done), self.lease_ttl + 1)
+        # The release runs in the campaign task; a caller cancelled meanwhile is cancelled (the
+        # release goes on), one that waited longer than the lease gets TimeoutError.
+        async with asyncio.timeout(self.lease_ttl + 1):
+            await asyncio.shield(self._step_done)
 
     @property
     def max_cooldown(self) -> float:

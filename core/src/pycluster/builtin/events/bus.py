@@ -198,7 +198,8 @@ class Subscription:
         """The next event (iteration mode); `TimeoutError` after ``timeout`` seconds."""
         if self.queue is None:
             raise RuntimeError("this subscription delivers to its callback")
-        return await asyncio.wait_for(self.queue.get(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
 
     async def stop(self) -> None:
         """Stop receiving (a durable consumer is kept: it resumes under the same name)."""

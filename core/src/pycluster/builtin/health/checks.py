@@ -217,7 +217,8 @@ async def call_check(fn: CheckFn, timeout: float) -> Any:
             result = await result
         return result
 
-    return await asyncio.wait_for(run(), timeout)
+    async with asyncio.timeout(timeout):
+        return await run()
 
 
 class AppHealth:

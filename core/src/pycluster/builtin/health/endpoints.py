@@ -56,7 +56,8 @@ class HealthEndpoints:
                 if not fresh and time.monotonic() - self._probe_at >= 1.0:
                     self._probe_at = time.monotonic()
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(self.run_check(js), js.timeout + 0.5)
+                        async with asyncio.timeout(js.timeout + 0.5):
+                            await self.run_check(js)
                     last = js.last
                     fresh = last is not None and last.ok
                 if not fresh:
