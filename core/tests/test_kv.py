@@ -209,7 +209,7 @@ async def test_watch_recovers_from_a_silent_watcher(kv: AppKV, js: JetStreamCont
 
 @pytest.mark.timeout(60)
 async def test_watch_reports_expiry(js: JetStreamContext) -> None:
-    # Expiry markers exist only with limit_marker_ttl (NATS-FACTS): use a lease-style bucket.
+    # Expiry markers exist only with limit_marker_ttl: use a lease-style bucket.
     from pycluster.kernel import natsutil
 
     bucket = f"exp_{uuid.uuid4().hex[:8]}"

@@ -21,6 +21,9 @@ they were added, the first outermost; those contributed by plugins
 key; servers hold only public keys; stale and replayed requests are refused). `AuthMiddleware`
 is the older, *weak* mode: a shared token or per-app secrets that travel in plain headers (see
 docs/security.md for what each protects against).
+
+Size: the public middleware API (chain, call, request and event objects) and the two
+authentication middlewares users import from here; one module is the import surface.
 """
 
 from __future__ import annotations

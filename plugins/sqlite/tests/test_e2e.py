@@ -3,7 +3,7 @@
 
 * Rows written and ``sync()``ed on the active node are all on the new leader after a SIGKILL
   failover (count and digest), over several failovers back and forth.
-* The measured Litestream failure (NATS-FACTS.md): the old primary's Litestream holds unsent
+* The measured Litestream failure: the old primary's Litestream holds unsent
   commits, the old primary is paused past its lease, a new primary writes, the old one resumes.
   With the fence guard, no row of the new primary is lost from the bucket.
 """

@@ -23,6 +23,9 @@ Policies:
 * Losing the lease (taken over, renewal failures, paused past the lease) interrupts activation
   and deactivates against the lease's end (``ctx.deadline``).
 * Transitions are serialised: one worker reconciles the wanted role with the current one.
+
+Size: one state machine (the worker that reconciles the wanted role) and the stage runner
+it drives; their invariants span the module.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Behaviour worth knowing:
   probed with ``auth`` (nats-py ``connect()`` credentials). The platform's embedded server
   always requires a user and password: `LocalCredentials` (a 0600 file in its data directory,
   reused across restarts); another local process finds both through `find_embedded`.
+
+Size: the child process, its readiness probe, the parent-death spawner thread and the local
+credentials belong together (each relies on the others' clean-up).
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Behaviour under connection loss (kazoo style):
   already delivered are dropped by comparing revisions. So after an outage a watch delivers the
   *latest* state of each changed key exactly once, in revision order per key; intermediate values
   written during the outage may be skipped (KV watches are state-, not log-based).
+
+Size: `AppKV` and `KVWatcher` share the key validation and read-confirmation logic; together
+they are the whole app-data API, so they stay in one module.
 """
 
 from __future__ import annotations

@@ -51,6 +51,9 @@ Behaviour under connection loss (kazoo style):
   eventually, never claims it and is skipped after ``ttl``).
 - `Lock.release` that cannot reach NATS before the lease ends logs a warning and returns: the
   lock frees itself by TTL and the critical section was protected until release was called.
+
+Size: one protocol (acquire, queue, handoff, claim, renew, takeover) whose safety argument
+spans all of it, kept in one module to be read top to bottom.
 """
 
 from __future__ import annotations
@@ -315,7 +318,7 @@ class _KeyState:
             state = _State.decode(event.value) if event.op == "PUT" else None
             self.note(event.revision, state)
         elif self._users > 0:
-            # Polling fallback: a watcher can go silent (NATS-FACTS); a direct read per
+            # Polling fallback: a JetStream watcher can go silent; a direct read per
             # interval without events bounds how long a change can go unnoticed.
             with contextlib.suppress(*natsutil.TRANSIENT_ERRORS, nats.errors.Error):
                 await self.read()
@@ -744,7 +747,8 @@ class LockService:
         self.on_event: Callable[[str, Lock, dict[str, Any]], None] | None = None
 
     async def ensure(self) -> None:
-        """Create the locks bucket if missing: history 1 and expiry markers (see NATS-FACTS)."""
+        """Create the locks bucket if missing: history 1 and expiry markers (server TTL
+        markers need ``limit_marker_ttl``)."""
         await natsutil.ensure_kv(
             self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas
         )

@@ -7,6 +7,9 @@ connection), joins the membership, builds the services of the enabled plugins
 connection state, lock events, ...). It never depends on a plugin's service: accessors such as
 ``platform.audit`` go through the services registry and raise `PluginError` naming the plugin
 when it is missing.
+
+Size: the kernel's root object: the start and stop sequences (read as one), the public
+accessors, and the notification hooks it turns events into.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
 from .replication import ReplicatorRegistry
 from .services import PlatformServices
 from .settings import PlatformSettings, load_settings
-from .types import ConnectionState, MembershipEvent, NodeInfo, Role
+from .types import ConnectionState, MembershipEvent, NodeInfo, PluginStatus, Role
 from .vip import VipRegistry
 
 if TYPE_CHECKING:
@@ -390,7 +393,7 @@ class Platform:
                     users[name].append(app.name)
         for info in self.pm.problems():
             where = f"{info.name} ({info.distribution} {info.version})"
-            if info.status != "unusable":
+            if info.status is not PluginStatus.UNUSABLE:
                 log.warning("plugin %s is %s: %s", where, info.status, info.reason)
             elif info.name in users:
                 log.warning("plugin %s, used by app(s) %s, is unusable here: %s", where,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class StageOrder(enum.IntEnum):
-    """Positions of the failover sequence (DESIGN §5); plugins pick one or a value between."""
+    """Positions of the failover sequence; plugins pick one or a value between."""
 
     CATCH_UP = 100
     PROMOTE = 200

@@ -3,7 +3,7 @@
 An app declares its API with ``@app.handle("method")``; any node of the platform calls it with
 ``await platform.api("convex").call("query", payload, route=...)``.
 
-Subjects (platform-wide, DESIGN §6; ``_``-prefixed tokens never collide with names):
+Subjects (platform-wide; ``_``-prefixed tokens never collide with names):
 
 * ``{platform}._.api.{app}.{method}``              — the active instance(s), queue group ``api``
   (the default route: a Singleton's leader; any active instance of Spread/Replicas)

@@ -1,7 +1,7 @@
 """Events: publish/subscribe inside an app (``app.events``) and across the platform
 (``platform.events``), live or durable.
 
-Subjects and streams (DESIGN §6):
+Subjects and streams:
 
 * app events: ``{platform}.{app}.events.{type}``, kept in the stream ``{platform}_{app}_events``;
 * platform events: ``{platform}._.events.{source_app}.{type}`` (``_`` as the source when the

@@ -1,6 +1,6 @@
 """Request/reply over NATS: the transport of inter-node RPC (``app.rpc``) and of the API bus.
 
-Subjects (DESIGN §6; ``_``-prefixed tokens cannot collide with node ids or method names):
+Subjects (``_``-prefixed tokens cannot collide with node ids or method names):
 
 * ``{platform}.{app}.rpc.{node}.{method}``      — one node's instance of the app
 * ``{platform}.{app}.rpc._leader.{method}``     — the active instance (queue group ``rpc``)
