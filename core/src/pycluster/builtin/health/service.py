@@ -54,12 +54,12 @@ class PlatformHealth(HealthEndpoints):
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         s = platform.settings
-        self.interval = float(getattr(s, "health_interval", 5.0))
-        self.timeout = float(getattr(s, "health_timeout", 2.0))
-        self.history_size = int(getattr(s, "health_history", 10))
-        self.breaker_threshold = int(getattr(s, "health_breaker_threshold", 5))
-        self.breaker_cooldown = float(getattr(s, "health_breaker_cooldown", 30.0))
-        self.step_down_all = bool(getattr(s, "health_step_down", False))
+        self.interval = float(s.health_interval)
+        self.timeout = float(s.health_timeout)
+        self.history_size = int(s.health_history)
+        self.breaker_threshold = int(s.health_breaker_threshold)
+        self.breaker_cooldown = float(s.health_breaker_cooldown)
+        self.step_down_all = bool(s.health_step_down)
         self.checks: dict[str, HealthCheck] = {}
         self._platform_specs: dict[str, CheckSpec] = {}
         self._app_checks: dict[str, list[str]] = {}

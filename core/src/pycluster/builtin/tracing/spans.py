@@ -81,7 +81,7 @@ def tracing_enabled(platform: Platform | None) -> bool:
     """Whether ``platform`` records spans (the ``tracing`` setting; True without a platform)."""
     if platform is None:
         return True
-    return bool(getattr(platform.settings, "tracing", True))
+    return platform.settings.tracing
 
 
 def inject(headers: MutableMapping[str, str] | None = None) -> dict[str, str]:
