@@ -390,3 +390,42 @@ def test_run_logs_to_stderr_unless_the_app_configured_logging(
         assert "web[stderr] Address already in use" in out
         assert "leaving gracefully" in out
         assert "unusable" not in out  # installed plugins that no app uses stay quiet
+
+
+SIGNAL_IN_START = """
+import asyncio, os, signal, sys
+from pycluster import App, Platform, Singleton
+
+app = App("svc", Singleton())
+
+@app.on_start
+async def started(ctx):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the platform is still starting
+    await asyncio.sleep(0.2)
+
+async def main():
+    platform = Platform(sys.argv[1], node_id="n1", nats_url=sys.argv[2])
+    platform.register(app)
+    if sys.argv[3] == "block":
+        async with platform:
+            await asyncio.sleep(60)
+    else:
+        await platform.run()
+    print("left", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["block", "run"])
+def test_a_signal_while_starting_makes_the_node_leave_once_started(
+        tmp_path: Path, nats_url: str, unique_name: str, how: str) -> None:
+    script = tmp_path / "node.py"
+    script.write_text(SIGNAL_IN_START)
+    proc = subprocess.run([sys.executable, str(script), unique_name, nats_url, how],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "left\n", proc.stdout + proc.stderr
+    assert "leaving gracefully" in proc.stderr and "Traceback" not in proc.stderr

@@ -269,8 +269,19 @@ class Platform:
         ``async with`` (an application's own handler of either signal is left alone). Logs to
         stderr at INFO unless the application configured logging."""
         default_logging()
-        await self.start()
+        # Installed before the start, so a signal that arrives while the node starts (after an
+        # app's on_passive hook printed, say) is not fatal: the node leaves right after.
         self._install_signal_handlers()
+        self._signal_task = None
+        try:
+            await self.start()
+        except BaseException:
+            self._remove_signal_handlers()
+            self._signal_received = None
+            raise
+        self._signal_task = task = asyncio.current_task()
+        if self._signal_received is not None and task is not None:
+            task.cancel()  # the block ends at its first await and the node leaves gracefully
         return self
 
     async def __aexit__(
@@ -588,13 +599,24 @@ class Platform:
         """
         default_logging()
         loop = asyncio.get_running_loop()
-        await self.start()
-        assert self._stop_event is not None
+
+        def request_stop() -> None:
+            if self._stop_event is not None:  # start() makes it before its first await
+                self._stop_event.set()
+
+        # Installed before the start: a signal while the node starts makes it leave right after.
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self._stop_event.set)
+                loop.add_signal_handler(sig, request_stop)
                 installed.append(sig)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            raise
+        assert self._stop_event is not None
         self._in_run = True
         try:
             await self._stop_event.wait()
