@@ -109,14 +109,19 @@ class Healer:
         self._last = -math.inf
         self.healed = 0
 
-    async def heal(self) -> bool:
-        """Re-create the stream if it is missing; True when ``ensure()`` ran and succeeded."""
+    async def heal(self, timeout: float | None = None) -> bool:
+        """Re-create the stream if it is missing; True when ``ensure()`` ran and succeeded.
+
+        :param timeout: a shorter bound than the healer's own for this attempt (a lease holder
+            passes the time its lease has left: healing must never delay its self-fence).
+        """
         now = time.monotonic()
         if now - self._last < self.interval:
             return False
         self._last = now
+        limit = self.timeout if timeout is None else max(0.0, min(self.timeout, timeout))
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 created = await self._ensure() is None
         except Exception as exc:
             log.warning("%s: re-creating the stream failed: %s", self.what, exc)

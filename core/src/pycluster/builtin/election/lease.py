@@ -516,9 +516,10 @@ class LeaseElection:
         seen.inc = rec.inc
         return rec
 
-    async def _heal(self) -> None:
-        """The bucket is gone: re-create it (revisions above those seen) and re-watch."""
-        if await self._healer.heal():
+    async def _heal(self, timeout: float | None = None) -> None:
+        """The bucket is gone: re-create it (revisions above those seen) and re-watch; the
+        attempt is bounded by ``timeout`` when given."""
+        if await self._healer.heal(timeout):
             await self._unsubscribe()
             await self._subscribe()
 
@@ -667,8 +668,11 @@ class LeaseElection:
             except nu.TRANSIENT_ERRORS as exc:
                 log.warning("election %s: renewal failed (%s); %.2fs of lease left",
                             self.bucket, type(exc).__name__, self._deadline - time.monotonic())
-                if nu.stream_gone(exc):
-                    await self._heal()  # the next renewal then conflicts: the lease is lost
+                if nu.stream_gone(exc) and self._deadline > time.monotonic():
+                    # The next renewal then conflicts and the lease is lost; a server cut off
+                    # from the stream's leader says the same, so the attempt is bounded by the
+                    # lease: it must never hold this loop past the self-fence deadline.
+                    await self._heal(self._deadline - time.monotonic())
                 next_renew = time.monotonic() + min(self.heartbeat_interval / 3, 0.5)
                 continue
             if self._held_key != key:
