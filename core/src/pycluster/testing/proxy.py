@@ -116,9 +116,9 @@ class TcpProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target_host, self.target_port), self.connect_timeout
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                up_reader, up_writer = await asyncio.open_connection(self.target_host,
+                                                                     self.target_port)
         except (OSError, TimeoutError):
             writer.transport.abort()  # target down: the peer sees a refused/reset connection
             return
