@@ -8,14 +8,14 @@ the plugin's service, which:
   activation follows the election), so that ``systemctl start`` returns when the node is up;
 * sends ``STATUS=...`` on every role change ("prod/node-1: web active (epoch 7), db passive"),
   shown by ``systemctl status``;
-* sends ``WATCHDOG=1`` at once after every lease renewal, and otherwise every quarter of the
-  watchdog interval while the event loop runs and no held lease is overdue. A node that is
-  paused (SIGSTOP, a frozen VM), deadlocked, blocked in a synchronous call, or whose lease loop
-  stalled stops pinging, and systemd kills it (``WatchdogSignal``, SIGABRT by default: Python's
-  fault handler, enabled here, writes every thread's traceback to the journal) and restarts it
-  (``Restart=on-failure``). Its process backends die with it (fence guard) and a standby takes
-  over when the lease expires. A node merely cut off from NATS keeps pinging: it fenced itself,
-  and restarting it would not help;
+* from READY on, sends ``WATCHDOG=1`` at once after every lease renewal, and otherwise every
+  quarter of the watchdog interval while the event loop runs and no held lease is overdue. A
+  node that is paused (SIGSTOP, a frozen VM), deadlocked, blocked in a synchronous call, or
+  whose lease loop stalled stops pinging, and systemd kills it (``WatchdogSignal``, SIGABRT by
+  default: Python's fault handler, enabled here, writes every thread's traceback to the journal)
+  and restarts it (``Restart=on-failure``). Its process backends die with it (fence guard) and a
+  standby takes over when the lease expires. A node merely cut off from NATS keeps pinging: it
+  fenced itself, and restarting it would not help;
 * sends ``STOPPING=1`` when the platform leaves (after its apps stepped down).
 
 Without ``NOTIFY_SOCKET`` the plugin registers no service and sends nothing. A lost datagram
@@ -132,6 +132,9 @@ class SystemdIntegration:
         self.pings = 0
         self._last_ping = 0.0
         self._task: asyncio.Task[None] | None = None
+        #: READY was sent: the watchdog pings only from then on (systemd ignores earlier ones,
+        #: and a ping must never suggest a node that has not started yet is alive).
+        self.ready = False
 
     def summary(self) -> str:
         """One status line: platform/node and each app's role (and epoch when active)."""
@@ -155,8 +158,9 @@ class SystemdIntegration:
         return None
 
     def ping(self) -> None:
-        """Send WATCHDOG=1 unless stalled (rate-limited to a tenth of the interval)."""
-        if self.interval is None:
+        """Send WATCHDOG=1 unless stalled or not ready yet (rate-limited to a tenth of the
+        interval)."""
+        if self.interval is None or not self.ready:
             return
         now = time.monotonic()
         if now - self._last_ping < self.interval / 10:
@@ -178,9 +182,17 @@ class SystemdIntegration:
     # -- service lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the watchdog loop (READY follows once the apps started)."""
+        """Nothing yet: READY and the watchdog follow once the apps started
+        (`announce_ready`)."""
+
+    def announce_ready(self) -> None:
+        """Send READY=1 (with the status line) and start the watchdog."""
+        self.notifier.ready(self.summary())
+        self.ready = True
         if self.interval is not None and self._task is None:
             self._task = supervise("sdnotify:watchdog", self._loop)
+        log.info("systemd: READY sent%s", f"; watchdog every {self.interval / 4:.1f}s"
+                 if self.interval else "")
 
     async def stop(self) -> None:
         """Stop the watchdog loop; close the socket."""
@@ -219,9 +231,7 @@ def pycluster_platform_started(platform: Platform) -> None:
     """READY=1 once connected, joined and the apps started (as standbys)."""
     svc = _service(platform)
     if svc is not None:
-        svc.notifier.ready(svc.summary())
-        log.info("systemd: READY sent%s", f"; watchdog every {svc.interval / 4:.1f}s"
-                 if svc.interval else "")
+        svc.announce_ready()
 
 
 @hookimpl
