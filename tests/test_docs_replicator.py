@@ -71,7 +71,16 @@ async def test_documented_replicator_follows_and_takes_over(
     await wait_for(lambda: files(d2) == {"a.txt": "first", "b.txt": "second"}, 30,
                    message="standby follows")
     assert rep2.lag() is not None and rep2.lag() < 5.0
-    assert p1.status()["apps"]["docs"]["role"] == "active"
+    # Lag, position and state reach /status and the metrics through the protocol.
+    status = p2.health.node_status()["apps"]["docs"]["replication"]["dirsync"]
+    assert status["state"] == "standby" and status["position"] == rep2.position() > 0
+    text = (await p2.metrics.render_async()).decode()
+    assert f'pycluster_replication_position{{app="docs",replicator="dirsync"}} ' \
+           f'{float(rep2.position())}' in text
+    assert 'pycluster_replication_lag_seconds{app="docs",replicator="dirsync"}' in text
+    # ... and its check runs as the app health check "dirsync" (health plugin).
+    await wait_for(lambda: p2.health.status()["docs.dirsync"]["status"] == "healthy", 30,
+                   message="dirsync health check passes")
 
     # Handover: n2 catches up, promotes and replicates under the new epoch.
     old_epoch = app1.epoch

@@ -232,3 +232,16 @@ def replication_stages(reps: list[AppReplicator], registry: StageRegistry) -> No
                                snaps.start, snaps.stop, plugin=ar.plugin,
                                timeout=rep.timeout(ReplicationStep.SNAPSHOTS),
                                on_failure=FailurePolicy.CONTINUE))
+
+
+def replication_summary(reps: list[AppReplicator]) -> dict[str, dict[str, Any]]:
+    """State, lag and position of each replicator of an app, by name (``/status``), read
+    through the protocol only."""
+    out: dict[str, dict[str, Any]] = {}
+    for ar in reps:
+        rep = ar.replicator
+        lag = rep.lag()
+        out[rep.name] = {"plugin": ar.plugin, "state": str(rep.state()),
+                         "lag": None if lag is None or lag == float("inf") else round(lag, 3),
+                         "position": rep.position()}
+    return out
