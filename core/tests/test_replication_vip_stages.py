@@ -98,7 +98,9 @@ def platform() -> Platform:
 
 def test_matched_options_become_the_kernels_stages() -> None:
     p = platform()
-    app = p.register(App("a", Singleton(), Data("/d"), Addr("10.0.0.9")))
+    data = Data("/d")
+    app = p.register(App("a", Singleton(), data, Addr("10.0.0.9")))
+    assert p.app_of(data) is app and platform().app_of(data) is None
     reg = StageRegistry()
     reps, vips = build_replicators(app, p), build_vips(app, p)
     replication_stages(reps, reg)
