@@ -267,12 +267,19 @@ def pycluster_placement_strategy(name: str) -> PlacementStrategy | None:
 def pycluster_register_replicators(registry: ReplicatorRegistry) -> None:
     """Map App option classes to replicators of the app's data (e.g. a SQLite database).
 
-    Called once when a platform is created. A replicator implements
-    `pycluster.kernel.replication.Replicator` (catch up, promote, replicate while active,
-    follow while standby, report lag and position).
+    Called once when a platform is created. For every option of an app matched here the kernel
+    builds ``factory(option, app, platform)`` when the app starts on this node and drives it
+    (`pycluster.kernel.replication`): ``follow`` while standby; the stages ``<name>-catchup``
+    (CATCH_UP: ``catch_up``), ``<name>-promote`` (PROMOTE: ``promote``), ``<name>-replicate``
+    (REPLICATE: ``replicate``) and, with a snapshot schedule, ``<name>-snapshots`` (SNAPSHOTS,
+    policy CONTINUE) when becoming active; ``stop_replicating``, ``demote`` and ``follow`` again
+    when stepping down; ``stop`` when the app stops here. The health plugin runs its ``check``
+    as the app health check ``<name>``. The replicator implements
+    `pycluster.kernel.replication.Replicator` (the contract: only the lease holder replicates,
+    the epoch fences every write, replication stops before ``ctx.deadline``).
 
     :param registry: call ``registry.add(option_class, factory, plugin=name)``;
-        ``factory(option, app, platform)`` returns the replicator.
+        ``factory(option, app, platform)`` returns the replicator (cheap: no I/O).
     """
 
 
@@ -302,11 +309,15 @@ def pycluster_register_backends(registry: BackendRegistry) -> None:
 def pycluster_register_vips(registry: VipRegistry) -> None:
     """Map App option classes to virtual-IP managers.
 
-    Called once when a platform is created. A manager implements
-    `pycluster.kernel.vip.VipManager` (acquire the address when active, release it, check it).
+    Called once when a platform is created. For every option of an app matched here the kernel
+    builds ``factory(option, app, platform)`` when the app starts on this node, adds the stage
+    ``vip-<address>`` (`pycluster.kernel.stages.StageOrder.VIP`: ``acquire`` after promotion
+    and before the backend, ``release`` after the backend stopped, bounded by the lease's end
+    when it was lost) and calls ``close`` when the app stops here. A manager implements
+    `pycluster.kernel.vip.VipManager`.
 
     :param registry: call ``registry.add(option_class, factory, plugin=name)``;
-        ``factory(option, app, platform)`` returns the manager.
+        ``factory(option, app, platform)`` returns the manager (cheap: no I/O).
     """
 
 
@@ -366,7 +377,9 @@ def pycluster_route_key(app_name: str, key: str, platform: Platform) -> str | No
 def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> None:
     """Join the failover sequence of one app with ordered stages.
 
-    Called once per app when the platform starts it. Each stage has an ``order`` (see
+    Called once per app when the platform starts it, after the kernel added the stages of the
+    app's replicators and VIP managers (``pycluster_register_replicators``,
+    ``pycluster_register_vips``). Each stage has an ``order`` (see
     `pycluster.kernel.stages.StageOrder`), async ``activate(ctx)`` / ``deactivate(ctx)`` and a
     timeout. Becoming active runs stages in ascending order; stepping down runs the activated
     ones in reverse. A stage that fails or times out is handled by its ``on_failure`` policy

@@ -16,6 +16,7 @@ from conftest import Node, insert, rows
 from pycluster.kernel.errors import NotLeaderError
 from pycluster.testing.wait import wait_for
 from pycluster_sqlite import open_replica
+from pycluster_sqlite.runtime import runtime_of
 from pycluster_sqlite.walindex import WalIndex
 
 pytestmark = pytest.mark.timeout(240)
@@ -124,7 +125,7 @@ async def test_a_newer_writer_epoch_fences_the_active_node(make_node: Any) -> No
     n1 = await make_node("n1")
     (pa, app_a, db_a) = n1
     await wait_for(lambda: app_a.is_active, 30, message="n1 active")
-    rt = db_a._runtime
+    rt = runtime_of(db_a)
     assert rt is not None and rt.replicate_pid() is not None
     assert pa.js is not None
     # Another node records a newer epoch in the bucket (as a new leader would).

@@ -15,6 +15,7 @@ from conftest import insert, rows
 
 from pycluster.testing.wait import wait_for
 from pycluster_sqlite import SQLiteError
+from pycluster_sqlite.runtime import runtime_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,7 +115,7 @@ async def test_promotion_from_a_snapshot_when_the_wal_bucket_is_gone(make_node: 
     await db_a.wal.sync()
     expected = await asyncio.to_thread(rows, db_a.path)
     snap = await db_a.snapshots.create()
-    rt = db_a._runtime
+    rt = runtime_of(db_a)
     assert rt is not None and pa.js is not None
     wal_bucket = rt.wal_bucket
     await pa.stop()

@@ -15,8 +15,9 @@ from pycluster import App, Platform, Replicas, Singleton
 from pycluster.cli.config_apps import build_app
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.registry import ConfigRegistry
+from pycluster.kernel.replication import build_replicators, replication_stages
 from pycluster.kernel.settings import AppConfig
-from pycluster.kernel.stages import StageOrder, StageRegistry
+from pycluster.kernel.stages import FailurePolicy, StageOrder, StageRegistry
 from pycluster.plugins import create_plugin_manager
 from pycluster_sqlite import (
     NotWALModeError,
@@ -27,6 +28,7 @@ from pycluster_sqlite import (
     dbfile,
 )
 from pycluster_sqlite import litestream as ls
+from pycluster_sqlite.runtime import SQLiteRuntime, runtime_of
 from pycluster_sqlite.walindex import WriterRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,16 +210,23 @@ def test_claim_checks_mode_paths_and_wal(tmp_path: Path) -> None:
         p.register(App("ro", Singleton(), SQLite(blocker / "db.sqlite")))
     db = SQLite(tmp_path / "ok.db")
     app = p.register(App("ok", Singleton(), db))
-    assert db.app_name == "ok" and "sqlite" in app.health.specs
+    assert db.app_name == "ok"
     with pytest.raises(ConfigError, match="already used"):
         p.register(App("other", Singleton(), db))
+    # The kernel matches the option in the replicator registry and builds the stages.
     reg = StageRegistry()
-    pm.hook.pycluster_stages(app=app, platform=p, registry=reg)
+    reps = build_replicators(app, p)
+    assert [(ar.plugin, type(ar.replicator)) for ar in reps] == [("sqlite", SQLiteRuntime)]
+    replication_stages(reps, reg)
     stages = {s.name: s.order for s in reg.ordered()}
     assert stages == {"sqlite-catchup": StageOrder.CATCH_UP, "sqlite-promote": StageOrder.PROMOTE,
                       "sqlite-replicate": StageOrder.REPLICATE,
                       "sqlite-snapshots": StageOrder.SNAPSHOTS}
-    assert db._runtime is not None and db.wal.status()["role"] == "stopped"
+    snaps = next(s for s in reg.ordered() if s.name == "sqlite-snapshots")
+    assert snaps.on_failure is FailurePolicy.CONTINUE
+    # The handle finds the runtime through the app's plugin state, not the option.
+    assert app.state("sqlite")["runtime"] is runtime_of(db) is reps[0].replicator
+    assert db.wal.status()["role"] == "stopped" and not hasattr(db, "_runtime")
 
 
 def test_check_hook_reports_a_missing_binary(monkeypatch: pytest.MonkeyPatch,

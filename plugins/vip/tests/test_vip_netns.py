@@ -76,21 +76,21 @@ async def test_acquire_announce_check_release(seg: Segment) -> None:
     started = time.time()
     try:
         await mgr.acquire()
-        assert seg.present(seg.holder) and v.held
+        assert seg.present(seg.holder) and mgr.held
         mac = seg.net.mac(seg.holder)
         # The peer sees the announcements (request and reply), from the holder's MAC.
         await wait_for(lambda: len(seg.garps(started)) >= 2 * v.arp_count, 10,
                        message="all gratuitous ARP rounds seen by the peer")
         assert {(p["op"], p["sha"]) for p in seg.garps(started)} == {(1, mac), (2, mac)}
-        st = await v.check()
+        st = await mgr.check()
         assert st.healthy and st.present and st.link_up and st.peer_answers, st
         assert st.conflict == []
         assert (await mgr.health()).healthy
     finally:
         await mgr.release()
         await mgr.close()
-    assert not seg.present(seg.holder) and not v.held
-    audited = [e["action"] for e in v.events if e["action"] in ("acquired", "released")]
+    assert not seg.present(seg.holder) and not mgr.held
+    audited = [e["action"] for e in mgr.events if e["action"] in ("acquired", "released")]
     assert audited == ["acquired", "released"]
 
 
@@ -100,11 +100,11 @@ async def test_conflict_is_detected_and_answered(seg: Segment) -> None:
     try:
         await mgr.acquire()
         seg.net.add_address(seg.other, seg.vip)  # a second host claims the address
-        st = await v.check()
+        st = await mgr.check()
         assert st.conflict == [seg.net.mac(seg.other)] and not st.healthy
         assert "also answered by" in st.detail
         mark = time.time()
-        await wait_for(lambda: any(e["action"] == "conflict" for e in v.events), 10,
+        await wait_for(lambda: any(e["action"] == "conflict" for e in mgr.events), 10,
                        message="conflict audited by the periodic check")
         await wait_for(lambda: seg.garps(mark), 10, message="re-announced after the conflict")
         seg.net.del_address(seg.other, seg.vip)
@@ -121,7 +121,7 @@ async def test_removed_address_is_restored(seg: Segment) -> None:
         seg.net.del_address(seg.holder, seg.vip)
         await wait_for(lambda: seg.present(seg.holder), 10, message="address restored")
         # The kernel shows the address before the manager's add call returns and records it.
-        await wait_for(lambda: any(e["action"] == "restored" for e in v.events), 10,
+        await wait_for(lambda: any(e["action"] == "restored" for e in mgr.events), 10,
                        message="restore recorded")
     finally:
         await mgr.release()
@@ -136,12 +136,12 @@ async def test_reannounced_after_link_heal(seg: Segment) -> None:
         await mgr.acquire()
         await wait_for(lambda: len(seg.garps()) >= 2 * v.arp_count, 10, message="initial GARP")
         seg.net.link_down(seg.holder)
-        await wait_for(lambda: any(e["action"] == "link_down" for e in v.events), 10,
+        await wait_for(lambda: any(e["action"] == "link_down" for e in mgr.events), 10,
                        message="link down seen")
         healed = time.time()
         seg.net.link_up(seg.holder)
         await wait_for(lambda: seg.garps(healed), 10, message="GARP after the heal")
-        actions = [(e["action"], e.get("reason")) for e in v.events]
+        actions = [(e["action"], e.get("reason")) for e in mgr.events]
         assert ("link_up", None) in actions and ("announced", "link up (heal)") in actions
         assert seg.present(seg.holder)
     finally:

@@ -15,10 +15,12 @@ from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
 from pycluster.kernel.stages import StageOrder, StageRegistry
+from pycluster.kernel.vip import build_vips, vip_stages
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing.pytest_plugin import require
 from pycluster_vip import VIP
 from pycluster_vip.arp import garp_frames, mac_bytes, parse_frame
+from pycluster_vip.manager import VipManager
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,11 +75,18 @@ def test_option_is_claimed_and_joins_the_vip_stage() -> None:
     v = VIP("10.0.1.100/24", "eth0")
     app = p.register(App("db", v))
     assert "vip-10_0_1_100" in app.health.specs
+    # The kernel matches the option in the VIP registry and builds the stage.
     reg = StageRegistry()
-    pm.hook.pycluster_stages(app=app, platform=p, registry=reg)
+    vips = build_vips(app, p)
+    vip_stages(vips, reg)
     (stage,) = reg.ordered()
     assert stage.order == StageOrder.VIP < StageOrder.BACKEND and stage.plugin == "vip"
-    assert stage.extra["vip"] is v._manager and not v.held
+    assert stage.name == "vip-10.0.1.100" and stage.timeout == 10.0 + v.probe_timeout
+    (av,) = vips
+    assert isinstance(av.manager, VipManager) and av.manager.option is v
+    # The option's handle finds the manager through the app's plugin state.
+    assert v._manager() is av.manager and vip_plugin.managers(app) == [av.manager]
+    assert not v.held and not hasattr(v, "_runtime")
 
 
 def test_missing_netlink_rights_are_reported_at_start_up(nats_url: str,

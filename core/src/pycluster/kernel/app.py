@@ -4,11 +4,16 @@ Per-app plugin state lives in one place: ``app.state(plugin)``, a dict per plugi
 the app (the runtime reaches the same dict as ``runtime.state(plugin)``). Plugins keep there
 what they know of the app (declared handlers and checks, open spans, controllers, ...); they
 never add attributes to the App, its options or the runtime.
+
+An option object is also the handle to its feature (``db.wal.sync()``): a handle finds its app
+through the kernel's one binding `app_of` (filled by ``App(...)`` from its options), then its
+runtime state through ``app.state(plugin)``. Options themselves stay plain declarations.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,6 +57,21 @@ EVENT_SOURCES = {
 """What fires each plugin event (for the error when nothing installed does)."""
 
 
+_OWNERS: weakref.WeakValueDictionary[int, App] = weakref.WeakValueDictionary()
+"""Option id -> the App it was given to (weak: the binding lives as long as the App)."""
+
+
+def app_of(option: object) -> App | None:
+    """The `App` that ``option`` (an object passed to ``App(...)``) belongs to, or None.
+
+    The kernel's binding from an option to its app: how a handle on an option (``db.wal``,
+    ``vip.held``) reaches its app and, through ``app.state(plugin)``, the plugin's runtime
+    state for that app. An option belongs to the first live App it was given to.
+    """
+    app = _OWNERS.get(id(option))
+    return app if app is not None and any(o is option for o in app.options) else None
+
+
 class App:
     """An isolated component of a platform.
 
@@ -89,6 +109,8 @@ class App:
                 raise ConfigError(f"App({name!r}) option", opt, "not an option object")
             else:
                 self.options.append(opt)
+                if app_of(opt) is None:
+                    _OWNERS[id(opt)] = self
         if modes > 1:
             raise ConfigError(f"App({name!r}) mode", options, "give at most one mode")
         self._hooks: dict[str, list[Hook]] = {h: [] for h in HOOK_NAMES}

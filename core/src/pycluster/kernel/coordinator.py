@@ -43,6 +43,7 @@ from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
 from .names import validate_ident
+from .replication import AppReplicator, build_replicators, replication_stages
 from .stages import (
     FailurePolicy,
     Stage,
@@ -53,6 +54,7 @@ from .stages import (
     StageRegistry,
 )
 from .types import Role
+from .vip import AppVip, build_vips, vip_stages
 
 if TYPE_CHECKING:
     from .app import App
@@ -207,6 +209,10 @@ class AppRuntime:
         self._release_task: asyncio.Future[None] | None = None
         self.stage_events: list[StageEvent] = []  # the last 200, for status and tests
         self._hooks = platform.pm.hook
+        # The app's options matched in the replicator and VIP registries (kernel/replication.py,
+        # kernel/vip.py): built here, driven at their stages, stopped with the app.
+        self.replicators: list[AppReplicator] = build_replicators(app, platform)
+        self.vips: list[AppVip] = build_vips(app, platform)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -248,6 +254,8 @@ class AppRuntime:
     def build_stages(self) -> None:
         """Collect the failover stages from plugins, plus the app's own hooks stage."""
         reg = StageRegistry()
+        replication_stages(self.replicators, reg)
+        vip_stages(self.vips, reg)
         self.platform.pm.hook.pycluster_stages(app=self.app, platform=self.platform, registry=reg)
 
         async def activate(ctx: Context) -> None:
@@ -317,6 +325,9 @@ class AppRuntime:
         self.build_stages()
         await run_hooks(self.app.hooks("start"), self.ctx("start"), self.hook_timeout,
                         "on_start", False)
+        for ar in self.replicators:  # standby until elected
+            await self._bounded_call(ar.replicator.follow(self.ctx("start")),
+                                     f"replicator {ar.replicator.name}: follow")
         self._set_role(Role.PASSIVE, None, "started")
         await run_hooks(self.app.hooks("passive"), self.ctx("started"), self.hook_timeout,
                         "on_passive", False)
@@ -364,7 +375,19 @@ class AppRuntime:
             await self.election.stop(release=True)
         await run_hooks(self.app.hooks("stop"), self.ctx("stop"), self.hook_timeout,
                         "on_stop", False)
+        for ar in self.replicators:
+            await self._bounded_call(ar.replicator.stop(), f"replicator {ar.replicator.name}: stop")
+        for av in self.vips:
+            await self._bounded_call(av.manager.close(), f"vip {av.manager.address}: close")
         self._set_role(Role.STOPPED, None, "stopped")
+
+    async def _bounded_call(self, aw: Awaitable[None], what: str) -> None:
+        """Await a replicator's or VIP manager's call outside the stages: bounded by the hook
+        timeout, a failure logged (the app still starts or stops)."""
+        try:
+            await _bounded(aw, self.hook_timeout)
+        except Exception:
+            log.exception("app %s: %s failed", self.app.name, what)
 
     async def _wait_role_settled(self) -> None:
         """Wait until the worker has brought the role to passive (bounded by the hooks' time)."""

@@ -42,6 +42,7 @@ from ..plugins import (
 )
 from .aio import cancel_and_wait
 from .app import App
+from .app import app_of as kernel_app_of
 from .connection import Connections, check_stream_replicas, replicas_error
 from .context import Context
 from .control import ControlPlane
@@ -161,7 +162,6 @@ class Platform:
         self.pm.hook.pycluster_register_vips(registry=self.vips)
         self.pm.hook.pycluster_app_events(registry=self.app_events)
         self.apps: dict[str, App] = {}
-        self._option_apps: dict[int, App] = {}
         self.runtimes: dict[str, AppRuntime] = {}
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -237,16 +237,13 @@ class Platform:
                               f"must be within ±{PRIORITY_LIMIT}")
         app.platform = self
         self.apps[app.name] = app
-        for opt in app.options:
-            self._option_apps[id(opt)] = app
         return app
 
     def app_of(self, option: object) -> App | None:
-        """The registered app that ``option`` (an object passed to ``App(...)``) belongs to:
-        how a handle on an option (``db.wal``) finds its app, and through it
-        ``app.state(plugin)``."""
-        app = self._option_apps.get(id(option))
-        return app if app is not None and any(o is option for o in app.options) else None
+        """The app registered here that ``option`` (an object passed to ``App(...)``) belongs
+        to (`pycluster.kernel.app.app_of`, limited to this platform's apps)."""
+        app = kernel_app_of(option)
+        return app if app is not None and self.apps.get(app.name) is app else None
 
     def service(self, name: str) -> Any:
         """The service of plugin ``name`` (`PluginError` naming the plugin and why it is

@@ -75,7 +75,8 @@ def snapshot_group() -> None:
 
 
 async def _create(urls: str, platform: str, app: str, binary: str | None) -> Snapshot:
-    from .runtime import access_for, make_snapshot
+    from .access import access_for
+    from .primary import make_snapshot
 
     wal_bucket, snap_bucket = _names(platform, app)
     exe = ls.find_litestream(binary)

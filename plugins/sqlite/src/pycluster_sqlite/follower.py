@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import re
 import time
@@ -50,6 +51,20 @@ _APPLIED = re.compile(r"to_txid=([0-9a-f]{16})")
 _ERRORS = re.compile(r"consecutive_errors=(\d+)")
 BACKOFF_MAX = 30.0
 MAX_APPLY_ERRORS = 20
+
+
+class FollowerState(enum.StrEnum):
+    """Where the standby's follower is (``Follower.state``; a string in status documents)."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    WAITING = "waiting"
+    """The WAL bucket is empty: nothing to follow yet."""
+    BOOTSTRAPPING = "bootstrapping"
+    """Building the replica (from a snapshot and the WAL, or a full restore)."""
+    FOLLOWING = "following"
+    RESTARTING = "restarting"
+    """The process failed or got stuck: restarting after a back-off."""
 
 
 class Follower:
@@ -79,7 +94,7 @@ class Follower:
         self.snapshots = snapshots
         self.app = app
         self.stuck_after = stuck_after
-        self.state = "stopped"
+        self.state: FollowerState = FollowerState.STOPPED
         self.restarts = 0
         self.last_error: str | None = None
         self.bootstrapped_from: str | None = None
@@ -107,7 +122,7 @@ class Follower:
 
     def txid(self) -> int | None:
         """The replica's position (from ``<replica>-txid``), None before the first restore."""
-        if self.state != "following":
+        if self.state is not FollowerState.FOLLOWING:
             return self._txid
         t = ls.read_txid_file(self.replica)
         if t is not None:
@@ -120,7 +135,7 @@ class Follower:
         """Start following (idempotent; returns at once)."""
         if self.running:
             return
-        self.state = "starting"
+        self.state = FollowerState.STARTING
         self._task = asyncio.create_task(self._supervise(), name=f"sqlite-follow:{self.app}")
 
     async def stop(self, grace: float = 3.0) -> None:
@@ -137,17 +152,17 @@ class Follower:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await asyncio.shield(bump)
             await cancel_and_wait(bump)
-        if self.state == "following":
+        if self.state is FollowerState.FOLLOWING:
             self._txid = ls.read_txid_file(self.replica)
         self.following.clear()
-        self.state = "stopped"
+        self.state = FollowerState.STOPPED
 
     async def wait_txid(self, target: int, timeout: float) -> bool:
         """Wait until the replica reached ``target`` (False on timeout or if it stops)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             t = self.txid()
-            if t is not None and t >= target and self.state == "following":
+            if t is not None and t >= target and self.state is FollowerState.FOLLOWING:
                 return True
             if not self.running:
                 return False
@@ -165,10 +180,10 @@ class Follower:
         backoff = 1.0
         while True:
             if not self.index.has_data():
-                self.state = "waiting"
+                self.state = FollowerState.WAITING
                 await self.index.wait_changed(2.0)
                 continue
-            self.state = "bootstrapping"
+            self.state = FollowerState.BOOTSTRAPPING
             self.following.clear()
             started = time.monotonic()
             seeded: Snapshot | None = None
@@ -195,7 +210,7 @@ class Follower:
             if time.monotonic() - started > 60.0:
                 backoff = 1.0
             self.restarts += 1
-            self.state = "restarting"
+            self.state = FollowerState.RESTARTING
             log.warning("app %s: replica follower stopped (%s); restarting in %.1fs",
                         self.app, reason, backoff)
             await asyncio.sleep(backoff)
@@ -269,7 +284,7 @@ class Follower:
                 self.bootstrapped_from = "wal bucket (litestream restore)"
             else:
                 self.bootstrapped_from = f"snapshot {seeded.id} + WAL"
-            self.state = "following"
+            self.state = FollowerState.FOLLOWING
             self._progress = time.monotonic()
             self.txid()
             self.following.set()
@@ -304,7 +319,7 @@ class Follower:
         """Restart a follower that makes no progress while the bucket is ahead of it."""
         while proc.returncode is None:
             await asyncio.sleep(min(2.0, self.stuck_after / 4))
-            if self.state != "following":
+            if self.state is not FollowerState.FOLLOWING:
                 continue
             behind = self.index.max_txid() > (self.txid() or 0)
             if behind and time.monotonic() - self._progress > self.stuck_after:

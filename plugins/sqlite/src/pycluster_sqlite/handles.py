@@ -1,7 +1,8 @@
 """The feature handles of a `SQLite` option: ``db.wal`` and ``db.snapshots``.
 
-They work once the app runs on a started platform (the plugin attaches its runtime when the
-platform starts the app); before that, every call raises `SQLiteError`.
+They work once the app runs on a started platform: a handle finds the app of its option through
+the kernel (`pycluster.kernel.app.app_of`), and the plugin's runtime in the app's plugin state
+(the kernel builds it when the app starts here); before that, every call raises `SQLiteError`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pycluster.kernel.replication import ReplicationState
+
 from .errors import SQLiteError
+from .runtime import runtime_of as _runtime
 
 if TYPE_CHECKING:
     from .options import SQLite
-    from .runtime import SQLiteRuntime
     from .snapshots import Snapshot
 
-
-def _runtime(db: SQLite) -> SQLiteRuntime:
-    rt = db._runtime
-    if rt is None:
-        raise SQLiteError(f"{db!r} is not running: register its app with a platform and start "
-                          "the platform first")
-    return rt
+_PRIMARY = (ReplicationState.ACTIVE, ReplicationState.PROMOTING)
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class WalHandle:
     def position(self) -> WalPosition:
         """This node's position and the bucket's (from memory: cheap, never blocks)."""
         rt = _runtime(self._db)
-        txid = rt.local_txid if rt.role in ("active", "promoting") else rt.replica_txid()
+        txid = rt.local_txid if rt.role in _PRIMARY else rt.replica_txid()
         return WalPosition(rt.role, txid, max(rt.remote_txid(), txid or 0), None, rt.lag(),
                            time.time())
 
@@ -119,7 +116,7 @@ class SnapshotHandle:
         live database of an active instance)."""
         rt = _runtime(self._db)
         d = Path(dest).expanduser().absolute()
-        if d == self._db.path and rt.role in ("active", "promoting"):
+        if d == self._db.path and rt.role in _PRIMARY:
             raise SQLiteError(f"{d} is the live database of the active instance; restore to "
                               "another path")
         await rt.start()

@@ -1,7 +1,8 @@
 """Prometheus metrics of the SQLite plugin (added to each platform's registry).
 
-Computed at scrape time from the runtimes of the platform (nothing is counted when nobody
-looks), except the promotion-duration histogram, observed by each promotion:
+Computed at scrape time from the runtimes of the platform's apps (``app.state("sqlite")``;
+nothing is counted when nobody looks); the promotion-duration histogram from the durations each
+runtime recorded:
 
 * ``pycluster_sqlite_replication_lag_seconds{app}``: seconds this node's copy is behind the
   WAL bucket (0 on the active instance; absent while a standby has no replica yet);
@@ -15,13 +16,14 @@ looks), except the promotion-duration histogram, observed by each promotion:
 
 from __future__ import annotations
 
+import bisect
 import os
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -29,7 +31,27 @@ if TYPE_CHECKING:
 
 PROMOTION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-_HISTOGRAMS: weakref.WeakKeyDictionary[Platform, Histogram] = weakref.WeakKeyDictionary()
+
+class PromotionHistogram:
+    """Promotion durations of one app on this node (kept by its runtime, exported by the
+    collector as ``pycluster_sqlite_promotion_seconds``)."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(PROMOTION_BUCKETS) + 1)  # the last one: +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Record one promotion."""
+        self.counts[bisect.bisect_left(PROMOTION_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative buckets, Prometheus style."""
+        out, acc = [], 0
+        for bound, n in zip((*PROMOTION_BUCKETS, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(acc)))
+        return out
 
 
 class SQLiteCollector(Collector):
@@ -58,6 +80,10 @@ class SQLiteCollector(Collector):
         restarts = GaugeMetricFamily("pycluster_sqlite_litestream_restarts",
                                      "Restarts of litestream processes",
                                      labels=["app", "process"])
+        promotion = HistogramMetricFamily(
+            "pycluster_sqlite_promotion_seconds",
+            "Seconds from the start of catch-up to the promoted database (SQLite plugin)",
+            labels=["app"])
         platform = self._platform()
         if platform is not None:
             for name, rt in list(runtimes_of(platform).items()):
@@ -82,20 +108,12 @@ class SQLiteCollector(Collector):
                     restarts.add_metric([name, "follow"], rt.follower.restarts)
                 if rt.replicator is not None:
                     restarts.add_metric([name, "replicate"], rt.replicator.restarts)
-        return [lag, txid, wal, snap, restarts]
+                h = rt.promotions
+                if any(h.counts):
+                    promotion.add_metric([name], h.buckets(), h.total)
+        return [lag, txid, wal, snap, restarts, promotion]
 
 
 def register(registry: CollectorRegistry, platform: Platform) -> None:
     """Add the plugin's metrics to a platform's registry."""
     registry.register(SQLiteCollector(platform))
-    _HISTOGRAMS[platform] = Histogram(
-        "pycluster_sqlite_promotion_seconds",
-        "Seconds from the start of catch-up to the promoted database (SQLite plugin)",
-        ["app"], buckets=PROMOTION_BUCKETS, registry=registry)
-
-
-def observe_promotion(platform: Platform, app: str, seconds: float) -> None:
-    """Record one promotion (no-op when the platform has no metrics)."""
-    h = _HISTOGRAMS.get(platform)
-    if h is not None:
-        h.labels(app).observe(seconds)

@@ -16,7 +16,6 @@ from .dbfile import VERIFY_MODES
 
 if TYPE_CHECKING:
     from .handles import SnapshotHandle, WalHandle
-    from .runtime import SQLiteRuntime
 
 
 def _positive(name: str, value: object) -> float:
@@ -133,13 +132,17 @@ class SQLite:
         self.max_restarts = max_restarts
         self.keep_previous = bool(keep_previous)
         self.litestream = litestream
-        self.app_name: str | None = None  # set when an app claims the option
-        self._runtime: SQLiteRuntime | None = None
-        self._wal: WalHandle | None = None
-        self._snapshots: SnapshotHandle | None = None
 
     def __repr__(self) -> str:
         return f"SQLite({str(self.path)!r})"
+
+    @property
+    def app_name(self) -> str | None:
+        """The name of the app this database belongs to (None before it is given to one)."""
+        from pycluster.kernel.app import app_of
+
+        app = app_of(self)
+        return app.name if app is not None else None
 
     @property
     def workdir(self) -> Path:
@@ -149,20 +152,16 @@ class SQLite:
     @property
     def wal(self) -> WalHandle:
         """Replication state and control: ``position()``, ``lag()``, ``await sync()``."""
-        if self._wal is None:
-            from .handles import WalHandle
+        from .handles import WalHandle
 
-            self._wal = WalHandle(self)
-        return self._wal
+        return WalHandle(self)
 
     @property
     def snapshots(self) -> SnapshotHandle:
         """Snapshots: ``create()``, ``list()``, ``latest()``, ``restore(id, dest)``."""
-        if self._snapshots is None:
-            from .handles import SnapshotHandle
+        from .handles import SnapshotHandle
 
-            self._snapshots = SnapshotHandle(self)
-        return self._snapshots
+        return SnapshotHandle(self)
 
 
 class SQLiteSection(BaseModel):

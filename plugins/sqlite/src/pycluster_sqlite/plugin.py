@@ -1,11 +1,13 @@
 """Plugin "sqlite": a replicated SQLite database for Singleton apps (Litestream over NATS).
 
-Hooks: the `SQLite` option and its claim (path checks, the app health check ``sqlite``, start
-and stop of the standby machinery with the app), the stages ``sqlite-catchup`` (CATCH_UP),
-``sqlite-promote`` (PROMOTE), ``sqlite-replicate`` (REPLICATE) and ``sqlite-snapshots``
-(SNAPSHOTS), the ``sqlite:`` config section, the CLI group ``pycluster snapshot``, metrics, the
-audit category ``sqlite``, the node status, and a start-up check that the litestream binary
-is installed.
+Hooks: the `SQLite` option and its claim (mode and path checks); its replicator
+(``pycluster_register_replicators``: a `SQLiteRuntime`, which the kernel starts and stops with
+the app and drives at the stages ``sqlite-catchup`` (CATCH_UP), ``sqlite-promote`` (PROMOTE),
+``sqlite-replicate`` (REPLICATE) and ``sqlite-snapshots`` (SNAPSHOTS), and whose ``check`` the
+health plugin runs as the app health check ``sqlite``); the lease renewals handed to the fence
+guard of ``litestream replicate``; the ``sqlite:`` config section, the CLI group ``pycluster
+snapshot``, metrics, the audit category ``sqlite``, the node status, and a start-up check that
+the litestream binary is installed.
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pycluster.kernel.context import Context
+from pycluster.kernel.app import app_of
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.options import Singleton
 from pycluster.kernel.registry import ConfigRegistry, OptionRegistry
-from pycluster.kernel.stages import StageRegistry
+from pycluster.kernel.replication import ReplicatorRegistry
 from pycluster.plugins import hookimpl
 
 from . import dbfile
 from .errors import SQLiteError
 from .litestream import find_litestream
 from .options import SQLite, SQLiteSection, sqlite_from_section
-from .runtime import PLUGIN, SQLiteRuntime, runtimes_of
+from .runtime import PLUGIN, SQLiteRuntime
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -41,31 +43,10 @@ def pycluster_register_options(registry: OptionRegistry) -> None:
     registry.add(SQLite, plugin=PLUGIN)
 
 
-def _health_check(option: SQLite) -> Any:
-    async def sqlite_replication() -> dict[str, Any]:
-        """Active: Litestream replicates. Standby: the follower is up and not too far behind."""
-        rt = option._runtime
-        if rt is None:
-            return {"state": "not started"}
-        if rt.role == "active":
-            if rt.replicate_pid() is None:
-                state = rt.replicator.state if rt.replicator else "not started"
-                raise RuntimeError(f"litestream replicate is not running ({state})")
-            return {"role": "active", "txid": rt.local_txid, "remote_txid": rt.remote_txid(),
-                    "last_sync": rt.last_sync}
-        f = rt.follower
-        if rt.role != "standby" or f is None:
-            return {"role": rt.role}
-        if f.state == "restarting":
-            raise RuntimeError(f"replica follower restarting: {f.last_error}")
-        lag = rt.lag()
-        if f.state == "following" and lag > option.lag_alert:
-            raise RuntimeError(f"replica is {lag:.1f}s behind the WAL bucket "
-                               f"(alert at {option.lag_alert}s)")
-        return {"role": "standby", "state": f.state, "txid": rt.replica_txid(),
-                "lag": None if lag == float("inf") else round(lag, 3)}
-
-    return sqlite_replication
+@hookimpl
+def pycluster_register_replicators(registry: ReplicatorRegistry) -> None:
+    """`SQLite` options are replicated by a `SQLiteRuntime` (Litestream over NATS)."""
+    registry.add(SQLite, SQLiteRuntime, plugin=PLUGIN)
 
 
 @hookimpl
@@ -79,41 +60,21 @@ def pycluster_claim_option(app: App, option: object) -> bool | None:
     if sum(isinstance(o, SQLite) for o in app.options) > 1:
         raise ConfigError(f"App({app.name!r}) options", "SQLite",
                           "one SQLite database per app (its WAL bucket is {platform}_{app}_wal)")
-    if option.app_name is not None and option.app_name != app.name:
-        raise ConfigError("SQLite", option, f"already used by app {option.app_name!r}")
+    owner = app_of(option)
+    if owner is not None and owner is not app:
+        raise ConfigError("SQLite", option, f"already used by app {owner.name!r}")
     dbfile.check_writable("SQLite.path", option.path)
     dbfile.check_writable("SQLite.replica_path", option.replica_path)
     dbfile.check_wal_mode(option.path)
-    if option.app_name is None:
-        option.app_name = app.name
-
-        async def sqlite_start(ctx: Context) -> None:
-            """The app starts here: buckets, WAL index, follower."""
-            if option._runtime is not None:
-                await option._runtime.start()
-
-        async def sqlite_stop(ctx: Context) -> None:
-            """The app stops here (it stepped down already)."""
-            if option._runtime is not None:
-                await option._runtime.stop()
-
-        app.on_start(sqlite_start)
-        app.on_stop(sqlite_stop)
-    if "sqlite" not in app.health.specs:
-        app.health.register("sqlite", _health_check(option), interval=5.0, timeout=5.0,
-                            failure_threshold=2)
     return True
 
 
 @hookimpl
-def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> None:
-    """Catch-up, promotion, replication and snapshot stages of the app's `SQLite` option."""
-    for opt in app.options:
-        if isinstance(opt, SQLite):
-            rt = SQLiteRuntime(opt, app, platform)
-            opt._runtime = rt
-            for stage in rt.stages():
-                registry.add(stage)
+def pycluster_lease_renewed(app: App, deadline: float) -> None:
+    """Hand the new lease deadline to the fence guard of the app's ``litestream replicate``."""
+    rt = app.state(PLUGIN).get("runtime")
+    if isinstance(rt, SQLiteRuntime) and rt.replicator is not None:
+        rt.replicator._renewed(deadline)
 
 
 @hookimpl
@@ -164,8 +125,7 @@ def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
 
 @hookimpl
 def pycluster_status(platform: Platform) -> dict[str, Any] | None:
-    """Replication state of every SQLite app on this node."""
-    rts = runtimes_of(platform)
-    if not rts:
-        return None
-    return {name: rt.status() for name, rt in rts.items()}
+    """Replication state of every SQLite app on this node (through the kernel's replicators)."""
+    out = {name: ar.replicator.status() for name, rt in platform.runtimes.items()
+           for ar in rt.replicators if ar.plugin == PLUGIN}
+    return out or None

@@ -4,6 +4,10 @@ Netlink (pyroute2) adds and removes the address; gratuitous ARP goes out on a ra
 (`pycluster_vip.arp`); no command is shelled out.
 
 Behaviour:
+The kernel builds one manager per `VIP` option of an app when the app starts here (the plugin
+registers it with ``pycluster_register_vips``), calls `VipManager.acquire` and
+`VipManager.release` at its stage ``vip-<address>`` and `VipManager.close` when the app stops.
+
 * Acquire (VIP stage, before the backend): add the address (already present is fine), send the
   first announcement at once and the remaining ``arp_count - 1`` rounds in the background, then
   watch netlink: the link coming back up (a heal) triggers a re-announcement, the address
@@ -118,7 +122,12 @@ class VipManager:
         self._arp: ArpSocket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
-        option._manager = self
+
+    @property
+    def timeout(self) -> float:
+        """Seconds acquire and release may take: netlink and one ARP send; the bound only
+        guards a hung netlink."""
+        return 10.0 + self.option.probe_timeout
 
     # -- plumbing ------------------------------------------------------------------------------
 

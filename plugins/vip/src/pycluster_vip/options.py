@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
@@ -67,7 +67,6 @@ class VIP:
     refresh_interval: float | None = None
     probe_timeout: float = 0.5
     release_stale: bool = True
-    _manager: VipManager | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -116,15 +115,28 @@ class VIP:
 
     # -- the handle ---------------------------------------------------------------------------
 
+    def _manager(self) -> VipManager | None:
+        """The manager of this option on this node: the option's app (the kernel's `app_of`),
+        then the app's plugin state, where the plugin keeps the managers the kernel built."""
+        from pycluster.kernel.app import app_of
+
+        app = app_of(self)
+        if app is None:
+            return None
+        managers: list[VipManager] = app.state("vip").get("managers", [])
+        return next((m for m in managers if m.option is self), None)
+
     def _mgr(self) -> VipManager:
-        if self._manager is None:
+        mgr = self._manager()
+        if mgr is None:
             raise RuntimeError("this VIP is not attached to a started app")
-        return self._manager
+        return mgr
 
     @property
     def held(self) -> bool:
         """Whether this node holds the address now."""
-        return self._manager is not None and self._manager.held
+        mgr = self._manager()
+        return mgr is not None and mgr.held
 
     @property
     def events(self) -> list[dict[str, Any]]:

@@ -1,8 +1,10 @@
 """Plugin "vip": a virtual IP that follows the active instance of an app.
 
 Hooks: the `VIP` option class and its claim (which also registers the app health check
-``vip-<address>``), one VIP stage (`StageOrder.VIP`: acquired before the backend starts,
-released after it stopped) per `VIP` option, the ``vip:`` config section, the audit category
+``vip-<address>``), its manager (``pycluster_register_vips``: a `VipManager` per `VIP` option,
+which the kernel acquires at the stage ``vip-<address>`` (`StageOrder.VIP`: before the backend
+starts), releases after the backend stopped and closes when the app stops), the ``vip:``
+config section, the audit category
 ``vip``, metrics, removal of a stale address when the app settles as a standby, and a start-up
 check for netlink and raw-socket rights (``CAP_NET_ADMIN``, ``CAP_NET_RAW``).
 
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pycluster.kernel.registry import ConfigRegistry, OptionRegistry
-from pycluster.kernel.stages import Stage, StageOrder, StageRegistry
+from pycluster.kernel.vip import VipRegistry
 from pycluster.pluginkit import claim_with_health_check
 from pycluster.plugins import hookimpl
 
@@ -68,8 +70,22 @@ def missing_dependency() -> str | None:
 
 
 def managers(app: App) -> list[VipManager]:
-    """The VIP managers of an app on this node (after its stages were built)."""
-    return [o._manager for o in app.options if isinstance(o, VIP) and o._manager is not None]
+    """The VIP managers of an app on this node (kept in the app's plugin state once the kernel
+    built them, when the app started here)."""
+    return list(app.state(PLUGIN).get("managers", []))
+
+
+def _manager(option: VIP, app: App, platform: Platform) -> VipManager:
+    """The factory the kernel calls for each `VIP` option of an app starting here."""
+    mgr = VipManager(option, app, platform)
+    app.state(PLUGIN).setdefault("managers", []).append(mgr)
+    return mgr
+
+
+@hookimpl
+def pycluster_register_vips(registry: VipRegistry) -> None:
+    """`VIP` options are held by a `VipManager` (netlink, gratuitous ARP)."""
+    registry.add(VIP, _manager, plugin=PLUGIN)
 
 
 @hookimpl
@@ -85,7 +101,7 @@ def check_name(option: VIP) -> str:
 
 def _health_check(option: VIP) -> Any:
     async def check() -> dict[str, Any]:
-        mgr = option._manager
+        mgr = option._manager()
         if mgr is None or not mgr.held:
             return {"state": "not held here"}
         # The manager checks every check_interval while held; reuse its last answer.
@@ -111,19 +127,6 @@ def pycluster_config_sections(registry: ConfigRegistry) -> None:
 
 
 @hookimpl
-def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> None:
-    """A VIP stage per `VIP` option: acquire when becoming active, release when stepping down."""
-    for opt in (o for o in app.options if isinstance(o, VIP)):
-        mgr = VipManager(opt, app, platform)
-        # Acquire waits for netlink and one ARP send; the timeout only guards a hung netlink.
-        registry.add(Stage(
-            name=f"vip-{opt.address}", order=StageOrder.VIP, activate=mgr.acquire,
-            deactivate=mgr.release, timeout=10.0 + opt.probe_timeout, plugin=PLUGIN,
-            extra={"vip": mgr, "health": mgr.health},
-        ))
-
-
-@hookimpl
 def pycluster_role_changed(app: App, role: str, epoch: int | None, leader: str | None) -> Any:
     """On settling as a standby, remove addresses a crashed process of this node left behind."""
     if role != "passive":
@@ -137,20 +140,6 @@ def pycluster_role_changed(app: App, role: str, epoch: int | None, leader: str |
             await m.remove_stale()
 
     return clean()
-
-
-@hookimpl
-def pycluster_platform_stopping(platform: Platform) -> Any:
-    """Close netlink sockets (addresses were released when the apps stepped down)."""
-    mgrs = [m for app in platform.apps.values() for m in managers(app)]
-    if not mgrs:
-        return None
-
-    async def close() -> None:
-        for m in mgrs:
-            await m.close()
-
-    return close()
 
 
 @hookimpl

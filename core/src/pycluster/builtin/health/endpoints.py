@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ...httpserver import HttpServer, Request, Response
+from ...kernel.replication import replication_summary
 from ...kernel.types import Role
 from .checks import CheckStatus, HealthCheck
 
@@ -108,6 +109,8 @@ class HealthEndpoints:
                         break
                     info["active_since"] = at
             info["last_transition"] = rt.last_transition
+            if rt.replicators:  # the app's data: state, lag, position of each replicator
+                info["replication"] = replication_summary(rt.replicators)
         base["uptime"] = round(time.time() - p.started_at, 3) if p.started_at else None
         base["checks"] = self.status(history)
         base["healthy"] = self.healthy

@@ -381,9 +381,16 @@ class PlatformHealth(HealthEndpoints):
         if rt.election is not None:
             self._add_app_check(app, election_check(rt))
         own = app.state(PLUGIN).get("handle")  # checks declared with app.health
-        if isinstance(own, AppHealth):
-            for spec in own.specs.values():
-                self._add_app_check(app, spec)
+        declared = own.specs if isinstance(own, AppHealth) else {}
+        for spec in declared.values():
+            self._add_app_check(app, spec)
+        # Each replicator of the app (kernel/replication.py) is checked through its protocol:
+        # the check ``<name>`` (a standby too far behind, replication not running when active).
+        for ar in rt.replicators:
+            name = ar.replicator.name
+            if name not in declared:
+                self._add_app_check(app, CheckSpec(name, ar.replicator.check, interval=5.0,
+                                                   timeout=5.0, failure_threshold=2))
 
     async def app_stopped(self, rt: AppRuntime) -> None:
         """Stop the app's checks."""

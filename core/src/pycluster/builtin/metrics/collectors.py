@@ -65,6 +65,28 @@ class _Frozen(Collector):
                 yield from part.collect()
 
 
+def _replication(p: Platform) -> Iterator[Metric]:
+    """Lag and position of every replicator (`pycluster.kernel.replication.Replicator`)."""
+    lag = GaugeMetricFamily("pycluster_replication_lag_seconds",
+                            "Seconds this node's copy of the app's data is behind the primary "
+                            "(0 on the active instance; absent when unknown).",
+                            labels=["app", "replicator"])
+    position = GaugeMetricFamily("pycluster_replication_position",
+                                 "Replicated position (transaction id, sequence, ...) of this "
+                                 "node's copy of the app's data.", labels=["app", "replicator"])
+    for name, rt in list(p.runtimes.items()):
+        for ar in rt.replicators:
+            rep = ar.replicator
+            value = rep.lag()
+            if value is not None and value != float("inf"):
+                lag.add_metric([name, rep.name], value)
+            pos = rep.position()
+            if pos is not None:
+                position.add_metric([name, rep.name], pos)
+    yield lag
+    yield position
+
+
 class StateCollector(Collector):
     """Gauges computed at scrape time from the platform's in-process state."""
 
@@ -125,6 +147,7 @@ class StateCollector(Collector):
         yield epoch
         yield role
         yield lease
+        yield from _replication(p)
         health = GaugeMetricFamily("pycluster_health",
                                    "1 if the health check passes, 0 if it fails (absent until "
                                    "its first result).", labels=["check"])
