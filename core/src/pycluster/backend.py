@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import fnmatch
 import json
 import logging
@@ -80,9 +81,14 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendHealth",
+    "BackendState",
+    "Controller",
+    "Down",
     "HealthCheck",
     "LeaseFence",
+    "RestartMode",
     "RestartPolicy",
+    "Supervisor",
     "backend_env",
     "backend_stage",
     "backends_of",
@@ -102,11 +108,16 @@ class BackendHealth:
     :ivar healthy: whether the service answers as expected.
     :ivar detail: a short human-readable explanation ("running, pid 1234", "HTTP 503", ...).
     :ivar data: structured extras for health endpoints and metrics (pid, restarts, ...).
+    :ivar settling: not healthy, but the engine itself is (re)starting the service (a unit
+        ``activating`` under systemd's ``Restart=``, a container under the engine's restart
+        policy): the `Supervisor` gives it the controller's ``settle_timeout`` before it
+        counts as a failure.
     """
 
     healthy: bool
     detail: str = ""
     data: dict[str, object] = field(default_factory=dict)
+    settling: bool = False
 
 
 class BackendError(PyclusterError):
@@ -266,15 +277,23 @@ class RestartPolicy:
     :param max_restarts: restarts allowed within ``window``.
     :param backoff: the first delay in seconds (doubles with each restart in the window).
     :param window: seconds over which restarts are counted.
+    :param cap: the longest delay in seconds (None: no cap).
     :ivar total: restarts made since the backend was created (for metrics).
     """
 
-    def __init__(self, max_restarts: int, backoff: float, window: float) -> None:
+    def __init__(self, max_restarts: int, backoff: float, window: float,
+                 cap: float | None = None) -> None:
         self.max_restarts = max_restarts
         self.backoff = backoff
         self.window = window
+        self.cap = cap
         self.times: collections.deque[float] = collections.deque()
         self.total = 0
+
+    @property
+    def recent(self) -> int:
+        """Restarts counted now (within ``window``, since the last `reset`)."""
+        return len(self.times)
 
     def next_delay(self) -> float | None:
         """Record a restart and return its delay, or None when the policy is exhausted."""
@@ -284,6 +303,8 @@ class RestartPolicy:
         if len(self.times) >= self.max_restarts:
             return None
         delay: float = self.backoff * 2.0 ** len(self.times)
+        if self.cap is not None:
+            delay = min(delay, self.cap)
         self.times.append(now)
         self.total += 1
         return delay
@@ -671,3 +692,394 @@ class LeaseFence:
                 log.error("app %s: fence guard %d does not release; killing it", self.app,
                           proc.pid)
         await self._kill()
+
+
+# -- the shared supervisor ------------------------------------------------------------------
+
+
+class BackendState(enum.StrEnum):
+    """Where a backend is in its life on this node (`Supervisor.state`)."""
+
+    STOPPED = "stopped"
+    """Not started here (a standby), or stopped."""
+    STARTING = "starting"
+    """The controller is starting the service (and waiting for it to be healthy)."""
+    RUNNING = "running"
+    """Started and, at the last check, healthy."""
+    UNHEALTHY = "unhealthy"
+    """Failed its health checks ``failure_threshold`` times in a row; about to be restarted."""
+    RESTARTING = "restarting"
+    """Waiting out the restart back-off, or restarting."""
+    EXITED = "exited"
+    """Exited cleanly under ``restart="on-failure"``: left alone, the app stays active."""
+    FAILED = "failed"
+    """The restart policy is exhausted (or ``restart="never"``): the node steps down."""
+    STOPPING = "stopping"
+    """The controller is stopping the service."""
+
+
+class RestartMode(enum.StrEnum):
+    """Which failures the `Supervisor` restarts."""
+
+    ON_FAILURE = "on-failure"
+    """Everything but a clean exit (`Down.clean`)."""
+    ALWAYS = "always"
+    """Every failure, a clean exit too."""
+    NEVER = "never"
+    """None: any failure makes the node step down at once."""
+
+
+@dataclass(frozen=True)
+class Down:
+    """The service went down by itself (`Controller.wait_down`).
+
+    :ivar reason: what happened ("exited with 1", "killed by SIGKILL").
+    :ivar clean: a clean exit (status 0): not restarted under `RestartMode.ON_FAILURE`.
+    """
+
+    reason: str
+    clean: bool = False
+
+
+class Controller:
+    """The engine-specific part of a backend; the `Supervisor` does everything else.
+
+    A backend kind is an option class plus a controller class registered together
+    (``registry.add(kind, OptionClass, MyController)`` in ``pycluster_register_backends``);
+    the kernel builds one controller per option with ``MyController(option, app, platform)``,
+    wraps it in a `Supervisor` and makes it the app's BACKEND stage, health check, metrics and
+    audit trail. A subclass implements `start`, `stop` and `probe` (the rest is optional) and
+    sets the class or instance attributes below from its option.
+
+    :cvar kind: the backend kind (``"docker"``), for logs.
+    :ivar check_interval: seconds between probes while active (None: no periodic probe; a
+        failure is then only seen through `wait_down`).
+    :ivar failure_threshold: failed probes in a row that count as a failure.
+    :ivar settle_timeout: seconds a probe may report `BackendHealth.settling` before it counts
+        as a failure.
+    :ivar restart_mode: which failures are restarted (`RestartMode`).
+    :ivar policy: the `RestartPolicy` (its ``total`` is the restarts metric).
+    :ivar stable_after: seconds a (re)started service must stay up for the policy's count to
+        reset (None: only the policy's window ages restarts out).
+    :ivar stage_timeout: bound of the BACKEND stage's start and stop (None: the app's hook
+        timeout).
+    :ivar check_timeout: bound of one run of the app health check.
+    """
+
+    kind: str = ""
+    check_interval: float | None = 5.0
+    failure_threshold: int = 1
+    settle_timeout: float = 60.0
+    restart_mode: RestartMode = RestartMode.ALWAYS
+    stable_after: float | None = None
+    stage_timeout: float | None = None
+    check_timeout: float = 30.0
+
+    def __init__(self, option: Any, app: Any, platform: Any) -> None:
+        self.option = option
+        self.app = app
+        self.platform = platform
+        self.policy = RestartPolicy(3, 1.0, 300.0)
+
+    async def start(self, ctx: Context) -> BackendHealth | None:
+        """Start the service for ``ctx.epoch`` and return once it is up (and healthy, when it
+        has a check); raise (ideally `BackendError`) when it cannot, leaving nothing running.
+
+        :returns: the first health result (None: "running").
+        """
+        raise NotImplementedError
+
+    async def stop(self, ctx: Context) -> dict[str, object] | None:
+        """Stop the service (idempotent; done before ``ctx.deadline`` when one is set).
+
+        :returns: extra data for the ``stopped`` audit entry.
+        """
+        raise NotImplementedError
+
+    async def probe(self) -> BackendHealth:
+        """Probe the service now: never raises."""
+        raise NotImplementedError
+
+    async def restart(self, ctx: Context) -> BackendHealth | None:
+        """Start the service again after a failure while active (default: `start`)."""
+        return await self.start(ctx)
+
+    async def wait_down(self) -> Down:
+        """Return when the service went down by itself (a process that exited); the default
+        never returns (failures are seen by probing)."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def unhealthy(self) -> None:
+        """The service failed its checks ``failure_threshold`` times: bring it down before it
+        is restarted (default: nothing; `restart` deals with it)."""
+
+    async def health(self, state: BackendState, last: BackendHealth | None) -> BackendHealth:
+        """What the app health check (while started) and the option's handle report.
+
+        :param state: the supervisor's state. :param last: its last probe.
+        """
+        if state is BackendState.STOPPED:
+            return last or BackendHealth(False, "stopped")
+        return last or await self.probe()
+
+    def fence(self) -> LeaseFence | None:
+        """The `LeaseFence` armed once the service runs (None: the controller fences itself,
+        or cannot outlive the node)."""
+        return None
+
+    def renewed(self, deadline: float) -> None:
+        """The app's lease was renewed until ``deadline`` (monotonic), while started."""
+
+    def describe(self) -> str:
+        """The service in messages ("unit web.service", "container web-1")."""
+        return f"{self.kind} backend of {self.app.name}"
+
+    def identity(self) -> dict[str, object]:
+        """Data naming the service in every audit entry (``{"unit": ...}``)."""
+        return {}
+
+    def started_info(self) -> dict[str, object]:
+        """Extra data for the ``started`` audit entry."""
+        return {}
+
+    async def diagnostics(self) -> dict[str, list[str]]:
+        """Recent output quoted when the service fails (``{"journal": [...]}``)."""
+        return {}
+
+
+class Supervisor:
+    """Runs one controller while the app is active on this node: the BACKEND stage.
+
+    It starts the service (the controller waits until it is up), arms the controller's
+    `LeaseFence`, then watches it: a probe every ``check_interval`` (``failure_threshold``
+    failures in a row, or a `BackendHealth.settling` answer for longer than
+    ``settle_timeout``, are a failure) and the controller's `Controller.wait_down`. A failure
+    is restarted by the restart policy with back-off, only while the lease is valid; past the
+    policy (or with `RestartMode.NEVER`) the node steps down (`AppRuntime.report_failure`).
+    Stopping releases the fence first, then stops the service. Audit entries (category
+    ``audit``: started, stopped, restarted, failed) and the healthy/restarts metrics come from
+    here; the kernel makes it the app's stage and health check.
+
+    :param controller: the engine-specific part.
+    :param stage: the stage name (``docker-0``), for `AppRuntime.report_failure`.
+    :param audit: the audit category (None: no audit entries).
+    :ivar state: a `BackendState`.
+    :ivar last_health: the last probe (None before the first).
+    """
+
+    def __init__(self, controller: Controller, *, stage: str, audit: str | None = None) -> None:
+        self.controller = controller
+        self.app = controller.app
+        self.platform = controller.platform
+        self.stage = stage
+        self.audit_category = audit
+        self.state = BackendState.STOPPED
+        self.last_health: BackendHealth | None = None
+        self._stopping = True
+        self._ctx: Context | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up_since = 0.0
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.stage!r}, {self.state.value})"
+
+    @property
+    def policy(self) -> RestartPolicy:
+        """The controller's restart policy."""
+        return self.controller.policy
+
+    @property
+    def restarts(self) -> int:
+        """Restarts counted by the policy now (in a row, or within its window)."""
+        return self.policy.recent
+
+    @property
+    def running(self) -> bool:
+        """True while started on this node (not stopped)."""
+        return self.state is not BackendState.STOPPED
+
+    def _runtime(self) -> AppRuntime | None:
+        return self.platform.runtimes.get(self.app.name)  # type: ignore[no-any-return]
+
+    def _lease_ok(self) -> bool:
+        rt = self._runtime()
+        return rt is None or rt.election is None or rt.election.is_leader
+
+    def audit(self, action: str, **data: object) -> None:
+        """Write an audit entry of the backend's category (best effort)."""
+        if self.audit_category is None:
+            return
+        try:
+            self.platform.audit.log(self.audit_category, action,
+                                    dict(data, **self.controller.identity()), app=self.app)
+        except Exception:
+            log.debug("audit %s not written", action, exc_info=True)
+
+    async def _arm(self) -> None:
+        fence = self.controller.fence()
+        if fence is not None:
+            await fence.start()  # from now on the service cannot outlive the lease
+
+    # -- the stage -----------------------------------------------------------------------
+
+    async def start(self, ctx: Context) -> None:
+        """Start the service; return once it is up (the BACKEND stage's activation)."""
+        self._stopping = False
+        self._ctx = ctx
+        self.policy.reset()
+        self.state = BackendState.STARTING
+        first = await self.controller.start(ctx)
+        await self._arm()
+        self.last_health = first or BackendHealth(True, "running")
+        self.state = BackendState.RUNNING
+        self._up_since = time.monotonic()
+        self.audit("started", epoch=ctx.epoch, **self.controller.started_info())
+        self._task = asyncio.create_task(self._supervise(ctx), name=f"{self.stage}:supervise")
+
+    async def stop(self, ctx: Context) -> None:
+        """Release the fence, stop watching, stop the service (the stage's deactivation)."""
+        self._stopping = True
+        fence = self.controller.fence()
+        if fence is not None:  # a graceful stop: the guard must not act meanwhile
+            await fence.release()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        was = self.state
+        self.state = BackendState.STOPPING
+        try:
+            extra = await self.controller.stop(ctx)
+        except BaseException as exc:
+            if was is not BackendState.STOPPED:
+                self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, error=str(exc))
+            raise
+        finally:
+            self.state = BackendState.STOPPED
+            self.last_health = BackendHealth(False, "stopped")
+        if was is not BackendState.STOPPED:
+            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, **(extra or {}))
+
+    async def health(self) -> BackendHealth:
+        """The backend's health as the app health check reports it (cheap)."""
+        return await self.controller.health(self.state, self.last_health)
+
+    def renewed(self, deadline: float) -> None:
+        """Hand a lease renewal to the controller while started."""
+        if self.running:
+            self.controller.renewed(deadline)
+
+    # -- while active --------------------------------------------------------------------
+
+    async def _supervise(self, ctx: Context) -> None:
+        c = self.controller
+        while not self._stopping:
+            down = await self._next_failure()
+            if down is None or self._stopping:
+                return
+            self.last_health = BackendHealth(False, down.reason)
+            if not self._lease_ok():
+                log.warning("app %s: %s %s; lease gone, not restarting", self.app.name,
+                            c.describe(), down.reason)
+                self.state = BackendState.STOPPED
+                return
+            if c.restart_mode is RestartMode.ON_FAILURE and down.clean:
+                log.info("app %s: %s %s; not restarting (on-failure)", self.app.name,
+                         c.describe(), down.reason)
+                self.state = BackendState.EXITED
+                return
+            if c.restart_mode is RestartMode.NEVER:
+                await self._fail(f"{c.describe()} {down.reason} (restart=never)", down.reason)
+                return
+            if c.stable_after is not None and time.monotonic() - self._up_since >= c.stable_after:
+                self.policy.reset()
+            if not await self._restart(ctx, down.reason):
+                return
+
+    async def _next_failure(self) -> Down | None:
+        """Wait for the next failure: the controller's `Controller.wait_down`, or failed
+        probes; None once stopping."""
+        c = self.controller
+        watch = asyncio.ensure_future(c.wait_down())
+        failures, settling_since = 0, None
+        try:
+            while not self._stopping:
+                await asyncio.wait({watch}, timeout=c.check_interval)
+                if watch.done():
+                    down = watch.result()
+                    if self.state is BackendState.UNHEALTHY:
+                        return Down("unhealthy")
+                    return down
+                if self._stopping:
+                    return None
+                if self.state is not BackendState.RUNNING:
+                    continue
+                h = await c.probe()
+                if self.state is not BackendState.RUNNING or self._stopping:
+                    continue
+                self.last_health = h
+                if h.healthy:
+                    failures, settling_since = 0, None
+                    continue
+                if h.settling:  # the engine itself is restarting it: give it time
+                    settling_since = settling_since or time.monotonic()
+                    if time.monotonic() - settling_since < c.settle_timeout:
+                        continue
+                settling_since = None
+                failures += 1
+                if failures < c.failure_threshold:
+                    log.warning("app %s: health check failed (%d/%d): %s", self.app.name,
+                                failures, c.failure_threshold, h.detail)
+                    continue
+                self.state = BackendState.UNHEALTHY
+                await c.unhealthy()
+                return Down(h.detail if c.failure_threshold == 1 else "unhealthy")
+            return None
+        finally:
+            watch.cancel()
+
+    async def _restart(self, ctx: Context, why: str) -> bool:
+        """Restart with back-off until it runs again; False when done (stepping down or
+        stopping)."""
+        c = self.controller
+        while True:
+            diag = await c.diagnostics()
+            text = "".join(f"\nRecent {k}:\n" + "\n".join(v) for k, v in diag.items() if v)
+            delay = self.policy.next_delay()
+            if delay is None:
+                reason = (f"{c.describe()} is {why}; restart policy exhausted "
+                          f"({self.policy.recent} restart(s) did not help)")
+                await self._fail(reason, why, diag, text)
+                return False
+            self.state = BackendState.RESTARTING
+            log.warning("app %s: %s is %s while active; restart %d/%d in %.1fs%s",
+                        self.app.name, c.describe(), why, self.policy.recent,
+                        self.policy.max_restarts, delay, text)
+            await asyncio.sleep(delay)
+            if self._stopping or not self._lease_ok():
+                return False
+            try:
+                first = await c.restart(ctx)
+                await self._arm()  # re-armed if it fenced meanwhile
+            except Exception as exc:  # e.g. out of file descriptors: still a failed restart
+                why = exc.reason if isinstance(exc, BackendError) else \
+                    f"{type(exc).__name__}: {exc}"
+                log.warning("app %s: restart of %s failed: %s", self.app.name, c.describe(),
+                            why)
+                continue
+            self.last_health = first or BackendHealth(True, "running")
+            self.state = BackendState.RUNNING
+            self._up_since = time.monotonic()
+            log.info("app %s: %s restarted", self.app.name, c.describe())
+            self.audit("restarted", detail=why, restarts=self.policy.total)
+            return True
+
+    async def _fail(self, reason: str, detail: str, diag: dict[str, list[str]] | None = None,
+                    text: str = "") -> None:
+        self.state = BackendState.FAILED
+        log.error("app %s: %s; stepping down%s", self.app.name, reason, text)
+        self.audit("failed", detail=detail, **{k: v[-5:] for k, v in (diag or {}).items()})
+        rt = self._runtime()
+        if rt is not None:
+            rt.report_failure(self.stage, reason)

@@ -9,10 +9,11 @@ import pytest
 import pycluster_docker.plugin as docker_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
+from pycluster.kernel import backends
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
-from pycluster.kernel.stages import StageOrder, StageRegistry
+from pycluster.kernel.stages import StageOrder
 from pycluster.plugins import create_plugin_manager
 from pycluster_docker import Docker
 from pycluster_docker.backend import ExecHealth, engine_url
@@ -89,9 +90,7 @@ def test_option_is_claimed_and_becomes_a_backend_stage() -> None:
     app = p.register(App("svc", a, b))
     assert p.backends.get("docker").option_class is Docker
     assert {"docker-0", "docker-1"} <= set(app.health.specs)
-    reg = StageRegistry()
-    pm.hook.pycluster_stages(app=app, platform=p, registry=reg)
-    stages = reg.ordered()
+    stages = backends.stages(p, app)
     assert [s.name for s in stages] == ["docker-0", "docker-1"]
     assert all(s.order == StageOrder.BACKEND for s in stages)
     assert a.backend.name == "pycluster-unit-svc-n1"

@@ -22,6 +22,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -40,6 +41,7 @@ from ..plugins import (
     create_plugin_manager,
     distribution_of,
 )
+from . import backends
 from .aio import cancel_and_wait
 from .app import App
 from .connection import Connections, check_stream_replicas, replicas_error
@@ -103,6 +105,22 @@ def _handler_is_default(sig: signal.Signals) -> bool:
         return isinstance(handler, functools.partial) and func is getattr(
             asyncio.runners.Runner, "_on_sigint", object())
     return False
+
+
+# The platforms of this process, for `app_of`: an option object holds no reference to its app,
+# so a handle on it (``opt.health()``, ``db.wal``) finds it through the platforms.
+_PLATFORMS: weakref.WeakSet[Platform] = weakref.WeakSet()
+
+
+def app_of(option: object) -> App | None:
+    """The registered app, on any platform of this process, that ``option`` (an object passed
+    to ``App(...)``) belongs to: the kernel's binding from an option to its app, and through
+    it to ``app.state(plugin)`` where plugins keep the option's runtime state."""
+    for platform in list(_PLATFORMS):
+        app = platform.app_of(option)
+        if app is not None:
+            return app
+    return None
 
 
 class Platform:
@@ -203,6 +221,7 @@ class Platform:
         self.services = PlatformServices(self.pm)
         self.pm.hook.pycluster_platform_services(platform=self, registry=self.services)
         self.services.build()
+        _PLATFORMS.add(self)
 
     def __repr__(self) -> str:
         return f"Platform({self.name!r}, node_id={self.node_id!r})"
@@ -218,8 +237,10 @@ class Platform:
         if self._running:
             raise ConfigError("app", app.name, "register apps before the platform starts")
         for opt in app.options:
+            if self.backends.for_option(opt) is not None:
+                continue  # a backend option: the kernel builds its stage, check and metrics
             claimed = self.pm.hook.pycluster_claim_option(app=app, option=opt)
-            if not claimed:
+            if not claimed and self.options.plugin_for(opt) is None:
                 raise UnclaimedOptionError(app.name, opt, distribution_of(opt))
         app.check_events(self.app_events)
         for plugin in app.needs():
@@ -235,6 +256,7 @@ class Platform:
         if abs(priority) > PRIORITY_LIMIT:  # other nodes would ignore our membership record
             raise ConfigError(f"App({app.name!r}).election.priority", priority,
                               f"must be within ±{PRIORITY_LIMIT}")
+        backends.attach(self, app)
         app.platform = self
         self.apps[app.name] = app
         for opt in app.options:

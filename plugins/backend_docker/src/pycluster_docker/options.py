@@ -164,7 +164,6 @@ class Docker:
     restart_window: float = 300.0
     check_interval: float = 2.0
     log_lines: int = 20
-    _backend: DockerBackend | None = field(default=None, init=False, repr=False)
     _ports: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _volumes: list[str] = field(default_factory=list, init=False, repr=False)
     _restart: dict[str, Any] | None = field(default=None, init=False, repr=False)
@@ -227,14 +226,20 @@ class Docker:
 
     @property
     def backend(self) -> DockerBackend:
-        """The controller on this node (once the app's stages are built)."""
-        if self._backend is None:
-            raise RuntimeError("this Docker option is not attached to a started app")
-        return self._backend
+        """The controller on this node (once the option's app is registered with a platform;
+        found through the kernel, the option holds no reference to it)."""
+        from pycluster.kernel.backends import supervisor_of
+
+        from .backend import DockerBackend
+
+        sup = supervisor_of(self)
+        if sup is None or not isinstance(sup.controller, DockerBackend):
+            raise RuntimeError("this Docker option is not attached to a registered app")
+        return sup.controller
 
     async def health(self) -> BackendHealth:
         """Probe the container now."""
-        return await self.backend.health()
+        return await self.backend.probe()
 
 
 class DockerSection(BaseModel):

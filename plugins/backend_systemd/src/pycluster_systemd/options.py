@@ -6,7 +6,7 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
@@ -92,7 +92,6 @@ class Systemd:
     check_interval: float = 2.0
     journal_lines: int = 20
     epoch_variable: str | None = None
-    _backend: SystemdBackend | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.unit = unit_name(self.unit)
@@ -127,14 +126,20 @@ class Systemd:
 
     @property
     def backend(self) -> SystemdBackend:
-        """The controller on this node (once the app's stages are built)."""
-        if self._backend is None:
-            raise RuntimeError("this Systemd option is not attached to a started app")
-        return self._backend
+        """The controller on this node (once the option's app is registered with a platform;
+        found through the kernel, the option holds no reference to it)."""
+        from pycluster.kernel.backends import supervisor_of
+
+        from .backend import SystemdBackend
+
+        sup = supervisor_of(self)
+        if sup is None or not isinstance(sup.controller, SystemdBackend):
+            raise RuntimeError("this Systemd option is not attached to a registered app")
+        return sup.controller
 
     async def health(self) -> BackendHealth:
         """Probe the unit now."""
-        return await self.backend.health()
+        return await self.backend.probe()
 
     async def journal(self, lines: int | None = None) -> list[str]:
         """The unit's most recent journal lines."""
