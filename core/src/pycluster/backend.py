@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from . import fenceguard
 from .kernel.aio import supervise
 from .kernel.context import Context
+from .kernel.declare import option
 from .kernel.errors import ConfigError, PyclusterError
 from .plugins import hookimpl
 
@@ -322,7 +323,7 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"HealthCheck.{name}", value, "must be positive")
 
 
-@dataclass(frozen=True)
+@option
 class HealthCheck:
     """How to tell that a backend's service is healthy: exactly one of ``http``, ``tcp``,
     ``command``.
@@ -347,7 +348,7 @@ class HealthCheck:
 
     http: str | None = None
     tcp: str | None = None
-    command: str | Sequence[str] | None = None
+    command: str | tuple[str, ...] | None = None
     interval: float = 5.0
     timeout: float = 2.0
     start_timeout: float = 60.0

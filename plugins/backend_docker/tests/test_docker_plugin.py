@@ -77,7 +77,7 @@ def test_config_section_builds_the_option() -> None:
         "restart_policy": "on-failure:2", "remove": False}})
     app = build_app(cfg, reg)
     opt = next(o for o in app.options if isinstance(o, Docker))
-    assert opt._ports == {"80/tcp": 8080} and opt.memory == "256m" and not opt.remove
+    assert opt.port_bindings() == {"80/tcp": 8080} and opt.memory == "256m" and not opt.remove
     bad = AppConfig.model_validate({"name": "web", "docker": {"image": "x", "port": 1}})
     with pytest.raises(ConfigError, match=r"apps\.web\.docker\.port"):
         build_app(bad, reg)

@@ -42,11 +42,8 @@ import shlex
 import signal
 import socket
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
 
 from ..backend import (
     BackendError,
@@ -66,6 +63,7 @@ from ..backend import (
     guard_deadlines,
 )
 from ..kernel.context import Context
+from ..kernel.declare import option
 from ..kernel.errors import ConfigError
 from ..kernel.registry import BackendRegistry, ConfigRegistry
 from ..plugins import hookimpl
@@ -83,7 +81,7 @@ STABLE_AFTER = 60.0  # seconds a restarted process must stay up for its restart 
 GUARD_START_TIMEOUT = 30.0  # seconds for the guard to report the command started (loaded hosts)
 
 
-@dataclass(frozen=True)
+@option
 class Process:
     """Run ``command`` while the app is active on this node (the "process" backend).
 
@@ -115,10 +113,10 @@ class Process:
         started once its command runs and as healthy while it runs.
     """
 
-    command: str | Sequence[str]
+    command: str | tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
-    inherit_env: Sequence[str] = ()
+    inherit_env: str | tuple[str, ...] = ()
     grace: float = 10.0
     restart: str = "on-failure"
     max_restarts: int = 3
@@ -457,48 +455,6 @@ class ProcessBackend(Supervisor):
         return self.process.last_exit
 
 
-# -- the config-file section ----------------------------------------------------------------
-
-
-class HealthSection(BaseModel):
-    """``health:`` inside a ``process:`` section."""
-
-    model_config = {"extra": "forbid"}
-
-    http: str | None = None
-    tcp: str | None = None
-    command: str | list[str] | None = None
-    interval: float = 5.0
-    timeout: float = 2.0
-    start_timeout: float = 60.0
-    failure_threshold: int = 3
-
-
-class ProcessSection(BaseModel):
-    """The ``process:`` section of an app in a config file (the fields of `Process`)."""
-
-    model_config = {"extra": "forbid"}
-
-    command: str | list[str]
-    env: dict[str, str] = {}
-    inherit_env: list[str] = []
-    cwd: str | None = None
-    grace: float = 10.0
-    restart: str = "on-failure"
-    max_restarts: int = 3
-    restart_backoff: float = 1.0
-    health: HealthSection | None = None
-
-
-def process_from_section(section: ProcessSection) -> Process:
-    """Build the `Process` option of a validated ``process:`` section."""
-    health = HealthCheck(**section.health.model_dump()) if section.health is not None else None
-    return Process(section.command, env=section.env, cwd=section.cwd,
-                   inherit_env=tuple(section.inherit_env), grace=section.grace,
-                   restart=section.restart, max_restarts=section.max_restarts,
-                   restart_backoff=section.restart_backoff, health=health)
-
-
 # -- hooks ------------------------------------------------------------------------------------
 
 
@@ -512,4 +468,4 @@ def pycluster_register_backends(registry: BackendRegistry) -> None:
 @hookimpl(trylast=True)
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``process:`` section of an app."""
-    registry.add("process", ProcessSection, process_from_section)
+    registry.add("process", Process)  # the section is the declaration of Process

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
 
 
 class OptionRegistry:
@@ -134,11 +131,34 @@ class BackendRegistry:
 
 @dataclass
 class ConfigSection:
-    """A plugin's config-file section."""
+    """A plugin's config-file section: an option class declared with
+    `pycluster.kernel.declare.option` (``to_option`` None: the section is parsed by the
+    declaration itself), or a pydantic model and the function building the option."""
 
     name: str
-    model: type[BaseModel]
-    to_option: Callable[[Any], object]
+    model: type
+    to_option: Callable[[Any], object] | None = None
+
+    def build(self, raw: object, where: str) -> object:
+        """The App option of the section's value ``raw`` (``where``: its path, for errors).
+
+        :raises ConfigError: naming the field and the value.
+        """
+        from pydantic import BaseModel, ValidationError
+
+        from .declare import parse_section
+
+        if self.to_option is None:
+            return parse_section(self.model, raw, where)
+        assert issubclass(self.model, BaseModel)
+        try:
+            model = self.model.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise ConfigError(f"{where}.{loc}".rstrip("."), err.get("input"),
+                              err["msg"]) from None
+        return self.to_option(model)
 
 
 class ConfigRegistry:
@@ -147,8 +167,11 @@ class ConfigRegistry:
     def __init__(self) -> None:
         self.sections: dict[str, ConfigSection] = {}
 
-    def add(self, name: str, model: type[BaseModel], to_option: Callable[[Any], object]) -> None:
-        """Add section ``name`` validated by ``model``; ``to_option`` builds the App option."""
+    def add(self, name: str, model: type,
+            to_option: Callable[[Any], object] | None = None) -> None:
+        """Add section ``name``: ``model`` is the option class (declared with
+        `pycluster.kernel.declare.option`: the section has its fields), or a pydantic model
+        validating the section with ``to_option`` building the App option from it."""
         self.sections[name] = ConfigSection(name, model, to_option)
 
 

@@ -279,18 +279,19 @@ class DockerBackend(Controller):
         kw: dict[str, Any] = {
             "name": self.name, "detach": True, "environment": env, "labels": labels,
         }
-        if opt._ports:
-            kw["ports"] = opt._ports
-        if opt._volumes:
-            kw["volumes"] = opt._volumes
+        if opt.ports:
+            kw["ports"] = opt.port_bindings()
+        if opt.volumes:
+            kw["volumes"] = opt.volume_binds()
         if opt.network:
             kw["network"] = opt.network
         if opt.cpus is not None:
             kw["nano_cpus"] = int(opt.cpus * _NS)
         if opt.memory is not None:
             kw["mem_limit"] = opt.memory
-        if opt._restart is not None:
-            kw["restart_policy"] = opt._restart
+        engine_policy = opt.engine_restart_policy()
+        if engine_policy is not None:
+            kw["restart_policy"] = engine_policy
         hc = opt.healthcheck_spec()
         if hc is not None:
             kw["healthcheck"] = hc
@@ -435,7 +436,7 @@ class DockerBackend(Controller):
         detail = status + (f" ({hs})" if hs else "")
         if hs == "unhealthy":
             detail += self._probe_output()
-        settling = self.option._restart is not None and status in ("restarting", "running")
+        settling = self.option.restart_policy is not None and status in ("restarting", "running")
         return BackendHealth(healthy, detail, data, settling=settling)
 
     async def restart(self, ctx: Context) -> BackendHealth:

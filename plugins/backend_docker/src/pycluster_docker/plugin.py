@@ -17,7 +17,7 @@ from pycluster.kernel.registry import BackendMetrics, BackendRegistry, ConfigReg
 from pycluster.plugins import hookimpl
 
 from .backend import DEFAULT_SOCKETS, DockerBackend, engine_url, make_client
-from .options import Docker, DockerSection, docker_from_section
+from .options import Docker
 
 PLUGIN = "docker"
 
@@ -72,7 +72,7 @@ def pycluster_register_backends(registry: BackendRegistry) -> None:
 @hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``docker:`` section of an app."""
-    registry.add(PLUGIN, DockerSection, docker_from_section)
+    registry.add(PLUGIN, Docker)  # the section is the declaration of Docker
 
 
 @hookimpl

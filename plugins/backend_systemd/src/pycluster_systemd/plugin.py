@@ -20,7 +20,7 @@ from pycluster.kernel.registry import BackendMetrics, BackendRegistry, ConfigReg
 from pycluster.plugins import hookimpl
 
 from .backend import SystemdBackend
-from .options import PREFIX_ENV, Systemd, SystemdSection, split_prefix, systemd_from_section
+from .options import PREFIX_ENV, Systemd, split_prefix
 
 PLUGIN = "systemd"
 
@@ -78,7 +78,7 @@ def pycluster_register_backends(registry: BackendRegistry) -> None:
 @hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``systemd:`` section of an app."""
-    registry.add(PLUGIN, SystemdSection, systemd_from_section)
+    registry.add(PLUGIN, Systemd)  # the section is the declaration of Systemd
 
 
 @hookimpl
