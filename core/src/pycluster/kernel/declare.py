@@ -22,9 +22,9 @@ section ``echo: {path: /tmp/x}`` of a config file builds ``Echo(path="/tmp/x")``
   ``object.__setattr__``). Any error is a `ConfigError` naming ``Class.field`` and the value:
   a ``ConfigError`` raised by ``__post_init__`` as it is, a type error as
   ``ConfigError("Class.field", value, pydantic's message)``.
-* A config-file section is validated by the same declaration (`parse_section`): unknown keys
-  and type errors name ``apps.<app>.<section>.<field>``; ``__post_init__``'s errors come as
-  they are.
+* A config-file section is validated by the same declaration (`parse_section`): unknown keys,
+  type errors and ``__post_init__``'s errors about a field name ``apps.<app>.<section>.<field>``
+  and the value.
 * Instances are frozen: runtime state never lives on an option. A plugin keeps what it knows
   of an option in ``app.state(plugin)`` and finds the app with
   `pycluster.kernel.platform.app_of`.
@@ -67,20 +67,22 @@ def option(cls: type[T], /) -> type[T]: ...
 
 
 @overload
-def option(*, eq: bool = True) -> Callable[[type[T]], type[T]]: ...
+def option(*, eq: bool = True, frozen: bool = True) -> Callable[[type[T]], type[T]]: ...
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
-def option(cls: type[T] | None = None, /, *, eq: bool = True) -> Any:
+def option(cls: type[T] | None = None, /, *, eq: bool = True, frozen: bool = True) -> Any:
     """Declare an App option class (a frozen pydantic dataclass; see the module docstring).
 
     :param eq: compare by value (True) or by identity (False: for options that name one
         thing on a node, such as a unit or a container, where two equal declarations in one
         app are still two backends).
+    :param frozen: False only for an option whose plugin still keeps runtime state on it
+        (a transition: new options are frozen).
     """
 
     def wrap(c: type[T]) -> type[T]:
-        dc: Any = pydantic_dataclass(c, frozen=True, eq=eq, config=_CONFIG)
+        dc: Any = pydantic_dataclass(c, frozen=frozen, eq=eq, config=_CONFIG)
         names = [f.name for f in dataclasses.fields(dc) if f.init]
         prefix = c.__name__
         init = dc.__init__
@@ -126,4 +128,8 @@ def parse_section(cls: type[T], raw: object, where: str) -> T:
         adapter: TypeAdapter[T] = _adapter(cls)
         return adapter.validate_python(raw)
     except ValidationError as exc:
-        raise _config_error(where, exc, names) from None
+        err = _config_error(where, exc, names)
+        own = f"{cls.__name__}."
+        if err.field.startswith(own):  # __post_init__'s error: name the section's key
+            err = ConfigError(f"{where}.{err.field[len(own):]}", err.value, err.reason)
+        raise err from None

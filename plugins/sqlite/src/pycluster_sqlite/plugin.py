@@ -24,7 +24,7 @@ from pycluster.plugins import hookimpl
 from . import dbfile
 from .errors import SQLiteError
 from .litestream import find_litestream
-from .options import SQLite, SQLiteSection, sqlite_from_section
+from .options import SQLite
 from .runtime import PLUGIN, SQLiteRuntime, runtimes_of
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> N
 @hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``sqlite:`` section of an app."""
-    registry.add(PLUGIN, SQLiteSection, sqlite_from_section)
+    registry.add(PLUGIN, SQLite)  # the section is the declaration of SQLite
 
 
 @hookimpl
