@@ -6,20 +6,26 @@ it on the node that won the election and stops it when that node steps down. The
 
 Writing a third-party backend (see docs/backends.md for a complete example):
 
-1. Define a frozen option class (``MyThing(name, ...)``) that users pass to ``App(...)``.
-2. Implement `Backend`: async ``start(ctx)``, ``stop(ctx)``, ``health()``.
-3. In your plugin module, declare the option (``pycluster_register_options``), the kind
-   (``pycluster_register_backends``), claim the option (``pycluster_claim_option``) and add one
-   stage per option with `backend_stage` (``pycluster_stages``).
+1. Declare the option class users pass to ``App(...)`` with `pycluster.kernel.declare.option`
+   (a frozen pydantic dataclass; its fields are also the config-file section).
+2. Subclass `Controller`: async ``start(ctx)``, ``stop(ctx)``, ``probe()`` (optionally
+   ``restart``, ``wait_down``, ``fence``, ``diagnostics``) and set its attributes
+   (``check_interval``, ``policy``, ``stage_timeout``, ...) from the option.
+3. In your plugin module, register the kind once (``pycluster_register_backends``:
+   ``registry.add(kind, OptionClass, MyController, audit=..., metrics=...)``) and, for a
+   config-file section, ``registry.add(kind, OptionClass)`` (``pycluster_config_sections``).
 
-Contract (what the coordinator relies on):
+The kernel then claims the options, runs each controller under a `Supervisor` and makes it the
+app's BACKEND stage, health check (``{kind}-{i}``), metrics and audit entries.
+
+Contract (what the supervisor relies on):
 
 * ``start(ctx)`` runs in the BACKEND stage of the failover sequence, after the VIP is acquired.
   Return once the service is up, and healthy when a health check is configured; raise (any
-  exception, ideally `BackendError`) when it cannot be started: the coordinator then undoes the
-  sequence (your ``stop`` is called too, so clean up a half-started service there), releases
-  the lease and backs off, so that another node takes over. ``start`` is bounded by the stage
-  timeout and may be cancelled when the lease is lost.
+  exception, ideally `BackendError`) when it cannot be started, leaving nothing running: the
+  coordinator then undoes the sequence (``stop`` is called too), releases the lease and backs
+  off, so that another node takes over. ``start`` is bounded by the stage timeout and may be
+  cancelled when the lease is lost.
 * ``ctx.epoch`` is the fencing token: strictly increasing across leader changes. Hand it to the
   service (`fencing_env`, `expand`) so that it can refuse orders from an older epoch.
 * ``stop(ctx)`` runs in reverse order when the node steps down, leaves, or lost its lease. It
@@ -27,15 +33,14 @@ Contract (what the coordinator relies on):
   service before ``ctx.deadline`` (monotonic) when one is set: after that instant another node
   may hold the lease. Never leave the service running on a failed stop: escalate (SIGKILL,
   ``docker kill``, ...) and raise only if it may still be running.
-* ``health()`` is cheap, never raises and never blocks for long: it is polled by the health
-  checks and metrics of the app (through ``stage.extra["backend"]``, see `backends_of`).
-* A backend that fails while active and cannot recover by itself calls
-  ``platform.runtimes[app.name].report_failure(stage_name, reason)``: the node steps down (with
-  back-off) so that a standby takes over.
+* ``probe()`` is cheap enough to run every ``check_interval`` and never raises. The supervisor
+  restarts a failed service by the controller's `RestartPolicy` (only while the lease is
+  valid) and, past it, calls ``report_failure``: the node steps down so a standby takes over.
 * A backend must never outlive its node's lease. The process backend guarantees it with a fence
   guard (`pycluster.fenceguard`); a backend the node does not run itself (a unit, a container)
-  starts a `LeaseFence` once the service runs — a guard in fence-action mode that stops the
-  service when the node dies or stops renewing — and releases it first on a graceful stop.
+  returns a `LeaseFence` from ``fence()`` — a guard in fence-action mode that stops the service
+  when the node dies or stops renewing — which the supervisor arms once the service runs and
+  releases first on a graceful stop.
 """
 
 from __future__ import annotations
@@ -91,7 +96,6 @@ __all__ = [
     "RestartPolicy",
     "Supervisor",
     "backend_env",
-    "backend_stage",
     "backends_of",
     "base_environ",
     "expand",
@@ -133,7 +137,8 @@ class BackendError(PyclusterError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A controller that starts and stops one service instance on this node.
+    """What a BACKEND stage runs: start and stop one service instance on this node (a
+    `Supervisor` is one; a backend kind registers a `Controller` instead).
 
     Example (a backend that only records what it is told)::
 
@@ -481,35 +486,9 @@ class HealthCheck:
 # -- joining the failover sequence --------------------------------------------------------------
 
 
-def backend_stage(
-    name: str,
-    backend: Backend,
-    *,
-    plugin: str,
-    order: int | None = None,
-    timeout: float | None = None,
-) -> Stage:
-    """A failover `Stage` that starts ``backend`` on activation and stops it on deactivation.
-
-    The backend object is kept in ``stage.extra["backend"]`` (found again by `backends_of`).
-
-    :param name: unique stage name within the app (e.g. ``"docker-0"``).
-    :param backend: the controller.
-    :param plugin: the plugin name (for logs, audit and metrics).
-    :param order: position in the sequence; default `StageOrder.BACKEND` (after the VIP).
-    :param timeout: bound of start and of stop; default the app's hook timeout.
-    """
-    from .kernel.stages import Stage, StageOrder
-
-    return Stage(
-        name=name, order=StageOrder.BACKEND if order is None else order,
-        activate=backend.start, deactivate=backend.stop, timeout=timeout, plugin=plugin,
-        extra={"backend": backend},
-    )
-
-
 def backends_of(stages: Iterable[Stage]) -> list[tuple[Stage, Backend]]:
-    """The ``(stage, backend)`` pairs among an app's stages (e.g. ``runtime.stages``)."""
+    """The ``(stage, supervisor)`` pairs among an app's stages (e.g. ``runtime.stages``): the
+    BACKEND stages the kernel built keep their `Supervisor` in ``stage.extra["backend"]``."""
     return [(s, s.extra["backend"]) for s in stages if "backend" in s.extra]
 
 
