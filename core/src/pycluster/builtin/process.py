@@ -435,7 +435,9 @@ class ProcessController(Controller):
 
 class ProcessBackend(Supervisor):
     """A supervised command outside the app's BACKEND stages (e.g. a plugin's helper such as
-    ``litestream replicate``): a `Supervisor` around a `ProcessController`.
+    ``litestream replicate``): a `Supervisor` around a `ProcessController`. While started it
+    is a plugin object taking its app's lease renewals (``pycluster_lease_renewed``), so its
+    fence guard follows the lease like a BACKEND stage's.
 
     :ivar state: a `pycluster.backend.BackendState`.
     """
@@ -444,6 +446,36 @@ class ProcessBackend(Supervisor):
                  stage: str = "process-0") -> None:
         self.process = ProcessController(option, app, platform)
         super().__init__(self.process, stage=stage)
+        self._plugin_name = f"process-backend-{id(self):x}"
+
+    def _follow_renewals(self, on: bool) -> None:
+        pm = self.platform.pm
+        if on and pm.get_plugin(self._plugin_name) is None:
+            pm.register(self, name=self._plugin_name)
+        elif not on and pm.get_plugin(self._plugin_name) is not None:
+            pm.unregister(name=self._plugin_name)
+
+    @hookimpl
+    def pycluster_lease_renewed(self, app: App, deadline: float) -> None:
+        """Hand a renewal of this command's app to its fence guard."""
+        if app.platform is self.platform and app.name == self.app.name:
+            self.renewed(deadline)
+
+    async def start(self, ctx: Context) -> None:
+        """Start the command (see `Supervisor.start`) and follow the app's lease."""
+        self._follow_renewals(True)
+        try:
+            await super().start(ctx)
+        except BaseException:
+            self._follow_renewals(False)
+            raise
+
+    async def stop(self, ctx: Context) -> None:
+        """Stop the command (see `Supervisor.stop`)."""
+        try:
+            await super().stop(ctx)
+        finally:
+            self._follow_renewals(False)
 
     @property
     def _child(self) -> _Child | None:
