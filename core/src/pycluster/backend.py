@@ -52,6 +52,7 @@ import enum
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -760,6 +761,8 @@ class Controller:
         self.app = app
         self.platform = platform
         self.policy = RestartPolicy(3, 1.0, 300.0)
+        #: The name of the stage that runs it (set by its `Supervisor`).
+        self.stage = ""
 
     async def start(self, ctx: Context) -> BackendHealth | None:
         """Start the service for ``ctx.epoch`` and return once it is up (and healthy, when it
@@ -772,7 +775,8 @@ class Controller:
     async def stop(self, ctx: Context) -> dict[str, object] | None:
         """Stop the service (idempotent; done before ``ctx.deadline`` when one is set).
 
-        :returns: extra data for the ``stopped`` audit entry.
+        :returns: extra data for the ``stopped`` audit entry; None when there was nothing to
+            stop (no entry is written).
         """
         raise NotImplementedError
 
@@ -853,6 +857,7 @@ class Supervisor:
         self.app = controller.app
         self.platform = controller.platform
         self.stage = stage
+        controller.stage = stage
         self.audit_category = audit
         self.state = BackendState.STOPPED
         self.last_health: BackendHealth | None = None
@@ -927,19 +932,17 @@ class Supervisor:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        was = self.state
         self.state = BackendState.STOPPING
         try:
             extra = await self.controller.stop(ctx)
         except BaseException as exc:
-            if was is not BackendState.STOPPED:
-                self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, error=str(exc))
+            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, error=str(exc))
             raise
         finally:
             self.state = BackendState.STOPPED
             self.last_health = BackendHealth(False, "stopped")
-        if was is not BackendState.STOPPED:
-            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, **(extra or {}))
+        if extra is not None:
+            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, **extra)
 
     async def health(self) -> BackendHealth:
         """The backend's health as the app health check reports it (cheap)."""
@@ -1028,8 +1031,10 @@ class Supervisor:
             text = "".join(f"\nRecent {k}:\n" + "\n".join(v) for k, v in diag.items() if v)
             delay = self.policy.next_delay()
             if delay is None:
-                reason = (f"{c.describe()} is {why}; restart policy exhausted "
-                          f"({self.policy.recent} restart(s) did not help)")
+                p = self.policy
+                spent = (f"{p.recent} restart(s) did not help" if math.isinf(p.window)
+                         else f"{p.max_restarts} in {p.window:.0f}s")
+                reason = f"{c.describe()} is {why}; restart policy exhausted ({spent})"
                 await self._fail(reason, why, diag, text)
                 return False
             self.state = BackendState.RESTARTING

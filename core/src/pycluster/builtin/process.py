@@ -240,8 +240,8 @@ class ProcessController(Controller):
             child.send(guard_deadline_line(d))
 
     def describe(self) -> str:
-        """The command, for messages."""
-        return f"process {self.option.argv()[0]!r} of app {self.app.name}"
+        """The stage and app, for messages (``process-0 (web)``)."""
+        return f"{self.stage or self.kind} ({self.app.name})"
 
     # -- starting -------------------------------------------------------------------------
 
