@@ -157,3 +157,46 @@ def test_config_section_derived_from_the_declaration() -> None:
         Echo("/x", max_restarts="many")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"Echo\.path=''"):
         Echo("")
+
+
+class FlakyController(EchoController):
+    """Probes answer what the test puts in ``answers`` (then "written" health)."""
+
+    failure_threshold = 3
+    settle_timeout = 30.0
+
+    def __init__(self, option: Echo, app: Any, platform: Any) -> None:
+        super().__init__(option, app, platform)
+        self.answers: list[BackendHealth] = []
+        self.probes = 0
+
+    async def probe(self) -> BackendHealth:
+        self.probes += 1
+        return self.answers.pop(0) if self.answers else BackendHealth(True, "written")
+
+
+class FlakyPlugin:
+    @hookimpl
+    def pycluster_register_backends(self, registry: Any) -> None:
+        registry.add("flaky", Echo, FlakyController, plugin="flaky")
+
+
+async def test_failure_threshold_and_settling_are_not_failures(make_platform: Any,
+                                                                tmp_path: Path) -> None:
+    """Fewer failed probes in a row than the threshold, and "settling" answers (the engine
+    restarting the service itself) within the settle timeout, restart nothing."""
+    app = App("svc", Singleton(), Echo(str(tmp_path / "f.txt")))
+    await make_platform("n1", app, extra_plugins=[("flaky", FlakyPlugin())])
+    await wait_for(lambda: app.is_active, 15)
+    sup = supervisor(app)
+    c = sup.controller
+    assert isinstance(c, FlakyController) and sup.stage == "flaky-0"
+    bad = BackendHealth(False, "flaky")
+    settling = BackendHealth(False, "activating", settling=True)
+    c.answers = [bad, bad, BackendHealth(True, "ok"), *[settling] * 10, bad, bad]
+    seen = c.probes
+    await wait_for(lambda: not c.answers and c.probes > seen + 16, 15)
+    assert sup.policy.total == 0 and c.starts == 1 and sup.state is BackendState.RUNNING
+    c.answers = [bad, bad, bad]  # the threshold: restarted once
+    await wait_for(lambda: sup.policy.total == 1 and sup.state is BackendState.RUNNING, 15)
+    assert c.starts == 2 and app.is_active

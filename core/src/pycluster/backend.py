@@ -956,6 +956,18 @@ class Supervisor:
     # -- while active --------------------------------------------------------------------
 
     async def _supervise(self, ctx: Context) -> None:
+        try:
+            await self._watch(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a controller broke its contract: do not go on unwatched
+            log.exception("app %s: supervising %s failed", self.app.name,
+                          self.controller.describe())
+            if not self._stopping:
+                await self._fail(f"supervising {self.controller.describe()} failed: "
+                                 f"{type(exc).__name__}: {exc}", str(exc))
+
+    async def _watch(self, ctx: Context) -> None:
         c = self.controller
         while not self._stopping:
             down = await self._next_failure()
