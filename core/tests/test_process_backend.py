@@ -19,8 +19,15 @@ from typing import Any
 import pytest
 
 from pycluster import App, ConfigError, Context, Process, Singleton, Spread, fenceguard
-from pycluster.backend import BackendHealth, HealthCheck, backends_of, expand, fencing_env
-from pycluster.builtin.process import ProcessBackend
+from pycluster.backend import (
+    BackendHealth,
+    HealthCheck,
+    Supervisor,
+    backends_of,
+    expand,
+    fencing_env,
+)
+from pycluster.builtin.process import ProcessController
 from pycluster.cli.config_apps import apps_from_config
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import free_port, wait_for
@@ -41,12 +48,17 @@ def pids_in(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def backend_of(app: App) -> ProcessBackend:
+def backend_of(app: App) -> Supervisor:
     rt = app._runtime
     assert rt is not None
     (_, backend), = backends_of(rt.stages)
-    assert isinstance(backend, ProcessBackend)
+    assert isinstance(backend, Supervisor) and isinstance(backend.controller, ProcessController)
     return backend
+
+
+def last_exit(sup: Supervisor) -> int | None:
+    assert isinstance(sup.controller, ProcessController)
+    return sup.controller.last_exit
 
 
 def sh(script: str) -> list[str]:
@@ -203,7 +215,7 @@ async def test_stop_is_sigterm_then_sigkill_for_the_whole_tree(make_platform: An
     assert all(alive(p) for p in tree)
     backend = backend_of(app)
     await app.step_down(cooldown=30)
-    assert backend.last_exit == -signal.SIGKILL  # SIGTERM was ignored: SIGKILL after the grace
+    assert last_exit(backend) == -signal.SIGKILL  # SIGTERM was ignored: SIGKILL after the grace
     await wait_for(lambda: not any(alive(p) for p in tree), 10)
 
 
@@ -217,7 +229,7 @@ async def test_graceful_stop_lets_the_command_exit_on_sigterm(make_platform: Any
     backend = backend_of(app)
     assert (await backend.health()).healthy
     await app.step_down(cooldown=30)
-    assert backend.last_exit == 0
+    assert last_exit(backend) == 0
     health = await backend.health()
     assert not health.healthy and health.data["state"] == "stopped"
 
@@ -233,7 +245,7 @@ async def test_graceful_stop_may_take_longer_than_the_lease_ttl(make_platform: A
     await wait_for(lambda: app.is_active, 15)
     backend = backend_of(app)
     await app.step_down(cooldown=30)
-    assert backend.last_exit == 0
+    assert last_exit(backend) == 0
 
 
 async def test_crash_is_restarted_with_back_off_then_the_node_steps_down(
@@ -280,7 +292,7 @@ async def test_clean_exit_is_left_alone_under_on_failure(make_platform: Any) -> 
     await wait_for(lambda: app.is_active, 15)
     backend = backend_of(app)
     await wait_for(lambda: backend.state == "exited", 10)
-    assert backend.restarts == 0 and backend.last_exit == 0 and app.is_active
+    assert backend.restarts == 0 and last_exit(backend) == 0 and app.is_active
     assert not (await backend.health()).healthy
 
 

@@ -6,20 +6,26 @@ it on the node that won the election and stops it when that node steps down. The
 
 Writing a third-party backend (see docs/backends.md for a complete example):
 
-1. Define a frozen option class (``MyThing(name, ...)``) that users pass to ``App(...)``.
-2. Implement `Backend`: async ``start(ctx)``, ``stop(ctx)``, ``health()``.
-3. In your plugin module, declare the option (``pycluster_register_options``), the kind
-   (``pycluster_register_backends``), claim the option (``pycluster_claim_option``) and add one
-   stage per option with `backend_stage` (``pycluster_stages``).
+1. Declare the option class users pass to ``App(...)`` with `pycluster.kernel.declare.option`
+   (a frozen pydantic dataclass; its fields are also the config-file section).
+2. Subclass `Controller`: async ``start(ctx)``, ``stop(ctx)``, ``probe()`` (optionally
+   ``restart``, ``wait_down``, ``fence``, ``diagnostics``) and set its attributes
+   (``check_interval``, ``policy``, ``stage_timeout``, ...) from the option.
+3. In your plugin module, register the kind once (``pycluster_register_backends``:
+   ``registry.add(kind, OptionClass, MyController, audit=..., metrics=...)``) and, for a
+   config-file section, ``registry.add(kind, OptionClass)`` (``pycluster_config_sections``).
 
-Contract (what the coordinator relies on):
+The kernel then claims the options, runs each controller under a `Supervisor` and makes it the
+app's BACKEND stage, health check (``{kind}-{i}``), metrics and audit entries.
+
+Contract (what the supervisor relies on):
 
 * ``start(ctx)`` runs in the BACKEND stage of the failover sequence, after the VIP is acquired.
   Return once the service is up, and healthy when a health check is configured; raise (any
-  exception, ideally `BackendError`) when it cannot be started: the coordinator then undoes the
-  sequence (your ``stop`` is called too, so clean up a half-started service there), releases
-  the lease and backs off, so that another node takes over. ``start`` is bounded by the stage
-  timeout and may be cancelled when the lease is lost.
+  exception, ideally `BackendError`) when it cannot be started, leaving nothing running: the
+  coordinator then undoes the sequence (``stop`` is called too), releases the lease and backs
+  off, so that another node takes over. ``start`` is bounded by the stage timeout and may be
+  cancelled when the lease is lost.
 * ``ctx.epoch`` is the fencing token: strictly increasing across leader changes. Hand it to the
   service (`fencing_env`, `expand`) so that it can refuse orders from an older epoch.
 * ``stop(ctx)`` runs in reverse order when the node steps down, leaves, or lost its lease. It
@@ -27,15 +33,14 @@ Contract (what the coordinator relies on):
   service before ``ctx.deadline`` (monotonic) when one is set: after that instant another node
   may hold the lease. Never leave the service running on a failed stop: escalate (SIGKILL,
   ``docker kill``, ...) and raise only if it may still be running.
-* ``health()`` is cheap, never raises and never blocks for long: it is polled by the health
-  checks and metrics of the app (through ``stage.extra["backend"]``, see `backends_of`).
-* A backend that fails while active and cannot recover by itself calls
-  ``platform.runtimes[app.name].report_failure(stage_name, reason)``: the node steps down (with
-  back-off) so that a standby takes over.
+* ``probe()`` is cheap enough to run every ``check_interval`` and never raises. The supervisor
+  restarts a failed service by the controller's `RestartPolicy` (only while the lease is
+  valid) and, past it, calls ``report_failure``: the node steps down so a standby takes over.
 * A backend must never outlive its node's lease. The process backend guarantees it with a fence
   guard (`pycluster.fenceguard`); a backend the node does not run itself (a unit, a container)
-  starts a `LeaseFence` once the service runs — a guard in fence-action mode that stops the
-  service when the node dies or stops renewing — and releases it first on a graceful stop.
+  returns a `LeaseFence` from ``fence()`` — a guard in fence-action mode that stops the service
+  when the node dies or stops renewing — which the supervisor arms once the service runs and
+  releases first on a graceful stop.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -63,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from . import fenceguard
 from .kernel.aio import supervise
 from .kernel.context import Context
+from .kernel.declare import option
 from .kernel.errors import ConfigError, PyclusterError
 from .plugins import hookimpl
 
@@ -80,11 +88,15 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendHealth",
+    "BackendState",
+    "Controller",
+    "Down",
     "HealthCheck",
     "LeaseFence",
+    "RestartMode",
     "RestartPolicy",
+    "Supervisor",
     "backend_env",
-    "backend_stage",
     "backends_of",
     "base_environ",
     "expand",
@@ -102,11 +114,16 @@ class BackendHealth:
     :ivar healthy: whether the service answers as expected.
     :ivar detail: a short human-readable explanation ("running, pid 1234", "HTTP 503", ...).
     :ivar data: structured extras for health endpoints and metrics (pid, restarts, ...).
+    :ivar settling: not healthy, but the engine itself is (re)starting the service (a unit
+        ``activating`` under systemd's ``Restart=``, a container under the engine's restart
+        policy): the `Supervisor` gives it the controller's ``settle_timeout`` before it
+        counts as a failure.
     """
 
     healthy: bool
     detail: str = ""
     data: dict[str, object] = field(default_factory=dict)
+    settling: bool = False
 
 
 class BackendError(PyclusterError):
@@ -121,7 +138,8 @@ class BackendError(PyclusterError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """A controller that starts and stops one service instance on this node.
+    """What a BACKEND stage runs: start and stop one service instance on this node (a
+    `Supervisor` is one; a backend kind registers a `Controller` instead).
 
     Example (a backend that only records what it is told)::
 
@@ -266,15 +284,23 @@ class RestartPolicy:
     :param max_restarts: restarts allowed within ``window``.
     :param backoff: the first delay in seconds (doubles with each restart in the window).
     :param window: seconds over which restarts are counted.
+    :param cap: the longest delay in seconds (None: no cap).
     :ivar total: restarts made since the backend was created (for metrics).
     """
 
-    def __init__(self, max_restarts: int, backoff: float, window: float) -> None:
+    def __init__(self, max_restarts: int, backoff: float, window: float,
+                 cap: float | None = None) -> None:
         self.max_restarts = max_restarts
         self.backoff = backoff
         self.window = window
+        self.cap = cap
         self.times: collections.deque[float] = collections.deque()
         self.total = 0
+
+    @property
+    def recent(self) -> int:
+        """Restarts counted now (within ``window``, since the last `reset`)."""
+        return len(self.times)
 
     def next_delay(self) -> float | None:
         """Record a restart and return its delay, or None when the policy is exhausted."""
@@ -284,6 +310,8 @@ class RestartPolicy:
         if len(self.times) >= self.max_restarts:
             return None
         delay: float = self.backoff * 2.0 ** len(self.times)
+        if self.cap is not None:
+            delay = min(delay, self.cap)
         self.times.append(now)
         self.total += 1
         return delay
@@ -301,7 +329,7 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"HealthCheck.{name}", value, "must be positive")
 
 
-@dataclass(frozen=True)
+@option
 class HealthCheck:
     """How to tell that a backend's service is healthy: exactly one of ``http``, ``tcp``,
     ``command``.
@@ -326,7 +354,7 @@ class HealthCheck:
 
     http: str | None = None
     tcp: str | None = None
-    command: str | Sequence[str] | None = None
+    command: str | tuple[str, ...] | None = None
     interval: float = 5.0
     timeout: float = 2.0
     start_timeout: float = 60.0
@@ -459,35 +487,9 @@ class HealthCheck:
 # -- joining the failover sequence --------------------------------------------------------------
 
 
-def backend_stage(
-    name: str,
-    backend: Backend,
-    *,
-    plugin: str,
-    order: int | None = None,
-    timeout: float | None = None,
-) -> Stage:
-    """A failover `Stage` that starts ``backend`` on activation and stops it on deactivation.
-
-    The backend object is kept in ``stage.extra["backend"]`` (found again by `backends_of`).
-
-    :param name: unique stage name within the app (e.g. ``"docker-0"``).
-    :param backend: the controller.
-    :param plugin: the plugin name (for logs, audit and metrics).
-    :param order: position in the sequence; default `StageOrder.BACKEND` (after the VIP).
-    :param timeout: bound of start and of stop; default the app's hook timeout.
-    """
-    from .kernel.stages import Stage, StageOrder
-
-    return Stage(
-        name=name, order=StageOrder.BACKEND if order is None else order,
-        activate=backend.start, deactivate=backend.stop, timeout=timeout, plugin=plugin,
-        extra={"backend": backend},
-    )
-
-
 def backends_of(stages: Iterable[Stage]) -> list[tuple[Stage, Backend]]:
-    """The ``(stage, backend)`` pairs among an app's stages (e.g. ``runtime.stages``)."""
+    """The ``(stage, supervisor)`` pairs among an app's stages (e.g. ``runtime.stages``): the
+    BACKEND stages the kernel built keep their `Supervisor` in ``stage.extra["backend"]``."""
     return [(s, s.extra["backend"]) for s in stages if "backend" in s.extra]
 
 
@@ -671,3 +673,410 @@ class LeaseFence:
                 log.error("app %s: fence guard %d does not release; killing it", self.app,
                           proc.pid)
         await self._kill()
+
+
+# -- the shared supervisor ------------------------------------------------------------------
+
+
+class BackendState(enum.StrEnum):
+    """Where a backend is in its life on this node (`Supervisor.state`)."""
+
+    STOPPED = "stopped"
+    """Not started here (a standby), or stopped."""
+    STARTING = "starting"
+    """The controller is starting the service (and waiting for it to be healthy)."""
+    RUNNING = "running"
+    """Started and, at the last check, healthy."""
+    UNHEALTHY = "unhealthy"
+    """Failed its health checks ``failure_threshold`` times in a row; about to be restarted."""
+    RESTARTING = "restarting"
+    """Waiting out the restart back-off, or restarting."""
+    EXITED = "exited"
+    """Exited cleanly under ``restart="on-failure"``: left alone, the app stays active."""
+    FAILED = "failed"
+    """The restart policy is exhausted (or ``restart="never"``): the node steps down."""
+    STOPPING = "stopping"
+    """The controller is stopping the service."""
+
+
+class RestartMode(enum.StrEnum):
+    """Which failures the `Supervisor` restarts."""
+
+    ON_FAILURE = "on-failure"
+    """Everything but a clean exit (`Down.clean`)."""
+    ALWAYS = "always"
+    """Every failure, a clean exit too."""
+    NEVER = "never"
+    """None: any failure makes the node step down at once."""
+
+
+@dataclass(frozen=True)
+class Down:
+    """The service went down by itself (`Controller.wait_down`).
+
+    :ivar reason: what happened ("exited with 1", "killed by SIGKILL").
+    :ivar clean: a clean exit (status 0): not restarted under `RestartMode.ON_FAILURE`.
+    """
+
+    reason: str
+    clean: bool = False
+
+
+class Controller:
+    """The engine-specific part of a backend; the `Supervisor` does everything else.
+
+    A backend kind is an option class plus a controller class registered together
+    (``registry.add(kind, OptionClass, MyController)`` in ``pycluster_register_backends``);
+    the kernel builds one controller per option with ``MyController(option, app, platform)``,
+    wraps it in a `Supervisor` and makes it the app's BACKEND stage, health check, metrics and
+    audit trail. A subclass implements `start`, `stop` and `probe` (the rest is optional) and
+    sets the class or instance attributes below from its option.
+
+    :cvar kind: the backend kind (``"docker"``), for logs.
+    :ivar check_interval: seconds between probes while active (None: no periodic probe; a
+        failure is then only seen through `wait_down`).
+    :ivar failure_threshold: failed probes in a row that count as a failure.
+    :ivar settle_timeout: seconds a probe may report `BackendHealth.settling` before it counts
+        as a failure.
+    :ivar restart_mode: which failures are restarted (`RestartMode`).
+    :ivar policy: the `RestartPolicy` (its ``total`` is the restarts metric).
+    :ivar stable_after: seconds a (re)started service must stay up for the policy's count to
+        reset (None: only the policy's window ages restarts out).
+    :ivar stage_timeout: bound of the BACKEND stage's start and stop (None: the app's hook
+        timeout).
+    :ivar check_timeout: bound of one run of the app health check.
+    """
+
+    kind: str = ""
+    check_interval: float | None = 5.0
+    failure_threshold: int = 1
+    settle_timeout: float = 60.0
+    restart_mode: RestartMode = RestartMode.ALWAYS
+    stable_after: float | None = None
+    stage_timeout: float | None = None
+    check_timeout: float = 30.0
+
+    def __init__(self, option: Any, app: Any, platform: Any) -> None:
+        self.option = option
+        self.app = app
+        self.platform = platform
+        self.policy = RestartPolicy(3, 1.0, 300.0)
+        #: The name of the stage that runs it (set by its `Supervisor`).
+        self.stage = ""
+
+    async def start(self, ctx: Context) -> BackendHealth | None:
+        """Start the service for ``ctx.epoch`` and return once it is up (and healthy, when it
+        has a check); raise (ideally `BackendError`) when it cannot, leaving nothing running.
+
+        :returns: the first health result (None: "running").
+        """
+        raise NotImplementedError
+
+    async def stop(self, ctx: Context) -> dict[str, object] | None:
+        """Stop the service (idempotent; done before ``ctx.deadline`` when one is set).
+
+        :returns: extra data for the ``stopped`` audit entry; None when there was nothing to
+            stop (no entry is written).
+        """
+        raise NotImplementedError
+
+    async def probe(self) -> BackendHealth:
+        """Probe the service now: never raises."""
+        raise NotImplementedError
+
+    async def restart(self, ctx: Context) -> BackendHealth | None:
+        """Start the service again after a failure while active (default: `start`)."""
+        return await self.start(ctx)
+
+    async def wait_down(self) -> Down:
+        """Return when the service went down by itself (a process that exited); the default
+        never returns (failures are seen by probing)."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def unhealthy(self) -> None:
+        """The service failed its checks ``failure_threshold`` times: bring it down before it
+        is restarted (default: nothing; `restart` deals with it)."""
+
+    async def health(self, state: BackendState, last: BackendHealth | None) -> BackendHealth:
+        """What the app health check (while started) and the option's handle report.
+
+        :param state: the supervisor's state. :param last: its last probe.
+        """
+        if state is BackendState.STOPPED:
+            return last or BackendHealth(False, "stopped")
+        return last or await self.probe()
+
+    def fence(self) -> LeaseFence | None:
+        """The `LeaseFence` armed once the service runs (None: the controller fences itself,
+        or cannot outlive the node)."""
+        return None
+
+    def renewed(self, deadline: float) -> None:
+        """The app's lease was renewed until ``deadline`` (monotonic), while started."""
+
+    def describe(self) -> str:
+        """The service in messages ("unit web.service", "container web-1")."""
+        return f"{self.kind} backend of {self.app.name}"
+
+    def identity(self) -> dict[str, object]:
+        """Data naming the service in every audit entry (``{"unit": ...}``)."""
+        return {}
+
+    def started_info(self) -> dict[str, object]:
+        """Extra data for the ``started`` audit entry."""
+        return {}
+
+    async def diagnostics(self) -> dict[str, list[str]]:
+        """Recent output quoted when the service fails (``{"journal": [...]}``)."""
+        return {}
+
+
+class Supervisor:
+    """Runs one controller while the app is active on this node: the BACKEND stage.
+
+    It starts the service (the controller waits until it is up), arms the controller's
+    `LeaseFence`, then watches it: a probe every ``check_interval`` (``failure_threshold``
+    failures in a row, or a `BackendHealth.settling` answer for longer than
+    ``settle_timeout``, are a failure) and the controller's `Controller.wait_down`. A failure
+    is restarted by the restart policy with back-off, only while the lease is valid; past the
+    policy (or with `RestartMode.NEVER`) the node steps down (`AppRuntime.report_failure`).
+    Stopping releases the fence first, then stops the service. Audit entries (category
+    ``audit``: started, stopped, restarted, failed) and the healthy/restarts metrics come from
+    here; the kernel makes it the app's stage and health check.
+
+    :param controller: the engine-specific part.
+    :param stage: the stage name (``docker-0``), for `AppRuntime.report_failure`.
+    :param audit: the audit category (None: no audit entries).
+    :ivar state: a `BackendState`.
+    :ivar last_health: the last probe (None before the first).
+    """
+
+    def __init__(self, controller: Controller, *, stage: str, audit: str | None = None) -> None:
+        self.controller = controller
+        self.app = controller.app
+        self.platform = controller.platform
+        self.stage = stage
+        controller.stage = stage
+        self.audit_category = audit
+        self.state = BackendState.STOPPED
+        self.last_health: BackendHealth | None = None
+        self._stopping = True
+        self._ctx: Context | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up_since = 0.0
+
+    def __repr__(self) -> str:
+        return f"Supervisor({self.stage!r}, {self.state.value})"
+
+    @property
+    def policy(self) -> RestartPolicy:
+        """The controller's restart policy."""
+        return self.controller.policy
+
+    @property
+    def restarts(self) -> int:
+        """Restarts counted by the policy now (in a row, or within its window)."""
+        return self.policy.recent
+
+    @property
+    def running(self) -> bool:
+        """True while started on this node (not stopped)."""
+        return self.state is not BackendState.STOPPED
+
+    def _runtime(self) -> AppRuntime | None:
+        return self.platform.runtimes.get(self.app.name)  # type: ignore[no-any-return]
+
+    def _lease_ok(self) -> bool:
+        rt = self._runtime()
+        return rt is None or rt.election is None or rt.election.is_leader
+
+    def audit(self, action: str, **data: object) -> None:
+        """Write an audit entry of the backend's category (best effort)."""
+        if self.audit_category is None:
+            return
+        try:
+            self.platform.audit.log(self.audit_category, action,
+                                    dict(data, **self.controller.identity()), app=self.app)
+        except Exception:
+            log.debug("audit %s not written", action, exc_info=True)
+
+    async def _arm(self) -> None:
+        fence = self.controller.fence()
+        if fence is not None:
+            await fence.start()  # from now on the service cannot outlive the lease
+
+    # -- the stage -----------------------------------------------------------------------
+
+    async def start(self, ctx: Context) -> None:
+        """Start the service; return once it is up (the BACKEND stage's activation)."""
+        self._stopping = False
+        self._ctx = ctx
+        self.policy.reset()
+        self.state = BackendState.STARTING
+        first = await self.controller.start(ctx)
+        await self._arm()
+        self.last_health = first or BackendHealth(True, "running")
+        self.state = BackendState.RUNNING
+        self._up_since = time.monotonic()
+        self.audit("started", epoch=ctx.epoch, **self.controller.started_info())
+        self._task = asyncio.create_task(self._supervise(ctx), name=f"{self.stage}:supervise")
+
+    async def stop(self, ctx: Context) -> None:
+        """Release the fence, stop watching, stop the service (the stage's deactivation)."""
+        self._stopping = True
+        fence = self.controller.fence()
+        if fence is not None:  # a graceful stop: the guard must not act meanwhile
+            await fence.release()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.state = BackendState.STOPPING
+        try:
+            extra = await self.controller.stop(ctx)
+        except BaseException as exc:
+            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, error=str(exc))
+            raise
+        finally:
+            self.state = BackendState.STOPPED
+            self.last_health = BackendHealth(False, "stopped")
+        if extra is not None:
+            self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, **extra)
+
+    async def health(self) -> BackendHealth:
+        """The backend's health as the app health check reports it (cheap)."""
+        return await self.controller.health(self.state, self.last_health)
+
+    def renewed(self, deadline: float) -> None:
+        """Hand a lease renewal to the controller while started."""
+        if self.running:
+            self.controller.renewed(deadline)
+
+    # -- while active --------------------------------------------------------------------
+
+    async def _supervise(self, ctx: Context) -> None:
+        try:
+            await self._watch(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a controller broke its contract: do not go on unwatched
+            log.exception("app %s: supervising %s failed", self.app.name,
+                          self.controller.describe())
+            if not self._stopping:
+                await self._fail(f"supervising {self.controller.describe()} failed: "
+                                 f"{type(exc).__name__}: {exc}", str(exc))
+
+    async def _watch(self, ctx: Context) -> None:
+        c = self.controller
+        while not self._stopping:
+            down = await self._next_failure()
+            if down is None or self._stopping:
+                return
+            self.last_health = BackendHealth(False, down.reason)
+            if not self._lease_ok():
+                log.warning("app %s: %s %s; lease gone, not restarting", self.app.name,
+                            c.describe(), down.reason)
+                self.state = BackendState.STOPPED
+                return
+            if c.restart_mode is RestartMode.ON_FAILURE and down.clean:
+                log.info("app %s: %s %s; not restarting (on-failure)", self.app.name,
+                         c.describe(), down.reason)
+                self.state = BackendState.EXITED
+                return
+            if c.restart_mode is RestartMode.NEVER:
+                await self._fail(f"{c.describe()} {down.reason} (restart=never)", down.reason)
+                return
+            if c.stable_after is not None and time.monotonic() - self._up_since >= c.stable_after:
+                self.policy.reset()
+            if not await self._restart(ctx, down.reason):
+                return
+
+    async def _next_failure(self) -> Down | None:
+        """Wait for the next failure: the controller's `Controller.wait_down`, or failed
+        probes; None once stopping."""
+        c = self.controller
+        watch = asyncio.ensure_future(c.wait_down())
+        failures, settling_since = 0, None
+        try:
+            while not self._stopping:
+                await asyncio.wait({watch}, timeout=c.check_interval)
+                if watch.done():
+                    down = watch.result()
+                    if self.state is BackendState.UNHEALTHY:
+                        return Down("unhealthy")
+                    return down
+                if self._stopping:
+                    return None
+                if self.state is not BackendState.RUNNING:
+                    continue
+                h = await c.probe()
+                if self.state is not BackendState.RUNNING or self._stopping:
+                    continue
+                self.last_health = h
+                if h.healthy:
+                    failures, settling_since = 0, None
+                    continue
+                if h.settling:  # the engine itself is restarting it: give it time
+                    settling_since = settling_since or time.monotonic()
+                    if time.monotonic() - settling_since < c.settle_timeout:
+                        continue
+                settling_since = None
+                failures += 1
+                if failures < c.failure_threshold:
+                    log.warning("app %s: health check failed (%d/%d): %s", self.app.name,
+                                failures, c.failure_threshold, h.detail)
+                    continue
+                self.state = BackendState.UNHEALTHY
+                await c.unhealthy()
+                return Down(h.detail if c.failure_threshold == 1 else "unhealthy")
+            return None
+        finally:
+            watch.cancel()
+
+    async def _restart(self, ctx: Context, why: str) -> bool:
+        """Restart with back-off until it runs again; False when done (stepping down or
+        stopping)."""
+        c = self.controller
+        while True:
+            diag = await c.diagnostics()
+            text = "".join(f"\nRecent {k}:\n" + "\n".join(v) for k, v in diag.items() if v)
+            delay = self.policy.next_delay()
+            if delay is None:
+                p = self.policy
+                spent = (f"{p.recent} restart(s) did not help" if math.isinf(p.window)
+                         else f"{p.max_restarts} in {p.window:.0f}s")
+                reason = f"{c.describe()} is {why}; restart policy exhausted ({spent})"
+                await self._fail(reason, why, diag, text)
+                return False
+            self.state = BackendState.RESTARTING
+            log.warning("app %s: %s is %s while active; restart %d/%d in %.1fs%s",
+                        self.app.name, c.describe(), why, self.policy.recent,
+                        self.policy.max_restarts, delay, text)
+            await asyncio.sleep(delay)
+            if self._stopping or not self._lease_ok():
+                return False
+            try:
+                first = await c.restart(ctx)
+                await self._arm()  # re-armed if it fenced meanwhile
+            except Exception as exc:  # e.g. out of file descriptors: still a failed restart
+                why = exc.reason if isinstance(exc, BackendError) else \
+                    f"{type(exc).__name__}: {exc}"
+                log.warning("app %s: restart of %s failed: %s", self.app.name, c.describe(),
+                            why)
+                continue
+            self.last_health = first or BackendHealth(True, "running")
+            self.state = BackendState.RUNNING
+            self._up_since = time.monotonic()
+            log.info("app %s: %s restarted", self.app.name, c.describe())
+            self.audit("restarted", detail=why, restarts=self.policy.total)
+            return True
+
+    async def _fail(self, reason: str, detail: str, diag: dict[str, list[str]] | None = None,
+                    text: str = "") -> None:
+        self.state = BackendState.FAILED
+        log.error("app %s: %s; stepping down%s", self.app.name, reason, text)
+        self.audit("failed", detail=detail, **{k: v[-5:] for k, v in (diag or {}).items()})
+        rt = self._runtime()
+        if rt is not None:
+            rt.report_failure(self.stage, reason)

@@ -151,10 +151,11 @@ def pycluster_register_options(registry: OptionRegistry) -> None:
 
 @hookspec(firstresult=True)
 def pycluster_claim_option(app: App, option: Any) -> bool | None:
-    """Claim an App option object that is not one of the core's own.
+    """Claim an App option object that is not one of the core's own nor a backend's.
 
-    Called once per foreign option when the app is registered with a platform. Stops at the
-    first non-None result. Return True to accept it (keep a reference, e.g. to add stages later).
+    Called once per such option when the app is registered with a platform (options of a
+    registered backend kind are claimed by the kernel without it). Stops at the first non-None
+    result. Return True to accept it (e.g. after registering its health check).
     An option nobody claims is refused (`pycluster.UnclaimedOptionError`).
 
     :param app: the app being registered.
@@ -290,13 +291,19 @@ def pycluster_register_replicators(registry: ReplicatorRegistry) -> None:
 
 @hookspec
 def pycluster_register_backends(registry: BackendRegistry) -> None:
-    """Map backend kinds ("process", "systemd", "docker", ...) to controller factories.
+    """Register backend kinds ("process", "systemd", "docker", ...): one call per kind is the
+    whole of a backend plugin's wiring.
 
-    Called once when a platform is created. A backend controller implements the
-    `pycluster.backend.Backend` protocol (async ``start``, ``stop``, ``health``).
+    Called once when a platform is created. For every App option of a registered class the
+    kernel claims the option, builds the controller (``factory(option, app, platform)``, a
+    `pycluster.backend.Controller`), runs it under the shared `pycluster.backend.Supervisor`
+    (restart policy, health probes, fence guard, audit entries, ``report_failure``), and
+    makes it the app's BACKEND stage and health check (``{kind}-{i}``) and, when declared, the
+    kind's metrics and audit category (see `pycluster.kernel.registry.BackendKind`).
 
-    :param registry: call ``registry.add(kind, option_class, factory)``; an unknown kind later
-        fails with the list of installed kinds.
+    :param registry: call ``registry.add(kind, option_class, factory, plugin=..., stage_name=,
+        check_name=, audit=, metrics=)``; an unknown kind later fails with the list of
+        installed kinds.
     """
 
 
@@ -769,8 +776,10 @@ def pycluster_config_sections(registry: ConfigRegistry) -> None:
 
     Called once when a config file is loaded.
 
-    :param registry: call ``registry.add(name, model, to_option)`` with a pydantic model for the
-        section and a function turning a validated section into an App option.
+    :param registry: call ``registry.add(name, OptionClass)`` with an option class declared
+        with `pycluster.kernel.declare.option` (the section has its fields and is validated by
+        the same declaration), or ``registry.add(name, model, to_option)`` with a pydantic model
+        for the section and a function turning a validated section into an App option.
     """
 
 

@@ -7,6 +7,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,8 @@ async def platforms(nats_url: str, unique_name: str) -> AsyncIterator[Callable[.
 
 
 def offline(option: Docker, unique: str) -> tuple[DockerBackend, Context]:
-    """A backend and a context without a running platform (the backend alone)."""
+    """A controller and a context without a running platform (the controller alone: no
+    supervisor, no fence)."""
     pm = create_plugin_manager(load_entrypoints=False, extra=[("docker", docker_plugin)])
     platform = Platform(unique, node_id="n1", nats_url="nats://127.0.0.1:1", plugin_manager=pm)
     app = App("svc", option)
@@ -128,8 +130,9 @@ async def test_exited_container_fails_the_start_and_missing_image_is_clear(
         await backend.start(ctx)
     assert "refusing: broken" in info.value.logs
     await backend.stop(ctx)
-    backend, ctx = offline(opt(engine, tmp_path, name="pyc-missing-image"), unique_name)
-    backend.option.image = "localhost/pycluster-no-such-image:1"
+    missing = replace(opt(engine, tmp_path, name="pyc-missing-image"),
+                      image="localhost/pycluster-no-such-image:1")
+    backend, ctx = offline(missing, unique_name)
     with pytest.raises(DockerBackendError, match="is not present"):
         await backend.start(ctx)
 
@@ -149,7 +152,7 @@ async def test_stop_with_timeout_and_keep(
     # The next activation on this node replaces the kept container.
     await backend.start(ctx)
     assert client.containers.get(backend.name).id != kept.id
-    backend.option.remove = True
+    backend.option = replace(backend.option, remove=True)
     await backend.stop(ctx)
 
 

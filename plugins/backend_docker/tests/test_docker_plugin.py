@@ -9,10 +9,11 @@ import pytest
 import pycluster_docker.plugin as docker_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
+from pycluster.kernel import backends
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
-from pycluster.kernel.stages import StageOrder, StageRegistry
+from pycluster.kernel.stages import StageOrder
 from pycluster.plugins import create_plugin_manager
 from pycluster_docker import Docker
 from pycluster_docker.backend import ExecHealth, engine_url
@@ -76,7 +77,7 @@ def test_config_section_builds_the_option() -> None:
         "restart_policy": "on-failure:2", "remove": False}})
     app = build_app(cfg, reg)
     opt = next(o for o in app.options if isinstance(o, Docker))
-    assert opt._ports == {"80/tcp": 8080} and opt.memory == "256m" and not opt.remove
+    assert opt.port_bindings() == {"80/tcp": 8080} and opt.memory == "256m" and not opt.remove
     bad = AppConfig.model_validate({"name": "web", "docker": {"image": "x", "port": 1}})
     with pytest.raises(ConfigError, match=r"apps\.web\.docker\.port"):
         build_app(bad, reg)
@@ -89,9 +90,7 @@ def test_option_is_claimed_and_becomes_a_backend_stage() -> None:
     app = p.register(App("svc", a, b))
     assert p.backends.get("docker").option_class is Docker
     assert {"docker-0", "docker-1"} <= set(app.health.specs)
-    reg = StageRegistry()
-    pm.hook.pycluster_stages(app=app, platform=p, registry=reg)
-    stages = reg.ordered()
+    stages = backends.stages(p, app)
     assert [s.name for s in stages] == ["docker-0", "docker-1"]
     assert all(s.order == StageOrder.BACKEND for s in stages)
     assert a.backend.name == "pycluster-unit-svc-n1"

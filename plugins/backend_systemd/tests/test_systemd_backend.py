@@ -133,7 +133,8 @@ async def platforms(nats_url: str, unique_name: str) -> AsyncIterator[Callable[.
 
 
 def offline(opt: Systemd, name: str = "t") -> tuple[SystemdBackend, Context]:
-    """A backend and a context without a running platform (the backend alone)."""
+    """A controller and a context without a running platform (the controller alone: no
+    supervisor, no fence)."""
     pm = create_plugin_manager(load_entrypoints=False, extra=[("systemd", systemd_plugin)])
     platform = Platform("offline", node_id="n1", nats_url="nats://127.0.0.1:1", plugin_manager=pm)
     app = App(name, opt)
@@ -171,7 +172,7 @@ async def test_notify_unit_waits_for_ready(sd1: SystemdContainer) -> None:
     await backend.start(ctx)
     took = time.monotonic() - started
     try:
-        h = await backend.health()
+        h = await backend.probe()
         assert h.healthy, h
         assert h.data["Type"] == "notify" and h.data["StatusText"] == "serving"
         assert took >= 1.8, f"start returned after {took:.2f}s, before READY=1"
@@ -201,7 +202,7 @@ async def test_unknown_unit_and_missing_prefix_command_are_clear_errors(
     backend, ctx = offline(Systemd("main", prefix=["/nonexistent/ssh", "host"]))
     with pytest.raises(SystemdUnitError, match="cannot run '/nonexistent/ssh'"):
         await backend.start(ctx)
-    h = await backend.health()
+    h = await backend.probe()
     assert not h.healthy and "cannot run" in h.detail
 
 

@@ -10,10 +10,11 @@ import pytest
 import pycluster_systemd.plugin as systemd_plugin
 from pycluster import App, OnNodes, Platform
 from pycluster.cli.config_apps import build_app
+from pycluster.kernel import backends
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.registry import ConfigRegistry
 from pycluster.kernel.settings import AppConfig
-from pycluster.kernel.stages import StageOrder, StageRegistry
+from pycluster.kernel.stages import StageOrder
 from pycluster.plugins import create_plugin_manager
 from pycluster_systemd import Systemd
 from pycluster_systemd.backend import RestartPolicy
@@ -80,11 +81,10 @@ def test_option_is_claimed_and_becomes_a_backend_stage() -> None:
     app = p.register(App("svc", opt))
     assert p.backends.get("systemd").option_class is Systemd
     assert "systemd-main_service" in app.health.specs
-    reg = StageRegistry()
-    pm.hook.pycluster_stages(app=app, platform=p, registry=reg)
-    (stage,) = reg.ordered()
+    (stage,) = backends.stages(p, app)
     assert stage.order == StageOrder.BACKEND and stage.plugin == "systemd"
-    assert stage.extra["backend"] is opt.backend
+    assert stage.name == "systemd-main.service"
+    assert stage.extra["backend"].controller is opt.backend
 
 
 async def test_missing_systemd_is_reported_at_start_up(

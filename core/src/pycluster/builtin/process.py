@@ -36,24 +36,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shlex
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel
 
 from ..backend import (
     BackendError,
     BackendHealth,
+    BackendState,
+    Controller,
+    Down,
     HealthCheck,
+    RestartMode,
+    RestartPolicy,
+    Supervisor,
     backend_env,
-    backend_stage,
-    backends_of,
     check_env_names,
     expand,
     guard_argv,
@@ -61,9 +63,9 @@ from ..backend import (
     guard_deadlines,
 )
 from ..kernel.context import Context
+from ..kernel.declare import option
 from ..kernel.errors import ConfigError
-from ..kernel.registry import BackendRegistry, ConfigRegistry, OptionRegistry
-from ..kernel.stages import StageRegistry
+from ..kernel.registry import BackendRegistry, ConfigRegistry
 from ..plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ STABLE_AFTER = 60.0  # seconds a restarted process must stay up for its restart 
 GUARD_START_TIMEOUT = 30.0  # seconds for the guard to report the command started (loaded hosts)
 
 
-@dataclass(frozen=True)
+@option
 class Process:
     """Run ``command`` while the app is active on this node (the "process" backend).
 
@@ -111,10 +113,10 @@ class Process:
         started once its command runs and as healthy while it runs.
     """
 
-    command: str | Sequence[str]
+    command: str | tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
-    inherit_env: Sequence[str] = ()
+    inherit_env: str | tuple[str, ...] = ()
     grace: float = 10.0
     restart: str = "on-failure"
     max_restarts: int = 3
@@ -195,79 +197,79 @@ def _describe(code: int) -> str:
     return f"exited with {code}"
 
 
-class ProcessBackend:
-    """The controller behind a `Process` option (implements `pycluster.backend.Backend`).
+class ProcessController(Controller):
+    """The controller behind a `Process` option (run by the shared `Supervisor`).
 
-    :ivar state: ``stopped``, ``starting``, ``running``, ``restarting``, ``exited`` (a clean exit
-        under ``on-failure``), ``failed`` (restarts exhausted; the node steps down), ``stopping``.
-    :ivar restarts: restarts in a row during this activation.
+    The supervisor restarts by ``restart`` / ``max_restarts`` / ``restart_backoff`` (in a row:
+    the count resets once a restart stayed up for `STABLE_AFTER` seconds), probes the health
+    check every ``interval`` (``failure_threshold`` failures in a row bring the process down
+    and restart it) and learns of exits through `wait_down`.
+
     :ivar last_exit: the last exit status (negative: killed by that signal).
     """
 
     kind = "process"
+    stable_after = STABLE_AFTER
+    check_timeout = 10.0
 
-    def __init__(self, option: Process, app: App, platform: Platform,
-                 stage: str = "process-0") -> None:
-        self.option = option
-        self.app = app
-        self.platform = platform
-        self.stage = stage
-        self.state = "stopped"
-        self.restarts = 0
+    def __init__(self, option: Process, app: App, platform: Platform) -> None:
+        super().__init__(option, app, platform)
+        self.option: Process = option
+        check = option.health
+        self.check_interval = check.interval if check is not None else None
+        self.failure_threshold = check.failure_threshold if check is not None else 1
+        self.restart_mode = RestartMode(option.restart)
+        self.policy = RestartPolicy(option.max_restarts, option.restart_backoff, math.inf,
+                                    cap=BACKOFF_CAP)
+        start = check.start_timeout if check is not None else 0.0
+        self.stage_timeout = max(start, option.grace) + GUARD_START_TIMEOUT
         self.last_exit: int | None = None
-        self.last_health = BackendHealth(False, "not started")
         self._child: _Child | None = None
         self._ctx: Context | None = None
-        self._stopping = True
-        self._tasks: list[asyncio.Task[None]] = []
-        self._health_failures = 0
         self._out = logging.getLogger(f"pycluster.backend.{app.name}")
 
     # -- the lease ------------------------------------------------------------------------
 
     def _runtime(self) -> AppRuntime | None:
-        return self.platform.runtimes.get(self.app.name)
+        return self.platform.runtimes.get(self.app.name)  # type: ignore[no-any-return]
 
-    def _lease_ok(self) -> bool:
-        rt = self._runtime()
-        return rt is None or rt.election is None or rt.election.is_leader
-
-    def _renewed(self, deadline: float) -> None:
+    def renewed(self, deadline: float) -> None:
+        """Hand the new lease deadline to the fence guard of the running command."""
         child, d = self._child, guard_deadlines(self._runtime(), deadline)
         if child is not None and child.running and d is not None:
             child.send(guard_deadline_line(d))
 
+    def describe(self) -> str:
+        """The stage and app, for messages (``process-0 (web)``)."""
+        return f"{self.stage or self.kind} ({self.app.name})"
+
     # -- starting -------------------------------------------------------------------------
 
-    async def start(self, ctx: Context) -> None:
+    async def start(self, ctx: Context) -> BackendHealth:
         """Start the command; return once it runs (and is healthy, with a health check)."""
-        self._stopping = False
         self._ctx = ctx
-        self.restarts = 0
-        self._health_failures = 0
-        await self._launch(ctx)
-        self._tasks = [asyncio.create_task(self._watch(ctx), name=f"{self.stage}:watch")]
-        if self.option.health is not None:
-            self._tasks.append(asyncio.create_task(self._monitor(), name=f"{self.stage}:health"))
+        return await self._launch(ctx)
 
-    async def _launch(self, ctx: Context) -> None:
+    async def restart(self, ctx: Context) -> BackendHealth:
+        """Run the command again (the last run has exited)."""
+        return await self._launch(ctx)
+
+    async def _launch(self, ctx: Context) -> BackendHealth:
         """Spawn the command and wait until it is healthy; on failure nothing stays running."""
-        self.state = "starting"
         child = await self._spawn(ctx)
         check = self.option.health
         if check is None:
-            self.last_health = BackendHealth(True, f"running, pid {child.pid}")
-        else:
-            def failed() -> str | None:
-                return None if child.running else _describe(child.exit.result())
+            return BackendHealth(True, f"running, pid {child.pid}")
 
-            try:
-                self.last_health = await check.wait_healthy(
-                    self.app.name, failed, env=self.option.environment(ctx))
-            except BaseException:
-                await self._terminate(child, 0.0)
-                raise
-        self.state = "running"
+        def failed() -> str | None:
+            return None if child.running else _describe(child.exit.result())
+
+        try:
+            return await check.wait_healthy(self.app.name, failed,
+                                            env=self.option.environment(ctx))
+        except BaseException:
+            await self._terminate(child, 0.0)
+            raise
 
     async def _spawn(self, ctx: Context) -> _Child:
         opt = self.option
@@ -351,93 +353,31 @@ class ProcessBackend:
 
     # -- while active ---------------------------------------------------------------------
 
-    async def _watch(self, ctx: Context) -> None:
-        """Wait for exits; restart by policy; report a failure the node must step down for."""
-        opt = self.option
-        while not self._stopping:
-            child = self._child
-            if child is None:
-                return
-            code = await asyncio.shield(child.exit)  # a cancelled waiter must not cancel it
-            if self._stopping:
-                return
-            self.last_exit = code
-            why = "unhealthy" if self.state == "unhealthy" else _describe(code)
-            self.last_health = BackendHealth(False, why)
-            if not self._lease_ok():
-                log.warning("app %s: backend %s; lease gone, not restarting", self.app.name, why)
-                self.state = "stopped"
-                return
-            if opt.restart == "on-failure" and code == 0 and why != "unhealthy":
-                log.info("app %s: backend exited with 0; not restarting (on-failure)",
-                         self.app.name)
-                self.state = "exited"
-                return
-            if opt.restart == "never":
-                self._fail(f"backend {why} (restart=never)")
-                return
-            if time.monotonic() - child.started_at >= STABLE_AFTER:
-                self.restarts = 0
-            if not await self._restart(ctx, why):
-                return
+    async def wait_down(self) -> Down:
+        """Return once the command exited."""
+        child = self._child
+        if child is None:
+            return await super().wait_down()
+        code = await asyncio.shield(child.exit)  # a cancelled waiter must not cancel it
+        self.last_exit = code
+        return Down(_describe(code), clean=code == 0)
 
-    async def _restart(self, ctx: Context, why: str) -> bool:
-        """Restart with back-off until it runs again; False when the node must step down."""
-        opt = self.option
-        while True:
-            if self.restarts >= opt.max_restarts:
-                self._fail(f"backend {why}; {self.restarts} restart(s) did not help")
-                return False
-            delay = min(opt.restart_backoff * 2 ** self.restarts, BACKOFF_CAP)
-            self.restarts += 1
-            self.state = "restarting"
-            log.warning("app %s: backend %s while active; restart %d/%d in %.1fs",
-                        self.app.name, why, self.restarts, opt.max_restarts, delay)
-            await asyncio.sleep(delay)
-            if self._stopping or not self._lease_ok():
-                return False
-            try:
-                await self._launch(ctx)
-                self._health_failures = 0
-                return True
-            except BackendError as exc:
-                why = exc.reason
-                log.warning("app %s: restart failed: %s", self.app.name, why)
-            except Exception as exc:  # e.g. out of file descriptors: still a failed restart
-                why = f"{type(exc).__name__}: {exc}"
-                log.exception("app %s: restart failed", self.app.name)
+    async def probe(self) -> BackendHealth:
+        """Run the health check once (without one: whether the command runs)."""
+        child, check = self._child, self.option.health
+        if child is None or not child.running:
+            return BackendHealth(False, "not running")
+        if check is None:
+            return BackendHealth(True, f"running, pid {child.pid}")
+        return await check.probe(self.option.environment(self._ctx))
 
-    async def _monitor(self) -> None:
-        """Probe the health check every ``interval`` while running."""
-        check = self.option.health
-        assert check is not None and self._ctx is not None
-        env = self.option.environment(self._ctx)
-        while not self._stopping:
-            await asyncio.sleep(check.interval)
-            child = self._child
-            if self.state != "running" or child is None or not child.running:
-                continue
-            result = await check.probe(env)
-            if self.state != "running":
-                continue
-            self.last_health = result
-            if result.healthy:
-                self._health_failures = 0
-                continue
-            self._health_failures += 1
-            log.warning("app %s: health check failed (%d/%d): %s", self.app.name,
-                        self._health_failures, check.failure_threshold, result.detail)
-            if self._health_failures >= check.failure_threshold:
-                self._health_failures = 0
-                self.state = "unhealthy"
-                await self._terminate(child, self.option.grace)  # _watch restarts by policy
-
-    def _fail(self, reason: str) -> None:
-        self.state = "failed"
-        log.error("app %s: %s; stepping down", self.app.name, reason)
-        rt = self._runtime()
-        if rt is not None:
-            rt.report_failure(self.stage, reason)
+    async def unhealthy(self) -> None:
+        """Failed health checks: stop the command (the supervisor restarts it by policy)."""
+        child = self._child
+        if child is not None:
+            await self._terminate(child, self.option.grace)
+            if child.exit.done():
+                self.last_exit = child.exit.result()
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -462,157 +402,102 @@ class ProcessBackend:
 
     async def stop(self, ctx: Context) -> None:
         """SIGTERM the process tree, SIGKILL after the grace period or near ``ctx.deadline``."""
-        self._stopping = True
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         child = self._child
-        if child is not None:
-            self.state = "stopping"
-            grace = self.option.grace
-            if ctx.deadline is not None:  # the lease ends soon: be dead well before it does
-                grace = min(grace, max(0.0, ctx.deadline - time.monotonic()) / 2)
-            # Renewals still reach the guard meanwhile: a graceful stop may take its whole grace.
-            await self._terminate(child, grace)
         if child is None:
-            self.state = "stopped"
             return
+        grace = self.option.grace
+        if ctx.deadline is not None:  # the lease ends soon: be dead well before it does
+            grace = min(grace, max(0.0, ctx.deadline - time.monotonic()) / 2)
+        # Renewals still reach the guard meanwhile: a graceful stop may take its whole grace.
+        await self._terminate(child, grace)
         if child.exit.done():
             self.last_exit = child.exit.result()
-        self.state = "stopped"
-        self.last_health = BackendHealth(False, "stopped")
         log.info("app %s: backend stopped (%s)", self.app.name,
                  _describe(self.last_exit) if self.last_exit is not None else "not started")
 
     # -- health ---------------------------------------------------------------------------
 
-    async def health(self) -> BackendHealth:
-        """The last known health (cheap: the monitor task does the probing)."""
+    async def health(self, state: BackendState, last: BackendHealth | None) -> BackendHealth:
+        """The last known health (cheap: the supervisor does the probing), with the pid,
+        the restarts in a row and the last exit status."""
         child = self._child
         running = child is not None and child.running
         data: dict[str, Any] = {
-            "state": self.state, "pid": child.pid if child and running else None,
-            "restarts": self.restarts, "last_exit": self.last_exit,
+            "state": state.value, "pid": child.pid if child and running else None,
+            "restarts": self.policy.recent, "last_exit": self.last_exit,
         }
+        detail = last.detail if last is not None else ""
         if not running:
-            return BackendHealth(False, self.last_health.detail or self.state, data)
-        return BackendHealth(self.state == "running" and self.last_health.healthy,
-                             self.last_health.detail, data)
+            return BackendHealth(False, detail or state.value, data)
+        healthy = state is BackendState.RUNNING and last is not None and last.healthy
+        return BackendHealth(healthy, detail, data)
 
 
-# -- the config-file section ----------------------------------------------------------------
+class ProcessBackend(Supervisor):
+    """A supervised command outside the app's BACKEND stages (e.g. a plugin's helper such as
+    ``litestream replicate``): a `Supervisor` around a `ProcessController`. While started it
+    is a plugin object taking its app's lease renewals (``pycluster_lease_renewed``), so its
+    fence guard follows the lease like a BACKEND stage's.
 
+    :ivar state: a `pycluster.backend.BackendState`.
+    """
 
-class HealthSection(BaseModel):
-    """``health:`` inside a ``process:`` section."""
+    def __init__(self, option: Process, app: App, platform: Platform,
+                 stage: str = "process-0") -> None:
+        self.process = ProcessController(option, app, platform)
+        super().__init__(self.process, stage=stage)
+        self._plugin_name = f"process-backend-{id(self):x}"
 
-    model_config = {"extra": "forbid"}
+    def _follow_renewals(self, on: bool) -> None:
+        pm = self.platform.pm
+        if on and pm.get_plugin(self._plugin_name) is None:
+            pm.register(self, name=self._plugin_name)
+        elif not on and pm.get_plugin(self._plugin_name) is not None:
+            pm.unregister(name=self._plugin_name)
 
-    http: str | None = None
-    tcp: str | None = None
-    command: str | list[str] | None = None
-    interval: float = 5.0
-    timeout: float = 2.0
-    start_timeout: float = 60.0
-    failure_threshold: int = 3
+    @hookimpl
+    def pycluster_lease_renewed(self, app: App, deadline: float) -> None:
+        """Hand a renewal of this command's app to its fence guard."""
+        if app.platform is self.platform and app.name == self.app.name:
+            self.renewed(deadline)
 
+    async def start(self, ctx: Context) -> None:
+        """Start the command (see `Supervisor.start`) and follow the app's lease."""
+        self._follow_renewals(True)
+        try:
+            await super().start(ctx)
+        except BaseException:
+            self._follow_renewals(False)
+            raise
 
-class ProcessSection(BaseModel):
-    """The ``process:`` section of an app in a config file (the fields of `Process`)."""
+    async def stop(self, ctx: Context) -> None:
+        """Stop the command (see `Supervisor.stop`)."""
+        try:
+            await super().stop(ctx)
+        finally:
+            self._follow_renewals(False)
 
-    model_config = {"extra": "forbid"}
+    @property
+    def _child(self) -> _Child | None:
+        return self.process._child
 
-    command: str | list[str]
-    env: dict[str, str] = {}
-    inherit_env: list[str] = []
-    cwd: str | None = None
-    grace: float = 10.0
-    restart: str = "on-failure"
-    max_restarts: int = 3
-    restart_backoff: float = 1.0
-    health: HealthSection | None = None
-
-
-def process_from_section(section: ProcessSection) -> Process:
-    """Build the `Process` option of a validated ``process:`` section."""
-    health = HealthCheck(**section.health.model_dump()) if section.health is not None else None
-    return Process(section.command, env=section.env, cwd=section.cwd,
-                   inherit_env=tuple(section.inherit_env), grace=section.grace,
-                   restart=section.restart, max_restarts=section.max_restarts,
-                   restart_backoff=section.restart_backoff, health=health)
+    @property
+    def last_exit(self) -> int | None:
+        """The last exit status (negative: killed by that signal)."""
+        return self.process.last_exit
 
 
 # -- hooks ------------------------------------------------------------------------------------
 
 
 @hookimpl(trylast=True)
-def pycluster_register_options(registry: OptionRegistry) -> None:
-    """The core's process option."""
-    registry.add(Process, plugin="process")
-
-
-@hookimpl(trylast=True)
 def pycluster_register_backends(registry: BackendRegistry) -> None:
-    """Backend kind "process"."""
-    registry.add("process", Process, ProcessBackend, plugin="process")
+    """Backend kind "process": each `Process` option becomes stage and app health check
+    ``process-N`` (built by the kernel, run by the shared supervisor)."""
+    registry.add("process", Process, ProcessController, plugin="process")
 
 
 @hookimpl(trylast=True)
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``process:`` section of an app."""
-    registry.add("process", ProcessSection, process_from_section)
-
-
-@hookimpl(trylast=True)
-def pycluster_claim_option(app: App, option: object) -> bool | None:
-    """Claim `Process` options; each backend's health becomes app health check
-    ``process-N`` (and so the ``pycluster_health{check}`` metric)."""
-    if not isinstance(option, Process):
-        return None
-    index = next(i for i, o in enumerate(
-        o for o in app.options if isinstance(o, Process)) if o is option)
-    name = f"process-{index}"
-    if name not in app.health.specs:
-        interval = option.health.interval if option.health is not None else 5.0
-        app.health.register(name, _backend_check(app, name), interval=interval, timeout=10.0)
-    return True
-
-
-def _backend_check(app: App, stage: str) -> Callable[[], Awaitable[dict[str, Any]]]:
-    """The app health check of the backend behind stage ``stage`` on this node."""
-
-    async def check() -> dict[str, Any]:
-        rt = app._runtime
-        backend = next((b for s, b in backends_of(rt.stages) if s.name == stage), None) \
-            if rt is not None else None
-        if not isinstance(backend, ProcessBackend) or backend.state == "stopped":
-            return {"state": "standby"}  # nothing runs here to check
-        h = await backend.health()
-        if not h.healthy:
-            raise RuntimeError(f"{stage} ({app.name}) is {h.detail}")
-        return {"state": h.detail, **h.data}
-
-    return check
-
-
-@hookimpl
-def pycluster_lease_renewed(app: App, deadline: float) -> None:
-    """Hand the new lease deadline to the fence guard of each running process of ``app``."""
-    rt = app.platform.runtimes.get(app.name) if app.platform is not None else None
-    if rt is None:
-        return
-    for _, backend in backends_of(rt.stages):
-        if isinstance(backend, ProcessBackend):
-            backend._renewed(deadline)
-
-
-@hookimpl(trylast=True)
-def pycluster_stages(app: App, platform: Platform, registry: StageRegistry) -> None:
-    """A BACKEND stage per `Process` option of the app (``process-0``, ``process-1``, ...)."""
-    for i, opt in enumerate(o for o in app.options if isinstance(o, Process)):
-        name = f"process-{i}"
-        backend = ProcessBackend(opt, app, platform, stage=name)
-        start = opt.health.start_timeout if opt.health is not None else 0.0
-        registry.add(backend_stage(name, backend, plugin="process",
-                                   timeout=max(start, opt.grace) + GUARD_START_TIMEOUT))
+    registry.add("process", Process)  # the section is the declaration of Process

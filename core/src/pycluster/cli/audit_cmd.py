@@ -23,6 +23,7 @@ import nats.js.errors
 from ..builtin.audit.log import CORE_CATEGORIES, AuditCategoryRegistry
 from ..builtin.audit.query import AuditEntry, AuditFilter, AuditReader
 from ..kernel.errors import ConfigError, PyclusterError
+from ..kernel.registry import BackendRegistry
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -133,6 +134,11 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
         pm = click.get_current_context().obj
         if pm is not None and hasattr(pm, "hook"):  # plugins' categories
             pm.hook.pycluster_audit_categories(registry=reg)
+            backends = BackendRegistry()
+            pm.hook.pycluster_register_backends(registry=backends)
+            for kind in backends.all():  # written by the backends' shared supervisor
+                if kind.audit is not None:
+                    reg.add(kind.kind, kind.audit, kind.plugin)
         if output == "json":
             click.echo(json.dumps(reg.categories, indent=2))
         else:

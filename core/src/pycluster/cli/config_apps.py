@@ -20,8 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from ..kernel.app import App
 from ..kernel.errors import ConfigError
 from ..kernel.options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
@@ -57,14 +55,7 @@ def build_app(cfg: AppConfig, sections: ConfigRegistry) -> App:
             known = ", ".join(sorted(sections.sections)) or "none"
             raise ConfigError(f"apps.{cfg.name}.{name}", raw,
                               f"no plugin provides this section (installed: {known})")
-        try:
-            model = section.model.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise ConfigError(f"apps.{cfg.name}.{name}.{loc}".rstrip("."), err.get("input"),
-                              err["msg"]) from None
-        opts.append(section.to_option(model))
+        opts.append(section.build(raw, f"apps.{cfg.name}.{name}"))
     return App(cfg.name, *opts)
 
 

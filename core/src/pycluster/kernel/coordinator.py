@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..plugins import call_each
+from . import backends
 from .aio import cancel_and_wait, supervise
 from .context import Context
 from .errors import ConfigError
@@ -257,6 +258,8 @@ class AppRuntime:
         replication_stages(self.replicators, reg)
         vip_stages(self.vips, reg)
         self.platform.pm.hook.pycluster_stages(app=self.app, platform=self.platform, registry=reg)
+        for stage in backends.stages(self.platform, self.app):  # the backend registry's kinds
+            reg.add(stage)
 
         async def activate(ctx: Context) -> None:
             await run_hooks(self.app.hooks("active"), ctx, self.hook_timeout, "on_active", True)
@@ -286,6 +289,7 @@ class AppRuntime:
 
     def renewed(self, deadline: float) -> None:
         """Election callback: the lease was won or renewed; ``deadline`` is its local end."""
+        backends.renewed(self.platform, self.app, deadline)  # their fence guards
         call_each(self._hooks.pycluster_lease_renewed, "lease renewed", app=self.app,
                   deadline=deadline)
 

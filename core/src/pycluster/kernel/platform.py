@@ -40,6 +40,7 @@ from ..plugins import (
     create_plugin_manager,
     distribution_of,
 )
+from . import backends
 from .aio import cancel_and_wait
 from .app import App
 from .app import app_of as kernel_app_of
@@ -218,8 +219,10 @@ class Platform:
         if self._running:
             raise ConfigError("app", app.name, "register apps before the platform starts")
         for opt in app.options:
+            if self.backends.for_option(opt) is not None:
+                continue  # a backend option: the kernel builds its stage, check and metrics
             claimed = self.pm.hook.pycluster_claim_option(app=app, option=opt)
-            if not claimed:
+            if not claimed and self.options.plugin_for(opt) is None:
                 raise UnclaimedOptionError(app.name, opt, distribution_of(opt))
         app.check_events(self.app_events)
         for plugin in app.needs():
@@ -235,6 +238,7 @@ class Platform:
         if abs(priority) > PRIORITY_LIMIT:  # other nodes would ignore our membership record
             raise ConfigError(f"App({app.name!r}).election.priority", priority,
                               f"must be within ±{PRIORITY_LIMIT}")
+        backends.attach(self, app)
         app.platform = self
         self.apps[app.name] = app
         return app

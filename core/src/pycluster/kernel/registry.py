@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
-
-    from ..backend import Backend
 
 
 class OptionRegistry:
@@ -32,28 +27,81 @@ class OptionRegistry:
         return None
 
 
-BackendFactory = Callable[..., "Backend"]
+BackendFactory = Callable[..., Any]
+"""``factory(option, app, platform)`` -> a `pycluster.backend.Controller`."""
+
+
+@dataclass(frozen=True)
+class BackendMetrics:
+    """Per-backend metrics of a kind, labelled ``app`` and ``label``.
+
+    :ivar label: the second label's name (``"unit"``, ``"container"``).
+    :ivar label_of: its value for a supervisor (``lambda s: s.controller.option.unit``).
+    :ivar healthy: ``(name, help)`` of the gauge (1/0, the last check while started; absent
+        where the backend does not run).
+    :ivar restarts: ``(name, help)`` of the counter (restarts by the supervisor; Prometheus
+        adds ``_total``).
+    """
+
+    label: str
+    label_of: Callable[[Any], str]
+    healthy: tuple[str, str]
+    restarts: tuple[str, str]
 
 
 @dataclass
 class BackendKind:
-    """A registered backend kind."""
+    """A registered backend kind: everything the kernel needs to turn an option of
+    ``option_class`` into a BACKEND stage, an app health check, metrics and audit entries.
+
+    :ivar kind: the kind (``"docker"``); stage and check names default to ``{kind}-{i}``.
+    :ivar option_class: the App option class users pass to ``App(...)``.
+    :ivar factory: ``factory(option, app, platform)`` returns the controller
+        (`pycluster.backend.Controller`).
+    :ivar plugin: the plugin that registered it (default: the kind).
+    :ivar stage_name: ``(option, index)`` -> the stage name (index among the app's options
+        of this kind).
+    :ivar check_name: ``(option, index)`` -> the app health check's name (default: the stage
+        name).
+    :ivar audit: ``{action: description}`` of the audit category named like the kind (None:
+        no audit entries); the supervisor writes started, stopped, restarted, failed.
+    :ivar metrics: the kind's healthy/restarts metrics (None: none).
+    """
 
     kind: str
     option_class: type
     factory: BackendFactory
     plugin: str
+    stage_name: Callable[[Any, int], str] | None = None
+    check_name: Callable[[Any, int], str] | None = None
+    audit: Mapping[str, str] | None = None
+    metrics: BackendMetrics | None = None
+
+    def stage_of(self, option: object, index: int) -> str:
+        """The stage name of the ``index``-th option of this kind of an app."""
+        return self.stage_name(option, index) if self.stage_name else f"{self.kind}-{index}"
+
+    def check_of(self, option: object, index: int) -> str:
+        """The app health check name of the ``index``-th option of this kind."""
+        return self.check_name(option, index) if self.check_name else self.stage_of(option,
+                                                                                     index)
 
 
 class BackendRegistry:
-    """Backend kinds ("process", "systemd", "docker", ...) and their controller factories."""
+    """Backend kinds ("process", "systemd", "docker", ...): the kernel reads it to build each
+    app's BACKEND stages, health checks, metrics and audit entries."""
 
     def __init__(self) -> None:
         self._kinds: dict[str, BackendKind] = {}
 
-    def add(self, kind: str, option_class: type, factory: BackendFactory, plugin: str = "") -> None:
-        """Register a backend kind; ``factory(option, app, platform)`` returns a controller."""
-        self._kinds[kind] = BackendKind(kind, option_class, factory, plugin or kind)
+    def add(self, kind: str, option_class: type, factory: BackendFactory, plugin: str = "", *,
+            stage_name: Callable[[Any, int], str] | None = None,
+            check_name: Callable[[Any, int], str] | None = None,
+            audit: Mapping[str, str] | None = None,
+            metrics: BackendMetrics | None = None) -> None:
+        """Register a backend kind (see `BackendKind` for the parameters)."""
+        self._kinds[kind] = BackendKind(kind, option_class, factory, plugin or kind,
+                                        stage_name, check_name, audit, metrics)
 
     def get(self, kind: str) -> BackendKind:
         """The registered kind, or `ConfigError` listing the installed kinds."""
@@ -76,14 +124,41 @@ class BackendRegistry:
         """Installed kinds, sorted."""
         return sorted(self._kinds)
 
+    def all(self) -> list[BackendKind]:
+        """Installed kinds, sorted by name."""
+        return [self._kinds[k] for k in sorted(self._kinds)]
+
 
 @dataclass
 class ConfigSection:
-    """A plugin's config-file section."""
+    """A plugin's config-file section: an option class declared with
+    `pycluster.kernel.declare.option` (``to_option`` None: the section is parsed by the
+    declaration itself), or a pydantic model and the function building the option."""
 
     name: str
-    model: type[BaseModel]
-    to_option: Callable[[Any], object]
+    model: type
+    to_option: Callable[[Any], object] | None = None
+
+    def build(self, raw: object, where: str) -> object:
+        """The App option of the section's value ``raw`` (``where``: its path, for errors).
+
+        :raises ConfigError: naming the field and the value.
+        """
+        from pydantic import BaseModel, ValidationError
+
+        from .declare import parse_section
+
+        if self.to_option is None:
+            return parse_section(self.model, raw, where)
+        assert issubclass(self.model, BaseModel)
+        try:
+            model = self.model.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise ConfigError(f"{where}.{loc}".rstrip("."), err.get("input"),
+                              err["msg"]) from None
+        return self.to_option(model)
 
 
 class ConfigRegistry:
@@ -92,8 +167,11 @@ class ConfigRegistry:
     def __init__(self) -> None:
         self.sections: dict[str, ConfigSection] = {}
 
-    def add(self, name: str, model: type[BaseModel], to_option: Callable[[Any], object]) -> None:
-        """Add section ``name`` validated by ``model``; ``to_option`` builds the App option."""
+    def add(self, name: str, model: type,
+            to_option: Callable[[Any], object] | None = None) -> None:
+        """Add section ``name``: ``model`` is the option class (declared with
+        `pycluster.kernel.declare.option`: the section has its fields), or a pydantic model
+        validating the section with ``to_option`` building the App option from it."""
         self.sections[name] = ConfigSection(name, model, to_option)
 
 

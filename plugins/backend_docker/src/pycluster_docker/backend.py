@@ -35,13 +35,18 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from pycluster.backend import BackendError, BackendHealth, LeaseFence, RestartPolicy, fencing_env
-from pycluster.kernel.aio import cancel_and_wait
+from pycluster.backend import (
+    BackendError,
+    BackendHealth,
+    Controller,
+    LeaseFence,
+    RestartPolicy,
+    fencing_env,
+)
 from pycluster.kernel.context import Context
 
 if TYPE_CHECKING:
     from pycluster.kernel.app import App
-    from pycluster.kernel.coordinator import AppRuntime
     from pycluster.kernel.platform import Platform
 
     from .options import Docker
@@ -158,44 +163,52 @@ class ExecHealth:
         return self.status
 
 
-class DockerBackend:
-    """Start, stop and watch one container."""
+class DockerBackend(Controller):
+    """Start, stop and probe one container; the shared `pycluster.backend.Supervisor` does
+    the rest (restarts, fence, audit, metrics)."""
 
-    def __init__(self, option: Docker, app: App, platform: Platform, stage: str = "") -> None:
-        self.option = option
-        self.app = app
-        self.platform = platform
-        self.stage = stage or "docker-0"
+    kind = "docker"
+    check_timeout = 30.0
+
+    def __init__(self, option: Docker, app: App, platform: Platform) -> None:
+        super().__init__(option, app, platform)
+        self.option: Docker = option
         self.name = option.name or f"pycluster-{platform.name}-{app.name}-{platform.node_id}"
         self.policy = RestartPolicy(option.max_restarts, option.restart_backoff,
                                     option.restart_window)
+        self.check_interval = option.check_interval
+        self.settle_timeout = option.start_timeout  # the engine's restart policy at work
+        # Leftover removal, image check and run, then the wait for running/healthy; or the
+        # stop grace plus removal.
+        self.stage_timeout = max(option.start_timeout, option.stop_timeout) + 30.0
         self.client: Any = None
         self.container: Any = None
-        self.last_health: BackendHealth | None = None
         self.epoch: int | None = None
         self._exec_health: ExecHealth | None = None
         self._engine_checks = False
         self._started_at = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = True
-        self.running = False
-        self.fence: LeaseFence | None = None
-        option._backend = self
+        self._fence: LeaseFence | None = None
 
-    def _runtime(self) -> AppRuntime | None:
-        return self.platform.runtimes.get(self.app.name)
+    def fence(self) -> LeaseFence | None:
+        """The guard that stops the container through the engine API if this node dies or
+        stops renewing its lease (created once the engine is known)."""
+        return self._fence
 
-    def _lease_ok(self) -> bool:
-        rt = self._runtime()
-        return rt is None or rt.election is None or rt.election.is_leader
+    def describe(self) -> str:
+        """``container NAME``."""
+        return f"container {self.name}"
 
-    def audit(self, action: str, **data: object) -> None:
-        """Write an audit entry of category ``docker`` (best effort)."""
-        try:
-            self.platform.audit.log("docker", action, dict(data, container=self.name),
-                                    app=self.app)
-        except Exception:
-            log.debug("audit %s not written", action, exc_info=True)
+    def identity(self) -> dict[str, object]:
+        """``{"container": NAME}`` in every audit entry."""
+        return {"container": self.name}
+
+    def started_info(self) -> dict[str, object]:
+        """The container's short id."""
+        return {"id": self.container.short_id if self.container is not None else None}
+
+    async def diagnostics(self) -> dict[str, list[str]]:
+        """The container's last log lines."""
+        return {"logs": await self.logs()}
 
     def _labels(self) -> dict[str, str]:
         return {"pycluster.platform": self.platform.name, "pycluster.app": self.app.name,
@@ -266,18 +279,19 @@ class DockerBackend:
         kw: dict[str, Any] = {
             "name": self.name, "detach": True, "environment": env, "labels": labels,
         }
-        if opt._ports:
-            kw["ports"] = opt._ports
-        if opt._volumes:
-            kw["volumes"] = opt._volumes
+        if opt.ports:
+            kw["ports"] = opt.port_bindings()
+        if opt.volumes:
+            kw["volumes"] = opt.volume_binds()
         if opt.network:
             kw["network"] = opt.network
         if opt.cpus is not None:
             kw["nano_cpus"] = int(opt.cpus * _NS)
         if opt.memory is not None:
             kw["mem_limit"] = opt.memory
-        if opt._restart is not None:
-            kw["restart_policy"] = opt._restart
+        engine_policy = opt.engine_restart_policy()
+        if engine_policy is not None:
+            kw["restart_policy"] = engine_policy
         hc = opt.healthcheck_spec()
         if hc is not None:
             kw["healthcheck"] = hc
@@ -348,14 +362,17 @@ class DockerBackend:
         p = self._exec_health
         return f": {p.last_output}" if p is not None and p.last_output else ""
 
-    async def start(self, ctx: Context) -> None:
+    async def start(self, ctx: Context) -> BackendHealth:
         """Create and start the container; return once it runs (and is healthy)."""
         import docker.errors
 
-        self._stopping = False
-        self.policy.reset()
         self.epoch = ctx.epoch
         await self._client()
+        if self._fence is None:
+            url = engine_url(self.option.base_url)
+            assert url is not None  # the client connected to it
+            self._fence = LeaseFence(self.app.name, self.platform, docker=[(url, self.name)],
+                                     action_timeout=_FENCE_ACTION_TIMEOUT)
         try:
             await asyncio.to_thread(self._remove_leftover)
             await asyncio.to_thread(self._ensure_image)
@@ -364,39 +381,19 @@ class DockerBackend:
             raise await self._fail("start", f"{type(exc).__name__}: {exc}") from exc
         self._setup_health()
         await self._wait_up(self.option.start_timeout)
-        await self._arm_fence()
         log.info("app %s: container %s (%s) is up, epoch %s", self.app.name, self.name,
                  self.container.short_id, ctx.epoch)
-        self.last_health = BackendHealth(True, "running")
-        self.running = True
-        self.audit("started", epoch=ctx.epoch, id=self.container.short_id)
-        self._task = asyncio.create_task(self._supervise(), name=f"docker:{self.name}")
-
-    async def _arm_fence(self) -> None:
-        """Start the fence guard (no-op while it runs): the container cannot outlive the lease."""
-        if self.fence is None:
-            url = engine_url(self.option.base_url)
-            assert url is not None  # the client connected to it
-            self.fence = LeaseFence(self.app.name, self.platform, docker=[(url, self.name)],
-                                    action_timeout=_FENCE_ACTION_TIMEOUT)
-        await self.fence.start()
+        return BackendHealth(True, "running")
 
     # -- stop --------------------------------------------------------------------------------
 
-    async def stop(self, ctx: Context) -> None:
+    async def stop(self, ctx: Context) -> dict[str, object] | None:
         """Stop the container (SIGKILL at the deadline) and remove it unless kept."""
         import docker.errors
 
-        self._stopping = True
-        self.running = False
-        if self.fence is not None:  # a graceful stop: the guard must not act meanwhile
-            await self.fence.release()
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
         c = self.container
         if c is None:
-            return
+            return None
         grace = int(ctx.remaining(self.option.stop_timeout))
         try:
             await asyncio.wait_for(asyncio.to_thread(c.stop, timeout=grace), grace + 15)
@@ -413,12 +410,13 @@ class DockerBackend:
             self.container = None
         log.info("app %s: container %s stopped%s", self.app.name, self.name,
                  " and removed" if self.option.remove else " (kept)")
-        self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason, removed=self.option.remove)
+        return {"removed": self.option.remove}
 
     # -- health and supervision --------------------------------------------------------------
 
-    async def health(self) -> BackendHealth:
-        """Healthy while the container runs and its healthcheck (if any) is not unhealthy."""
+    async def probe(self) -> BackendHealth:
+        """Healthy while the container runs and its healthcheck (if any) is not unhealthy; a
+        container the engine's restart policy is restarting is `BackendHealth.settling`."""
         c = self.container
         if c is None:
             return BackendHealth(False, "no container")
@@ -438,57 +436,18 @@ class DockerBackend:
         detail = status + (f" ({hs})" if hs else "")
         if hs == "unhealthy":
             detail += self._probe_output()
-        return BackendHealth(healthy, detail, data)
+        settling = self.option.restart_policy is not None and status in ("restarting", "running")
+        return BackendHealth(healthy, detail, data, settling=settling)
 
-    async def _restart(self) -> None:
+    async def restart(self, ctx: Context) -> BackendHealth:
+        """Start the dead (or restart the unhealthy) container again."""
         c = self.container
+        if c is None:
+            return await self.start(ctx)
         if c.status == "running":
             await asyncio.to_thread(c.restart, timeout=int(self.option.stop_timeout))
         else:
             await asyncio.to_thread(c.start)
         self._setup_health()
         await self._wait_up(self.option.start_timeout)
-
-    async def _supervise(self) -> None:
-        down_since: float | None = None
-        while not self._stopping:
-            await asyncio.sleep(self.option.check_interval)
-            if self._stopping:
-                return
-            h = await self.health()
-            self.last_health = h
-            if h.healthy:
-                down_since = None
-                continue
-            if self.option._restart and h.data.get("status") in ("restarting", "running"):
-                # The engine's restart policy is at work: give it the start timeout.
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since < self.option.start_timeout:
-                    continue
-            down_since = None
-            if not self._lease_ok():
-                return  # the coordinator is stopping it
-            logs = await self.logs()
-            delay = self.policy.next_delay()
-            if delay is None:
-                reason = (f"container {self.name} is {h.detail}; restart policy exhausted "
-                          f"({self.option.max_restarts} in {self.option.restart_window:.0f}s)")
-                log.error("app %s: %s; stepping down. Last log lines:\n%s", self.app.name,
-                          reason, "\n".join(logs))
-                self.audit("failed", detail=h.detail, logs=logs[-5:])
-                rt = self._runtime()
-                if rt is not None:
-                    rt.report_failure(self.stage, reason)
-                return
-            log.warning("app %s: container %s is %s; restarting in %.1fs. Last log lines:\n%s",
-                        self.app.name, self.name, h.detail, delay, "\n".join(logs))
-            await asyncio.sleep(delay)
-            if self._stopping or not self._lease_ok():
-                return
-            try:
-                await self._restart()
-                await self._arm_fence()  # re-armed if it fenced meanwhile
-                log.info("app %s: container %s restarted", self.app.name, self.name)
-                self.audit("restarted", detail=h.detail, restarts=self.policy.total)
-            except Exception as exc:
-                log.error("app %s: restart of %s failed: %s", self.app.name, self.name, exc)
+        return BackendHealth(True, "running")

@@ -1,16 +1,15 @@
-"""The `Docker` App option and its config-file section (``docker:``)."""
+"""The `Docker` App option; its fields are also the config-file section ``docker:``."""
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from pycluster.backend import BackendHealth
+from pycluster.kernel.declare import option
 from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def restart_policy(value: str | None) -> dict[str, Any] | None:
     return {"Name": name, "MaximumRetryCount": int(count or 0)}
 
 
-@dataclass(eq=False)
+@option(eq=False)
 class Docker:
     """Run a container while the app is active on this node (the BACKEND stage).
 
@@ -97,7 +96,9 @@ class Docker:
     engine ``restart_policy`` the engine restarts it first, and the backend only steps in when it
     stays down for ``start_timeout``.
 
-    The option object is also the handle: ``await opt.health()``, ``opt.backend.container``.
+    The option object is also the handle: ``await opt.health()``, ``opt.backend.container``
+    (it holds no state: the controller is found through the app it was registered with).
+    The same fields make the ``docker:`` section of an app in a config file.
 
     :param image: the image (must exist locally unless ``pull``).
     :param command: the command (string split like a shell, or argv); None = the image's.
@@ -135,16 +136,16 @@ class Docker:
     """
 
     image: str
-    command: str | Sequence[str] | None = None
+    command: str | tuple[str, ...] | None = None
     name: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    ports: Mapping[Any, Any] = field(default_factory=dict)
-    volumes: Mapping[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    ports: dict[int | str, int | str | None] = field(default_factory=dict)
+    volumes: dict[str, str] = field(default_factory=dict)
     network: str | None = None
     cpus: float | None = None
     memory: int | str | None = None
     restart_policy: str | None = None
-    healthcheck: str | Sequence[str] | None = None
+    healthcheck: str | tuple[str, ...] | None = None
     health_interval: float = 5.0
     health_timeout: float = 3.0
     health_retries: int = 3
@@ -158,16 +159,12 @@ class Docker:
     remove: bool = True
     pull: bool = False
     base_url: str | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 3
     restart_backoff: float = 1.0
     restart_window: float = 300.0
     check_interval: float = 2.0
     log_lines: int = 20
-    _backend: DockerBackend | None = field(default=None, init=False, repr=False)
-    _ports: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    _volumes: list[str] = field(default_factory=list, init=False, repr=False)
-    _restart: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image.strip() or " " in self.image:
@@ -184,9 +181,9 @@ class Docker:
         for k, v in self.env.items():
             if not isinstance(k, str) or not k or "=" in k or not isinstance(v, str):
                 raise ConfigError("Docker.env", k, "names without '=' and string values")
-        self._ports = normalize_ports(self.ports)
-        self._volumes = normalize_volumes(self.volumes)
-        self._restart = restart_policy(self.restart_policy)
+        self.port_bindings()
+        self.volume_binds()
+        self.engine_restart_policy()
         if self.cpus is not None and not 0 < self.cpus <= 1024:
             raise ConfigError("Docker.cpus", self.cpus, "must be > 0")
         if self.memory is not None:
@@ -205,6 +202,18 @@ class Docker:
             raise ConfigError("Docker.health_retries", self.health_retries, "must be >= 1")
         if self.max_restarts < 0:
             raise ConfigError("Docker.max_restarts", self.max_restarts, "must be >= 0")
+
+    def port_bindings(self) -> dict[str, Any]:
+        """``ports`` in the SDK's form (`normalize_ports`)."""
+        return normalize_ports(self.ports)
+
+    def volume_binds(self) -> list[str]:
+        """``volumes`` in the SDK's form (`normalize_volumes`)."""
+        return normalize_volumes(self.volumes)
+
+    def engine_restart_policy(self) -> dict[str, Any] | None:
+        """``restart_policy`` in the SDK's form (None: the backend restarts it itself)."""
+        return restart_policy(self.restart_policy)
 
     def argv(self) -> list[str] | None:
         """The command as argv (None: the image's default)."""
@@ -227,53 +236,17 @@ class Docker:
 
     @property
     def backend(self) -> DockerBackend:
-        """The controller on this node (once the app's stages are built)."""
-        if self._backend is None:
-            raise RuntimeError("this Docker option is not attached to a started app")
-        return self._backend
+        """The controller on this node (once the option's app is registered with a platform;
+        found through the kernel, the option holds no reference to it)."""
+        from pycluster.kernel.backends import supervisor_of
+
+        from .backend import DockerBackend
+
+        sup = supervisor_of(self)
+        if sup is None or not isinstance(sup.controller, DockerBackend):
+            raise RuntimeError("this Docker option is not attached to a registered app")
+        return sup.controller
 
     async def health(self) -> BackendHealth:
         """Probe the container now."""
-        return await self.backend.health()
-
-
-class DockerSection(BaseModel):
-    """The ``docker:`` section of an app in a config file (fields as for `Docker`)."""
-
-    model_config = {"extra": "forbid"}
-
-    image: str
-    command: str | list[str] | None = None
-    name: str | None = None
-    env: dict[str, str] = {}
-    ports: dict[str, int | str | None] = {}
-    volumes: dict[str, str] = {}
-    network: str | None = None
-    cpus: float | None = None
-    memory: int | str | None = None
-    restart_policy: str | None = None
-    healthcheck: str | list[str] | None = None
-    health_interval: float = 5.0
-    health_timeout: float = 3.0
-    health_retries: int = 3
-    health_start_period: float = 0.0
-    health_exec: bool | None = None
-    wait_healthy: bool = True
-    settle: float = 0.5
-    restart_unhealthy: bool = True
-    start_timeout: float = 60.0
-    stop_timeout: float = 10.0
-    remove: bool = True
-    pull: bool = False
-    base_url: str | None = None
-    labels: dict[str, str] = {}
-    max_restarts: int = 3
-    restart_backoff: float = 1.0
-    restart_window: float = 300.0
-    check_interval: float = 2.0
-    log_lines: int = 20
-
-
-def docker_from_section(section: DockerSection) -> Docker:
-    """Build the `Docker` option from a validated config section."""
-    return Docker(**section.model_dump())
+        return await self.backend.probe()

@@ -14,8 +14,9 @@ Behaviour:
   state (``activating``, e.g. systemd's own ``Restart=`` back-off) is given ``start_timeout``; a
   unit failed or inactive is restarted by policy (only while the lease is valid); past the
   policy the node steps down (`AppRuntime.report_failure`). Restarts and failures are audited
-  (category ``systemd``). `SystemdBackend.health` feeds the app's health check
-  ``{app}.systemd-<unit>`` and the metrics.
+  (category ``systemd``). This is the shared `pycluster.backend.Supervisor`; the probe
+  (`SystemdBackend.probe`) feeds the app's health check ``{app}.systemd-<unit>`` and the
+  metrics.
 * stop: ``systemctl stop`` bounded by the lease deadline; if that does not finish, ``systemctl
   kill --signal=SIGKILL`` so the service cannot outlive the lease (fencing).
 * the fence: once the unit is active, a `pycluster.backend.LeaseFence` (a fence guard process)
@@ -32,22 +33,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from pycluster.backend import (
     BackendError,
     BackendHealth,
+    Controller,
     LeaseFence,
     RestartPolicy,
     scrubbed_environ,
 )
-from pycluster.kernel.aio import cancel_and_wait
 from pycluster.kernel.context import Context
 
 if TYPE_CHECKING:
     from pycluster.kernel.app import App
-    from pycluster.kernel.coordinator import AppRuntime
     from pycluster.kernel.platform import Platform
 
     from .options import Systemd
@@ -79,41 +78,45 @@ class SystemdUnitError(BackendError):
         self.reason = reason
 
 
-class SystemdBackend:
-    """Start, stop and watch one systemd unit (and the units it requires)."""
+class SystemdBackend(Controller):
+    """Start, stop and probe one systemd unit (and the units it requires); the shared
+    `pycluster.backend.Supervisor` does the rest (restarts, fence, audit, metrics)."""
 
-    def __init__(self, option: Systemd, app: App, platform: Platform, stage: str = "") -> None:
-        self.option = option
-        self.app = app
-        self.platform = platform
-        self.stage = stage or f"systemd-{option.unit}"
+    kind = "systemd"
+    check_timeout = 30.0
+
+    def __init__(self, option: Systemd, app: App, platform: Platform) -> None:
+        super().__init__(option, app, platform)
+        self.option: Systemd = option
         self.prefix = option.argv_prefix()
         self.policy = RestartPolicy(option.max_restarts, option.restart_backoff,
                                     option.restart_window)
-        self.last_health: BackendHealth | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = True
-        self.running = False
+        self.check_interval = option.check_interval
+        self.settle_timeout = option.start_timeout  # systemd's own Restart= at work
+        # Each unit may take start_timeout (or stop_timeout), plus a few systemctl calls.
+        units = 1 + len(option.requires)
+        self.stage_timeout = units * (max(option.start_timeout, option.stop_timeout) + 10.0)
         unit = option.unit
-        self.fence = LeaseFence(app.name, platform, action_timeout=_FENCE_ACTION_TIMEOUT,
-                                actions=[self._argv("systemctl", "kill", "--signal=SIGKILL", unit),
-                                         self._argv("systemctl", "stop", unit)])
-        option._backend = self
+        self._fence = LeaseFence(app.name, platform, action_timeout=_FENCE_ACTION_TIMEOUT,
+                                 actions=[self._argv("systemctl", "kill", "--signal=SIGKILL",
+                                                     unit),
+                                          self._argv("systemctl", "stop", unit)])
 
-    def _runtime(self) -> AppRuntime | None:
-        return self.platform.runtimes.get(self.app.name)
+    def fence(self) -> LeaseFence:
+        """The guard that kills the unit if this node dies or stops renewing its lease."""
+        return self._fence
 
-    def _lease_ok(self) -> bool:
-        rt = self._runtime()
-        return rt is None or rt.election is None or rt.election.is_leader
+    def describe(self) -> str:
+        """``unit NAME``."""
+        return f"unit {self.option.unit}"
 
-    def audit(self, action: str, **data: object) -> None:
-        """Write an audit entry of category ``systemd`` (best effort)."""
-        try:
-            self.platform.audit.log("systemd", action, dict(data, unit=self.option.unit),
-                                    app=self.app)
-        except Exception:
-            log.debug("audit %s not written", action, exc_info=True)
+    def identity(self) -> dict[str, object]:
+        """``{"unit": NAME}`` in every audit entry."""
+        return {"unit": self.option.unit}
+
+    async def diagnostics(self) -> dict[str, list[str]]:
+        """The unit's recent journal lines."""
+        return {"journal": await self.journal()}
 
     # -- commands --------------------------------------------------------------------------
 
@@ -190,19 +193,21 @@ class SystemdBackend:
             raise await self._fail(unit, "start", _describe(props))
         log.info("app %s: unit %s is active (%s)", self.app.name, unit, _describe(props))
 
-    async def start(self, ctx: Context) -> None:
+    async def start(self, ctx: Context) -> BackendHealth:
         """Start the required units, then the unit; return once it is active."""
-        self._stopping = False
-        self.policy.reset()
         if self.option.epoch_variable:
             await self.systemctl("set-environment", f"{self.option.epoch_variable}={ctx.epoch}")
         for unit in (*self.option.requires, self.option.unit):
             await self._start_unit(unit)
-        await self.fence.start()  # from now on the unit cannot outlive the lease
-        self.last_health = BackendHealth(True, "active")
-        self.running = True
-        self.audit("started", epoch=ctx.epoch)
-        self._task = asyncio.create_task(self._supervise(), name=f"systemd:{self.option.unit}")
+        return BackendHealth(True, "active")
+
+    async def restart(self, ctx: Context) -> BackendHealth:
+        """Start the failed unit again (its requires are left as they are)."""
+        try:
+            await self._start_unit(self.option.unit)
+        except TimeoutError as exc:
+            raise await self._fail(self.option.unit, "start", f"timed out: {exc}") from None
+        return BackendHealth(True, "active")
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -222,14 +227,8 @@ class SystemdBackend:
         if rc != 0:
             raise await self._fail(unit, "stop", (err or out).strip() or f"exit {rc}")
 
-    async def stop(self, ctx: Context) -> None:
+    async def stop(self, ctx: Context) -> dict[str, object]:
         """Stop the unit, then (``stop_requires``) the required units in reverse order."""
-        self._stopping = True
-        self.running = False
-        await self.fence.release()  # a graceful stop: the guard must not act meanwhile
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
         units = [self.option.unit]
         if self.option.stop_requires:
             units += list(reversed(self.option.requires))
@@ -240,65 +239,23 @@ class SystemdBackend:
             except SystemdUnitError as exc:
                 errors.append(exc)
         log.info("app %s: unit %s stopped", self.app.name, self.option.unit)
-        self.audit("stopped", epoch=ctx.epoch, reason=ctx.reason,
-                   error=str(errors[0]) if errors else None)
         if errors:
             raise errors[0]
+        return {"error": None}
 
-    # -- health and supervision --------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------------
 
-    async def health(self) -> BackendHealth:
-        """Healthy while the unit is active; ``data`` holds its systemd properties."""
+    async def probe(self) -> BackendHealth:
+        """Healthy while the unit is active; ``data`` holds its systemd properties; a unit
+        systemd itself is (re)starting is `BackendHealth.settling`."""
         try:
             props = await self.show(self.option.unit)
         except (SystemdUnitError, TimeoutError) as exc:
             return BackendHealth(False, f"cannot query systemd: {exc}")
-        return BackendHealth(props.get("ActiveState") == "active", _describe(props),
-                             dict(props, restarts=self.policy.total))
-
-    async def _supervise(self) -> None:
-        transient_since: float | None = None
-        while not self._stopping:
-            await asyncio.sleep(self.option.check_interval)
-            if self._stopping:
-                return
-            h = await self.health()
-            self.last_health = h
-            if h.healthy:
-                transient_since = None
-                continue
-            state = str(h.data.get("ActiveState", ""))
-            if state in _TRANSIENT:
-                # systemd is (re)starting it itself: give it the start timeout.
-                transient_since = transient_since or time.monotonic()
-                if time.monotonic() - transient_since < self.option.start_timeout:
-                    continue
-            transient_since = None
-            if not self._lease_ok():
-                return  # the coordinator is stopping it
-            journal = await self.journal()
-            delay = self.policy.next_delay()
-            if delay is None:
-                reason = (f"unit {self.option.unit} is {h.detail}; restart policy exhausted "
-                          f"({self.option.max_restarts} in {self.option.restart_window:.0f}s)")
-                log.error("app %s: %s; stepping down. Recent journal:\n%s", self.app.name,
-                          reason, "\n".join(journal))
-                self.audit("failed", detail=h.detail, journal=journal[-5:])
-                rt = self._runtime()
-                if rt is not None:
-                    rt.report_failure(self.stage, reason)
-                return
-            log.warning("app %s: unit %s is %s; restarting in %.1fs. Recent journal:\n%s",
-                        self.app.name, self.option.unit, h.detail, delay, "\n".join(journal))
-            await asyncio.sleep(delay)
-            if self._stopping or not self._lease_ok():
-                return
-            try:
-                await self._start_unit(self.option.unit)
-                await self.fence.start()  # re-armed if it fenced meanwhile
-                self.audit("restarted", detail=h.detail, restarts=self.policy.total)
-            except (SystemdUnitError, TimeoutError) as exc:
-                log.error("app %s: restart failed: %s", self.app.name, exc)
+        state = props.get("ActiveState")
+        return BackendHealth(state == "active", _describe(props),
+                             dict(props, restarts=self.policy.total),
+                             settling=state in _TRANSIENT)
 
 
 def _describe(props: dict[str, str]) -> str:

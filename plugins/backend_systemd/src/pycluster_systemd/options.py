@@ -1,4 +1,4 @@
-"""The `Systemd` App option and its config-file section (``systemd:``)."""
+"""The `Systemd` App option; its fields are also the config-file section ``systemd:``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
-
 from pycluster.backend import BackendHealth
+from pycluster.kernel.declare import option
 from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,7 +41,7 @@ def split_prefix(prefix: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(words)
 
 
-@dataclass(eq=False)
+@option(eq=False)
 class Systemd:
     """Run a systemd unit while the app is active on this node (the BACKEND stage).
 
@@ -59,7 +57,9 @@ class Systemd:
     command that runs a command elsewhere (``"ssh db1"``, ``"podman exec sd1"``); ``systemctl``
     and ``journalctl`` are appended to it.
 
-    The option object is also the handle: ``await opt.health()``, ``await opt.journal()``.
+    The option object is also the handle: ``await opt.health()``, ``await opt.journal()``
+    (it holds no state: the controller is found through the app it was registered with).
+    The same fields make the ``systemd:`` section of an app in a config file.
 
     :param unit: the unit (``"convex"`` means ``convex.service``).
     :param requires: units to start before ``unit`` (in order), stopped after it.
@@ -80,8 +80,8 @@ class Systemd:
     """
 
     unit: str
-    requires: Sequence[str] = ()
-    prefix: str | Sequence[str] | None = None
+    requires: str | tuple[str, ...] = ()
+    prefix: str | tuple[str, ...] | None = None
     user: bool = False
     start_timeout: float = 90.0
     stop_timeout: float = 90.0
@@ -92,13 +92,13 @@ class Systemd:
     check_interval: float = 2.0
     journal_lines: int = 20
     epoch_variable: str | None = None
-    _backend: SystemdBackend | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.unit = unit_name(self.unit)
-        if isinstance(self.requires, str):
-            self.requires = (self.requires,)
-        self.requires = tuple(unit_name(u, "Systemd.requires") for u in self.requires)
+        # Normalised once, at declaration (the instance is frozen).
+        object.__setattr__(self, "unit", unit_name(self.unit))
+        requires = (self.requires,) if isinstance(self.requires, str) else self.requires
+        object.__setattr__(self, "requires",
+                           tuple(unit_name(u, "Systemd.requires") for u in requires))
         if self.unit in self.requires:
             raise ConfigError("Systemd.requires", self.requires, "must not contain the unit")
         if isinstance(self.prefix, str):
@@ -127,42 +127,21 @@ class Systemd:
 
     @property
     def backend(self) -> SystemdBackend:
-        """The controller on this node (once the app's stages are built)."""
-        if self._backend is None:
-            raise RuntimeError("this Systemd option is not attached to a started app")
-        return self._backend
+        """The controller on this node (once the option's app is registered with a platform;
+        found through the kernel, the option holds no reference to it)."""
+        from pycluster.kernel.backends import supervisor_of
+
+        from .backend import SystemdBackend
+
+        sup = supervisor_of(self)
+        if sup is None or not isinstance(sup.controller, SystemdBackend):
+            raise RuntimeError("this Systemd option is not attached to a registered app")
+        return sup.controller
 
     async def health(self) -> BackendHealth:
         """Probe the unit now."""
-        return await self.backend.health()
+        return await self.backend.probe()
 
     async def journal(self, lines: int | None = None) -> list[str]:
         """The unit's most recent journal lines."""
         return await self.backend.journal(self.unit, lines)
-
-
-class SystemdSection(BaseModel):
-    """The ``systemd:`` section of an app in a config file (fields as for `Systemd`)."""
-
-    model_config = {"extra": "forbid"}
-
-    unit: str
-    requires: list[str] = []
-    prefix: str | list[str] | None = None
-    user: bool = False
-    start_timeout: float = 90.0
-    stop_timeout: float = 90.0
-    stop_requires: bool = True
-    max_restarts: int = 3
-    restart_backoff: float = 1.0
-    restart_window: float = 300.0
-    check_interval: float = 2.0
-    journal_lines: int = 20
-    epoch_variable: str | None = None
-
-
-def systemd_from_section(section: SystemdSection) -> Systemd:
-    """Build the `Systemd` option from a validated config section."""
-    data = section.model_dump()
-    data["requires"] = tuple(data["requires"])
-    return Systemd(**data)

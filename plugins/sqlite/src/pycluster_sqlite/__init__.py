@@ -28,7 +28,7 @@ from .errors import (
     SyncTimeoutError,
 )
 from .handles import SnapshotHandle, WalHandle, WalPosition, open_replica
-from .options import SQLite, SQLiteSection
+from .options import SQLite
 from .snapshots import Snapshot
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "ReplicationNotRunningError",
     "SQLite",
     "SQLiteError",
-    "SQLiteSection",
     "Snapshot",
     "SnapshotHandle",
     "SnapshotNotFoundError",

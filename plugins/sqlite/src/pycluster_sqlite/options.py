@@ -1,15 +1,16 @@
-"""The `SQLite` App option and its config-file section ``sqlite:``."""
+"""The `SQLite` App option; its fields are also the config-file section ``sqlite:``."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from dataclasses import KW_ONLY
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import BeforeValidator
 
+from pycluster.kernel.declare import option
 from pycluster.kernel.errors import ConfigError
 
 from .dbfile import VERIFY_MODES
@@ -27,6 +28,13 @@ def _positive(name: str, value: object) -> float:
     return v
 
 
+def _given(value: object) -> object:
+    """Refuse an empty path before it becomes ``Path(".")``."""
+    if isinstance(value, str) and not value.strip():
+        raise ConfigError("SQLite.path", value, "must be a non-empty file path")
+    return value
+
+
 def _path(name: str, value: object) -> Path:
     if not isinstance(value, str | os.PathLike) or not str(value).strip():
         raise ConfigError(f"SQLite.{name}", value, "must be a non-empty file path")
@@ -36,6 +44,7 @@ def _path(name: str, value: object) -> Path:
     return p
 
 
+@option(eq=False, frozen=False)
 class SQLite:
     """A replicated SQLite database for a `Singleton` app (Litestream over NATS JetStream).
 
@@ -78,60 +87,53 @@ class SQLite:
     :param lag_alert: a standby further behind than this is reported unhealthy.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        replica_path: str | os.PathLike[str] | None = None,
-        snapshot_interval: float = 3600.0,
-        retention: float = 86400.0,
-        compaction_levels: Sequence[float] = (30.0, 300.0, 3600.0),
-        monitor_interval: float = 0.05,
-        sync_interval: float = 0.05,
-        follow_interval: float = 0.05,
-        l0_retention: float = 60.0,
-        max_promotion_lag: float = 5.0,
-        verify: str = "quick",
-        promotion_timeout: float = 120.0,
-        keep_previous: bool = True,
-        litestream: str | None = None,
-        max_restarts: int = 5,
-        restart_backoff: float = 1.0,
-        lag_alert: float = 30.0,
-    ) -> None:
-        self.path = _path("path", path)
-        self.replica_path = (_path("replica_path", replica_path) if replica_path is not None
+    path: Annotated[Path, BeforeValidator(_given)]
+    _: KW_ONLY
+    # None (the default) becomes ``<path>.replica`` in __post_init__: always a Path after.
+    replica_path: Path = None  # type: ignore[assignment]
+    snapshot_interval: float = 3600.0
+    retention: float = 86400.0
+    compaction_levels: tuple[float, ...] = (30.0, 300.0, 3600.0)
+    monitor_interval: float = 0.05
+    sync_interval: float = 0.05
+    follow_interval: float = 0.05
+    l0_retention: float = 60.0
+    max_promotion_lag: float = 5.0
+    verify: str = "quick"
+    promotion_timeout: float = 120.0
+    keep_previous: bool = True
+    litestream: str | None = None
+    max_restarts: int = 5
+    restart_backoff: float = 1.0
+    lag_alert: float = 30.0
+    def __post_init__(self) -> None:
+        # Normalised once, at declaration.
+        self.path = _path("path", self.path)
+        self.replica_path = (_path("replica_path", self.replica_path)
+                             if self.replica_path is not None
                              else self.path.with_name(self.path.name + ".replica"))
         if self.replica_path == self.path or str(self.replica_path).startswith(
                 tuple(f"{self.path}{s}" for s in ("-wal", "-shm", "-journal"))):
             raise ConfigError("SQLite.replica_path", str(self.replica_path),
                               "must differ from path and from its -wal/-shm/-journal files")
-        self.snapshot_interval = _positive("snapshot_interval", snapshot_interval)
-        self.retention = _positive("retention", retention)
-        levels = tuple(compaction_levels) if isinstance(compaction_levels, Sequence) else None
-        if not levels or len(levels) > 8 or isinstance(compaction_levels, str):
-            raise ConfigError("SQLite.compaction_levels", compaction_levels,
+        for name in ("snapshot_interval", "retention", "monitor_interval", "sync_interval",
+                     "follow_interval", "l0_retention", "max_promotion_lag",
+                     "promotion_timeout", "restart_backoff", "lag_alert"):
+            setattr(self, name, _positive(name, getattr(self, name)))
+        levels = self.compaction_levels
+        if not levels or len(levels) > 8:
+            raise ConfigError("SQLite.compaction_levels", levels,
                               "must be 1 to 8 intervals in seconds (levels 1, 2, ...)")
         self.compaction_levels = tuple(_positive("compaction_levels", v) for v in levels)
         if list(self.compaction_levels) != sorted(self.compaction_levels):
-            raise ConfigError("SQLite.compaction_levels", compaction_levels,
+            raise ConfigError("SQLite.compaction_levels", levels,
                               "must be ascending: each level compacts less often")
-        self.monitor_interval = _positive("monitor_interval", monitor_interval)
-        self.sync_interval = _positive("sync_interval", sync_interval)
-        self.follow_interval = _positive("follow_interval", follow_interval)
-        self.l0_retention = _positive("l0_retention", l0_retention)
-        self.max_promotion_lag = _positive("max_promotion_lag", max_promotion_lag)
-        self.promotion_timeout = _positive("promotion_timeout", promotion_timeout)
-        self.restart_backoff = _positive("restart_backoff", restart_backoff)
-        self.lag_alert = _positive("lag_alert", lag_alert)
-        if verify not in VERIFY_MODES:
-            raise ConfigError("SQLite.verify", verify, f"must be one of {', '.join(VERIFY_MODES)}")
-        self.verify = verify
-        if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or max_restarts < 0:
-            raise ConfigError("SQLite.max_restarts", max_restarts, "must be a whole number >= 0")
-        self.max_restarts = max_restarts
-        self.keep_previous = bool(keep_previous)
-        self.litestream = litestream
+        if self.verify not in VERIFY_MODES:
+            raise ConfigError("SQLite.verify", self.verify,
+                              f"must be one of {', '.join(VERIFY_MODES)}")
+        if self.max_restarts < 0:
+            raise ConfigError("SQLite.max_restarts", self.max_restarts,
+                              "must be a whole number >= 0")
 
     def __repr__(self) -> str:
         return f"SQLite({str(self.path)!r})"
@@ -162,35 +164,3 @@ class SQLite:
         from .handles import SnapshotHandle
 
         return SnapshotHandle(self)
-
-
-class SQLiteSection(BaseModel):
-    """The ``sqlite:`` section of an app in a config file (seconds for every interval)."""
-
-    model_config = {"extra": "forbid"}
-
-    path: str
-    replica_path: str | None = None
-    snapshot_interval: float = Field(3600.0, gt=0)
-    retention: float = Field(86400.0, gt=0)
-    compaction_levels: list[float] = Field(default_factory=lambda: [30.0, 300.0, 3600.0],
-                                           min_length=1, max_length=8)
-    monitor_interval: float = Field(0.05, gt=0)
-    sync_interval: float = Field(0.05, gt=0)
-    follow_interval: float = Field(0.05, gt=0)
-    l0_retention: float = Field(60.0, gt=0)
-    max_promotion_lag: float = Field(5.0, gt=0)
-    verify: str = "quick"
-    promotion_timeout: float = Field(120.0, gt=0)
-    keep_previous: bool = True
-    litestream: str | None = None
-    max_restarts: int = Field(5, ge=0)
-    restart_backoff: float = Field(1.0, gt=0)
-    lag_alert: float = Field(30.0, gt=0)
-
-
-def sqlite_from_section(section: SQLiteSection) -> SQLite:
-    """The `SQLite` option of a validated ``sqlite:`` section."""
-    kw: dict[str, Any] = section.model_dump()
-    path = kw.pop("path")
-    return SQLite(path, **kw)

@@ -26,7 +26,7 @@ from pycluster.plugins import hookimpl
 from . import dbfile
 from .errors import SQLiteError
 from .litestream import find_litestream
-from .options import SQLite, SQLiteSection, sqlite_from_section
+from .options import SQLite
 from .runtime import PLUGIN, SQLiteRuntime
 
 if TYPE_CHECKING:
@@ -70,17 +70,9 @@ def pycluster_claim_option(app: App, option: object) -> bool | None:
 
 
 @hookimpl
-def pycluster_lease_renewed(app: App, deadline: float) -> None:
-    """Hand the new lease deadline to the fence guard of the app's ``litestream replicate``."""
-    rt = app.state(PLUGIN).get("runtime")
-    if isinstance(rt, SQLiteRuntime) and rt.replicator is not None:
-        rt.replicator._renewed(deadline)
-
-
-@hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``sqlite:`` section of an app."""
-    registry.add(PLUGIN, SQLiteSection, sqlite_from_section)
+    registry.add(PLUGIN, SQLite)  # the section is the declaration of SQLite
 
 
 @hookimpl

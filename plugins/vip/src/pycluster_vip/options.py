@@ -1,14 +1,12 @@
-"""The `VIP` App option and its config-file section (``vip:``)."""
+"""The `VIP` App option; its fields are also the config-file section ``vip:``."""
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
-
+from pycluster.kernel.declare import option
 from pycluster.kernel.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,7 +16,7 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _NETNS = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
 
 
-@dataclass(eq=False)
+@option(eq=False, frozen=False)
 class VIP:
     """A virtual IPv4 address that follows the active instance of an app.
 
@@ -67,7 +65,6 @@ class VIP:
     refresh_interval: float | None = None
     probe_timeout: float = 0.5
     release_stale: bool = True
-
     def __post_init__(self) -> None:
         try:
             iface = ipaddress.ip_interface(self.cidr)
@@ -150,27 +147,3 @@ class VIP:
     async def announce(self, reason: str = "requested") -> None:
         """Send gratuitous ARP for the address now (only while held)."""
         await self._mgr().announce(reason)
-
-
-class VipSection(BaseModel):
-    """The ``vip:`` section of an app in a config file (fields as for `VIP`)."""
-
-    model_config = {"extra": "forbid"}
-
-    cidr: str
-    interface: str
-    netns: str | None = None
-    label: str | None = None
-    arp_count: int = 3
-    arp_interval: float = 0.5
-    probe: Literal["arp", "none"] = "arp"
-    peer: str | None = None
-    check_interval: float = 2.0
-    refresh_interval: float | None = None
-    probe_timeout: float = 0.5
-    release_stale: bool = True
-
-
-def vip_from_section(section: VipSection) -> VIP:
-    """Build the `VIP` option from a validated config section."""
-    return VIP(**section.model_dump())

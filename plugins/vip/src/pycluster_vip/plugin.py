@@ -25,7 +25,7 @@ from pycluster.pluginkit import claim_with_health_check
 from pycluster.plugins import hookimpl
 
 from .manager import VipManager
-from .options import VIP, VipSection, vip_from_section
+from .options import VIP
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -123,7 +123,7 @@ def pycluster_claim_option(app: App, option: object) -> bool | None:
 @hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
     """The ``vip:`` section of an app."""
-    registry.add(PLUGIN, VipSection, vip_from_section)
+    registry.add(PLUGIN, VIP)  # the section is the declaration of VIP
 
 
 @hookimpl

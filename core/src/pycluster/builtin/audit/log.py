@@ -149,6 +149,9 @@ class AuditLog:
         for cat, actions in CORE_CATEGORIES.items():
             self.categories.add(cat, actions, "core")
         platform.pm.hook.pycluster_audit_categories(registry=self.categories)
+        for kind in platform.backends.all():  # written by the backends' shared supervisor
+            if kind.audit is not None:
+                self.categories.add(kind.kind, kind.audit, kind.plugin)
         self.dropped = 0
         self.written = 0
         self._queue: collections.deque[tuple[AuditEntry, str]] = collections.deque()

@@ -40,6 +40,7 @@ from prometheus_client import Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ...httpserver import HttpServer, Request, Response
+from ...kernel.backends import BackendCollector
 from ...kernel.stages import StageAction, StageOutcome
 from .collectors import PlatformRegistry, StateCollector
 
@@ -134,6 +135,7 @@ class PlatformMetrics:
             "pycluster_audit_entries_total", "Audit entries written by this node.",
             ["category"], registry=r)
         r.register(StateCollector(platform))
+        r.register(BackendCollector(platform))  # the backend registry's kinds
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
         self._server: HttpServer | None = None
         # app -> node -> monotonic time of that node's last lease write seen (renewal, win or
