@@ -66,7 +66,7 @@ def test_leave_moves_only_the_leavers_partitions(n: int) -> None:
 def test_deterministic_regardless_of_input_order() -> None:
     nodes = [f"n{i}" for i in range(6)]
     rng = random.Random(3)
-    current = {q: rng.choice(nodes + [None]) for q in range(50)}  # type: ignore[list-item]
+    current = {q: rng.choice([*nodes, None]) for q in range(50)}  # type: ignore[list-item]
     shuffled = dict(sorted(current.items(), key=lambda kv: rng.random()))
     weights = {n: 1.0 for n in nodes}
     rev = dict(reversed(list(weights.items())))

@@ -48,7 +48,7 @@ def quotas(weights: Mapping[str, float], partitions: int) -> dict[str, int]:
     if not live or partitions <= 0:
         return {}
     exact = {n: partitions * w / total for n, w in live.items()}
-    out = {n: int(math.floor(x)) for n, x in exact.items()}
+    out = {n: math.floor(x) for n, x in exact.items()}
     left = partitions - sum(out.values())
     for n in sorted(live, key=lambda n: (-(exact[n] - out[n]), n))[:left]:
         out[n] += 1

@@ -1,0 +1,151 @@
+"""The ring on a real nats-server, nodes in one process: exactly-once ownership, minimal moves
+on join and leave, fenced epochs, a hanging on_release losing its partitions at its deadline,
+Singleton refused, key-routed calls reaching the owner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+from ring_helpers import Witness, ring_app
+
+from pycluster import App, ForKey, Platform, Singleton
+from pycluster.kernel.errors import ConfigError
+from pycluster_ring import Ring, RingMember, key_partition, moves, ring_of
+
+P = 32
+
+
+def owners(members: list[RingMember]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for m in members:
+        for p in m.partitions():
+            out.setdefault(p, []).append(m.node)
+    return out
+
+
+async def all_stable(apps: list[App], timeout: float) -> list[RingMember]:
+    """Wait until every node's view is stable and every partition is held exactly once."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        try:
+            ms = [ring_of(a) for a in apps]
+        except RuntimeError:
+            await asyncio.sleep(0.1)
+            continue
+        held = owners(ms)
+        if all(m.stable() for m in ms) and sorted(held) == list(range(ms[0].partitions_count)) \
+                and all(len(v) == 1 for v in held.values()):
+            return ms
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"ring not stable within {timeout}s: "
+                         f"{[ring_of(a).stats() for a in apps]}")
+
+
+@pytest.mark.timeout(90)
+async def test_exactly_once_join_leave_minimal_moves(make_node: Any) -> None:
+    w = Witness()
+    ring = Ring(partitions=P, settle=0.5)
+    apps = [ring_app(w, ring) for _ in range(3)]
+    plats = [await make_node(f"n{i}", a) for i, a in enumerate(apps)]
+    ms = await all_stable(apps, 30)
+    per = Counter(len(m.partitions()) for m in ms)
+    assert sorted(per.elements()) == [10, 11, 11]
+    before = ms[0].assignment()
+    epoch0 = ms[0].epoch
+
+    # A 4th node joins: about P/4 partitions move, to it only.
+    apps.append(ring_app(w, ring))
+    plats.append(await make_node("n3", apps[3]))
+    ms = await all_stable(apps, 30)
+    after = ms[0].assignment()
+    assert ms[0].epoch > epoch0
+    moved = moves(before, after)
+    assert moved == P // 4, (moved, P // 4)
+    assert all(after[p] == "n3" for p in after if before[p] != after[p])
+    assert len(ms[3].partitions()) == P // 4
+
+    # n1 leaves gracefully: only its partitions move.
+    before = after
+    gone = set(ms[1].partitions())
+    await plats[1].stop()
+    rest = [apps[0], apps[2], apps[3]]
+    ms = await all_stable(rest, 30)
+    after = ms[0].assignment()
+    assert {p for p in after if before[p] != after[p]} == gone
+    assert "n1" not in after.values()
+
+    w.check()
+    parts = {r[0] for r in w.records}
+    assert parts == set(range(P))
+    # Epochs: every move got a higher epoch (checked per partition by the witness); the
+    # current epochs are those the owners hold.
+    for m in ms:
+        for p in m.partitions():
+            assert m.holds(p, m.owned[p])
+
+
+@pytest.mark.timeout(60)
+async def test_hanging_release_loses_partitions_at_its_deadline(
+        make_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="pycluster.ring")
+    w = Witness()
+    hang = Ring(partitions=8, settle=0.2, release_timeout=1.0)
+    a = ring_app(w, hang, release_hang=True)
+    await make_node("a", a)
+    await all_stable([a], 20)
+    b = ring_app(w, Ring(partitions=8, settle=0.2, release_timeout=1.0))
+    await make_node("b", b)
+    ms = await all_stable([a, b], 30)
+    assert len(ms[0].partitions()) == 4 and len(ms[1].partitions()) == 4
+    w.check()
+    assert any("on_release of" in r.message and "timed out" in r.message
+               for r in caplog.records), "the log says the release timed out"
+
+
+@pytest.mark.timeout(30)
+async def test_ring_with_singleton_is_refused(make_node: Any) -> None:
+    app = App("cache", Singleton(), Ring(partitions=4))
+    with pytest.raises(ConfigError, match="Spread"):
+        await make_node("x", app)
+    with pytest.raises(ConfigError):
+        Ring(partitions=0)
+
+
+@pytest.mark.timeout(60)
+async def test_for_key_reaches_the_owner_during_churn(make_node: Any) -> None:
+    w = Witness()
+    ring = Ring(partitions=P, settle=0.3)
+    apps = [ring_app(w, ring) for _ in range(2)]
+    for i, a in enumerate(apps):
+        await make_node(f"n{i}", a)
+    await all_stable(apps, 30)
+    caller: Platform = await make_node("caller")
+    await caller.service("ring").follow("cache")
+    api = caller.api("cache", timeout=10.0)
+    keys = [f"key-{i}" for i in range(40)]
+
+    async def calls(n: int) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for i in range(n):
+            k = keys[i % len(keys)]
+            out.append((k, await api.call("whoami", k, route=ForKey(k), idempotent=True)))
+        return out
+
+    task = asyncio.create_task(calls(200))
+    apps.append(ring_app(w, ring))
+    await make_node("n2", apps[2])
+    results = await task
+    ms = await all_stable(apps, 30)
+    assert len(results) == 200
+    # Every answer came from a node that owned the key's partition at that epoch (the
+    # handler refuses otherwise), and the final owners answer now.
+    for k in keys[:10]:
+        r = await api.call("whoami", k, route=ForKey(k), idempotent=True)
+        p = key_partition(k, P)
+        owner = next(m.node for m in ms if p in m.partitions())
+        assert r["node"] == owner
+    w.check()
