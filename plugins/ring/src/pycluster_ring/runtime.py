@@ -101,6 +101,7 @@ class _State:
     moves_total: int
     leases: dict[str, dict[str, Any]]  # node -> live lease record
     coordinator: nu.LastMsg | None
+    lease_seqs: dict[str, int] = field(default_factory=dict)  # node -> last seq of its key
 
 
 class RingMember:
@@ -440,18 +441,22 @@ class RingMember:
                 members = {str(k): float(v) for k, v in (doc.get("members") or {}).items()}
                 moves_total = int(doc.get("moves") or 0)
         leases: dict[str, dict[str, Any]] = {}
+        lease_seqs: dict[str, int] = {}
         info = await js.stream_info(nu.kv_stream(self.bucket),
                                     subjects_filter=nu.kv_subject(self.bucket, LEASE_PREFIX + ">"))
         base = len(nu.kv_subject(self.bucket, LEASE_PREFIX))
         for subject in (info.state.subjects or {}):
             node = subject[base:]
             msg = await nu.last_msg(js, self.bucket, LEASE_PREFIX + node, direct=False)
+            if msg is not None:
+                lease_seqs[node] = msg.seq
             if msg is not None and not msg.tombstone:
                 rec = _loads(msg.data)
                 if rec.get("node") == node:
                     leases[node] = rec
         coord = await nu.last_msg(js, self.bucket, COORDINATOR, direct=False)
-        return _State(owners, owners_seq, assignment, a_seq, members, moves_total, leases, coord)
+        return _State(owners, owners_seq, assignment, a_seq, members, moves_total, leases, coord,
+                      lease_seqs)
 
     # -- converging --------------------------------------------------------------------------
 
@@ -473,8 +478,8 @@ class RingMember:
     async def _step(self) -> None:
         st = await self._read()
         self._state = st
+        await self._note_absences(st)
         now = time.monotonic()
-        self._note_absences(st, now)
         if not self.lease_valid():
             return
         await self._coordinate(st, now)
@@ -483,8 +488,7 @@ class RingMember:
         await self._remove_mine(set(self.owned))
         # Give up what is assigned elsewhere.
         if st.assignment:
-            give = {p for p in self.owned
-                    if st.assignment[p] != self.node or self._draining}
+            give = {p for p in self.owned if st.assignment[p] != self.node}
             if give:
                 await self._release(give, "assigned elsewhere" if not self._draining
                                     else "draining")
@@ -497,14 +501,24 @@ class RingMember:
         if m is not None:
             m["partitions"].labels(self.app.name, self.node).set(len(self.partitions()))
 
-    def _note_absences(self, st: _State, now: float) -> None:
+    async def _note_absences(self, st: _State) -> None:
+        """Remember since when each owner incarnation listed in ``owners`` has had no live
+        lease. A first sighting is confirmed by a guard write (`natsutil.confirm_read`) that
+        the stream accepts only while the lease key is still as read: a stale read (a replica
+        behind, a cut-off server) never starts the wait. The time is taken after the guard
+        was accepted, so the holder's last renewal was sent before it."""
         live = {(n, str(rec.get("inc"))) for n, rec in st.leases.items()}
         seen = {(str(e["node"]), str(e.get("inc"))) for e in st.owners.values()}
-        for k in seen - live:
-            self._absent_since.setdefault(k, now)
         for k in list(self._absent_since):
             if k not in seen or k in live:
                 del self._absent_since[k]
+        for k in seen - live:
+            if k in self._absent_since or k[0] == self.node:
+                continue
+            ok = await nu.confirm_read(self._js(), self.bucket, LEASE_PREFIX + k[0],
+                                       st.lease_seqs.get(k[0], 0), timeout=self.heartbeat)
+            if ok:
+                self._absent_since[k] = time.monotonic()
 
     async def _claim(self, st: _State, now: float) -> None:
         mine = [p for p, n in enumerate(st.assignment) if n == self.node and p not in self.owned]
