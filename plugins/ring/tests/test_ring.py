@@ -149,3 +149,45 @@ async def test_for_key_reaches_the_owner_during_churn(make_node: Any) -> None:
         owner = next(m.node for m in ms if p in m.partitions())
         assert r["node"] == owner
     w.check()
+
+
+@pytest.mark.timeout(60)
+async def test_weights_status_metrics_and_cli(make_node: Any, nats_url: str,
+                                              unique_name: str) -> None:
+    import json
+    import urllib.request
+
+    from click.testing import CliRunner
+
+    from pycluster_ring.cli import ring_group
+
+    w = Witness()
+    ring = Ring(partitions=16, settle=0.2)
+    a, b = ring_app(w, ring), ring_app(w, ring)
+    pa = await make_node("light", a, health_addr="127.0.0.1:0", metrics_addr="127.0.0.1:0")
+    await make_node("heavy", b, labels={"ring.weight": "3"})
+    ms = await all_stable([a, b], 30)
+    assert (len(ms[0].partitions()), len(ms[1].partitions())) == (4, 12)
+    assert ms[0].stats()["per_node"] == {"light": 4, "heavy": 12}
+
+    def get(url: str) -> bytes:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return bytes(r.read())
+
+    doc = json.loads(await asyncio.to_thread(get, pa.health.url + "/status"))
+    assert doc["plugins_status"]["ring"]["cache"]["partitions"] == sorted(ms[0].partitions())
+    text = pa.metrics.render().decode()
+    assert 'pycluster_ring_partitions{app="cache",node="light"} 4.0' in text
+    assert "pycluster_ring_moves_total" in text and "pycluster_ring_rebalance_seconds" in text
+
+    res = await asyncio.to_thread(
+        CliRunner().invoke, ring_group,
+        ["show", "cache", "-p", unique_name, "--nats-url", nats_url, "--output", "json"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output)
+    assert {n: len(ps) for n, ps in shown["owned"].items()} == {"heavy": 12, "light": 4}
+    assert shown["unowned"] == [] and shown["misplaced"] == []
+    res = await asyncio.to_thread(
+        CliRunner().invoke, ring_group,
+        ["show", "cache", "-p", unique_name, "--nats-url", nats_url])
+    assert res.exit_code == 0 and "heavy" in res.output and "12" in res.output

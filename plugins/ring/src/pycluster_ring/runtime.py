@@ -179,6 +179,20 @@ class RingMember:
         """The node that owns ``key``'s partition now, as last read (None: being moved)."""
         return self.owner_of(self.partition(key))
 
+    def route(self, key: str | bytes) -> str | None:
+        """Where a key-routed call goes: the owner; while the partition moves, its assigned
+        node (or any live member), which refuses with ``not_leader`` until the new owner took
+        it, so that the caller retries."""
+        p = self.partition(key)
+        owner = self.owner_of(p)
+        st = self._state
+        if owner is not None or st is None:
+            return owner
+        assigned = st.assignment[p] if p < len(st.assignment) else None
+        if assigned is not None and assigned in st.leases:
+            return assigned
+        return min(st.leases) if st.leases else None
+
     def owner_of(self, partition: int) -> str | None:
         """The owner of ``partition`` as last read (None while it is being moved)."""
         if partition in self.owned:

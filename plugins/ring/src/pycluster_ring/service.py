@@ -36,32 +36,43 @@ class RingFollower:
         self.bucket = ring_bucket(platform.name, app)
         self.partitions = 0
         self.owners: dict[int, str] = {}
+        self.assigned: list[str | None] = []
+        self.live: set[str] = set()
         self.used = time.monotonic()
         self.ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     def owner(self, key: str) -> str | None:
-        """The owner of ``key``'s partition as last read."""
+        """Where a call for ``key`` goes: its partition's owner; while the partition moves,
+        the node it is assigned to (or any live member), which refuses with ``not_leader``
+        until the new owner took it, so the caller retries. None: no live member at all."""
         self.used = time.monotonic()
         if not self.partitions:
             return None
-        return self.owners.get(key_partition(key, self.partitions))
+        p = key_partition(key, self.partitions)
+        owner = self.owners.get(p)
+        if owner is not None:
+            return owner
+        assigned = self.assigned[p] if p < len(self.assigned) else None
+        if assigned in self.live:
+            return assigned
+        return min(self.live) if self.live else None
 
     async def refresh(self) -> None:
-        """Read the assignment (for the partition count), owners and leases."""
+        """Read the assignment, owners and live leases."""
         js = self.platform.js
         if js is None:
             return
         a = await nu.last_msg(js, self.bucket, "assignment")
         if a is not None and not a.tombstone:
-            self.partitions = int(_loads(a.data).get("partitions") or 0)
+            adoc = _loads(a.data)
+            self.partitions = int(adoc.get("partitions") or 0)
+            self.assigned = [n if isinstance(n, str) else None for n in adoc.get("nodes") or []]
         o = await nu.last_msg(js, self.bucket, OWNERS)
-        doc = _loads(o.data).get("partitions") or {} if o is not None else {}
-        leases: dict[str, str] = {}
-        for node in {str(e.get("node")) for e in doc.values() if isinstance(e, dict)}:
-            m = await nu.last_msg(js, self.bucket, LEASE_PREFIX + node)
-            if m is not None and not m.tombstone:
-                leases[node] = str(_loads(m.data).get("inc"))
+        doc = (_loads(o.data).get("partitions") or {}) if o is not None else {}
+        leases = {k[len(LEASE_PREFIX):]: str(_loads(m.data).get("inc"))
+                  for k, m in (await nu.live_msgs(js, self.bucket, LEASE_PREFIX)).items()}
+        self.live = set(leases)
         self.owners = {int(p): str(e["node"]) for p, e in doc.items()
                        if isinstance(e, dict) and leases.get(str(e.get("node"))) == e.get("inc")}
         self.ready.set()
@@ -127,7 +138,7 @@ class RingService:
         """The owner of ``key`` in ring ``app_name`` (from memory)."""
         m = self.member(app_name)
         if m is not None and m.lease_valid():
-            return m.owner(key)
+            return m.route(key)
         f = self.followers.get(app_name)
         if f is None or f.task is None or f.task.done():
             f = self.followers[app_name] = RingFollower(self.platform, app_name)
