@@ -6,7 +6,8 @@ test node a `Ring` option and hooks that record ownership from inside the owner:
 a partition, the node appends ``{"p", "epoch", "t"}`` lines to
 ``{state_dir}/{node}.ring.jsonl`` every 20 ms (``t``: the wall-clock time at which it checked
 that it still holds the partition), plus ``own``/``release`` lines. A ``whoami`` API method
-answers the owner of a key (refused with ``not_leader`` when this node does not own it).
+answers the owner of a key (refused with ``not_leader`` when this node does not own it);
+``ping`` answers from any instance (a baseline for latency).
 `check_witness` proves from these files that no partition ever had two owners at once and that
 epochs increase per partition.
 """
@@ -76,6 +77,10 @@ def attach(app: App, platform: Platform, ns: argparse.Namespace) -> None:
     async def whoami(key: str) -> dict[str, Any]:
         epoch = ring_of(app).require_owner(key)
         return {"node": node, "epoch": epoch}
+
+    @app.handle("ping")
+    async def ping(key: str) -> dict[str, Any]:
+        return {"node": node}
 
 
 def read_witness(state_dir: str | Path) -> list[dict[str, Any]]:
