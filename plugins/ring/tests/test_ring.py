@@ -191,3 +191,21 @@ async def test_weights_status_metrics_and_cli(make_node: Any, nats_url: str,
         CliRunner().invoke, ring_group,
         ["show", "cache", "-p", unique_name, "--nats-url", nats_url])
     assert res.exit_code == 0 and "heavy" in res.output and "12" in res.output
+
+
+@pytest.mark.timeout(10)
+def test_config_section_builds_the_option(tmp_path: Any) -> None:
+    import pycluster_ring.plugin as ring_plugin
+    from pycluster.cli.config_apps import apps_from_config
+    from pycluster.plugins import create_plugin_manager
+
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("name: prod\nnode_id: n1\napps:\n  - name: cache\n    mode: spread\n"
+                   "    ring: {partitions: 128, settle: 2.0}\n")
+    pm = create_plugin_manager(load_entrypoints=False, extra=[("ring", ring_plugin)])
+    (app,) = apps_from_config(cfg, pm)
+    assert app.options == [Ring(partitions=128, settle=2.0)]
+    cfg.write_text("name: prod\nnode_id: n1\napps:\n  - name: cache\n    mode: spread\n"
+                   "    ring: {partitions: 8, replicas: 2}\n")
+    with pytest.raises(Exception, match="replicas"):
+        apps_from_config(cfg, pm)
