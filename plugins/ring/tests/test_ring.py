@@ -13,6 +13,7 @@ from ring_helpers import Witness, ring_app
 
 from pycluster import App, ForKey, Platform, Singleton
 from pycluster.kernel.errors import ConfigError
+from pycluster.testing.wait import wait_for
 from pycluster_ring import Ring, RingMember, key_partition, moves, ring_of
 
 P = 32
@@ -209,3 +210,30 @@ def test_config_section_builds_the_option(tmp_path: Any) -> None:
                    "    ring: {partitions: 8, replicas: 2}\n")
     with pytest.raises(Exception, match="replicas"):
         apps_from_config(cfg, pm)
+
+
+@pytest.mark.timeout(60)
+async def test_flapping_node_does_not_churn_and_label_changes_rebalance(
+        make_node: Any) -> None:
+    w = Witness()
+    ring = Ring(partitions=16, settle=3.0, min_interval=0.2)
+    a, b = ring_app(w, ring), ring_app(w, ring)
+    pa = await make_node("a", a)
+    await make_node("b", b)
+    ms = await all_stable([a, b], 30)
+    epoch = ms[0].epoch
+    # A node that comes and goes within the settle time never gets partitions.
+    flap = await make_node("flap", ring_app(w, ring))
+    await asyncio.sleep(0.5)
+    await flap.stop()
+    await asyncio.sleep(3.5)
+    ms = await all_stable([a, b], 10)
+    assert ms[0].epoch == epoch and ms[0].stats()["moves_total"] == 0
+    # A label change (weight 0: owns nothing) moves a's partitions to b, and back.
+    pa.labels["ring.weight"] = "0"
+    await wait_for(lambda: len(ring_of(b).partitions()) == 16, 20)
+    assert ring_of(a).partitions() == set()
+    pa.labels["ring.weight"] = "1"
+    await wait_for(lambda: len(ring_of(a).partitions()) == 8, 20)
+    await all_stable([a, b], 20)
+    w.check()
