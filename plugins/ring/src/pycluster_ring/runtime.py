@@ -62,6 +62,7 @@ OWNERS = "owners"
 ASSIGNMENT = "assignment"
 COORDINATOR = "coordinator"
 LEASE_PREFIX = "lease."
+LEASE_HEADER = "Pycluster-Ring-Lease"
 _ERRORS: tuple[type[BaseException], ...] = (*nu.TRANSIENT_ERRORS, nats.js.errors.APIError,
                                             nu.StreamGoneError)
 _ERRORS_OR_CAS: tuple[type[BaseException], ...] = (*_ERRORS, nu.CASConflict)
@@ -125,7 +126,11 @@ class RingMember:
                                   or platform.settings.hook_timeout)
         self.own_timeout = option.own_timeout or self.hook_timeout
         self.release_timeout = option.release_timeout or self.hook_timeout
+        # Polling: fast while something moves, slower once stable (a watch on the owners and
+        # assignment keys wakes the loop in between; watchers can be silent, polls cannot).
         self.tick = max(0.05, min(self.heartbeat / 2, 0.25))
+        self.idle_tick = max(self.tick, min(self.lease_ttl, 2.0))
+        self._subs: list[Any] = []
         self.bucket = ring_bucket(platform.name, app.name)
         self.node = platform.node_id
         self.inc = ""
@@ -297,6 +302,7 @@ class RingMember:
         await nu.ensure_kv(js, self.bucket, history=1, marker_ttl=1,
                            replicas=self.platform.settings.stream_replicas)
         await self._acquire_lease()
+        await self._watch()
         self._tasks = [
             asyncio.create_task(self._renew_loop(), name=f"ring-{self.app.name}-lease"),
             asyncio.create_task(self._loop(), name=f"ring-{self.app.name}-converge"),
@@ -315,6 +321,10 @@ class RingMember:
             self._wake.set()
             await asyncio.sleep(self.tick)
         self._stopping = True
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -336,6 +346,32 @@ class RingMember:
         self.inc = ""
         self._deadline = 0.0
 
+    async def _watch(self) -> None:
+        """Wake the loop when ``owners`` or ``assignment`` change, or a lease appears, ends or
+        changes what it says (not on plain renewals). Headers only."""
+        from nats.js.api import DeliverPolicy
+
+        async def on_msg(msg: Any) -> None:
+            self._wake.set()
+
+        base = len(nu.kv_subject(self.bucket, LEASE_PREFIX))
+
+        async def on_lease(msg: Any) -> None:
+            h = msg.headers or {}
+            st = self._state
+            rec = st.leases.get(msg.subject[base:]) if st is not None else None
+            if rec is None or h.get(LEASE_HEADER) != _lease_summary(rec):
+                self._wake.set()  # new, ended (a delete or expiry marker) or changed
+
+        for key, cb in ((OWNERS, on_msg), (ASSIGNMENT, on_msg), (LEASE_PREFIX + ">", on_lease)):
+            try:
+                self._subs.append(await self._js().subscribe(
+                    nu.kv_subject(self.bucket, key), cb=cb, ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW, headers_only=True, idle_heartbeat=2.0))
+            except Exception as exc:  # polling still works
+                log.warning("ring %s: watch of %s failed (%s); polling only", self.app.name,
+                            key, exc)
+
     # -- the lease ---------------------------------------------------------------------------
 
     def _js(self) -> Any:
@@ -343,7 +379,9 @@ class RingMember:
         assert js is not None, "platform not connected"
         return js
 
-    def _record(self) -> bytes:
+    def _record(self) -> tuple[bytes, dict[str, str]]:
+        """The lease record, and the header that summarises it for watchers (headers-only
+        watches see membership changes without reading values)."""
         labels = self.platform.labels
         try:
             weight = float(labels.get(self.option.weight_label, "1"))
@@ -351,10 +389,9 @@ class RingMember:
             weight = 1.0
         if not math.isfinite(weight) or weight < 0:
             weight = 0.0
-        return json.dumps({
-            "node": self.node, "inc": self.inc, "weight": weight,
-            "eligible": self.platform.eligible(self.app), "draining": self._draining,
-        }).encode()
+        rec = {"node": self.node, "inc": self.inc, "weight": weight,
+               "eligible": self.platform.eligible(self.app), "draining": self._draining}
+        return json.dumps(rec).encode(), {LEASE_HEADER: _lease_summary(rec)}
 
     async def _acquire_lease(self) -> None:
         """Create a new incarnation of this node's lease (over an expiry marker or delete)."""
@@ -365,9 +402,10 @@ class RingMember:
             expected = 0 if last is None else last.seq
             sent = time.monotonic()
             try:
+                data, hdr = self._record()
                 self._lease_seq = await nu.cas_publish(
-                    self._js(), self.bucket, key, self._record(), expected_seq=expected,
-                    ttl=self.lease_ttl)
+                    self._js(), self.bucket, key, data, expected_seq=expected,
+                    ttl=self.lease_ttl, extra_headers=hdr)
             except nu.CASConflict:
                 continue
             self._deadline = sent + self.lease_ttl - self.fence_margin
@@ -377,9 +415,11 @@ class RingMember:
 
     async def _renew(self) -> None:
         sent = time.monotonic()
+        data, hdr = self._record()
         self._lease_seq = await nu.cas_publish(
-            self._js(), self.bucket, LEASE_PREFIX + self.node, self._record(),
-            expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat)
+            self._js(), self.bucket, LEASE_PREFIX + self.node, data,
+            expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat,
+            extra_headers=hdr)
         if sent + self.lease_ttl - self.fence_margin > self._deadline:
             self._deadline = sent + self.lease_ttl - self.fence_margin
 
@@ -485,8 +525,10 @@ class RingMember:
             except Exception:
                 log.exception("ring %s: step failed", self.app.name)
             self._wake.clear()
+            busy = (self._absent_since or self._releasing or not self.stable()
+                    or not self.lease_valid())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.tick):
+                async with asyncio.timeout(self.tick if busy else self.idle_tick):
                     await self._wake.wait()
 
     async def _step(self) -> None:
@@ -730,6 +772,12 @@ def _counts(rec: dict[str, Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return bool(rec.get("eligible", True)) and not rec.get("draining") and w > 0
+
+
+def _lease_summary(rec: dict[str, Any]) -> str:
+    """What a lease says that matters to the others (incarnation, weight, membership)."""
+    return (f"{rec.get('inc')} {rec.get('weight')} {int(bool(rec.get('eligible', True)))} "
+            f"{int(bool(rec.get('draining')))}")
 
 
 def _loads(data: bytes) -> dict[str, Any]:

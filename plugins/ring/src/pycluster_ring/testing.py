@@ -5,7 +5,8 @@
 test node a `Ring` option and hooks that record ownership from inside the owner: while it holds
 a partition, the node appends ``{"p", "epoch", "t"}`` lines to
 ``{state_dir}/{node}.ring.jsonl`` every 20 ms (``t``: the wall-clock time at which it checked
-that it still holds the partition), plus ``own``/``release`` lines. A ``whoami`` API method
+that it still holds the partition; ``--setup-arg witness=0`` leaves these out), plus
+``own``/``release`` lines. A ``whoami`` API method
 answers the owner of a key (refused with ``not_leader`` when this node does not own it);
 ``ping`` answers from any instance (a baseline for latency).
 `check_witness` proves from these files that no partition ever had two owners at once and that
@@ -62,11 +63,14 @@ def attach(app: App, platform: Platform, ns: argparse.Namespace) -> None:
             write(event="hold", p=p, epoch=epoch, t=t)
             await asyncio.sleep(0.02)
 
+    holds = getattr(ns, "setup_args", {}).get("witness", "1") != "0"
+
     @app.on_own
     async def own(ctx: RingContext) -> None:
         write(event="own", partitions=sorted(ctx.partitions), epoch=ctx.epoch)
         for p, e in ctx.epochs.items():
-            asyncio.get_running_loop().create_task(watch(p, e))
+            if holds:
+                asyncio.get_running_loop().create_task(watch(p, e))
 
     @app.on_release
     async def release(ctx: RingContext) -> None:
