@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from ring_helpers import Witness, ring_app
 
-from pycluster import App, ForKey, Platform, Singleton
+from pycluster import App, ForKey, Platform, Singleton, Spread
 from pycluster.kernel.errors import ConfigError
 from pycluster.testing.wait import wait_for
 from pycluster_ring import Ring, RingMember, key_partition, moves, ring_of
@@ -237,3 +237,41 @@ async def test_flapping_node_does_not_churn_and_label_changes_rebalance(
     await wait_for(lambda: len(ring_of(a).partitions()) == 8, 20)
     await all_stable([a, b], 20)
     w.check()
+
+
+@pytest.mark.timeout(60)
+async def test_replicas_mode_only_active_instances_own(make_node: Any) -> None:
+    from pycluster import Replicas
+
+    apps = [App("cache", Replicas(2), Ring(partitions=8, settle=0.2)) for _ in range(3)]
+    for i, a in enumerate(apps):
+        await make_node(f"n{i}", a)
+    await wait_for(lambda: sum(a.is_active for a in apps) == 2, 20)
+    active = [a for a in apps if a.is_active]
+    ms = await all_stable(active, 30)
+    assert sorted(len(m.partitions()) for m in ms) == [4, 4]
+    standby = next(a for a in apps if not a.is_active)
+    with pytest.raises(RuntimeError, match="not an active ring member"):
+        ring_of(standby)
+
+
+@pytest.mark.timeout(60)
+async def test_failing_on_own_gives_partitions_back_and_retries(
+        make_node: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="pycluster.ring")
+    app = App("cache", Spread(), Ring(partitions=4, settle=0.2, own_timeout=0.5))
+    calls: list[frozenset[int]] = []
+
+    @app.on_own
+    async def own(ctx: Any) -> None:
+        calls.append(ctx.partitions)
+        if len(calls) == 1:
+            raise RuntimeError("not ready yet")
+        if len(calls) == 2:
+            await asyncio.sleep(10)  # overruns own_timeout
+
+    await make_node("a", app)
+    await wait_for(lambda: len(calls) == 3, 30)  # failed, overran, then succeeded
+    (m,) = await all_stable([app], 30)
+    assert m.partitions() == {0, 1, 2, 3} and len(calls) == 3
+    assert sum("on_own failed" in r.message for r in caplog.records) == 2
