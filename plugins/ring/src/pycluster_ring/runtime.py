@@ -310,41 +310,50 @@ class RingMember:
 
     async def stop(self, deadline: float | None = None) -> None:
         """Leave the ring: mark the lease draining, wait (bounded) for the coordinator to move
-        this node's partitions, release what is left, delete the lease."""
+        this node's partitions, release what is left, delete the lease. Cancelled midway, it
+        still stops acting for everything and stops its tasks (what stays listed in
+        ``owners`` is taken over once its lease has run out)."""
         self._draining = True
         limit = time.monotonic() + max(0.5, self.option.settle + 4 * self.tick + 1.0)
         if deadline is not None:
             limit = min(limit, deadline - self.release_timeout - 0.5)
-        with contextlib.suppress(*_ERRORS):
-            await self._renew()
-        while self.owned and time.monotonic() < limit and self.lease_valid():
-            self._wake.set()
-            await asyncio.sleep(self.tick)
+        try:
+            with contextlib.suppress(*_ERRORS_OR_CAS):
+                await self._renew()
+            while self.owned and time.monotonic() < limit and self.lease_valid():
+                self._wake.set()
+                await asyncio.sleep(self.tick)
+            await self._stop_tasks()
+            if self.owned:
+                await self._release(set(self.owned), "leaving")
+            with contextlib.suppress(*_ERRORS):
+                await self._remove_mine(set())
+            with contextlib.suppress(*_ERRORS_OR_CAS):
+                if self._lease_seq:
+                    await nu.cas_delete(self._js(), self.bucket, LEASE_PREFIX + self.node,
+                                        expected_seq=self._lease_seq)
+            with contextlib.suppress(*_ERRORS_OR_CAS):
+                if self._coord_seq and time.monotonic() < self._coord_deadline:
+                    await nu.cas_delete(self._js(), self.bucket, COORDINATOR,
+                                        expected_seq=self._coord_seq)
+        finally:
+            self.owned.clear()
+            self.inc = ""
+            self._deadline = 0.0
+            await asyncio.shield(self._stop_tasks())
+
+    async def _stop_tasks(self) -> None:
         self._stopping = True
-        for sub in self._subs:
+        subs, self._subs = self._subs, []
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        self._subs = []
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        self._tasks = []
-        if self.owned:
-            await self._release(set(self.owned), "leaving")
-        with contextlib.suppress(*_ERRORS):
-            await self._remove_mine(set())
-        with contextlib.suppress(*_ERRORS_OR_CAS):
-            if self._lease_seq:
-                await nu.cas_delete(self._js(), self.bucket, LEASE_PREFIX + self.node,
-                                    expected_seq=self._lease_seq)
-        with contextlib.suppress(*_ERRORS_OR_CAS):
-            if self._coord_seq and time.monotonic() < self._coord_deadline:
-                await nu.cas_delete(self._js(), self.bucket, COORDINATOR,
-                                    expected_seq=self._coord_seq)
-        self.inc = ""
-        self._deadline = 0.0
 
     async def _watch(self) -> None:
         """Wake the loop when ``owners`` or ``assignment`` change, or a lease appears, ends or
