@@ -181,3 +181,29 @@ async def test_crash_on_three_servers_with_r3(nats_cluster: Any, unique_name: st
     assert lost <= set(assignment(st))
     await c.stop()
     assert check_witness(read_witness(c.state_dir)) == []
+
+
+@pytest.mark.timeout(240)
+async def test_owner_cut_off_from_nats_stops_acting(nats_cluster: Any, unique_name: str,
+                                                    clusters: Any) -> None:
+    # Node i talks only to server i; R3 buckets. Cutting server 0 off isolates n1: its
+    # renewals fail, it stops acting at its lease deadline; the majority takes its
+    # partitions over (after electing new stream leaders where server 0 led them).
+    urls = [[nats_cluster.url(i)] for i in range(3)]
+    c: NodeCluster = clusters(urls, size=3, extra_args=["--stream-replicas", "3"])
+    await c.start()
+    majority = [nats_cluster.url(1), nats_cluster.url(2)]
+    st = await wait_stable(majority, unique_name, {"n1", "n2", "n3"}, 60)
+    cut = set(st["owned"]["n1"])
+    nats_cluster.partition(0)
+    # Bound: the lease running out, stream leader re-election on the majority (up to ~9 s),
+    # then the crash bound.
+    st = await wait_stable(majority, unique_name, {"n2", "n3"}, CRASH_BOUND + 15.0)
+    assert cut <= set(assignment(st))
+    nats_cluster.heal()
+    await wait_stable(nats_cluster.urls, unique_name, {"n1", "n2", "n3"}, 60)
+    await c.stop()
+    records = read_witness(c.state_dir)
+    assert check_witness(records) == []
+    assert any(r.get("node") == "n1" and r.get("event") == "release" and r.get("lost")
+               for r in records), "n1 was told it lost its partitions"
