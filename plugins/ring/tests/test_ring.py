@@ -213,7 +213,7 @@ def test_config_section_builds_the_option(tmp_path: Any) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_flapping_node_does_not_churn_and_label_changes_rebalance(
+async def test_flapping_node_does_not_churn_label_changes_and_drain_rebalance(
         make_node: Any) -> None:
     w = Witness()
     ring = Ring(partitions=16, settle=3.0, min_interval=0.2)
@@ -236,6 +236,11 @@ async def test_flapping_node_does_not_churn_and_label_changes_rebalance(
     pa.labels["ring.weight"] = "1"
     await wait_for(lambda: len(ring_of(a).partitions()) == 8, 20)
     await all_stable([a, b], 20)
+    # A drain moves a's partitions away while it stays an instance; undrain brings them back.
+    assert await ring_of(a).drain(timeout=20)
+    await wait_for(lambda: len(ring_of(b).partitions()) == 16, 20)
+    await ring_of(a).undrain()
+    await wait_for(lambda: len(ring_of(a).partitions()) == 8, 20)
     w.check()
 
 

@@ -143,6 +143,8 @@ def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
         "release_timeout": "on_release overran its timeout; the node stopped acting for the "
                            "partitions and gave them up anyway (data: partitions, error)",
         "release_failed": "on_release raised; the partitions were given up anyway",
+        "drain": "this node was drained: its partitions move to the other members",
+        "undrain": "this node takes partitions again after a drain",
         "fenced": "the ownership lease ran out; the node stopped acting for its partitions at "
                   "once (data: reason, partitions)",
     }, plugin=PLUGIN)

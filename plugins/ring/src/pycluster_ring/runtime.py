@@ -148,6 +148,7 @@ class RingMember:
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
+        self._renew_lock = asyncio.Lock()
         self._members_changed_at = 0.0
         self._members_seen: dict[str, float] | None = None
         self._last_publish = 0.0
@@ -294,6 +295,30 @@ class RingMember:
                          f"{self.node} does not own partition {p} of {self.app.name}")
         return self.owned[p]
 
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Move this node's partitions to the other members and own none until `undrain`
+        (the node stays an instance of the app). Returns once it owns nothing (True) or when
+        ``timeout`` passes (False)."""
+        self._draining = True
+        self._audit("drain", {})
+        with contextlib.suppress(*_ERRORS_OR_CAS):
+            await self._renew()
+        self._wake.set()
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.owned:
+            if end is not None and time.monotonic() >= end:
+                return False
+            await asyncio.sleep(self.tick)
+        return True
+
+    async def undrain(self) -> None:
+        """Take partitions again (after `drain`)."""
+        self._draining = False
+        self._audit("undrain", {})
+        with contextlib.suppress(*_ERRORS_OR_CAS):
+            await self._renew()
+        self._wake.set()
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -423,14 +448,17 @@ class RingMember:
         raise RuntimeError(f"ring {self.app.name}: could not write lease {key}")
 
     async def _renew(self) -> None:
-        sent = time.monotonic()
-        data, hdr = self._record()
-        self._lease_seq = await nu.cas_publish(
-            self._js(), self.bucket, LEASE_PREFIX + self.node, data,
-            expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat,
-            extra_headers=hdr)
-        if sent + self.lease_ttl - self.fence_margin > self._deadline:
-            self._deadline = sent + self.lease_ttl - self.fence_margin
+        # One renewal at a time: a drain's immediate renewal racing the loop's would make one
+        # of them fail its compare-and-set and look like a lost lease.
+        async with self._renew_lock:
+            sent = time.monotonic()
+            data, hdr = self._record()
+            self._lease_seq = await nu.cas_publish(
+                self._js(), self.bucket, LEASE_PREFIX + self.node, data,
+                expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat,
+                extra_headers=hdr)
+            if sent + self.lease_ttl - self.fence_margin > self._deadline:
+                self._deadline = sent + self.lease_ttl - self.fence_margin
 
     async def _renew_loop(self) -> None:
         while True:
