@@ -149,6 +149,7 @@ class RingMember:
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
         self._renew_lock = asyncio.Lock()
+        self._unconfirmed_sent: float | None = None
         self._members_changed_at = 0.0
         self._members_seen: dict[str, float] | None = None
         self._last_publish = 0.0
@@ -430,6 +431,7 @@ class RingMember:
     async def _acquire_lease(self) -> None:
         """Create a new incarnation of this node's lease (over an expiry marker or delete)."""
         self.inc = uuid.uuid4().hex[:12]
+        self._unconfirmed_sent = None
         key = LEASE_PREFIX + self.node
         for _ in range(10):
             last = await nu.last_msg(self._js(), self.bucket, key, direct=False)
@@ -453,12 +455,38 @@ class RingMember:
         async with self._renew_lock:
             sent = time.monotonic()
             data, hdr = self._record()
-            self._lease_seq = await nu.cas_publish(
-                self._js(), self.bucket, LEASE_PREFIX + self.node, data,
-                expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat,
-                extra_headers=hdr)
+            try:
+                self._lease_seq = await nu.cas_publish(
+                    self._js(), self.bucket, LEASE_PREFIX + self.node, data,
+                    expected_seq=self._lease_seq, ttl=self.lease_ttl, timeout=self.heartbeat,
+                    extra_headers=hdr)
+            except nu.TRANSIENT_ERRORS:
+                # It may have landed all the same: remember the earliest such send.
+                if self._unconfirmed_sent is None:
+                    self._unconfirmed_sent = sent
+                raise
+            except nu.CASConflict:
+                if not await self._adopt_landed_renewal():
+                    raise
+                return
+            self._unconfirmed_sent = None
             if sent + self.lease_ttl - self.fence_margin > self._deadline:
                 self._deadline = sent + self.lease_ttl - self.fence_margin
+
+    async def _adopt_landed_renewal(self) -> bool:
+        """After a refused renewal: if an earlier renewal whose answer was lost did land (the
+        key holds our live record of this incarnation), continue from it; its deadline counts
+        from the earliest send that may have landed."""
+        sent, self._unconfirmed_sent = self._unconfirmed_sent, None
+        if sent is None:
+            return False
+        last = await nu.last_msg(self._js(), self.bucket, LEASE_PREFIX + self.node,
+                                 direct=False)
+        if last is None or last.tombstone or _loads(last.data).get("inc") != self.inc:
+            return False
+        self._lease_seq = last.seq
+        self._deadline = max(self._deadline, sent + self.lease_ttl - self.fence_margin)
+        return True
 
     async def _renew_loop(self) -> None:
         while True:
