@@ -366,6 +366,9 @@ class RingMember:
             self.owned.clear()
             self.inc = ""
             self._deadline = 0.0
+            m = _metrics(self.platform)
+            if m is not None:
+                m["partitions"].labels(self.app.name, self.node).set(0)
             await asyncio.shield(self._stop_tasks())
 
     async def _stop_tasks(self) -> None:
