@@ -106,7 +106,6 @@ class KeyOwner(Target):
         self.key = key
         self.route = f"key:{key}"
         self.node: str | None = None
-        self._tried: set[str] = set()
         hook = platform.pm.hook.pycluster_route_key
         if not hook.get_hookimpls():
             raise PluginError(
@@ -127,14 +126,17 @@ class KeyOwner(Target):
         return api_subject(self.platform.name, self.app, self.method, ToNode(node))
 
     async def unanswered(self, svc: RpcClient, app: str) -> str:
-        """Retry only if the owner changed since (a rebalance)."""
+        """Retry (with back-off, until the call's deadline) while the hook names an owner: a
+        crashed owner's keys move to another node once its ownership lease has ended, like a
+        leader's failover. No owner at all: no instance."""
         assert self.node is not None
-        self._tried.add(self.node)
         node = self.platform.pm.hook.pycluster_route_key(
             app_name=self.app, key=self.key, platform=self.platform
         )
-        if node is None or node in self._tried:
+        if node is None:
             raise NoInstanceError(app, self.route, f"owner {self.node!r} does not answer")
+        if node == self.node:
+            return f"owner {node} does not answer (its keys move once its lease ends)"
         return f"owner moved from {self.node} to {node}"
 
 
