@@ -156,3 +156,28 @@ def test_app_of_binds_an_option_to_its_first_live_app() -> None:
     assert app_of(opt) is None  # the binding lives as long as the app
     third = App("third", opt)
     assert app_of(opt) is third and second.options == [opt]
+
+
+def test_option_handles_are_registered_app_attributes() -> None:
+    """An option class registered with a handle gives its apps an attribute; no shadowing of
+    App's own attributes, no two classes claiming one name."""
+    from pycluster.kernel.registry import OptionRegistry
+
+    class Tag:
+        pass
+
+    class Other:
+        pass
+
+    reg = OptionRegistry()
+    reg.add(Tag, "tag", handle=("tag", lambda app: ("tag of", app.name)))
+    with pytest.raises(ValueError, match="already has"):
+        reg.add(Other, "other", handle=("state", lambda app: None))
+    with pytest.raises(ValueError, match="claimed by both"):
+        reg.add(Other, "other", handle=("tag", lambda app: None))
+    app = App("tagged", Tag())
+    assert reg.handle(app, "tag") == ("tag of", "tagged")
+    with pytest.raises(AttributeError, match="no attribute 'tag'"):
+        reg.handle(App("plain"), "tag")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        reg.handle(app, "nope")

@@ -53,6 +53,7 @@ async def test_exactly_once_join_leave_minimal_moves(make_node: Any) -> None:
     apps = [ring_app(w, ring) for _ in range(3)]
     plats = [await make_node(f"n{i}", a) for i, a in enumerate(apps)]
     ms = await all_stable(apps, 30)
+    assert all(a.ring is m for a, m in zip(apps, ms, strict=True))  # the app's handle
     per = Counter(len(m.partitions()) for m in ms)
     assert sorted(per.elements()) == [10, 11, 11]
     before = ms[0].assignment()
@@ -109,6 +110,8 @@ async def test_hanging_release_loses_partitions_at_its_deadline(
 
 @pytest.mark.timeout(30)
 async def test_ring_with_singleton_is_refused(make_node: Any) -> None:
+    with pytest.raises(AttributeError, match="once it is registered"):
+        _ = App("cache", Spread(), Ring(partitions=4)).ring
     app = App("cache", Singleton(), Ring(partitions=4))
     with pytest.raises(ConfigError, match="Spread"):
         await make_node("x", app)

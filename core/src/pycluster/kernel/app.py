@@ -123,6 +123,20 @@ class App:
     def __repr__(self) -> str:
         return f"App({self.name!r}, {self.mode!r})"
 
+    if not TYPE_CHECKING:  # typed code uses the plugin's accessor (e.g. ``ring_of(app)``)
+
+        def __getattr__(self, name: str) -> Any:
+            """A handle that one of the app's plugin options gives it (``cache.ring`` for a
+            `Ring` option), registered with ``OptionRegistry.add(..., handle=)``; available
+            once the app is registered on a platform."""
+            if name.startswith("_"):
+                raise AttributeError(name)
+            platform = self.__dict__.get("platform")
+            if platform is None:
+                raise AttributeError(f"App {self.__dict__.get('name')!r} has no attribute "
+                                     f"{name!r} (plugin handles exist once it is registered)")
+            return platform.options.handle(self, name)
+
     # -- hooks -------------------------------------------------------------------------------
 
     def _add(self, event: str, fn: H) -> H:

@@ -10,14 +10,45 @@ from .errors import ConfigError
 
 
 class OptionRegistry:
-    """Option classes that plugins define, mapped to the plugin name."""
+    """Option classes that plugins define, mapped to the plugin name, and the app attributes
+    (handles) they give the apps that use them."""
 
     def __init__(self) -> None:
         self._by_class: dict[type, str] = {}
+        self._handles: dict[str, tuple[type, Callable[[Any], Any]]] = {}
 
-    def add(self, option_class: type, plugin: str) -> None:
-        """Declare that ``plugin`` defines ``option_class``."""
+    def add(self, option_class: type, plugin: str, *,
+            handle: tuple[str, Callable[[Any], Any]] | None = None) -> None:
+        """Declare that ``plugin`` defines ``option_class``.
+
+        :param handle: ``(attribute, factory)``: an app with an option of this class gets the
+            attribute (``cache.ring``), whose value is ``factory(app)``. The attribute may not
+            shadow one of `App`'s own, nor be claimed by two option classes.
+        """
         self._by_class[option_class] = plugin
+        if handle is not None:
+            from .app import App
+
+            name, factory = handle
+            if not name.isidentifier() or name.startswith("_") or hasattr(App, name):
+                raise ValueError(f"option handle {name!r} of {option_class.__name__}: not a "
+                                 "public identifier, or an attribute App already has")
+            other = self._handles.get(name)
+            if other is not None and other[0] is not option_class:
+                raise ValueError(f"option handle {name!r} is claimed by both "
+                                 f"{other[0].__name__} and {option_class.__name__}")
+            self._handles[name] = (option_class, factory)
+
+    def handle(self, app: Any, name: str) -> Any:
+        """The value of the app attribute ``name`` that an option of ``app`` gives it.
+
+        :raises AttributeError: no option class registers ``name``, or ``app`` has no option
+            of that class.
+        """
+        entry = self._handles.get(name)
+        if entry is None or not any(isinstance(o, entry[0]) for o in app.options):
+            raise AttributeError(f"App {app.name!r} has no attribute {name!r}")
+        return entry[1](app)
 
     def plugin_for(self, option: object) -> str | None:
         """The plugin that declared the option's class (or a base class), if any."""

@@ -60,7 +60,7 @@ def ring_metrics(platform: Platform) -> dict[str, Any] | None:
 @hookimpl
 def pycluster_register_options(registry: OptionRegistry) -> None:
     """The `Ring` option."""
-    registry.add(Ring, plugin=PLUGIN)
+    registry.add(Ring, plugin=PLUGIN, handle=("ring", ring_of))
 
 
 @hookimpl
