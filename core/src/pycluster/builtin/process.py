@@ -237,6 +237,12 @@ class ProcessBackend:
         if child is not None and child.running and d is not None:
             child.send(guard_deadline_line(d))
 
+    def _guarded(self) -> list[ProcessBackend]:
+        """The app's process backends whose guards follow renewals (``app.state("process")``:
+        also those another plugin runs, e.g. SQLite's Litestream)."""
+        guarded: list[ProcessBackend] = self.app.state("process").setdefault("guarded", [])
+        return guarded
+
     # -- starting -------------------------------------------------------------------------
 
     async def start(self, ctx: Context) -> None:
@@ -245,6 +251,8 @@ class ProcessBackend:
         self._ctx = ctx
         self.restarts = 0
         self._health_failures = 0
+        if self not in self._guarded():
+            self._guarded().append(self)
         await self._launch(ctx)
         self._tasks = [asyncio.create_task(self._watch(ctx), name=f"{self.stage}:watch")]
         if self.option.health is not None:
@@ -475,6 +483,8 @@ class ProcessBackend:
                 grace = min(grace, max(0.0, ctx.deadline - time.monotonic()) / 2)
             # Renewals still reach the guard meanwhile: a graceful stop may take its whole grace.
             await self._terminate(child, grace)
+        if self in self._guarded():
+            self._guarded().remove(self)
         if child is None:
             self.state = "stopped"
             return
@@ -598,13 +608,10 @@ def _backend_check(app: App, stage: str) -> Callable[[], Awaitable[dict[str, Any
 
 @hookimpl
 def pycluster_lease_renewed(app: App, deadline: float) -> None:
-    """Hand the new lease deadline to the fence guard of each running process of ``app``."""
-    rt = app.platform.runtimes.get(app.name) if app.platform is not None else None
-    if rt is None:
-        return
-    for _, backend in backends_of(rt.stages):
-        if isinstance(backend, ProcessBackend):
-            backend._renewed(deadline)
+    """Hand the new lease deadline to the fence guard of each started process backend of
+    ``app`` (its own stages' and those other plugins run)."""
+    for backend in list(app.state("process").get("guarded", ())):
+        backend._renewed(deadline)
 
 
 @hookimpl(trylast=True)
