@@ -36,6 +36,9 @@ Contract (what the coordinator relies on):
   guard (`pycluster.fenceguard`); a backend the node does not run itself (a unit, a container)
   starts a `LeaseFence` once the service runs — a guard in fence-action mode that stops the
   service when the node dies or stops renewing — and releases it first on a graceful stop.
+
+Size: the backend toolkit plugin authors import as one module (protocol, health checks,
+restart policy, fence guard client and `LeaseFence`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ stopped at once (it is already dead if the guard's deadline passed). Following r
 
 Under connection loss: a standby keeps its replica at the last position (lag grows); an active
 node keeps replicating until the lease ends, when the guard and the coordinator stop it.
+
+Size: one runtime per app whose stages (catch-up, promote, replicate, snapshots) share the
+follower, Litestream and WAL-index state; split along the stages when it grows.
 """
 
 from __future__ import annotations
