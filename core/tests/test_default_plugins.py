@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,50 @@ def test_on_own_without_a_ring_plugin_is_refused_at_register() -> None:
         _platform().register(_owning_app())
     app = _platform(extra=[("ring", _Ring())]).register(_owning_app())
     assert app.name == "svc"
+
+
+# -- notification hooks reach what other plugins run -----------------------------------------
+
+
+class _OwnProcess:
+    """Stands for a plugin that runs a process backend in a stage of its own (as the SQLite
+    plugin runs Litestream), and counts the lease renewals it is told about."""
+
+    def __init__(self) -> None:
+        self.backend: Any = None
+        self.renewals = 0
+
+    @hookimpl
+    def pycluster_stages(self, app: App, platform: Platform, registry: Any) -> None:
+        from pycluster import Process, Stage, StageOrder
+        from pycluster.builtin.process import ProcessBackend
+
+        sleeper = Process([sys.executable, "-c", "import time; time.sleep(120)"], grace=1)
+        self.backend = ProcessBackend(sleeper, app, platform, stage="own")
+        registry.add(Stage("own", StageOrder.BACKEND + 1, self.backend.start, self.backend.stop,
+                           timeout=30, plugin="own"))
+
+    @hookimpl
+    def pycluster_lease_renewed(self, app: App, deadline: float) -> None:
+        self.renewals += 1
+
+
+@pytest.mark.timeout(60)
+async def test_renewals_reach_the_guard_of_a_process_another_plugin_runs(
+        make_platform: Any) -> None:
+    own = _OwnProcess()
+    app = App("svc", Singleton())
+    await make_platform("n1", app, extra_plugins=[("own", own)], lease_ttl=1.0,
+                        heartbeat_interval=0.25)
+    await wait_for(lambda: app.is_active, timeout=20)
+    pid = own.backend._child.pid
+    start = own.renewals
+    # Several lease terms: a guard that missed the renewals would have stopped the process at
+    # the first deadline (and the backend would have restarted it).
+    await wait_for(lambda: own.renewals >= start + 12, timeout=30)
+    assert own.backend._child.pid == pid and own.backend._child.running
+    assert own.backend.restarts == 0 and own.backend.last_exit is None
+    assert (await own.backend.health()).healthy
 
 
 # -- end to end: node processes with the observability plugins disabled -----------------------

@@ -41,6 +41,9 @@ Contract (what the supervisor relies on):
   returns a `LeaseFence` from ``fence()`` — a guard in fence-action mode that stops the service
   when the node dies or stops renewing — which the supervisor arms once the service runs and
   releases first on a graceful stop.
+
+Size: the backend toolkit plugin authors import as one module (protocol, controller,
+shared supervisor, health checks, restart policy, fence guard client and `LeaseFence`).
 """
 
 from __future__ import annotations

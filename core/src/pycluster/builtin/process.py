@@ -29,6 +29,9 @@ the VIP, before replication and ``on_active``).
 
 Under connection loss the node keeps its lease until the local deadline and then self-fences:
 the coordinator stops the backend, and the guard enforces the same deadline on its own.
+
+Size: the `Process` option and its controller (spawn, output, restarts, health, fence guard)
+share the child-process state; split when the shared supervisor takes the restart logic.
 """
 
 from __future__ import annotations

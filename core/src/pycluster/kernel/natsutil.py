@@ -283,7 +283,9 @@ async def ensure_stream(
 
 
 async def wait_stream_leader(js: JetStreamContext, stream: str, wait: float = 30.0) -> None:
-    """Return once ``stream`` has a leader (at once for a single server); bounded by ``wait``."""
+    """Return once the just created ``stream`` has a leader (at once for a single server);
+    bounded by ``wait``. Until its creation has reached the server asked, "stream not found"
+    means "not yet"."""
     deadline = time.monotonic() + wait
     delay = 0.02
     while True:
@@ -293,6 +295,9 @@ async def wait_stream_leader(js: JetStreamContext, stream: str, wait: float = 30
                 return
         except TRANSIENT_ERRORS:
             pass
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code != STREAM_NOT_FOUND:
+                raise
         if time.monotonic() + delay > deadline:
             raise TimeoutError(f"stream {stream} has no leader after {wait:g}s")
         await asyncio.sleep(delay)
