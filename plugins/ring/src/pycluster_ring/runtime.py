@@ -26,6 +26,10 @@ Rules (never two owners):
   deadline has passed for sure: its last renewal was sent before the absence was seen).
 * Giving a partition up: run ``on_release`` (bounded), stop acting, then remove the entry by
   compare-and-set. Only then can the next owner claim it and run ``on_own``.
+
+Size: `RingMember` is one state machine (lease, owners compare-and-set, hand-offs,
+coordinator) whose safety rules read and change the same state; kept together so the rules
+above can be checked in one place.
 """
 
 from __future__ import annotations
