@@ -1,0 +1,319 @@
+"""The ``discovery`` platform service: registrations that follow app roles, health checks,
+the public lookup/watch/register/deregister API and the DNS server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from pycluster.kernel.aio import cancel_and_wait
+from pycluster.kernel.discovery import ServiceChange, ServiceInstance, ServiceRegistry
+from pycluster.kernel.errors import ConfigError
+from pycluster.kernel.options import Singleton
+
+from .checks import run_check
+from .options import PROTOCOLS, Service, check_name
+from .registry import CRITICAL, PASSING, STANDBY, KvServiceRegistry, as_dict
+
+if TYPE_CHECKING:
+    from pycluster.kernel.app import App
+    from pycluster.kernel.platform import Platform
+
+    from .dns import DnsServer
+
+log = logging.getLogger("pycluster.discovery")
+
+PLUGIN = "discovery"
+DNS_ADDR_ENV = "PYCLUSTER_DISCOVERY_DNS_ADDR"
+ADVERTISE_ENV = "PYCLUSTER_DISCOVERY_ADVERTISE"
+
+
+def default_address() -> str:
+    """The address other hosts reach this node on: the source address of the default route
+    (no packet is sent), else 127.0.0.1."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only selects the route
+        return str(s.getsockname()[0])
+    return "127.0.0.1"
+
+
+class Registration:
+    """One `Service` option of an app on this node: its role, health and registered record."""
+
+    def __init__(self, discovery: Discovery, app: App, option: Service) -> None:
+        self.discovery = discovery
+        self.app = app
+        self.option = option
+        #: "primary", "active", "standby" or "" (not registered).
+        self.role = ""
+        #: The last health check: None before the first (or without a check).
+        self.healthy: bool | None = None
+        self.detail = ""
+        self.instance: ServiceInstance | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> str:
+        """The status announced for the current role and health."""
+        if self.healthy is False:
+            return CRITICAL
+        return STANDBY if self.role == STANDBY else PASSING
+
+    def build(self) -> ServiceInstance:
+        """The record for the current role and health."""
+        o, d = self.option, self.discovery
+        return ServiceInstance(
+            app=self.app.name, node=d.platform.node_id, address=o.host or d.advertise,
+            metadata=dict(o.metadata), service=o.name, port=o.port, protocol=o.protocol,
+            tags=tuple(o.tags), status=self.status, role=self.role)
+
+    async def check_once(self) -> None:
+        """Run the health check (if any) and record the result."""
+        spec = self.option.health
+        if spec is None:
+            return
+        ok, detail = await run_check(spec, self.option.host or "127.0.0.1", self.option.port)
+        self.discovery.count_check(self.option.name, ok)
+        changed = self.healthy is not ok
+        self.healthy, self.detail = ok, detail
+        if changed:
+            self.discovery.audit("health", self.app, service=self.option.name, passing=ok,
+                                 detail=detail)
+
+    async def enter(self, role: str) -> None:
+        """Register with ``role`` (after a first health check), and keep checking."""
+        self.role = role
+        if self.option.health is not None and self.healthy is None:
+            await self.check_once()
+        await self.publish()
+        if self.option.health is not None and self._task is None:
+            self._task = asyncio.create_task(self._check_loop(),
+                                             name=f"discovery-check:{self.instance_key}")
+
+    @property
+    def instance_key(self) -> str:
+        """``<app>.<service>.<node>``."""
+        return f"{self.app.name}.{self.option.name}.{self.discovery.platform.node_id}"
+
+    async def publish(self) -> None:
+        """Write the record if it differs from the one registered."""
+        inst = self.build()
+        if inst == self.instance:
+            return
+        await self.discovery.registry.register(inst)
+        first = self.instance is None
+        self.instance = inst
+        self.discovery.audit("registered" if first else "updated", self.app,
+                             service=inst.service, role=inst.role, status=inst.status,
+                             address=inst.address, port=inst.port)
+
+    async def leave(self) -> None:
+        """Deregister and stop checking."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        self.role = ""
+        self.healthy = None
+        if self.instance is not None:
+            inst, self.instance = self.instance, None
+            await self.discovery.registry.deregister(inst)
+            self.discovery.audit("deregistered", self.app, service=inst.service,
+                                 role=inst.role)
+
+    async def _check_loop(self) -> None:
+        assert self.option.health is not None
+        while True:
+            await asyncio.sleep(self.option.health.interval)
+            try:
+                await self.check_once()
+                if self.role:
+                    await self.publish()
+            except Exception:
+                log.warning("discovery: check of %s failed to publish", self.instance_key,
+                            exc_info=True)
+
+
+class Discovery:
+    """The service registry of a platform (``platform.service("discovery")``).
+
+    ``lookup``/``watch``/``register``/``deregister`` work on the registry that
+    ``pycluster_service_registry`` provides (this plugin's NATS KV registry unless another
+    plugin answers first). Apps' `Service` options are registered following their role.
+
+    :ivar dns_addr: ``host:port`` of the DNS server (None: no DNS); from
+        ``PYCLUSTER_DISCOVERY_DNS_ADDR`` by default; set before the platform starts.
+    :ivar advertise: the default address of this node's services (``PYCLUSTER_DISCOVERY_ADVERTISE``,
+        else the source address of the default route).
+    :ivar dns_ttl: TTL of DNS answers, seconds.
+    """
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self.dns_addr: str | None = os.environ.get(DNS_ADDR_ENV) or None
+        self.advertise: str = os.environ.get(ADVERTISE_ENV) or default_address()
+        self.dns_ttl = 2
+        self._registry: ServiceRegistry | None = None
+        self.dns: DnsServer | None = None
+        self._regs: dict[tuple[str, str], Registration] = {}
+        #: Health check results: (service, "passing"|"critical") -> count.
+        self.checks_total: dict[tuple[str, str], int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> ServiceRegistry:
+        """The service registry (after the platform started)."""
+        if self._registry is None:
+            raise RuntimeError("discovery is used before the platform started")
+        return self._registry
+
+    async def start(self) -> None:
+        """Get the registry (``pycluster_service_registry``), start it and the DNS server."""
+        reg = self.platform.pm.hook.pycluster_service_registry(platform=self.platform)
+        self._registry = reg if reg is not None else KvServiceRegistry(self.platform)
+        start = getattr(self._registry, "start", None)
+        if start is not None:
+            await start()
+        if self.dns_addr:
+            from .dns import DnsServer
+
+            self.dns = DnsServer(self, self.dns_addr, ttl=self.dns_ttl)
+            await self.dns.start()
+
+    async def stop(self) -> None:
+        """Withdraw this node's registrations, stop DNS and the registry."""
+        for reg in list(self._regs.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reg.leave(), 2.0)
+        if self.dns is not None:
+            await self.dns.stop()
+            self.dns = None
+        stop = getattr(self._registry, "stop", None)
+        if stop is not None:
+            await stop()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def lookup(self, name: str, app: str | None = None, *, tags: Iterable[str] = (),
+                     healthy_only: bool = True) -> list[ServiceInstance]:
+        """The instances of service ``name`` (of ``app``; with every tag in ``tags``;
+        ``passing`` ones only unless ``healthy_only`` is False), sorted by app and node."""
+        return await self.registry.lookup(name, app=app, tags=tags, healthy_only=healthy_only)
+
+    def watch(self, name: str, app: str | None = None) -> AsyncIterator[ServiceChange]:
+        """An async iterator of the changes of service ``name``'s instances (``register``,
+        ``update``, ``deregister``), in order; the current instances come first."""
+        return self.registry.watch(name, app=app)
+
+    async def register(self, name: str, port: int, *, app: str = "external",
+                       host: str | None = None, node: str | None = None,
+                       protocol: str = "tcp", tags: Iterable[str] = (),
+                       metadata: dict[str, str] | None = None,
+                       status: str = PASSING) -> ServiceInstance:
+        """Register something pycluster does not run; renewed by this node until
+        `deregister` or this node dies (then it expires within the lease)."""
+        check_name("register(name)", name)
+        check_name("register(app)", app)
+        check_name("register(node)", node or self.platform.node_id)
+        if protocol not in PROTOCOLS:
+            raise ConfigError("register(protocol)", protocol, f"must be one of {PROTOCOLS}")
+        if status not in (PASSING, STANDBY, CRITICAL):
+            raise ConfigError("register(status)", status, "must be passing, standby or critical")
+        inst = ServiceInstance(app=app, node=node or self.platform.node_id,
+                               address=host or self.advertise, metadata=dict(metadata or {}),
+                               service=name, port=port, protocol=protocol, tags=tuple(tags),
+                               status=status, role="external")
+        await self.registry.register(inst)
+        self.audit("registered", app, service=name, role="external", status=status,
+                   address=inst.address, port=port)
+        return inst
+
+    async def deregister(self, name: str, *, app: str = "external",
+                         node: str | None = None) -> None:
+        """Withdraw a registration made with `register`."""
+        inst = ServiceInstance(app=app, node=node or self.platform.node_id, address="",
+                               service=name)
+        await self.registry.deregister(inst)
+        self.audit("deregistered", app, service=name, role="external")
+
+    def instances(self, name: str | None = None, app: str | None = None, *,
+                  healthy_only: bool = False) -> list[ServiceInstance]:
+        """The instances known now without I/O (the registry's view; empty when the registry
+        keeps none)."""
+        get = getattr(self._registry, "instances", None)
+        if get is None:
+            return []
+        return list(get(name, app=app, healthy_only=healthy_only))
+
+    def registrations(self) -> list[dict[str, Any]]:
+        """This node's registrations (for ``/status``)."""
+        out = []
+        for reg in self._regs.values():
+            if reg.instance is not None:
+                d = as_dict(reg.instance)
+                d["check"] = reg.detail or None
+                out.append(d)
+        return out
+
+    # -- following apps ------------------------------------------------------------------------
+
+    def _reg(self, app: App, option: Service) -> Registration:
+        key = (app.name, option.name)
+        reg = self._regs.get(key)
+        if reg is None:
+            reg = self._regs[key] = Registration(self, app, option)
+        return reg
+
+    def options(self, app: App) -> list[Service]:
+        """The `Service` options of ``app``."""
+        return [o for o in app.options if isinstance(o, Service)]
+
+    async def activate(self, app: App) -> None:
+        """The app became active here: register its services (role primary/active)."""
+        role = "primary" if isinstance(app.mode, Singleton) else "active"
+        for opt in self.options(app):
+            await self._reg(app, opt).enter(role)
+
+    async def deactivate(self, app: App) -> None:
+        """The app is stepping down here: withdraw (or demote to standby) its services."""
+        for opt in self.options(app):
+            reg = self._reg(app, opt)
+            if opt.register_standby:
+                await reg.enter(STANDBY)
+            else:
+                await reg.leave()
+
+    async def passive(self, app: App) -> None:
+        """The app is a standby here: register the services that want standbys listed."""
+        for opt in self.options(app):
+            if opt.register_standby:
+                await self._reg(app, opt).enter(STANDBY)
+
+    async def stopped(self, app: App) -> None:
+        """The app stopped here: withdraw everything."""
+        for opt in self.options(app):
+            await self._reg(app, opt).leave()
+
+    # -- observability --------------------------------------------------------------------------
+
+    def count_check(self, service: str, ok: bool) -> None:
+        """Count one check result (``pycluster_service_checks_total``)."""
+        k = (service, PASSING if ok else CRITICAL)
+        self.checks_total[k] = self.checks_total.get(k, 0) + 1
+
+    def audit(self, action: str, app: App | str, **data: Any) -> None:
+        """An audit entry of category ``discovery`` (when the audit plugin is enabled)."""
+        log.info("discovery %s %s %s", action, app if isinstance(app, str) else app.name, data)
+        audit = self.platform.services.get("audit")
+        if audit is None:
+            return
+        try:
+            audit.log(PLUGIN, action, {**data, "t": time.time()},
+                      app=app if not isinstance(app, str) or app in self.platform.apps else None)
+        except Exception:
+            log.debug("audit discovery/%s not written", action, exc_info=True)
