@@ -49,6 +49,7 @@ OTHER_ENV_VARS: dict[str, str] = {
     "PYCLUSTER_DISCOVERY_DNS_ADDR": "host:port of the discovery DNS server (discovery plugin)",
     "PYCLUSTER_DISCOVERY_ADVERTISE": "default address of registered services (discovery plugin)",
     "PYCLUSTER_DISCOVERY_HTTP_ADDR": "host:port of the discovery HTTP exports (discovery plugin)",
+    "PYCLUSTER_DISCOVERY_FILE_SD": "Prometheus file-SD file kept by the discovery plugin",
     "PYCLUSTER_DISABLE_PLUGINS": "plugin names not to load",
     "PYCLUSTER_TRACE_HOOKS": "log every hook call",
     "PYCLUSTER_STRICT": "tests: a skipped test fails",

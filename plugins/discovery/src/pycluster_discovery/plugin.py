@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pycluster.kernel.context import Context
+from pycluster.kernel.discovery import DiscoveryExporterRegistry
 from pycluster.kernel.registry import ConfigRegistry, OptionRegistry
 from pycluster.kernel.stages import FailurePolicy, Stage, StageOrder, StageRegistry
 from pycluster.plugins import hookimpl
@@ -81,6 +82,14 @@ def pycluster_platform_services(platform: Platform, registry: PlatformServices) 
 def pycluster_service_registry(platform: Platform) -> Any:
     """The default registry: NATS KV leases (another plugin answering first replaces it)."""
     return KvServiceRegistry(platform)
+
+
+@hookimpl
+def pycluster_discovery_exporters(registry: DiscoveryExporterRegistry) -> None:
+    """``file_sd``: Prometheus target groups in ``discovery.file_sd_path``."""
+    from .exports import FileSdExporter
+
+    registry.add("file_sd", FileSdExporter, plugin=PLUGIN)
 
 
 @hookimpl

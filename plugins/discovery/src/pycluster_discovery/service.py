@@ -12,8 +12,14 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from pycluster.kernel.aio import cancel_and_wait
-from pycluster.kernel.discovery import ServiceChange, ServiceInstance, ServiceRegistry
+from pycluster.kernel.aio import cancel_and_wait, supervise
+from pycluster.kernel.discovery import (
+    DiscoveryExporter,
+    DiscoveryExporterRegistry,
+    ServiceChange,
+    ServiceInstance,
+    ServiceRegistry,
+)
 from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.options import Singleton
 
@@ -26,12 +32,15 @@ if TYPE_CHECKING:
     from pycluster.kernel.platform import Platform
 
     from .dns import DnsServer
+    from .exports import ExportServer
 
 log = logging.getLogger("pycluster.discovery")
 
 PLUGIN = "discovery"
 DNS_ADDR_ENV = "PYCLUSTER_DISCOVERY_DNS_ADDR"
 ADVERTISE_ENV = "PYCLUSTER_DISCOVERY_ADVERTISE"
+HTTP_ADDR_ENV = "PYCLUSTER_DISCOVERY_HTTP_ADDR"
+FILE_SD_ENV = "PYCLUSTER_DISCOVERY_FILE_SD"
 
 
 def default_address() -> str:
@@ -150,6 +159,11 @@ class Discovery:
     :ivar advertise: the default address of this node's services (``PYCLUSTER_DISCOVERY_ADVERTISE``,
         else the source address of the default route).
     :ivar dns_ttl: TTL of DNS answers, seconds.
+    :ivar http_addr: ``host:port`` of the HTTP exports (Prometheus SD, Consul subset, JSON;
+        None: not served); from ``PYCLUSTER_DISCOVERY_HTTP_ADDR`` by default.
+    :ivar file_sd_path: a Prometheus ``file_sd_configs`` file kept up to date (None: none);
+        from ``PYCLUSTER_DISCOVERY_FILE_SD`` by default.
+    :ivar export_interval: seconds between checks of the view for the exporters.
     """
 
     def __init__(self, platform: Platform) -> None:
@@ -157,6 +171,13 @@ class Discovery:
         self.dns_addr: str | None = os.environ.get(DNS_ADDR_ENV) or None
         self.advertise: str = os.environ.get(ADVERTISE_ENV) or default_address()
         self.dns_ttl = 2
+        self.http_addr: str | None = os.environ.get(HTTP_ADDR_ENV) or None
+        self.file_sd_path: str | None = os.environ.get(FILE_SD_ENV) or None
+        self.export_interval = 0.25
+        self.http: ExportServer | None = None
+        #: The exporters of ``pycluster_discovery_exporters``, by name.
+        self.exporters: dict[str, DiscoveryExporter] = {}
+        self._export_task: asyncio.Task[None] | None = None
         self._registry: ServiceRegistry | None = None
         self.dns: DnsServer | None = None
         self._regs: dict[tuple[str, str], Registration] = {}
@@ -184,15 +205,44 @@ class Discovery:
 
             self.dns = DnsServer(self, self.dns_addr, ttl=self.dns_ttl)
             await self.dns.start()
+        if self.http_addr:
+            from .exports import ExportServer
+
+            self.http = ExportServer(self, self.http_addr)
+            await self.http.start()
+        reg_ex = DiscoveryExporterRegistry()
+        self.platform.pm.hook.pycluster_discovery_exporters(registry=reg_ex)
+        self.exporters = {name: factory(self.platform)
+                          for name, (factory, _plugin) in reg_ex.exporters.items()}
+        self._export_task = supervise("discovery-export", self._export_loop, logger=log)
+
+    async def _export_loop(self) -> None:
+        last: list[ServiceInstance] | None = None
+        while True:
+            view = self.instances()
+            if view != last:
+                if self.http is not None:
+                    self.http.refresh()
+                for name, exporter in self.exporters.items():
+                    try:
+                        await exporter.export(view)
+                    except Exception:
+                        log.warning("discovery exporter %s failed", name, exc_info=True)
+                last = view
+            await asyncio.sleep(self.export_interval)
 
     async def stop(self) -> None:
         """Withdraw this node's registrations, stop DNS and the registry."""
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reg.leave(), 2.0)
+        await cancel_and_wait(self._export_task)
         if self.dns is not None:
             await self.dns.stop()
             self.dns = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         stop = getattr(self._registry, "stop", None)
         if stop is not None:
             await stop()
