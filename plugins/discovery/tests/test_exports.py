@@ -139,3 +139,37 @@ async def test_prometheus_consul_json_and_file_sd(make_node: Callable[..., Any],
 
 async def _ok(url: str) -> bool:
     return (await get(url))[0] == 200
+
+
+async def test_a_consul_client_reads_catalog_health_and_blocks(
+        make_node: Callable[..., Any]) -> None:
+    """py-consul, a Consul client library, against the Consul-compatible endpoints."""
+    consul = pytest.importorskip("consul")
+    p: Platform = await make_node("n1", App("cache", Spread(), Service(
+        "redis", port=6379, host="127.0.0.1", tags=["v2"])), start=False)
+    d = disc(p)
+    d.http_addr = "127.0.0.1:0"
+    await p.start()
+    await wait_for(lambda: d.instances("redis"), 10)
+    await wait_for(lambda: _ok(d.http.url + "/v1/catalog/service/redis"), 5)
+    host, port = d.http.server.address
+    c = consul.Consul(host=host, port=port)
+
+    index, services = await asyncio.to_thread(c.catalog.services)
+    assert services == {"redis": ["v2"]} and int(index) > 0
+    _, nodes = await asyncio.to_thread(c.catalog.service, "redis")
+    assert [(n["Node"], n["ServicePort"], n["ServiceAddress"]) for n in nodes] == [
+        ("n1", 6379, "127.0.0.1")]
+    _, healthy = await asyncio.to_thread(lambda: c.health.service("redis", passing=True))
+    assert [(e["Node"]["Node"], e["Checks"][0]["Status"]) for e in healthy] == [
+        ("n1", "passing")]
+
+    # a blocking query returns when the registry changes
+    blocked = asyncio.create_task(asyncio.to_thread(
+        lambda: c.health.service("redis", index=index, wait="20s")))
+    await asyncio.sleep(0.5)
+    assert not blocked.done()
+    await d.register("redis", 6380, app="cache", host="127.0.0.1", node="ext1")
+    new_index, entries = await asyncio.wait_for(blocked, 15)
+    assert int(new_index) > int(index)
+    assert sorted(e["Node"]["Node"] for e in entries) == ["ext1", "n1"]

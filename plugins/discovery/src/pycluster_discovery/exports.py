@@ -6,7 +6,8 @@
 - A Consul-compatible read subset: ``GET /v1/catalog/services`` (service name -> tags),
   ``GET /v1/catalog/service/<name>`` (catalog entries, ``?tag=``) and
   ``GET /v1/health/service/<name>`` (node, service and checks; ``?passing`` keeps passing
-  instances, ``?tag=``), with an ``X-Consul-Index`` header. The datacenter is the platform's
+  instances, ``?tag=``), with an ``X-Consul-Index`` header and blocking queries (``?index=``,
+  ``?wait=``, at most 60 s). The datacenter is the platform's
   name, a service's ID is ``<app>.<service>.<node>``, its app is ``ServiceMeta["app"]``; a
   standby's check is ``warning``. Routes exist per known service name, so an unknown name
   answers 404 (Consul answers ``[]``).
@@ -122,6 +123,13 @@ def consul_health_service(instances: list[ServiceInstance], dc: str,
     return out
 
 
+def _duration(value: str) -> float:
+    """Seconds of a Consul duration (``"10s"``, ``"5m"``, ``"1.5s"``, ``"250ms"``)."""
+    from pycluster.kernel.natsutil import parse_ttl_header
+
+    return parse_ttl_header(value) or 300.0
+
+
 def _flag(request: Request, name: str) -> bool:
     return name in request.query and (request.param(name) or "1") not in ("0", "false")
 
@@ -136,7 +144,9 @@ class ExportServer:
         self.server.route("/v1/catalog/services", self.handle_catalog_services)
         self.server.route("/v1/services", self.handle_services)
         self._names: set[str] = set()
+        #: Consul's ``X-Consul-Index``: raised on every change of the view.
         self.index = 1
+        self._changed = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -162,6 +172,21 @@ class ExportServer:
                                                                         name))
             self.server.route(f"/v1/services/{name}", self._bind(self.handle_service, name))
         self.index += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _block(self, request: Request) -> None:
+        """Consul blocking query: with ``?index=N`` not older than the current index, wait
+        until the view changes or ``?wait=`` (default 5m, at most 60 s here) passes."""
+        try:
+            index = int(request.param("index") or 0)
+        except ValueError:
+            return
+        if index <= 0 or index < self.index:
+            return
+        wait = min(60.0, _duration(request.param("wait") or "5m"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), wait)
 
     @staticmethod
     def _bind(fn: Any, name: str) -> Any:
@@ -183,6 +208,7 @@ class ExportServer:
 
     async def handle_catalog_services(self, request: Request) -> Response:
         """Consul ``/v1/catalog/services``."""
+        await self._block(request)
         return self._consul(consul_catalog_services(self.discovery.instances()))
 
     def _select(self, request: Request, name: str) -> list[ServiceInstance]:
@@ -192,11 +218,13 @@ class ExportServer:
 
     async def handle_catalog(self, request: Request, name: str) -> Response:
         """Consul ``/v1/catalog/service/<name>``."""
+        await self._block(request)
         return self._consul(consul_catalog_service(self._select(request, name),
                                                    self.discovery.platform.name, self.index))
 
     async def handle_health(self, request: Request, name: str) -> Response:
         """Consul ``/v1/health/service/<name>``."""
+        await self._block(request)
         insts = self._select(request, name)
         if _flag(request, "passing"):
             insts = [i for i in insts if i.status == PASSING]
