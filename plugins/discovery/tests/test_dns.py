@@ -11,8 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.resolver
 import pytest
 
@@ -151,3 +154,20 @@ async def test_srv_follows_a_sigkill_failover(nats_url: str, unique_name: str,
     finally:
         await cluster.stop()
         await asyncio.sleep(0)
+
+
+async def test_large_answers_truncate_over_udp_and_come_over_tcp(
+        make_node: Callable[..., Any]) -> None:
+    p = await dns_node(make_node, "n1", App("idle", Spread()))
+    d = disc(p)
+    for i in range(40):
+        await d.register("big", 7000 + i, app="ext", host=f"10.0.0.{i + 1}", node=f"x{i}")
+    await wait_for(lambda: len(d.instances("big")) == 40 or None, 10)
+    r = resolver(d.dns.address)
+    name = f"_big._tcp.ext.{p.name}.pycluster."
+    udp = dns.message.make_query(name, "SRV")
+    host, port = d.dns.address.rsplit(":", 1)
+    reply = await dns.asyncquery.udp(udp, host, port=int(port), timeout=2)
+    assert reply.flags & dns.flags.TC
+    ans = await r.resolve(name, "SRV")  # the resolver retries over TCP
+    assert len(ans) == 40

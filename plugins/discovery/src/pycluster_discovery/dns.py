@@ -1,5 +1,5 @@
-"""A small authoritative DNS server (UDP) for the zone ``<platform>.pycluster.``, built on
-dnslib's message parsing and packing.
+"""A small authoritative DNS server (UDP and TCP on the same port) for the zone
+``<platform>.pycluster.``, built on dnslib's message parsing and packing.
 
 Names (case-insensitive), healthy (``passing``) instances only:
 
@@ -11,7 +11,8 @@ Names (case-insensitive), healthy (``passing``) instances only:
 - ``<node>.<service>.<app>.<platform>.pycluster.``: ``A``/``AAAA`` of that instance.
 
 Unknown names answer NXDOMAIN, known names without healthy instances an empty NOERROR, both
-with the zone's SOA; names outside the zone are REFUSED.
+with the zone's SOA; names outside the zone are REFUSED. A UDP answer over 512 bytes is sent
+empty with TC set, and the client asks again over TCP.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class DnsServer(asyncio.DatagramProtocol):
         self.ttl = ttl
         self.zone = DNSLabel(f"{discovery.platform.name}.{ROOT}.")
         self.transport: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
         self.queries = 0
 
     @property
@@ -66,25 +68,55 @@ class DnsServer(asyncio.DatagramProtocol):
         return f"{host}:{port}"
 
     async def start(self) -> None:
-        """Bind the UDP socket."""
+        """Bind the UDP socket, then TCP on the same port (answers too large for UDP)."""
         host, port = parse_addr(self.addr)
         loop = asyncio.get_running_loop()
         self.transport, _ = await loop.create_datagram_endpoint(lambda: self,
                                                                 local_addr=(host, port))
+        port = self.transport.get_extra_info("sockname")[1]
+        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
         log.info("discovery DNS on %s for zone %s", self.address, self.zone)
 
     async def stop(self) -> None:
-        """Close the socket."""
+        """Close the sockets."""
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP: two-byte length-prefixed messages until the client closes."""
+        try:
+            while True:
+                async with asyncio.timeout(10.0):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+                packed = self._reply(data, limit=65535)
+                if packed is None:
+                    return
+                writer.write(len(packed).to_bytes(2, "big") + packed)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         """Answer one query (malformed ones are dropped)."""
+        packed = self._reply(data, limit=512)
+        if packed is not None and self.transport is not None:
+            self.transport.sendto(packed, addr)
+
+    def _reply(self, data: bytes, limit: int) -> bytes | None:
+        """The packed reply to a query (None for a malformed one); over ``limit`` bytes an
+        empty reply with TC set (over UDP the client then asks over TCP)."""
         try:
             request = DNSRecord.parse(data)
         except Exception:
-            return
+            return None
         self.queries += 1
         try:
             reply = self.answer(request)
@@ -92,13 +124,12 @@ class DnsServer(asyncio.DatagramProtocol):
             log.exception("DNS query failed")
             reply = request.reply()
             reply.header.rcode = RCODE.SERVFAIL
-        packed = reply.pack()
-        if len(packed) > 512:  # plain DNS over UDP: truncate, the client retries over TCP
+        packed: bytes = reply.pack()
+        if len(packed) > limit:
             reply = request.reply()
             reply.header.tc = 1
             packed = reply.pack()
-        if self.transport is not None:
-            self.transport.sendto(packed, addr)
+        return packed
 
     # -- answers ----------------------------------------------------------------------------------
 
