@@ -96,14 +96,15 @@ class Registration:
                                  detail=detail)
 
     async def enter(self, role: str) -> None:
-        """Register with ``role`` (after a first health check), and keep checking."""
+        """Register with ``role`` (after a first health check), and keep checking; a failed
+        write is retried every interval by the same loop."""
         self.role = role
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(),
+                                             name=f"discovery-check:{self.instance_key}")
         if self.option.health is not None and self.healthy is None:
             await self.check_once()
         await self.publish()
-        if self.option.health is not None and self._task is None:
-            self._task = asyncio.create_task(self._check_loop(),
-                                             name=f"discovery-check:{self.instance_key}")
 
     @property
     def instance_key(self) -> str:
@@ -134,17 +135,19 @@ class Registration:
             self.discovery.audit("deregistered", self.app, service=inst.service,
                                  role=inst.role)
 
-    async def _check_loop(self) -> None:
-        assert self.option.health is not None
+    async def _loop(self) -> None:
+        spec = self.option.health
+        settings = self.discovery.platform.settings
+        interval = spec.interval if spec is not None else settings.heartbeat_interval
         while True:
-            await asyncio.sleep(self.option.health.interval)
+            await asyncio.sleep(interval)
             try:
                 await self.check_once()
                 if self.role:
                     await self.publish()
-            except Exception:
-                log.warning("discovery: check of %s failed to publish", self.instance_key,
-                            exc_info=True)
+            except Exception as exc:
+                log.warning("discovery: publishing %s failed (retried): %s", self.instance_key,
+                            exc)
 
 
 class Discovery:
