@@ -151,3 +151,15 @@ async def test_manual_registration_is_renewed_past_the_lease(
     await asyncio.sleep(2.0 * 2)  # twice the lease
     [inst] = await d.registry.read("ext")  # type: ignore[attr-defined]
     assert inst.address == "192.0.2.7" and inst.role == "external"
+
+
+async def test_started_on_first_use_when_no_app_has_a_service(
+        make_node: Callable[..., Any]) -> None:
+    import nats.js.errors
+
+    p = await make_node("n1", App("idle", Singleton()))
+    assert p.js is not None
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await p.js.stream_info(f"KV_{p.name}_services")
+    assert await disc(p).lookup("http") == []
+    await p.js.stream_info(f"KV_{p.name}_services")  # created by the first lookup

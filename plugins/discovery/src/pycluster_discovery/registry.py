@@ -37,6 +37,14 @@ _RENEW_ERRORS: tuple[type[BaseException], ...] = (nu.CASConflict, *nu.TRANSIENT_
 _POLL_ERRORS: tuple[type[BaseException], ...] = (*nu.TRANSIENT_ERRORS, nats.errors.Error)
 
 
+def stop_if_cancelled() -> None:
+    """Re-raise a cancellation that a library turned into another error (a timeout), so a
+    loop that survives errors still ends when its task is cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def encode(inst: ServiceInstance) -> bytes:
     """The JSON record of an instance."""
     d = asdict(inst)
@@ -174,6 +182,7 @@ class KvServiceRegistry:
                     try:
                         await self._write(inst, seq)
                     except _RENEW_ERRORS as exc:
+                        stop_if_cancelled()
                         self.renew_failures += 1
                         log.warning("discovery: renewing %s failed: %s", key, exc)
                         # the next round reads what is there and writes after it
@@ -248,8 +257,10 @@ class KvServiceRegistry:
                 gone = entry.operation in ("DEL", "PURGE") or not entry.value
                 self._apply(entry.key, entry.revision or 0, None if gone else decode(entry.value))
         finally:
+            # bounded: a cancelled follower must end even when the connection is gone
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(1.0):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _poll_loop(self) -> None:
         while True:
@@ -257,6 +268,7 @@ class KvServiceRegistry:
             try:
                 await self._poll_once()
             except _POLL_ERRORS as exc:
+                stop_if_cancelled()
                 log.debug("discovery: polling %s failed: %s", self.bucket, exc)
 
     async def _poll_once(self) -> None:

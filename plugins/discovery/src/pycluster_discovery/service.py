@@ -25,7 +25,14 @@ from pycluster.kernel.options import Singleton
 
 from .checks import run_check
 from .options import PROTOCOLS, Service, check_name
-from .registry import CRITICAL, PASSING, STANDBY, KvServiceRegistry, as_dict
+from .registry import (
+    CRITICAL,
+    PASSING,
+    STANDBY,
+    KvServiceRegistry,
+    as_dict,
+    stop_if_cancelled,
+)
 
 if TYPE_CHECKING:
     from pycluster.kernel.app import App
@@ -116,7 +123,7 @@ class Registration:
         inst = self.build()
         if inst == self.instance:
             return
-        await self.discovery.registry.register(inst)
+        await (await self.discovery.use()).register(inst)
         first = self.instance is None
         self.instance = inst
         self.discovery.audit("registered" if first else "updated", self.app,
@@ -131,7 +138,7 @@ class Registration:
         self.healthy = None
         if self.instance is not None:
             inst, self.instance = self.instance, None
-            await self.discovery.registry.deregister(inst)
+            await (await self.discovery.use()).deregister(inst)
             self.discovery.audit("deregistered", self.app, service=inst.service,
                                  role=inst.role)
 
@@ -146,6 +153,7 @@ class Registration:
                 if self.role:
                     await self.publish()
             except Exception as exc:
+                stop_if_cancelled()
                 log.warning("discovery: publishing %s failed (retried): %s", self.instance_key,
                             exc)
 
@@ -181,6 +189,8 @@ class Discovery:
         #: The exporters of ``pycluster_discovery_exporters``, by name.
         self.exporters: dict[str, DiscoveryExporter] = {}
         self._export_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._use_lock = asyncio.Lock()
         self._registry: ServiceRegistry | None = None
         self.dns: DnsServer | None = None
         self._regs: dict[tuple[str, str], Registration] = {}
@@ -191,33 +201,52 @@ class Discovery:
 
     @property
     def registry(self) -> ServiceRegistry:
-        """The service registry (after the platform started)."""
+        """The service registry, once started (see `use`)."""
         if self._registry is None:
             raise RuntimeError("discovery is used before the platform started")
         return self._registry
 
     async def start(self) -> None:
-        """Get the registry (``pycluster_service_registry``), start it and the DNS server."""
-        reg = self.platform.pm.hook.pycluster_service_registry(platform=self.platform)
-        self._registry = reg if reg is not None else KvServiceRegistry(self.platform)
-        start = getattr(self._registry, "start", None)
-        if start is not None:
-            await start()
-        if self.dns_addr:
-            from .dns import DnsServer
+        """Start discovery now when this node needs it (an app with a `Service`, DNS, HTTP
+        exports or file SD configured); otherwise on first use of the API."""
+        self._started = True
+        needed = any(self.options(app) for app in self.platform.apps.values())
+        if needed or self.dns_addr or self.http_addr or self.file_sd_path:
+            await self.use()
 
-            self.dns = DnsServer(self, self.dns_addr, ttl=self.dns_ttl)
-            await self.dns.start()
-        if self.http_addr:
-            from .exports import ExportServer
+    async def use(self) -> ServiceRegistry:
+        """The started registry: on first use, get it (``pycluster_service_registry``), start
+        it, the DNS server, the HTTP exports and the exporters
+        (``pycluster_discovery_exporters``)."""
+        if self._registry is not None:
+            return self._registry
+        if not self._started:
+            raise RuntimeError("discovery is used before the platform started")
+        async with self._use_lock:
+            if self._registry is not None:
+                return self._registry
+            reg = self.platform.pm.hook.pycluster_service_registry(platform=self.platform)
+            reg = reg if reg is not None else KvServiceRegistry(self.platform)
+            start = getattr(reg, "start", None)
+            if start is not None:
+                await start()
+            self._registry = reg
+            if self.dns_addr:
+                from .dns import DnsServer
 
-            self.http = ExportServer(self, self.http_addr)
-            await self.http.start()
-        reg_ex = DiscoveryExporterRegistry()
-        self.platform.pm.hook.pycluster_discovery_exporters(registry=reg_ex)
-        self.exporters = {name: factory(self.platform)
-                          for name, (factory, _plugin) in reg_ex.exporters.items()}
-        self._export_task = supervise("discovery-export", self._export_loop, logger=log)
+                self.dns = DnsServer(self, self.dns_addr, ttl=self.dns_ttl)
+                await self.dns.start()
+            if self.http_addr:
+                from .exports import ExportServer
+
+                self.http = ExportServer(self, self.http_addr)
+                await self.http.start()
+            reg_ex = DiscoveryExporterRegistry()
+            self.platform.pm.hook.pycluster_discovery_exporters(registry=reg_ex)
+            self.exporters = {name: factory(self.platform)
+                              for name, (factory, _plugin) in reg_ex.exporters.items()}
+            self._export_task = supervise("discovery-export", self._export_loop, logger=log)
+            return reg
 
     async def _export_loop(self) -> None:
         last: list[ServiceInstance] | None = None
@@ -230,12 +259,14 @@ class Discovery:
                     try:
                         await exporter.export(view)
                     except Exception:
+                        stop_if_cancelled()
                         log.warning("discovery exporter %s failed", name, exc_info=True)
                 last = view
             await asyncio.sleep(self.export_interval)
 
     async def stop(self) -> None:
         """Withdraw this node's registrations, stop DNS and the registry."""
+        self._started = False
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reg.leave(), 2.0)
@@ -256,12 +287,15 @@ class Discovery:
                      healthy_only: bool = True) -> list[ServiceInstance]:
         """The instances of service ``name`` (of ``app``; with every tag in ``tags``;
         ``passing`` ones only unless ``healthy_only`` is False), sorted by app and node."""
-        return await self.registry.lookup(name, app=app, tags=tags, healthy_only=healthy_only)
+        reg = await self.use()
+        return await reg.lookup(name, app=app, tags=tags, healthy_only=healthy_only)
 
-    def watch(self, name: str, app: str | None = None) -> AsyncIterator[ServiceChange]:
+    async def watch(self, name: str, app: str | None = None) -> AsyncIterator[ServiceChange]:
         """An async iterator of the changes of service ``name``'s instances (``register``,
         ``update``, ``deregister``), in order; the current instances come first."""
-        return self.registry.watch(name, app=app)
+        reg = await self.use()
+        async for change in reg.watch(name, app=app):
+            yield change
 
     async def register(self, name: str, port: int, *, app: str = "external",
                        host: str | None = None, node: str | None = None,
@@ -281,7 +315,7 @@ class Discovery:
                                address=host or self.advertise, metadata=dict(metadata or {}),
                                service=name, port=port, protocol=protocol, tags=tuple(tags),
                                status=status, role="external")
-        await self.registry.register(inst)
+        await (await self.use()).register(inst)
         self.audit("registered", app, service=name, role="external", status=status,
                    address=inst.address, port=port)
         return inst
@@ -291,7 +325,7 @@ class Discovery:
         """Withdraw a registration made with `register`."""
         inst = ServiceInstance(app=app, node=node or self.platform.node_id, address="",
                                service=name)
-        await self.registry.deregister(inst)
+        await (await self.use()).deregister(inst)
         self.audit("deregistered", app, service=name, role="external")
 
     def instances(self, name: str | None = None, app: str | None = None, *,
