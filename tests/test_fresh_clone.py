@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["core/src", "plugins/backend_systemd/src", "plugins/backend_docker/src",
-           "plugins/vip/src", "plugins/sqlite/src", "plugins/ring/src"]
+           "plugins/vip/src", "plugins/sqlite/src", "plugins/ring/src",
+           "plugins/discovery/src"]
 
 # The exact command of docs/getting-started.md ("From a checkout, with plugin extras").
 INSTALL = ["./core", "./plugins/backend_docker", "./plugins/vip", "./[docker,vip]"]

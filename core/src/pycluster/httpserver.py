@@ -354,7 +354,9 @@ def _parse(head: bytes) -> Request:
             raise ValueError(f"malformed header line {line[:80]!r}")
         headers[name.lower()] = value.strip()
     split = urlsplit(target)
-    return Request(method, unquote(split.path) or "/", parse_qs(split.query), headers, version)
+    # blank values kept: flags such as Consul's `?passing` carry none
+    query = parse_qs(split.query, keep_blank_values=True)
+    return Request(method, unquote(split.path) or "/", query, headers, version)
 
 
 def _keep_alive(req: Request) -> bool:

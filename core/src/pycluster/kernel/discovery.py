@@ -8,7 +8,7 @@ registry knows elsewhere (DNS records, a file, another discovery system).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,18 +20,47 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServiceInstance:
-    """One reachable instance of an app.
+    """One reachable instance of a service of an app.
 
-    :ivar app: the app's name.
+    :ivar app: the app's name (any name for services pycluster does not run).
     :ivar node: the node it runs on.
-    :ivar address: ``host:port`` (or a URL) where it is reached.
-    :ivar metadata: free-form details (role, epoch, version, ...).
+    :ivar address: the host (name or IP) where it is reached.
+    :ivar metadata: free-form details (strings).
+    :ivar service: the service's name (an app may offer several).
+    :ivar port: the port.
+    :ivar protocol: ``tcp``, ``udp``, ``http``, ...
+    :ivar tags: free-form tags lookups can filter on.
+    :ivar status: ``passing``, ``standby`` (a passive instance) or ``critical`` (failing its
+        health check); healthy lookups return ``passing`` instances only.
+    :ivar role: ``primary`` (a Singleton's active instance), ``active`` (Spread/Replicas),
+        ``standby`` or ``external`` (registered by hand).
     """
 
     app: str
     node: str
     address: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    service: str = ""
+    port: int = 0
+    protocol: str = "tcp"
+    tags: tuple[str, ...] = ()
+    status: str = "passing"
+    role: str = "active"
+
+    @property
+    def key(self) -> str:
+        """``<app>.<service>.<node>``: the instance's identity in the registry."""
+        return f"{self.app}.{self.service}.{self.node}"
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    """A change seen by `ServiceRegistry.watch`: ``kind`` is ``register`` (new instance),
+    ``update`` (its record changed: status, role, address, ...) or ``deregister`` (withdrawn or
+    expired; ``instance`` is the last record seen)."""
+
+    kind: str
+    instance: ServiceInstance
 
 
 class ServiceRegistry(Protocol):
@@ -43,11 +72,13 @@ class ServiceRegistry(Protocol):
     async def deregister(self, instance: ServiceInstance) -> None:
         """Withdraw ``instance``."""
 
-    async def lookup(self, app: str) -> list[ServiceInstance]:
-        """The live instances of ``app``."""
+    async def lookup(self, service: str, *, app: str | None = None, tags: Iterable[str] = (),
+                     healthy_only: bool = True) -> list[ServiceInstance]:
+        """The live instances of ``service`` (of ``app``, carrying every tag in ``tags``;
+        ``passing`` ones only unless ``healthy_only`` is False)."""
 
-    def watch(self, app: str) -> AsyncIterator[list[ServiceInstance]]:
-        """The live instances of ``app``, again after every change."""
+    def watch(self, service: str, *, app: str | None = None) -> AsyncIterator[ServiceChange]:
+        """The changes of ``service``'s instances, in order, as they happen."""
 
 
 class DiscoveryExporter(Protocol):

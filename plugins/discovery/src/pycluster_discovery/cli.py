@@ -1,0 +1,210 @@
+"""``pycluster services list | show NAME | watch NAME | export --format ...``.
+
+The commands read the registry bucket ``{platform}_services`` from NATS directly (no node needs
+to run on this host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+from nats.aio.client import Client as NATS
+
+from pycluster.kernel import natsutil as nu
+from pycluster.kernel.connection import connect
+from pycluster.kernel.discovery import ServiceInstance
+from pycluster.kernel.names import validate_ident
+from pycluster.kernel.settings import load_settings
+
+from .exports import (
+    consul_catalog_services,
+    consul_health_service,
+    prometheus_groups,
+)
+from .registry import as_dict, decode, matches
+
+NATS_OPT = click.option("--nats-url", envvar="PYCLUSTER_NATS_URL",
+                        default="nats://127.0.0.1:4222", show_default=True,
+                        help="NATS URL(s), comma-separated.")
+PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
+                            show_default=True, help="Platform name.")
+OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
+                      show_default=True, help="Output format.")
+APP_OPT = click.option("--app", "-a", "app", default=None, help="Only this app's instances.")
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+async def _connect(urls: str, platform: str) -> NATS:
+    validate_ident("platform name", platform)
+    # Credentials and TLS come from PYCLUSTER_* variables, as for every other command.
+    return await connect(load_settings(name=platform, node_id="cli", nats_url=urls))
+
+
+async def read_instances(urls: str, platform: str) -> list[ServiceInstance]:
+    """Every live instance in the platform's registry, sorted by key."""
+    nc = await _connect(urls, platform)
+    try:
+        try:
+            msgs = await nu.live_msgs(nc.jetstream(), f"{platform}_services", "")
+        except nu.StreamGoneError:
+            return []
+    finally:
+        await nc.close()
+    insts = [i for i in (decode(m.data) for m in msgs.values()) if i is not None]
+    return sorted(insts, key=lambda i: i.key)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])
+
+
+def _rows(insts: list[ServiceInstance]) -> list[list[str]]:
+    return [[i.service, i.app, i.node, f"{i.address}:{i.port}", i.protocol, i.role, i.status,
+             ",".join(i.tags)] for i in insts]
+
+
+HEADER = ["SERVICE", "APP", "NODE", "ADDRESS", "PROTO", "ROLE", "STATUS", "TAGS"]
+
+
+@click.group("services")
+def services_group() -> None:
+    """Service discovery: the registry's instances (plugin discovery)."""
+
+
+@services_group.command("list")
+@NATS_OPT
+@PLATFORM_OPT
+@APP_OPT
+@OUTPUT
+def list_cmd(nats_url: str, platform: str, app: str | None, output: str) -> None:
+    """Every registered instance."""
+    try:
+        insts = [i for i in asyncio.run(read_instances(nats_url, platform))
+                 if app is None or i.app == app]
+    except Exception as exc:
+        _fail(exc)
+    if output == "json":
+        click.echo(json.dumps([as_dict(i) for i in insts], indent=2))
+    elif insts:
+        click.echo(_table(_rows(insts), HEADER))
+    else:
+        click.echo("no services registered")
+
+
+@services_group.command("show")
+@click.argument("name")
+@NATS_OPT
+@PLATFORM_OPT
+@APP_OPT
+@click.option("--tag", "tags", multiple=True, help="Only instances with this tag (repeat).")
+@click.option("--healthy", is_flag=True, help="Only passing instances.")
+@OUTPUT
+def show_cmd(name: str, nats_url: str, platform: str, app: str | None, tags: tuple[str, ...],
+             healthy: bool, output: str) -> None:
+    """The instances of service NAME (exit status 1 when there is none)."""
+    try:
+        insts = [i for i in asyncio.run(read_instances(nats_url, platform))
+                 if matches(i, name, app, tags, healthy)]
+    except Exception as exc:
+        _fail(exc)
+    if output == "json":
+        click.echo(json.dumps([as_dict(i) for i in insts], indent=2))
+    elif insts:
+        click.echo(_table(_rows(insts), HEADER))
+        for i in insts:
+            if i.metadata:
+                click.echo(f"  {i.key}: " + " ".join(f"{k}={v}" for k, v in
+                                                      sorted(i.metadata.items())))
+    else:
+        click.echo(f"no instances of {name!r}")
+    if not insts:
+        sys.exit(1)
+
+
+async def _watch(urls: str, platform: str, name: str, app: str | None, output: str,
+                 count: int | None) -> None:
+    nc = await _connect(urls, platform)
+    seen: dict[str, ServiceInstance] = {}
+    printed = 0
+    try:
+        kv = await nc.jetstream().key_value(f"{platform}_services")
+        watcher = await kv.watchall()
+        async for entry in watcher:
+            if entry is None or entry.key.count(".") != 2:
+                continue
+            gone = entry.operation in ("DEL", "PURGE") or not entry.value
+            inst = None if gone else decode(entry.value)
+            old = seen.pop(entry.key, None)
+            if inst is not None:
+                seen[entry.key] = inst
+            kind = ("deregister" if inst is None else "register" if old is None
+                    else "update" if old != inst else "")
+            shown = inst or old
+            if not kind or shown is None or not matches(shown, name, app, (), False):
+                continue
+            if output == "json":
+                click.echo(json.dumps({"change": kind, "instance": as_dict(shown)}))
+            else:
+                click.echo(f"{kind:<10}  {_rows([shown])[0]}")
+            printed += 1
+            if count is not None and printed >= count:
+                return
+    finally:
+        await nc.close()
+
+
+@services_group.command("watch")
+@click.argument("name")
+@NATS_OPT
+@PLATFORM_OPT
+@APP_OPT
+@click.option("--count", type=int, default=None, help="Exit after this many changes.")
+@OUTPUT
+def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: int | None,
+              output: str) -> None:
+    """Print the changes of service NAME as they happen (the current instances first);
+    ``--output json`` prints one JSON object per line."""
+    try:
+        asyncio.run(_watch(nats_url, platform, name, app, output, count))
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        _fail(exc)
+
+
+@services_group.command("export")
+@NATS_OPT
+@PLATFORM_OPT
+@click.option("--format", "fmt", type=click.Choice(["prometheus", "consul", "json"]),
+              default="json", show_default=True,
+              help="prometheus: file_sd target groups; consul: catalog services and health "
+                   "entries; json: every instance.")
+@click.option("--output", "-o", type=click.Choice(["json"]), default="json",
+              help="Always JSON.")
+def export_cmd(nats_url: str, platform: str, fmt: str, output: str) -> None:
+    """Print the registry in an export format (for file SD or another tool)."""
+    try:
+        insts = asyncio.run(read_instances(nats_url, platform))
+    except Exception as exc:
+        _fail(exc)
+    doc: Any
+    if fmt == "prometheus":
+        doc = prometheus_groups(insts, platform)
+    elif fmt == "consul":
+        doc = {"catalog": consul_catalog_services(insts),
+               "health": {name: consul_health_service([i for i in insts if i.service == name],
+                                                      platform, 1)
+                          for name in sorted({i.service for i in insts})}}
+    else:
+        doc = {"platform": platform, "services": [as_dict(i) for i in insts]}
+    click.echo(json.dumps(doc, indent=2))

@@ -1,0 +1,235 @@
+"""A small authoritative DNS server (UDP and TCP on the same port) for the zone
+``<platform>.pycluster.``, built on dnslib's message parsing and packing.
+
+Names (case-insensitive), healthy (``passing``) instances only:
+
+- ``<service>.<app>.<platform>.pycluster.``: ``A``/``AAAA`` (instance addresses), ``SRV``
+  (as below), ``TXT`` (one string set per instance: node, status, role, metadata);
+- ``_<service>._<proto>.<app>.<platform>.pycluster.``: ``SRV`` (``_proto`` is ``udp`` for udp
+  services, else ``tcp``) with target ``<node>.<service>.<app>.<platform>.pycluster.``, whose
+  address records come in the additional section;
+- ``<node>.<service>.<app>.<platform>.pycluster.``: ``A``/``AAAA`` of that instance.
+
+Unknown names answer NXDOMAIN, known names without healthy instances an empty NOERROR, both
+with the zone's SOA; names outside the zone are REFUSED. A UDP answer over 512 bytes is sent
+empty with TC set, and the client asks again over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dnslib import AAAA, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSLabel, DNSRecord
+
+from pycluster.httpserver import parse_addr
+from pycluster.kernel.discovery import ServiceInstance
+
+if TYPE_CHECKING:
+    from .service import Discovery
+
+log = logging.getLogger("pycluster.discovery.dns")
+
+ROOT = "pycluster"
+
+
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+
+
+class DnsServer(asyncio.DatagramProtocol):
+    """Answers DNS queries over UDP from the discovery service's view of the registry.
+
+    :param discovery: the discovery service (its ``instances()`` view is read per query).
+    :param addr: ``host:port`` to bind (port 0: any free port, see `address`).
+    :param ttl: TTL of every answer, seconds.
+    """
+
+    def __init__(self, discovery: Discovery, addr: str, *, ttl: int = 2) -> None:
+        self.discovery = discovery
+        self.addr = addr
+        self.ttl = ttl
+        self.zone = DNSLabel(f"{discovery.platform.name}.{ROOT}.")
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self.queries = 0
+
+    @property
+    def address(self) -> str | None:
+        """``host:port`` bound (None while stopped)."""
+        if self.transport is None:
+            return None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return f"{host}:{port}"
+
+    async def start(self) -> None:
+        """Bind the UDP socket, then TCP on the same port (answers too large for UDP)."""
+        host, port = parse_addr(self.addr)
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self,
+                                                                local_addr=(host, port))
+        port = self.transport.get_extra_info("sockname")[1]
+        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        log.info("discovery DNS on %s for zone %s", self.address, self.zone)
+
+    async def stop(self) -> None:
+        """Close the sockets."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        """DNS over TCP: two-byte length-prefixed messages until the client closes."""
+        try:
+            while True:
+                async with asyncio.timeout(10.0):
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    data = await reader.readexactly(size)
+                packed = self._reply(data, limit=65535)
+                if packed is None:
+                    return
+                writer.write(len(packed).to_bytes(2, "big") + packed)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        """Answer one query (malformed ones are dropped)."""
+        packed = self._reply(data, limit=512)
+        if packed is not None and self.transport is not None:
+            self.transport.sendto(packed, addr)
+
+    def _reply(self, data: bytes, limit: int) -> bytes | None:
+        """The packed reply to a query (None for a malformed one); over ``limit`` bytes an
+        empty reply with TC set (over UDP the client then asks over TCP)."""
+        try:
+            request = DNSRecord.parse(data)
+        except Exception:
+            return None
+        self.queries += 1
+        try:
+            reply = self.answer(request)
+        except Exception:
+            log.exception("DNS query failed")
+            reply = request.reply()
+            reply.header.rcode = RCODE.SERVFAIL
+        packed: bytes = reply.pack()
+        if len(packed) > limit:
+            reply = request.reply()
+            reply.header.tc = 1
+            packed = reply.pack()
+        return packed
+
+    # -- answers ----------------------------------------------------------------------------------
+
+    def _soa(self) -> RR:
+        return RR(self.zone, QTYPE.SOA, ttl=self.ttl,
+                  rdata=SOA(f"ns.{self.zone}", f"hostmaster.{self.zone}",
+                            (1, 60, 30, 3600, self.ttl)))
+
+    def _addr_rr(self, name: DNSLabel, inst: ServiceInstance, qtype: int) -> RR | None:
+        ip = _ip(inst.address)
+        if ip is None:
+            return None
+        if ip.version == 4 and qtype in (QTYPE.A, QTYPE.ANY):
+            return RR(name, QTYPE.A, ttl=self.ttl, rdata=A(str(ip)))
+        if ip.version == 6 and qtype in (QTYPE.AAAA, QTYPE.ANY):
+            return RR(name, QTYPE.AAAA, ttl=self.ttl, rdata=AAAA(str(ip)))
+        return None
+
+    def _target(self, inst: ServiceInstance) -> DNSLabel:
+        return DNSLabel(f"{inst.node}.{inst.service}.{inst.app}.{self.zone}")
+
+    def answer(self, request: DNSRecord) -> DNSRecord:
+        """The reply to ``request``."""
+        reply = request.reply()
+        reply.header.aa = 1
+        qname, qtype = request.q.qname, request.q.qtype
+        if not qname.matchSuffix(self.zone):
+            reply.header.aa = 0
+            reply.header.rcode = RCODE.REFUSED
+            return reply
+        labels = [x.decode().lower() for x in qname.stripSuffix(self.zone).label]
+        if not labels:  # the zone apex
+            if qtype in (QTYPE.SOA, QTYPE.ANY):
+                reply.add_answer(self._soa())
+            else:
+                reply.add_auth(self._soa())
+            return reply
+        known, rrs, extra = self._resolve(qname, labels, qtype)
+        for rr in rrs:
+            reply.add_answer(rr)
+        for rr in extra:
+            reply.add_ar(rr)
+        if not rrs:
+            if not known:
+                reply.header.rcode = RCODE.NXDOMAIN
+            reply.add_auth(self._soa())
+        return reply
+
+    def _resolve(self, qname: DNSLabel, labels: list[str],
+                 qtype: int) -> tuple[bool, list[RR], list[RR]]:
+        """(name exists, answers, additional records)."""
+        view = self.discovery.instances()
+
+        def of(service: str, app: str) -> list[ServiceInstance]:
+            return [i for i in view if i.service.lower() == service and i.app.lower() == app]
+
+        rrs: list[RR] = []
+        extra: list[RR] = []
+        if len(labels) == 3 and labels[0].startswith("_") and labels[1] in ("_tcp", "_udp"):
+            service, proto, app = labels[0][1:], labels[1][1:], labels[2]
+            insts = [i for i in of(service, app)
+                     if ("udp" if i.protocol == "udp" else "tcp") == proto]
+            healthy = [i for i in insts if i.status == "passing"]
+            if qtype in (QTYPE.SRV, QTYPE.ANY):
+                rrs, extra = self._srv(qname, healthy)
+            return bool(insts), rrs, extra
+        if len(labels) == 2:
+            service, app = labels
+            insts = of(service, app)
+            healthy = [i for i in insts if i.status == "passing"]
+            if qtype in (QTYPE.SRV,):
+                rrs, extra = self._srv(qname, healthy)
+            elif qtype == QTYPE.TXT:
+                rrs = [RR(qname, QTYPE.TXT, ttl=self.ttl, rdata=TXT(self._txt(i)))
+                       for i in healthy]
+            else:
+                rrs = [rr for i in healthy if (rr := self._addr_rr(qname, i, qtype)) is not None]
+            return bool(insts), rrs, extra
+        if len(labels) == 3:
+            node, service, app = labels
+            insts = [i for i in of(service, app) if i.node.lower() == node]
+            healthy = [i for i in insts if i.status == "passing"]
+            rrs = [rr for i in healthy if (rr := self._addr_rr(qname, i, qtype)) is not None]
+            return bool(insts), rrs, extra
+        return False, [], []
+
+    def _srv(self, qname: DNSLabel, insts: list[ServiceInstance]) -> tuple[list[RR], list[RR]]:
+        rrs, extra = [], []
+        for i in insts:
+            target = self._target(i)
+            rrs.append(RR(qname, QTYPE.SRV, ttl=self.ttl,
+                          rdata=SRV(priority=0, weight=1, port=i.port, target=target)))
+            if (rr := self._addr_rr(target, i, QTYPE.ANY)) is not None:
+                extra.append(rr)
+        return rrs, extra
+
+    def _txt(self, inst: ServiceInstance) -> list[str]:
+        out = [f"node={inst.node}", f"status={inst.status}", f"role={inst.role}",
+               f"port={inst.port}", f"protocol={inst.protocol}"]
+        if inst.tags:
+            out.append("tags=" + ",".join(inst.tags))
+        out += [f"{k}={v}" for k, v in sorted(inst.metadata.items())]
+        return [s[:255] for s in out]

@@ -1,0 +1,280 @@
+"""Exports of the registry on the discovery HTTP address, and the file-SD exporter.
+
+- ``GET /v1/sd/prometheus``: Prometheus HTTP service discovery (``http_sd_configs``): a list
+  of target groups ``{"targets": ["host:port"], "labels": {...}}``, one per healthy instance,
+  with ``__meta_pycluster_*`` labels for relabelling.
+- A Consul-compatible read subset: ``GET /v1/catalog/services`` (service name -> tags),
+  ``GET /v1/catalog/service/<name>`` (catalog entries, ``?tag=``) and
+  ``GET /v1/health/service/<name>`` (node, service and checks; ``?passing`` keeps passing
+  instances, ``?tag=``), with an ``X-Consul-Index`` header and blocking queries (``?index=``,
+  ``?wait=``, at most 60 s). The datacenter is the platform's
+  name, a service's ID is ``<app>.<service>.<node>``, its app is ``ServiceMeta["app"]``; a
+  standby's check is ``warning``. Routes exist per known service name, so an unknown name
+  answers 404 (Consul answers ``[]``).
+- JSON: ``GET /v1/services`` (every instance) and ``GET /v1/services/<name>`` (``?app=``,
+  ``?tag=``, ``?passing``).
+
+The ``file_sd`` exporter writes the Prometheus target groups to a file (``file_sd_configs``)
+whenever they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pycluster.httpserver import HttpServer, Request, Response
+from pycluster.kernel.discovery import ServiceInstance
+
+from .registry import PASSING, STANDBY, as_dict
+
+if TYPE_CHECKING:
+    from pycluster.kernel.platform import Platform
+
+    from .service import Discovery
+
+log = logging.getLogger("pycluster.discovery")
+
+_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def prometheus_groups(instances: list[ServiceInstance], platform: str) -> list[dict[str, Any]]:
+    """Prometheus SD target groups of the passing instances (the ``http_sd_configs`` and
+    ``file_sd_configs`` format)."""
+    out = []
+    for i in instances:
+        if i.status != PASSING:
+            continue
+        labels = {
+            "__meta_pycluster_platform": platform, "__meta_pycluster_app": i.app,
+            "__meta_pycluster_service": i.service, "__meta_pycluster_node": i.node,
+            "__meta_pycluster_role": i.role, "__meta_pycluster_protocol": i.protocol,
+            "__meta_pycluster_tags": "," + ",".join(i.tags) + "," if i.tags else "",
+        }
+        for k, v in i.metadata.items():
+            labels["__meta_pycluster_metadata_" + _LABEL.sub("_", k)] = str(v)
+        out.append({"targets": [f"{_host(i.address)}:{i.port}"], "labels": labels})
+    return out
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def consul_status(inst: ServiceInstance) -> str:
+    """Consul's check status of an instance: passing, warning (a standby) or critical."""
+    return {PASSING: "passing", STANDBY: "warning"}.get(inst.status, "critical")
+
+
+def consul_catalog_services(instances: list[ServiceInstance]) -> dict[str, list[str]]:
+    """``/v1/catalog/services``: every service name with the union of its tags."""
+    out: dict[str, set[str]] = {}
+    for i in instances:
+        out.setdefault(i.service, set()).update(i.tags)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _service_meta(i: ServiceInstance) -> dict[str, str]:
+    return {**{k: str(v) for k, v in i.metadata.items()}, "app": i.app, "role": i.role}
+
+
+def consul_catalog_service(instances: list[ServiceInstance], dc: str,
+                           index: int) -> list[dict[str, Any]]:
+    """``/v1/catalog/service/<name>``: Consul catalog entries."""
+    return [{
+        "ID": "", "Node": i.node, "Address": i.address, "Datacenter": dc,
+        "TaggedAddresses": {}, "NodeMeta": {}, "ServiceKind": "", "ServiceID": i.key,
+        "ServiceName": i.service, "ServiceTags": list(i.tags), "ServiceAddress": i.address,
+        "ServiceTaggedAddresses": {}, "ServiceWeights": {"Passing": 1, "Warning": 1},
+        "ServiceMeta": _service_meta(i), "ServicePort": i.port,
+        "ServiceEnableTagOverride": False, "ServiceProxy": {}, "ServiceConnect": {},
+        "CreateIndex": index, "ModifyIndex": index,
+    } for i in instances]
+
+
+def consul_health_service(instances: list[ServiceInstance], dc: str,
+                          index: int) -> list[dict[str, Any]]:
+    """``/v1/health/service/<name>``: node, service and checks per instance."""
+    out = []
+    for i in instances:
+        status = consul_status(i)
+        out.append({
+            "Node": {"ID": "", "Node": i.node, "Address": i.address, "Datacenter": dc,
+                     "TaggedAddresses": {}, "Meta": {}, "CreateIndex": index,
+                     "ModifyIndex": index},
+            "Service": {"ID": i.key, "Service": i.service, "Tags": list(i.tags),
+                        "Address": i.address, "Meta": _service_meta(i), "Port": i.port,
+                        "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False,
+                        "CreateIndex": index, "ModifyIndex": index},
+            "Checks": [{"Node": i.node, "CheckID": f"service:{i.key}",
+                        "Name": f"Service '{i.service}' check", "Status": status, "Notes": "",
+                        "Output": f"pycluster status {i.status}, role {i.role}",
+                        "ServiceID": i.key, "ServiceName": i.service,
+                        "ServiceTags": list(i.tags), "Type": "pycluster", "Definition": {},
+                        "CreateIndex": index, "ModifyIndex": index}],
+        })
+    return out
+
+
+def _duration(value: str) -> float:
+    """Seconds of a Consul duration (``"10s"``, ``"5m"``, ``"1.5s"``, ``"250ms"``)."""
+    from pycluster.kernel.natsutil import parse_ttl_header
+
+    return parse_ttl_header(value) or 300.0
+
+
+def _flag(request: Request, name: str) -> bool:
+    return name in request.query and (request.param(name) or "1") not in ("0", "false")
+
+
+class ExportServer:
+    """The discovery HTTP endpoints (see the module) on ``addr``."""
+
+    def __init__(self, discovery: Discovery, addr: str) -> None:
+        self.discovery = discovery
+        self.server = HttpServer(addr, name="discovery")
+        self.server.route("/v1/sd/prometheus", self.handle_prometheus)
+        self.server.route("/v1/catalog/services", self.handle_catalog_services)
+        self.server.route("/v1/services", self.handle_services)
+        self._names: set[str] = set()
+        #: Consul's ``X-Consul-Index``: raised on every change of the view.
+        self.index = 1
+        self._changed = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return self.server.url
+
+    async def start(self) -> None:
+        """Listen."""
+        self.refresh()
+        await self.server.start()
+
+    async def stop(self) -> None:
+        """Close."""
+        await self.server.stop()
+
+    def refresh(self) -> None:
+        """Add the per-service routes of service names seen for the first time."""
+        for name in {i.service for i in self.discovery.instances()} - self._names:
+            self._names.add(name)
+            self.server.route(f"/v1/catalog/service/{name}", self._bind(self.handle_catalog,
+                                                                         name))
+            self.server.route(f"/v1/health/service/{name}", self._bind(self.handle_health,
+                                                                        name))
+            self.server.route(f"/v1/services/{name}", self._bind(self.handle_service, name))
+        self.index += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _block(self, request: Request) -> None:
+        """Consul blocking query: with ``?index=N`` not older than the current index, wait
+        until the view changes or ``?wait=`` (default 5m, at most 60 s here) passes."""
+        try:
+            index = int(request.param("index") or 0)
+        except ValueError:
+            return
+        if index <= 0 or index < self.index:
+            return
+        wait = min(60.0, _duration(request.param("wait") or "5m"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), wait)
+
+    @staticmethod
+    def _bind(fn: Any, name: str) -> Any:
+        async def handler(request: Request) -> Response:
+            return await fn(request, name)  # type: ignore[no-any-return]
+        return handler
+
+    def _consul(self, data: Any) -> Response:
+        resp = Response.json(data)
+        resp.headers["X-Consul-Index"] = str(self.index)
+        resp.headers["X-Consul-KnownLeader"] = "true"
+        resp.headers["X-Consul-LastContact"] = "0"
+        return resp
+
+    async def handle_prometheus(self, request: Request) -> Response:
+        """Prometheus HTTP SD."""
+        return Response.json(prometheus_groups(self.discovery.instances(),
+                                               self.discovery.platform.name))
+
+    async def handle_catalog_services(self, request: Request) -> Response:
+        """Consul ``/v1/catalog/services``."""
+        await self._block(request)
+        return self._consul(consul_catalog_services(self.discovery.instances()))
+
+    def _select(self, request: Request, name: str) -> list[ServiceInstance]:
+        tags = request.query.get("tag", [])
+        return [i for i in self.discovery.instances(name, request.param("app"))
+                if set(tags) <= set(i.tags)]
+
+    async def handle_catalog(self, request: Request, name: str) -> Response:
+        """Consul ``/v1/catalog/service/<name>``."""
+        await self._block(request)
+        return self._consul(consul_catalog_service(self._select(request, name),
+                                                   self.discovery.platform.name, self.index))
+
+    async def handle_health(self, request: Request, name: str) -> Response:
+        """Consul ``/v1/health/service/<name>``."""
+        await self._block(request)
+        insts = self._select(request, name)
+        if _flag(request, "passing"):
+            insts = [i for i in insts if i.status == PASSING]
+        return self._consul(consul_health_service(insts, self.discovery.platform.name,
+                                                  self.index))
+
+    async def handle_services(self, request: Request) -> Response:
+        """Every instance as JSON."""
+        return Response.json({"platform": self.discovery.platform.name,
+                              "services": [as_dict(i) for i in self.discovery.instances()]})
+
+    async def handle_service(self, request: Request, name: str) -> Response:
+        """One service's instances as JSON (``?passing`` for healthy ones)."""
+        insts = self._select(request, name)
+        if _flag(request, "passing"):
+            insts = [i for i in insts if i.status == PASSING]
+        return Response.json({"platform": self.discovery.platform.name, "service": name,
+                              "instances": [as_dict(i) for i in insts]})
+
+
+class FileSdExporter:
+    """Writes Prometheus ``file_sd_configs`` target groups to ``discovery.file_sd_path``
+    (atomically, only when they change); does nothing while the path is unset."""
+
+    def __init__(self, platform: Platform) -> None:
+        self.platform = platform
+        self._last: bytes | None = None
+
+    async def export(self, instances: list[ServiceInstance]) -> None:
+        """Write the file if the target groups changed."""
+        from .plugin import discovery_of
+
+        disc = discovery_of(self.platform)
+        path = disc.file_sd_path if disc is not None else None
+        if not path:
+            return
+        data = json.dumps(prometheus_groups(instances, self.platform.name), indent=2).encode()
+        if data == self._last:
+            return
+        await asyncio.to_thread(_write_atomic, Path(path), data)
+        self._last = data
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

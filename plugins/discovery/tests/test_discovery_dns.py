@@ -1,0 +1,173 @@
+"""The discovery DNS server answered through dnspython's resolver: A, SRV, TXT, NXDOMAIN,
+healthy instances only; and (slow) an SRV answer that follows a SIGKILL failover of node
+processes within the lease plus a bound."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dns.asyncquery
+import dns.asyncresolver
+import dns.exception
+import dns.flags
+import dns.message
+import dns.resolver
+import pytest
+
+from pycluster import App, Platform, Spread
+from pycluster.testing.nodes import NodeCluster
+from pycluster.testing.wait import wait_for
+from pycluster_discovery import PyCheck, Service
+from pycluster_discovery.plugin import discovery_of
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def disc(p: Any) -> Any:
+    d = discovery_of(p)
+    assert d is not None
+    return d
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolver(addr: str) -> dns.asyncresolver.Resolver:
+    host, port = addr.rsplit(":", 1)
+    r = dns.asyncresolver.Resolver(configure=False)
+    r.nameservers = [host]
+    r.port = int(port)
+    r.lifetime = 5.0
+    r.cache = None
+    return r
+
+
+async def dns_node(make_node: Callable[..., Any], node: str, *apps: App) -> Platform:
+    p: Platform = await make_node(node, *apps, start=False)
+    disc(p).dns_addr = "127.0.0.1:0"
+    await p.start()
+    return p
+
+
+async def test_a_srv_txt_and_negative_answers(make_node: Callable[..., Any]) -> None:
+    ok = {"n2": True}
+
+    def app(node: str) -> App:
+        check = PyCheck(lambda: ok.get(node, True), interval=0.2)
+        return App("cache", Spread(), Service("redis", port=6379, host=f"127.0.0.{node[1]}",
+                                              tags=["v2"], metadata={"zone": "a"},
+                                              health=check))
+
+    p1 = await dns_node(make_node, "n1", app("n1"))
+    await make_node("n2", app("n2"))
+    zone = f"{p1.name}.pycluster."
+    r = resolver(disc(p1).dns.address)
+
+    async def a_records() -> list[str]:
+        ans = await r.resolve(f"redis.cache.{zone}", "A", raise_on_no_answer=False)
+        return sorted(x.address for x in ans)
+
+    async def a_is(want: list[str]) -> bool:
+        return await a_records() == want
+
+    await wait_for(lambda: a_is(["127.0.0.1", "127.0.0.2"]), 10)
+    srv = await r.resolve(f"_redis._tcp.cache.{zone}", "SRV")
+    assert sorted((x.port, str(x.target)) for x in srv) == [
+        (6379, f"n1.redis.cache.{zone}"), (6379, f"n2.redis.cache.{zone}")]
+    assert srv.rrset is not None and srv.rrset.ttl <= 2
+    target = await r.resolve(f"n2.redis.cache.{zone}", "A")
+    assert [x.address for x in target] == ["127.0.0.2"]
+    txt = await r.resolve(f"redis.cache.{zone}", "TXT")
+    strings = sorted(b" ".join(x.strings).decode() for x in txt)
+    assert "node=n1" in strings[0] and "zone=a" in strings[0] and "tags=v2" in strings[0]
+    # case-insensitive names
+    assert len(await r.resolve(f"REDIS.Cache.{zone.upper()}", "A")) == 2
+    # healthy instances only
+    ok["n2"] = False
+    await wait_for(lambda: a_is(["127.0.0.1"]), 5, message="critical n2 still answered")
+    srv = await r.resolve(f"_redis._tcp.cache.{zone}", "SRV")
+    assert [str(x.target) for x in srv] == [f"n1.redis.cache.{zone}"]
+    # negative answers
+    with pytest.raises(dns.resolver.NXDOMAIN):
+        await r.resolve(f"nope.cache.{zone}", "A")
+    with pytest.raises(dns.resolver.NXDOMAIN):  # a tcp service has no _udp name
+        await r.resolve(f"_redis._udp.cache.{zone}", "SRV")
+    with pytest.raises(dns.resolver.NoAnswer):  # the name exists, without IPv6 addresses
+        await r.resolve(f"redis.cache.{zone}", "AAAA")
+    with pytest.raises(dns.resolver.NoNameservers):  # REFUSED outside the zone
+        await r.resolve("example.com.", "A")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_srv_follows_a_sigkill_failover(nats_url: str, unique_name: str,
+                                              tmp_path: Path) -> None:
+    """SIGKILL the active node: the SRV answer (asked of a surviving node's DNS server) names
+    the new active node within the lease TTL (2 s) plus 3 s."""
+    ports = {n: free_udp_port() for n in ("n1", "n2", "n3")}
+    node_args = {n: ["--setup", "pycluster_discovery.testing:setup",
+                     "--setup-arg", "service=http", "--setup-arg", "port=8080",
+                     "--setup-arg", f"dns=127.0.0.1:{p}"] for n, p in ports.items()}
+    cluster = NodeCluster(unique_name, [nats_url], tmp_path, size=3, app="orders",
+                          lease_ttl=2.0, heartbeat=0.5, node_args=node_args)
+    await cluster.start()
+    try:
+        leader = await cluster.wait_for_leader(timeout=30)
+        zone = f"{unique_name}.pycluster."
+
+        async def srv_nodes(node: str) -> list[str]:
+            r = resolver(f"127.0.0.1:{ports[node]}")
+            try:
+                ans = await r.resolve(f"_http._tcp.orders.{zone}", "SRV")
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                return []
+            return [str(x.target).split(".")[0] for x in ans]
+
+        survivor = next(n for n in ports if n != leader)
+
+        async def names(node: str, want: str) -> bool:
+            return await srv_nodes(node) == [want]
+
+        await wait_for(lambda: names(survivor, leader), 15, ignore=(dns.exception.Timeout,))
+        cluster.kill(leader)
+        t0 = time.monotonic()
+
+        async def moved() -> str | None:
+            got = await srv_nodes(survivor)
+            return got[0] if len(got) == 1 and got[0] != leader else None
+
+        new = await wait_for(moved, 2.0 + 3.0 + 2.0, interval=0.05,
+                             ignore=(dns.exception.Timeout,),
+                             message="SRV did not move off the killed node")
+        took = time.monotonic() - t0
+        assert new in ports and new != leader
+        assert took <= 2.0 + 3.0, f"SRV moved after {took:.2f}s"
+        await wait_for(lambda: cluster.active_nodes() == [new], 10)
+    finally:
+        await cluster.stop()
+        await asyncio.sleep(0)
+
+
+async def test_large_answers_truncate_over_udp_and_come_over_tcp(
+        make_node: Callable[..., Any]) -> None:
+    p = await dns_node(make_node, "n1", App("idle", Spread()))
+    d = disc(p)
+    for i in range(40):
+        await d.register("big", 7000 + i, app="ext", host=f"10.0.0.{i + 1}", node=f"x{i}")
+    await wait_for(lambda: len(d.instances("big")) == 40 or None, 10)
+    r = resolver(d.dns.address)
+    name = f"_big._tcp.ext.{p.name}.pycluster."
+    udp = dns.message.make_query(name, "SRV")
+    host, port = d.dns.address.rsplit(":", 1)
+    reply = await dns.asyncquery.udp(udp, host, port=int(port), timeout=5)
+    assert reply.flags & dns.flags.TC
+    ans = await r.resolve(name, "SRV")  # the resolver retries over TCP
+    assert len(ans) == 40
