@@ -1,6 +1,7 @@
 """Default plugin "placement": the hard constraints (`OnNodes`, `OnLabel`, `AvoidLabel`) as a
 placement filter, and a node's ``priority`` for an app as its placement score (the kernel ranks
-standbys by score: the highest-priority live standby takes over first)."""
+standbys by score: the highest-priority live standby takes over first). It declares the
+``placement_invalid`` app event, which the kernel's placement re-evaluation fires."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..plugins import hookimpl
 if TYPE_CHECKING:
     from ..kernel.app import App
     from ..kernel.placement import PlacementView
+    from ..kernel.registry import AppEventRegistry
     from ..kernel.types import NodeInfo
 
 
@@ -28,3 +30,10 @@ def pycluster_placement_score(app: App, node: NodeInfo, view: PlacementView) -> 
     if isinstance(priority, int) and not isinstance(priority, bool):
         return priority
     return None
+
+
+@hookimpl
+def pycluster_app_events(registry: AppEventRegistry) -> None:
+    """``on_placement_invalid`` hooks run when this node's placement of an app it runs
+    becomes invalid (fired by the kernel's placement re-evaluation)."""
+    registry.add("placement_invalid", "placement")

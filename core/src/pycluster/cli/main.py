@@ -288,6 +288,17 @@ cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 
 
+def _add_placement_commands() -> None:
+    # Imported here: the module imports this one's options.
+    from .placement_cmd import maintenance_cmd, node_cmd
+
+    cli.add_command(node_cmd)
+    cli.add_command(maintenance_cmd)
+
+
+_add_placement_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pycluster`` script."""
     pm = create_plugin_manager()

@@ -8,19 +8,155 @@ A standby defers its campaign for a vacant lease by its *rank*: the number of di
 scores among the live standbys of the app (capped at `Placement.MAX_RANK`; the election also
 caps the whole deferral below half a lease, since membership records can be forged). With only
 the default scorer this is the priority deferral: the highest-priority standby takes over first.
+
+Placement is re-evaluated while the node runs (`Placement.reevaluate`, every poll interval and
+at once after ``platform.set_labels``): an app whose filters now exclude this node has its
+``on_placement_invalid`` hooks run and hands its active instance over to the best eligible
+standby (if there is one); an app whose filters now admit this node is started here.
+
+Operations state (`Operations`: maintenance mode, cordoned nodes) is one JSON object in the
+platform bucket under `OPS_KEY`, written by compare-and-set (`update_operations`) by any node or
+the CLI, read by every node each poll interval. A cordoned node takes no new leadership and
+starts no new Spread instance (what runs there stays); in maintenance mode (platform-wide or
+per app) no standby campaigns, so a leader that dies is not replaced until maintenance ends.
+The lease rules are untouched: maintenance only withholds campaigns, it never grants a lease.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nats.js import JetStreamContext
+
+from . import natsutil as nu
+from .context import Context
+from .errors import ConfigError
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
     from .app import App
     from .platform import Platform
+
+log = logging.getLogger("pycluster.placement")
+
+OPS_KEY = "placement.ops"
+"""The key of the operations state (`Operations`) in the ``{platform}_platform`` bucket."""
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+MAX_LABEL_VALUE = 253
+MAX_LABELS = 256
+
+
+def validate_label(key: Any, value: Any) -> None:
+    """Refuse a label that is not ``key=value`` of the accepted shape (`ConfigError`).
+
+    A key is 1-63 characters of letters, digits, ``.``, ``_``, ``/`` and ``-``, starting and
+    ending with a letter or digit; a value is a string of at most `MAX_LABEL_VALUE` printable
+    characters (possibly empty).
+    """
+    if not isinstance(key, str) or not _LABEL_KEY.match(key):
+        raise ConfigError("label", str(key)[:64], "a label key is 1-63 letters, digits, '.', "
+                          "'_', '/' or '-', starting and ending with a letter or digit")
+    if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or not value.isprintable():
+        raise ConfigError(f"label {key}", str(value)[:64],
+                          f"a label value is a string of at most {MAX_LABEL_VALUE} printable "
+                          "characters")
+
+
+def merge_labels(labels: Mapping[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
+    """``labels`` with ``changes`` applied (a None value removes the key), validated."""
+    out = dict(labels)
+    for key, value in changes.items():
+        if value is None:
+            validate_label(key, "")
+            out.pop(key, None)
+        else:
+            validate_label(key, value)
+            out[key] = value
+    if len(out) > MAX_LABELS:
+        raise ConfigError("labels", len(out), f"at most {MAX_LABELS} labels")
+    return out
+
+
+@dataclass(frozen=True)
+class Operations:
+    """The operator's state of a platform (maintenance mode, cordoned nodes), shared in NATS.
+
+    :ivar maintenance: platform-wide maintenance mode (no automatic failover for any app).
+    :ivar maintenance_apps: apps in maintenance mode on their own.
+    :ivar cordoned: cordoned node ids -> ``{"at": wall time, "by": who}``.
+    """
+
+    maintenance: bool = False
+    maintenance_apps: frozenset[str] = frozenset()
+    cordoned: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def in_maintenance(self, app: str) -> bool:
+        """Whether automation is paused for ``app`` (platform-wide or for it alone)."""
+        return self.maintenance or app in self.maintenance_apps
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object stored under `OPS_KEY` (and shown by the CLI)."""
+        return {"maintenance": self.maintenance,
+                "maintenance_apps": sorted(self.maintenance_apps),
+                "cordoned": {n: dict(v) for n, v in sorted(self.cordoned.items())}}
+
+    @classmethod
+    def parse(cls, data: bytes) -> Operations:
+        """Read a stored value; `ValueError` saying why for one of the wrong shape."""
+        body = json.loads(data)
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
+        maint = body.get("maintenance", False)
+        apps = body.get("maintenance_apps", [])
+        cordoned = body.get("cordoned", {})
+        if not isinstance(maint, bool):
+            raise ValueError("maintenance is not a boolean")
+        if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
+            raise ValueError("maintenance_apps is not a list of app names")
+        if not isinstance(cordoned, dict) or not all(
+                isinstance(k, str) and isinstance(v, dict) for k, v in cordoned.items()):
+            raise ValueError("cordoned is not a mapping of node ids to objects")
+        return cls(maint, frozenset(apps), dict(cordoned))
+
+
+async def read_operations(js: JetStreamContext, platform: str) -> tuple[Operations, int]:
+    """The stored operations state of ``platform`` and its revision (0: none stored).
+
+    A stored value of the wrong shape counts as the default state (logged): anyone who may
+    write the bucket could have put it there.
+    """
+    msg = await nu.last_msg(js, f"{platform}_platform", OPS_KEY)
+    if msg is None or msg.tombstone:
+        return Operations(), msg.seq if msg is not None else 0
+    try:
+        return Operations.parse(msg.data), msg.seq
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.warning("placement: ignoring the operations state at revision %d: %s", msg.seq, exc)
+        return Operations(), msg.seq
+
+
+async def update_operations(js: JetStreamContext, platform: str,
+                            change: Callable[[Operations], Operations]) -> Operations:
+    """Apply ``change`` to the stored operations state by compare-and-set (retried on a
+    conflicting write by another node or operator); returns the new state."""
+    for _ in range(20):
+        current, seq = await read_operations(js, platform)
+        new = change(current)
+        payload = json.dumps(new.as_dict(), separators=(",", ":")).encode()
+        try:
+            await nu.cas_publish(js, f"{platform}_platform", OPS_KEY, payload, expected_seq=seq)
+            return new
+        except nu.CASConflict:
+            await asyncio.sleep(0.05)
+    raise ConfigError("operations", platform, "the operations state kept changing under "
+                      "this write (20 conflicting attempts)")
 
 
 @dataclass(frozen=True)
@@ -76,12 +212,162 @@ class Placement:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
+        #: The operations state as last read from NATS (maintenance, cordons).
+        self.ops = Operations()
+        #: Apps registered here that no live node may run now (app name -> since, wall time).
+        self.pending: dict[str, float] = {}
+        #: Apps whose filters exclude this node now although it runs them (hooks fired).
+        self.invalid: set[str] = set()
+        self._kick = asyncio.Event()
+        self._busy = asyncio.Lock()
 
     def eligible(self, app: App, node: NodeInfo | None = None) -> bool:
         """Whether every placement filter admits ``node`` (default: this node) for ``app``."""
         p = self.platform
         results = p.pm.hook.pycluster_placement_filter(app=app, node=node or p.node_info())
         return all(r is not False for r in results)
+
+    @property
+    def cordoned(self) -> bool:
+        """Whether this node is cordoned (no new instances are placed here)."""
+        return self.platform.node_id in self.ops.cordoned
+
+    def placeable(self, app: App) -> bool:
+        """Whether new instances of ``app`` may be placed on this node: the filters admit it
+        and it is not cordoned (what its membership record publishes as ``eligible``)."""
+        return not self.cordoned and self.eligible(app)
+
+    def may_campaign(self, app: App) -> bool:
+        """Whether this node may campaign for a vacant lease of ``app`` now: not in
+        maintenance mode, not cordoned, admitted by the filters (the election asks before
+        every campaign)."""
+        return not self.ops.in_maintenance(app.name) and self.placeable(app)
+
+    def may_run_spread(self, app: App) -> bool:
+        """Whether this node's Spread instance of ``app`` should be active: the filters admit
+        it, and (for an instance not running yet) the node is not cordoned."""
+        if not self.eligible(app):
+            return False
+        return app.is_active or not self.cordoned
+
+    def kick(self) -> None:
+        """Re-evaluate placement soon (labels, cordons or members changed)."""
+        self._kick.set()
+
+    async def load(self) -> None:
+        """Read the operations state once (before the apps start: a cordoned node starts no
+        Spread instance, a node in maintenance mode does not campaign)."""
+        p = self.platform
+        js = p.js_control or p.js
+        if js is not None:
+            try:
+                self.ops, _ = await read_operations(js, p.name)
+            except nu.TRANSIENT_ERRORS as exc:  # read again each poll interval
+                log.warning("placement: reading the operations state failed: %s", exc)
+
+    async def run(self, interval: float) -> None:
+        """Read the operations state and re-evaluate placement every ``interval`` seconds
+        (and at once after `kick`), until cancelled."""
+        p = self.platform
+        while True:
+            js = p.js_control or p.js
+            if js is not None:
+                try:
+                    ops, _ = await read_operations(js, p.name)
+                    if ops != self.ops:
+                        log.info("node %s: operations state is now %s", p.node_id,
+                                 ops.as_dict())
+                        self.ops = ops
+                except nu.TRANSIENT_ERRORS as exc:
+                    log.debug("placement: reading the operations state failed: %s", exc)
+            try:
+                await self.reevaluate()
+            except Exception:
+                log.exception("placement: re-evaluation failed")
+            self._kick.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+
+    async def reevaluate(self) -> None:
+        """Apply the current labels, filters, cordons and maintenance to this node's apps:
+        start apps that may now run here, hand over those that may not, deactivate Spread
+        instances whose filters fail, and update which apps are pending."""
+        async with self._busy:
+            p = self.platform
+            if not p._running:
+                return
+            if p.membership is not None:  # "eligible" in our record may have changed
+                await p.membership.publish_now()
+            view = self.view()
+            for app in list(p.apps.values()):
+                rt = p.runtimes.get(app.name)
+                if rt is None:
+                    if self.eligible(app):
+                        log.info("app %s: node %s is eligible now (placement); starting it",
+                                 app.name, p.node_id)
+                        await p._start_app(app)
+                    continue
+                if rt.election is None:  # Spread: each eligible node runs an instance
+                    rt.want_spread(self.may_run_spread(app), "placement")
+                    continue
+                if self.eligible(app):
+                    if app.name in self.invalid:
+                        self.invalid.discard(app.name)
+                        log.info("app %s: placement on %s is valid again", app.name, p.node_id)
+                    continue
+                if app.name not in self.invalid:
+                    self.invalid.add(app.name)
+                    log.warning("app %s: placement on %s is invalid now (labels %s)", app.name,
+                                p.node_id, p.labels)
+                    ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                                  leader=app.leader, reason="placement_invalid")
+                    from .coordinator import run_hooks
+
+                    await run_hooks(app.hooks("placement_invalid"), ctx, rt.hook_timeout,
+                                    "on_placement_invalid", False)
+                if app.is_active:
+                    await self._hand_over(app, view)
+            self._update_pending(self.view())  # after the starts above
+
+    async def _hand_over(self, app: App, view: PlacementView) -> None:
+        """The active instance of ``app`` may not run here: step down to the best eligible
+        standby, unless maintenance mode pauses automation or no node could take over."""
+        p = self.platform
+        if self.ops.in_maintenance(app.name):
+            log.warning("app %s: placement on %s is invalid, but maintenance mode is on: "
+                        "staying", app.name, p.node_id)
+            return
+        standbys = [n for n, _ in self.candidates(app, view) if n != p.node_id]
+        if not standbys:
+            log.warning("app %s: placement on %s is invalid, but no eligible live standby "
+                        "can take over: staying until one can", app.name, p.node_id)
+            return
+        log.warning("app %s: placement on %s is invalid: handing over to %s", app.name,
+                    p.node_id, standbys[0])
+        try:
+            await app.step_down(successor=standbys[0])
+        except Exception as exc:
+            log.warning("app %s: hand-over to %s failed: %s", app.name, standbys[0], exc)
+
+    def _update_pending(self, view: PlacementView) -> None:
+        """An app is pending when no live node (this one included) may place it or runs it
+        actively."""
+        now = time.time()
+        for app in self.platform.apps.values():
+            placeable = any(
+                (a := view.app_record(n, app.name)) is not None
+                and (a.get("eligible") is True or a.get("role") == Role.ACTIVE.value)
+                for n in view.nodes() if view.alive(n))
+            if placeable:
+                if self.pending.pop(app.name, None) is not None:
+                    log.info("app %s: no longer pending (a node may run it)", app.name)
+            elif app.name not in self.pending:
+                self.pending[app.name] = now
+                log.warning("app %s: pending: no live node may run it (placement filters, "
+                            "cordons)", app.name)
 
     def view(self) -> PlacementView:
         """A snapshot of the live membership, with this node's current record."""

@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,7 @@ from .app import App
 from .app import app_of as kernel_app_of
 from .connection import Connections, check_stream_replicas, replicas_error
 from .context import Context
-from .control import ControlPlane
+from .control import ControlPlane, decode_object, error_reply
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
 from .errors import (
@@ -60,9 +62,9 @@ from .errors import (
 from .kv import AppKV
 from .locks import Lock, LockService
 from .membership import PRIORITY_LIMIT, Membership
-from .names import app_subject, bucket, validate_ident
+from .names import app_subject, bucket, platform_subject, validate_ident
 from .options import Replicas, check_timing
-from .placement import Placement
+from .placement import Operations, Placement, merge_labels, update_operations
 from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
 from .replication import ReplicatorRegistry
 from .services import PlatformServices
@@ -371,6 +373,7 @@ class Platform:
             self.started_at = time.time()
             try:
                 await self._join()
+                await self.placement.load()
                 for name, svc in self.services.items():
                     await svc.start()
                     self._started_services.append((name, svc))
@@ -382,6 +385,10 @@ class Platform:
                     raise
                 raise clear from None  # the server's own words are in the message
             assert self.nc_control is not None
+            self._subs.append(await self.nc_control.subscribe(
+                platform_subject(self.name, "node", self.node_id, "labels"),
+                cb=self._on_labels))
+            self.spawn(self.placement.run(min(1.0, settings.heartbeat_interval)), "placement")
             for app_name in self.apps:
                 # One subscription per app (not "{platform}.*.control.stepdown"): NATS
                 # permissions let a node subscribe to its own apps' subjects only.
@@ -534,6 +541,7 @@ class Platform:
             "heartbeat_interval": t["heartbeat_interval"],
             "no_failover": t["no_failover"],
             "rank": lambda: self.placement.rank(app),
+            "may_campaign": lambda: self.placement.may_campaign(app),
             "cooldown": t["cooldown"],
             "replicas": self.settings.stream_replicas,
         }
@@ -745,7 +753,7 @@ class Platform:
                 "epoch": app.epoch,
                 "leader": app.leader,
                 "mode": app.mode.kind,
-                "eligible": rt is not None,
+                "eligible": rt is not None and self.placement.placeable(app),
                 "priority": t["priority"],
                 "no_failover": t["no_failover"],
             }
@@ -770,12 +778,14 @@ class Platform:
                 log.warning("node %s runs a different plugin set: %s", node, diff)
         call_each(self.pm.hook.pycluster_member_joined, platform=self, node=str(node),
                   record=rec)
+        self.placement.kick()
         self._member_hook("member_join", rec)
 
     def _member_left(self, rec: dict[str, Any]) -> None:
         node = str(rec.get("node_id"))
         self.plugin_mismatches.pop(node, None)
         call_each(self.pm.hook.pycluster_member_left, platform=self, node=node, record=rec)
+        self.placement.kick()
         self._member_hook("member_leave", rec)
 
     def _membership_event(self, event: MembershipEvent, data: dict[str, Any]) -> None:
@@ -824,12 +834,105 @@ class Platform:
         except Exception:  # never into nats-py's delivery loop
             log.exception("app %s: step-down request failed", app.name)
 
+    # -- labels and operations ---------------------------------------------------------------
+
+    async def set_labels(self, changes: dict[str, str | None]) -> dict[str, str]:
+        """Change this node's labels at runtime: ``{"zone": "b", "disk": None}`` sets ``zone``
+        and removes ``disk``. Validated (`ConfigError`, nothing changed), published in the
+        membership record at once, and placement re-evaluated here (other nodes see the new
+        record within their poll interval). Runtime labels last as long as this process: a
+        restart starts from the configured ones. Returns the new labels."""
+        new = merge_labels(self.labels, changes)
+        if new == self.labels:
+            return dict(new)
+        log.info("node %s: labels %s -> %s", self.node_id, self.labels, new)
+        self.labels = new
+        if self.membership is not None:
+            await self.membership.publish_now()
+        if self._running:
+            await self.placement.reevaluate()
+        return dict(new)
+
+    async def _on_labels(self, msg: Msg) -> None:
+        """A label request (``pycluster node label``): ``{"set": {k: v}, "remove": [k]}``,
+        through the middleware chain, audited; the reply is ``{"node", "labels"}`` or
+        ``{"node", "error"}``."""
+        async def handler(req: Any) -> dict[str, str]:
+            body = decode_object(req.data)
+            unknown = sorted(set(body) - {"set", "remove"})
+            if unknown:
+                raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
+                                  "unknown fields (a label request has set, remove)")
+            set_, remove = body.get("set") or {}, body.get("remove") or []
+            if not isinstance(set_, dict) or not isinstance(remove, list):
+                raise ConfigError("request", None, "set is an object, remove a list")
+            changes: dict[str, str | None] = dict(set_)
+            for key in remove:
+                if not isinstance(key, str):
+                    raise ConfigError("label", str(key)[:64], "a label key is a string")
+                changes[key] = None
+            req.extra["request"] = {"set": set_, "remove": remove}
+            return await self.set_labels(changes)
+
+        try:
+            labels, error = await self.control.serve(msg, app="_", name="labels",
+                                                     handler=handler)
+            reply: dict[str, Any] = {"node": self.node_id}
+            if error is not None:
+                reply["error"] = error_reply(error)
+            else:
+                reply["labels"] = labels
+            if msg.reply:
+                await msg.respond(json.dumps(reply).encode())
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("node %s: label request failed", self.node_id)
+
+    async def _update_operations(self, change: Callable[[Operations], Operations]) -> Operations:
+        js = self.js_control or self.js
+        if js is None:
+            raise RuntimeError("the platform is not started")
+        ops = await update_operations(js, self.name, change)
+        self.placement.ops = ops
+        self.placement.kick()
+        return ops
+
+    async def cordon(self, node: str | None = None, *, by: str = "api") -> Operations:
+        """Cordon ``node`` (default: this node): no new instances are placed there (no new
+        leadership, no new Spread instance); what runs there stays. Stored in NATS: every
+        node and the CLI see it."""
+        node = node or self.node_id
+        validate_ident("node", node)
+        entry = {"at": time.time(), "by": by}
+        return await self._update_operations(
+            lambda o: replace(o, cordoned={**o.cordoned, node: entry}))
+
+    async def uncordon(self, node: str | None = None) -> Operations:
+        """Undo `cordon` for ``node`` (default: this node)."""
+        node = node or self.node_id
+        return await self._update_operations(
+            lambda o: replace(o, cordoned={k: v for k, v in o.cordoned.items() if k != node}))
+
+    async def set_maintenance(self, on: bool, app: str | None = None) -> Operations:
+        """Turn maintenance mode on or off, platform-wide or for ``app``: while on, no standby
+        campaigns (no automatic failover, no automatic hand-over); a leader keeps its lease
+        as long as it renews it. Stored in NATS: every node and the CLI see it."""
+        if app is None:
+            return await self._update_operations(lambda o: replace(o, maintenance=on))
+        validate_ident("app", app)
+        return await self._update_operations(lambda o: replace(
+            o, maintenance_apps=o.maintenance_apps | {app} if on
+            else o.maintenance_apps - {app}))
+
     def status(self) -> dict[str, Any]:
-        """This node's view: node, labels, apps with role, leader, epoch."""
+        """This node's view: node, labels, apps with role, leader, epoch, placement (pending,
+        maintenance, cordon)."""
+        ops = self.placement.ops
         return {
             "platform": self.name,
             "node_id": self.node_id,
             "labels": self.labels,
+            "cordoned": self.placement.cordoned,
+            "maintenance": ops.maintenance,
             "version": __version__,
             "started": self.started_at,
             "connected": bool(self.nc and self.nc.is_connected),
@@ -844,6 +947,9 @@ class Platform:
                     "epoch": app.epoch,
                     "mode": app.mode.kind,
                     "slots": app.mode.slots(),
+                    "pending": name in self.placement.pending,
+                    "maintenance": ops.in_maintenance(name),
+                    "placement_invalid": name in self.placement.invalid,
                 }
                 for name, app in self.apps.items()
             },

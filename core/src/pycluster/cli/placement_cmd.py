@@ -1,0 +1,272 @@
+"""``pycluster node ...`` and ``pycluster maintenance ...``: labels, cordons, maintenance mode.
+
+Labels live in each node's membership record, which only that node writes: ``node label``
+asks the node over NATS (a control request, validated and audited by the node). Cordons and
+maintenance mode are the platform's operations state in NATS (`pycluster.kernel.placement`),
+written here by compare-and-set; every node reads it within its poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+import click
+import nats.errors
+
+from ..kernel.errors import ConfigError, NoInstanceError, PyclusterError
+from ..kernel.names import platform_subject, validate_ident
+from ..kernel.placement import Operations, read_operations, update_operations, validate_label
+from .inspect import _nodes_or_fail, _open
+from .main import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
+
+
+def parse_label_args(args: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """``k=v`` sets, ``k-`` removes (as ``kubectl label``); `ConfigError` for anything else."""
+    set_: dict[str, str] = {}
+    remove: list[str] = []
+    for arg in args:
+        if "=" in arg:
+            key, _, value = arg.partition("=")
+            validate_label(key, value)
+            set_[key] = value
+        elif arg.endswith("-"):
+            validate_label(arg[:-1], "")
+            remove.append(arg[:-1])
+        else:
+            raise ConfigError("label", arg[:64], "expected key=value (set) or key- (remove)")
+    if not set_ and not remove:
+        raise ConfigError("label", "", "give at least one key=value or key-")
+    return set_, remove
+
+
+async def request_labels(nats_url: str | None, platform: str, node: str, set_: dict[str, str],
+                         remove: list[str], data_dir: str | None = None) -> dict[str, Any]:
+    """Ask ``node`` to change its labels; returns its reply ``{"node", "labels"}``."""
+    validate_ident("platform", platform)
+    validate_ident("node", node)
+    nc, servers = await _open(nats_url, platform, data_dir)
+    try:
+        nodes = await _nodes_or_fail(nc.jetstream(), platform, servers)
+        live = sorted(str(n.get("node_id")) for n in nodes)
+        if node not in live:
+            raise ConfigError("node", node, f"is not a live node of platform {platform!r} "
+                              f"(live: {', '.join(live)})")
+        body = json.dumps({"set": set_, "remove": remove}).encode()
+        try:
+            msg = await nc.request(platform_subject(platform, "node", node, "labels"), body,
+                                   timeout=10)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            raise NoInstanceError("_", node, "the node did not answer the label request "
+                                  "(is it running a pycluster with runtime labels?)") from exc
+        res: dict[str, Any] = json.loads(msg.data)
+        err = res.get("error")
+        if isinstance(err, dict):
+            raise ConfigError("labels", None, f"refused by node {node}: {err.get('reason')}")
+        return res
+    finally:
+        await nc.close()
+
+
+async def change_operations(nats_url: str | None, platform: str, data_dir: str | None,
+                            change: Any, node: str | None = None) -> Operations:
+    """Apply ``change`` to the operations state (``node``, if given, must be live)."""
+    validate_ident("platform", platform)
+    nc, servers = await _open(nats_url, platform, data_dir)
+    try:
+        js = nc.jetstream()
+        nodes = await _nodes_or_fail(js, platform, servers)
+        if node is not None:
+            live = sorted(str(n.get("node_id")) for n in nodes)
+            if node not in live:
+                raise ConfigError("node", node, f"is not a live node of platform {platform!r} "
+                                  f"(live: {', '.join(live)})")
+        return await update_operations(js, platform, change)
+    finally:
+        await nc.close()
+
+
+async def read_nodes(nats_url: str | None, platform: str,
+                     data_dir: str | None = None) -> dict[str, Any]:
+    """Live nodes with their labels, cordon state and apps, and the operations state."""
+    validate_ident("platform", platform)
+    nc, servers = await _open(nats_url, platform, data_dir)
+    try:
+        js = nc.jetstream()
+        nodes = await _nodes_or_fail(js, platform, servers)
+        ops, _ = await read_operations(js, platform)
+        out = []
+        for rec in nodes:
+            node = str(rec.get("node_id"))
+            apps = rec.get("apps") or {}
+            out.append({
+                "node_id": node,
+                "labels": rec.get("labels") or {},
+                "cordoned": node in ops.cordoned,
+                "apps": {name: {"role": a.get("role"), "eligible": a.get("eligible")}
+                         for name, a in sorted(apps.items()) if isinstance(a, dict)},
+            })
+        return {"platform": platform, "operations": ops.as_dict(), "nodes": out}
+    finally:
+        await nc.close()
+
+
+@click.group("node")
+def node_cmd() -> None:
+    """Nodes: list, labels, cordon and uncordon."""
+
+
+@node_cmd.command("list")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def node_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
+                  output: str) -> None:
+    """Live nodes with labels, cordon state and the apps on each."""
+    try:
+        st = asyncio.run(read_nodes(nats_url, platform, data_dir))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(st, indent=2))
+        return
+    rows = [[n["node_id"], ",".join(f"{k}={v}" for k, v in n["labels"].items()) or "-",
+             "cordoned" if n["cordoned"] else "-",
+             ",".join(f"{a}:{s['role']}" for a, s in n["apps"].items()) or "-"]
+            for n in st["nodes"]]
+    click.echo(_table(rows, ["NODE", "LABELS", "STATE", "APPS"]))
+    ops = st["operations"]
+    if ops["maintenance"] or ops["maintenance_apps"]:
+        which = "all apps" if ops["maintenance"] else ", ".join(ops["maintenance_apps"])
+        click.echo(f"\nmaintenance mode: {which}")
+
+
+@node_cmd.command("label")
+@click.argument("node")
+@click.argument("labels", nargs=-1, required=True)
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def node_label_cmd(node: str, labels: tuple[str, ...], nats_url: str | None,
+                   data_dir: str | None, platform: str, output: str) -> None:
+    """Set (``key=value``) or remove (``key-``) labels of NODE at runtime.
+
+    Example: ``pycluster node label n2 zone=b disk-``
+    """
+    try:
+        set_, remove = parse_label_args(labels)
+        res = asyncio.run(request_labels(nats_url, platform, node, set_, remove, data_dir))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(res))
+    else:
+        shown = ",".join(f"{k}={v}" for k, v in res["labels"].items()) or "(none)"
+        click.echo(f"{node}: labels {shown}")
+
+
+def _cordon(node: str, on: bool, nats_url: str | None, data_dir: str | None, platform: str,
+            output: str) -> None:
+    try:
+        validate_ident("node", node)
+        entry = {"at": time.time(), "by": "cli"}
+
+        def change(o: Operations) -> Operations:
+            if on:
+                return replace(o, cordoned={**o.cordoned, node: entry})
+            return replace(o, cordoned={k: v for k, v in o.cordoned.items() if k != node})
+
+        ops = asyncio.run(change_operations(nats_url, platform, data_dir, change,
+                                            node if on else None))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps({"node": node, "cordoned": node in ops.cordoned}))
+    else:
+        click.echo(f"{node}: {'cordoned' if on else 'uncordoned'}")
+
+
+@node_cmd.command("cordon")
+@click.argument("node")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def node_cordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
+                    output: str) -> None:
+    """Cordon NODE: no new instances are placed there (no new leadership, no new Spread
+    instance); what runs there stays."""
+    _cordon(node, True, nats_url, data_dir, platform, output)
+
+
+@node_cmd.command("uncordon")
+@click.argument("node")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def node_uncordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
+                      output: str) -> None:
+    """Undo ``cordon`` for NODE."""
+    _cordon(node, False, nats_url, data_dir, platform, output)
+
+
+@click.command("maintenance")
+@click.argument("state", type=click.Choice(["on", "off", "show"]))
+@click.argument("app", required=False)
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir: str | None,
+                    platform: str, output: str) -> None:
+    """Maintenance mode on or off, for the platform or for APP (or show it).
+
+    While on, automation stops for the apps concerned: no standby campaigns, so no automatic
+    failover and no automatic hand-over; a leader keeps its role as long as it lives. A leader
+    that dies in maintenance mode is not replaced until maintenance is turned off.
+    """
+    try:
+        if app is not None:
+            validate_ident("app", app)
+        if state == "show":
+            async def show() -> Operations:
+                nc, servers = await _open(nats_url, platform, data_dir)
+                try:
+                    await _nodes_or_fail(nc.jetstream(), platform, servers)
+                    return (await read_operations(nc.jetstream(), platform))[0]
+                finally:
+                    await nc.close()
+            ops = asyncio.run(show())
+        else:
+            on = state == "on"
+
+            def change(o: Operations) -> Operations:
+                if app is None:
+                    return replace(o, maintenance=on)
+                apps = o.maintenance_apps | {app} if on else o.maintenance_apps - {app}
+                return replace(o, maintenance_apps=apps)
+
+            ops = asyncio.run(change_operations(nats_url, platform, data_dir, change))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    d = ops.as_dict()
+    if output == "json":
+        click.echo(json.dumps({"maintenance": d["maintenance"],
+                               "maintenance_apps": d["maintenance_apps"]}))
+        return
+    if d["maintenance"]:
+        click.echo("maintenance mode: on for the whole platform")
+    elif d["maintenance_apps"]:
+        click.echo(f"maintenance mode: on for {', '.join(d['maintenance_apps'])}")
+    else:
+        click.echo("maintenance mode: off")
