@@ -217,9 +217,16 @@ def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output
     click.echo(_table(rows, ["NODE", "LABELS", "VERSION", "HOST", "PID"]))
     click.echo("")
     rows = [[a["app"], a.get("mode", ""), a.get("leader") or "-", a.get("epoch") or "-",
-             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-"]
+             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-",
+             ",".join(s for s, on in (("maintenance", a.get("maintenance")),
+                                      ("pending", a.get("pending"))) if on) or "-"]
             for a in st["apps"]]
-    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON"]))
+    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON",
+                             "STATE"]))
+    for a in st["apps"]:
+        if a.get("maintenance") and not a.get("leader"):
+            click.echo(f"\n{a['app']}: no leader, and maintenance mode withholds failover "
+                       "(pycluster maintenance off)")
 
 
 @cli.command("stepdown")
