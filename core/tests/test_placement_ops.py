@@ -11,7 +11,19 @@ from typing import Any
 
 import pytest
 
-from pycluster import App, ConfigError, Context, OnLabel, Singleton, Spread
+from pycluster import (
+    App,
+    AwayFromApp,
+    ConfigError,
+    Context,
+    OnLabel,
+    PreferLabel,
+    PreferNode,
+    Singleton,
+    Spread,
+    Strategy,
+    WithApp,
+)
 from pycluster.kernel.placement import Operations, merge_labels, read_operations
 from pycluster.testing import wait_for
 
@@ -198,3 +210,90 @@ async def test_maintenance_withholds_failover_until_off(make_platform: Any, nats
     rc, out, err = await cli("maintenance", "off", "svc", *common)
     assert rc == 0, err
     await wait_for(lambda: b.is_leader, 10)
+
+
+async def test_soft_preferences_choose_the_next_leader(make_platform: Any) -> None:
+    def app() -> App:
+        return App("svc", PreferLabel("disk", "ssd", weight=5), PreferNode("c", weight=1))
+
+    a, b, c = app(), app(), app()
+    pa = await make_platform("a", a, labels={"disk": "hdd"})
+    await wait_for(lambda: a.is_leader, 10)
+    pb = await make_platform("b", b, labels={"disk": "ssd"})
+    pc = await make_platform("c", c, labels={"disk": "ssd"})
+    await wait_for(lambda: {"b", "c"} <= set(pa.placement.standbys(a, pa.placement.view())), 10)
+    # b and c both have ssd (+5); c is also the preferred node (+1); a has neither.
+    assert [n for n, _ in pa.placement.candidates(a)] == ["c", "b", "a"]
+    await wait_for(lambda: pb.placement.rank(b) == 1 and pc.placement.rank(c) == 0, 10)
+    await pa.stop()
+    await wait_for(lambda: c.is_leader, 10)
+    assert not b.is_active
+    await pc.set_labels({"disk": "hdd"})  # now b scores best
+    await asyncio.sleep(0.5)
+    assert c.is_leader  # preferences rank standbys; they never move a healthy leader
+    await wait_for(lambda: pc.placement.rank(c) == 1, 10)
+
+
+async def test_hard_anti_affinity_moves_an_instance_away(make_platform: Any) -> None:
+    fired: list[str] = []
+
+    def node_apps() -> tuple[App, App]:
+        db = App("db")
+        cache = App("cache", AwayFromApp("db"))
+
+        @cache.on_placement_invalid
+        async def invalid(ctx: Context) -> None:
+            fired.append(ctx.node_id)
+
+        return db, cache
+
+    db_a, cache_a = node_apps()
+    db_b, cache_b = node_apps()
+    pa = await make_platform("a", db_a, cache_a)
+    await wait_for(lambda: db_a.is_leader, 10)
+    await make_platform("b", db_b, cache_b)
+    # Wherever cache first went, it ends up away from db (on b), by one hand-over at most.
+    await wait_for(lambda: cache_b.is_leader and db_a.is_leader, 15)
+    assert not cache_a.is_active
+    assert set(fired) <= {"a"}
+    assert pa.status()["apps"]["cache"]["placement_invalid"] is True
+
+
+async def test_hard_affinity_runs_only_with_the_other_app(make_platform: Any) -> None:
+    db_a, side_a = App("db"), App("sidecar", WithApp("db"))
+    db_b, side_b = App("db"), App("sidecar", WithApp("db"))
+    await make_platform("a", db_a, side_a)
+    await wait_for(lambda: db_a.is_leader and side_a.is_leader, 15)
+    pb = await make_platform("b", db_b, side_b)
+    # db is not active on b: its sidecar does not even start there.
+    await wait_for(lambda: record_of(pb, "a", "sidecar").get("role") == "active", 10)
+    assert side_b.role.value == "stopped" and not pb.status()["apps"]["sidecar"]["pending"]
+    await db_a.step_down(successor="b")
+    # db moved to b: the sidecar follows it (a's placement is invalid now: it hands over).
+    await wait_for(lambda: db_b.is_leader and side_b.is_leader, 15)
+    assert not side_a.is_active
+
+
+async def test_strategies_weigh_candidates(make_platform: Any) -> None:
+    busy = App("busy")
+    x_a = App("x")
+    await make_platform("a", busy, x_a)
+    await wait_for(lambda: busy.is_leader, 10)
+    x_b = App("x")
+    pb = await make_platform("b", x_b)
+    await wait_for(lambda: "a" in (pb.membership.members if pb.membership else {}), 10)
+    await wait_for(lambda: record_of(pb, "a", "busy").get("role") == "active", 10)
+    view = pb.placement.view()
+    node_a, node_b = view.node_info("a"), view.node_info("b")
+    # spread (default): a runs another active instance, b none.
+    assert pb.placement.score(x_b, node_b, view) > pb.placement.score(x_b, node_a, view)
+    packed = App("packed", Strategy("binpack"))
+    assert (pb.placement.score(packed, node_a, view)
+            > pb.placement.score(packed, node_b, view))
+    zoned = App("busy", Strategy("zone", label="zone"))
+    # zone: busy is active on a; b is in the same (unlabelled) zone, a's own instance does
+    # not count against a.
+    assert pb.placement.score(zoned, node_b, view) == -1.0
+    assert pb.placement.score(zoned, node_a, view) == 0.0
+    with pytest.raises(ConfigError):
+        PreferLabel("disk", weight=float("nan"))

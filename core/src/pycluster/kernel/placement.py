@@ -198,10 +198,11 @@ class PlacementView:
 
 
 class PlacementStrategy(Protocol):
-    """A named way of ordering scored candidates (``pycluster_placement_strategy``)."""
+    """A named way of weighing candidates (``pycluster_placement_strategy``): its score of a
+    node is added to the placement scores (an app names its strategy with `Strategy`)."""
 
-    def order(self, app: App, scores: Mapping[str, float], view: PlacementView) -> list[str]:
-        """The candidate node ids of ``app``, most preferred first."""
+    def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
+        """What the strategy adds to ``node``'s score for ``app`` (higher: preferred)."""
 
 
 class Placement:
@@ -218,6 +219,10 @@ class Placement:
         self.pending: dict[str, float] = {}
         #: Apps whose filters exclude this node now although it runs them (hooks fired).
         self.invalid: set[str] = set()
+        #: What this node's membership record publishes as ``eligible`` per app (updated at
+        #: each re-evaluation: filters may read the view, which contains that record).
+        self.published: dict[str, bool] = {}
+        self._unknown: set[str] = set()
         self._kick = asyncio.Event()
         self._busy = asyncio.Lock()
 
@@ -299,6 +304,8 @@ class Placement:
             p = self.platform
             if not p._running:
                 return
+            for app in p.apps.values():
+                self.published[app.name] = self.placeable(app)
             if p.membership is not None:  # "eligible" in our record may have changed
                 await p.membership.publish_now()
             view = self.view()
@@ -378,12 +385,28 @@ class Placement:
         return PlacementView(p.node_id, records,
                              m.alive if m is not None else (lambda _node: False))
 
+    def strategy(self, app: App) -> PlacementStrategy | None:
+        """The strategy ``app`` names (`Strategy`), from ``pycluster_placement_strategy``
+        (None, logged once, when no plugin provides it)."""
+        name = app.strategy.name
+        found: PlacementStrategy | None = self.platform.pm.hook.pycluster_placement_strategy(
+            name=name)
+        if found is None and name not in self._unknown:
+            self._unknown.add(name)
+            log.warning("app %s: no plugin provides placement strategy %r; ignored",
+                        app.name, name)
+        return found
+
     def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
-        """The sum of every placement score of ``node`` for ``app`` (abstentions count 0)."""
+        """The sum of every placement score of ``node`` for ``app`` (abstentions count 0),
+        plus the app's strategy's."""
         total = 0.0
         for s in self.platform.pm.hook.pycluster_placement_score(app=app, node=node, view=view):
             if isinstance(s, int | float) and not isinstance(s, bool):
                 total += s
+        strategy = self.strategy(app)
+        if strategy is not None:
+            total += strategy.score(app, node, view)
         return total
 
     def standbys(self, app: App, view: PlacementView) -> list[str]:

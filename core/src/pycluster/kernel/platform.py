@@ -499,6 +499,7 @@ class Platform:
                      app.name, self.node_id)
             return
         t = self._timing(app)
+        self.placement.published[app.name] = self.placement.placeable(app)
         kv = AppKV(self.js, bucket(self.name, app.name))
         await kv.ensure(replicas=self.settings.stream_replicas)
         locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
@@ -753,7 +754,7 @@ class Platform:
                 "epoch": app.epoch,
                 "leader": app.leader,
                 "mode": app.mode.kind,
-                "eligible": rt is not None and self.placement.placeable(app),
+                "eligible": rt is not None and self.placement.published.get(app.name, True),
                 "priority": t["priority"],
                 "no_failover": t["no_failover"],
             }
