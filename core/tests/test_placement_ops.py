@@ -297,3 +297,35 @@ async def test_strategies_weigh_candidates(make_platform: Any) -> None:
     assert pb.placement.score(zoned, node_a, view) == 0.0
     with pytest.raises(ConfigError):
         PreferLabel("disk", weight=float("nan"))
+
+
+async def test_app_list_and_show(make_platform: Any, nats_url: str, unique_name: str) -> None:
+    a = App("db", OnLabel("tier", "db"), PreferLabel("disk", "ssd"))
+    pa = await make_platform("a", a, labels={"tier": "db"})
+    await wait_for(lambda: a.is_leader, 10)
+    await make_platform("b", App("db", OnLabel("tier", "db"), PreferLabel("disk", "ssd")),
+                        App("gpu", OnLabel("gpu")))
+    await pa.cordon("b")
+    common = ("--nats-url", nats_url, "--platform", unique_name, "--output", "json")
+
+    async def apps() -> dict[str, Any]:
+        rc, out, err = await cli("app", "list", *common)
+        assert rc == 0, err
+        return {x["app"]: x for x in json.loads(out)}
+
+    await wait_for(lambda: pa.membership is not None and "b" in pa.membership.members, 10)
+    listed = await apps()
+    assert listed["db"]["leader"] == "a" and listed["db"]["active_on"] == ["a"]
+    assert listed["db"]["placement"] == ["OnLabel(key='tier', value='db')",
+                                         "PreferLabel(key='disk', value='ssd', weight=10.0)"]
+    assert listed["gpu"]["pending"] is True and listed["db"]["pending"] is False
+    rc, out, err = await cli("app", "show", "db", *common)
+    assert rc == 0, err
+    shown = json.loads(out)
+    assert shown["nodes"]["a"]["role"] == "active" and shown["nodes"]["b"]["cordoned"] is True
+    assert shown["nodes"]["b"]["eligible"] is False  # not labelled tier=db
+    rc, out, err = await cli("app", "show", "nope", "--nats-url", nats_url, "--platform",
+                             unique_name)
+    assert rc != 0 and "nope" in err
+    rc, out, err = await cli("app", "list", "--nats-url", nats_url, "--platform", unique_name)
+    assert rc == 0 and "pending" in out and "OnLabel" in out

@@ -115,7 +115,7 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
     """The leader and epoch in ``app``'s election lease (None, None when vacant)."""
     try:
         msg = await nu.last_msg(js, f"{platform}_{app}_election", "leader")
-    except nats.js.errors.NotFoundError:
+    except (nats.js.errors.NotFoundError, nu.StreamGoneError):  # never started anywhere
         return None, None
     if msg is None or msg.tombstone:
         return None, None

@@ -297,9 +297,10 @@ cli.add_command(provision_cmd)
 
 def _add_placement_commands() -> None:
     # Imported here: the module imports this one's options.
-    from .placement_cmd import maintenance_cmd, node_cmd
+    from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
 
     cli.add_command(node_cmd)
+    cli.add_command(app_cmd)
     cli.add_command(maintenance_cmd)
 
 

@@ -270,3 +270,96 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
         click.echo(f"maintenance mode: on for {', '.join(d['maintenance_apps'])}")
     else:
         click.echo("maintenance mode: off")
+
+
+async def read_apps(nats_url: str | None, platform: str,
+                    data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every app of ``platform`` with mode, placement, leader, instances, standbys, pending
+    and maintenance state, and per node its role, eligibility and priority."""
+    from .inspect import read_status
+
+    st = await read_status(nats_url, platform, data_dir)
+    cordoned = set(st["operations"]["cordoned"])
+    out = []
+    for a in st["apps"]:
+        nodes = {}
+        placement: list[str] = []
+        strategy = None
+        for rec in st["nodes"]:
+            entry = (rec.get("apps") or {}).get(a["app"])
+            if not isinstance(entry, dict):
+                continue
+            placement = placement or list(entry.get("placement") or [])
+            strategy = strategy or entry.get("strategy")
+            nodes[str(rec["node_id"])] = {
+                "role": entry.get("role"), "eligible": entry.get("eligible"),
+                "priority": entry.get("priority"), "labels": rec.get("labels") or {},
+                "cordoned": rec["node_id"] in cordoned}
+        out.append({**a, "placement": placement, "strategy": strategy, "nodes": nodes})
+    return out
+
+
+@click.group("app")
+def app_cmd() -> None:
+    """Apps: list and show (placement, leader, instances, pending, maintenance)."""
+
+
+@app_cmd.command("list")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def app_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
+                 output: str) -> None:
+    """Apps with mode, placement, leader, instances and state (pending, maintenance)."""
+    try:
+        apps = asyncio.run(read_apps(nats_url, platform, data_dir))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(apps, indent=2))
+        return
+    rows = [[a["app"], a.get("mode") or "-", "; ".join(a["placement"]) or "-",
+             a.get("leader") or "-", ",".join(a["active_on"]) or "-",
+             ",".join(s for s, on in (("maintenance", a["maintenance"]),
+                                      ("pending", a["pending"])) if on) or "-"]
+            for a in apps]
+    click.echo(_table(rows, ["APP", "MODE", "PLACEMENT", "LEADER", "ACTIVE ON", "STATE"]))
+
+
+@app_cmd.command("show")
+@click.argument("app")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform: str,
+                 output: str) -> None:
+    """APP in detail: placement, leader, epoch, and per node role, eligibility, priority."""
+    from ..kernel.errors import NoSuchAppError
+
+    try:
+        validate_ident("app", app)
+        apps = asyncio.run(read_apps(nats_url, platform, data_dir))
+        found = next((a for a in apps if a["app"] == app), None)
+        if found is None:
+            raise NoSuchAppError(platform, app, sorted(a["app"] for a in apps))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"app {app}: mode {found.get('mode')}, strategy {found.get('strategy')}, "
+               f"leader {found.get('leader') or '-'} (epoch {found.get('epoch') or '-'})")
+    click.echo(f"placement: {'; '.join(found['placement']) or '(any node)'}")
+    if found["maintenance"]:
+        click.echo("maintenance mode: on (no automatic failover)")
+    if found["pending"]:
+        click.echo("pending: no live node may run it")
+    rows = [[n, s["role"] or "-", "yes" if s["eligible"] else "no", s["priority"],
+             "cordoned" if s["cordoned"] else "-",
+             ",".join(f"{k}={v}" for k, v in s["labels"].items()) or "-"]
+            for n, s in sorted(found["nodes"].items())]
+    click.echo(_table(rows, ["NODE", "ROLE", "ELIGIBLE", "PRIORITY", "STATE", "LABELS"]))

@@ -757,6 +757,9 @@ class Platform:
                 "eligible": rt is not None and self.placement.published.get(app.name, True),
                 "priority": t["priority"],
                 "no_failover": t["no_failover"],
+                # What `pycluster app list|show` shows of the app's placement options.
+                "placement": [repr(c)[:200] for c in app.constraints[:16]],
+                "strategy": app.strategy.name,
             }
         return {
             "platform": self.name,
