@@ -329,3 +329,61 @@ async def test_app_list_and_show(make_platform: Any, nats_url: str, unique_name:
     assert rc != 0 and "nope" in err
     rc, out, err = await cli("app", "list", "--nats-url", nats_url, "--platform", unique_name)
     assert rc == 0 and "pending" in out and "OnLabel" in out
+
+
+async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
+                                              unique_name: str) -> None:
+    seen: list[tuple[str, dict[str, Any]]] = []
+    veto = {"on": True}
+
+    def app() -> App:
+        a = App("svc")
+
+        @a.on_migration_start
+        async def start(ctx: Context) -> None:
+            seen.append(("start", dict(ctx.extra)))
+            if veto["on"]:
+                raise RuntimeError("not now")
+
+        @a.on_migration_complete
+        async def done(ctx: Context) -> None:
+            seen.append(("complete", dict(ctx.extra)))
+
+        return a
+
+    a, b, c = app(), app(), app()
+    pa = await make_platform("a", a)
+    await wait_for(lambda: a.is_leader, 10)
+    await make_platform("b", b)
+    pc = await make_platform("c", c)
+    await wait_for(lambda: record_of(pa, "c", "svc").get("role") == "passive", 10)
+    common = ("--nats-url", nats_url, "--platform", unique_name, "--output", "json")
+    rc, out, err = await cli("app", "move", "svc", "--to", "c", *common)
+    assert rc != 0 and "vetoed" in err and "not now" in err
+    assert a.is_leader
+    veto["on"] = False
+    rc, out, err = await cli("app", "move", "svc", "--to", "c", "--reason", "kernel upgrade",
+                             *common)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["outcome"] == "completed" and res["from"] == "a" and res["to"] == "c"
+    assert c.is_leader
+    moved = {"from": "a", "to": "c", "reason": "kernel upgrade"}
+    assert ("start", moved) in seen and ("complete", moved) in seen
+    metrics = pa.metrics.render().decode()
+    assert 'pycluster_migrations_total{app="svc",outcome="completed"} 1.0' in metrics
+    assert 'pycluster_migrations_total{app="svc",outcome="vetoed"} 1.0' in metrics
+    assert 'pycluster_migration_seconds_count{app="svc"} 1.0' in metrics
+    # Refused: a cordoned target; the API asks the leader over NATS from any node.
+    await pa.cordon("b")
+    with pytest.raises(ConfigError, match="cordoned"):
+        await pa.move("svc", to="b")
+    await pa.uncordon("b")
+    res = await pa.move("svc", to="b")
+    assert res["outcome"] == "completed" and b.is_leader
+    assert pc.audit is not None and await pc.audit.flush()
+    await pa.audit.flush()
+    entries = await pa.audit.query(category="placement")
+    actions = {e.action for e in entries}
+    assert {"migration_vetoed", "migration_started", "migration_completed", "cordoned",
+            "uncordoned"} <= actions

@@ -101,5 +101,8 @@ def pycluster_placement_strategy(name: str) -> PlacementStrategy | None:
 @hookimpl
 def pycluster_app_events(registry: AppEventRegistry) -> None:
     """``on_placement_invalid`` hooks run when this node's placement of an app it runs
-    becomes invalid (fired by the kernel's placement re-evaluation)."""
+    becomes invalid (fired by the kernel's placement re-evaluation); ``on_migration_start``
+    and ``on_migration_complete`` around a migration (``platform.move``)."""
     registry.add("placement_invalid", "placement")
+    registry.add("migration_start", "placement")
+    registry.add("migration_complete", "placement")

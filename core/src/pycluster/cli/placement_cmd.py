@@ -363,3 +363,56 @@ def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform:
              ",".join(f"{k}={v}" for k, v in s["labels"].items()) or "-"]
             for n, s in sorted(found["nodes"].items())]
     click.echo(_table(rows, ["NODE", "ROLE", "ELIGIBLE", "PRIORITY", "STATE", "LABELS"]))
+
+
+async def request_move(nats_url: str | None, platform: str, app: str, to: str, reason: str,
+                       data_dir: str | None = None) -> dict[str, Any]:
+    """Ask the active instance of ``app`` to migrate to node ``to``; returns the result."""
+    from ..kernel.platform import move_subject
+
+    validate_ident("to", to)
+    subject = move_subject(platform, app)
+    nc, servers = await _open(nats_url, platform, data_dir)
+    try:
+        await _nodes_or_fail(nc.jetstream(), platform, servers)
+        body = json.dumps({"to": to, "reason": reason}).encode()
+        try:
+            msg = await nc.request(subject, body, timeout=60)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            raise NoInstanceError(app, "leader", f"no active instance of {app!r} answered "
+                                  "the move request") from exc
+        res: dict[str, Any] = json.loads(msg.data)
+        err = res.get("error")
+        if isinstance(err, dict):
+            raise ConfigError("move", to, f"refused by {res.get('node')}: {err.get('reason')}")
+        return res
+    finally:
+        await nc.close()
+
+
+@app_cmd.command("move")
+@click.argument("app")
+@click.option("--to", "to", required=True, help="The node that should lead APP.")
+@click.option("--reason", default="move", show_default=True, help="Why (audited).")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def app_move_cmd(app: str, to: str, reason: str, nats_url: str | None, data_dir: str | None,
+                 platform: str, output: str) -> None:
+    """Move APP's active instance to node --to: a planned, graceful migration (the leader
+    runs on_migration_start, which may veto, steps down naming the target, and reports when
+    the target leads). Exits non-zero when refused or when another node ends up leading."""
+    try:
+        validate_ident("app", app)
+        res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"{app}: {res['from']} -> {res['to']}: {res['outcome']} in "
+                   f"{res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
+    if res.get("outcome") != "completed":
+        raise SystemExit(1)

@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 
 from . import natsutil as nu
 from .context import Context
-from .errors import ConfigError
+from .errors import ConfigError, PyclusterError
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
@@ -82,6 +82,17 @@ def merge_labels(labels: Mapping[str, str], changes: Mapping[str, str | None]) -
     if len(out) > MAX_LABELS:
         raise ConfigError("labels", len(out), f"at most {MAX_LABELS} labels")
     return out
+
+
+class MigrationVetoed(PyclusterError):
+    """An ``on_migration_start`` hook refused a migration (nothing changed)."""
+
+    code = "vetoed"
+
+    def __init__(self, app: str, to: str, cause: BaseException) -> None:
+        self.app, self.to, self.cause = app, to, cause
+        super().__init__(f"migration of app {app!r} to {to!r} vetoed by on_migration_start: "
+                         f"{type(cause).__name__}: {cause}")
 
 
 @dataclass(frozen=True)
@@ -329,6 +340,7 @@ class Placement:
                     self.invalid.add(app.name)
                     log.warning("app %s: placement on %s is invalid now (labels %s)", app.name,
                                 p.node_id, p.labels)
+                    self.event(app, "placement_invalid", {"labels": dict(p.labels)})
                     ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
                                   leader=app.leader, reason="placement_invalid")
                     from .coordinator import run_hooks
@@ -338,6 +350,89 @@ class Placement:
                 if app.is_active:
                     await self._hand_over(app, view)
             self._update_pending(self.view())  # after the starts above
+
+    def event(self, app: App | None, event: str, data: dict[str, Any]) -> None:
+        """Report a placement operation (``pycluster_placement_event``: audit, metrics)."""
+        from ..plugins import call_each
+
+        p = self.platform
+        call_each(p.pm.hook.pycluster_placement_event, f"placement {event}", platform=p,
+                  app=app, event=event, data=data)
+
+    async def migrate(self, app: App, to: str, reason: str = "move") -> dict[str, Any]:
+        """Move the active instance of ``app`` from this node to node ``to``: a planned,
+        graceful hand-over (step down naming ``to`` as the successor).
+
+        ``on_migration_start`` hooks run first (``ctx.extra``: ``from``, ``to``, ``reason``);
+        one that raises vetoes the move (`MigrationVetoed`, nothing changed). Once ``to``
+        leads, ``on_migration_complete`` hooks run here. Refused (`ConfigError`) when this
+        node is not the active instance, the app has no election (Spread), maintenance mode
+        is on, or ``to`` is cordoned, not live, or not eligible.
+
+        Returns ``{"app", "from", "to", "reason", "outcome", "leader", "epoch", "seconds"}``;
+        ``outcome`` is ``completed``, or ``failed`` when another node (or none) leads after
+        a lease and the hooks' time.
+        """
+        from .coordinator import StageFailed, run_hooks
+
+        p = self.platform
+        rt = p.runtimes.get(app.name)
+        if rt is None or rt.election is None:
+            raise ConfigError("app", app.name, "only an app with a leader (Singleton, "
+                              "Replicas) can be moved")
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} is not its active instance")
+        await self.load()  # the latest cordons and maintenance, not the last poll's
+        if self.ops.in_maintenance(app.name):
+            raise ConfigError("app", app.name, "maintenance mode is on: automation and moves "
+                              "wait until it is off (pycluster maintenance off)")
+        if to in self.ops.cordoned:
+            raise ConfigError("to", to, "is cordoned: no new instances are placed there")
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise ConfigError("reason", str(reason)[:64], "a string of at most 200 characters")
+        from .coordinator import check_step_down
+
+        m = p.membership
+        try:
+            check_step_down(app.name, p.node_id, m.members if m else {}, to, None)
+        except ConfigError:
+            if m is None:
+                raise
+            await m.refresh_view()  # the view may lag a node that has just started
+            check_step_down(app.name, p.node_id, m.members, to, None)
+        data: dict[str, Any] = {"from": p.node_id, "to": to, "reason": reason}
+        ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                      leader=app.leader, reason=f"migration: {reason}", extra=dict(data))
+        started = time.monotonic()
+        try:
+            await run_hooks(app.hooks("migration_start"), ctx, rt.hook_timeout,
+                            "on_migration_start", True)
+        except StageFailed as exc:
+            log.warning("app %s: migration to %s vetoed: %s", app.name, to, exc.cause)
+            self.event(app, "migration_vetoed", {**data, "error": str(exc.cause)[:300]})
+            raise MigrationVetoed(app.name, to, exc.cause) from None
+        log.info("app %s: migrating from %s to %s (%s)", app.name, p.node_id, to, reason)
+        self.event(app, "migration_started", data)
+        await app.step_down(successor=to)
+        bound = time.monotonic() + 2 * rt.election.lease_ttl + rt.hook_timeout
+        while app.leader != to and time.monotonic() < bound:
+            await asyncio.sleep(0.05)
+        seconds = time.monotonic() - started
+        outcome = "completed" if app.leader == to else "failed"
+        result = {"app": app.name, **data, "outcome": outcome, "leader": app.leader,
+                  "epoch": app.epoch, "seconds": round(seconds, 3)}
+        if outcome == "completed":
+            log.info("app %s: migrated to %s in %.3fs", app.name, to, seconds)
+            self.event(app, "migration_completed", {**data, "seconds": seconds})
+            ctx.leader, ctx.epoch = app.leader, app.epoch
+            await run_hooks(app.hooks("migration_complete"), ctx, rt.hook_timeout,
+                            "on_migration_complete", False)
+        else:
+            log.warning("app %s: migration to %s failed: the leader is %s", app.name, to,
+                        app.leader)
+            self.event(app, "migration_failed", {**data, "seconds": seconds,
+                                                 "error": f"leader is {app.leader}"})
+        return result
 
     async def _hand_over(self, app: App, view: PlacementView) -> None:
         """The active instance of ``app`` may not run here: step down to the best eligible

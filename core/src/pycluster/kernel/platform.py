@@ -394,6 +394,8 @@ class Platform:
                 # permissions let a node subscribe to its own apps' subjects only.
                 self._subs.append(await self.nc_control.subscribe(
                     stepdown_subject(self.name, app_name), cb=self._on_stepdown))
+                self._subs.append(await self.nc_control.subscribe(
+                    move_subject(self.name, app_name), cb=self._on_move))
             self.notify(call_each(self.pm.hook.pycluster_platform_started, platform=self),
                         "platform_started")
         except BaseException:
@@ -850,6 +852,7 @@ class Platform:
         if new == self.labels:
             return dict(new)
         log.info("node %s: labels %s -> %s", self.node_id, self.labels, new)
+        self.placement.event(None, "labels_changed", {"labels": new, "previous": self.labels})
         self.labels = new
         if self.membership is not None:
             await self.membership.publish_now()
@@ -907,25 +910,86 @@ class Platform:
         node = node or self.node_id
         validate_ident("node", node)
         entry = {"at": time.time(), "by": by}
-        return await self._update_operations(
+        ops = await self._update_operations(
             lambda o: replace(o, cordoned={**o.cordoned, node: entry}))
+        self.placement.event(None, "cordoned", {"node": node, "by": by})
+        return ops
 
     async def uncordon(self, node: str | None = None) -> Operations:
         """Undo `cordon` for ``node`` (default: this node)."""
         node = node or self.node_id
-        return await self._update_operations(
+        ops = await self._update_operations(
             lambda o: replace(o, cordoned={k: v for k, v in o.cordoned.items() if k != node}))
+        self.placement.event(None, "uncordoned", {"node": node})
+        return ops
 
     async def set_maintenance(self, on: bool, app: str | None = None) -> Operations:
         """Turn maintenance mode on or off, platform-wide or for ``app``: while on, no standby
         campaigns (no automatic failover, no automatic hand-over); a leader keeps its lease
         as long as it renews it. Stored in NATS: every node and the CLI see it."""
         if app is None:
-            return await self._update_operations(lambda o: replace(o, maintenance=on))
-        validate_ident("app", app)
-        return await self._update_operations(lambda o: replace(
-            o, maintenance_apps=o.maintenance_apps | {app} if on
-            else o.maintenance_apps - {app}))
+            ops = await self._update_operations(lambda o: replace(o, maintenance=on))
+        else:
+            validate_ident("app", app)
+            ops = await self._update_operations(lambda o: replace(
+                o, maintenance_apps=o.maintenance_apps | {app} if on
+                else o.maintenance_apps - {app}))
+        self.placement.event(self.apps.get(app) if app else None, "maintenance",
+                             {"on": on, "app": app})
+        return ops
+
+    async def move(self, app: str, to: str, reason: str = "move") -> dict[str, Any]:
+        """Move the active instance of ``app`` to node ``to`` (a graceful migration, see
+        `pycluster.kernel.placement.Placement.migrate`): run here when this node leads it,
+        else asked of its leader over NATS (``pycluster app move`` sends the same request).
+        """
+        local = self.apps.get(app)
+        if local is not None and local.is_active:
+            return await self.placement.migrate(local, to, reason)
+        nc = self.nc_control or self.nc
+        if nc is None:
+            raise RuntimeError("the platform is not started")
+        replies = await self.control.request(
+            move_subject(self.name, app), json.dumps({"to": to, "reason": reason}).encode(),
+            app=app, name="move", timeout=60)
+        if not replies:
+            raise ConfigError("app", app, "no active instance answered the move request")
+        res: dict[str, Any] = json.loads(replies[0].data)
+        err = res.get("error")
+        if isinstance(err, dict):
+            raise ConfigError("move", to, f"refused by {res.get('node')}: {err.get('reason')}")
+        return res
+
+    async def _on_move(self, msg: Msg) -> None:
+        """A move request (``{"to", "reason"}``): served by the active instance only, through
+        the middleware chain, audited; the reply is the migration's result or ``error``."""
+        app = self.apps.get(msg.subject.split(".")[1])
+        if app is None or not app.is_active or app.mode.slots() is None:
+            return
+
+        async def handler(req: Any) -> dict[str, Any]:
+            body = decode_object(req.data)
+            unknown = sorted(set(body) - {"to", "reason"})
+            if unknown:
+                raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
+                                  "unknown fields (a move request has to, reason)")
+            to, reason = body.get("to"), body.get("reason") or "move"
+            if not isinstance(to, str):
+                raise ConfigError("to", str(to)[:64], "must be a node id")
+            validate_ident("to", to)
+            req.extra["request"] = {"to": to, "reason": str(reason)[:200]}
+            return await self.placement.migrate(app, to, reason)
+
+        try:
+            result, error = await self.control.serve(msg, app=app.name, name="move",
+                                                     handler=handler)
+            reply: dict[str, Any] = result if error is None else {
+                "node": self.node_id, "error": error_reply(error)}
+            reply.setdefault("node", self.node_id)
+            if msg.reply:
+                await msg.respond(json.dumps(reply, default=str).encode())
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("app %s: move request failed", app.name)
 
     def status(self) -> dict[str, Any]:
         """This node's view: node, labels, apps with role, leader, epoch, placement (pending,
@@ -967,4 +1031,11 @@ def stepdown_subject(platform: str, app: str) -> str:
     return app_subject(platform, app, "control", "stepdown")
 
 
-__all__ = ["Platform", "Replicas", "stepdown_subject"]
+def move_subject(platform: str, app: str) -> str:
+    """Subject on which the active instance of ``app`` accepts a move (migration) request."""
+    validate_ident("platform", platform)
+    validate_ident("app", app)
+    return app_subject(platform, app, "control", "move")
+
+
+__all__ = ["Platform", "Replicas", "move_subject", "stepdown_subject"]
