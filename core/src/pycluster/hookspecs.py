@@ -266,8 +266,9 @@ def pycluster_placement_event(platform: Platform, app: App | None, event: str,
     """Report a placement operation of this node (notification).
 
     Called on the node that performs the operation, as it happens. Events:
-    ``migration_started``, ``migration_completed``, ``migration_vetoed``, ``migration_failed`` (data: ``from``, ``to``, ``reason``, ``seconds`` when finished,
-    ``error`` when vetoed or failed), ``labels_changed`` (``labels``, ``previous``),
+    ``migration_started``, ``migration_completed``, ``migration_vetoed``, ``migration_failed``
+    (data: ``from``, ``to``, ``reason``, ``seconds`` when finished, ``error`` when vetoed or
+    failed), ``labels_changed`` (``labels``, ``previous``),
     ``placement_invalid`` (``labels``), ``cordoned`` / ``uncordoned`` (``node``),
     ``maintenance`` (``on``, ``app``). The default plugins ``audit`` (category
     ``placement``) and ``metrics`` (``pycluster_migrations_total``,
