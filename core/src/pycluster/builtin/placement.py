@@ -7,7 +7,6 @@ first); the strategies ``spread``, ``binpack`` and ``zone``. It declares the
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING
 
 from ..plugins import hookimpl
@@ -46,14 +45,10 @@ def pycluster_placement_score(app: App, node: NodeInfo, view: PlacementView) -> 
     return total
 
 
-def _active(view: PlacementView, node: str, app: str | None = None) -> int:
-    """Active instances on ``node`` (of ``app``, or of any app), as its record shows."""
-    rec = view.record(node) or {}
-    apps = rec.get("apps")
-    if not isinstance(apps, dict):
-        return 0
-    return sum(1 for name, a in apps.items() if isinstance(a, dict)
-               and a.get("role") == "active" and (app is None or name == app))
+def _own(view: PlacementView, node: str, app: str) -> int:
+    """1 when ``node``'s record shows ``app`` active there."""
+    rec = view.app_record(node, app)
+    return 1 if rec is not None and rec.get("role") == "active" else 0
 
 
 class Spread:
@@ -62,7 +57,7 @@ class Spread:
 
     def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
         """Minus the other active instances on ``node``."""
-        return -float(_active(view, node.node_id) - _active(view, node.node_id, app.name))
+        return -float(view.active_count(node.node_id) - _own(view, node.node_id, app.name))
 
 
 class Binpack:
@@ -70,7 +65,7 @@ class Binpack:
 
     def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
         """The other active instances on ``node``."""
-        return float(_active(view, node.node_id) - _active(view, node.node_id, app.name))
+        return float(view.active_count(node.node_id) - _own(view, node.node_id, app.name))
 
 
 class Zone:
@@ -81,11 +76,9 @@ class Zone:
         """Minus this app's active instances elsewhere in ``node``'s zone."""
         label = app.strategy.label
         zone = node.labels.get(label)
-        counts: Counter[str | None] = Counter()
-        for other in view.nodes():
-            if other != node.node_id and view.alive(other) and _active(view, other, app.name):
-                counts[view.node_info(other).labels.get(label)] += 1
-        return -float(counts[zone])
+        return -float(sum(1 for other in view.active_on(app.name)
+                          if other != node.node_id and view.alive(other)
+                          and view.node_info(other).labels.get(label) == zone))
 
 
 _STRATEGIES: dict[str, PlacementStrategy] = {"spread": Spread(), "binpack": Binpack(),

@@ -180,6 +180,32 @@ class PlacementView:
     node_id: str
     _records: Mapping[str, dict[str, Any]]
     _alive: Callable[[str], bool]
+    # Derived counts, computed once per snapshot (scores read them for every candidate).
+    _derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def _active_index(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        index = self._derived.get("active")
+        if index is None:
+            per_node: dict[str, int] = {}
+            per_app: dict[str, list[str]] = {}
+            for node, rec in self._records.items():
+                apps = rec.get("apps")
+                if not isinstance(apps, Mapping):
+                    continue
+                for name, a in apps.items():
+                    if isinstance(a, Mapping) and a.get("role") == Role.ACTIVE.value:
+                        per_node[node] = per_node.get(node, 0) + 1
+                        per_app.setdefault(name, []).append(node)
+            index = self._derived["active"] = (per_node, per_app)
+        return index  # type: ignore[no-any-return]
+
+    def active_count(self, node: str) -> int:
+        """How many apps ``node``'s record shows active there."""
+        return self._active_index()[0].get(node, 0)
+
+    def active_on(self, app: str) -> list[str]:
+        """The nodes whose record shows ``app`` active (alive or not)."""
+        return list(self._active_index()[1].get(app, ()))
 
     def nodes(self) -> Iterator[str]:
         """Every node with a membership record (this one included)."""
