@@ -14,11 +14,13 @@ import pytest
 from pycluster import (
     App,
     AwayFromApp,
+    Budget,
     ConfigError,
     Context,
     OnLabel,
     PreferLabel,
     PreferNode,
+    Replicas,
     Singleton,
     Spread,
     Strategy,
@@ -387,3 +389,77 @@ async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
     actions = {e.action for e in entries}
     assert {"migration_vetoed", "migration_started", "migration_completed", "cordoned",
             "uncordoned"} <= actions
+
+
+async def test_drain_moves_instances_one_at_a_time_within_the_budget(
+        make_platform: Any, nats_url: str, unique_name: str) -> None:
+    from pycluster.cli.placement_cmd import drain
+
+    def apps() -> tuple[App, App]:
+        return App("r", Replicas(2), Budget(min_available=1)), App("s")
+
+    ra, sa = apps()
+    pa = await make_platform("a", ra, sa)
+    await wait_for(lambda: ra.is_active and sa.is_leader, 10)
+    rb, sb = apps()
+    await make_platform("b", rb, sb)
+    await wait_for(lambda: rb.is_active, 10)
+    rc, sc = apps()
+    await make_platform("c", rc, sc)
+    await wait_for(lambda: all(record_of(pa, n, a).get("role") == "passive"
+                               for n, a in (("c", "r"), ("c", "s"), ("b", "s"))), 10)
+
+    # An outside witness: a plain NATS client reading the membership records of r.
+    import nats as nats_client
+
+    witness = await nats_client.connect(nats_url)
+    low: list[int] = []
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        js = witness.jetstream()
+        from pycluster.kernel import natsutil as nu
+
+        while not stop.is_set():
+            recs = await nu.live_values(js, f"{unique_name}_platform", "nodes.")
+            active = sum(1 for rec in recs.values()
+                         if (rec.get("apps") or {}).get("r", {}).get("role") == "active")
+            low.append(active)
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(watch())
+    events: list[dict[str, Any]] = []
+    try:
+        res = await drain(nats_url, unique_name, "a", 30, progress=events.append)
+    finally:
+        stop.set()
+        await task
+        await witness.close()
+    assert res["drained"] is True and res["remaining"] == []
+    assert sorted(m["app"] for m in res["moved"]) == ["r", "s"]
+    assert not ra.is_active and not sa.is_active
+    await wait_for(lambda: rc.is_active and (sb.is_leader or sc.is_leader), 10)
+    assert low and min(low) >= 1, f"the budget broke: {min(low)} active"
+    assert pa.status()["cordoned"] or "a" in pa.placement.ops.cordoned
+
+
+async def test_drain_waits_for_the_budget_and_says_why(make_platform: Any, nats_url: str,
+                                                       unique_name: str) -> None:
+    from pycluster.cli.placement_cmd import drain
+
+    ra = App("r", Replicas(2), Budget(min_available=2))
+    await make_platform("a", ra)
+    await wait_for(lambda: ra.is_active, 10)
+    rb = App("r", Replicas(2), Budget(min_available=2))
+    pb = await make_platform("b", rb)
+    await wait_for(lambda: rb.is_active, 10)
+    await make_platform("c", App("r", Replicas(2), Budget(min_available=2)))
+    await wait_for(lambda: record_of(pb, "c", "r").get("role") == "passive", 10)
+    events: list[dict[str, Any]] = []
+    res = await drain(nats_url, unique_name, "a", 3, progress=events.append)
+    assert res["drained"] is False and res["remaining"] == ["r"] and res["moved"] == []
+    assert events and "budget needs 2" in events[0]["waiting"]
+    assert ra.is_active and rb.is_active
+    rc, out, _ = await cli("node", "drain", "b", "--timeout", "2", "--nats-url", nats_url,
+                             "--platform", unique_name)
+    assert rc == 1 and "waiting" in out and "budget" in out

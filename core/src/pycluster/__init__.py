@@ -46,6 +46,7 @@ from .kernel.errors import (
 from .kernel.options import (
     AvoidLabel,
     AwayFromApp,
+    Budget,
     Election,
     OnLabel,
     OnNodes,
@@ -71,6 +72,7 @@ __all__ = [
     "AvoidLabel",
     "AwayFromApp",
     "BreakerPolicy",
+    "Budget",
     "CallTimeoutError",
     "CheckResult",
     "CheckStatus",

@@ -20,8 +20,8 @@ import nats.errors
 from ..kernel.errors import ConfigError, NoInstanceError, PyclusterError
 from ..kernel.names import platform_subject, validate_ident
 from ..kernel.placement import Operations, read_operations, update_operations, validate_label
+from .common import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
 from .inspect import _nodes_or_fail, _open
-from .main import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
 
 
 def parse_label_args(args: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
@@ -116,7 +116,7 @@ async def read_nodes(nats_url: str | None, platform: str,
 
 @click.group("node")
 def node_cmd() -> None:
-    """Nodes: list, labels, cordon and uncordon."""
+    """Nodes: list, labels, cordon, uncordon and drain."""
 
 
 @node_cmd.command("list")
@@ -365,17 +365,23 @@ def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform:
     click.echo(_table(rows, ["NODE", "ROLE", "ELIGIBLE", "PRIORITY", "STATE", "LABELS"]))
 
 
-async def request_move(nats_url: str | None, platform: str, app: str, to: str, reason: str,
-                       data_dir: str | None = None) -> dict[str, Any]:
-    """Ask the active instance of ``app`` to migrate to node ``to``; returns the result."""
+async def request_move(nats_url: str | None, platform: str, app: str, to: str | None,
+                       reason: str, data_dir: str | None = None,
+                       source: str | None = None) -> dict[str, Any]:
+    """Ask the active instance of ``app`` (on ``source``, if given) to migrate to node ``to``
+    (None: the best eligible standby); returns the result."""
     from ..kernel.platform import move_subject
 
-    validate_ident("to", to)
+    if to is None and source is None:
+        raise ConfigError("to", None, "give --to NODE, --from NODE, or both")
+    for field, value in (("to", to), ("from", source)):
+        if value is not None:
+            validate_ident(field, value)
     subject = move_subject(platform, app)
     nc, servers = await _open(nats_url, platform, data_dir)
     try:
         await _nodes_or_fail(nc.jetstream(), platform, servers)
-        body = json.dumps({"to": to, "reason": reason}).encode()
+        body = json.dumps({"to": to, "from": source, "reason": reason}).encode()
         try:
             msg = await nc.request(subject, body, timeout=60)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
@@ -392,20 +398,26 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str, r
 
 @app_cmd.command("move")
 @click.argument("app")
-@click.option("--to", "to", required=True, help="The node that should lead APP.")
+@click.option("--to", "to", help="The node that should run APP's instance (default: the best "
+              "eligible standby).")
+@click.option("--from", "source", help="The node whose active instance moves (Replicas; "
+              "default: the leader).")
 @click.option("--reason", default="move", show_default=True, help="Why (audited).")
 @NATS_OPT
 @DATA_DIR_OPT
 @PLATFORM_OPT
 @OUTPUT
-def app_move_cmd(app: str, to: str, reason: str, nats_url: str | None, data_dir: str | None,
-                 platform: str, output: str) -> None:
-    """Move APP's active instance to node --to: a planned, graceful migration (the leader
-    runs on_migration_start, which may veto, steps down naming the target, and reports when
-    the target leads). Exits non-zero when refused or when another node ends up leading."""
+def app_move_cmd(app: str, to: str | None, source: str | None, reason: str,
+                 nats_url: str | None, data_dir: str | None, platform: str,
+                 output: str) -> None:
+    """Move APP's active instance to node --to (or away from --from): a planned, graceful
+    migration (the instance runs on_migration_start, which may veto, steps down naming the
+    target, and reports when the target is active). Refused when it would break the app's
+    disruption budget. Exits non-zero when refused or when the target did not take over."""
     try:
         validate_ident("app", app)
-        res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir))
+        res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir,
+                                       source))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -415,4 +427,105 @@ def app_move_cmd(app: str, to: str, reason: str, nats_url: str | None, data_dir:
         click.echo(f"{app}: {res['from']} -> {res['to']}: {res['outcome']} in "
                    f"{res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
     if res.get("outcome") != "completed":
+        raise SystemExit(1)
+
+
+async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
+                data_dir: str | None = None,
+                progress: Any = None) -> dict[str, Any]:
+    """Cordon ``node``, then move its active instances away one at a time (each move waits
+    for the app's budget and for the previous move to complete). Returns ``{"node",
+    "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is called with each
+    step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
+    from ..kernel.platform import move_subject
+    from .inspect import _live_nodes
+
+    validate_ident("node", node)
+    report = progress or (lambda _event: None)
+    nc, servers = await _open(nats_url, platform, data_dir)
+    try:
+        js = nc.jetstream()
+        nodes = await _nodes_or_fail(js, platform, servers)
+        if node not in {str(n.get("node_id")) for n in nodes}:
+            raise ConfigError("node", node, f"is not a live node of platform {platform!r}")
+        entry = {"at": time.time(), "by": "drain"}
+        await update_operations(js, platform, lambda o: replace(
+            o, cordoned={**o.cordoned, node: entry}))
+        deadline = time.monotonic() + timeout
+        moved: list[dict[str, Any]] = []
+        last_wait: dict[str, str] = {}
+        while True:
+            rec = next((n for n in await _live_nodes(js, platform)
+                        if n.get("node_id") == node), None)
+            apps = (rec or {}).get("apps") or {}
+            active = sorted(name for name, a in apps.items() if isinstance(a, dict)
+                            and a.get("role") == "active" and a.get("mode") != "spread")
+            spread = sorted(name for name, a in apps.items() if isinstance(a, dict)
+                            and a.get("role") == "active" and a.get("mode") == "spread")
+            if not active or time.monotonic() >= deadline:
+                return {"node": node, "drained": not active, "moved": moved,
+                        "remaining": active, "spread": spread}
+            name = active[0]
+            body = json.dumps({"from": node, "reason": "drain"}).encode()
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                msg = await nc.request(move_subject(platform, name), body,
+                                       timeout=min(60.0, left))
+                res: dict[str, Any] = json.loads(msg.data)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError):
+                res = {"error": {"reason": "no answer from the instance"}}
+            err = res.get("error")
+            if isinstance(err, dict):
+                reason = str(err.get("reason"))
+                if last_wait.get(name) != reason:
+                    last_wait[name] = reason
+                    report({"app": name, "waiting": reason})
+                await asyncio.sleep(0.5)
+                continue
+            last_wait.pop(name, None)
+            moved.append(res)
+            report({"app": name, "moved_to": res.get("to"), "outcome": res.get("outcome"),
+                    "seconds": res.get("seconds")})
+    finally:
+        await nc.close()
+
+
+@node_cmd.command("drain")
+@click.argument("node")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds to wait for the node to be empty.")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: str | None,
+                   platform: str, output: str) -> None:
+    """Cordon NODE, then move every active instance (leaders, Replicas slots) away one at a
+    time, respecting each app's disruption budget (waiting and saying why). Exits 0 when no
+    elected instance is active there, 1 on timeout. Spread instances stay (cordoned: no new
+    ones); they are listed."""
+    def progress(event: dict[str, Any]) -> None:
+        if output == "json":
+            click.echo(json.dumps(event))
+        elif "waiting" in event:
+            click.echo(f"{event['app']}: waiting: {event['waiting']}")
+        else:
+            click.echo(f"{event['app']}: moved to {event['moved_to']} ({event['outcome']}, "
+                       f"{event['seconds']}s)")
+
+    try:
+        res = asyncio.run(drain(nats_url, platform, node, timeout, data_dir, progress))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(res))
+    elif res["drained"]:
+        extra = f"; Spread instances still there: {', '.join(res['spread'])}" \
+            if res["spread"] else ""
+        click.echo(f"{node}: drained ({len(res['moved'])} move(s)){extra}")
+    else:
+        click.echo(f"{node}: not drained after {timeout:g}s; still active: "
+                   f"{', '.join(res['remaining'])}")
+    if not res["drained"]:
         raise SystemExit(1)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, NotLeaderError
 from .names import validate_ident
-from .options import Constraint, Election, Mode, Preference, Singleton, Strategy
+from .options import Budget, Constraint, Election, Mode, Preference, Singleton, Strategy
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ class App:
         self.election_options = Election()
         #: How candidates are weighed (`Strategy`; default ``spread``).
         self.strategy = Strategy()
+        #: The disruption budget of planned moves (`Budget`), if any.
+        self.budget: Budget | None = None
         self.options: list[object] = []  # plugin options, claimed at register()
         modes = 0
         for opt in options:
@@ -109,6 +111,8 @@ class App:
                 self.election_options = opt
             elif isinstance(opt, Strategy):
                 self.strategy = opt
+            elif isinstance(opt, Budget):
+                self.budget = opt
             elif opt is None or isinstance(opt, str | int | float | bytes | dict | list | tuple):
                 raise ConfigError(f"App({name!r}) option", opt, "not an option object")
             else:

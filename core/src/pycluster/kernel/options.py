@@ -253,6 +253,33 @@ class AwayFromApp(Preference):
         return -self.weight
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A disruption budget: planned moves (drains, ``app move``) never take the app below it;
+    they wait and say why. Give exactly one of ``min_available`` (active instances that must
+    remain during a move) and ``max_unavailable`` (instances a move may take away at once,
+    counted against the mode's slots). Failures are not planned: a crash can always go below.
+    """
+
+    min_available: int | None = None
+    max_unavailable: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.min_available, self.max_unavailable) if v is not None]
+        if len(given) != 1:
+            raise ConfigError("Budget", (self.min_available, self.max_unavailable),
+                              "give exactly one of min_available, max_unavailable")
+        v = given[0]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError("Budget", v, "must be an int >= 0")
+
+    def required(self, slots: int) -> int:
+        """Active instances that must remain, for an app with ``slots`` instances wanted."""
+        if self.min_available is not None:
+            return self.min_available
+        return max(0, slots - (self.max_unavailable or 0))
+
+
 STRATEGIES = ("spread", "binpack", "zone")
 
 

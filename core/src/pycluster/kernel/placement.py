@@ -84,6 +84,12 @@ def merge_labels(labels: Mapping[str, str], changes: Mapping[str, str | None]) -
     return out
 
 
+class BudgetBlocked(PyclusterError):
+    """A planned move would take an app below its disruption budget (it waits)."""
+
+    code = "budget"
+
+
 class MigrationVetoed(PyclusterError):
     """An ``on_migration_start`` hook refused a migration (nothing changed)."""
 
@@ -385,11 +391,29 @@ class Placement:
         call_each(p.pm.hook.pycluster_placement_event, f"placement {event}", platform=p,
                   app=app, event=event, data=data)
 
-    async def migrate(self, app: App, to: str, reason: str = "move") -> dict[str, Any]:
+    def budget_problem(self, app: App, view: PlacementView) -> str | None:
+        """Why taking one active instance of ``app`` away now would break its `Budget`
+        (None: it would not, or the app has none). Counted from the live records."""
+        budget = app.budget
+        if budget is None:
+            return None
+        active = [n for n in view.active_on(app.name) if view.alive(n)]
+        slots = app.mode.slots() or len(active)
+        required = budget.required(slots)
+        if len(active) - 1 < required:
+            return (f"app {app.name}: {len(active)} active instance(s) "
+                    f"({', '.join(sorted(active))}), the budget needs {required} to remain "
+                    "during a move; waiting")
+        return None
+
+    async def migrate(self, app: App, to: str | None = None,
+                      reason: str = "move") -> dict[str, Any]:
         """Move the active instance of ``app`` from this node to node ``to``: a planned,
         graceful hand-over (step down naming ``to`` as the successor).
 
-        ``on_migration_start`` hooks run first (``ctx.extra``: ``from``, ``to``, ``reason``);
+        ``to`` None: the best eligible live standby. A move that would break the app's
+        `Budget` is refused (`BudgetBlocked`, with the counts). ``on_migration_start`` hooks
+        run first (``ctx.extra``: ``from``, ``to``, ``reason``);
         one that raises vetoes the move (`MigrationVetoed`, nothing changed). Once ``to``
         leads, ``on_migration_complete`` hooks run here. Refused (`ConfigError`) when this
         node is not the active instance, the app has no election (Spread), maintenance mode
@@ -412,8 +436,17 @@ class Placement:
         if self.ops.in_maintenance(app.name):
             raise ConfigError("app", app.name, "maintenance mode is on: automation and moves "
                               "wait until it is off (pycluster maintenance off)")
+        if to is None:
+            best = [n for n, _ in self.candidates(app) if n != p.node_id]
+            if not best:
+                raise ConfigError("to", None, f"no eligible live standby of app {app.name!r} "
+                                  "to move to")
+            to = best[0]
         if to in self.ops.cordoned:
             raise ConfigError("to", to, "is cordoned: no new instances are placed there")
+        problem = self.budget_problem(app, self.view())
+        if problem is not None:
+            raise BudgetBlocked(problem)
         if not isinstance(reason, str) or len(reason) > 200:
             raise ConfigError("reason", str(reason)[:64], "a string of at most 200 characters")
         from .coordinator import check_step_down
@@ -441,10 +474,19 @@ class Placement:
         self.event(app, "migration_started", data)
         await app.step_down(successor=to)
         bound = time.monotonic() + 2 * rt.election.lease_ttl + rt.hook_timeout
-        while app.leader != to and time.monotonic() < bound:
+
+        def arrived() -> bool:  # a Singleton's observed leader, or the target's record
+            if app.mode.slots() == 1 and app.leader == to:
+                return True
+            rec = self.view().app_record(to, app.name) or {}
+            return rec.get("role") == Role.ACTIVE.value
+
+        while not arrived() and time.monotonic() < bound:
             await asyncio.sleep(0.05)
+            if app.mode.slots() != 1 and m is not None:
+                await m.refresh_view()
         seconds = time.monotonic() - started
-        outcome = "completed" if app.leader == to else "failed"
+        outcome = "completed" if arrived() else "failed"
         result = {"app": app.name, **data, "outcome": outcome, "leader": app.leader,
                   "epoch": app.epoch, "seconds": round(seconds, 3)}
         if outcome == "completed":

@@ -762,6 +762,9 @@ class Platform:
                 # What `pycluster app list|show` shows of the app's placement options.
                 "placement": [repr(c)[:200] for c in app.constraints[:16]],
                 "strategy": app.strategy.name,
+                "budget": ({"min_available": app.budget.min_available,
+                            "max_unavailable": app.budget.max_unavailable}
+                           if app.budget is not None else None),
             }
         return {
             "platform": self.name,
@@ -938,19 +941,22 @@ class Platform:
                              {"on": on, "app": app})
         return ops
 
-    async def move(self, app: str, to: str, reason: str = "move") -> dict[str, Any]:
-        """Move the active instance of ``app`` to node ``to`` (a graceful migration, see
-        `pycluster.kernel.placement.Placement.migrate`): run here when this node leads it,
-        else asked of its leader over NATS (``pycluster app move`` sends the same request).
-        """
+    async def move(self, app: str, to: str | None = None, reason: str = "move",
+                   source: str | None = None) -> dict[str, Any]:
+        """Move the active instance of ``app`` to node ``to`` (default: the best eligible
+        standby; a graceful migration, see `pycluster.kernel.placement.Placement.migrate`):
+        run here when this node leads it, else asked of its leader over NATS (``pycluster app
+        move`` sends the same request). ``source``: the active instance on that node (for
+        ``Replicas``, which has several)."""
         local = self.apps.get(app)
-        if local is not None and local.is_active:
+        if local is not None and local.is_active and source in (None, self.node_id):
             return await self.placement.migrate(local, to, reason)
         nc = self.nc_control or self.nc
         if nc is None:
             raise RuntimeError("the platform is not started")
         replies = await self.control.request(
-            move_subject(self.name, app), json.dumps({"to": to, "reason": reason}).encode(),
+            move_subject(self.name, app),
+            json.dumps({"to": to, "reason": reason, "from": source}).encode(),
             app=app, name="move", timeout=60)
         if not replies:
             raise ConfigError("app", app, "no active instance answered the move request")
@@ -964,20 +970,36 @@ class Platform:
         """A move request (``{"to", "reason"}``): served by the active instance only, through
         the middleware chain, audited; the reply is the migration's result or ``error``."""
         app = self.apps.get(msg.subject.split(".")[1])
-        if app is None or not app.is_active or app.mode.slots() is None:
+        if app is None or app.mode.slots() is None:
+            return
+        try:
+            body = json.loads(msg.data or b"{}")
+        except ValueError:
+            body = {}
+        source = body.get("from") if isinstance(body, dict) else None
+        if source is not None and source != self.node_id:
+            return  # addressed to another node's instance (Replicas, drains)
+        if not app.is_active:
+            if source == self.node_id and msg.reply:  # asked of us by name: say so at once
+                refusal = {"node": self.node_id, "error": {
+                    "field": "from", "value": source, "code": "not_active",
+                    "reason": f"app {app.name} is not active on {self.node_id}"}}
+                with contextlib.suppress(Exception):
+                    await msg.respond(json.dumps(refusal).encode())
             return
 
         async def handler(req: Any) -> dict[str, Any]:
             body = decode_object(req.data)
-            unknown = sorted(set(body) - {"to", "reason"})
+            unknown = sorted(set(body) - {"to", "from", "reason"})
             if unknown:
                 raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
-                                  "unknown fields (a move request has to, reason)")
+                                  "unknown fields (a move request has to, from, reason)")
             to, reason = body.get("to"), body.get("reason") or "move"
-            if not isinstance(to, str):
-                raise ConfigError("to", str(to)[:64], "must be a node id")
-            validate_ident("to", to)
-            req.extra["request"] = {"to": to, "reason": str(reason)[:200]}
+            if to is not None:
+                if not isinstance(to, str):
+                    raise ConfigError("to", str(to)[:64], "must be a node id")
+                validate_ident("to", to)
+            req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200]}
             return await self.placement.migrate(app, to, reason)
 
         try:
