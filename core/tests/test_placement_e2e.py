@@ -93,3 +93,41 @@ async def test_cordoned_node_is_skipped_at_failover(
         assert c.overlaps() == []
     finally:
         c.stop_sync()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_drain_keeps_the_budget_with_node_processes(
+        nats_url: str, unique_name: str, tmp_path: Path) -> None:
+    c = NodeCluster(unique_name, [nats_url], tmp_path, size=4, mode="replicas:2",
+                    lease_ttl=LEASE, heartbeat=0.25, extra_args=["--budget-min", "1"])
+    common = ("--nats-url", nats_url, "--platform", unique_name, "--output", "json")
+    try:
+        await c.start()
+        await wait_for(lambda: len(c.active_nodes()) == 2, 20)
+        target = c.active_nodes()[0]
+        # The witness: the nodes' own event files, read from outside every 20 ms.
+        samples: list[int] = []
+        done = asyncio.Event()
+
+        async def witness() -> None:
+            while not done.is_set():
+                samples.append(len(c.active_nodes()))
+                await asyncio.sleep(0.02)
+
+        task = asyncio.create_task(witness())
+        try:
+            out = await cli("node", "drain", target, "--timeout", "60", *common)
+        finally:
+            done.set()
+            await task
+        lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+        result = lines[-1]
+        assert result["drained"] is True and [m["app"] for m in result["moved"]] == ["svc"]
+        assert target not in c.active_nodes()
+        await wait_for(lambda: len(c.active_nodes()) == 2, 20)
+        assert samples and min(samples) >= 1, f"the budget broke: {min(samples)} active"
+        nodes = json.loads(await cli("node", "list", *common))["nodes"]
+        assert {n["node_id"] for n in nodes if n["cordoned"]} == {target}
+    finally:
+        c.stop_sync()
