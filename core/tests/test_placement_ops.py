@@ -219,10 +219,12 @@ async def test_soft_preferences_choose_the_next_leader(make_platform: Any) -> No
         return App("svc", PreferLabel("disk", "ssd", weight=5), PreferNode("c", weight=1))
 
     a, b, c = app(), app(), app()
-    pa = await make_platform("a", a, labels={"disk": "hdd"})
+    # A 4 s lease: b defers 1 s behind c (the rank step), a margin that holds under load.
+    timing = {"lease_ttl": 4.0, "heartbeat_interval": 1.0}
+    pa = await make_platform("a", a, labels={"disk": "hdd"}, **timing)
     await wait_for(lambda: a.is_leader, 10)
-    pb = await make_platform("b", b, labels={"disk": "ssd"})
-    pc = await make_platform("c", c, labels={"disk": "ssd"})
+    pb = await make_platform("b", b, labels={"disk": "ssd"}, **timing)
+    pc = await make_platform("c", c, labels={"disk": "ssd"}, **timing)
     await wait_for(lambda: {"b", "c"} <= set(pa.placement.standbys(a, pa.placement.view())), 10)
     # b and c both have ssd (+5); c is also the preferred node (+1); a has neither.
     assert [n for n, _ in pa.placement.candidates(a)] == ["c", "b", "a"]

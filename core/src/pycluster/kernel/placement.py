@@ -243,10 +243,11 @@ class Placement:
             p = self.platform
             if not p._running:
                 return
-            for app in p.apps.values():
-                self.published[app.name] = self.placeable(app)
-            if p.membership is not None:  # "eligible" in our record may have changed
-                await p.membership.publish_now()
+            published = {app.name: self.placeable(app) for app in p.apps.values()}
+            if published != self.published:  # "eligible" in our record changed: publish now
+                self.published = published
+                if p.membership is not None:
+                    await p.membership.publish_now()
             view = self.view()
             for app in list(p.apps.values()):
                 rt = p.runtimes.get(app.name)
