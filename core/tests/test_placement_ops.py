@@ -465,3 +465,43 @@ async def test_drain_waits_for_the_budget_and_says_why(make_platform: Any, nats_
     rc, out, _ = await cli("node", "drain", "b", "--timeout", "2", "--nats-url", nats_url,
                              "--platform", unique_name)
     assert rc == 1 and "waiting" in out and "budget" in out
+
+
+async def test_rebalance_moves_to_the_newly_preferred_node(make_platform: Any, nats_url: str,
+                                                           unique_name: str) -> None:
+    moves: list[dict[str, Any]] = []
+
+    def app() -> App:
+        a = App("svc", PreferLabel("disk", "ssd", weight=5))
+
+        @a.on_migration_complete
+        async def done(ctx: Context) -> None:
+            moves.append(dict(ctx.extra))
+
+        return a
+
+    a, b = app(), app()
+    pa = await make_platform("a", a, labels={"disk": "ssd"})
+    await wait_for(lambda: a.is_leader, 10)
+    pb = await make_platform("b", b, labels={"disk": "hdd"})
+    await wait_for(lambda: record_of(pa, "b", "svc").get("role") == "passive", 10)
+    common = ("--nats-url", nats_url, "--platform", unique_name, "--output", "json")
+    rc, out, err = await cli("app", "rebalance", "--dry-run", *common)
+    assert rc == 0, err
+    assert [r["outcome"] for r in json.loads(out)] == ["balanced"]
+    # The labels change: b is now preferred. Nothing moves by itself ...
+    await pa.set_labels({"disk": "hdd"})
+    await pb.set_labels({"disk": "ssd"})
+    await wait_for(lambda: pa.membership.members["b"]["labels"] == {"disk": "ssd"}, 10)
+    assert a.is_leader
+    rc, out, err = await cli("app", "rebalance", "svc", "--dry-run", *common)
+    assert rc == 0, err
+    (plan,) = json.loads(out)
+    assert plan["outcome"] == "planned" and plan["to"] == "b"
+    assert plan["scores"]["b"] > plan["scores"]["a"] and a.is_leader
+    # ... until the operator asks: one graceful hand-over, a migration like any other.
+    rc, out, err = await cli("app", "rebalance", "svc", *common)
+    assert rc == 0, err
+    (done,) = json.loads(out)
+    assert done["outcome"] == "completed" and b.is_leader
+    assert moves == [{"from": "a", "to": "b", "reason": "rebalance"}]

@@ -529,3 +529,65 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
                    f"{', '.join(res['remaining'])}")
     if not res["drained"]:
         raise SystemExit(1)
+
+
+async def rebalance(nats_url: str | None, platform: str, app: str | None, dry_run: bool,
+                    data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Ask each active instance of ``app`` (default: every elected app) what placement wants
+    and, unless ``dry_run``, to move there; one result per instance."""
+    from ..kernel.platform import move_subject
+    from .inspect import read_status
+
+    st = await read_status(nats_url, platform, data_dir)
+    apps = [a for a in st["apps"] if a.get("mode") != "spread"
+            and (app is None or a["app"] == app)]
+    if app is not None and not apps:
+        raise ConfigError("app", app, "no elected app of this name on the platform")
+    out: list[dict[str, Any]] = []
+    nc, _ = await _open(nats_url, platform, data_dir)
+    try:
+        for a in apps:
+            for node in a["active_on"]:
+                body = json.dumps({"from": node, "rebalance": True,
+                                   "dry_run": dry_run}).encode()
+                try:
+                    msg = await nc.request(move_subject(platform, a["app"]), body, timeout=60)
+                    res: dict[str, Any] = json.loads(msg.data)
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError):
+                    res = {"error": {"reason": "no answer from the instance"}}
+                err = res.get("error")
+                if isinstance(err, dict):
+                    res = {"app": a["app"], "from": node, "outcome": "refused",
+                           "error": err.get("reason")}
+                out.append(res)
+    finally:
+        await nc.close()
+    return out
+
+
+@app_cmd.command("rebalance")
+@click.argument("app", required=False)
+@click.option("--dry-run", is_flag=True, help="Only show the moves placement wants.")
+@NATS_OPT
+@DATA_DIR_OPT
+@PLATFORM_OPT
+@OUTPUT
+def app_rebalance_cmd(app: str | None, dry_run: bool, nats_url: str | None,
+                      data_dir: str | None, platform: str, output: str) -> None:
+    """Show (--dry-run) or perform the moves placement wants: each active instance of APP
+    (default: every elected app) moves to the best-scored live eligible node when that node
+    scores higher than its own (a migration: hooks, budget, audit). Operator-triggered:
+    scores never move a healthy instance by themselves."""
+    try:
+        if app is not None:
+            validate_ident("app", app)
+        results = asyncio.run(rebalance(nats_url, platform, app, dry_run, data_dir))
+    except PyclusterError as exc:
+        _fail(exc)
+        return
+    if output == "json":
+        click.echo(json.dumps(results))
+        return
+    rows = [[r.get("app", "-"), r.get("from", "-"), r.get("to", "-"), r.get("outcome", "-"),
+             r.get("error") or ""] for r in results]
+    click.echo(_table(rows, ["APP", "FROM", "TO", "OUTCOME", "WHY"]))

@@ -399,6 +399,27 @@ class Placement:
                                                  "error": f"leader is {app.leader}"})
         return result
 
+    async def rebalance(self, app: App, dry_run: bool = False) -> dict[str, Any]:
+        """What placement wants for the active instance of ``app`` on this node: the best
+        scored live eligible candidate. When that is another node with a higher score, move
+        there (a migration, reason ``rebalance``) unless ``dry_run``. Returns ``{"app",
+        "from", "to", "scores", "outcome"}`` with outcome ``balanced``, ``planned`` (dry
+        run) or the migration's outcome."""
+        p = self.platform
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} is not its active instance")
+        ranked = self.candidates(app)
+        scores = {n: s for n, s in ranked}
+        best, best_score = ranked[0]
+        plan: dict[str, Any] = {"app": app.name, "from": p.node_id, "to": best,
+                                "scores": scores}
+        if best == p.node_id or best_score <= scores.get(p.node_id, 0.0):
+            return {**plan, "to": p.node_id, "outcome": "balanced"}
+        if dry_run:
+            return {**plan, "outcome": "planned"}
+        result = await self.migrate(app, best, "rebalance")
+        return {**plan, **result}
+
     async def _hand_over(self, app: App, view: PlacementView) -> None:
         """The active instance of ``app`` may not run here: step down to the best eligible
         standby, unless maintenance mode pauses automation or no node could take over."""

@@ -990,10 +990,14 @@ class Platform:
 
         async def handler(req: Any) -> dict[str, Any]:
             body = decode_object(req.data)
-            unknown = sorted(set(body) - {"to", "from", "reason"})
+            unknown = sorted(set(body) - {"to", "from", "reason", "rebalance", "dry_run"})
             if unknown:
                 raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
-                                  "unknown fields (a move request has to, from, reason)")
+                                  "unknown fields (a move request has to, from, reason, "
+                                  "rebalance, dry_run)")
+            if body.get("rebalance") is True:
+                req.extra["request"] = {"rebalance": True, "dry_run": bool(body.get("dry_run"))}
+                return await self.placement.rebalance(app, dry_run=body.get("dry_run") is True)
             to, reason = body.get("to"), body.get("reason") or "move"
             if to is not None:
                 if not isinstance(to, str):
