@@ -43,7 +43,21 @@ from .kernel.errors import (
     UnauthorizedError,
     UnclaimedOptionError,
 )
-from .kernel.options import AvoidLabel, Election, OnLabel, OnNodes, Replicas, Singleton, Spread
+from .kernel.options import (
+    AvoidLabel,
+    AwayFromApp,
+    Budget,
+    Election,
+    OnLabel,
+    OnNodes,
+    PreferLabel,
+    PreferNode,
+    Replicas,
+    Singleton,
+    Spread,
+    Strategy,
+    WithApp,
+)
 from .kernel.platform import Platform
 from .kernel.stages import FailurePolicy, Stage, StageOrder
 from .kernel.types import Role
@@ -56,7 +70,9 @@ __all__ = [
     "AuditFilter",
     "AuthMiddleware",
     "AvoidLabel",
+    "AwayFromApp",
     "BreakerPolicy",
+    "Budget",
     "CallTimeoutError",
     "CheckResult",
     "CheckStatus",
@@ -87,6 +103,8 @@ __all__ = [
     "PayloadTooLargeError",
     "Platform",
     "PluginError",
+    "PreferLabel",
+    "PreferNode",
     "Process",
     "PyclusterError",
     "ReadNotConfirmedError",
@@ -101,11 +119,13 @@ __all__ = [
     "Spread",
     "Stage",
     "StageOrder",
+    "Strategy",
     "ToAny",
     "ToLeader",
     "ToNode",
     "UnauthorizedError",
     "UnclaimedOptionError",
+    "WithApp",
     "__version__",
     "correlation",
     "hookimpl",

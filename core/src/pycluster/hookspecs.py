@@ -84,6 +84,7 @@ __all__ = [
     "pycluster_membership_event",
     "pycluster_message_dropped",
     "pycluster_middleware",
+    "pycluster_placement_event",
     "pycluster_placement_filter",
     "pycluster_placement_score",
     "pycluster_placement_strategy",
@@ -109,7 +110,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "pycluster_platform_services", "pycluster_app_events"),
     "election": ("pycluster_election",),
     "placement": ("pycluster_placement_filter", "pycluster_placement_score",
-                  "pycluster_placement_strategy"),
+                  "pycluster_placement_strategy", "pycluster_placement_event"),
     "replication": ("pycluster_register_replicators",),
     "backends": ("pycluster_register_backends",),
     "vip": ("pycluster_register_vips",),
@@ -256,6 +257,27 @@ def pycluster_placement_strategy(name: str) -> PlacementStrategy | None:
     result implements `pycluster.kernel.placement.PlacementStrategy`.
 
     :param name: the strategy's name.
+    """
+
+
+@hookspec
+def pycluster_placement_event(platform: Platform, app: App | None, event: str,
+                              data: dict[str, Any]) -> None:
+    """Report a placement operation of this node (notification).
+
+    Called on the node that performs the operation, as it happens. Events:
+    ``migration_started``, ``migration_completed``, ``migration_vetoed``, ``migration_failed``
+    (data: ``from``, ``to``, ``reason``, ``seconds`` when finished, ``error`` when vetoed or
+    failed), ``labels_changed`` (``labels``, ``previous``),
+    ``placement_invalid`` (``labels``), ``cordoned`` / ``uncordoned`` (``node``),
+    ``maintenance`` (``on``, ``app``). The default plugins ``audit`` (category
+    ``placement``) and ``metrics`` (``pycluster_migrations_total``,
+    ``pycluster_migration_seconds``) implement it. Must not block.
+
+    :param platform: the platform.
+    :param app: the app concerned (None for node-wide operations).
+    :param event: what happened.
+    :param data: its details (JSON-serialisable).
     """
 
 

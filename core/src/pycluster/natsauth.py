@@ -15,7 +15,8 @@ Every NATS user gets exactly what its apps need, and nothing of another app:
   (``{p}._.audit.*.<app|_>.<node>``), platform events published as its apps only
   (``{p}._.events.<app>.>``) and read from all, calls to any app's API (``{p}._.api.>``; who
   may call what is `pycluster.SignedAuth`'s job) but serving only its own apps' API
-  (``{p}._.api.<app>.>``), the RPC cancellation and its node's liveness ping;
+  (``{p}._.api.<app>.>``), the RPC cancellation, its node's liveness ping and label
+  requests; the operations state (cordons, maintenance mode) is read-only to nodes;
 * replies only through its own inbox prefix (``_INBOX_{p}.<kind>.<name>``, the setting
   ``inbox_prefix``): no other user may subscribe there, and nobody may publish there except
   as the answer to a request that user sent (``allow_responses``);
@@ -202,7 +203,11 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     pub += [f"{p}._.events._.>", f"$JS.API.STREAM.INFO.{bucket(p, suffix='audit')}",
             f"{p}._.audit.*._.{node}"]
     pub += [f"{p}._.api.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping"]
-    sub += [f"{p}._.events.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping"]
+    # Its own label requests (``pycluster node label``). The operations state
+    # (``placement.ops``: cordons, maintenance) is read through the bucket; only the
+    # operator may change it (maintenance mode on every node would stop all failover).
+    sub += [f"{p}._.events.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping",
+            f"{p}._.node.{node}.labels"]
     return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
             "allow_responses": True}
 

@@ -154,7 +154,7 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
         f.subjects(platform)  # validate names before connecting
         asyncio.run(_run(nats_url, platform, f, follow, limit or None, output, data_dir))
     except PyclusterError as exc:
-        from .main import _fail
+        from .common import _fail
 
         _fail(exc)
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from ..kernel.errors import (
     UnauthorizedError,
 )
 from ..kernel.names import validate_ident
+from ..kernel.placement import read_operations
 from ..kernel.platform import stepdown_subject
 from ..kernel.settings import PlatformSettings, load_settings, redact_url
 
@@ -114,7 +115,7 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
     """The leader and epoch in ``app``'s election lease (None, None when vacant)."""
     try:
         msg = await nu.last_msg(js, f"{platform}_{app}_election", "leader")
-    except nats.js.errors.NotFoundError:
+    except (nats.js.errors.NotFoundError, nu.StreamGoneError):  # never started anywhere
         return None, None
     if msg is None or msg.tombstone:
         return None, None
@@ -143,10 +144,16 @@ async def read_status(nats_url: str | None, platform: str,
                     entry["active_on"].append(rec["node_id"])
                 elif a.get("role") == "passive":
                     entry["standby_on"].append(rec["node_id"])
+        eligible = {name for rec in nodes for name, a in (rec.get("apps") or {}).items()
+                    if isinstance(a, dict) and a.get("eligible") is True}
+        ops, _ = await read_operations(js, platform)
         for name, entry in apps.items():
             entry["leader"], entry["epoch"] = await _lease(js, platform, name)
-        return {"platform": platform, "nodes": nodes, "apps": sorted(apps.values(),
-                                                                     key=lambda a: a["app"])}
+            entry["maintenance"] = ops.in_maintenance(name)
+            # No live node may place it and none runs it: see docs/placement.md.
+            entry["pending"] = name not in eligible and not entry["active_on"]
+        return {"platform": platform, "nodes": nodes, "operations": ops.as_dict(),
+                "apps": sorted(apps.values(), key=lambda a: a["app"])}
     finally:
         await nc.close()
 

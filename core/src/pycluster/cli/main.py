@@ -11,7 +11,6 @@ import difflib
 import importlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,36 +18,21 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..kernel.errors import PyclusterError
-from ..kernel.settings import redact_text
 from ..plugins import PluginManager, create_plugin_manager
 from .audit_cmd import audit_cmd
+from .common import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
+from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
 from .security_cmd import nats_config_cmd, provision_cmd
 
 if TYPE_CHECKING:
     from ..kernel.platform import Platform
 
-OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
-                      show_default=True, help="Output format.")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-
-def _fail(exc: BaseException) -> None:
-    # Errors are built to hold no secrets; a URL's password or a secret from the environment
-    # is masked here once more, whatever the error (docs/security.md).
-    secrets = [os.environ.get(f"PYCLUSTER_{k}") for k in ("NATS_PASSWORD", "NATS_TOKEN")]
-    click.echo(f"error: {redact_text(str(exc), secrets)}", err=True)
-    sys.exit(getattr(exc, "exit_code", 2))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
 
 
 @click.group()
@@ -181,19 +165,6 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
 # -- status / stepdown ----------------------------------------------------------------------
 
 
-NATS_OPT = click.option(
-    "--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
-    help="NATS URL(s), comma-separated (credentials: PYCLUSTER_NATS_USER/_PASSWORD/_TOKEN/"
-         "_CREDS). Default: the platform's local embedded server, if a node runs one (found "
-         "through --data-dir), else nats://127.0.0.1:4222.")
-DATA_DIR_OPT = click.option(
-    "--data-dir", envvar="PYCLUSTER_DATA_DIR", type=click.Path(file_okay=False),
-    help="Data directory of a local node with an embedded server (default: the default "
-         "data directory of the platform): its URL and credentials are read there.")
-PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
-                            show_default=True, help="Platform name.")
-
-
 @cli.command("status")
 @NATS_OPT
 @DATA_DIR_OPT
@@ -217,9 +188,16 @@ def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output
     click.echo(_table(rows, ["NODE", "LABELS", "VERSION", "HOST", "PID"]))
     click.echo("")
     rows = [[a["app"], a.get("mode", ""), a.get("leader") or "-", a.get("epoch") or "-",
-             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-"]
+             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-",
+             ",".join(s for s, on in (("maintenance", a.get("maintenance")),
+                                      ("pending", a.get("pending"))) if on) or "-"]
             for a in st["apps"]]
-    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON"]))
+    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON",
+                             "STATE"]))
+    for a in st["apps"]:
+        if a.get("maintenance") and not a.get("leader"):
+            click.echo(f"\n{a['app']}: no leader, and maintenance mode withholds failover "
+                       "(pycluster maintenance off)")
 
 
 @cli.command("stepdown")
@@ -286,6 +264,11 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
 cli.add_command(audit_cmd)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
+
+
+cli.add_command(node_cmd)
+cli.add_command(app_cmd)
+cli.add_command(maintenance_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

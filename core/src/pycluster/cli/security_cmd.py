@@ -128,7 +128,7 @@ def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, .
     per user OUT/<user>.env (PYCLUSTER_* variables) and, with NKeys, OUT/<user>.nk (the seed).
     Create the buckets and streams first with `pycluster provision` (app users may not).
     """
-    from .main import _fail, _table
+    from .common import _fail, _table
 
     try:
         src = collect(pm, target, configs, platform, apps, nodes, sqlite_apps)
@@ -169,7 +169,7 @@ def provision_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...
     credentials, for nodes whose NATS users may not create streams (`pycluster nats-config`).
     Existing ones are kept as they are."""
     from ..kernel.connection import connect
-    from .main import _fail
+    from .common import _fail
 
     try:
         src = collect(pm, target, configs, platform, apps, nodes, sqlite_apps)

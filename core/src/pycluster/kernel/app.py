@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, NotLeaderError
 from .names import validate_ident
-from .options import Constraint, Election, Mode, Singleton
+from .options import Budget, Constraint, Election, Mode, Preference, Singleton, Strategy
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
@@ -95,6 +95,10 @@ class App:
         self.mode: Mode = Singleton()
         self.constraints: list[Constraint] = []
         self.election_options = Election()
+        #: How candidates are weighed (`Strategy`; default ``spread``).
+        self.strategy = Strategy()
+        #: The disruption budget of planned moves (`Budget`), if any.
+        self.budget: Budget | None = None
         self.options: list[object] = []  # plugin options, claimed at register()
         modes = 0
         for opt in options:
@@ -105,6 +109,10 @@ class App:
                 self.constraints.append(opt)
             elif isinstance(opt, Election):
                 self.election_options = opt
+            elif isinstance(opt, Strategy):
+                self.strategy = opt
+            elif isinstance(opt, Budget):
+                self.budget = opt
             elif opt is None or isinstance(opt, str | int | float | bytes | dict | list | tuple):
                 raise ConfigError(f"App({name!r}) option", opt, "not an option object")
             else:
@@ -254,6 +262,11 @@ class App:
     def allows(self, node: NodeInfo) -> bool:
         """Whether the core's hard constraints admit ``node``."""
         return all(c.allows(node) for c in self.constraints)
+
+    @property
+    def preferences(self) -> list[Preference]:
+        """The placement options that need the platform's view (preferences, affinities)."""
+        return [c for c in self.constraints if isinstance(c, Preference)]
 
     # -- runtime state (valid once registered and started) -------------------------------------
 

@@ -343,8 +343,16 @@ class AppRuntime:
             self.election.set_listener(self)
             await self.election.start()
         else:
-            self._want_active, self._want_reason = True, "spread"
-            self._changed.set()
+            self.want_spread(self.platform.placement.may_run_spread(self.app), "spread")
+
+    def want_spread(self, active: bool, reason: str) -> None:
+        """A Spread instance (no election): be active or not, as placement decides now."""
+        if self.election is not None or self._stopping or active == self._want_active:
+            return
+        self._want_active, self._want_reason = active, reason
+        self._changed.set()
+        if not active:
+            self._interrupt_activation()
 
     def _worker_died(self, name: str, exc: BaseException) -> None:
         """The worker crashed: give the lease up at once (no node renews a lease while its

@@ -6,7 +6,9 @@ plugin that defines it (`pycluster.hookspecs.pycluster_claim_option`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import ConfigError
 from .names import validate_ident
@@ -116,6 +118,186 @@ class AvoidLabel(Constraint):
         if self.key not in node.labels:
             return True
         return self.value is not None and node.labels[self.key] != self.value
+
+
+class Preference(Constraint):
+    """A placement option that needs the platform's view (soft preferences, affinities).
+
+    Soft ones (``weight`` set) add to a node's placement score (`score`); hard ones (no
+    ``weight``) decide eligibility from what the membership shows (`admits`). The default
+    plugin ``placement`` evaluates both.
+    """
+
+    hard = False
+
+    @property
+    def needs_view(self) -> bool:
+        """Whether `admits` can exclude a node (a hard affinity)."""
+        return False
+
+    def allows(self, node: NodeInfo) -> bool:
+        """Preferences never exclude a node on their own labels alone."""
+        return True
+
+    def admits(self, node: NodeInfo, view: Any) -> bool:
+        """Whether ``node`` satisfies this option as a hard constraint (``view``: a
+        `pycluster.kernel.placement.PlacementView`)."""
+        return True
+
+    def score(self, node: NodeInfo, view: Any) -> float:
+        """What this option adds to ``node``'s placement score."""
+        return 0.0
+
+
+def _weight(where: str, weight: float | None, optional: bool) -> None:
+    if weight is None and optional:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(
+            weight) or abs(weight) > 1_000_000:
+        raise ConfigError(f"{where}.weight", weight, "must be a finite number within ±1e6")
+
+
+@dataclass(frozen=True)
+class PreferLabel(Preference):
+    """Prefer nodes whose label ``key`` equals ``value`` (or exists, if value is None):
+    ``weight`` is added to their placement score."""
+
+    key: str
+    value: str | None = None
+    weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        _weight("PreferLabel", self.weight, False)
+
+    def score(self, node: NodeInfo, view: Any) -> float:
+        """``weight`` when the label matches, else 0."""
+        if self.key not in node.labels:
+            return 0.0
+        return self.weight if self.value is None or node.labels[self.key] == self.value else 0.0
+
+
+@dataclass(frozen=True)
+class PreferNode(Preference):
+    """Prefer node ``node``: ``weight`` is added to its placement score."""
+
+    node: str
+    weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        validate_ident("node id", self.node)
+        _weight("PreferNode", self.weight, False)
+
+    def score(self, node: NodeInfo, view: Any) -> float:
+        """``weight`` for that node, else 0."""
+        return self.weight if node.node_id == self.node else 0.0
+
+
+def _runs_active(view: Any, node: str, app: str) -> bool:
+    rec = view.app_record(node, app)
+    return rec is not None and rec.get("role") == "active"
+
+
+@dataclass(frozen=True)
+class WithApp(Preference):
+    """Affinity: run where app ``app`` is active. Hard without ``weight`` (only nodes where it
+    is active are eligible), else soft (``weight`` is added to such nodes' score)."""
+
+    app: str
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_ident("app", self.app)
+        _weight("WithApp", self.weight, True)
+
+    @property
+    def needs_view(self) -> bool:
+        """Hard (no weight): eligibility depends on where the other app is active."""
+        return self.weight is None
+
+    def admits(self, node: NodeInfo, view: Any) -> bool:
+        """Hard: the other app is active on ``node``."""
+        return self.weight is not None or _runs_active(view, node.node_id, self.app)
+
+    def score(self, node: NodeInfo, view: Any) -> float:
+        """Soft: ``weight`` where the other app is active."""
+        if self.weight is None or not _runs_active(view, node.node_id, self.app):
+            return 0.0
+        return self.weight
+
+
+@dataclass(frozen=True)
+class AwayFromApp(Preference):
+    """Anti-affinity: avoid nodes where app ``app`` is active. Hard without ``weight`` (such
+    nodes are not eligible), else soft (``weight`` is subtracted from their score)."""
+
+    app: str
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_ident("app", self.app)
+        _weight("AwayFromApp", self.weight, True)
+
+    @property
+    def needs_view(self) -> bool:
+        """Hard (no weight): eligibility depends on where the other app is active."""
+        return self.weight is None
+
+    def admits(self, node: NodeInfo, view: Any) -> bool:
+        """Hard: the other app is not active on ``node``."""
+        return self.weight is not None or not _runs_active(view, node.node_id, self.app)
+
+    def score(self, node: NodeInfo, view: Any) -> float:
+        """Soft: minus ``weight`` where the other app is active."""
+        if self.weight is None or not _runs_active(view, node.node_id, self.app):
+            return 0.0
+        return -self.weight
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A disruption budget: planned moves (drains, ``app move``) never take the app below it;
+    they wait and say why. Give exactly one of ``min_available`` (active instances that must
+    remain during a move) and ``max_unavailable`` (instances a move may take away at once,
+    counted against the mode's slots). Failures are not planned: a crash can always go below.
+    """
+
+    min_available: int | None = None
+    max_unavailable: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.min_available, self.max_unavailable) if v is not None]
+        if len(given) != 1:
+            raise ConfigError("Budget", (self.min_available, self.max_unavailable),
+                              "give exactly one of min_available, max_unavailable")
+        v = given[0]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError("Budget", v, "must be an int >= 0")
+
+    def required(self, slots: int) -> int:
+        """Active instances that must remain, for an app with ``slots`` instances wanted."""
+        if self.min_available is not None:
+            return self.min_available
+        return max(0, slots - (self.max_unavailable or 0))
+
+
+STRATEGIES = ("spread", "binpack", "zone")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How an app's candidates are weighed beyond its preferences (default ``spread``).
+
+    ``spread``: prefer nodes with fewer active instances (of any app); ``binpack``: prefer
+    nodes with more; ``zone``: prefer nodes whose ``label`` value (default ``zone``) has fewer
+    active instances of this app; any other name is looked up through
+    ``pycluster_placement_strategy`` (a plugin's own).
+    """
+
+    name: str = "spread"
+    label: str = "zone"
+
+    def __post_init__(self) -> None:
+        validate_ident("strategy", self.name)
 
 
 @dataclass(frozen=True)

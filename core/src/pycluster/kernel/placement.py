@@ -8,19 +8,68 @@ A standby defers its campaign for a vacant lease by its *rank*: the number of di
 scores among the live standbys of the app (capped at `Placement.MAX_RANK`; the election also
 caps the whole deferral below half a lease, since membership records can be forged). With only
 the default scorer this is the priority deferral: the highest-priority standby takes over first.
+
+Placement is re-evaluated while the node runs (`Placement.reevaluate`, every poll interval and
+at once after ``platform.set_labels``): an app whose filters now exclude this node has its
+``on_placement_invalid`` hooks run and hands its active instance over to the best eligible
+standby (if there is one); an app whose filters now admit this node is started here.
+
+Operations state (`Operations`: maintenance mode, cordoned nodes) is one JSON object in the
+platform bucket under `OPS_KEY`, written by compare-and-set (`update_operations`) by any node or
+the CLI, read by every node each poll interval. A cordoned node takes no new leadership and
+starts no new Spread instance (what runs there stays); in maintenance mode (platform-wide or
+per app) no standby campaigns, so a leader that dies is not replaced until maintenance ends.
+The lease rules are untouched: maintenance only withholds campaigns, it never grants a lease.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import natsutil as nu
+from .context import Context
+from .errors import ConfigError, PyclusterError
+from .operations import (
+    MAX_LABELS,
+    OPS_KEY,
+    Operations,
+    merge_labels,
+    read_operations,
+    update_operations,
+    validate_label,
+)
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
     from .app import App
     from .platform import Platform
+
+log = logging.getLogger("pycluster.placement")
+
+__all__ = ["MAX_LABELS", "OPS_KEY", "BudgetBlocked", "MigrationVetoed", "Operations",
+           "Placement", "PlacementStrategy", "PlacementView", "merge_labels",
+           "read_operations", "update_operations", "validate_label"]
+
+class BudgetBlocked(PyclusterError):
+    """A planned move would take an app below its disruption budget (it waits)."""
+
+    code = "budget"
+
+
+class MigrationVetoed(PyclusterError):
+    """An ``on_migration_start`` hook refused a migration (nothing changed)."""
+
+    code = "vetoed"
+
+    def __init__(self, app: str, to: str, cause: BaseException) -> None:
+        self.app, self.to, self.cause = app, to, cause
+        super().__init__(f"migration of app {app!r} to {to!r} vetoed by on_migration_start: "
+                         f"{type(cause).__name__}: {cause}")
 
 
 @dataclass(frozen=True)
@@ -33,6 +82,32 @@ class PlacementView:
     node_id: str
     _records: Mapping[str, dict[str, Any]]
     _alive: Callable[[str], bool]
+    # Derived counts, computed once per snapshot (scores read them for every candidate).
+    _derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def _active_index(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        index = self._derived.get("active")
+        if index is None:
+            per_node: dict[str, int] = {}
+            per_app: dict[str, list[str]] = {}
+            for node, rec in self._records.items():
+                apps = rec.get("apps")
+                if not isinstance(apps, Mapping):
+                    continue
+                for name, a in apps.items():
+                    if isinstance(a, Mapping) and a.get("role") == Role.ACTIVE.value:
+                        per_node[node] = per_node.get(node, 0) + 1
+                        per_app.setdefault(name, []).append(node)
+            index = self._derived["active"] = (per_node, per_app)
+        return index  # type: ignore[no-any-return]
+
+    def active_count(self, node: str) -> int:
+        """How many apps ``node``'s record shows active there."""
+        return self._active_index()[0].get(node, 0)
+
+    def active_on(self, app: str) -> list[str]:
+        """The nodes whose record shows ``app`` active (alive or not)."""
+        return list(self._active_index()[1].get(app, ()))
 
     def nodes(self) -> Iterator[str]:
         """Every node with a membership record (this one included)."""
@@ -62,10 +137,11 @@ class PlacementView:
 
 
 class PlacementStrategy(Protocol):
-    """A named way of ordering scored candidates (``pycluster_placement_strategy``)."""
+    """A named way of weighing candidates (``pycluster_placement_strategy``): its score of a
+    node is added to the placement scores (an app names its strategy with `Strategy`)."""
 
-    def order(self, app: App, scores: Mapping[str, float], view: PlacementView) -> list[str]:
-        """The candidate node ids of ``app``, most preferred first."""
+    def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
+        """What the strategy adds to ``node``'s score for ``app`` (higher: preferred)."""
 
 
 class Placement:
@@ -76,12 +152,310 @@ class Placement:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
+        #: The operations state as last read from NATS (maintenance, cordons).
+        self.ops = Operations()
+        #: Apps registered here that no live node may run now (app name -> since, wall time).
+        self.pending: dict[str, float] = {}
+        #: Apps whose filters exclude this node now although it runs them (hooks fired).
+        self.invalid: set[str] = set()
+        #: What this node's membership record publishes as ``eligible`` per app (updated at
+        #: each re-evaluation: filters may read the view, which contains that record).
+        self.published: dict[str, bool] = {}
+        self._unknown: set[str] = set()
+        self._kick = asyncio.Event()
+        self._busy = asyncio.Lock()
 
     def eligible(self, app: App, node: NodeInfo | None = None) -> bool:
         """Whether every placement filter admits ``node`` (default: this node) for ``app``."""
         p = self.platform
         results = p.pm.hook.pycluster_placement_filter(app=app, node=node or p.node_info())
         return all(r is not False for r in results)
+
+    @property
+    def cordoned(self) -> bool:
+        """Whether this node is cordoned (no new instances are placed here)."""
+        return self.platform.node_id in self.ops.cordoned
+
+    def placeable(self, app: App) -> bool:
+        """Whether new instances of ``app`` may be placed on this node: the filters admit it
+        and it is not cordoned (what its membership record publishes as ``eligible``)."""
+        return not self.cordoned and self.eligible(app)
+
+    def may_campaign(self, app: App) -> bool:
+        """Whether this node may campaign for a vacant lease of ``app`` now: not in
+        maintenance mode, not cordoned, admitted by the filters (the election asks before
+        every campaign)."""
+        return not self.ops.in_maintenance(app.name) and self.placeable(app)
+
+    def may_run_spread(self, app: App) -> bool:
+        """Whether this node's Spread instance of ``app`` should be active: the filters admit
+        it, and (for an instance not running yet) the node is not cordoned."""
+        if not self.eligible(app):
+            return False
+        return app.is_active or not self.cordoned
+
+    def kick(self) -> None:
+        """Re-evaluate placement soon (labels, cordons or members changed)."""
+        self._kick.set()
+
+    async def load(self) -> None:
+        """Read the operations state once (before the apps start: a cordoned node starts no
+        Spread instance, a node in maintenance mode does not campaign)."""
+        p = self.platform
+        js = p.js_control or p.js
+        if js is not None:
+            try:
+                self.ops, _ = await read_operations(js, p.name)
+            except nu.TRANSIENT_ERRORS as exc:  # read again each poll interval
+                log.warning("placement: reading the operations state failed: %s", exc)
+
+    async def run(self, interval: float) -> None:
+        """Read the operations state and re-evaluate placement every ``interval`` seconds
+        (and at once after `kick`), until cancelled."""
+        p = self.platform
+        while True:
+            js = p.js_control or p.js
+            if js is not None:
+                try:
+                    ops, _ = await read_operations(js, p.name)
+                    if ops != self.ops:
+                        log.info("node %s: operations state is now %s", p.node_id,
+                                 ops.as_dict())
+                        self.ops = ops
+                except nu.TRANSIENT_ERRORS as exc:
+                    log.debug("placement: reading the operations state failed: %s", exc)
+            try:
+                await self.reevaluate()
+            except Exception:
+                log.exception("placement: re-evaluation failed")
+            self._kick.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+
+    async def reevaluate(self) -> None:
+        """Apply the current labels, filters, cordons and maintenance to this node's apps:
+        start apps that may now run here, hand over those that may not, deactivate Spread
+        instances whose filters fail, and update which apps are pending."""
+        async with self._busy:
+            p = self.platform
+            if not p._running:
+                return
+            published = {app.name: self.placeable(app) for app in p.apps.values()}
+            if published != self.published:  # "eligible" in our record changed: publish now
+                self.published = published
+                if p.membership is not None:
+                    await p.membership.publish_now()
+            view = self.view()
+            for app in list(p.apps.values()):
+                rt = p.runtimes.get(app.name)
+                if rt is None:
+                    if self.eligible(app):
+                        log.info("app %s: node %s is eligible now (placement); starting it",
+                                 app.name, p.node_id)
+                        await p._start_app(app)
+                    continue
+                if rt.election is None:  # Spread: each eligible node runs an instance
+                    rt.want_spread(self.may_run_spread(app), "placement")
+                    continue
+                if self.eligible(app):
+                    if app.name in self.invalid:
+                        self.invalid.discard(app.name)
+                        log.info("app %s: placement on %s is valid again", app.name, p.node_id)
+                    continue
+                if app.name not in self.invalid:
+                    self.invalid.add(app.name)
+                    log.warning("app %s: placement on %s is invalid now (labels %s)", app.name,
+                                p.node_id, p.labels)
+                    self.event(app, "placement_invalid", {"labels": dict(p.labels)})
+                    ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                                  leader=app.leader, reason="placement_invalid")
+                    from .coordinator import run_hooks
+
+                    await run_hooks(app.hooks("placement_invalid"), ctx, rt.hook_timeout,
+                                    "on_placement_invalid", False)
+                if app.is_active:
+                    await self._hand_over(app, view)
+            self._update_pending(self.view())  # after the starts above
+
+    def event(self, app: App | None, event: str, data: dict[str, Any]) -> None:
+        """Report a placement operation (``pycluster_placement_event``: audit, metrics)."""
+        from ..plugins import call_each
+
+        p = self.platform
+        call_each(p.pm.hook.pycluster_placement_event, f"placement {event}", platform=p,
+                  app=app, event=event, data=data)
+
+    def budget_problem(self, app: App, view: PlacementView) -> str | None:
+        """Why taking one active instance of ``app`` away now would break its `Budget`
+        (None: it would not, or the app has none). Counted from the live records."""
+        budget = app.budget
+        if budget is None:
+            return None
+        active = [n for n in view.active_on(app.name) if view.alive(n)]
+        slots = app.mode.slots() or len(active)
+        required = budget.required(slots)
+        if len(active) - 1 < required:
+            return (f"app {app.name}: {len(active)} active instance(s) "
+                    f"({', '.join(sorted(active))}), the budget needs {required} to remain "
+                    "during a move; waiting")
+        return None
+
+    async def migrate(self, app: App, to: str | None = None,
+                      reason: str = "move") -> dict[str, Any]:
+        """Move the active instance of ``app`` from this node to node ``to``: a planned,
+        graceful hand-over (step down naming ``to`` as the successor).
+
+        ``to`` None: the best eligible live standby. A move that would break the app's
+        `Budget` is refused (`BudgetBlocked`, with the counts). ``on_migration_start`` hooks
+        run first (``ctx.extra``: ``from``, ``to``, ``reason``);
+        one that raises vetoes the move (`MigrationVetoed`, nothing changed). Once ``to``
+        leads, ``on_migration_complete`` hooks run here. Refused (`ConfigError`) when this
+        node is not the active instance, the app has no election (Spread), maintenance mode
+        is on, or ``to`` is cordoned, not live, or not eligible.
+
+        Returns ``{"app", "from", "to", "reason", "outcome", "leader", "epoch", "seconds"}``;
+        ``outcome`` is ``completed``, or ``failed`` when another node (or none) leads after
+        a lease and the hooks' time.
+        """
+        from .coordinator import StageFailed, run_hooks
+
+        p = self.platform
+        rt = p.runtimes.get(app.name)
+        if rt is None or rt.election is None:
+            raise ConfigError("app", app.name, "only an app with a leader (Singleton, "
+                              "Replicas) can be moved")
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} is not its active instance")
+        await self.load()  # the latest cordons and maintenance, not the last poll's
+        if self.ops.in_maintenance(app.name):
+            raise ConfigError("app", app.name, "maintenance mode is on: automation and moves "
+                              "wait until it is off (pycluster maintenance off)")
+        if to is None:
+            best = [n for n, _ in self.candidates(app) if n != p.node_id]
+            if not best:
+                raise ConfigError("to", None, f"no eligible live standby of app {app.name!r} "
+                                  "to move to")
+            to = best[0]
+        if to in self.ops.cordoned:
+            raise ConfigError("to", to, "is cordoned: no new instances are placed there")
+        problem = self.budget_problem(app, self.view())
+        if problem is not None:
+            raise BudgetBlocked(problem)
+        if not isinstance(reason, str) or len(reason) > 200:
+            raise ConfigError("reason", str(reason)[:64], "a string of at most 200 characters")
+        from .coordinator import check_step_down
+
+        m = p.membership
+        try:
+            check_step_down(app.name, p.node_id, m.members if m else {}, to, None)
+        except ConfigError:
+            if m is None:
+                raise
+            await m.refresh_view()  # the view may lag a node that has just started
+            check_step_down(app.name, p.node_id, m.members, to, None)
+        data: dict[str, Any] = {"from": p.node_id, "to": to, "reason": reason}
+        ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                      leader=app.leader, reason=f"migration: {reason}", extra=dict(data))
+        started = time.monotonic()
+        try:
+            await run_hooks(app.hooks("migration_start"), ctx, rt.hook_timeout,
+                            "on_migration_start", True)
+        except StageFailed as exc:
+            log.warning("app %s: migration to %s vetoed: %s", app.name, to, exc.cause)
+            self.event(app, "migration_vetoed", {**data, "error": str(exc.cause)[:300]})
+            raise MigrationVetoed(app.name, to, exc.cause) from None
+        log.info("app %s: migrating from %s to %s (%s)", app.name, p.node_id, to, reason)
+        self.event(app, "migration_started", data)
+        await app.step_down(successor=to)
+        bound = time.monotonic() + 2 * rt.election.lease_ttl + rt.hook_timeout
+
+        def arrived() -> bool:  # a Singleton's observed leader, or the target's record
+            if app.mode.slots() == 1 and app.leader == to:
+                return True
+            rec = self.view().app_record(to, app.name) or {}
+            return rec.get("role") == Role.ACTIVE.value
+
+        while not arrived() and time.monotonic() < bound:
+            await asyncio.sleep(0.05)
+            if app.mode.slots() != 1 and m is not None:
+                await m.refresh_view()
+        seconds = time.monotonic() - started
+        outcome = "completed" if arrived() else "failed"
+        result = {"app": app.name, **data, "outcome": outcome, "leader": app.leader,
+                  "epoch": app.epoch, "seconds": round(seconds, 3)}
+        if outcome == "completed":
+            log.info("app %s: migrated to %s in %.3fs", app.name, to, seconds)
+            self.event(app, "migration_completed", {**data, "seconds": seconds})
+            ctx.leader, ctx.epoch = app.leader, app.epoch
+            await run_hooks(app.hooks("migration_complete"), ctx, rt.hook_timeout,
+                            "on_migration_complete", False)
+        else:
+            log.warning("app %s: migration to %s failed: the leader is %s", app.name, to,
+                        app.leader)
+            self.event(app, "migration_failed", {**data, "seconds": seconds,
+                                                 "error": f"leader is {app.leader}"})
+        return result
+
+    async def rebalance(self, app: App, dry_run: bool = False) -> dict[str, Any]:
+        """What placement wants for the active instance of ``app`` on this node: the best
+        scored live eligible candidate. When that is another node with a higher score, move
+        there (a migration, reason ``rebalance``) unless ``dry_run``. Returns ``{"app",
+        "from", "to", "scores", "outcome"}`` with outcome ``balanced``, ``planned`` (dry
+        run) or the migration's outcome."""
+        p = self.platform
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} is not its active instance")
+        ranked = self.candidates(app)
+        scores = {n: s for n, s in ranked}
+        best, best_score = ranked[0]
+        plan: dict[str, Any] = {"app": app.name, "from": p.node_id, "to": best,
+                                "scores": scores}
+        if best == p.node_id or best_score <= scores.get(p.node_id, 0.0):
+            return {**plan, "to": p.node_id, "outcome": "balanced"}
+        if dry_run:
+            return {**plan, "outcome": "planned"}
+        result = await self.migrate(app, best, "rebalance")
+        return {**plan, **result}
+
+    async def _hand_over(self, app: App, view: PlacementView) -> None:
+        """The active instance of ``app`` may not run here: step down to the best eligible
+        standby, unless maintenance mode pauses automation or no node could take over."""
+        p = self.platform
+        if self.ops.in_maintenance(app.name):
+            log.warning("app %s: placement on %s is invalid, but maintenance mode is on: "
+                        "staying", app.name, p.node_id)
+            return
+        standbys = [n for n, _ in self.candidates(app, view) if n != p.node_id]
+        if not standbys:
+            log.warning("app %s: placement on %s is invalid, but no eligible live standby "
+                        "can take over: staying until one can", app.name, p.node_id)
+            return
+        log.warning("app %s: placement on %s is invalid: handing over to %s", app.name,
+                    p.node_id, standbys[0])
+        try:
+            await app.step_down(successor=standbys[0])
+        except Exception as exc:
+            log.warning("app %s: hand-over to %s failed: %s", app.name, standbys[0], exc)
+
+    def _update_pending(self, view: PlacementView) -> None:
+        """An app is pending when no live node (this one included) may place it or runs it
+        actively."""
+        now = time.time()
+        for app in self.platform.apps.values():
+            placeable = any(
+                (a := view.app_record(n, app.name)) is not None
+                and (a.get("eligible") is True or a.get("role") == Role.ACTIVE.value)
+                for n in view.nodes() if view.alive(n))
+            if placeable:
+                if self.pending.pop(app.name, None) is not None:
+                    log.info("app %s: no longer pending (a node may run it)", app.name)
+            elif app.name not in self.pending:
+                self.pending[app.name] = now
+                log.warning("app %s: pending: no live node may run it (placement filters, "
+                            "cordons)", app.name)
 
     def view(self) -> PlacementView:
         """A snapshot of the live membership, with this node's current record."""
@@ -92,12 +466,28 @@ class Placement:
         return PlacementView(p.node_id, records,
                              m.alive if m is not None else (lambda _node: False))
 
+    def strategy(self, app: App) -> PlacementStrategy | None:
+        """The strategy ``app`` names (`Strategy`), from ``pycluster_placement_strategy``
+        (None, logged once, when no plugin provides it)."""
+        name = app.strategy.name
+        found: PlacementStrategy | None = self.platform.pm.hook.pycluster_placement_strategy(
+            name=name)
+        if found is None and name not in self._unknown:
+            self._unknown.add(name)
+            log.warning("app %s: no plugin provides placement strategy %r; ignored",
+                        app.name, name)
+        return found
+
     def score(self, app: App, node: NodeInfo, view: PlacementView) -> float:
-        """The sum of every placement score of ``node`` for ``app`` (abstentions count 0)."""
+        """The sum of every placement score of ``node`` for ``app`` (abstentions count 0),
+        plus the app's strategy's."""
         total = 0.0
         for s in self.platform.pm.hook.pycluster_placement_score(app=app, node=node, view=view):
             if isinstance(s, int | float) and not isinstance(s, bool):
                 total += s
+        strategy = self.strategy(app)
+        if strategy is not None:
+            total += strategy.score(app, node, view)
         return total
 
     def standbys(self, app: App, view: PlacementView) -> list[str]:

@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,7 @@ from .app import App
 from .app import app_of as kernel_app_of
 from .connection import Connections, check_stream_replicas, replicas_error
 from .context import Context
-from .control import ControlPlane
+from .control import ControlPlane, decode_object, error_reply
 from .coordinator import AppRuntime, run_hooks
 from .election import Election
 from .errors import (
@@ -60,9 +62,9 @@ from .errors import (
 from .kv import AppKV
 from .locks import Lock, LockService
 from .membership import PRIORITY_LIMIT, Membership
-from .names import app_subject, bucket, validate_ident
+from .names import app_subject, bucket, platform_subject, validate_ident
 from .options import Replicas, check_timing
-from .placement import Placement
+from .placement import Operations, Placement, merge_labels, update_operations
 from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
 from .replication import ReplicatorRegistry
 from .services import PlatformServices
@@ -371,6 +373,7 @@ class Platform:
             self.started_at = time.time()
             try:
                 await self._join()
+                await self.placement.load()
                 for name, svc in self.services.items():
                     await svc.start()
                     self._started_services.append((name, svc))
@@ -382,11 +385,17 @@ class Platform:
                     raise
                 raise clear from None  # the server's own words are in the message
             assert self.nc_control is not None
+            self._subs.append(await self.nc_control.subscribe(
+                platform_subject(self.name, "node", self.node_id, "labels"),
+                cb=self._on_labels))
+            self.spawn(self.placement.run(min(1.0, settings.heartbeat_interval)), "placement")
             for app_name in self.apps:
                 # One subscription per app (not "{platform}.*.control.stepdown"): NATS
                 # permissions let a node subscribe to its own apps' subjects only.
                 self._subs.append(await self.nc_control.subscribe(
                     stepdown_subject(self.name, app_name), cb=self._on_stepdown))
+                self._subs.append(await self.nc_control.subscribe(
+                    move_subject(self.name, app_name), cb=self._on_move))
             self.notify(call_each(self.pm.hook.pycluster_platform_started, platform=self),
                         "platform_started")
         except BaseException:
@@ -492,6 +501,7 @@ class Platform:
                      app.name, self.node_id)
             return
         t = self._timing(app)
+        self.placement.published[app.name] = self.placement.placeable(app)
         kv = AppKV(self.js, bucket(self.name, app.name))
         await kv.ensure(replicas=self.settings.stream_replicas)
         locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
@@ -534,6 +544,7 @@ class Platform:
             "heartbeat_interval": t["heartbeat_interval"],
             "no_failover": t["no_failover"],
             "rank": lambda: self.placement.rank(app),
+            "may_campaign": lambda: self.placement.may_campaign(app),
             "cooldown": t["cooldown"],
             "replicas": self.settings.stream_replicas,
         }
@@ -745,9 +756,15 @@ class Platform:
                 "epoch": app.epoch,
                 "leader": app.leader,
                 "mode": app.mode.kind,
-                "eligible": rt is not None,
+                "eligible": rt is not None and self.placement.published.get(app.name, True),
                 "priority": t["priority"],
                 "no_failover": t["no_failover"],
+                # What `pycluster app list|show` shows of the app's placement options.
+                "placement": [repr(c)[:200] for c in app.constraints[:16]],
+                "strategy": app.strategy.name,
+                "budget": ({"min_available": app.budget.min_available,
+                            "max_unavailable": app.budget.max_unavailable}
+                           if app.budget is not None else None),
             }
         return {
             "platform": self.name,
@@ -770,12 +787,14 @@ class Platform:
                 log.warning("node %s runs a different plugin set: %s", node, diff)
         call_each(self.pm.hook.pycluster_member_joined, platform=self, node=str(node),
                   record=rec)
+        self.placement.kick()
         self._member_hook("member_join", rec)
 
     def _member_left(self, rec: dict[str, Any]) -> None:
         node = str(rec.get("node_id"))
         self.plugin_mismatches.pop(node, None)
         call_each(self.pm.hook.pycluster_member_left, platform=self, node=node, record=rec)
+        self.placement.kick()
         self._member_hook("member_leave", rec)
 
     def _membership_event(self, event: MembershipEvent, data: dict[str, Any]) -> None:
@@ -824,12 +843,190 @@ class Platform:
         except Exception:  # never into nats-py's delivery loop
             log.exception("app %s: step-down request failed", app.name)
 
+    # -- labels and operations ---------------------------------------------------------------
+
+    async def set_labels(self, changes: dict[str, str | None]) -> dict[str, str]:
+        """Change this node's labels at runtime: ``{"zone": "b", "disk": None}`` sets ``zone``
+        and removes ``disk``. Validated (`ConfigError`, nothing changed), published in the
+        membership record at once, and placement re-evaluated here (other nodes see the new
+        record within their poll interval). Runtime labels last as long as this process: a
+        restart starts from the configured ones. Returns the new labels."""
+        new = merge_labels(self.labels, changes)
+        if new == self.labels:
+            return dict(new)
+        log.info("node %s: labels %s -> %s", self.node_id, self.labels, new)
+        self.placement.event(None, "labels_changed", {"labels": new, "previous": self.labels})
+        self.labels = new
+        if self.membership is not None:
+            await self.membership.publish_now()
+        if self._running:
+            await self.placement.reevaluate()
+        return dict(new)
+
+    async def _on_labels(self, msg: Msg) -> None:
+        """A label request (``pycluster node label``): ``{"set": {k: v}, "remove": [k]}``,
+        through the middleware chain, audited; the reply is ``{"node", "labels"}`` or
+        ``{"node", "error"}``."""
+        async def handler(req: Any) -> dict[str, str]:
+            body = decode_object(req.data)
+            unknown = sorted(set(body) - {"set", "remove"})
+            if unknown:
+                raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
+                                  "unknown fields (a label request has set, remove)")
+            set_, remove = body.get("set") or {}, body.get("remove") or []
+            if not isinstance(set_, dict) or not isinstance(remove, list):
+                raise ConfigError("request", None, "set is an object, remove a list")
+            changes: dict[str, str | None] = dict(set_)
+            for key in remove:
+                if not isinstance(key, str):
+                    raise ConfigError("label", str(key)[:64], "a label key is a string")
+                changes[key] = None
+            req.extra["request"] = {"set": set_, "remove": remove}
+            return await self.set_labels(changes)
+
+        try:
+            labels, error = await self.control.serve(msg, app="_", name="labels",
+                                                     handler=handler)
+            reply: dict[str, Any] = {"node": self.node_id}
+            if error is not None:
+                reply["error"] = error_reply(error)
+            else:
+                reply["labels"] = labels
+            if msg.reply:
+                await msg.respond(json.dumps(reply).encode())
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("node %s: label request failed", self.node_id)
+
+    async def _update_operations(self, change: Callable[[Operations], Operations]) -> Operations:
+        js = self.js_control or self.js
+        if js is None:
+            raise RuntimeError("the platform is not started")
+        ops = await update_operations(js, self.name, change)
+        self.placement.ops = ops
+        self.placement.kick()
+        return ops
+
+    async def cordon(self, node: str | None = None, *, by: str = "api") -> Operations:
+        """Cordon ``node`` (default: this node): no new instances are placed there (no new
+        leadership, no new Spread instance); what runs there stays. Stored in NATS: every
+        node and the CLI see it."""
+        node = node or self.node_id
+        validate_ident("node", node)
+        entry = {"at": time.time(), "by": by}
+        ops = await self._update_operations(
+            lambda o: replace(o, cordoned={**o.cordoned, node: entry}))
+        self.placement.event(None, "cordoned", {"node": node, "by": by})
+        return ops
+
+    async def uncordon(self, node: str | None = None) -> Operations:
+        """Undo `cordon` for ``node`` (default: this node)."""
+        node = node or self.node_id
+        ops = await self._update_operations(
+            lambda o: replace(o, cordoned={k: v for k, v in o.cordoned.items() if k != node}))
+        self.placement.event(None, "uncordoned", {"node": node})
+        return ops
+
+    async def set_maintenance(self, on: bool, app: str | None = None) -> Operations:
+        """Turn maintenance mode on or off, platform-wide or for ``app``: while on, no standby
+        campaigns (no automatic failover, no automatic hand-over); a leader keeps its lease
+        as long as it renews it. Stored in NATS: every node and the CLI see it."""
+        if app is None:
+            ops = await self._update_operations(lambda o: replace(o, maintenance=on))
+        else:
+            validate_ident("app", app)
+            ops = await self._update_operations(lambda o: replace(
+                o, maintenance_apps=o.maintenance_apps | {app} if on
+                else o.maintenance_apps - {app}))
+        self.placement.event(self.apps.get(app) if app else None, "maintenance",
+                             {"on": on, "app": app})
+        return ops
+
+    async def move(self, app: str, to: str | None = None, reason: str = "move",
+                   source: str | None = None) -> dict[str, Any]:
+        """Move the active instance of ``app`` to node ``to`` (default: the best eligible
+        standby; a graceful migration, see `pycluster.kernel.placement.Placement.migrate`):
+        run here when this node leads it, else asked of its leader over NATS (``pycluster app
+        move`` sends the same request). ``source``: the active instance on that node (for
+        ``Replicas``, which has several)."""
+        local = self.apps.get(app)
+        if local is not None and local.is_active and source in (None, self.node_id):
+            return await self.placement.migrate(local, to, reason)
+        nc = self.nc_control or self.nc
+        if nc is None:
+            raise RuntimeError("the platform is not started")
+        replies = await self.control.request(
+            move_subject(self.name, app),
+            json.dumps({"to": to, "reason": reason, "from": source}).encode(),
+            app=app, name="move", timeout=60)
+        if not replies:
+            raise ConfigError("app", app, "no active instance answered the move request")
+        res: dict[str, Any] = json.loads(replies[0].data)
+        err = res.get("error")
+        if isinstance(err, dict):
+            raise ConfigError("move", to, f"refused by {res.get('node')}: {err.get('reason')}")
+        return res
+
+    async def _on_move(self, msg: Msg) -> None:
+        """A move request (``{"to", "reason"}``): served by the active instance only, through
+        the middleware chain, audited; the reply is the migration's result or ``error``."""
+        app = self.apps.get(msg.subject.split(".")[1])
+        if app is None or app.mode.slots() is None:
+            return
+        try:
+            body = json.loads(msg.data or b"{}")
+        except ValueError:
+            body = {}
+        source = body.get("from") if isinstance(body, dict) else None
+        if source is not None and source != self.node_id:
+            return  # addressed to another node's instance (Replicas, drains)
+        if not app.is_active:
+            if source == self.node_id and msg.reply:  # asked of us by name: say so at once
+                refusal = {"node": self.node_id, "error": {
+                    "field": "from", "value": source, "code": "not_active",
+                    "reason": f"app {app.name} is not active on {self.node_id}"}}
+                with contextlib.suppress(Exception):
+                    await msg.respond(json.dumps(refusal).encode())
+            return
+
+        async def handler(req: Any) -> dict[str, Any]:
+            body = decode_object(req.data)
+            unknown = sorted(set(body) - {"to", "from", "reason", "rebalance", "dry_run"})
+            if unknown:
+                raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
+                                  "unknown fields (a move request has to, from, reason, "
+                                  "rebalance, dry_run)")
+            if body.get("rebalance") is True:
+                req.extra["request"] = {"rebalance": True, "dry_run": bool(body.get("dry_run"))}
+                return await self.placement.rebalance(app, dry_run=body.get("dry_run") is True)
+            to, reason = body.get("to"), body.get("reason") or "move"
+            if to is not None:
+                if not isinstance(to, str):
+                    raise ConfigError("to", str(to)[:64], "must be a node id")
+                validate_ident("to", to)
+            req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200]}
+            return await self.placement.migrate(app, to, reason)
+
+        try:
+            result, error = await self.control.serve(msg, app=app.name, name="move",
+                                                     handler=handler)
+            reply: dict[str, Any] = result if error is None else {
+                "node": self.node_id, "error": error_reply(error)}
+            reply.setdefault("node", self.node_id)
+            if msg.reply:
+                await msg.respond(json.dumps(reply, default=str).encode())
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("app %s: move request failed", app.name)
+
     def status(self) -> dict[str, Any]:
-        """This node's view: node, labels, apps with role, leader, epoch."""
+        """This node's view: node, labels, apps with role, leader, epoch, placement (pending,
+        maintenance, cordon)."""
+        ops = self.placement.ops
         return {
             "platform": self.name,
             "node_id": self.node_id,
             "labels": self.labels,
+            "cordoned": self.placement.cordoned,
+            "maintenance": ops.maintenance,
             "version": __version__,
             "started": self.started_at,
             "connected": bool(self.nc and self.nc.is_connected),
@@ -844,6 +1041,9 @@ class Platform:
                     "epoch": app.epoch,
                     "mode": app.mode.kind,
                     "slots": app.mode.slots(),
+                    "pending": name in self.placement.pending,
+                    "maintenance": ops.in_maintenance(name),
+                    "placement_invalid": name in self.placement.invalid,
                 }
                 for name, app in self.apps.items()
             },
@@ -857,4 +1057,11 @@ def stepdown_subject(platform: str, app: str) -> str:
     return app_subject(platform, app, "control", "stepdown")
 
 
-__all__ = ["Platform", "Replicas", "stepdown_subject"]
+def move_subject(platform: str, app: str) -> str:
+    """Subject on which the active instance of ``app`` accepts a move (migration) request."""
+    validate_ident("platform", platform)
+    validate_ident("app", app)
+    return app_subject(platform, app, "control", "move")
+
+
+__all__ = ["Platform", "Replicas", "move_subject", "stepdown_subject"]

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .. import App, Election, Platform, PyclusterError, Replicas, Singleton, Spread
+from .. import App, Budget, Election, Platform, PyclusterError, Replicas, Singleton, Spread
 from ..backend import HealthCheck
 from ..builtin.process import Process
 from ..plugins import create_plugin_manager, hookimpl
@@ -63,6 +63,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat", type=float, default=0.5)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--no-failover", action="store_true")
+    p.add_argument("--budget-min", type=int, default=None,
+                   help="a disruption budget: Budget(min_available=N)")
     p.add_argument("--stream-replicas", type=int, default=1, help="3 on a NATS cluster")
     p.add_argument("--act-interval", type=float, default=0.05)
     p.add_argument("--backend-cmd", default=None, help="a Process backend command")
@@ -95,6 +97,8 @@ async def amain(ns: argparse.Namespace) -> int:
     elif ns.mode.startswith("replicas:"):
         mode = Replicas(int(ns.mode.split(":", 1)[1]))
     options: list[Any] = [mode, Election(priority=ns.priority, no_failover=ns.no_failover)]
+    if ns.budget_min is not None:
+        options.append(Budget(min_available=ns.budget_min))
     if ns.backend_cmd:
         health = None
         if ns.backend_health_cmd:

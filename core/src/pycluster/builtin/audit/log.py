@@ -102,6 +102,21 @@ CORE_CATEGORIES: dict[str, dict[str, str]] = {
         "failed": "an app hook or stage raised (data: hook, function, error)",
         "timeout": "an app hook or stage timed out (data: hook, function, error)",
     },
+    "placement": {
+        "migration_started": "a migration began on the leader (data: from, to, reason)",
+        "migration_completed": "the target leads after a migration (data: from, to, reason, "
+                               "seconds)",
+        "migration_vetoed": "an on_migration_start hook refused a migration (data: from, to, "
+                            "reason, error)",
+        "migration_failed": "another node (or none) leads after a migration (data: from, to, "
+                            "reason, seconds, error)",
+        "labels_changed": "this node's labels changed at runtime (data: labels, previous)",
+        "placement_invalid": "this node may no longer run an app it runs (data: labels)",
+        "cordoned": "a node was cordoned through this node (data: node, by)",
+        "uncordoned": "a node was uncordoned through this node (data: node)",
+        "maintenance": "maintenance mode was turned on or off through this node (data: on, "
+                       "app)",
+    },
     "health": {
         "changed": "a health check changed status (data: check, status, previous, error)",
         "step_down": "an unhealthy active instance stepped down (data: check, epoch)",
@@ -454,6 +469,10 @@ class AuditLog:
         self.log("membership", "left",
                  {"node": node, "host": rec.get("host"), "pid": rec.get("pid")},
                  msg_id=f"membership.{node}.left.{rec.get('incarnation')}")
+
+    def placement_event(self, app: App | None, event: str, data: Mapping[str, Any]) -> None:
+        """A placement operation of this node (category ``placement``)."""
+        self.log("placement", event, dict(data), app=app.name if app is not None else None)
 
     def lock_event(self, scope: str, event: str, lock: Any, fields: Mapping[str, Any]) -> None:
         """A lock of this node was acquired, released or lost."""

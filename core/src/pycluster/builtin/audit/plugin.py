@@ -109,6 +109,15 @@ def pycluster_membership_event(platform: Platform, event: str, data: dict[str, A
 
 
 @hookimpl
+def pycluster_placement_event(platform: Platform, app: App | None, event: str,
+                              data: dict[str, Any]) -> None:
+    """``placement``/``<event>`` (migrations, labels, cordons, maintenance)."""
+    a = _service(platform)
+    if a is not None:
+        a.placement_event(app, event, data)
+
+
+@hookimpl
 def pycluster_lock_event(platform: Platform, scope: str, event: str, lock: Any,
                          fields: dict[str, Any]) -> None:
     """``lock``/``acquired``, ``released``, ``expired``."""

@@ -98,6 +98,7 @@ class LeaseElection:
         poll_interval: float | None = None,
         no_failover: bool = False,
         rank: Callable[[], int] | None = None,
+        may_campaign: Callable[[], bool] | None = None,
         defer_step: float | None = None,
         successor_grace: float | None = None,
         cooldown: float | None = None,
@@ -114,6 +115,9 @@ class LeaseElection:
         self.poll_interval = poll_interval or min(0.5, heartbeat_interval)
         self.no_failover = no_failover
         self._rank = rank or (lambda: 0)
+        # Asked before every campaign (maintenance mode, cordons, placement): False withholds
+        # the campaign; it never affects a lease this node holds.
+        self._may_campaign = may_campaign or (lambda: True)
         self.defer_step = defer_step if defer_step is not None else min(1.0, lease_ttl / 4)
         self.successor_grace = (
             successor_grace if successor_grace is not None else min(1.0, lease_ttl / 2)
@@ -435,7 +439,7 @@ class LeaseElection:
         elif vacant:
             self._observe(None, None, None)
 
-        if vacant and not self.no_failover and not self._stopping:
+        if vacant and not self.no_failover and not self._stopping and self._may_campaign():
             key, msg = vacant[0]
             delay = self._campaign_delay(key, msg)
             if delay <= 0:

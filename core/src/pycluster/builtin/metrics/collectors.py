@@ -147,6 +147,21 @@ class StateCollector(Collector):
         yield epoch
         yield role
         yield lease
+        pending = GaugeMetricFamily("pycluster_placement_pending",
+                                    "1 while no live node may run the app (placement filters, "
+                                    "cordons), else 0.", labels=["app"])
+        maintenance = GaugeMetricFamily("pycluster_maintenance",
+                                        "1 while the app is in maintenance mode (no automatic "
+                                        "failover), else 0.", labels=["app"])
+        cordoned = GaugeMetricFamily("pycluster_node_cordoned",
+                                     "1 while this node is cordoned, else 0.")
+        cordoned.add_metric([], 1 if p.placement.cordoned else 0)
+        for name in p.apps:
+            pending.add_metric([name], 1 if name in p.placement.pending else 0)
+            maintenance.add_metric([name], 1 if p.placement.ops.in_maintenance(name) else 0)
+        yield pending
+        yield maintenance
+        yield cordoned
         yield from _replication(p)
         health = GaugeMetricFamily("pycluster_health",
                                    "1 if the health check passes, 0 if it fails (absent until "

@@ -65,6 +65,20 @@ def pycluster_activation_failed(app: App) -> None:
 
 
 @hookimpl
+def pycluster_placement_event(platform: Platform, app: App | None, event: str,
+                              data: dict[str, Any]) -> None:
+    """Migrations by outcome and their duration."""
+    m = _service(platform)
+    outcome = event.removeprefix("migration_")
+    if m is None or app is None or outcome not in ("completed", "failed", "vetoed"):
+        return
+    m.migrations.labels(app.name, outcome).inc()
+    seconds = data.get("seconds")
+    if outcome == "completed" and isinstance(seconds, int | float):
+        m.migration_seconds.labels(app.name).observe(seconds)
+
+
+@hookimpl
 def pycluster_stage_event(app: App, event: StageEvent) -> None:
     """Stage durations and failures."""
     m = _service(app.platform)

@@ -79,6 +79,14 @@ class PlatformMetrics:
         self.transitions = Counter(
             "pycluster_transitions_total", "Completed role changes of an app on this node.",
             ["app", "role"], registry=r)
+        self.migrations = Counter(
+            "pycluster_migrations_total",
+            "Migrations of an app this node led, by outcome (completed, failed, vetoed).",
+            ["app", "outcome"], registry=r)
+        self.migration_seconds = Histogram(
+            "pycluster_migration_seconds",
+            "From the start of a migration to the target leading (completed ones).", ["app"],
+            buckets=FAILOVER_BUCKETS, registry=r)
         self.activation_failures = Counter(
             "pycluster_activation_failures_total",
             "Activations that failed in a stage or on_active hook (the node stepped down).",
