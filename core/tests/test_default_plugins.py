@@ -258,3 +258,11 @@ async def test_singleton_fails_over_with_observability_disabled(
         assert c.overlaps() == [], f"two nodes active at once: {c.overlaps()}"
     finally:
         c.stop_sync()
+
+
+@pytest.mark.timeout(30)
+async def test_service_discovery_api_names_the_missing_plugin(make_platform: Any) -> None:
+    """Without a discovery plugin, ``platform.services.lookup`` says which plugin it needs."""
+    p = await make_platform("n1", disabled_plugins=["discovery"])
+    with pytest.raises(PluginError, match="discovery"):
+        await p.services.lookup("http")

@@ -122,7 +122,7 @@ async def test_standbys_registered_with_role_standby(make_node: Callable[..., An
 async def test_manual_register_deregister_and_watch_order(
         make_node: Callable[..., Any]) -> None:
     p = await make_node("n1", App("idle", Singleton()))
-    d = disc(p)
+    d = p.services  # the kernel's discovery API reaches the plugin's service
     changes: list[ServiceChange] = []
 
     async def follow() -> None:
@@ -141,6 +141,7 @@ async def test_manual_register_deregister_and_watch_order(
         ("register", "passing"), ("update", "critical"), ("update", "passing"),
         ("deregister", "passing")]
     assert await d.lookup("pg") == []
+    assert await disc(p).lookup("pg") == []
 
 
 async def test_manual_registration_is_renewed_past_the_lease(

@@ -175,3 +175,28 @@ class PlatformServices(Mapping[str, Any]):
         return PluginError(name, info.distribution if info else None,
                            info.version if info else None, reason,
                            message=self.why_missing(name))
+
+    # -- service discovery (the discovery hook group) ---------------------------------------
+    # ``platform.services.lookup(...)`` etc. reach the service of the plugin named
+    # ``discovery`` (the one that serves ``pycluster_service_registry``); without it they
+    # raise the `PluginError` naming it.
+
+    async def lookup(self, name: str, app: str | None = None, **kw: Any) -> Any:
+        """The instances of service ``name`` (see the discovery plugin's ``lookup``)."""
+        return await self[DISCOVERY].lookup(name, app, **kw)
+
+    def watch(self, name: str, app: str | None = None) -> Any:
+        """An async iterator of changes of service ``name`` (the discovery plugin's)."""
+        return self[DISCOVERY].watch(name, app)
+
+    async def register(self, name: str, port: int, **kw: Any) -> Any:
+        """Register a service pycluster does not run (the discovery plugin's ``register``)."""
+        return await self[DISCOVERY].register(name, port, **kw)
+
+    async def deregister(self, name: str, **kw: Any) -> None:
+        """Withdraw a registration made with `register`."""
+        await self[DISCOVERY].deregister(name, **kw)
+
+
+DISCOVERY = "discovery"
+"""The name of the plugin whose service answers ``platform.services.lookup/watch/...``."""
