@@ -133,6 +133,11 @@ class PlatformMetrics:
         self.audit_entries = Counter(
             "pycluster_audit_entries_total", "Audit entries written by this node.",
             ["category"], registry=r)
+        self.audit_dropped_total = Counter(
+            "pycluster_audit_dropped_total",
+            "Audit entries this node could not store, by reason: buffer full (NATS unreachable "
+            "for long), refused (by the server), not stored before leaving (the stop budget "
+            "ran out).", ["reason"], registry=r)
         r.register(StateCollector(platform))
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
         self._server: HttpServer | None = None
@@ -256,6 +261,10 @@ class PlatformMetrics:
     def audit_entry(self, category: str) -> None:
         """Count an audit entry."""
         self.audit_entries.labels(category).inc()
+
+    def audit_dropped(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` audit entries that could not be stored."""
+        self.audit_dropped_total.labels(reason).inc(n)
 
     def lock_event(self, scope: str, event: str, fields: dict[str, Any]) -> None:
         """Record lock wait and hold times."""
