@@ -81,6 +81,8 @@ log = logging.getLogger("pycluster.audit")
 
 _WINDOW = 512
 """Publishes in flight at a time (one batch)."""
+_LINGER = 0.005
+"""Shortest interval between two batches (unless a full window is waiting)."""
 _ACK_TIMEOUT = 2.0
 """How long a batch waits for its acks before the unacknowledged entries are sent again."""
 
@@ -175,6 +177,10 @@ class AuditLog:
         self._batch: tuple[int, int, dict[int, str], asyncio.Event] | None = None
         self._next_token = 0
         self._inbox: str | None = None
+        # Names already validated (a bounded set in practice: the declared categories and
+        # actions, the platform's apps), so logging a known kind of entry is cheap.
+        self._valid: set[tuple[str, str]] = set()
+        self._valid_apps: set[str] = set()
         self._ack_sub: Subscription | None = None
         self._roles: dict[str, str] = {}
         self._observed: dict[str, tuple[str | None, int | None]] = {}
@@ -201,11 +207,14 @@ class AuditLog:
         :param correlation_id: defaults to the current `correlation` id.
         :param msg_id: de-duplication id (entries with the same id within 2 min are stored once).
         """
-        validate_token("category", category)
-        validate_token("action", action)
+        if (category, action) not in self._valid:
+            validate_token("category", category)
+            validate_token("action", action)
+            self._valid.add((category, action))
         app_name = app.name if app is not None and not isinstance(app, str) else app
-        if app_name is not None:
+        if app_name is not None and app_name not in self._valid_apps:
             validate_ident("app", app_name)
+            self._valid_apps.add(app_name)
         entry = AuditEntry(
             time=time.time(), platform=self.platform.name, node=self.platform.node_id,
             category=category, action=action, app=app_name, data=dict(data or {}),
@@ -302,12 +311,23 @@ class AuditLog:
         ack was lost is not stored twice (the server's duplicate window).
         """
         pause = 0.1
+        loop = asyncio.get_running_loop()
+        next_batch = 0.0
         while True:
             if not self._queue:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
+                next_batch = max(next_batch, loop.time() + _LINGER)
+            # At most one batch per `_LINGER` unless a full window is waiting: a steady trickle
+            # (e.g. the entries of a run of lock operations) goes out as one write and one
+            # batch of acks every few ms instead of one round of each per entry, which would
+            # cost the event loop (and the operations being audited) far more.
+            wait = next_batch - loop.time()
+            if wait > 0 and len(self._queue) < _WINDOW:
+                await asyncio.sleep(wait)
                 continue
+            next_batch = loop.time() + _LINGER
             nc = self.platform.nc
             if nc is None or not nc.is_connected or self._inbox is None:
                 await asyncio.sleep(pause)

@@ -138,6 +138,7 @@ class PlatformMetrics:
             "Audit entries this node could not store, by reason: buffer full (NATS unreachable "
             "for long), refused (by the server), not stored before leaving (the stop budget "
             "ran out).", ["reason"], registry=r)
+        self._audit_children: dict[str, Any] = {}
         r.register(StateCollector(platform))
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
         self._server: HttpServer | None = None
@@ -260,7 +261,10 @@ class PlatformMetrics:
 
     def audit_entry(self, category: str) -> None:
         """Count an audit entry."""
-        self.audit_entries.labels(category).inc()
+        child = self._audit_children.get(category)
+        if child is None:
+            child = self._audit_children[category] = self.audit_entries.labels(category)
+        child.inc()
 
     def audit_dropped(self, reason: str, n: int = 1) -> None:
         """Count ``n`` audit entries that could not be stored."""
