@@ -21,8 +21,9 @@ Behaviour, and why (see docs/concepts.md, "Election"):
 * Under connection loss the holder keeps retrying renewals until its local deadline, then
   fences. A paused (SIGSTOP) holder that resumes past its deadline is not leader
   (`is_leader` checks the clock on every call) and must win again, with a new epoch.
-* Standbys watch the lease keys (an ordered consumer) and also poll, because a watcher can go
-  silent when its server dies; watches are re-created after a reconnect.
+* Standbys watch the lease keys (a light push consumer, `natsutil.light_watch`) and also poll,
+  because a watcher can go silent when its server dies; watches are re-created after a
+  reconnect.
 * A graceful step-down deletes the lease (one CAS), optionally naming a successor in a header;
   the others take over at once, deferring briefly to a named successor.
 * Records are not trusted blindly (any client that may write the bucket can forge one). A
@@ -63,7 +64,6 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from ...kernel import natsutil as nu
 from ...kernel.aio import cancel_and_wait, supervise
@@ -292,14 +292,7 @@ class LeaseElection:
                 log.exception("election %s: watch callback failed", self.bucket)
 
         try:
-            self._watch_sub = await self._js.subscribe(
-                subject,
-                cb=on_msg,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW,
-                headers_only=True,
-                idle_heartbeat=2.0,
-            )
+            self._watch_sub = await nu.light_watch(self._js, subject, on_msg, headers_only=True)
         except Exception as exc:  # polling still works; the next reconnect retries
             log.warning("election %s: watch failed (%s); polling only", self.bucket, exc)
             self._watch_sub = None
