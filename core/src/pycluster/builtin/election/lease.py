@@ -381,7 +381,14 @@ class LeaseElection:
         self._wake.clear()  # before reading: a change during the reads wakes the sleep below
         vacant: list[tuple[str, nu.LastMsg | None]] = []
         observed: tuple[str | None, int | None, str | None] | None = None
-        wait = self.poll_interval
+        # With a watch, a live holder's renewals wake us: no read is needed until a renewal is
+        # overdue (a heartbeat plus a poll after the last new revision), from then on we poll
+        # every `poll_interval` as without a watch. A crash is thus seen as soon as before
+        # (its lease outlives the heartbeat), while an idle standby reads once per renewal
+        # instead of every poll; a silent watch costs at most a heartbeat more for a release.
+        watching = self._watch_sub is not None
+        quiet = self.heartbeat_interval + self.poll_interval
+        wait = self.lease_ttl if watching else self.poll_interval
         try:
             for key in self.keys:
                 msg = await nu.last_msg(self._js, self.bucket, key)
@@ -391,7 +398,7 @@ class LeaseElection:
                     if msg is None and seen is not None and now - seen.since <= seen.limit:
                         # A live record vanished without a tombstone (the bucket was deleted
                         # and re-created): its holder may still act until its TTL is over.
-                        wait = min(wait, seen.since + seen.limit - now)
+                        wait = min(wait, seen.since + seen.limit - now, self.poll_interval)
                         if seen.leader is not None and (observed is None or key == "leader"):
                             observed = (seen.leader, seen.epoch, key)
                         continue
@@ -411,6 +418,10 @@ class LeaseElection:
                     vacant.append((key, msg))  # stale: no holder can still act on it
                     continue
                 wait = min(wait, seen.since + seen.limit - now)
+                if not watching or not isinstance(rec, LeaseRecord):
+                    wait = min(wait, self.poll_interval)
+                else:
+                    wait = min(wait, max(seen.since + quiet - now, self.poll_interval))
                 if isinstance(rec, LeaseRecord):
                     self.leader_seen = max(self.leader_seen, seen.since)
                     if seen.since == now:  # a revision first seen now: its holder renewed
@@ -423,6 +434,8 @@ class LeaseElection:
                 await self._heal()
             await self._sleep(self.poll_interval)
             return
+        if vacant:
+            wait = min(wait, self.poll_interval)
         if observed is not None:
             self._observe(*observed)
         elif vacant:
