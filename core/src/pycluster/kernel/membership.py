@@ -178,6 +178,9 @@ class Membership:
         self._ping_sub: Any = None
         self._watch_sub: Any = None
         self._wake = asyncio.Event()
+        # node -> (body, TTL header) of its last valid record, to skip re-validating a refresh
+        # that changed nothing.
+        self._raw: dict[str, tuple[bytes, str | None]] = {}
         self._own_seen = 0  # the newest revision of our own record the watch delivered
         self.watch_restarts = 0  # watches found silent and re-created
         self.full_reads = 0  # reads of every record (startup, reconciliation, recovery)
@@ -415,6 +418,16 @@ class Membership:
 
     def _observe(self, node: str, seq: int, data: bytes, headers: Mapping[str, str]) -> None:
         """A live record of ``node`` at revision ``seq``: validate, track its freshness."""
+        ttl_header = headers.get(nu.TTL_HEADER)
+        if self._raw.get(node) == (data, ttl_header) and node in self.members:
+            # A refresh that changed nothing but the revision (most heartbeats): the record
+            # was validated already, only its freshness moves on.
+            fresh = self._fresh.get(node)
+            if fresh is None or fresh[0] != seq:
+                self._fresh[node] = (seq, time.monotonic(),
+                                     (_ttl_of(headers) or self.ttl) + max(0.5, self.poll_interval))
+            return
+        self._raw.pop(node, None)
         try:
             rec: Any = json.loads(data)
         except (ValueError, UnicodeDecodeError):
@@ -435,6 +448,7 @@ class Membership:
             ttl = _ttl_of(headers) or self.ttl
             self._fresh[node] = (seq, time.monotonic(), ttl + max(0.5, self.poll_interval))
         self._seen(node, rec)
+        self._raw[node] = (data, ttl_header)
 
     def alive(self, node: str) -> bool:
         """Whether ``node``'s record is valid and changed within its TTL (plus a margin) on
@@ -453,6 +467,7 @@ class Membership:
             self._on_join(rec)
 
     def _left(self, node: str) -> None:
+        self._raw.pop(node, None)
         rec = self.members.pop(node, None)
         if rec is not None:
             self._on_leave(rec)
