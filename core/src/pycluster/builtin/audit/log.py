@@ -182,6 +182,7 @@ class AuditLog:
         self._valid: set[tuple[str, str]] = set()
         self._valid_apps: set[str] = set()
         self._ack_sub: Subscription | None = None
+        self._ack_nc: NATS | None = None
         self._roles: dict[str, str] = {}
         self._observed: dict[str, tuple[str | None, int | None]] = {}
         self._last_leader: dict[str, tuple[str, int | None]] = {}
@@ -329,10 +330,17 @@ class AuditLog:
                 continue
             next_batch = loop.time() + _LINGER
             nc = self.platform.nc
-            if nc is None or not nc.is_connected or self._inbox is None:
+            if nc is None or not nc.is_connected:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
+            if self._ack_sub is None or self._ack_nc is not nc:
+                try:  # a new connection object: its own ack inbox
+                    await self._subscribe_acks(nc)
+                except nu.TRANSIENT_ERRORS:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
             n = min(len(self._queue), _WINDOW)
             batch = [self._queue.popleft() for _ in range(n)]
             self._inflight = batch
@@ -396,6 +404,15 @@ class AuditLog:
             self._count_dropped(refused, "refused")
         return retry, no_stream
 
+    async def _subscribe_acks(self, nc: NATS) -> None:
+        old, self._ack_sub = self._ack_sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._inbox = nc.new_inbox()
+        self._ack_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        self._ack_nc = nc
+
     async def _on_ack(self, msg: Msg) -> None:
         batch = self._batch
         if batch is None:
@@ -446,9 +463,7 @@ class AuditLog:
             return
         assert self.platform.js is not None and self.platform.nc is not None
         await self._ensure_stream(self.platform.js)
-        nc = self.platform.nc
-        self._inbox = nc.new_inbox()
-        self._ack_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        await self._subscribe_acks(self.platform.nc)
         self._started = True
         self._task = supervise("audit:publisher", self._publisher)
 
