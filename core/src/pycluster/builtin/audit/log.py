@@ -33,6 +33,9 @@ Reading (`AuditReader`, also used by ``pycluster audit``) needs only a JetStream
     entries = await platform.audit.query(since=time.time() - 3600, category="election")
     async for entry in platform.audit.stream(AuditFilter(app="convex")):
         print(entry.action, entry.data)
+
+Size: the writer (batched publishing with its ack bookkeeping, read back in one place) and the
+core's automatic entries, which share the writer's per-app state (roles, observed leaders).
 """
 
 from __future__ import annotations
