@@ -220,6 +220,14 @@ class LeaseElection:
         """Create the bucket if needed, start watching and campaigning."""
         await nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas)
         await self._subscribe()
+        # Note the current holders before start() returns: a holder that releases right after
+        # (a node reported ready, then the leader is stopped) is then known as the releaser
+        # and its key taken at once, not only after its lease could have run out.
+        for key in self.keys:
+            with contextlib.suppress(*nu.TRANSIENT_ERRORS):
+                msg = await nu.last_msg(self._js, self.bucket, key)
+                if self._note(key, msg, time.monotonic()) is not None and msg is not None:
+                    self._validate(key, msg)
         self._task = supervise(f"election:{self.bucket}", self._run, logger=log)
 
     async def stop(self, release: bool = True) -> None:
