@@ -8,8 +8,13 @@ Variants run interleaved in rounds to spread the noise of a shared machine evenl
 
 Printed per variant: p50 / p99 latency, calls/s, CPU time of this process per call (client and
 server sides together: steadier than latency on a loaded machine), and the overhead over raw
-(target: p50 within 30%). "+default mw" variants keep the middleware a platform installs by
+(target: p50 within 30%), then the ratio of the variant's p50 to raw's p50 per round: median
+(min..max) over the rounds. "+default mw" variants keep the middleware a platform installs by
 default (observability: spans and metrics); the others measure the transport alone.
+
+Then ``--concurrency`` (32) callers at once, each doing sequential calls, for raw nats-py and
+the default-middleware variants: throughput per round and its ratio to raw's in the same round
+(target: >= 0.7x). The load average is printed with each section.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import asyncio
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -51,11 +57,30 @@ async def measure(fn: Callable[[], Awaitable[Any]], n: int) -> tuple[list[float]
     return lat, time.perf_counter() - t_start, time.process_time() - c_start
 
 
+async def concurrent(fn: Callable[[], Awaitable[Any]], callers: int, total: int) -> float:
+    """Calls per second with ``callers`` tasks sharing ``total`` sequential calls."""
+    share = total // callers
+
+    async def caller() -> None:
+        for _ in range(share):
+            await fn()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return share * callers / (time.perf_counter() - t0)
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=3000, help="calls per variant per round")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--size", type=int, default=128, help="payload bytes")
+    ap.add_argument("--concurrency", type=int, default=32, help="callers of the throughput part")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rpc-"))
@@ -160,6 +185,7 @@ async def run(url: str, args: argparse.Namespace) -> int:
             await setup()
             await measure(fn, 200)
         lat: dict[str, list[float]] = {k: [] for k in variants}
+        round_p50: dict[str, list[float]] = {k: [] for k in variants}
         spent: dict[str, float] = dict.fromkeys(variants, 0.0)
         cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
         gc.disable()
@@ -169,6 +195,7 @@ async def run(url: str, args: argparse.Namespace) -> int:
                     await setup()
                     xs, t, c = await measure(fn, args.calls)
                     lat[name].extend(xs)
+                    round_p50[name].append(pct(xs, 50))
                     spent[name] += t
                     cpu[name] += c
                 gc.collect()
@@ -179,7 +206,7 @@ async def run(url: str, args: argparse.Namespace) -> int:
         base_cpu = cpu[raw] / len(lat[raw])
         print(f"round trips: {args.rounds} rounds x {args.calls} calls, {args.size}-byte "
               f"payload, one sequential client (python {sys.version.split()[0]}); "
-              f"default middleware: {', '.join(names)}")
+              f"default middleware: {', '.join(names)}; load {load()}")
         for name in variants:
             p50, p99 = pct(lat[name], 50), pct(lat[name], 99)
             rate = len(lat[name]) / spent[name]
@@ -193,6 +220,43 @@ async def run(url: str, args: argparse.Namespace) -> int:
                          f", cpu {(per_cpu - base_cpu) * 1e6:+6.1f} us")
             else:
                 line += "   (baseline)"
+            print(line, flush=True)
+        print("p50 ratio to raw per round, median (min..max); target <= 1.3x with the default "
+              "middleware:")
+        for name in variants:
+            if name == raw:
+                continue
+            rs = [v / b for v, b in zip(round_p50[name], round_p50[raw], strict=True)]
+            print(f"  {name:<42} {statistics.median(rs):.2f}x ({min(rs):.2f}..{max(rs):.2f})")
+
+        # Throughput with many concurrent callers (the default middleware on).
+        await full()
+        conc = {
+            "raw nats-py request/reply": lambda: nc_cli.request("bench.raw.echo", payload, 5),
+            "app.rpc.call(node) +default mw": lambda: cli_app.rpc.call("server", "echo",
+                                                                      payload),
+            "app.rpc.call_leader +default mw": lambda: cli_app.rpc.call_leader("echo", payload),
+            "platform.api().call +default mw": lambda: api.call("echo", payload),
+        }
+        total = max(args.concurrency, args.calls)
+        for fn in conc.values():
+            await concurrent(fn, args.concurrency, total // 4)
+        rates: dict[str, list[float]] = {k: [] for k in conc}
+        loads = []
+        for _ in range(args.rounds):
+            loads.append(load())
+            for name, fn in conc.items():
+                rates[name].append(await concurrent(fn, args.concurrency, total))
+        print(f"\nthroughput: {args.concurrency} concurrent callers, {total} calls per variant "
+              f"per round, {args.rounds} rounds; load {' '.join(loads)}")
+        for name in conc:
+            r = rates[name]
+            line = (f"{name:<42} {statistics.median(r):7.0f} calls/s "
+                    f"({min(r):.0f}..{max(r):.0f})")
+            if name != raw:
+                rs = [v / b for v, b in zip(r, rates[raw], strict=True)]
+                line += (f"  | ratio to raw {statistics.median(rs):.2f}x "
+                         f"({min(rs):.2f}..{max(rs):.2f}) (target >= 0.7x)")
             print(line, flush=True)
     finally:
         await p_cli.stop()

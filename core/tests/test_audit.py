@@ -229,6 +229,53 @@ async def test_cli_audit(make_platform: Any, nats_url: str) -> None:
     assert res.exit_code == 0 and "election/leader_lost" in res.output
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("clients", [8, 32])
+async def test_lock_load_entries_all_stored_on_graceful_stop(
+        make_platform: Any, nats_url: str, clients: int) -> None:
+    # Many clients lock concurrently, each its own lock (8000 entries: one publish at a time
+    # left thousands queued and lost some at the stop); the platform stops right after,
+    # without an explicit flush: every acquired/released entry is in the stream, nothing
+    # counted as dropped.
+    app = App("svc", Singleton())
+    p = await make_platform("n1", app, start=False)
+    await p.start()
+    rounds = 4000 // clients
+
+    async def client(i: int) -> None:
+        for _ in range(rounds):
+            async with app.lock(f"l{i}", ttl=5):
+                pass
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    pending = p.audit.stats()["queued"]
+    await p.stop()
+    assert p.audit.dropped == 0, f"{p.audit.dropped} dropped ({pending} were queued at stop)"
+    nc = await nats.connect(nats_url)
+    try:
+        reader = AuditReader(nc.jetstream(), p.name)
+        entries = await reader.query(category="lock", app="svc", limit=None)
+        left = await reader.query(category="membership", action="left", node="n1")
+    finally:
+        await nc.close()
+    actions = [e.action for e in entries]
+    assert actions.count("acquired") == clients * rounds
+    assert actions.count("released") == clients * rounds
+    assert len(left) == 1 and left[0].data["graceful"] is True  # written by the stop itself
+
+
+async def test_dropped_entries_are_counted(make_platform: Any) -> None:
+    p = await make_platform("n1", audit_buffer=5)
+    for i in range(20):  # queued without a chance to publish: the 15 oldest do not fit
+        p.audit.log("deploy", "step", {"i": i})
+    assert p.audit.dropped == 15
+    assert p.metrics.audit_dropped_total.labels("buffer full")._value.get() == 15
+    assert await p.audit.flush()
+    stored = await p.audit.query(category="deploy")
+    assert [e.data["i"] for e in stored] == list(range(15, 20))
+    assert p.audit.stats()["dropped"] == 15
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_audit_after_sigkill_failover(nats_url: str, unique_name: str,

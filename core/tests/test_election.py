@@ -224,3 +224,25 @@ async def test_repeated_step_downs_always_hand_over(make_platform: Any) -> None:
         await wait_for(lambda other=other: other.is_leader, 5)
         assert (other.epoch or 0) > epoch and not cur.is_leader
         await asyncio.sleep(0.25)  # let the old leader's cooldown pass
+
+
+async def test_crash_seen_through_the_poll_when_the_watch_is_silent(make_platform: Any) -> None:
+    """An idle standby reads the lease only when a renewal is overdue; with its watch silent
+    (the server-side consumer deleted) it still takes over a crashed leader within the
+    election's worst-case bound."""
+    a, b = App("svc", Singleton()), App("svc", Singleton())
+    await make_platform("a", a)
+    assert await a.wait_for_leadership(10)
+    pb = await make_platform("b", b)
+    await wait_for(lambda: b.leader == "a", 10)
+    eb = b._rt().election
+    assert eb is not None and eb._watch_sub is not None
+    info = await eb._watch_sub.consumer_info()
+    await pb.js.delete_consumer(info.stream_name, info.name)
+    await asyncio.sleep(1.0)  # a couple of renewals go unseen by the watch
+    assert b.leader == "a" and not b.is_leader
+    ea = a._rt().election
+    assert ea is not None
+    await ea.stop(release=False)  # a crash: the lease stays until the server expires it
+    # The bound, plus slack for a loaded machine.
+    await wait_for(lambda: b.is_leader, eb.worst_case_failover() + 2.0)

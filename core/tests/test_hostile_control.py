@@ -515,6 +515,7 @@ async def test_membership_poll_crash_is_restarted(make_platform: Any, caplog: An
         await original()
 
     caplog.set_level(logging.ERROR, logger="pycluster.membership")
+    m.reconcile_interval = 0.5  # reconcile at every check (15 s by default)
     m.refresh_view = crashing  # type: ignore[method-assign]
     await wait_for(lambda: len(calls) >= 3, 10, message="the poll loop runs again")
     assert any(r.exc_info and "membership:poll" in r.getMessage() for r in caplog.records)

@@ -76,3 +76,30 @@ async def test_plugin_set_mismatch_is_reported(make_platform: Any) -> None:
     await wait_for(lambda: "b" in pa.plugin_mismatches, 10)
     assert "extra" in pa.plugin_mismatches["b"]
     await wait_for(lambda: "a" in pb.plugin_mismatches, 10)
+
+
+async def test_steady_state_reads_no_records_and_a_silent_watch_recovers(
+        make_platform: Any) -> None:
+    """Idle nodes follow each other through the watch alone (no record read per heartbeat);
+    a watch that goes silent (its server-side consumer deleted) is noticed by this node's own
+    refreshes not coming back, re-created, and a node joining afterwards is seen well before
+    the slow reconciliation (15 s) would find it."""
+    pa = await make_platform("a")  # heartbeat 0.5 s, lease 2 s
+    pb = await make_platform("b")
+    ma, mb = pa.membership, pb.membership
+    assert ma is not None and mb is not None
+    await wait_for(lambda: "b" in ma.members and "a" in mb.members, 10)
+    reads = ma.full_reads
+    first_b = ma._fresh["b"][0]
+    await wait_for(lambda: ma._fresh["b"][0] > first_b + 2, 10)  # b's refreshes arrive
+    assert ma.full_reads == reads and ma.watch_restarts == 0
+    assert ma.alive("b")
+
+    info = await ma._watch_sub.consumer_info()
+    assert pa.js_control is not None
+    await pa.js_control.delete_consumer(info.stream_name, info.name)
+    await wait_for(lambda: ma.watch_restarts >= 1, 10)
+    await make_platform("c")
+    await wait_for(lambda: "c" in ma.members, 10)
+    first_c = ma._fresh["c"][0]
+    await wait_for(lambda: ma._fresh["c"][0] > first_c, 10)  # through the new watch

@@ -343,6 +343,9 @@ class Lock:
         self._mine: _Snap | None = None  # our last successful write
         self._deadline = 0.0  # monotonic end of our lease
         self._renewer: asyncio.Task[None] | None = None
+        # The first renewal is due ttl/3 after the grant: a timer until then, so a lock held
+        # briefly (the common case) never creates and cancels a renewal task.
+        self._renew_timer: asyncio.TimerHandle | None = None
         self._wait_started = self._held_since = 0.0  # for on_event (wait and hold times)
         self._expired_told = False
 
@@ -541,7 +544,8 @@ class Lock:
         self._mine = _Snap(revision, state)
         self._deadline = sent + self.ttl
         self._acquired = True
-        self._renewer = supervise(f"lock-renewer:{self.name}", self._renew_loop)
+        self._renew_timer = asyncio.get_running_loop().call_later(
+            self.ttl / 3, self._start_renewer)
         self._held_since = time.monotonic()
         self._emit("acquired", token=token, waited=self._held_since - self._wait_started)
         return token
@@ -604,9 +608,14 @@ class Lock:
             return newer
         return self._mine
 
+    def _start_renewer(self) -> None:
+        self._renew_timer = None
+        if self._acquired and self._renewer is None:
+            self._renewer = supervise(f"lock-renewer:{self.name}", self._renew_loop)
+
     async def _renew_loop(self) -> None:
         ks = self._svc._key_state(self._key)
-        pause = self.ttl / 3
+        pause = 0.0  # the first renewal is due now (the timer waited ttl/3)
         while True:
             await asyncio.sleep(pause)
             if time.monotonic() >= self._deadline:
@@ -700,6 +709,9 @@ class Lock:
             snap = fresh
 
     async def _stop_renewer(self) -> None:
+        timer, self._renew_timer = self._renew_timer, None
+        if timer is not None:
+            timer.cancel()
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
             await cancel_and_wait(renewer)

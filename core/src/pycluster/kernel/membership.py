@@ -2,8 +2,12 @@
 
 The record (id, labels, address, version, plugin set, apps, started) is written like a lease:
 compare-and-set plus ``Nats-TTL``, refreshed every heartbeat, so a crashed node's record
-expires and a graceful leave deletes it. Other nodes watch ``nodes.>`` (with a polling fallback,
-since watchers can go silent) and raise ``on_member_join`` / ``on_member_leave``.
+expires and a graceful leave deletes it. Other nodes watch ``nodes.>`` and raise
+``on_member_join`` / ``on_member_leave``. The watch is the steady state: an idle node reads no
+records. It is checked every heartbeat by this node's own record (each refresh must come back
+through the watch within a heartbeat; if not, the watch went silent: it is re-created and every
+record read), and every record is read again after a reconnect and every
+``reconcile_interval`` (15 s) as a slow reconciliation.
 
 A second process starting with a node id whose record is alive asks that process over NATS
 whether it is running (``{platform}._.node.{node_id}.ping``); if the process named by the
@@ -41,7 +45,6 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from . import natsutil as nu
 from .aio import cancel_and_wait, supervise
@@ -134,6 +137,7 @@ class Membership:
         on_leave: Callable[[dict[str, Any]], None],
         on_replaced: Callable[[], None],
         poll_interval: float = 1.0,
+        reconcile_interval: float = 15.0,
         replicas: int = 1,
         control: ControlPlane | None = None,
         on_restored: Callable[[dict[str, Any]], None] | None = None,
@@ -150,6 +154,7 @@ class Membership:
         self._on_leave = on_leave
         self._on_replaced = on_replaced
         self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
         self.replicas = replicas
         self.incarnation = os.urandom(6).hex()
         self._control = control
@@ -173,6 +178,12 @@ class Membership:
         self._ping_sub: Any = None
         self._watch_sub: Any = None
         self._wake = asyncio.Event()
+        # node -> (body, TTL header) of its last valid record, to skip re-validating a refresh
+        # that changed nothing.
+        self._raw: dict[str, tuple[bytes, str | None]] = {}
+        self._own_seen = 0  # the newest revision of our own record the watch delivered
+        self.watch_restarts = 0  # watches found silent and re-created
+        self.full_reads = 0  # reads of every record (startup, reconciliation, recovery)
         self._stopped = False
         self.started = time.time()
 
@@ -378,21 +389,25 @@ class Membership:
                 else:
                     seq = msg.metadata.sequence.stream
                     self._max_seq = max(self._max_seq, seq)
+                    if node == self.node_id:
+                        self._own_seen = max(self._own_seen, seq)
                     self._observe(node, seq, msg.data, headers)
             except Exception:  # never into nats-py's delivery loop
                 log.exception("membership: watch callback failed")
 
         try:
-            self._watch_sub = await self._js.subscribe(
-                nu.kv_subject(self.bucket, NODE_PREFIX + ">"), cb=on_msg,
-                ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, idle_heartbeat=2.0,
-            )
+            self._watch_sub = await nu.light_watch(
+                self._js, nu.kv_subject(self.bucket, NODE_PREFIX + ">"), on_msg)
+            # Delivers new writes only: ours so far count as seen (for the silence check).
+            self._own_seen = max(self._own_seen, self._rev)
         except Exception as exc:
             log.warning("membership watch failed (%s); polling only", exc)
 
     async def reconnected(self) -> None:
-        """Re-create the watch after a reconnect."""
+        """Re-create the watch after a reconnect and read every record (what changed while
+        disconnected)."""
         await self._resubscribe()
+        await self.refresh_view()
 
     async def _resubscribe(self) -> None:
         sub, self._watch_sub = self._watch_sub, None
@@ -403,6 +418,16 @@ class Membership:
 
     def _observe(self, node: str, seq: int, data: bytes, headers: Mapping[str, str]) -> None:
         """A live record of ``node`` at revision ``seq``: validate, track its freshness."""
+        ttl_header = headers.get(nu.TTL_HEADER)
+        if self._raw.get(node) == (data, ttl_header) and node in self.members:
+            # A refresh that changed nothing but the revision (most heartbeats): the record
+            # was validated already, only its freshness moves on.
+            fresh = self._fresh.get(node)
+            if fresh is None or fresh[0] != seq:
+                self._fresh[node] = (seq, time.monotonic(),
+                                     (_ttl_of(headers) or self.ttl) + max(0.5, self.poll_interval))
+            return
+        self._raw.pop(node, None)
         try:
             rec: Any = json.loads(data)
         except (ValueError, UnicodeDecodeError):
@@ -423,6 +448,7 @@ class Membership:
             ttl = _ttl_of(headers) or self.ttl
             self._fresh[node] = (seq, time.monotonic(), ttl + max(0.5, self.poll_interval))
         self._seen(node, rec)
+        self._raw[node] = (data, ttl_header)
 
     def alive(self, node: str) -> bool:
         """Whether ``node``'s record is valid and changed within its TTL (plus a margin) on
@@ -441,12 +467,14 @@ class Membership:
             self._on_join(rec)
 
     def _left(self, node: str) -> None:
+        self._raw.pop(node, None)
         rec = self.members.pop(node, None)
         if rec is not None:
             self._on_leave(rec)
 
     async def refresh_view(self) -> None:
-        """Read every record (the polling fallback of the watch)."""
+        """Read every record (the reconciliation of the watch's view)."""
+        self.full_reads += 1
         try:
             live = {
                 key[len(NODE_PREFIX):]: msg
@@ -467,9 +495,22 @@ class Membership:
             self._observe(node, msg.seq, msg.data, msg.headers)
 
     async def _poll(self) -> None:
+        """Check the watch every heartbeat (cheap: no read), read everything when it is
+        silent and every ``reconcile_interval``."""
+        check = max(0.5, self.heartbeat)
+        last_full = time.monotonic()
         while not self._stopped:
-            await asyncio.sleep(self.poll_interval)
-            await self.refresh_view()
+            written = self._rev  # our newest write: the watch must deliver it within `check`
+            await asyncio.sleep(check)
+            silent = self._watch_sub is None or self._own_seen < written
+            if silent and not self._stopped:
+                log.info("node %s: membership watch silent (revision %d not delivered); "
+                         "re-creating it", self.node_id, written)
+                self.watch_restarts += 1
+                await self._resubscribe()
+            if silent or time.monotonic() - last_full >= self.reconcile_interval:
+                await self.refresh_view()
+                last_full = time.monotonic()
 
     async def leave(self) -> None:
         """Delete the record (others see the leave at once) and stop."""

@@ -19,15 +19,23 @@ Events that several nodes observe (a crashed leader, a member leaving) are writt
 observer with the same ``Nats-Msg-Id``, so JetStream's duplicate window (2 min) keeps one.
 
 Writing never blocks the caller: `AuditLog.log` queues the entry and one background task
-publishes entries in order with acknowledgement. Under connection loss entries wait in a bounded
-buffer (``audit_buffer`` entries, oldest dropped and counted beyond it) and are published after
-the reconnect; ``await audit.flush()`` waits until everything queued so far is stored.
+publishes the queue in batches (up to 512 publishes in flight, sent in order, each acknowledged
+by the stream; an entry without an ack is sent again with its ``Nats-Msg-Id``, so it is stored
+once). Under connection loss entries wait in a bounded buffer (``audit_buffer`` entries, oldest
+dropped beyond it) and are published after the reconnect; ``await audit.flush()`` waits until
+everything queued so far is stored. A graceful stop flushes everything within the stop budget
+(80 % of ``hook_timeout``). Entries that could not be stored (buffer full, refused by the
+server, still queued when the stop budget ran out) are counted in ``dropped`` and in the metric
+``pycluster_audit_dropped_total{reason}``.
 
 Reading (`AuditReader`, also used by ``pycluster audit``) needs only a JetStream context::
 
     entries = await platform.audit.query(since=time.time() - 3600, category="election")
     async for entry in platform.audit.stream(AuditFilter(app="convex")):
         print(entry.action, entry.data)
+
+Size: the writer (batched publishing with its ack bookkeeping, read back in one place) and the
+core's automatic entries, which share the writer's per-app state (roles, observed leaders).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import time
@@ -42,7 +51,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
-import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     StreamConfig,
@@ -70,6 +81,13 @@ if TYPE_CHECKING:
     from ...middleware import Request
 
 log = logging.getLogger("pycluster.audit")
+
+_WINDOW = 512
+"""Publishes in flight at a time (one batch)."""
+_LINGER = 0.005
+"""Shortest interval between two batches (unless a full window is waiting)."""
+_ACK_TIMEOUT = 2.0
+"""How long a batch waits for its acks before the unacknowledged entries are sent again."""
 
 CORE_CATEGORIES: dict[str, dict[str, str]] = {
     "election": {
@@ -175,6 +193,17 @@ class AuditLog:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._started = False
+        # The batch in flight (entries, and the ack bookkeeping `_on_ack` fills in).
+        self._inflight: list[tuple[AuditEntry, str]] = []
+        self._batch: tuple[int, int, dict[int, str], asyncio.Event] | None = None
+        self._next_token = 0
+        self._inbox: str | None = None
+        # Names already validated (a bounded set in practice: the declared categories and
+        # actions, the platform's apps), so logging a known kind of entry is cheap.
+        self._valid: set[tuple[str, str]] = set()
+        self._valid_apps: set[str] = set()
+        self._ack_sub: Subscription | None = None
+        self._ack_nc: NATS | None = None
         self._roles: dict[str, str] = {}
         self._observed: dict[str, tuple[str | None, int | None]] = {}
         self._last_leader: dict[str, tuple[str, int | None]] = {}
@@ -200,11 +229,14 @@ class AuditLog:
         :param correlation_id: defaults to the current `correlation` id.
         :param msg_id: de-duplication id (entries with the same id within 2 min are stored once).
         """
-        validate_token("category", category)
-        validate_token("action", action)
+        if (category, action) not in self._valid:
+            validate_token("category", category)
+            validate_token("action", action)
+            self._valid.add((category, action))
         app_name = app.name if app is not None and not isinstance(app, str) else app
-        if app_name is not None:
+        if app_name is not None and app_name not in self._valid_apps:
             validate_ident("app", app_name)
+            self._valid_apps.add(app_name)
         entry = AuditEntry(
             time=time.time(), platform=self.platform.name, node=self.platform.node_id,
             category=category, action=action, app=app_name, data=dict(data or {}),
@@ -220,10 +252,7 @@ class AuditLog:
     def _enqueue(self, entry: AuditEntry, msg_id: str) -> None:
         if len(self._queue) >= self.buffer:
             self._queue.popleft()
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("audit buffer full (%d entries): %d entries dropped so far",
-                            self.buffer, self.dropped)
+            self._count_dropped(1, "buffer full")
         self._queue.append((entry, msg_id))
         self._idle.clear()
         self._wake.set()
@@ -233,7 +262,7 @@ class AuditLog:
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued entry is stored; False if ``timeout`` passed first."""
-        if not self._queue:
+        if not self._queue and not self._inflight:
             return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -295,36 +324,138 @@ class AuditLog:
                             type(exc).__name__, exc)
 
     async def _publisher(self) -> None:
+        """Publish queued entries in order, up to `_WINDOW` in flight at a time.
+
+        Each batch is sent back to back on the connection (one flush), each publish with a
+        reply subject on this service's ack inbox; the batch is done when every ack arrived or
+        `_ACK_TIMEOUT` passed. Entries without a positive ack go back to the head of the queue
+        and are sent again with the same ``Nats-Msg-Id``, so a publish that was stored but whose
+        ack was lost is not stored twice (the server's duplicate window).
+        """
         pause = 0.1
+        loop = asyncio.get_running_loop()
+        next_batch = 0.0
         while True:
             if not self._queue:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
+                next_batch = max(next_batch, loop.time() + _LINGER)
+            # At most one batch per `_LINGER` unless a full window is waiting: a steady trickle
+            # (e.g. the entries of a run of lock operations) goes out as one write and one
+            # batch of acks every few ms instead of one round of each per entry, which would
+            # cost the event loop (and the operations being audited) far more.
+            wait = next_batch - loop.time()
+            if wait > 0 and len(self._queue) < _WINDOW:
+                await asyncio.sleep(wait)
                 continue
-            js = self.platform.js
-            entry, msg_id = self._queue[0]
+            next_batch = loop.time() + _LINGER
+            nc = self.platform.nc
+            if nc is None or not nc.is_connected:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if self._ack_sub is None or self._ack_nc is not nc:
+                try:  # a new connection object: its own ack inbox
+                    await self._subscribe_acks(nc)
+                except nu.TRANSIENT_ERRORS:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 5.0)
+                    continue
+            n = min(len(self._queue), _WINDOW)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._inflight = batch
             try:
-                assert js is not None
-                await js.publish(entry.subject(), entry.encode(), timeout=2.0,
-                                 headers={"Nats-Msg-Id": msg_id})
-            except nats.js.errors.NoStreamResponseError:
-                with contextlib.suppress(Exception):  # the stream was deleted: re-create it
-                    await self._ensure_stream(js)  # type: ignore[arg-type]
+                retry, no_stream = await self._send_batch(nc, batch)
+            finally:
+                self._inflight = []
+            if retry:
+                # Back to the head, in order (within the buffer bound: what no longer fits is
+                # the oldest and is dropped, as when queueing).
+                self._queue.extendleft(reversed(retry))
+                while len(self._queue) > self.buffer:
+                    self._queue.popleft()
+                    self._count_dropped(1, "buffer full")
+                if no_stream:
+                    js = self.platform.js
+                    with contextlib.suppress(Exception):  # the stream was deleted: re-create
+                        assert js is not None
+                        await self._ensure_stream(js)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
-            except nu.TRANSIENT_ERRORS as exc:
-                log.debug("audit publish failed (%s); retrying", exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
-                continue
-            except Exception as exc:  # a permanent refusal: drop this entry, keep the rest
-                log.error("audit entry %s/%s refused: %s", entry.category, entry.action, exc)
             pause = 0.1
-            if self._queue and self._queue[0][0] is entry:
-                self._queue.popleft()
+
+    async def _send_batch(self, nc: NATS, batch: list[tuple[AuditEntry, str]]
+                          ) -> tuple[list[tuple[AuditEntry, str]], bool]:
+        """Publish ``batch``; return the entries to send again and whether the stream was
+        missing."""
+        assert self._inbox is not None
+        base = self._next_token
+        self._next_token += len(batch)
+        results: dict[int, str] = {}
+        done = asyncio.Event()
+        self._batch = (base, len(batch), results, done)
+        try:
+            for i, (entry, msg_id) in enumerate(batch):
+                await nc.publish(entry.subject(), entry.encode(),
+                                 reply=f"{self._inbox}.{base + i}",
+                                 headers={"Nats-Msg-Id": msg_id})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), _ACK_TIMEOUT)
+        except nu.TRANSIENT_ERRORS as exc:
+            log.debug("audit publish failed (%s); retrying", exc)
+        finally:
+            self._batch = None
+        retry: list[tuple[AuditEntry, str]] = []
+        no_stream = False
+        refused = 0
+        for i, item in enumerate(batch):
+            outcome = results.get(base + i)
+            if outcome == "ok":
                 self.written += 1
+            elif outcome is None or outcome in ("retry", "no_stream"):
+                no_stream = no_stream or outcome == "no_stream"
+                retry.append(item)
+            else:  # a permanent refusal: drop this entry, keep the rest
+                refused += 1
+                log.error("audit entry %s/%s refused: %s", item[0].category, item[0].action,
+                          outcome)
+        if refused:
+            self._count_dropped(refused, "refused")
+        return retry, no_stream
+
+    async def _subscribe_acks(self, nc: NATS) -> None:
+        old, self._ack_sub = self._ack_sub, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        self._inbox = nc.new_inbox()
+        self._ack_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+        self._ack_nc = nc
+
+    async def _on_ack(self, msg: Msg) -> None:
+        batch = self._batch
+        if batch is None:
+            return  # a late ack of a batch given up on: its entries are sent again
+        base, count, results, done = batch
+        try:
+            token = int(msg.subject.rsplit(".", 1)[1])
+        except ValueError:
+            return
+        if not base <= token < base + count:
+            return
+        results[token] = _ack_outcome(msg)
+        if len(results) == count:
+            done.set()
+
+    def _count_dropped(self, n: int, why: str) -> None:
+        self.dropped += n
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 < n:
+            log.warning("audit: %d entries dropped so far (%s)", self.dropped, why)
+        metrics = self.platform.services.get("metrics")
+        if metrics is not None:
+            metrics.audit_dropped(why, n)  # type: ignore[attr-defined]
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -351,8 +482,9 @@ class AuditLog:
         """Create/update the stream and start publishing queued entries."""
         if not self.enabled:
             return
-        assert self.platform.js is not None
+        assert self.platform.js is not None and self.platform.nc is not None
         await self._ensure_stream(self.platform.js)
+        await self._subscribe_acks(self.platform.nc)
         self._started = True
         self._task = supervise("audit:publisher", self._publisher)
 
@@ -374,10 +506,20 @@ class AuditLog:
                                             "graceful": True},
                      msg_id=f"membership.{self.platform.node_id}.left.{inc}")
         if self._task is not None:
-            if not await self.flush(2.0):
-                log.warning("audit: %d entries not stored before leaving", len(self._queue))
+            # Everything queued is stored before leaving, within most of the stop budget
+            # (the platform bounds each service's stop by ``hook_timeout``).
+            budget = max(1.0, 0.8 * float(self.platform.settings.hook_timeout))
+            if not await self.flush(budget):
+                lost = len(self._queue) + len(self._inflight)
+                log.warning("audit: %d entries not stored before leaving (%.1fs)", lost, budget)
+                self._count_dropped(lost, "not stored before leaving")
+                self._queue.clear()
             await cancel_and_wait(self._task)
             self._task = None
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+            self._ack_sub = None
         self._started = False
 
     # -- automatic entries (from the plugin's hooks) -----------------------------------------
@@ -534,6 +676,22 @@ class AuditLog:
             return
         self.log("health", "changed", {"check": check, "status": status, "previous": previous,
                                        "error": error}, app=app)
+
+
+def _ack_outcome(msg: Msg) -> str:
+    """``ok``, ``retry`` (send again), ``no_stream`` or the reason of a permanent refusal."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        return "no_stream"  # no responders: the stream is gone
+    try:
+        body = json.loads(msg.data)
+    except ValueError:
+        return "retry"
+    err = body.get("error") if isinstance(body, dict) else None
+    if err is None:
+        return "ok" if isinstance(body, dict) and "seq" in body else "retry"
+    if not isinstance(err, dict) or err.get("code", 500) >= 500:
+        return "retry"  # e.g. a stream without a leader yet
+    return str(err.get("description") or err)
 
 
 def _mid(app: str, action: str, epoch: int | None, node: str | None) -> str:

@@ -21,8 +21,9 @@ Behaviour, and why (see docs/concepts.md, "Election"):
 * Under connection loss the holder keeps retrying renewals until its local deadline, then
   fences. A paused (SIGSTOP) holder that resumes past its deadline is not leader
   (`is_leader` checks the clock on every call) and must win again, with a new epoch.
-* Standbys watch the lease keys (an ordered consumer) and also poll, because a watcher can go
-  silent when its server dies; watches are re-created after a reconnect.
+* Standbys watch the lease keys (a light push consumer, `natsutil.light_watch`) and also poll,
+  because a watcher can go silent when its server dies; watches are re-created after a
+  reconnect.
 * A graceful step-down deletes the lease (one CAS), optionally naming a successor in a header;
   the others take over at once, deferring briefly to a named successor.
 * Records are not trusted blindly (any client that may write the bucket can forge one). A
@@ -63,7 +64,6 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 
 from ...kernel import natsutil as nu
 from ...kernel.aio import cancel_and_wait, supervise
@@ -224,6 +224,14 @@ class LeaseElection:
         """Create the bucket if needed, start watching and campaigning."""
         await nu.ensure_kv(self._js, self.bucket, history=1, marker_ttl=1, replicas=self.replicas)
         await self._subscribe()
+        # Note the current holders before start() returns: a holder that releases right after
+        # (a node reported ready, then the leader is stopped) is then known as the releaser
+        # and its key taken at once, not only after its lease could have run out.
+        for key in self.keys:
+            with contextlib.suppress(*nu.TRANSIENT_ERRORS):
+                msg = await nu.last_msg(self._js, self.bucket, key)
+                if self._note(key, msg, time.monotonic()) is not None and msg is not None:
+                    self._validate(key, msg)
         self._task = supervise(f"election:{self.bucket}", self._run, logger=log)
 
     async def stop(self, release: bool = True) -> None:
@@ -296,14 +304,7 @@ class LeaseElection:
                 log.exception("election %s: watch callback failed", self.bucket)
 
         try:
-            self._watch_sub = await self._js.subscribe(
-                subject,
-                cb=on_msg,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW,
-                headers_only=True,
-                idle_heartbeat=2.0,
-            )
+            self._watch_sub = await nu.light_watch(self._js, subject, on_msg, headers_only=True)
         except Exception as exc:  # polling still works; the next reconnect retries
             log.warning("election %s: watch failed (%s); polling only", self.bucket, exc)
             self._watch_sub = None
@@ -392,7 +393,14 @@ class LeaseElection:
         self._wake.clear()  # before reading: a change during the reads wakes the sleep below
         vacant: list[tuple[str, nu.LastMsg | None]] = []
         observed: tuple[str | None, int | None, str | None] | None = None
-        wait = self.poll_interval
+        # With a watch, a live holder's renewals wake us: no read is needed until a renewal is
+        # overdue (a heartbeat plus a poll after the last new revision), from then on we poll
+        # every `poll_interval` as without a watch. A crash is thus seen as soon as before
+        # (its lease outlives the heartbeat), while an idle standby reads once per renewal
+        # instead of every poll; a silent watch costs at most a heartbeat more for a release.
+        watching = self._watch_sub is not None
+        quiet = self.heartbeat_interval + self.poll_interval
+        wait = self.lease_ttl if watching else self.poll_interval
         try:
             for key in self.keys:
                 msg = await nu.last_msg(self._js, self.bucket, key)
@@ -402,7 +410,7 @@ class LeaseElection:
                     if msg is None and seen is not None and now - seen.since <= seen.limit:
                         # A live record vanished without a tombstone (the bucket was deleted
                         # and re-created): its holder may still act until its TTL is over.
-                        wait = min(wait, seen.since + seen.limit - now)
+                        wait = min(wait, seen.since + seen.limit - now, self.poll_interval)
                         if seen.leader is not None and (observed is None or key == "leader"):
                             observed = (seen.leader, seen.epoch, key)
                         continue
@@ -422,6 +430,10 @@ class LeaseElection:
                     vacant.append((key, msg))  # stale: no holder can still act on it
                     continue
                 wait = min(wait, seen.since + seen.limit - now)
+                if not watching or not isinstance(rec, LeaseRecord):
+                    wait = min(wait, self.poll_interval)
+                else:
+                    wait = min(wait, max(seen.since + quiet - now, self.poll_interval))
                 if isinstance(rec, LeaseRecord):
                     self.leader_seen = max(self.leader_seen, seen.since)
                     if seen.since == now:  # a revision first seen now: its holder renewed
@@ -434,6 +446,8 @@ class LeaseElection:
                 await self._heal()
             await self._sleep(self.poll_interval)
             return
+        if vacant:
+            wait = min(wait, self.poll_interval)
         if observed is not None:
             self._observe(*observed)
         elif vacant:

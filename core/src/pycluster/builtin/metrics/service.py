@@ -142,6 +142,12 @@ class PlatformMetrics:
         self.audit_entries = Counter(
             "pycluster_audit_entries_total", "Audit entries written by this node.",
             ["category"], registry=r)
+        self.audit_dropped_total = Counter(
+            "pycluster_audit_dropped_total",
+            "Audit entries this node could not store, by reason: buffer full (NATS unreachable "
+            "for long), refused (by the server), not stored before leaving (the stop budget "
+            "ran out).", ["reason"], registry=r)
+        self._audit_children: dict[str, Any] = {}
         r.register(StateCollector(platform))
         r.register(BackendCollector(platform))  # the backend registry's kinds
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
@@ -265,7 +271,14 @@ class PlatformMetrics:
 
     def audit_entry(self, category: str) -> None:
         """Count an audit entry."""
-        self.audit_entries.labels(category).inc()
+        child = self._audit_children.get(category)
+        if child is None:
+            child = self._audit_children[category] = self.audit_entries.labels(category)
+        child.inc()
+
+    def audit_dropped(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` audit entries that could not be stored."""
+        self.audit_dropped_total.labels(reason).inc(n)
 
     def lock_event(self, scope: str, event: str, fields: dict[str, Any]) -> None:
         """Record lock wait and hold times."""
