@@ -20,7 +20,10 @@ import click
 from ..kernel.errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
 from .audit_cmd import audit_cmd
-from .common import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
+from .chaos_cmd import chaos_cmd
+from .common import OUTPUT, _fail, _table
+from .ops_cmd import doctor_cmd, init_cmd, version_cmd
+from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
 from .security_cmd import nats_config_cmd, provision_cmd
 
@@ -166,16 +169,21 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
 
 
 @cli.command("status")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output: str) -> None:
-    """Show nodes, apps, leaders and epochs of a platform."""
+def status_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
+               output: str) -> None:
+    """Show nodes, apps, leaders and epochs of a platform.
+
+    \b
+    Examples:
+      pycluster status --config /etc/pycluster/node.yaml
+      pycluster status -p prod --nats-url nats://nats-1:4222 -o json
+    """
     from .inspect import read_status
 
     try:
-        st = asyncio.run(read_status(nats_url, platform, data_dir))
+        st = asyncio.run(read_status(nats_url, platform, data_dir, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -210,17 +218,18 @@ def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output
                    "requests refuse unsigned ones); needs --seed.")
 @click.option("--seed", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="The NKey seed file of --sign-as.")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
 def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_as: str | None,
-                 seed: str | None, nats_url: str | None, data_dir: str | None, platform: str,
-                 output: str) -> None:
+                 seed: str | None, config: str | None, nats_url: str | None,
+                 data_dir: str | None, platform: str, output: str) -> None:
     """Ask the active instance of APP to hand leadership over now.
 
-    Example: ``pycluster stepdown orders -p prod --successor node-2 --sign-as ops --seed
-    /etc/pycluster/ops.nk``
+    \b
+    Examples:
+      pycluster stepdown orders --config /etc/pycluster/node.yaml
+      pycluster stepdown orders -p prod --successor node-2 --sign-as ops \\
+          --seed /etc/pycluster/ops.nk
     """
     from .inspect import request_stepdown
 
@@ -231,7 +240,7 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
 
             signer = SignedAuth(sign_as, seed, kinds=("rpc",))
         res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown,
-                                           data_dir, signer=signer))
+                                           data_dir, signer=signer, config=config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -262,6 +271,10 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
 
 
 cli.add_command(audit_cmd)
+cli.add_command(chaos_cmd)
+cli.add_command(version_cmd)
+cli.add_command(init_cmd)
+cli.add_command(doctor_cmd)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 
