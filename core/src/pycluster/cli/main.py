@@ -22,6 +22,7 @@ from ..plugins import PluginManager, create_plugin_manager
 from .audit_cmd import audit_cmd
 from .chaos_cmd import chaos_cmd
 from .common import OUTPUT, _fail, _table
+from .dev import dev_group
 from .ops_cmd import doctor_cmd, init_cmd, version_cmd
 from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
@@ -275,6 +276,7 @@ cli.add_command(chaos_cmd)
 cli.add_command(version_cmd)
 cli.add_command(init_cmd)
 cli.add_command(doctor_cmd)
+cli.add_command(dev_group)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 
