@@ -76,3 +76,30 @@ def test_dev_up_nats_cluster_r3(tmp_path: Path) -> None:
 def test_dev_down_without_a_cluster(tmp_path: Path) -> None:
     out = run("dev", "down", "--dir", str(tmp_path / "none"))
     assert out.returncode == 0 and "no dev cluster" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_chaos_on_a_dev_cluster_keeps_it_stoppable(tmp_path: Path) -> None:
+    root = tmp_path / "dev"
+    up = run("dev", "up", "--dir", str(root), "--nats-cluster", "--nodes", "1", "-o", "json")
+    assert up.returncode == 0, up.stderr
+    before = [p["pid"] for p in json.loads(up.stdout)["nats"]]
+    try:
+        out = run("chaos", "--dev", str(root), "--faults", "12", "--seed", "5",
+                  "--kind", "server_kill", "--kind", "node_kill", "--kind", "node_pause",
+                  "--settle", "0.3", "--max-hold", "1.5", "-o", "json", timeout=500)
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+        summary = json.loads(out.stdout)
+        assert summary["ok"] and summary["faults"] == 12 and summary["acked"] > 0
+        assert "server_kill" in out.stderr  # seed 5 kills at least one server
+        refused = run("chaos", "--dev", str(root), "--kind", "partition")
+        assert refused.returncode == 2 and "cannot be partitioned" in refused.stderr
+        state = json.loads((root / "state.json").read_text())
+        after = [p["pid"] for p in state["nats"]]
+        assert after != before and all(alive(pid) for pid in after)  # restarted, recorded
+    finally:
+        down = run("dev", "down", "--dir", str(root))
+    assert down.returncode == 0
+    assert not any(alive(pid) for pid in after)
+    assert run("chaos", "--dev", str(root)).returncode == 2  # nothing runs there any more

@@ -1,9 +1,9 @@
 """``pycluster chaos``: seeded fault injection with an external check (`pycluster.testing.chaos`).
 
-Starts a fresh 3-server NATS cluster (R3 buckets and streams) and node processes of a throwaway
-platform, runs the chaos workload on them (lock-protected increments, linearizable reads, a
-witness of the active instance's epochs), injects faults one after another, and reports what
-the checker found. It never touches an existing cluster.
+Starts a fresh 3-server NATS cluster (R3 buckets and streams), or uses the servers of a
+``pycluster dev`` cluster, and node processes of a throwaway platform, runs the chaos workload
+on them (lock-protected increments, linearizable reads, a witness of the active instance's
+epochs), injects faults one after another, and reports what the checker found.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any
 import click
 
 from ..kernel.errors import PyclusterError
-from ..testing.chaos import FaultInjector, Report, run_chaos
+from ..testing.chaos import FaultInjector, Report, run_chaos, run_workload
 
 EXIT_OK, EXIT_VIOLATION, EXIT_ERROR, EXIT_NO_PROGRESS = 0, 1, 2, 3
+DEV_KINDS = tuple(k for k in FaultInjector.KINDS if k != "partition")
 
 
 def _text(summary: dict[str, Any], report: Report) -> str:
@@ -76,6 +77,11 @@ def _text(summary: dict[str, Any], report: Report) -> str:
 @click.option("--unfenced", is_flag=True,
               help="Run a deliberately wrong workload (possibly stale read + unconditional put "
                    "under the lock) to see the checker catch it: expect exit code 1.")
+@click.option("--dev", "dev_dir", type=click.Path(file_okay=False),
+              help="Fault the nats-servers of the `pycluster dev up` cluster in this directory "
+                   "instead of a fresh cluster (its buckets' replicas: 1, or 3 with "
+                   "--nats-cluster); the workload nodes join it as a platform of their own. "
+                   "No partitions there.")
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Where logs and operation histories go (default: a temporary directory, "
                    "removed after a clean run, kept and printed otherwise).")
@@ -83,12 +89,14 @@ def _text(summary: dict[str, Any], report: Report) -> str:
               show_default=True, help="Report format (progress goes to stderr).")
 def chaos_cmd(faults: int, seed: int | None, nodes: int, kinds: tuple[str, ...],
               lease_ttl: float, heartbeat: float, max_hold: float | None, settle: float,
-              lock_ttl: float, unfenced: bool, workdir: str | None, output: str) -> None:
+              lock_ttl: float, unfenced: bool, dev_dir: str | None, workdir: str | None,
+              output: str) -> None:
     """Inject seeded random faults into a throwaway cluster and check safety from outside.
 
     Runs on a fresh 3-server NATS cluster with R3 buckets (needs the nats-server binary that
-    pycluster installs) and NODES node processes of a platform of its own; it never touches an
-    existing cluster. While faults are injected, every node runs lock-protected increments of
+    pycluster installs) and NODES node processes of a platform of its own; with --dev, on the
+    nats-servers of a `pycluster dev up` cluster instead. It never touches another cluster.
+    While faults are injected, every node runs lock-protected increments of
     one counter and linearizable reads, and the active instance reports (node, epoch) to a
     witness in this process. The report gives the faults injected, lost and doubled
     increments, stale reads, split brain (acts with an older epoch after a newer one) and
@@ -99,6 +107,7 @@ def chaos_cmd(faults: int, seed: int | None, nodes: int, kinds: tuple[str, ...],
       pycluster chaos --faults 100 --seed 42
       pycluster chaos --faults 20 --kind node_pause --kind node_kill -o json
       pycluster chaos --unfenced --kind node_pause --lock-ttl 1   # must report violations
+      pycluster dev up --nats-cluster && pycluster chaos --dev .pycluster-dev --faults 20
 
     \b
     Exit codes: 0 no violation; 1 a violation (lost or doubled increment, stale read, split
@@ -112,18 +121,31 @@ def chaos_cmd(faults: int, seed: int | None, nodes: int, kinds: tuple[str, ...],
     keep = workdir is not None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="pycluster-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    click.echo(f"chaos: seed {seed}, {faults} faults, {nodes} nodes, 3 NATS servers (R3), "
+    target = f"the dev cluster in {dev_dir}" if dev_dir else "3 NATS servers (R3)"
+    click.echo(f"chaos: seed {seed}, {faults} faults, {nodes} nodes, {target}, "
                f"workdir {work}", err=True)
 
     def progress(n: int, what: str) -> None:
         click.echo(f"fault {n + 1}/{faults}: {what}", err=True)
 
+    common: dict[str, Any] = dict(
+        faults=faults, seed=seed, nodes=nodes, lease_ttl=lease_ttl, heartbeat=heartbeat,
+        settle=settle, on_fault=progress, pattern="unfenced" if unfenced else "fenced",
+        max_hold=max_hold, lock_ttl=lock_ttl)
     try:
-        report = asyncio.run(run_chaos(
-            work, faults=faults, seed=seed, nodes=nodes, lease_ttl=lease_ttl,
-            heartbeat=heartbeat, settle=settle, on_fault=progress,
-            pattern="unfenced" if unfenced else "fenced",
-            kinds=kinds or FaultInjector.KINDS, max_hold=max_hold, lock_ttl=lock_ttl))
+        if dev_dir is None:
+            report = asyncio.run(run_chaos(work, kinds=kinds or FaultInjector.KINDS, **common))
+        else:
+            from .dev import DevServers, load_running
+
+            if "partition" in kinds:
+                raise ValueError("--kind partition: a dev cluster cannot be partitioned")
+            root, state = load_running(Path(dev_dir))
+            servers = DevServers(root, state)
+            FaultInjector(None, None, seed, lease_ttl, kinds or DEV_KINDS, max_hold)
+            report = asyncio.run(run_workload(
+                servers, servers.urls, work, platform=f"{state['platform']}chaos{seed % 1000}",
+                replicas=len(servers), kinds=kinds or DEV_KINDS, **common))
     except (PyclusterError, ValueError, RuntimeError, TimeoutError, OSError) as exc:
         click.echo(f"error: chaos run failed: {type(exc).__name__}: {exc} (logs in {work}; "
                    f"replay with --seed {seed})", err=True)

@@ -204,7 +204,7 @@ def dev_up(root: Path, nodes: int, nats_cluster: bool, platform: str, lease_ttl:
             log = root / "logs" / f"nats-{i + 1}.log"
             state["nats"].append({"name": f"nats-{i + 1}", "pid": _spawn(argv, log, root),
                                   "url": state["nats_urls"][i], "log": str(log),
-                                  "mark": str(store)})
+                                  "mark": str(store), "argv": argv})
         _write(root, state)
         asyncio.run(_wait_nats(state["nats_urls"], size, timeout))
         for n in range(1, nodes + 1):
@@ -230,6 +230,57 @@ def dev_up(root: Path, nodes: int, nats_cluster: bool, platform: str, lease_ttl:
         stop_all(state, timeout=5)
         raise
     return state
+
+
+class DevServers:
+    """The nats-servers of a running dev cluster, as `pycluster.testing.chaos.FaultInjector`
+    faults them: SIGKILL and restart with the same command line and store (each new PID is
+    written to state.json at once, so ``dev down`` still stops it). Partitions need the
+    proxies of a `pycluster.testing.NatsCluster` and are refused."""
+
+    def __init__(self, root: Path, state: dict[str, Any]) -> None:
+        self.root, self.state = root, state
+        self.urls: list[str] = list(state["nats_urls"])
+
+    def __len__(self) -> int:
+        return len(self.state["nats"])
+
+    def partition(self, i: int) -> None:
+        raise DevError("a dev cluster cannot be partitioned (no proxies between its servers)")
+
+    def heal(self) -> None:
+        """Nothing to heal: servers are restarted at the end of each fault."""
+
+    def kill(self, i: int) -> None:
+        """SIGKILL server ``i`` and wait until it is gone."""
+        proc = self.state["nats"][i]
+        if _alive(proc):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc["pid"]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    async def restart(self, i: int, timeout: float = 60.0) -> None:
+        """Start server ``i`` again (same port, store and routes) and wait until JetStream
+        places streams with every server's replicas again."""
+        proc = self.state["nats"][i]
+        if not _alive(proc):
+            proc["pid"] = _spawn(list(proc["argv"]), Path(proc["log"]), self.root)
+            _write(self.root, self.state)
+        await _wait_nats(self.urls, len(self), timeout)
+
+
+def load_running(root: Path) -> tuple[Path, dict[str, Any]]:
+    """The state of the dev cluster under ``root``; `DevError` unless every server runs."""
+    root = root.absolute()
+    state = load_state(root)
+    if state is None:
+        raise DevError(f"no dev cluster in {root} (start one: pycluster dev up --dir {root})")
+    down = [p["name"] for p in state["nats"] if not _alive(p)]
+    if down:
+        raise DevError(f"the dev cluster in {root} is not running ({', '.join(down)} down)")
+    return root, state
 
 
 def _write(root: Path, state: dict[str, Any]) -> None:

@@ -469,53 +469,84 @@ async def run_chaos(
     ``max_hold`` bounds how long a fault is held (`FaultInjector`); ``lock_ttl`` is the
     workload's lock TTL. The report's ``seed`` replays the same faults.
     """
+    from .servers import NatsCluster
+
+    seed = random.randrange(1 << 30) if seed is None else seed
+    FaultInjector(None, None, seed, lease_ttl, kinds, max_hold)  # bad kinds: fail before starting
+    async with NatsCluster(3, base_dir=Path(workdir) / "nats") as cluster:
+        return await run_workload(
+            cluster, cluster.urls, workdir, platform=f"chaos{seed % 100000}", replicas=3,
+            faults=faults, seed=seed, nodes=nodes, lease_ttl=lease_ttl, heartbeat=heartbeat,
+            settle=settle, on_fault=on_fault, pattern=pattern, kinds=kinds,
+            max_hold=max_hold, lock_ttl=lock_ttl)
+
+
+async def run_workload(
+    servers: Any,
+    urls: list[str],
+    workdir: str | Path,
+    *,
+    platform: str,
+    replicas: int,
+    faults: int,
+    seed: int,
+    nodes: int = 3,
+    lease_ttl: float = 1.0,
+    heartbeat: float = 0.25,
+    settle: float = 1.0,
+    on_fault: Callable[[int, str], None] | None = None,
+    pattern: str = "fenced",
+    kinds: tuple[str, ...] = FaultInjector.KINDS,
+    max_hold: float | None = None,
+    lock_ttl: float = 2.0,
+) -> Report:
+    """The check of `run_chaos` on NATS servers that already run: ``servers`` is what
+    `FaultInjector` faults (``kill(i)``, ``restart(i, timeout)``, ``partition(i)``, ``heal()``,
+    ``len()``: a `NatsCluster`, or the servers of a ``pycluster dev`` cluster), ``urls`` their
+    client URLs; ``nodes`` workload node processes of ``platform`` (buckets with ``replicas``
+    replicas) are started under ``workdir`` and stopped at the end."""
     import nats as nats_py
 
     from ..kernel.kv import AppKV
     from .nodes import NodeCluster
-    from .servers import NatsCluster
 
     workdir = Path(workdir)
-    seed = random.randrange(1 << 30) if seed is None else seed
-    FaultInjector(None, None, seed, lease_ttl, kinds, max_hold)  # bad kinds: fail before starting
     witness = Witness()  # a short path of its own: Unix socket paths are limited to 107 bytes
-    platform = f"chaos{seed % 100000}"
-    async with NatsCluster(3, base_dir=workdir / "nats") as cluster:
-        witness.start()
-        cluster_nodes = NodeCluster(
-            platform, cluster.urls, workdir, size=nodes, app="svc", lease_ttl=lease_ttl,
-            heartbeat=heartbeat,
-            extra_args=["--stream-replicas", "3", "--act-interval", "0.02",
-                        "--setup", "pycluster.testing.chaos:options",
-                        "--setup-arg", f"witness={witness.path}",
-                        "--setup-arg", f"pattern={pattern}",
-                        "--setup-arg", f"lock_ttl={lock_ttl}", "--log-level", "WARNING"],
-        )
-        report = Report()
-        try:
-            await cluster_nodes.start(timeout=60)
-            await cluster_nodes.wait_for_leader(timeout=30)
-            injector = FaultInjector(cluster, cluster_nodes, seed, lease_ttl, kinds, max_hold)
-            for n in range(faults):
-                what = await injector.inject()
-                if on_fault is not None:
-                    on_fault(n, what)
-                with contextlib.suppress(Exception):
-                    await cluster_nodes.wait_for_leader(timeout=30)
-                await asyncio.sleep(settle)
-            cluster.heal()
+    witness.start()
+    cluster_nodes = NodeCluster(
+        platform, urls, workdir, size=nodes, app="svc", lease_ttl=lease_ttl,
+        heartbeat=heartbeat,
+        extra_args=["--stream-replicas", str(replicas), "--act-interval", "0.02",
+                    "--setup", "pycluster.testing.chaos:options",
+                    "--setup-arg", f"witness={witness.path}",
+                    "--setup-arg", f"pattern={pattern}",
+                    "--setup-arg", f"lock_ttl={lock_ttl}", "--log-level", "WARNING"],
+    )
+    report = Report()
+    try:
+        await cluster_nodes.start(timeout=60)
+        await cluster_nodes.wait_for_leader(timeout=30)
+        injector = FaultInjector(servers, cluster_nodes, seed, lease_ttl, kinds, max_hold)
+        for n in range(faults):
+            what = await injector.inject()
+            if on_fault is not None:
+                on_fault(n, what)
+            with contextlib.suppress(Exception):
+                await cluster_nodes.wait_for_leader(timeout=30)
             await asyncio.sleep(settle)
-            report.faults = injector.log
-            report.failovers = failover_times(witness.records, injector.starts)
-        finally:
-            await cluster_nodes.stop()
-            witness.stop()
-        nc = await nats_py.connect(cluster.urls, connect_timeout=5)
-        try:
-            kv = AppKV(nc.jetstream(), f"{platform}_svc", timeout=10)
-            raw = await kv.get(COUNTER_KEY)
-        finally:
-            await nc.close()
+        servers.heal()
+        await asyncio.sleep(settle)
+        report.faults = injector.log
+        report.failovers = failover_times(witness.records, injector.starts)
+    finally:
+        await cluster_nodes.stop()
+        witness.stop()
+    nc = await nats_py.connect(urls, connect_timeout=5)
+    try:
+        kv = AppKV(nc.jetstream(), f"{platform}_svc", timeout=10)
+        raw = await kv.get(COUNTER_KEY)
+    finally:
+        await nc.close()
     result = check(workdir / "state", int(raw or b"0"), witness)
     result.faults, result.leader_gaps = report.faults, witness.gaps()
     result.failovers, result.seed = report.failovers, seed
