@@ -170,3 +170,42 @@ def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> 
     assert checks["replicas"]["status"] == "ok", checks["replicas"]
     assert "a stream with 3 replica(s)" in checks["replicas"]["detail"]
     assert out.returncode == 0, out.stdout
+
+
+def test_shell_completion_as_documented() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYCLUSTER_")}
+    script = subprocess.run([*PYCLUSTER], env={**env, "_PYCLUSTER_COMPLETE": "bash_source"},
+                            capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "_pycluster_completion" in script.stdout
+    words = subprocess.run([*PYCLUSTER], capture_output=True, text=True, timeout=60,
+                           env={**env, "_PYCLUSTER_COMPLETE": "bash_complete",
+                                "COMP_WORDS": "pycluster d", "COMP_CWORD": "1"})
+    assert {"plain,dev", "plain,doctor", "plain,demo"} <= set(words.stdout.split())
+
+
+def test_every_command_help_shows_an_example() -> None:
+    import click
+    from click.testing import CliRunner
+
+    from pycluster.cli.main import cli
+    from pycluster.plugins import create_plugin_manager
+
+    pm = create_plugin_manager()
+    pm.hook.pycluster_add_cli_commands(cli=cli)  # the plugins' commands too, as main() does
+
+    def walk(group: click.Group, path: list[str]) -> list[list[str]]:
+        out = []
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                out += walk(cmd, [*path, name])
+            else:
+                out.append([*path, name])
+        return out
+
+    missing = []
+    for path in walk(cli, []):
+        res = CliRunner().invoke(cli, [*path, "--help"], obj=pm)
+        assert res.exit_code == 0, (path, res.output)
+        if "example" not in res.output.lower():
+            missing.append(" ".join(path))
+    assert not missing, f"--help without an example: {missing}"

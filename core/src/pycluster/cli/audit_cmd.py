@@ -124,7 +124,15 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
               action: str | None, since: str | None, until: str | None, limit: int,
               list_categories: bool, config: str | None, nats_url: str | None,
               data_dir: str | None, platform: str, output: str) -> None:
-    """Show a platform's audit trail (oldest first), optionally following new entries."""
+    """Show a platform's audit trail (oldest first), optionally following new entries.
+
+    \b
+    Examples:
+      pycluster audit --config /etc/pycluster/node.yaml --since 10m
+      pycluster audit -p prod --since 1h --category election --app orders -o json
+      pycluster audit -p prod --follow --category membership --category lock
+      pycluster audit --categories
+    """
     if list_categories:
         reg = AuditCategoryRegistry()
         for cat, acts in CORE_CATEGORIES.items():

@@ -52,7 +52,10 @@ def cli() -> None:
 @OUTPUT
 @click.pass_obj
 def plugins_cmd(pm: PluginManager, output: str) -> None:
-    """List plugins: name, distribution, version, status and the hooks each implements."""
+    """List plugins: name, distribution, version, status and the hooks each implements.
+
+    Example: ``PYCLUSTER_DISABLE_PLUGINS=tracing pycluster plugins -o json``
+    """
     infos = sorted(pm.infos.values(), key=lambda i: (not i.builtin, i.name))
     if output == "json":
         click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
@@ -112,7 +115,10 @@ def _load_target(target: str) -> Platform:
 @click.option("--output", "-o", type=click.Choice(["text", "json", "markdown"]), default="text",
               show_default=True, help="Output format.")
 def hooks_cmd(output: str) -> None:
-    """List the hook specifications (the whole extension surface)."""
+    """List the hook specifications (the whole extension surface).
+
+    Example: ``pycluster hooks --output markdown > hooks.md``
+    """
     from ..hookdoc import hook_specs, render_markdown
 
     if output == "markdown":
@@ -138,6 +144,11 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     TARGET is an import path ``module:platform`` of a Platform object (or a function returning
     one); --config gives a config file. With both, the file's apps are added to the target's.
     Under systemd (``Type=notify``) it reports READY, STATUS and WATCHDOG pings.
+
+    \b
+    Examples:
+      pycluster run myservice:platform
+      pycluster run --config /etc/pycluster/node.yaml
 
     \b
     Exit codes: 0 left after SIGTERM/SIGINT; 1 unexpected error (traceback);
@@ -262,7 +273,10 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
               help="Node processes (2 to 9).")
 def demo_cmd(lease_ttl: float, nodes: int) -> None:
     """A whole failover story on an embedded nats-server: election, SIGKILL of the leader,
-    failover, graceful handover. Exits by itself."""
+    failover, graceful handover. Exits by itself.
+
+    Example: ``pycluster demo --nodes 5 --lease-ttl 1``
+    """
     from .demo import run_demo
 
     try:
