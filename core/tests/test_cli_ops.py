@@ -209,3 +209,27 @@ def test_every_command_help_shows_an_example() -> None:
         if "example" not in res.output.lower():
             missing.append(" ".join(path))
     assert not missing, f"--help without an example: {missing}"
+
+
+async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str,
+                             tmp_path: Path) -> None:
+    orders = App("orders")
+    await make_platform("a", orders)
+    await wait_for(lambda: orders.is_leader, 10)
+    await orders.kv.put("user.1", "alice")
+    cfg = write_config(tmp_path / "node.yaml", name=unique_name, node_id="a",
+                       nats_url=nats_url)
+    c = ["--config", str(cfg)]
+    got = await arun("kv", "orders", "get", "user.1", *c, home=tmp_path)
+    assert got.returncode == 0 and got.stdout.strip() == "alice", got.stderr
+    put = await arun("kv", "orders", "put", "user.2", "bob", *c, "-o", "json", home=tmp_path)
+    assert put.returncode == 0 and json.loads(put.stdout)["revision"] > 0, put.stderr
+    assert await orders.kv.get("user.2") == b"bob"  # the app sees the operator's write
+    ls = await arun("kv", "orders", "ls", "user.*", *c, "-o", "json", home=tmp_path)
+    assert json.loads(ls.stdout) == ["user.1", "user.2"]
+    missing = await arun("kv", "orders", "get", "nope", *c, home=tmp_path)
+    assert missing.returncode == 1 and "no such key" in missing.stderr
+    bad = await arun("kv", "orders", "get", "..", *c, home=tmp_path)
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    typo = await arun("kv", "ordrs", "ls", *c, home=tmp_path)
+    assert typo.returncode == 2 and f"no app 'ordrs' on platform {unique_name!r}" in typo.stderr

@@ -23,6 +23,7 @@ from .audit_cmd import audit_cmd
 from .chaos_cmd import chaos_cmd
 from .common import OUTPUT, _fail, _table
 from .dev import dev_group
+from .kv_cmd import kv_group
 from .ops_cmd import doctor_cmd, init_cmd, version_cmd
 from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
@@ -291,6 +292,7 @@ cli.add_command(version_cmd)
 cli.add_command(init_cmd)
 cli.add_command(doctor_cmd)
 cli.add_command(dev_group)
+cli.add_command(kv_group)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 
