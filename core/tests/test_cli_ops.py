@@ -233,3 +233,38 @@ async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str
     assert bad.returncode == 2 and "error:" in bad.stderr
     typo = await arun("kv", "ordrs", "ls", *c, home=tmp_path)
     assert typo.returncode == 2 and f"no app 'ordrs' on platform {unique_name!r}" in typo.stderr
+
+
+async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_url: str,
+                                                      unique_name: str, tmp_path: Path) -> None:
+    orders = App("orders")
+    p = await make_platform("a", orders)
+    await wait_for(lambda: orders.is_leader, 10)
+    cfg = write_config(tmp_path / "node.yaml", name=unique_name, node_id="a",
+                       nats_url=nats_url)
+    async with orders.lock("batch", ttl=5) as held, p.lock("deploy", ttl=5) as plat:
+        second = orders.lock("batch", ttl=5)
+        waiter = asyncio.create_task(second.acquire(timeout=30))
+        out: subprocess.CompletedProcess[str] | None = None
+
+        async def listed_with_waiter() -> bool:
+            nonlocal out
+            out = await arun("lock", "ls", "--config", str(cfg), "-o", "json", home=tmp_path)
+            rows = json.loads(out.stdout) if out.returncode == 0 else []
+            return any(r["lock"] == "batch" and r["waiters"] for r in rows)
+
+        await wait_for(listed_with_waiter, 30)
+        assert out is not None
+        rows = {(r["scope"], r["lock"]): r for r in json.loads(out.stdout)}
+        batch, deploy = rows[("orders", "batch")], rows[("platform", "deploy")]
+        assert batch["token"] == held.token and batch["holder"].startswith("a")
+        assert len(batch["waiters"]) == 1 and batch["held_for"] is not None
+        assert deploy["token"] == plat.token
+        text = await arun("lock", "ls", "--app", "orders", "--config", str(cfg),
+                          home=tmp_path)
+        assert "batch" in text.stdout and "deploy" not in text.stdout
+        assert "HOLDER" in text.stdout
+    await waiter
+    await second.release()
+    typo = await arun("lock", "ls", "--app", "ordrs", "--config", str(cfg), home=tmp_path)
+    assert typo.returncode == 2 and "no app 'ordrs'" in typo.stderr

@@ -24,6 +24,7 @@ from .chaos_cmd import chaos_cmd
 from .common import OUTPUT, _fail, _table
 from .dev import dev_group
 from .kv_cmd import kv_group
+from .lock_cmd import lock_group
 from .ops_cmd import doctor_cmd, init_cmd, version_cmd
 from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
@@ -293,6 +294,7 @@ cli.add_command(init_cmd)
 cli.add_command(doctor_cmd)
 cli.add_command(dev_group)
 cli.add_command(kv_group)
+cli.add_command(lock_group)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 
