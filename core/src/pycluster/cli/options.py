@@ -9,7 +9,7 @@ connection settings (there is no default URL). A command receives ``config``, ``
     @click.command("show")
     @connection_options
     def show(config, nats_url, data_dir, platform): ...
-        nc = await _connect(nats_url, platform, data_dir, config)
+        nc = await cli_connect(config, nats_url, data_dir, platform)
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ from typing import Any
 import click
 
 CONFIG_ENV = "PYCLUSTER_CONFIG"
+
+
+async def cli_connect(config: str | None, nats_url: str | None, data_dir: str | None,
+                      platform: str) -> Any:
+    """A NATS connection for a command decorated with `connection_options` (its four values);
+    the caller closes it. Raises `pycluster.kernel.errors.ConfigError` when there is no NATS to
+    ask, `PyclusterError` when it cannot be reached."""
+    from .inspect import _connect
+
+    return await _connect(nats_url, platform, data_dir, config)
 
 
 def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
