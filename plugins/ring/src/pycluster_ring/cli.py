@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pycluster.cli.options import connection_options
+from pycluster.cli.options import cli_connect, connection_options
 from pycluster.kernel import natsutil as nu
 from pycluster.kernel.errors import PyclusterError
 
@@ -60,10 +60,8 @@ def show(app: str, config: str | None, nats_url: str | None, data_dir: str | Non
 
     Example: ``pycluster ring show cache --config /etc/pycluster/node.yaml -o json``
     """
-    from pycluster.cli.inspect import _connect
-
     async def run() -> dict[str, Any]:
-        nc = await _connect(nats_url, platform, data_dir, config)
+        nc = await cli_connect(config, nats_url, data_dir, platform)
         try:
             return await read_ring(nc.jetstream(), platform, app)
         finally:
