@@ -112,7 +112,8 @@ def test_basic_fails_over_the_worker(nodes: Any) -> None:
         return node, int(epoch)
 
     first, epoch = poll(answer, 60, "the worker to answer")
-    assert f"{first}: active (epoch {epoch})" in n.log(first)
+    # on_active runs after the backend stage: its line may follow the worker's first answer.
+    poll(lambda: f"{first}: active (epoch {epoch})" in n.log(first), 30, "on_active")
     other = "n2" if first == "n1" else "n1"
     poll(lambda: f"{other}: standby" in n.log(other), 30, "the standby")
     n.procs[first].kill()  # SIGKILL the active node: its fence guard stops the worker
