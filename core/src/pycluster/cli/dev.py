@@ -337,7 +337,7 @@ def up_cmd(nodes: int, nats_cluster: bool, platform: str, lease_ttl: float,
         validate_ident("platform", platform)
         state = dev_up(Path(root), nodes, nats_cluster, platform, lease_ttl, apps_file)
     except PyclusterError as exc:
-        from .main import _fail
+        from .common import _fail
 
         _fail(exc)
         return

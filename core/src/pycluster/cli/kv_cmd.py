@@ -62,7 +62,7 @@ def _run(conn: dict[str, Any], app: str, fn: Callable[[AppKV], Awaitable[T]],
             validate_key(key)
         return asyncio.run(with_app_kv(conn, app, fn))
     except PyclusterError as exc:
-        from .main import _fail
+        from .common import _fail
 
         _fail(exc)
         raise  # not reached: _fail exits

@@ -93,7 +93,7 @@ def ls_cmd(app: str | None, held: bool, config: str | None, nats_url: str | None
     try:
         rows = asyncio.run(list_locks(conn, app))
     except PyclusterError as exc:
-        from .main import _fail
+        from .common import _fail
 
         _fail(exc)
         return
@@ -105,7 +105,7 @@ def ls_cmd(app: str | None, held: bool, config: str | None, nats_url: str | None
     if not rows:
         click.echo("no locks")
         return
-    from .main import _table
+    from .common import _table
 
     click.echo(_table([[r["scope"], r["lock"], r["holder"] or "-",
                         r["token"] if r["token"] is not None else "-",

@@ -204,7 +204,7 @@ def init_cmd(output: str, platform: str | None, node_id: str | None, nats_url: s
             raise
         tmp.replace(target)
     except PyclusterError as exc:
-        from .main import _fail
+        from .common import _fail
 
         _fail(exc)
     click.echo(f"wrote {output}; check it with: pycluster doctor --config {output}")

@@ -44,7 +44,7 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             kwargs["platform"] = resolve_platform(kwargs.get("platform"), kwargs.get("config"))
         except PyclusterError as exc:
-            from .main import _fail
+            from .common import _fail
 
             _fail(exc)
         return fn(*args, **kwargs)
