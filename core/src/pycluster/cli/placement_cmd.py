@@ -4,6 +4,9 @@ Labels live in each node's membership record, which only that node writes: ``nod
 asks the node over NATS (a control request, validated and audited by the node). Cordons and
 maintenance mode are the platform's operations state in NATS (`pycluster.kernel.placement`),
 written here by compare-and-set; every node reads it within its poll interval.
+
+Size: the node, app and maintenance command groups with their helps and examples; they share
+the request and compare-and-set helpers at the top.
 """
 
 from __future__ import annotations
