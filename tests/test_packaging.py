@@ -118,3 +118,48 @@ def test_requirements_dev_installs_every_distribution() -> None:
         entry = f"-e ./plugins/{d.name}"
         assert entry in lines, f"requirements-dev.txt lacks {entry}"
         assert lines.index(entry) < umbrella, f"{entry} must come before {lines[umbrella]}"
+
+
+DISTRIBUTION_DIRS = [ROOT, ROOT / "core", *PLUGIN_DIRS]
+
+
+@pytest.mark.parametrize("folder", DISTRIBUTION_DIRS, ids=lambda d: d.name or "umbrella")
+def test_each_distribution_declares_license_readme_and_classifiers(folder: Path) -> None:
+    proj = _toml(folder / "pyproject.toml")["project"]
+    assert proj["license"] == "Apache-2.0" and proj["license-files"] == ["LICENSE"]
+    assert (folder / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert (folder / proj["readme"]).is_file()
+    assert "Topic :: System :: Clustering" in proj["classifiers"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("folder", DISTRIBUTION_DIRS, ids=lambda d: d.name or "umbrella")
+def test_each_distribution_builds_with_its_license(folder: Path, tmp_path: Path) -> None:
+    """A release build of every distribution (sdist and wheel, as ``python -m build`` does:
+    the sdist first, the wheel from it) carries LICENSE, the README and the classifiers."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    out = tmp_path / "dist"
+    # The release build: `python -m build` makes the sdist, then the wheel from the sdist, each
+    # in an isolated environment with the build-system requirements (setuptools >= 77).
+    res = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(folder)],
+                         capture_output=True, text=True, timeout=500)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "License-Expression: Apache-2.0" in meta and "License-File: LICENSE" in meta
+    assert "Classifier: Topic :: System :: Clustering" in meta
+    assert "Description-Content-Type: text/markdown" in meta
+    (sdist,) = out.glob("*.tar.gz")
+    with tarfile.open(sdist) as t:
+        members = t.getnames()
+    assert any(m.endswith("/LICENSE") for m in members) and any(
+        m.endswith("/README.md") for m in members)

@@ -6,6 +6,7 @@ Examples::
     pycluster audit -p prod --app convex --limit 20 --output json
     pycluster audit -p prod --follow --category membership --category lock
     pycluster audit --categories
+    pycluster audit --config /etc/pycluster/node.yaml --since 10m
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..builtin.audit.log import CORE_CATEGORIES, AuditCategoryRegistry
 from ..builtin.audit.query import AuditEntry, AuditFilter, AuditReader
 from ..kernel.errors import ConfigError, PyclusterError
 from ..kernel.registry import BackendRegistry
+from .options import connection_options
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -67,10 +69,11 @@ def format_entry(e: AuditEntry) -> str:
 
 
 async def _run(nats_url: str | None, platform: str, f: AuditFilter, follow: bool,
-               limit: int | None, output: str, data_dir: str | None = None) -> None:
+               limit: int | None, output: str, data_dir: str | None = None,
+               config: str | None = None) -> None:
     from .inspect import _connect
 
-    nc = await _connect(nats_url, platform, data_dir)
+    nc = await _connect(nats_url, platform, data_dir, config)
     try:
         reader = AuditReader(nc.jetstream(), platform)
         before = await reader.last_seq()
@@ -114,19 +117,22 @@ def _print(e: AuditEntry, output: str) -> None:
               help="The newest N matching entries (0: all).")
 @click.option("--categories", "list_categories", is_flag=True,
               help="List the known categories and actions (core and plugins), then exit.")
-@click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
-              help="NATS URL(s), comma-separated (default: as for pycluster status).")
-@click.option("--data-dir", envvar="PYCLUSTER_DATA_DIR", type=click.Path(file_okay=False),
-              help="Data directory of a local node with an embedded server.")
-@click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
-              show_default=True, help="Platform name.")
+@connection_options
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format (json: one entry per line).")
 def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: str | None,
               action: str | None, since: str | None, until: str | None, limit: int,
-              list_categories: bool, nats_url: str | None, data_dir: str | None, platform: str,
-              output: str) -> None:
-    """Show a platform's audit trail (oldest first), optionally following new entries."""
+              list_categories: bool, config: str | None, nats_url: str | None,
+              data_dir: str | None, platform: str, output: str) -> None:
+    """Show a platform's audit trail (oldest first), optionally following new entries.
+
+    \b
+    Examples:
+      pycluster audit --config /etc/pycluster/node.yaml --since 10m
+      pycluster audit -p prod --since 1h --category election --app orders -o json
+      pycluster audit -p prod --follow --category membership --category lock
+      pycluster audit --categories
+    """
     if list_categories:
         reg = AuditCategoryRegistry()
         for cat, acts in CORE_CATEGORIES.items():
@@ -152,7 +158,8 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
         f = AuditFilter(since=parse_time(since), until=parse_time(until),
                         category=list(categories) or None, app=app, node=node, action=action)
         f.subjects(platform)  # validate names before connecting
-        asyncio.run(_run(nats_url, platform, f, follow, limit or None, output, data_dir))
+        asyncio.run(_run(nats_url, platform, f, follow, limit or None, output, data_dir,
+                         config))
     except PyclusterError as exc:
         from .common import _fail
 

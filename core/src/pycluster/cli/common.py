@@ -30,7 +30,7 @@ NATS_OPT = click.option(
     "--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
     help="NATS URL(s), comma-separated (credentials: PYCLUSTER_NATS_USER/_PASSWORD/_TOKEN/"
          "_CREDS). Default: the platform's local embedded server, if a node runs one (found "
-         "through --data-dir), else nats://127.0.0.1:4222.")
+         "through --data-dir), else an error (there is no default URL).")
 DATA_DIR_OPT = click.option(
     "--data-dir", envvar="PYCLUSTER_DATA_DIR", type=click.Path(file_okay=False),
     help="Data directory of a local node with an embedded server (default: the default "

@@ -35,25 +35,52 @@ from ..kernel.settings import PlatformSettings, load_settings, redact_url
 if TYPE_CHECKING:
     from ..middleware import SignedAuth
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
+class NoNatsUrlError(ConfigError):
+    """A CLI command has no NATS URL and finds no local embedded server (no default URL)."""
+
+    def __init__(self, message: str) -> None:
+        PyclusterError.__init__(self, message)
+        self.field, self.value, self.reason = "nats_url", None, message
 
 
-def cli_settings(nats_url: str | None, platform: str,
-                 data_dir: str | None = None) -> PlatformSettings:
+def resolve_platform(platform: str | None, config: str | None = None) -> str:
+    """The platform a CLI command is about: ``--platform`` / ``PYCLUSTER_NAME``, else the
+    ``name`` of the ``--config`` file, else ``default``."""
+    if platform:
+        return validate_ident("platform", platform)
+    if config:
+        return read_settings(config).name
+    return "default"
+
+
+def read_settings(config: str) -> PlatformSettings:
+    """A node's config file (with the ``PYCLUSTER_*`` environment on top), for the CLI."""
+    return load_settings(config)
+
+
+def cli_settings(nats_url: str | None, platform: str, data_dir: str | None = None,
+                 config: str | None = None) -> PlatformSettings:
     """The settings a CLI command connects with.
 
-    An explicit ``nats_url`` (``--nats-url`` / ``PYCLUSTER_NATS_URL``) is used as given, with
-    the credentials of the environment (``PYCLUSTER_NATS_USER`` / ``_PASSWORD`` / ``_TOKEN``
-    / ``_NKEY_SEED`` / ``_CREDS``, ``PYCLUSTER_INBOX_PREFIX``: what ``pycluster nats-config``
-    writes for its operator user). Without one, the local embedded server of ``platform`` is
-    looked up (`pycluster.kernel.embedded.find_embedded`) under the parent of ``data_dir`` (the
-    node's
-    data directory) or the default data directory, and its URL and credentials file are used;
-    failing that, ``nats://127.0.0.1:4222``.
+    In order: an explicit ``nats_url`` (``--nats-url`` / ``PYCLUSTER_NATS_URL``); else the NATS
+    URL of the node's config file ``config`` (``--config``: with its credentials and TLS
+    files); else the local embedded server of ``platform``, looked up
+    (`pycluster.kernel.embedded.find_embedded`) under the parent of the node's data directory
+    (``data_dir``, the config file's ``data_dir``, or the default one) and reached with its
+    URL and credentials file. Credentials not in the file come from the environment
+    (``PYCLUSTER_NATS_USER`` / ``_PASSWORD`` / ``_TOKEN`` / ``_NKEY_SEED`` / ``_CREDS``,
+    ``PYCLUSTER_TLS_*``, ``PYCLUSTER_INBOX_PREFIX``: what ``pycluster nats-config`` writes for
+    its operator user).
+
+    Nothing found is a `ConfigError` that says what to give: there is no default URL, so a
+    command never answers for whatever cluster happens to listen on a well-known port.
     """
+    over: dict[str, Any] = {"name": platform, "data_dir": data_dir}
     if nats_url:
-        return load_settings(name=platform, node_id="cli", nats_url=nats_url)
-    base = load_settings(name=platform, node_id="cli", data_dir=data_dir)
+        over["nats_url"] = nats_url
+    base = load_settings(config, **over) if config else load_settings(node_id="cli", **over)
+    if base.nats_url:
+        return base.model_copy(update={"node_id": "cli"})
     node_dir = base.resolved_data_dir()
     for root in dict.fromkeys((node_dir.parent, node_dir)):
         found = find_embedded(platform, root)
@@ -68,18 +95,24 @@ def cli_settings(nats_url: str | None, platform: str,
                 raise ConfigError("credentials", path, f"the embedded server of platform "
                                   f"{platform!r} needs them, but they cannot be read "
                                   f"({exc.strerror or exc}); run as the node's user") from None
-        return base.model_copy(update={"nats_url": [str(found["url"])], **extra})
-    return load_settings(name=platform, node_id="cli", nats_url=DEFAULT_URL)
+        return base.model_copy(update={"nats_url": [str(found["url"])], "node_id": "cli",
+                                       **extra})
+    where = f"the config file {config} names no nats_url and " if config else ""
+    raise NoNatsUrlError(
+        f"no NATS to ask: {where}no node of platform {platform!r} runs an embedded server "
+        f"under {node_dir.parent}; give --config FILE (the node's config file), --nats-url "
+        "URL or PYCLUSTER_NATS_URL")
 
 
-async def _connect(nats_url: str | None, platform: str, data_dir: str | None = None) -> NATS:
-    return (await _open(nats_url, platform, data_dir))[0]
+async def _connect(nats_url: str | None, platform: str, data_dir: str | None = None,
+                   config: str | None = None) -> NATS:
+    return (await _open(nats_url, platform, data_dir, config))[0]
 
 
-async def _open(nats_url: str | None, platform: str,
-                data_dir: str | None = None) -> tuple[NATS, list[str]]:
+async def _open(nats_url: str | None, platform: str, data_dir: str | None = None,
+                config: str | None = None) -> tuple[NATS, list[str]]:
     """A connection, and its server URLs for messages (passwords masked)."""
-    s = cli_settings(nats_url, platform, data_dir)
+    s = cli_settings(nats_url, platform, data_dir, config)
     return await connect(s), [redact_url(u) for u in s.nats_url or []]
 
 
@@ -124,14 +157,14 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
 
 
 async def read_status(nats_url: str | None, platform: str,
-                      data_dir: str | None = None) -> dict[str, Any]:
+                      data_dir: str | None = None, config: str | None = None) -> dict[str, Any]:
     """Nodes (live records) and apps (leader lease, epoch, where active).
 
     Raises `NoLiveNodesError` when no node of ``platform`` is alive there. ``nats_url`` None:
     see `cli_settings`.
     """
     validate_ident("platform", platform)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
@@ -161,7 +194,8 @@ async def read_status(nats_url: str | None, platform: str,
 async def request_stepdown(nats_url: str | None, platform: str, app: str,
                            successor: str | None, cooldown: float | None,
                            data_dir: str | None = None,
-                           signer: SignedAuth | None = None) -> dict[str, Any]:
+                           signer: SignedAuth | None = None,
+                           config: str | None = None) -> dict[str, Any]:
     """Ask the active instance of ``app`` to step down; returns its node and epoch.
 
     With ``signer`` (a `SignedAuth` holding an identity and its seed) the request is signed, for
@@ -176,7 +210,7 @@ async def request_stepdown(nats_url: str | None, platform: str, app: str,
     check_step_down(app, "", {}, None, cooldown)  # before connecting
     if successor is not None:
         validate_ident("successor", successor)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)

@@ -20,7 +20,13 @@ import click
 from ..kernel.errors import PyclusterError
 from ..plugins import PluginManager, create_plugin_manager
 from .audit_cmd import audit_cmd
-from .common import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
+from .chaos_cmd import chaos_cmd
+from .common import OUTPUT, _fail, _table
+from .dev import dev_group
+from .kv_cmd import kv_group
+from .lock_cmd import lock_group
+from .ops_cmd import doctor_cmd, init_cmd, version_cmd
+from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
 from .security_cmd import nats_config_cmd, provision_cmd
 
@@ -48,7 +54,10 @@ def cli() -> None:
 @OUTPUT
 @click.pass_obj
 def plugins_cmd(pm: PluginManager, output: str) -> None:
-    """List plugins: name, distribution, version, status and the hooks each implements."""
+    """List plugins: name, distribution, version, status and the hooks each implements.
+
+    Example: ``PYCLUSTER_DISABLE_PLUGINS=tracing pycluster plugins -o json``
+    """
     infos = sorted(pm.infos.values(), key=lambda i: (not i.builtin, i.name))
     if output == "json":
         click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
@@ -108,7 +117,10 @@ def _load_target(target: str) -> Platform:
 @click.option("--output", "-o", type=click.Choice(["text", "json", "markdown"]), default="text",
               show_default=True, help="Output format.")
 def hooks_cmd(output: str) -> None:
-    """List the hook specifications (the whole extension surface)."""
+    """List the hook specifications (the whole extension surface).
+
+    Example: ``pycluster hooks --output markdown > hooks.md``
+    """
     from ..hookdoc import hook_specs, render_markdown
 
     if output == "markdown":
@@ -134,6 +146,11 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     TARGET is an import path ``module:platform`` of a Platform object (or a function returning
     one); --config gives a config file. With both, the file's apps are added to the target's.
     Under systemd (``Type=notify``) it reports READY, STATUS and WATCHDOG pings.
+
+    \b
+    Examples:
+      pycluster run myservice:platform
+      pycluster run --config /etc/pycluster/node.yaml
 
     \b
     Exit codes: 0 left after SIGTERM/SIGINT; 1 unexpected error (traceback);
@@ -166,16 +183,21 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
 
 
 @cli.command("status")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output: str) -> None:
-    """Show nodes, apps, leaders and epochs of a platform."""
+def status_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
+               output: str) -> None:
+    """Show nodes, apps, leaders and epochs of a platform.
+
+    \b
+    Examples:
+      pycluster status --config /etc/pycluster/node.yaml
+      pycluster status -p prod --nats-url nats://nats-1:4222 -o json
+    """
     from .inspect import read_status
 
     try:
-        st = asyncio.run(read_status(nats_url, platform, data_dir))
+        st = asyncio.run(read_status(nats_url, platform, data_dir, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -210,17 +232,18 @@ def status_cmd(nats_url: str | None, data_dir: str | None, platform: str, output
                    "requests refuse unsigned ones); needs --seed.")
 @click.option("--seed", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="The NKey seed file of --sign-as.")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
 def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_as: str | None,
-                 seed: str | None, nats_url: str | None, data_dir: str | None, platform: str,
-                 output: str) -> None:
+                 seed: str | None, config: str | None, nats_url: str | None,
+                 data_dir: str | None, platform: str, output: str) -> None:
     """Ask the active instance of APP to hand leadership over now.
 
-    Example: ``pycluster stepdown orders -p prod --successor node-2 --sign-as ops --seed
-    /etc/pycluster/ops.nk``
+    \b
+    Examples:
+      pycluster stepdown orders --config /etc/pycluster/node.yaml
+      pycluster stepdown orders -p prod --successor node-2 --sign-as ops \\
+          --seed /etc/pycluster/ops.nk
     """
     from .inspect import request_stepdown
 
@@ -231,7 +254,7 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
 
             signer = SignedAuth(sign_as, seed, kinds=("rpc",))
         res = asyncio.run(request_stepdown(nats_url, platform, app, successor, cooldown,
-                                           data_dir, signer=signer))
+                                           data_dir, signer=signer, config=config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -252,7 +275,10 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
               help="Node processes (2 to 9).")
 def demo_cmd(lease_ttl: float, nodes: int) -> None:
     """A whole failover story on an embedded nats-server: election, SIGKILL of the leader,
-    failover, graceful handover. Exits by itself."""
+    failover, graceful handover. Exits by itself.
+
+    Example: ``pycluster demo --nodes 5 --lease-ttl 1``
+    """
     from .demo import run_demo
 
     try:
@@ -262,6 +288,13 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
 
 
 cli.add_command(audit_cmd)
+cli.add_command(chaos_cmd)
+cli.add_command(version_cmd)
+cli.add_command(init_cmd)
+cli.add_command(doctor_cmd)
+cli.add_command(dev_group)
+cli.add_command(kv_group)
+cli.add_command(lock_group)
 cli.add_command(nats_config_cmd)
 cli.add_command(provision_cmd)
 

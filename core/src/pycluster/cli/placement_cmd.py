@@ -4,6 +4,9 @@ Labels live in each node's membership record, which only that node writes: ``nod
 asks the node over NATS (a control request, validated and audited by the node). Cordons and
 maintenance mode are the platform's operations state in NATS (`pycluster.kernel.placement`),
 written here by compare-and-set; every node reads it within its poll interval.
+
+Size: the node, app and maintenance command groups with their helps and examples; they share
+the request and compare-and-set helpers at the top.
 """
 
 from __future__ import annotations
@@ -126,7 +129,10 @@ def node_cmd() -> None:
 @OUTPUT
 def node_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
                   output: str) -> None:
-    """Live nodes with labels, cordon state and the apps on each."""
+    """Live nodes with labels, cordon state and the apps on each.
+
+    Example: ``pycluster node list -p prod --nats-url nats://nats-1:4222 -o json``
+    """
     try:
         st = asyncio.run(read_nodes(nats_url, platform, data_dir))
     except PyclusterError as exc:
@@ -203,7 +209,10 @@ def _cordon(node: str, on: bool, nats_url: str | None, data_dir: str | None, pla
 def node_cordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
                     output: str) -> None:
     """Cordon NODE: no new instances are placed there (no new leadership, no new Spread
-    instance); what runs there stays."""
+    instance); what runs there stays.
+
+    Example: ``pycluster node cordon node-2 -p prod --nats-url nats://nats-1:4222``
+    """
     _cordon(node, True, nats_url, data_dir, platform, output)
 
 
@@ -215,7 +224,10 @@ def node_cordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platf
 @OUTPUT
 def node_uncordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
                       output: str) -> None:
-    """Undo ``cordon`` for NODE."""
+    """Undo ``cordon`` for NODE.
+
+    Example: ``pycluster node uncordon node-2 -p prod --nats-url nats://nats-1:4222``
+    """
     _cordon(node, False, nats_url, data_dir, platform, output)
 
 
@@ -233,6 +245,8 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
     While on, automation stops for the apps concerned: no standby campaigns, so no automatic
     failover and no automatic hand-over; a leader keeps its role as long as it lives. A leader
     that dies in maintenance mode is not replaced until maintenance is turned off.
+
+    Example: ``pycluster maintenance on --app orders -p prod --nats-url nats://nats-1:4222``
     """
     try:
         if app is not None:
@@ -311,7 +325,10 @@ def app_cmd() -> None:
 @OUTPUT
 def app_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
-    """Apps with mode, placement, leader, instances and state (pending, maintenance)."""
+    """Apps with mode, placement, leader, instances and state (pending, maintenance).
+
+    Example: ``pycluster app list -p prod --nats-url nats://nats-1:4222``
+    """
     try:
         apps = asyncio.run(read_apps(nats_url, platform, data_dir))
     except PyclusterError as exc:
@@ -336,7 +353,10 @@ def app_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
 @OUTPUT
 def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
-    """APP in detail: placement, leader, epoch, and per node role, eligibility, priority."""
+    """APP in detail: placement, leader, epoch, and per node role, eligibility, priority.
+
+    Example: ``pycluster app show orders -p prod --nats-url nats://nats-1:4222 -o json``
+    """
     from ..kernel.errors import NoSuchAppError
 
     try:
@@ -413,7 +433,10 @@ def app_move_cmd(app: str, to: str | None, source: str | None, reason: str,
     """Move APP's active instance to node --to (or away from --from): a planned, graceful
     migration (the instance runs on_migration_start, which may veto, steps down naming the
     target, and reports when the target is active). Refused when it would break the app's
-    disruption budget. Exits non-zero when refused or when the target did not take over."""
+    disruption budget. Exits non-zero when refused or when the target did not take over.
+
+    Example: ``pycluster app move orders --to node-3 -p prod --nats-url nats://nats-1:4222``
+    """
     try:
         validate_ident("app", app)
         res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir,
@@ -503,7 +526,10 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
     """Cordon NODE, then move every active instance (leaders, Replicas slots) away one at a
     time, respecting each app's disruption budget (waiting and saying why). Exits 0 when no
     elected instance is active there, 1 on timeout. Spread instances stay (cordoned: no new
-    ones); they are listed."""
+    ones); they are listed.
+
+    Example: ``pycluster node drain node-2 -p prod --nats-url nats://nats-1:4222``
+    """
     def progress(event: dict[str, Any]) -> None:
         if output == "json":
             click.echo(json.dumps(event))
@@ -577,7 +603,10 @@ def app_rebalance_cmd(app: str | None, dry_run: bool, nats_url: str | None,
     """Show (--dry-run) or perform the moves placement wants: each active instance of APP
     (default: every elected app) moves to the best-scored live eligible node when that node
     scores higher than its own (a migration: hooks, budget, audit). Operator-triggered:
-    scores never move a healthy instance by themselves."""
+    scores never move a healthy instance by themselves.
+
+    Example: ``pycluster app rebalance --dry-run -p prod --nats-url nats://nats-1:4222``
+    """
     try:
         if app is not None:
             validate_ident("app", app)

@@ -127,6 +127,11 @@ def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, .
     Writes OUT/nats-server.conf (an authorization block: `nats-server -c` or `include` it) and
     per user OUT/<user>.env (PYCLUSTER_* variables) and, with NKeys, OUT/<user>.nk (the seed).
     Create the buckets and streams first with `pycluster provision` (app users may not).
+
+    \b
+    Examples:
+      pycluster nats-config -p prod --node node-1=orders,billing --node node-2=orders --out nats/
+      pycluster nats-config --config /etc/pycluster/node.yaml --auth nkey --out nats/
     """
     from .common import _fail, _table
 
@@ -167,7 +172,13 @@ def provision_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...
                   stream_replicas: str | None) -> None:
     """Create the platform's buckets and streams (as nodes would) with the operator's
     credentials, for nodes whose NATS users may not create streams (`pycluster nats-config`).
-    Existing ones are kept as they are."""
+    Existing ones are kept as they are.
+
+    \b
+    Example:
+      set -a; . nats/operator.env; set +a
+      pycluster provision -p prod --app orders --app billing --nats-url nats://nats-1:4222
+    """
     from ..kernel.connection import connect
     from .common import _fail
 

@@ -58,6 +58,9 @@ OTHER_ENV_VARS: dict[str, str] = {
     "PYCLUSTER_CHAOS_WITNESS": "tests: the chaos harness's witness socket",
     "PYCLUSTER_CHAOS_FAULTS": "tests: faults injected by the chaos test",
     "PYCLUSTER_CHAOS_SEED": "tests: seed of the chaos test's faults",
+    "PYCLUSTER_COMPLETE": "CLI: shell completion (click reads _PYCLUSTER_COMPLETE)",
+    "PYCLUSTER_DEV_DIR": "CLI: the directory of `pycluster dev up/down`",
+    "PYCLUSTER_CONFIG": "CLI: the node's config file (--config of the commands that connect)",
     # Set by pycluster for backends (a process, a unit, a container):
     "PYCLUSTER_EPOCH": "backends: the fencing token",
     "PYCLUSTER_APP": "backends: the app name",

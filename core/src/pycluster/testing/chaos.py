@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -240,6 +241,10 @@ class Report:
     """Acts the witness received from active instances."""
     leader_gaps: list[float] = field(default_factory=list)
     """Pauses in the witness's record of acts (no leader acting), in seconds."""
+    failovers: list[tuple[str, float]] = field(default_factory=list)
+    """``(fault kind, seconds)`` for each fault across which a newer epoch took over: from the
+    last act before the fault to the first act with a newer epoch (`failover_times`)."""
+    seed: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -253,14 +258,28 @@ class Report:
         def pct(p: float) -> float | None:
             return round(gaps[min(len(gaps) - 1, int(p * len(gaps)))], 3) if gaps else None
 
+        fo = sorted(t for _, t in self.failovers)
+
+        def fo_pct(p: float) -> float | None:  # nearest rank
+            return round(fo[max(0, math.ceil(p * len(fo)) - 1)], 3) if fo else None
+
+        by_kind: dict[str, list[float]] = {}
+        for kind, t in self.failovers:
+            by_kind.setdefault(kind, []).append(t)
         return {
-            "ok": self.ok, "faults": len(self.faults), "acked": self.acked,
+            "ok": self.ok, "seed": self.seed, "faults": len(self.faults), "acked": self.acked,
             "failed": self.failed, "indeterminate": self.indeterminate, "reads": self.reads,
             "final_value": self.final_value, "lost": len(self.lost),
             "doubled": len(self.doubled), "stale_reads": len(self.stale_reads),
             "split_brain": len(self.split_brain), "witness_acts": self.acts,
             "leader_gap_p50": pct(0.5), "leader_gap_p99": pct(0.99),
             "leader_gap_max": round(gaps[-1], 3) if gaps else None,
+            "failovers": len(fo), "failover_p50": fo_pct(0.5), "failover_p90": fo_pct(0.9),
+            "failover_p99": fo_pct(0.99), "failover_max": round(fo[-1], 3) if fo else None,
+            "failover_by_kind": {k: {"count": len(v),
+                                     "p50": round(sorted(v)[math.ceil(len(v) / 2) - 1], 3),
+                                     "max": round(max(v), 3)}
+                                 for k, v in sorted(by_kind.items())},
             "examples": (self.lost + self.doubled + self.stale_reads + self.split_brain)[:5],
         }
 
@@ -333,6 +352,33 @@ def check(state_dir: str | Path, final_value: int, witness: Witness | None = Non
     return report
 
 
+def failover_times(records: list[tuple[float, str, int]],
+                   faults: list[tuple[float, str]]) -> list[tuple[str, float]]:
+    """Failover time per fault, from the witness's records ``(arrival, node, epoch)``.
+
+    ``faults`` are ``(start, kind)`` in start order (the same clock as the records). A fault
+    caused a failover when an act with a newer epoch than the last act before its start arrives
+    before the next fault starts; its failover time runs from that last act to the first act
+    with the newer epoch (the time no instance acted). Faults that left the leader in place
+    yield nothing.
+    """
+    times = [t for t, _, _ in records]
+    out: list[tuple[str, float]] = []
+    for i, (start, kind) in enumerate(faults):
+        end = faults[i + 1][0] if i + 1 < len(faults) else float("inf")
+        j = bisect.bisect_left(times, start)
+        if j == 0:
+            continue  # nothing acted before this fault
+        last_t, _, epoch = records[j - 1]
+        for t, _, e in records[j:]:
+            if t >= end:
+                break
+            if e > epoch:
+                out.append((kind, t - last_t))
+                break
+    return out
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 
@@ -340,23 +386,33 @@ class FaultInjector:
     """Seeded random faults on a `NatsCluster` and a `NodeCluster`; each call injects one.
 
     :param lease: the apps' lease (a SIGSTOP lasts longer than it).
+    :param max_hold: the longest a fault other than a SIGSTOP is held (default 2.5 leases);
+        each is held a random time between 0.5 s (or ``max_hold`` if smaller) and this.
     """
 
     KINDS = ("partition", "server_kill", "node_kill", "node_pause", "node_term")
 
     def __init__(self, nats: Any, nodes: Any, seed: int, lease: float,
-                 kinds: tuple[str, ...] = KINDS) -> None:
+                 kinds: tuple[str, ...] = KINDS, max_hold: float | None = None) -> None:
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"fault kinds must be among {', '.join(self.KINDS)}, "
+                             f"got {', '.join(sorted(unknown)) or 'none'}")
         self.nats = nats
         self.nodes = nodes
         self.rng = random.Random(seed)
         self.lease = lease
         self.kinds = kinds
+        self.max_hold = 2.5 * lease if max_hold is None else max_hold
         self.log: list[str] = []
+        self.starts: list[tuple[float, str]] = []
+        """``(monotonic start, kind)`` of each fault, for `failover_times`."""
 
     async def inject(self) -> str:
         """Inject one fault, hold it, undo it; return its description."""
         kind = self.rng.choice(self.kinds)
-        hold = self.rng.uniform(0.5, 2.5 * self.lease)
+        hold = self.rng.uniform(min(0.5, self.max_hold), self.max_hold)
+        self.starts.append((time.monotonic(), kind))
         if kind in ("partition", "server_kill"):
             i = self.rng.randrange(len(self.nats))
             what = f"{kind} server {i} for {hold:.1f}s"
@@ -401,6 +457,8 @@ async def run_chaos(
     on_fault: Callable[[int, str], None] | None = None,
     pattern: str = "fenced",
     kinds: tuple[str, ...] = FaultInjector.KINDS,
+    max_hold: float | None = None,
+    lock_ttl: float = 2.0,
 ) -> Report:
     """Run the whole check on a fresh 3-server NATS cluster (R3 buckets) and ``nodes`` nodes.
 
@@ -408,51 +466,88 @@ async def run_chaos(
     normal operation), heals everything, stops the nodes gracefully, reads the final counter
     (linearizable) and returns the `Report`. ``pattern="unfenced"`` runs the workload with a
     possibly stale read and an unconditional put under the lock, which the checker must catch.
+    ``max_hold`` bounds how long a fault is held (`FaultInjector`); ``lock_ttl`` is the
+    workload's lock TTL. The report's ``seed`` replays the same faults.
     """
+    from .servers import NatsCluster
+
+    seed = random.randrange(1 << 30) if seed is None else seed
+    FaultInjector(None, None, seed, lease_ttl, kinds, max_hold)  # bad kinds: fail before starting
+    async with NatsCluster(3, base_dir=Path(workdir) / "nats") as cluster:
+        return await run_workload(
+            cluster, cluster.urls, workdir, platform=f"chaos{seed % 100000}", replicas=3,
+            faults=faults, seed=seed, nodes=nodes, lease_ttl=lease_ttl, heartbeat=heartbeat,
+            settle=settle, on_fault=on_fault, pattern=pattern, kinds=kinds,
+            max_hold=max_hold, lock_ttl=lock_ttl)
+
+
+async def run_workload(
+    servers: Any,
+    urls: list[str],
+    workdir: str | Path,
+    *,
+    platform: str,
+    replicas: int,
+    faults: int,
+    seed: int,
+    nodes: int = 3,
+    lease_ttl: float = 1.0,
+    heartbeat: float = 0.25,
+    settle: float = 1.0,
+    on_fault: Callable[[int, str], None] | None = None,
+    pattern: str = "fenced",
+    kinds: tuple[str, ...] = FaultInjector.KINDS,
+    max_hold: float | None = None,
+    lock_ttl: float = 2.0,
+) -> Report:
+    """The check of `run_chaos` on NATS servers that already run: ``servers`` is what
+    `FaultInjector` faults (``kill(i)``, ``restart(i, timeout)``, ``partition(i)``, ``heal()``,
+    ``len()``: a `NatsCluster`, or the servers of a ``pycluster dev`` cluster), ``urls`` their
+    client URLs; ``nodes`` workload node processes of ``platform`` (buckets with ``replicas``
+    replicas) are started under ``workdir`` and stopped at the end."""
     import nats as nats_py
 
     from ..kernel.kv import AppKV
     from .nodes import NodeCluster
-    from .servers import NatsCluster
 
     workdir = Path(workdir)
-    seed = random.randrange(1 << 30) if seed is None else seed
     witness = Witness()  # a short path of its own: Unix socket paths are limited to 107 bytes
-    platform = f"chaos{seed % 100000}"
-    async with NatsCluster(3, base_dir=workdir / "nats") as cluster:
-        witness.start()
-        cluster_nodes = NodeCluster(
-            platform, cluster.urls, workdir, size=nodes, app="svc", lease_ttl=lease_ttl,
-            heartbeat=heartbeat,
-            extra_args=["--stream-replicas", "3", "--act-interval", "0.02",
-                        "--setup", "pycluster.testing.chaos:options",
-                        "--setup-arg", f"witness={witness.path}",
-                        "--setup-arg", f"pattern={pattern}", "--log-level", "WARNING"],
-        )
-        report = Report()
-        try:
-            await cluster_nodes.start(timeout=60)
-            await cluster_nodes.wait_for_leader(timeout=30)
-            injector = FaultInjector(cluster, cluster_nodes, seed, lease_ttl, kinds)
-            for n in range(faults):
-                what = await injector.inject()
-                if on_fault is not None:
-                    on_fault(n, what)
-                with contextlib.suppress(Exception):
-                    await cluster_nodes.wait_for_leader(timeout=30)
-                await asyncio.sleep(settle)
-            cluster.heal()
+    witness.start()
+    cluster_nodes = NodeCluster(
+        platform, urls, workdir, size=nodes, app="svc", lease_ttl=lease_ttl,
+        heartbeat=heartbeat,
+        extra_args=["--stream-replicas", str(replicas), "--act-interval", "0.02",
+                    "--setup", "pycluster.testing.chaos:options",
+                    "--setup-arg", f"witness={witness.path}",
+                    "--setup-arg", f"pattern={pattern}",
+                    "--setup-arg", f"lock_ttl={lock_ttl}", "--log-level", "WARNING"],
+    )
+    report = Report()
+    try:
+        await cluster_nodes.start(timeout=60)
+        await cluster_nodes.wait_for_leader(timeout=30)
+        injector = FaultInjector(servers, cluster_nodes, seed, lease_ttl, kinds, max_hold)
+        for n in range(faults):
+            what = await injector.inject()
+            if on_fault is not None:
+                on_fault(n, what)
+            with contextlib.suppress(Exception):
+                await cluster_nodes.wait_for_leader(timeout=30)
             await asyncio.sleep(settle)
-            report.faults = injector.log
-        finally:
-            await cluster_nodes.stop()
-            witness.stop()
-        nc = await nats_py.connect(cluster.urls, connect_timeout=5)
-        try:
-            kv = AppKV(nc.jetstream(), f"{platform}_svc", timeout=10)
-            raw = await kv.get(COUNTER_KEY)
-        finally:
-            await nc.close()
+        servers.heal()
+        await asyncio.sleep(settle)
+        report.faults = injector.log
+        report.failovers = failover_times(witness.records, injector.starts)
+    finally:
+        await cluster_nodes.stop()
+        witness.stop()
+    nc = await nats_py.connect(urls, connect_timeout=5)
+    try:
+        kv = AppKV(nc.jetstream(), f"{platform}_svc", timeout=10)
+        raw = await kv.get(COUNTER_KEY)
+    finally:
+        await nc.close()
     result = check(workdir / "state", int(raw or b"0"), witness)
     result.faults, result.leader_gaps = report.faults, witness.gaps()
+    result.failovers, result.seed = report.failovers, seed
     return result

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from pycluster.cli.options import cli_connect, connection_options
 from pycluster.kernel import natsutil as nu
 from pycluster.kernel.errors import PyclusterError
 
@@ -50,18 +51,17 @@ def ring_group() -> None:
 
 @ring_group.command("show")
 @click.argument("app")
-@click.option("--nats-url", envvar="PYCLUSTER_NATS_URL", default=None,
-              help="NATS URL(s), comma-separated (default: as for pycluster status).")
-@click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
-              show_default=True, help="Platform name.")
+@connection_options
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format.")
-def show(app: str, nats_url: str | None, platform: str, output: str) -> None:
-    """Show who owns which partitions of APP's ring."""
-    from pycluster.cli.inspect import _connect
+def show(app: str, config: str | None, nats_url: str | None, data_dir: str | None,
+         platform: str, output: str) -> None:
+    """Show who owns which partitions of APP's ring.
 
+    Example: ``pycluster ring show cache --config /etc/pycluster/node.yaml -o json``
+    """
     async def run() -> dict[str, Any]:
-        nc = await _connect(nats_url, platform)
+        nc = await cli_connect(config, nats_url, data_dir, platform)
         try:
             return await read_ring(nc.jetstream(), platform, app)
         finally:

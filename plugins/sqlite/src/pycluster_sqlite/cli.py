@@ -19,21 +19,18 @@ from typing import Any
 import click
 from nats.aio.client import Client as NATS
 
+from pycluster.cli.inspect import cli_settings
+from pycluster.cli.options import connection_options
 from pycluster.kernel.connection import connect
 from pycluster.kernel.errors import PyclusterError
 from pycluster.kernel.names import bucket, validate_ident
-from pycluster.kernel.settings import PlatformSettings, load_settings
+from pycluster.kernel.settings import PlatformSettings
 
 from . import litestream as ls
 from .snapshots import Snapshot, SnapshotStore
 from .walindex import WalIndex
 
 APP_OPT = click.option("--app", "-a", "app", required=True, help="The app whose database.")
-NATS_OPT = click.option("--nats-url", envvar="PYCLUSTER_NATS_URL",
-                        default="nats://127.0.0.1:4222", show_default=True,
-                        help="NATS URL(s), comma-separated.")
-PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
-                            show_default=True, help="Platform name.")
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
 
@@ -43,13 +40,19 @@ def _fail(exc: BaseException) -> None:
     sys.exit(2)
 
 
-def _settings(urls: str, platform: str) -> PlatformSettings:
-    # Credentials and TLS come from PYCLUSTER_* variables, as for every other command.
-    return load_settings(name=platform, node_id="cli", nats_url=urls)
+def _settings(conn: dict[str, Any]) -> PlatformSettings:
+    # --config FILE / --nats-url / the local embedded server, credentials and TLS from the
+    # file or PYCLUSTER_* variables: as for every other command (no default URL).
+    return cli_settings(conn["nats_url"], conn["platform"], conn["data_dir"], conn["config"])
 
 
-async def _connect(urls: str, platform: str) -> NATS:
-    return await connect(_settings(urls, platform))
+async def _connect(conn: dict[str, Any]) -> NATS:
+    return await connect(_settings(conn))
+
+
+def _conn(config: str | None, nats_url: str | None, data_dir: str | None,
+          platform: str) -> dict[str, Any]:
+    return {"config": config, "nats_url": nats_url, "data_dir": data_dir, "platform": platform}
 
 
 def _names(platform: str, app: str) -> tuple[str, str]:
@@ -74,13 +77,13 @@ def snapshot_group() -> None:
     """Snapshots of an app's replicated SQLite database (plugin sqlite)."""
 
 
-async def _create(urls: str, platform: str, app: str, binary: str | None) -> Snapshot:
+async def _create(conn: dict[str, Any], app: str, binary: str | None) -> Snapshot:
     from .access import access_for
     from .primary import make_snapshot
 
-    wal_bucket, snap_bucket = _names(platform, app)
+    wal_bucket, snap_bucket = _names(conn["platform"], app)
     exe = ls.find_litestream(binary)
-    settings = _settings(urls, platform)
+    settings = _settings(conn)
     nc = await connect(settings)
     tmp = Path(tempfile.mkdtemp(prefix="pycluster-snapshot-"))
     try:
@@ -105,14 +108,17 @@ async def _create(urls: str, platform: str, app: str, binary: str | None) -> Sna
 
 @snapshot_group.command("create")
 @APP_OPT
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
 @click.option("--litestream", "binary", default=None, help="Path of the litestream binary.")
-def create_cmd(app: str, nats_url: str, platform: str, output: str, binary: str | None) -> None:
-    """Make a verified snapshot of APP's database now (from its WAL bucket)."""
+def create_cmd(app: str, config: str | None, nats_url: str | None, data_dir: str | None,
+               platform: str, output: str, binary: str | None) -> None:
+    """Make a verified snapshot of APP's database now (from its WAL bucket).
+
+    Example: ``pycluster snapshot create --app db --config /etc/pycluster/node.yaml``
+    """
     try:
-        snap = asyncio.run(_create(nats_url, platform, app, binary))
+        snap = asyncio.run(_create(_conn(config, nats_url, data_dir, platform), app, binary))
     except (PyclusterError, TimeoutError) as exc:
         _fail(exc)
         return
@@ -122,9 +128,9 @@ def create_cmd(app: str, nats_url: str, platform: str, output: str, binary: str 
         click.echo(f"snapshot {snap.id} created (txid {snap.txid}, {snap.size} bytes)")
 
 
-async def _list(urls: str, platform: str, app: str) -> list[Snapshot]:
-    _, snap_bucket = _names(platform, app)
-    nc = await _connect(urls, platform)
+async def _list(conn: dict[str, Any], app: str) -> list[Snapshot]:
+    _, snap_bucket = _names(conn["platform"], app)
+    nc = await _connect(conn)
     try:
         return await SnapshotStore(nc.jetstream(), snap_bucket).list()
     finally:
@@ -133,13 +139,16 @@ async def _list(urls: str, platform: str, app: str) -> list[Snapshot]:
 
 @snapshot_group.command("list")
 @APP_OPT
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def list_cmd(app: str, nats_url: str, platform: str, output: str) -> None:
-    """List APP's snapshots, oldest first."""
+def list_cmd(app: str, config: str | None, nats_url: str | None, data_dir: str | None,
+             platform: str, output: str) -> None:
+    """List APP's snapshots, oldest first.
+
+    Example: ``pycluster snapshot list --app db --config /etc/pycluster/node.yaml -o json``
+    """
     try:
-        snaps = asyncio.run(_list(nats_url, platform, app))
+        snaps = asyncio.run(_list(_conn(config, nats_url, data_dir, platform), app))
     except (PyclusterError, TimeoutError) as exc:
         _fail(exc)
         return
@@ -153,10 +162,10 @@ def list_cmd(app: str, nats_url: str, platform: str, output: str) -> None:
                       ["ID", "TXID", "CREATED (UTC)", "BYTES", "NODE", "EPOCH", "SOURCE"]))
 
 
-async def _restore(urls: str, platform: str, app: str, snapshot_id: str, dest: str,
+async def _restore(conn: dict[str, Any], app: str, snapshot_id: str, dest: str,
                    force: bool) -> Any:
-    _, snap_bucket = _names(platform, app)
-    nc = await _connect(urls, platform)
+    _, snap_bucket = _names(conn["platform"], app)
+    nc = await _connect(conn)
     try:
         store = SnapshotStore(nc.jetstream(), snap_bucket)
         if snapshot_id == "latest":
@@ -174,19 +183,22 @@ async def _restore(urls: str, platform: str, app: str, snapshot_id: str, dest: s
 @click.argument("snapshot_id")
 @click.argument("dest", type=click.Path(dir_okay=False))
 @APP_OPT
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
-def restore_cmd(snapshot_id: str, dest: str, app: str, nats_url: str, platform: str,
-                output: str, force: bool) -> None:
+def restore_cmd(snapshot_id: str, dest: str, app: str, config: str | None,
+                nats_url: str | None, data_dir: str | None, platform: str, output: str,
+                force: bool) -> None:
     """Write snapshot SNAPSHOT_ID (or "latest") of APP to the file DEST (verified).
 
     Never point DEST at the live database of a running active instance: stop the app first,
     or restore elsewhere.
+
+    Example: ``pycluster snapshot restore latest /tmp/db.sqlite --app db --config node.yaml``
     """
     try:
-        sid, path = asyncio.run(_restore(nats_url, platform, app, snapshot_id, dest, force))
+        sid, path = asyncio.run(_restore(_conn(config, nats_url, data_dir, platform), app,
+                                         snapshot_id, dest, force))
     except (PyclusterError, TimeoutError) as exc:
         _fail(exc)
         return

@@ -1,0 +1,154 @@
+"""Each example run as documented in its README: real node processes (``pycluster run
+app:platform``) on a real nats-server, checked from outside over HTTP, through a SIGKILL of the
+active node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pycluster.kernel.embedded import free_port
+
+HERE = Path(__file__).resolve().parent
+LEASE = 2.0
+
+
+class Nodes:
+    """Node processes of one example, started the way its README says."""
+
+    def __init__(self, folder: Path, nats_url: str, platform: str, tmp: Path) -> None:
+        self.folder, self.tmp = folder, tmp
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PYCLUSTER_")}
+        self.env.update({"PYCLUSTER_NATS_URL": nats_url, "PYCLUSTER_NAME": platform,
+                         "PYCLUSTER_LEASE_TTL": str(LEASE),
+                         "PYCLUSTER_HEARTBEAT_INTERVAL": "0.5",
+                         "XDG_DATA_HOME": str(tmp / "data"), "PYTHONUNBUFFERED": "1"})
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, node: str, **env: str) -> None:
+        log = (self.tmp / f"{node}.log").open("ab")
+        self.procs[node] = subprocess.Popen(
+            [sys.executable, "-m", "pycluster.cli", "run", "app:platform"], cwd=self.folder,
+            env={**self.env, "PYCLUSTER_NODE_ID": node, **env}, stdout=log,
+            stderr=subprocess.STDOUT)
+        log.close()
+
+    def log(self, node: str) -> str:
+        return (self.tmp / f"{node}.log").read_text(errors="replace")
+
+    def stop(self) -> dict[str, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {}
+        for n, p in self.procs.items():
+            try:
+                codes[n] = p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[n] = p.wait()
+        return codes
+
+
+@pytest.fixture
+def nodes(request: pytest.FixtureRequest, nats_url: str, unique_name: str,
+          tmp_path: Path) -> Iterator[Any]:
+    made: list[Nodes] = []
+
+    def make(example: str) -> Nodes:
+        made.append(Nodes(HERE / example, nats_url, unique_name, tmp_path))
+        return made[-1]
+
+    yield make
+    for n in made:
+        n.stop()
+
+
+def get(url: str, timeout: float = 15) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def poll(fn: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_basic_fails_over_the_worker(nodes: Any) -> None:
+    port = free_port()
+    n = nodes("basic")
+    n.start("n1", BASIC_PORT=str(port))
+    n.start("n2", BASIC_PORT=str(port))
+    url = f"http://127.0.0.1:{port}/"
+
+    def answer() -> tuple[str, int] | None:
+        status, body = get(url, timeout=2)
+        if status != 200:
+            return None
+        _, node, _, epoch = body.split()
+        return node, int(epoch)
+
+    first, epoch = poll(answer, 60, "the worker to answer")
+    # on_active runs after the backend stage: its line may follow the worker's first answer.
+    poll(lambda: f"{first}: active (epoch {epoch})" in n.log(first), 30, "on_active")
+    other = "n2" if first == "n1" else "n1"
+    poll(lambda: f"{other}: standby" in n.log(other), 30, "the standby")
+    n.procs[first].kill()  # SIGKILL the active node: its fence guard stops the worker
+    n.procs[first].wait()
+    t0 = time.monotonic()
+    second = poll(lambda: (a := answer()) and a[0] == other and a, 30, "the failover")
+    print(f"worker answered from {other} {time.monotonic() - t0:.2f}s after the SIGKILL")
+    assert second[1] > epoch
+    assert n.stop()[other] == 0  # a graceful leave on SIGTERM
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_gateway_calls_the_leader_across_a_failover(nodes: Any) -> None:
+    ports = {"n1": free_port(), "n2": free_port()}
+    n = nodes("gateway")
+    for node, port in ports.items():
+        n.start(node, GATEWAY_PORT=str(port))
+
+    def quote(node: str) -> dict[str, Any] | None:
+        status, body = get(f"http://127.0.0.1:{ports[node]}/price?sku=a1", timeout=15)
+        return json.loads(body) if status == 200 else None
+
+    a = poll(lambda: quote("n1"), 60, "gateway n1")
+    b = poll(lambda: quote("n2"), 60, "gateway n2")
+    assert a["gateway"] == "n1" and b["gateway"] == "n2"
+    assert (a["node"], a["epoch"], a["price"]) == (b["node"], b["epoch"], b["price"])
+    status, body = get(f"http://127.0.0.1:{ports['n1']}/price")
+    assert status == 400 and "sku" in body
+    leader = a["node"]
+    survivor = "n2" if leader == "n1" else "n1"
+    n.procs[leader].kill()
+    n.procs[leader].wait()
+    # The first request after the kill may wait for the failover; the bus retries it.
+    after = poll(lambda: quote(survivor), 60, "an answer from the new leader")
+    assert after["node"] == survivor and after["epoch"] > a["epoch"]
+    assert after["price"] == a["price"]
+    assert n.stop()[survivor] == 0
