@@ -72,6 +72,7 @@ async def password_server(tmp_path: Path) -> Any:
     await server.stop()
 
 
+@pytest.mark.slow
 async def test_a_password_url_is_never_shown_in_status_logs_or_cli_errors(
     password_server: NatsServer, unique_name: str, caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],

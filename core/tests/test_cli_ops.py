@@ -53,6 +53,7 @@ def test_version_command() -> None:
     assert text.returncode == 0 and text.stdout.startswith("pycluster 0.1.0")
 
 
+@pytest.mark.slow
 def test_init_writes_a_valid_commented_config_without_asking(tmp_path: Path) -> None:
     target = tmp_path / "node.yaml"
     out = run("init", "--output", str(target), "-p", "prod", "--node-id", "node-1",
@@ -88,6 +89,7 @@ def test_no_default_url_answers_for_another_cluster(tmp_path: Path) -> None:
     assert out.returncode == 2 and f"the config file {cfg} names no nats_url" in out.stderr
 
 
+@pytest.mark.slow
 async def test_commands_read_the_node_config_file(make_platform: Any, nats_url: str,
                                                   unique_name: str, tmp_path: Path) -> None:
     a, b = App("orders"), App("orders")
@@ -122,6 +124,7 @@ async def test_commands_read_the_node_config_file(make_platform: Any, nats_url: 
     await wait_for(lambda: b.is_leader, 10)
 
 
+@pytest.mark.slow
 async def test_doctor_passes_on_a_good_setup_and_names_what_to_fix(
         make_platform: Any, nats_url: str, unique_name: str, tmp_path: Path) -> None:
     await make_platform("a", App("orders"))
@@ -211,6 +214,7 @@ def test_every_command_help_shows_an_example() -> None:
     assert not missing, f"--help without an example: {missing}"
 
 
+@pytest.mark.slow
 async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str,
                              tmp_path: Path) -> None:
     orders = App("orders")

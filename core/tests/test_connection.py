@@ -95,6 +95,7 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 async def test_mutual_tls(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     require("openssl", shutil.which("openssl") is not None, "openssl is needed to make certs")
     d = tmp_path

@@ -160,6 +160,7 @@ async def test_failing_stage_undoes_in_reverse_steps_down_and_other_takes_over(
     assert e2 > e1 and a2.epoch == e2
 
 
+@pytest.mark.slow
 async def test_back_off_doubles_after_each_failed_activation(
     make_platform: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

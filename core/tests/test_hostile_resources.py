@@ -162,6 +162,7 @@ async def test_random_method_names_do_not_grow_metrics(make_platform: Any, nats_
     assert total(m, "pycluster_rpc_duration_seconds_count", app="svc", method="echo") == 1
 
 
+@pytest.mark.slow
 async def test_large_scrape_does_not_stall_the_loop(make_platform: Any) -> None:
     """A registry large enough to take a noticeable time to render: a scrape runs in a thread,
     so the event loop keeps ticking (and the lease holder keeps renewing) meanwhile."""
@@ -562,6 +563,7 @@ async def test_held_connections_do_not_break_an_activation(
 # -- 4. cancellation is tied to the caller -----------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_foreign_cancel_is_ignored_callers_cancel_works(make_platform: Any,
                                                              nats_url: str) -> None:
     seen: list[str] = []

@@ -52,6 +52,7 @@ async def r3(nats_cluster: NatsCluster) -> AsyncIterator[tuple[NatsCluster, list
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 async def test_partitioned_reader_never_gets_a_stale_value(
     r3: tuple[NatsCluster, list[Client]], unique_name: str
 ) -> None:

@@ -229,6 +229,7 @@ async def test_cancelled_waiter_leaves_queue(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 async def test_renewed_lock_outlives_its_ttl(
     services: Callable[[str], Awaitable[LockService]],
 ) -> None:

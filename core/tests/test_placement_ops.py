@@ -190,6 +190,7 @@ async def test_cordon_keeps_running_spread_but_starts_none(make_platform: Any) -
     assert set(ops.cordoned) == {"a"}
 
 
+@pytest.mark.slow
 async def test_maintenance_withholds_failover_until_off(make_platform: Any, nats_url: str,
                                                         unique_name: str) -> None:
     a, b = App("svc"), App("svc")
@@ -303,6 +304,7 @@ async def test_strategies_weigh_candidates(make_platform: Any) -> None:
         PreferLabel("disk", weight=float("nan"))
 
 
+@pytest.mark.slow
 async def test_app_list_and_show(make_platform: Any, nats_url: str, unique_name: str) -> None:
     a = App("db", OnLabel("tier", "db"), PreferLabel("disk", "ssd"))
     pa = await make_platform("a", a, labels={"tier": "db"})
@@ -445,6 +447,7 @@ async def test_drain_moves_instances_one_at_a_time_within_the_budget(
     assert pa.status()["cordoned"] or "a" in pa.placement.ops.cordoned
 
 
+@pytest.mark.slow
 async def test_drain_waits_for_the_budget_and_says_why(make_platform: Any, nats_url: str,
                                                        unique_name: str) -> None:
     from pycluster.cli.placement_cmd import drain

@@ -234,6 +234,7 @@ async def test_graceful_stop_lets_the_command_exit_on_sigterm(make_platform: Any
     assert not health.healthy and health.data["state"] == "stopped"
 
 
+@pytest.mark.slow
 async def test_graceful_stop_may_take_longer_than_the_lease_ttl(make_platform: Any) -> None:
     # The lease (2 s) keeps being renewed while the node steps down gracefully, and the guard
     # follows the renewals: the command gets its 3 s of clean-up, not only the lease's rest.
@@ -329,6 +330,7 @@ async def test_becomes_active_only_once_healthy(make_platform: Any) -> None:
     assert health.healthy and health.detail == "HTTP 200"
 
 
+@pytest.mark.slow
 async def test_never_healthy_fails_the_stage_and_another_node_takes_over(
     make_platform: Any,
 ) -> None:

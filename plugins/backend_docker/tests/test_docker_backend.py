@@ -71,6 +71,7 @@ def offline(option: Docker, unique: str) -> tuple[DockerBackend, Context]:
                                                          node_id="n1", epoch=7, reason="test")
 
 
+@pytest.mark.slow
 async def test_container_started_and_stopped_with_settings(
     engine: PodmanService, client: Any, platforms: Callable[..., Any], tmp_path: Path,
     unique_name: str,
@@ -107,6 +108,7 @@ async def test_container_started_and_stopped_with_settings(
         client.containers.get(name)  # stopped and removed
 
 
+@pytest.mark.slow
 async def test_unhealthy_container_fails_the_start_with_logs(
     engine: PodmanService, client: Any, tmp_path: Path, unique_name: str
 ) -> None:
@@ -137,6 +139,7 @@ async def test_exited_container_fails_the_start_and_missing_image_is_clear(
         await backend.start(ctx)
 
 
+@pytest.mark.slow
 async def test_stop_with_timeout_and_keep(
     engine: PodmanService, client: Any, tmp_path: Path, unique_name: str
 ) -> None:

@@ -25,6 +25,7 @@ async def cli(nats_url: str, platform: str, *args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
+@pytest.mark.slow
 async def test_list_show_watch_export(make_node: Callable[..., Any], nats_url: str) -> None:
     p = await make_node("n1")
     await wait_for(lambda: p.apps["orders"].is_active, 10)

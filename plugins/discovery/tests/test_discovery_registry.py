@@ -144,6 +144,7 @@ async def test_manual_register_deregister_and_watch_order(
     assert await disc(p).lookup("pg") == []
 
 
+@pytest.mark.slow
 async def test_manual_registration_is_renewed_past_the_lease(
         make_node: Callable[..., Any]) -> None:
     p = await make_node("n1", App("idle", Singleton()))

@@ -47,6 +47,7 @@ async def all_stable(apps: list[App], timeout: float) -> list[RingMember]:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.slow
 async def test_exactly_once_join_leave_minimal_moves(make_node: Any) -> None:
     w = Witness()
     ring = Ring(partitions=P, settle=0.5)
@@ -216,6 +217,7 @@ def test_config_section_builds_the_option(tmp_path: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 async def test_flapping_node_does_not_churn_label_changes_and_drain_rebalance(
         make_node: Any) -> None:
     w = Witness()
@@ -264,6 +266,7 @@ async def test_replicas_mode_only_active_instances_own(make_node: Any) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 async def test_failing_on_own_gives_partitions_back_and_retries(
         make_node: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="pycluster.ring")

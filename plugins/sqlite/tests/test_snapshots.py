@@ -57,6 +57,7 @@ async def _cli(*args: str) -> Any:
     return out.decode()
 
 
+@pytest.mark.slow
 async def test_cli_snapshot_create_list_restore(make_node: Any, nats_url: str, tmp_path: Path,
                                                 unique_name: str) -> None:
     _pa, app_a, db_a = await make_node("n1")

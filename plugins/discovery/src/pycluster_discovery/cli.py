@@ -87,7 +87,11 @@ def services_group() -> None:
 @APP_OPT
 @OUTPUT
 def list_cmd(nats_url: str, platform: str, app: str | None, output: str) -> None:
-    """Every registered instance."""
+    """Every registered instance.
+
+    \b
+    Example: pycluster services list --config node.yaml --output json
+    """
     try:
         insts = [i for i in asyncio.run(read_instances(nats_url, platform))
                  if app is None or i.app == app]
@@ -111,7 +115,11 @@ def list_cmd(nats_url: str, platform: str, app: str | None, output: str) -> None
 @OUTPUT
 def show_cmd(name: str, nats_url: str, platform: str, app: str | None, tags: tuple[str, ...],
              healthy: bool, output: str) -> None:
-    """The instances of service NAME (exit status 1 when there is none)."""
+    """The instances of service NAME (exit status 1 when there is none).
+
+    \b
+    Example: pycluster services show http --app orders
+    """
     try:
         insts = [i for i in asyncio.run(read_instances(nats_url, platform))
                  if matches(i, name, app, tags, healthy)]
@@ -173,7 +181,11 @@ async def _watch(urls: str, platform: str, name: str, app: str | None, output: s
 def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: int | None,
               output: str) -> None:
     """Print the changes of service NAME as they happen (the current instances first);
-    ``--output json`` prints one JSON object per line."""
+    ``--output json`` prints one JSON object per line.
+
+    \b
+    Example: pycluster services watch redis --output json
+    """
     try:
         asyncio.run(_watch(nats_url, platform, name, app, output, count))
     except KeyboardInterrupt:
@@ -192,7 +204,11 @@ def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: i
 @click.option("--output", "-o", type=click.Choice(["json"]), default="json",
               help="Always JSON.")
 def export_cmd(nats_url: str, platform: str, fmt: str, output: str) -> None:
-    """Print the registry in an export format (for file SD or another tool)."""
+    """Print the registry in an export format (for file SD or another tool).
+
+    \b
+    Example: pycluster services export --format prometheus > targets.json
+    """
     try:
         insts = asyncio.run(read_instances(nats_url, platform))
     except Exception as exc:
