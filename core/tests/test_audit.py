@@ -362,3 +362,17 @@ async def test_cli_audit_follow(make_platform: Any, nats_url: str) -> None:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.timeout(30)
+async def test_stop_right_after_start_stores_the_leave_entry(nats_url: str,
+                                                            unique_name: str) -> None:
+    """A node stopped while its start-up health checks were still flushing its connection
+    stores its ``left`` entry (a cancelled flush used to break the connection's reader)."""
+    from pycluster import Platform
+
+    p = Platform(unique_name, node_id="n1", nats_url=nats_url, hook_timeout=5.0)
+    await p.start()
+    audit = p.audit
+    await p.stop()
+    assert audit.stats()["dropped"] == 0

@@ -548,3 +548,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 """Errors after which a write may be retried (nothing is known to have been applied)."""
+
+
+async def flush(nc: Any, timeout: float = 10.0) -> None:
+    """``nc.flush(timeout)`` that a cancellation of the caller cannot break.
+
+    nats-py answers a PONG by setting the result of the oldest ping future; if that future was
+    cancelled (the awaiting task was cancelled), the read loop raises ``InvalidStateError`` and
+    the connection stops delivering messages while it still counts as connected. Shielded, the
+    ping future lives until its PONG (or nats-py's own timeout) whatever happens to the caller.
+    """
+    await asyncio.shield(nc.flush(timeout=timeout))

@@ -380,7 +380,7 @@ class EventBus:
         sub._sub = await nc.subscribe(full, queue=queue or "", cb=on_msg)
         # Return only once the server knows the interest: an event published after subscribe()
         # returned (from any connection) is then delivered.
-        await nc.flush(timeout=10)
+        await natsutil.flush(nc, timeout=10)
         self.service._subs.add(sub)
         return sub
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...kernel import natsutil
 from ...kernel.aio import cancel_and_wait, supervise
 from ...kernel.context import Context
 from ...kernel.coordinator import run_hooks
@@ -164,7 +165,7 @@ class PlatformHealth(HealthEndpoints):
             if control is not None and not control.is_connected:
                 raise ConnectionError("the control connection (election, membership) is down")
             started = time.monotonic()
-            await nc.flush()  # bounded by the check's timeout
+            await natsutil.flush(nc)  # bounded by the check's timeout
             # host:port only: a URL may carry a password (nats://user:pass@host).
             return {"server": server_address(nc.connected_url),
                     "control_server": server_address(control.connected_url)

@@ -17,6 +17,7 @@ import pydantic
 from nats.aio.msg import Msg
 
 from ... import codec as codecs
+from ...kernel import natsutil
 from ...kernel.context import CORRELATION
 from ...middleware import Kind, MiddlewareChain, Request
 from .wire import (
@@ -223,7 +224,7 @@ class RpcServer:
             if changed:
                 # Make the interest known to the server before callers are told we are ready.
                 with contextlib.suppress(Exception):
-                    await nc.flush(timeout=2)
+                    await natsutil.flush(nc, timeout=2)
 
     async def _reconcile(self) -> None:
         # Safety net for a missed role notification (e.g. a lease lost without a transition yet).
