@@ -74,6 +74,20 @@ async def request_labels(nats_url: str | None, platform: str, node: str, set_: d
         await nc.close()
 
 
+async def _request_move(nc: Any, platform: str, app: str, body: bytes,
+                        timeout: float) -> dict[str, Any]:
+    """Ask the active instance of ``app`` to move (drain, rebalance); no answer is an
+    ``{"error": {"reason": ...}}`` like a refusal."""
+    from ..kernel.platform import move_subject
+
+    try:
+        msg = await nc.request(move_subject(platform, app), body, timeout=timeout)
+        res: dict[str, Any] = json.loads(msg.data)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError):
+        res = {"error": {"reason": "no answer from the instance"}}
+    return res
+
+
 async def change_operations(nats_url: str | None, platform: str, data_dir: str | None,
                             change: Any, node: str | None = None) -> Operations:
     """Apply ``change`` to the operations state (``node``, if given, must be live)."""
@@ -460,7 +474,6 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
     for the app's budget and for the previous move to complete). Returns ``{"node",
     "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is called with each
     step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
-    from ..kernel.platform import move_subject
     from .inspect import _live_nodes
 
     validate_ident("node", node)
@@ -491,12 +504,7 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
             name = active[0]
             body = json.dumps({"from": node, "reason": "drain"}).encode()
             left = max(1.0, deadline - time.monotonic())
-            try:
-                msg = await nc.request(move_subject(platform, name), body,
-                                       timeout=min(60.0, left))
-                res: dict[str, Any] = json.loads(msg.data)
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError):
-                res = {"error": {"reason": "no answer from the instance"}}
+            res = await _request_move(nc, platform, name, body, min(60.0, left))
             err = res.get("error")
             if isinstance(err, dict):
                 reason = str(err.get("reason"))
@@ -561,7 +569,6 @@ async def rebalance(nats_url: str | None, platform: str, app: str | None, dry_ru
                     data_dir: str | None = None) -> list[dict[str, Any]]:
     """Ask each active instance of ``app`` (default: every elected app) what placement wants
     and, unless ``dry_run``, to move there; one result per instance."""
-    from ..kernel.platform import move_subject
     from .inspect import read_status
 
     st = await read_status(nats_url, platform, data_dir)
@@ -576,11 +583,7 @@ async def rebalance(nats_url: str | None, platform: str, app: str | None, dry_ru
             for node in a["active_on"]:
                 body = json.dumps({"from": node, "rebalance": True,
                                    "dry_run": dry_run}).encode()
-                try:
-                    msg = await nc.request(move_subject(platform, a["app"]), body, timeout=60)
-                    res: dict[str, Any] = json.loads(msg.data)
-                except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ValueError):
-                    res = {"error": {"reason": "no answer from the instance"}}
+                res = await _request_move(nc, platform, a["app"], body, 60.0)
                 err = res.get("error")
                 if isinstance(err, dict):
                     res = {"app": a["app"], "from": node, "outcome": "refused",
