@@ -35,9 +35,18 @@ def disc(p: Any) -> Any:
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for UDP and for TCP (the DNS server binds both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            try:
+                t.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def resolver(addr: str) -> dns.asyncresolver.Resolver:
@@ -171,3 +180,20 @@ async def test_large_answers_truncate_over_udp_and_come_over_tcp(
     assert reply.flags & dns.flags.TC
     ans = await r.resolve(name, "SRV")  # the resolver retries over TCP
     assert len(ans) == 40
+
+
+async def test_a_taken_tcp_port_fails_start_clearly_and_frees_udp(
+        make_node: Callable[..., Any]) -> None:
+    """An explicit DNS port whose TCP side is taken: start fails with the bind error and the
+    UDP socket it had bound is closed again (nothing half-bound is left)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        p: Platform = await make_node("n1", App("cache", Spread(), Service("redis", port=6379)),
+                                      start=False)
+        disc(p).dns_addr = f"127.0.0.1:{port}"
+        with pytest.raises(OSError, match="address already in use"):
+            await p.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", port))  # the UDP side was released

@@ -18,6 +18,7 @@ empty with TC set, and the client asks again over TCP.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
@@ -71,10 +72,21 @@ class DnsServer(asyncio.DatagramProtocol):
         """Bind the UDP socket, then TCP on the same port (answers too large for UDP)."""
         host, port = parse_addr(self.addr)
         loop = asyncio.get_running_loop()
-        self.transport, _ = await loop.create_datagram_endpoint(lambda: self,
-                                                                local_addr=(host, port))
-        port = self.transport.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(self._serve_tcp, host, port)
+        # With port 0 the kernel picks a free UDP port, but the same TCP port may be taken
+        # (by any socket, e.g. a client's ephemeral port): pick again a few times.
+        attempts = 20 if port == 0 else 1
+        for attempt in range(attempts):
+            self.transport, _ = await loop.create_datagram_endpoint(lambda: self,
+                                                                    local_addr=(host, port))
+            bound = self.transport.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, host, bound)
+                break
+            except OSError as exc:
+                self.transport.close()
+                self.transport = None
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
         log.info("discovery DNS on %s for zone %s", self.address, self.zone)
 
     async def stop(self) -> None:
