@@ -22,9 +22,9 @@ from pycluster.testing.nodes import NodeCluster
 
 DESIGN_GROUPS = ("election", "placement", "replication", "backends", "vip", "discovery")
 DEFAULT_NAMES = ("election", "placement", "process", "rpc", "api", "events", "metrics",
-                 "tracing", "audit", "health", "sdnotify")
+                 "tracing", "audit", "health", "sdnotify", "leaf")
 OBSERVABILITY = frozenset({"audit", "metrics", "tracing", "health"})
-SERVICES = ("rpc", "api", "events", "health", "audit", "metrics", "tracing")
+SERVICES = ("rpc", "api", "events", "health", "audit", "metrics", "tracing", "leaf")
 """The default plugins that register a platform service (sdnotify only under systemd)."""
 
 

@@ -43,6 +43,7 @@ from .kernel.errors import (
     UnauthorizedError,
     UnclaimedOptionError,
 )
+from .kernel.leaf import HubListen, LeafOf
 from .kernel.options import (
     AvoidLabel,
     AwayFromApp,
@@ -86,8 +87,10 @@ __all__ = [
     "FailurePolicy",
     "ForKey",
     "HealthCheck",
+    "HubListen",
     "InvalidNameError",
     "KeyExistsError",
+    "LeafOf",
     "LockLostError",
     "LockTimeoutError",
     "Middleware",

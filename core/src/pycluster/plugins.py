@@ -51,6 +51,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "audit": "pycluster.builtin.audit.plugin",
     "health": "pycluster.builtin.health.plugin",
     "sdnotify": "pycluster.builtin.sdnotify",
+    "leaf": "pycluster.builtin.leaf.plugin",
 }
 """The default plugins, name -> module, registered in this order before entry points."""
 

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from ..builtin.audit.log import AuditLog
     from ..builtin.events.bus import EventBus
     from ..builtin.health.service import PlatformHealth
+    from ..builtin.leaf.remote import RemotePlatform
     from ..builtin.metrics.service import PlatformMetrics
 
 log = logging.getLogger("pycluster")
@@ -152,6 +153,11 @@ class Platform:
         )
         self.name = self.settings.name
         self.node_id = self.settings.node_id
+        if self.settings.nats_url and (self.settings.hub or self.settings.leaf):
+            field = "hub" if self.settings.hub else "leaf"
+            raise ConfigError(field, "...", "hub/leaf configure the embedded nats-server "
+                              "(nats_url unset); for a server of your own, write its leaf-node "
+                              "configuration with `pycluster nats-config --hub/--leaf`")
         self.labels = dict(self.settings.labels)
         self.pm = plugin_manager or create_plugin_manager()
         self.options = OptionRegistry()
@@ -426,6 +432,7 @@ class Platform:
         """Start the embedded nats-server (one per platform and data root, see
         `EmbeddedServerLock`); returns the settings pointing at it."""
         from .embedded import EmbeddedNatsServer, EmbeddedServerLock, LocalCredentials
+        from .leaf import write_zone_config
         from .settings import secret_value
 
         if settings.nats_nkey_seed or settings.nats_creds:
@@ -444,7 +451,11 @@ class Platform:
         creds = LocalCredentials.load_or_create(
             data, user=settings.nats_user, password=secret_value(settings.nats_password),
             token=secret_value(settings.nats_token))
-        self.embedded = EmbeddedNatsServer(data, config_file=creds.write_server_config(),
+        config = creds.write_server_config()
+        if settings.hub is not None or settings.leaf is not None or (
+                settings.zone or settings.jetstream_domain):
+            config = write_zone_config(config, settings)
+        self.embedded = EmbeddedNatsServer(data, config_file=config,
                                            auth=creds.connect_options())
         await self.embedded.start()
         lock.describe(node_id=self.node_id, url=self.embedded.url, data_dir=str(data),
@@ -737,6 +748,12 @@ class Platform:
         ``breaker`` (a `BreakerPolicy` for that app), ``source_app`` (see
         `pycluster.builtin.api.bus.ApiClient`; plugin ``api``)."""
         return self.service("api").client(app_name, **options)  # type: ignore[no-any-return]
+
+    def remote(self, platform: str) -> RemotePlatform:
+        """Another platform in another zone, over the leaf links: ``await platform.remote(
+        "prod").api("convex").call("query", ...)``, ``.events.publish(...)``, ``.ping()`` (see
+        `pycluster.builtin.leaf.remote.RemotePlatform`; plugin ``leaf``)."""
+        return self.service("leaf").remote(platform)  # type: ignore[no-any-return]
 
     @property
     def events(self) -> EventBus:

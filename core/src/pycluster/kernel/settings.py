@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydantic_settings.exceptions import SettingsError
 
 from .errors import ConfigError
+from .leaf import HubListen, LeafOf, check_domain
 from .names import validate_ident
 from .options import check_timing
 
@@ -153,6 +154,11 @@ def _redact(field: str, value: Any) -> Any:
             return ",".join(redact_url(u) for u in value.split(","))
         if isinstance(value, list | tuple):
             return [redact_url(str(u)) for u in value]
+    if field in ("hub", "leaf", "url"):  # a leaf-link section, or one of its URLs
+        if isinstance(value, dict):
+            return {k: "***" if k == "password" and v is not None else _redact(k, v)
+                    for k, v in value.items()}
+        return _redact("nats_url", value)
     return value
 
 
@@ -252,7 +258,18 @@ class PlatformSettings(BaseSettings):
     audit_buffer: int = 10_000
     metrics: bool = True
     tracing: bool = True
+    # Zones (docs/multizone.md): this platform's zone and JetStream domain; ``hub`` / ``leaf``
+    # configure the embedded nats-server's leaf-node links.
+    zone: str | None = None
+    jetstream_domain: str | None = None
+    hub: HubListen | None = None
+    leaf: LeafOf | None = None
     apps: list[AppConfig] = Field(default_factory=list)
+
+    @field_validator("zone", "jetstream_domain")
+    @classmethod
+    def _domain(cls, v: str | None, info: Any) -> str | None:
+        return v if v is None else check_domain(info.field_name, v)
 
     @field_validator("name", "node_id")
     @classmethod
@@ -419,6 +436,9 @@ def load_settings(file: str | Path | None = None, **kwargs: Any) -> PlatformSett
         settings = _Settings(**kwargs)
     except ValidationError as exc:
         err = exc.errors()[0]
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError):  # a section that names its own field (HubListen)
+            raise inner from None
         loc = ".".join(str(x) for x in err["loc"]) or "settings"
         field = str(err["loc"][0]) if err["loc"] else ""
         value = _redact(field, err.get("input"))

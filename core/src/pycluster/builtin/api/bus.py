@@ -170,6 +170,8 @@ class ApiClient:
         self.retry = retry
         self.source_app = validate_ident("source app", source_app) if source_app else None
         self._targets: dict[tuple[str, Route | None], Target] = {}
+        # Whose circuit breaker: the app's (a client of another platform's app keys its own).
+        self.breaker_key = self.app
 
     def __repr__(self) -> str:
         return f"ApiClient({self.app!r})"
@@ -177,7 +179,7 @@ class ApiClient:
     @property
     def breaker(self) -> CircuitBreaker:
         """The circuit breaker of the target app (shared by every client of this platform)."""
-        return self.service.breaker(self.app)
+        return self.service.breaker(self.breaker_key)
 
     def _target(self, method: str, route: Route | None) -> Target:
         if isinstance(route, ForKey):
@@ -223,7 +225,7 @@ class ApiClient:
             codec=codec or self.codec, response_model=response_model, retry=self.retry,
             source_app=self.source_app,
         )
-        breaker = self.service.breaker(self.app)
+        breaker = self.service.breaker(self.breaker_key)
         probe = breaker.before_call()
         try:
             result = await svc.call(call)
