@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -112,13 +114,27 @@ def _sources(fn: Any) -> Any:
 @click.option("--out", "-d", "out", required=True, type=click.Path(file_okay=False),
               help="Directory for nats-server.conf and the users' credential files (0600; "
                    "existing credentials there are kept).")
+@click.option("--hub", "hub_port", type=int, default=None, metavar="PORT",
+              help="This zone is the hub: listen for leaf servers on PORT (7422 by "
+                   "convention); the leaf link's user and password go to OUT/leaf-link.json.")
+@click.option("--hub-host", default="0.0.0.0", show_default=True,
+              help="The address the hub's leaf-node port listens on.")
+@click.option("--leaf", "leaf_url", default=None, metavar="URL",
+              help="This zone is a leaf of the hub at URL (nats-leaf://hub:7422).")
+@click.option("--leaf-credentials", type=click.Path(exists=True, dir_okay=False),
+              help="The hub's leaf-link.json (user and password of the leaf link).")
+@click.option("--zone", default=None, help="This platform's zone (its JetStream domain "
+                                           "unless --jetstream-domain is given).")
+@click.option("--jetstream-domain", default=None, help="This zone's JetStream domain.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format of the summary.")
 @click.pass_obj
 def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...],
                     platform: str | None, apps: tuple[str, ...], nodes: tuple[str, ...],
                     sqlite_apps: tuple[str, ...], auth: str, no_operator: bool, out: str,
-                    output: str) -> None:
+                    hub_port: int | None, hub_host: str, leaf_url: str | None,
+                    leaf_credentials: str | None, zone: str | None,
+                    jetstream_domain: str | None, output: str) -> None:
     """Generate NATS users with per-app permissions for a platform.
 
     Each node (--node, a TARGET module:platform, a --config file) or app (--app) gets a user
@@ -128,20 +144,33 @@ def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, .
     per user OUT/<user>.env (PYCLUSTER_* variables) and, with NKeys, OUT/<user>.nk (the seed).
     Create the buckets and streams first with `pycluster provision` (app users may not).
 
+    Zones: --hub PORT (this platform's server accepts leaf servers) or --leaf URL (it
+    connects to the hub), with --zone: adds the leafnodes block and the zone's JetStream
+    domain, the same configuration `Platform(hub=...)` / `Platform(leaf=...)` give an
+    embedded server.
+
     \b
     Examples:
       pycluster nats-config -p prod --node node-1=orders,billing --node node-2=orders --out nats/
       pycluster nats-config --config /etc/pycluster/node.yaml --auth nkey --out nats/
+      pycluster nats-config -p prod --app convex --hub 7422 --zone eu --out hub/
+      pycluster nats-config -p edge --app shop --leaf nats-leaf://hub:7422 \\
+          --leaf-credentials hub/leaf-link.json --zone paris --out edge/
     """
     from .common import _fail, _table
 
     try:
         src = collect(pm, target, configs, platform, apps, nodes, sqlite_apps)
         assert src.platform is not None
+        zone_text = _zone_config(src, out, hub_port, hub_host, leaf_url, leaf_credentials,
+                                 zone, jetstream_domain)
         gen = generate(src.platform, apps=src.apps, nodes=src.nodes,
                        sqlite_apps=src.sqlite_apps, auth=auth,  # type: ignore[arg-type]
                        operator=not no_operator, existing=out)
         files = gen.write(out)
+        if zone_text is not None:
+            server = Path(files["server"][0])
+            server.write_text(server.read_text() + "\n" + zone_text)
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -157,6 +186,53 @@ def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, .
     click.echo(_table(rows, ["USER", "APPS", "INBOX PREFIX", "CREDENTIALS"]))
     click.echo("\nStart each node with its .env file (e.g. systemd EnvironmentFile=, or "
                "`set -a; . node-n1.env`); the CLI with operator.env.")
+
+
+LEAF_LINK_FILE = "leaf-link.json"
+
+
+def _zone_config(src: PlatformApps, out: str, hub_port: int | None, hub_host: str,
+                 leaf_url: str | None, leaf_credentials: str | None, zone: str | None,
+                 domain: str | None) -> str | None:
+    """The zone part of the server configuration (None when no zone option is given); with
+    --hub, the leaf link's credentials are kept in OUT/leaf-link.json (reused when there)."""
+    from ..kernel.embedded import _write_private
+    from ..kernel.leaf import HubListen, LeafOf, check_domain, leafnode_config, zone_domain
+
+    s = src.settings
+    zone = zone or (s.zone if s else None)
+    domain = domain or (s.jetstream_domain if s else None)
+    if hub_port is None and leaf_url is None and zone is None and domain is None:
+        return None
+    for name, value in (("--zone", zone), ("--jetstream-domain", domain)):
+        if value is not None:
+            try:
+                check_domain(name, value)
+            except ValueError as exc:
+                raise ConfigError(name, value, str(exc)) from None
+    hub = leaf = None
+    if hub_port is not None:
+        link = Path(out) / LEAF_LINK_FILE
+        try:
+            creds = json.loads(link.read_text())
+        except (OSError, ValueError):
+            creds = {"user": "leaf", "password": secrets.token_urlsafe(32)}
+            Path(out).mkdir(parents=True, exist_ok=True)
+            _write_private(link, json.dumps(creds) + "\n")
+        hub = HubListen(port=hub_port, host=hub_host, user=creds["user"],
+                        password=creds["password"])
+    if leaf_url is not None:
+        extra: dict[str, Any] = {}
+        if leaf_credentials is not None:
+            try:
+                creds = json.loads(Path(leaf_credentials).read_text())
+                extra = {"user": creds["user"], "password": creds["password"]}
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ConfigError("--leaf-credentials", leaf_credentials,
+                                  "not a leaf-link.json of `nats-config --hub`") from None
+        leaf = LeafOf(leaf_url, **extra)
+    assert src.platform is not None
+    return leafnode_config(zone_domain(src.platform, zone, domain), hub, leaf)
 
 
 @click.command("provision")

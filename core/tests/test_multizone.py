@@ -1,0 +1,301 @@
+"""Zones joined by NATS leaf nodes: a hub platform and two leaf platforms, each with its own
+embedded nats-server, the leaf links going through TCP proxies (a zone is cut off and healed
+without root). Leaf config, JetStream domains, cross-zone API calls and events, the hub link."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from pycluster import App, CircuitOpenError, ConfigError, HubListen, LeafOf, Platform, Singleton
+from pycluster.builtin.leaf.remote import ZoneUnreachableError
+from pycluster.builtin.leaf.service import ZoneService
+from pycluster.kernel.errors import NoInstanceError
+from pycluster.kernel.leaf import leafnode_config
+from pycluster.plugins import create_plugin_manager
+from pycluster.testing import wait_for
+from pycluster.testing.proxy import TcpProxy
+from pycluster.testing.servers import free_port
+
+LEAF_USER, LEAF_PASSWORD = "leaf", "leaf-link-secret"
+
+
+# -- configuration (no servers) ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_hub_and_leaf_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match=r"HubListen\.port"):
+        Platform("p", hub={"port": 70000, "user": "a", "password": "b"})
+    with pytest.raises(ConfigError, match="scheme must be one of nats-leaf://"):
+        LeafOf("http://hub:7422")
+    with pytest.raises(ConfigError, match=r"HubListen.*give both tls_cert and tls_key"):
+        HubListen(user="a", password="b", tls_key="k.pem")
+    with pytest.raises(ConfigError, match=r"LeafOf\.url") as info:
+        Platform("p", leaf={"url": "nats-leaf://u:topsecret@hub:7422"})
+    assert "topsecret" not in str(info.value)
+    with pytest.raises(ConfigError, match="credentials"):
+        Platform("p", hub={"port": 7422})
+    with pytest.raises(ConfigError, match="zone"):
+        Platform("p", zone="eu.west")
+    with pytest.raises(ConfigError, match="nats-config --hub/--leaf"):
+        Platform("p", nats_url="nats://127.0.0.1:4222",
+                 leaf=LeafOf("nats-leaf://hub:7422", user="a", password="b"))
+
+
+@pytest.mark.timeout(10)
+def test_leafnode_config_text() -> None:
+    hub = leafnode_config("eu", hub=HubListen(port=7422, host="127.0.0.1", user="leaf",
+                                              password="p w", tls_cert="c.pem",
+                                              tls_key="k.pem"))
+    assert 'domain: "eu"' in hub and "port: 7422" in hub and 'password: "p w"' in hub
+    assert 'cert_file: "c.pem"' in hub
+    leaf = leafnode_config("paris", leaf=LeafOf("nats-leaf://hub.example:7422", user="leaf",
+                                                password="p@ss", reconnect=0.5))
+    assert 'domain: "paris"' in leaf
+    assert '"nats-leaf://leaf:p%40ss@hub.example:7422"' in leaf
+    assert 'reconnect: "0.5s"' in leaf
+
+
+@pytest.mark.timeout(30)
+def test_nats_config_writes_hub_and_leaf_blocks(tmp_path: Path) -> None:
+    from pycluster.cli.main import cli
+
+    pm = create_plugin_manager(load_entrypoints=False)
+    hub_dir, leaf_dir = tmp_path / "hub", tmp_path / "leaf"
+    r = CliRunner().invoke(cli, ["nats-config", "-p", "prod", "--app", "convex", "--auth",
+                                 "password", "--hub", "7422", "--zone", "eu",
+                                 "--out", str(hub_dir)], obj=pm)
+    assert r.exit_code == 0, r.output
+    text = (hub_dir / "nats-server.conf").read_text()
+    assert "leafnodes {" in text and "port: 7422" in text and 'domain: "eu"' in text
+    link = json.loads((hub_dir / "leaf-link.json").read_text())
+    assert link["user"] and link["password"]
+    r = CliRunner().invoke(cli, ["nats-config", "-p", "edge", "--app", "shop", "--auth",
+                                 "password", "--leaf", "nats-leaf://hub.example:7422",
+                                 "--leaf-credentials", str(hub_dir / "leaf-link.json"),
+                                 "--zone", "paris", "--out", str(leaf_dir)], obj=pm)
+    assert r.exit_code == 0, r.output
+    text = (leaf_dir / "nats-server.conf").read_text()
+    assert "remotes" in text and link["password"] in text and 'domain: "paris"' in text
+    r = CliRunner().invoke(cli, ["nats-config", "-p", "edge", "--app", "shop",
+                                 "--leaf", "http://x:1", "--out", str(tmp_path / "x")], obj=pm)
+    assert r.exit_code != 0 and "scheme" in r.output
+
+
+# -- three zones on loopback -------------------------------------------------------------------
+
+
+@dataclass
+class Zones:
+    hub: Platform
+    leaves: list[Platform]
+    proxies: list[TcpProxy]
+    convex: App
+
+
+def _platform(tmp: Path, name: str, zone: str, **kw: Any) -> Platform:
+    return Platform(name, node_id=f"{name}-1", zone=zone, data_dir=str(tmp / name),
+                    lease_ttl=2.0, heartbeat_interval=0.5,
+                    plugin_manager=create_plugin_manager(load_entrypoints=False), **kw)
+
+
+@pytest.fixture
+async def zones(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
+    port = free_port()
+    hub = _platform(tmp_path, f"hub{unique_name}"[:30], "hq",
+                    # Leaves reach the hub only through their proxy (which the test cuts).
+                    hub=HubListen(host="127.0.0.1", port=port, user=LEAF_USER,
+                                  password=LEAF_PASSWORD, no_advertise=True))
+    convex = App("convex", Singleton())
+
+    @convex.handle("where")
+    async def where(x: int) -> dict[str, Any]:
+        assert convex.platform is not None
+        return {"x": x, "platform": convex.platform.name}
+
+    hub.register(convex)
+    proxies = [TcpProxy("127.0.0.1", port, name=f"leaf{i}") for i in (1, 2)]
+    started: list[Platform] = []
+    try:
+        for proxy in proxies:
+            await proxy.start()
+        leaves = [_platform(tmp_path, f"edge{i}{unique_name}"[:30], f"z{i}",
+                            leaf=LeafOf(f"nats-leaf://127.0.0.1:{proxy.port}", user=LEAF_USER,
+                                        password=LEAF_PASSWORD, reconnect=0.25))
+                  for i, proxy in zip((1, 2), proxies, strict=True)]
+        for p in (hub, *leaves):
+            service = p.service("leaf")
+            assert isinstance(service, ZoneService)
+            service.interval = 0.25
+            await p.start()
+            started.append(p)
+        assert await convex.wait_for_leadership(15)
+        yield Zones(hub, leaves, proxies, convex)
+    finally:
+        for p in reversed(started):
+            await p.stop()
+        for proxy in proxies:
+            await proxy.close()
+
+
+def _zone(p: Platform) -> ZoneService:
+    svc = p.service("leaf")
+    assert isinstance(svc, ZoneService)
+    return svc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_zones_leaf_links_domains_calls_events_and_a_cut(zones: Zones) -> None:
+    hub, (leaf1, leaf2) = zones.hub, zones.leaves
+    # The leaf links formed: each leaf sees its hub, the hub sees both leaves.
+    for leaf in (leaf1, leaf2):
+        await wait_for(lambda leaf=leaf: _zone(leaf).hub.up, 20)
+        assert _zone(leaf).hub.platform == hub.name and _zone(leaf).hub.zone == "hq"
+    await wait_for(lambda: sum(v["up"] for v in _zone(hub).leaves_view()) == 2, 10)
+    assert {v["zone"] for v in _zone(hub).leaves_view()} == {"z1", "z2"}
+
+    # Each zone's JetStream is its own domain: the same bucket name holds different data.
+    for p in (hub, leaf1, leaf2):
+        assert p.js is not None
+        kv = await p.js.create_key_value(bucket="shared")
+        await kv.put("who", p.name.encode())
+    for p in (hub, leaf1, leaf2):
+        assert p.js is not None
+        assert (await (await p.js.key_value("shared")).get("who")).value == p.name.encode()
+    # ... and the hub's domain stays readable from a leaf, by name.
+    assert leaf1.nc is not None
+    hub_js = leaf1.nc.jetstream(domain="hq")
+    assert (await (await hub_js.key_value("shared")).get("who")).value == hub.name.encode()
+
+    # A cross-zone API call, with where it was answered.
+    convex = leaf1.remote(hub.name).api("convex", timeout=5.0)
+    reply = await wait_for(lambda: convex.call_detailed("where", 7), 15,
+                           ignore=(NoInstanceError, TimeoutError))
+    assert reply.value == {"x": 7, "platform": hub.name}
+    assert reply.platform == hub.name and reply.node == f"{hub.name}-1"
+    assert reply.zone == "hq"
+    assert await leaf2.remote(hub.name).api("convex").call("where", 8) == {
+        "x": 8, "platform": hub.name}
+
+    # Events: a leaf publishes into the hub's stream; a leaf hears the hub's events live.
+    got_hub: asyncio.Queue[Any] = asyncio.Queue()
+    got_leaf: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def on_hub(ev: Any) -> None:
+        got_hub.put_nowait(ev)
+
+    async def on_leaf(ev: Any) -> None:
+        got_leaf.put_nowait(ev)
+
+    await hub.events.subscribe("order.*", cb=on_hub)
+    await leaf2.remote(hub.name).events.subscribe("price.>", cb=on_leaf)
+    ev = await leaf1.remote(hub.name).events.publish("order.created", {"id": 1},
+                                                      source_app="shop")
+    assert ev.seq is not None and ev.seq >= 1
+    seen = await asyncio.wait_for(got_hub.get(), 10)
+    assert seen.type == "order.created" and seen.data == {"id": 1}
+    assert seen.source_app == "shop"
+    assert seen.headers["Pycluster-Source-Platform"] == leaf1.name
+    assert seen.headers["Pycluster-Source-Zone"] == "z1"
+    await hub.events.publish("price.changed", {"sku": "a"})
+    seen = await asyncio.wait_for(got_leaf.get(), 10)
+    assert seen.type == "price.changed" and seen.data == {"sku": "a"}
+
+    # Cut zone 1 off: a clear error at once, the link reported down; zone 2 unaffected.
+    zones.proxies[0].cut()
+    err = await wait_for(lambda: _unreachable(convex), 20)
+    assert err.platform == hub.name and "leaf link down" in str(err)
+    await wait_for(lambda: not _zone(leaf1).hub.up, 10)
+    with pytest.raises(ZoneUnreachableError):
+        await leaf1.remote(hub.name).events.publish("order.created", {"id": 2})
+    assert (await leaf2.remote(hub.name).api("convex").call("where", 9))["x"] == 9
+    await wait_for(lambda: _down(hub) == [leaf1.name], 15)
+    # The cut zone's own JetStream keeps working.
+    assert leaf1.js is not None
+    assert (await (await leaf1.js.key_value("shared")).get("who")).value == leaf1.name.encode()
+
+    # Heal: calls and the link come back (once the breaker, opened by the failures, probes).
+    zones.proxies[0].restore()
+    reply = await wait_for(lambda: convex.call_detailed("where", 10), 30,
+                           ignore=(NoInstanceError, TimeoutError, CircuitOpenError))
+    assert reply.value["x"] == 10
+    await wait_for(lambda: _zone(leaf1).hub.up, 10)
+    await wait_for(lambda: all(v["up"] for v in _zone(hub).leaves_view()), 10)
+
+
+def _down(hub: Platform) -> list[str]:
+    return [v["platform"] for v in _zone(hub).leaves_view() if not v["up"]]
+
+
+async def _unreachable(client: Any) -> ZoneUnreachableError | None:
+    try:
+        await client.call("where", 0, timeout=2.0)
+    except ZoneUnreachableError as exc:
+        return exc
+    except (NoInstanceError, TimeoutError):
+        return None
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_leaf_cli_status_and_metrics(zones: Zones) -> None:
+    from pycluster.cli.main import cli
+
+    hub, (leaf1, leaf2) = zones.hub, zones.leaves
+    await wait_for(lambda: _zone(leaf1).hub.up and _zone(leaf2).hub.up, 20)
+    await wait_for(lambda: sum(v["up"] for v in _zone(hub).leaves_view()) == 2, 10)
+    # /status through the hook the health plugin collects.
+    status = hub.pm.hook.pycluster_status(platform=hub)
+    mine = next(s for s in status if s and s.get("role") == "hub")
+    assert mine["zone"] == "hq" and len(mine["leaves"]) == 2
+    leaf_status = next(s for s in leaf1.pm.hook.pycluster_status(platform=leaf1)
+                       if s and s.get("role") == "leaf")
+    assert leaf_status["hub"]["up"] and leaf_status["domain"] == "z1"
+    # Metrics.
+    text = leaf1.metrics.render().decode()
+    assert "pycluster_leaf_link_up 1.0" in text
+    assert f'pycluster_leaf_rtt_seconds_count{{remote="{hub.name}"}}' in text
+
+    # The CLI, through the hub's embedded server (its URL and credentials from the data dir).
+    assert hub.embedded is not None
+    creds = hub.settings
+    env = {"PYCLUSTER_NATS_URL": hub.embedded.url, "PYCLUSTER_NATS_USER": creds.nats_user or "",
+           "PYCLUSTER_NATS_PASSWORD": creds.nats_password.get_secret_value()
+           if creds.nats_password else ""}
+    pm = create_plugin_manager(load_entrypoints=False)
+    pm.hook.pycluster_add_cli_commands(cli=cli)
+
+    def run(*args: str) -> Any:
+        r = CliRunner().invoke(cli, list(args), obj=pm, env=env)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    rows = json.loads(await asyncio.to_thread(run, "leaf", "list", "-p", hub.name, "-o",
+                                              "json", "--wait", "1"))
+    assert {r["platform"]: r["zone"] for r in rows} == {hub.name: "hq", leaf1.name: "z1",
+                                                        leaf2.name: "z2"}
+    assert all(r["link"] == "up" for r in rows)
+    doc = json.loads(await asyncio.to_thread(run, "leaf", "status", "-p", leaf1.name, "-o",
+                                             "json"))
+    assert doc["role"] == "leaf" and doc["hub"]["up"]
+    ping = json.loads(await asyncio.to_thread(run, "leaf", "ping", leaf2.name, "-p", hub.name,
+                                              "-n", "2", "-o", "json"))
+    assert ping["answered"] == 2 and ping["pings"][0]["zone"] == "z2"
+
+    # A cut leaf shows as down in the hub's list.
+    zones.proxies[1].cut()
+    await wait_for(lambda: _down(hub) == [leaf2.name], 15)
+    rows = json.loads(await asyncio.to_thread(run, "leaf", "list", "-p", hub.name, "-o",
+                                              "json", "--wait", "0.5"))
+    assert {r["platform"]: r["link"] for r in rows}[leaf2.name] == "down"
+    zones.proxies[1].restore()
