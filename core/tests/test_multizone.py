@@ -299,3 +299,90 @@ async def test_leaf_cli_status_and_metrics(zones: Zones) -> None:
                                               "json", "--wait", "0.5"))
     assert {r["platform"]: r["link"] for r in rows}[leaf2.name] == "down"
     zones.proxies[1].restore()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_operator_run_servers_with_the_generated_leaf_config(tmp_path: Path,
+                                                                    unique_name: str) -> None:
+    """Servers run by an operator with `leafnode_config` text (what `nats-config --hub/--leaf`
+    writes): the link forms (the hub's /leafz lists the leaf), and platforms on them, told
+    their zone and role, call across."""
+    import urllib.request
+
+    from pycluster.testing.servers import NatsServer
+
+    leaf_port, monitor = free_port(), free_port()
+    hub_conf = tmp_path / "hub.conf"
+    hub_conf.write_text(leafnode_config("hq", hub=HubListen(
+        host="127.0.0.1", port=leaf_port, allow_anonymous=True, no_advertise=True)))
+    proxy = TcpProxy("127.0.0.1", leaf_port)
+    await proxy.start()
+    leaf_conf = tmp_path / "leaf.conf"
+    leaf_conf.write_text(leafnode_config("z1", leaf=LeafOf(
+        f"nats-leaf://127.0.0.1:{proxy.port}", reconnect=0.25)))
+    hub_server = NatsServer(config_file=hub_conf, extra_args=["-m", str(monitor)])
+    leaf_server = NatsServer(config_file=leaf_conf)
+    started: list[Any] = []
+    try:
+        for server in (hub_server, leaf_server):
+            await server.start()
+            started.append(server)
+
+        def leafz() -> dict[str, Any]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/leafz", timeout=2) as r:
+                doc: dict[str, Any] = json.load(r)
+            return doc
+
+        doc = await wait_for(_leafz_with_one(leafz), 15)
+        assert doc["leafs"][0]["account"] == "$G"
+
+        hub = Platform(f"hub{unique_name}"[:30], node_id="h1", nats_url=hub_server.url,
+                       zone="hq", zone_role="hub", lease_ttl=2.0, heartbeat_interval=0.5,
+                       plugin_manager=create_plugin_manager(load_entrypoints=False))
+        convex = App("convex", Singleton())
+
+        @convex.handle("ping")
+        async def ping() -> str:
+            return "pong"
+
+        hub.register(convex)
+        leaf = Platform(f"edge{unique_name}"[:30], node_id="e1", nats_url=leaf_server.url,
+                        zone="z1", zone_role="leaf", lease_ttl=2.0, heartbeat_interval=0.5,
+                        plugin_manager=create_plugin_manager(load_entrypoints=False))
+        _zone(leaf).interval = 0.25
+        for p in (hub, leaf):
+            await p.start()
+            started.append(p)
+        assert await convex.wait_for_leadership(15)
+        api = leaf.remote(hub.name).api("convex")
+        assert await wait_for(lambda: api.call("ping"), 15,
+                              ignore=(NoInstanceError, TimeoutError)) == "pong"
+        await wait_for(lambda: _zone(leaf).hub.up, 10)
+        assert _zone(leaf).hub.zone == "hq" and _zone(hub).leaves_view()[0]["zone"] == "z1"
+        proxy.cut()
+        await wait_for(lambda: not _zone(leaf).hub.up, 15)
+        assert isinstance(await wait_for(lambda: _unreachable_ping(api), 15),
+                          ZoneUnreachableError)
+    finally:
+        for item in reversed(started):
+            await item.stop()
+        await proxy.close()
+
+
+def _leafz_with_one(leafz: Any) -> Any:
+    async def check() -> dict[str, Any] | None:
+        doc: dict[str, Any] = await asyncio.to_thread(leafz)
+        return doc if doc.get("leafnodes") == 1 else None
+
+    return check
+
+
+async def _unreachable_ping(client: Any) -> ZoneUnreachableError | None:
+    try:
+        await client.call("ping", timeout=2.0)
+    except ZoneUnreachableError as exc:
+        return exc
+    except (NoInstanceError, TimeoutError):
+        return None
+    return None

@@ -15,7 +15,7 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
@@ -264,6 +264,8 @@ class PlatformSettings(BaseSettings):
     jetstream_domain: str | None = None
     hub: HubListen | None = None
     leaf: LeafOf | None = None
+    # "hub" or "leaf" on an operator-run server (hub/leaf imply it for the embedded one).
+    zone_role: Literal["hub", "leaf"] | None = None
     apps: list[AppConfig] = Field(default_factory=list)
 
     @field_validator("zone", "jetstream_domain")

@@ -111,7 +111,8 @@ class ZoneService:
         s = platform.settings
         self.zone = s.zone
         self.domain = zone_domain(s.name, s.zone, s.jetstream_domain)
-        self.role = "hub" if s.hub is not None else "leaf" if s.leaf is not None else "zone"
+        self.role = ("hub" if s.hub is not None else "leaf" if s.leaf is not None
+                     else s.zone_role or "zone")
         self.hub = HubLink()
         self.leaves: dict[str, SeenLeaf] = {}
         self._subs: list[Any] = []
