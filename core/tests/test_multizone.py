@@ -76,6 +76,7 @@ def test_nats_config_writes_hub_and_leaf_blocks(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     text = (hub_dir / "nats-server.conf").read_text()
     assert "leafnodes {" in text and "port: 7422" in text and 'domain: "eu"' in text
+    assert '"_pycluster.zones"' in text  # nodes may answer zone listings
     link = json.loads((hub_dir / "leaf-link.json").read_text())
     assert link["user"] and link["password"]
     r = CliRunner().invoke(cli, ["nats-config", "-p", "edge", "--app", "shop", "--auth",

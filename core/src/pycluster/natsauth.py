@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .kernel.errors import ConfigError
+from .kernel.leaf import HUB_SUBJECT, ZONES_SUBJECT
 from .kernel.names import bucket, validate_ident
 from .signing import SigningKey, generate_keypair
 
@@ -172,6 +173,8 @@ def permissions(user: NatsUser) -> dict[str, Any]:
             pub += [f"$KV.{b}.>" if k == "kv" else f"$O.{b}.>"
                     for b, k in app_buckets(p, app, app in user.sqlite_apps).items()]
         pub += [f"$KV.{bucket(p, suffix='platform')}.>", f"$KV.{bucket(p, suffix='services')}.>"]
+        # Zones (the leaf plugin): list every zone, ask the hub, ping any platform's zone.
+        pub += [ZONES_SUBJECT, HUB_SUBJECT, "*._.zone.ping"]
         sub = [inbox, f"{p}.>"]
         return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
                 "allow_responses": True}
@@ -208,6 +211,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     # operator may change it (maintenance mode on every node would stop all failover).
     sub += [f"{p}._.events.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping",
             f"{p}._.node.{node}.labels"]
+    # Zones (the leaf plugin): answer zone listings and pings, ask (a leaf) or answer (the
+    # hub) hub-link checks. Calls to another platform's apps need grants of their own.
+    pub += [HUB_SUBJECT]
+    sub += [ZONES_SUBJECT, HUB_SUBJECT, f"{p}._.zone.ping"]
     return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
             "allow_responses": True}
 

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from .settings import PlatformSettings
 
 __all__ = [
+    "HUB_SUBJECT",
     "LEAF_URL_SCHEMES",
+    "ZONES_SUBJECT",
     "HubListen",
     "LeafOf",
     "check_domain",
@@ -50,6 +52,11 @@ __all__ = [
     "write_zone_config",
     "zone_domain",
 ]
+
+ZONES_SUBJECT = "_pycluster.zones"
+"""Every platform answers zone listings here (the ``leaf`` plugin)."""
+HUB_SUBJECT = "_pycluster.hub"
+"""The hub platform answers its leaves' link checks here (the ``leaf`` plugin)."""
 
 LEAF_URL_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
 """URL schemes a leaf remote accepts (``nats-leaf://`` is the conventional one)."""

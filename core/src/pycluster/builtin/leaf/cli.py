@@ -12,7 +12,8 @@ import nats.errors
 
 from ...cli.options import cli_connect, connection_options
 from ...kernel.errors import PyclusterError
-from .service import HUB_SUBJECT, gather_zones, ping_zone
+from ...kernel.leaf import HUB_SUBJECT
+from .service import gather_zones, ping_zone
 
 _T = TypeVar("_T")
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from ...kernel.platform import Platform
     from ...kernel.services import PlatformServices
+    from ...kernel.types import ConnectionState
 
 RTT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 CALL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -60,6 +61,15 @@ def pycluster_status(platform: Platform) -> dict[str, Any] | None:
     leaves seen (the hub)."""
     svc = platform.services.get(PLUGIN)
     return svc.status() if isinstance(svc, ZoneService) else None
+
+
+@hookimpl
+def pycluster_connection_state(platform: Platform, connection: str,
+                               state: ConnectionState) -> None:
+    """Re-check the hub link as soon as the data connection changes."""
+    svc = platform.services.get(PLUGIN)
+    if connection == "data" and isinstance(svc, ZoneService):
+        svc.poke()
 
 
 @hookimpl

@@ -32,7 +32,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from ...kernel.aio import cancel_and_wait
-from ...kernel.leaf import zone_domain
+from ...kernel.leaf import HUB_SUBJECT, ZONES_SUBJECT, zone_domain
 from ...kernel.names import platform_subject, validate_ident
 from ..rpc.wire import running_nodes
 
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pycluster.leaf")
 
 PLUGIN = "leaf"
-ZONES_SUBJECT = "_pycluster.zones"
-HUB_SUBJECT = "_pycluster.hub"
 DEFAULT_INTERVAL = 2.0
 DOWN_AFTER = 3  # intervals without news before a link or a leaf counts as down ...
 DOWN_MIN = 2.0  # ... and at least these seconds (a busy host answers late, not never)
@@ -276,6 +274,10 @@ class ZoneService:
         if m is not None:
             m.link_up.set(1 if up else 0)
         return link
+
+    def poke(self) -> None:
+        """Check the hub link now (e.g. this node's connection came back)."""
+        self._wake.set()
 
     async def _watch_hub(self) -> None:
         while True:
