@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from click.testing import CliRunner
 
@@ -387,3 +388,71 @@ async def _unreachable_ping(client: Any) -> ZoneUnreachableError | None:
     except (NoInstanceError, TimeoutError):
         return None
     return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_leaf_zone_of_a_three_server_hub_with_r3_streams(tmp_path: Path,
+                                                                  unique_name: str) -> None:
+    """The hub zone is a 3-server cluster (R3 streams), each server listening for leaves; a
+    leaf zone's server connects to all three. Events published from the leaf land in the hub
+    platform's R3 stream; when the hub server the link uses is killed, the link moves to
+    another and calls and publishes work again."""
+    from pycluster.testing.servers import NatsCluster, NatsServer
+
+    leaf_ports = [free_port() for _ in range(3)]
+    cluster = NatsCluster(3, server_config=lambda i: leafnode_config("hq", hub=HubListen(
+        host="127.0.0.1", port=leaf_ports[i], allow_anonymous=True)))
+    leaf_server = NatsServer(config_file=_write(tmp_path / "leaf.conf", leafnode_config(
+        "z1", leaf=LeafOf([f"nats-leaf://127.0.0.1:{p}" for p in leaf_ports], reconnect=0.25))))
+    started: list[Any] = []
+    try:
+        await cluster.start()
+        started.append(cluster)
+        await leaf_server.start()
+        started.append(leaf_server)
+        hub = Platform(f"hub{unique_name}"[:30], node_id="h1", nats_url=cluster.urls,
+                       zone="hq", zone_role="hub", stream_replicas=3, lease_ttl=2.0,
+                       heartbeat_interval=0.5,
+                       plugin_manager=create_plugin_manager(load_entrypoints=False))
+        convex = App("convex", Singleton())
+
+        @convex.handle("ping")
+        async def ping() -> str:
+            return "pong"
+
+        hub.register(convex)
+        leaf = Platform(f"edge{unique_name}"[:30], node_id="e1", nats_url=leaf_server.url,
+                        zone="z1", zone_role="leaf", lease_ttl=2.0, heartbeat_interval=0.5,
+                        plugin_manager=create_plugin_manager(load_entrypoints=False))
+        for p in (hub, leaf):
+            await p.start()
+            started.append(p)
+        assert await convex.wait_for_leadership(20)
+        api = leaf.remote(hub.name).api("convex", timeout=5.0)
+        assert await wait_for(lambda: api.call("ping"), 20,
+                              ignore=(NoInstanceError, TimeoutError)) == "pong"
+        events = leaf.remote(hub.name).events
+        first = await events.publish("order.created", {"n": 1}, source_app="shop")
+        assert hub.js is not None
+        info = await hub.js.stream_info(f"{hub.name}_events")
+        assert info.config.num_replicas == 3 and info.state.last_seq >= (first.seq or 0) >= 1
+
+        # Kill the hub server the leaf link uses: the link moves to another hub server.
+        leafz = await asyncio.gather(*(cluster.monitor(i, "leafz") for i in range(3)))
+        linked = next(i for i, doc in enumerate(leafz) if doc.get("leafnodes"))
+        cluster.kill(linked)
+        assert await wait_for(lambda: api.call("ping", timeout=2.0), 60,
+                              ignore=(NoInstanceError, TimeoutError, CircuitOpenError)) == "pong"
+        later = await wait_for(
+            lambda: events.publish("order.created", {"n": 2}, source_app="shop", timeout=2.0),
+            60, ignore=(ZoneUnreachableError, TimeoutError, nats.errors.Error))
+        assert later.seq is not None and later.seq > (first.seq or 0)
+    finally:
+        for item in reversed(started):
+            await item.stop()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

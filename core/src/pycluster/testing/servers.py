@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -145,6 +145,7 @@ class NatsCluster:
         base_dir: str | Path | None = None,
         name: str | None = None,
         monitoring: bool = True,
+        server_config: Callable[[int], str] | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -155,6 +156,8 @@ class NatsCluster:
             tempfile.mkdtemp(prefix="pycluster-natscluster-") if base_dir is None else base_dir
         )
         self.monitoring = monitoring
+        # Extra configuration text of server i (e.g. a leafnodes block), given as ``-c``.
+        self.server_config = server_config
         self.servers: list[EmbeddedNatsServer] = []
         self.cluster_ports: list[int] = []
         self.monitor_ports: list[int] = []
@@ -213,8 +216,14 @@ class NatsCluster:
         self._loop = BackgroundLoop(name=f"pycluster-{self.name}-proxies")
         self._proxies = self._loop.run(self._make_proxies())
         for i in range(self.size):
+            config = None
+            if self.server_config is not None:
+                config = self.base_dir / f"n{i}.conf"
+                self.base_dir.mkdir(parents=True, exist_ok=True)
+                config.write_text(self.server_config(i))
             self.servers.append(
-                EmbeddedNatsServer(self.base_dir / f"n{i}", host=_HOST, name=self.server_name(i))
+                EmbeddedNatsServer(self.base_dir / f"n{i}", host=_HOST, name=self.server_name(i),
+                                   config_file=config)
             )
             self.servers[i].extra_args = self._server_args(i)
 
