@@ -411,7 +411,15 @@ async def test_a_leaf_zone_of_a_three_server_hub_with_r3_streams(tmp_path: Path,
         started.append(cluster)
         await leaf_server.start()
         started.append(leaf_server)
-        hub = Platform(f"hub{unique_name}"[:30], node_id="h1", nats_url=cluster.urls,
+
+        async def linked_server() -> list[int]:  # a list: server 0 must not read as falsy
+            docs = await asyncio.gather(*(cluster.monitor(i, "leafz") for i in range(3)))
+            return [i for i, doc in enumerate(docs) if doc.get("leafnodes")]
+
+        (linked,) = await wait_for(linked_server, 20)
+        # The hub platform's nodes use the other servers: the kill below moves only the link.
+        others = [cluster.url(i) for i in range(3) if i != linked]
+        hub = Platform(f"hub{unique_name}"[:30], node_id="h1", nats_url=others,
                        zone="hq", zone_role="hub", stream_replicas=3, lease_ttl=2.0,
                        heartbeat_interval=0.5,
                        plugin_manager=create_plugin_manager(load_entrypoints=False))
@@ -439,8 +447,7 @@ async def test_a_leaf_zone_of_a_three_server_hub_with_r3_streams(tmp_path: Path,
         assert info.config.num_replicas == 3 and info.state.last_seq >= (first.seq or 0) >= 1
 
         # Kill the hub server the leaf link uses: the link moves to another hub server.
-        leafz = await asyncio.gather(*(cluster.monitor(i, "leafz") for i in range(3)))
-        linked = next(i for i, doc in enumerate(leafz) if doc.get("leafnodes"))
+        assert await linked_server() == [linked]
         cluster.kill(linked)
         assert await wait_for(lambda: api.call("ping", timeout=2.0), 60,
                               ignore=(NoInstanceError, TimeoutError, CircuitOpenError)) == "pong"
