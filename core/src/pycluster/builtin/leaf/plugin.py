@@ -58,9 +58,9 @@ def pycluster_register_metrics(registry: CollectorRegistry, platform: Platform) 
 @hookimpl
 def pycluster_status(platform: Platform) -> dict[str, Any] | None:
     """``/status``: this platform's zone, role and domain, the hub link (a leaf) or the
-    leaves seen (the hub)."""
+    leaves seen (the hub); nothing for a platform without zone settings."""
     svc = platform.services.get(PLUGIN)
-    return svc.status() if isinstance(svc, ZoneService) else None
+    return svc.status() if isinstance(svc, ZoneService) and svc.configured else None
 
 
 @hookimpl

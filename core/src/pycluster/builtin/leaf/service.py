@@ -119,6 +119,13 @@ class ZoneService:
         self._wake = asyncio.Event()
 
     @property
+    def configured(self) -> bool:
+        """Whether any zone setting is given (``zone``, ``jetstream_domain``, ``hub``,
+        ``leaf``, ``zone_role``)."""
+        s = self.platform.settings
+        return bool(s.zone or s.jetstream_domain or s.hub or s.leaf or s.zone_role)
+
+    @property
     def down_after(self) -> float:
         """Seconds without news before a link or a leaf counts as down."""
         return max(DOWN_MIN, DOWN_AFTER * self.interval)
