@@ -24,6 +24,7 @@ from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.options import Singleton
 
 from .checks import run_check
+from .exports import Exports
 from .options import PROTOCOLS, Service, check_name
 from .registry import (
     CRITICAL,
@@ -170,8 +171,9 @@ class Discovery:
     :ivar advertise: the default address of this node's services (``PYCLUSTER_DISCOVERY_ADVERTISE``,
         else the source address of the default route).
     :ivar dns_ttl: TTL of DNS answers, seconds.
-    :ivar http_addr: ``host:port`` of the HTTP exports (Prometheus SD, Consul subset, JSON;
-        None: not served); from ``PYCLUSTER_DISCOVERY_HTTP_ADDR`` by default.
+    :ivar http_addr: ``host:port`` of an address of their own for the HTTP exports
+        (Prometheus SD, Consul subset, JSON), served on the health address anyway (None: only
+        there); from ``PYCLUSTER_DISCOVERY_HTTP_ADDR`` by default.
     :ivar file_sd_path: a Prometheus ``file_sd_configs`` file kept up to date (None: none);
         from ``PYCLUSTER_DISCOVERY_FILE_SD`` by default.
     :ivar export_interval: seconds between checks of the view for the exporters.
@@ -185,6 +187,9 @@ class Discovery:
         self.http_addr: str | None = os.environ.get(HTTP_ADDR_ENV) or None
         self.file_sd_path: str | None = os.environ.get(FILE_SD_ENV) or None
         self.export_interval = 0.25
+        #: The HTTP endpoints, served on the health address and on ``http_addr``.
+        self.exports = Exports(self)
+        #: The server on ``http_addr`` while it runs.
         self.http: ExportServer | None = None
         #: The exporters of ``pycluster_discovery_exporters``, by name.
         self.exporters: dict[str, DiscoveryExporter] = {}
@@ -198,6 +203,11 @@ class Discovery:
         self.checks_total: dict[tuple[str, str], int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the registry is started (`use` was called and succeeded)."""
+        return self._registry is not None
 
     @property
     def registry(self) -> ServiceRegistry:
@@ -239,7 +249,7 @@ class Discovery:
             if self.http_addr:
                 from .exports import ExportServer
 
-                self.http = ExportServer(self, self.http_addr)
+                self.http = ExportServer(self.exports, self.http_addr)
                 await self.http.start()
             reg_ex = DiscoveryExporterRegistry()
             self.platform.pm.hook.pycluster_discovery_exporters(registry=reg_ex)
@@ -253,8 +263,7 @@ class Discovery:
         while True:
             view = self.instances()
             if view != last:
-                if self.http is not None:
-                    self.http.refresh()
+                self.exports.refresh()
                 for name, exporter in self.exporters.items():
                     try:
                         await exporter.export(view)
