@@ -347,14 +347,21 @@ class Discovery:
         return list(get(name, app=app, healthy_only=healthy_only))
 
     def registrations(self) -> list[dict[str, Any]]:
-        """This node's registrations (for ``/status``)."""
+        """This node's registrations (for ``/status``): its apps' services (with the last
+        check's detail), then what it registered by hand (``register``), sorted by key."""
         out = []
+        keys = set()
         for reg in self._regs.values():
             if reg.instance is not None:
                 d = as_dict(reg.instance)
                 d["check"] = reg.detail or None
                 out.append(d)
-        return out
+                keys.add(reg.instance.key)
+        owned = getattr(self._registry, "owned", None)  # the KV registry's renewed records
+        for inst in owned() if owned is not None else ():
+            if inst.key not in keys:
+                out.append({**as_dict(inst), "check": None})
+        return sorted(out, key=lambda d: (d["app"], d["service"], d["node"]))
 
     # -- following apps ------------------------------------------------------------------------
 
