@@ -22,6 +22,7 @@ import dns.message
 import dns.rcode
 import dns.resolver
 import pytest
+from dnslib import EDNS0, DNSRecord
 
 from pycluster import App, Platform, Spread
 from pycluster.testing import require
@@ -255,6 +256,19 @@ async def test_edns_payload_size_is_honoured_before_truncating(
     # EDNS version 1: BADVERS
     bad = await udp(use_edns=1)
     assert bad.rcode() == dns.rcode.BADVERS and bad.edns == 0 and not bad.answer
+    # two OPT records: FORMERR (dnslib builds the malformed query)
+    twice = DNSRecord.question(name, "SRV")
+    twice.add_ar(EDNS0(udp_len=4096))
+    twice.add_ar(EDNS0(udp_len=4096))
+
+    def ask_raw(wire: bytes) -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(wire, (host, port))
+            return sock.recv(65535)
+
+    formerr = dns.message.from_wire(await asyncio.to_thread(ask_raw, twice.pack()))
+    assert formerr.rcode() == dns.rcode.FORMERR and not formerr.answer
 
 
 def dig(*args: str) -> str:
