@@ -201,6 +201,14 @@ class Exports:
             return False
         return True
 
+    async def stop(self) -> None:
+        """Cancel a start that a request began and that has not finished (discovery stops)."""
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+
     def _ready(self, fn: Handler) -> Handler:
         async def handler(request: Request) -> Response:
             if not await self.started():

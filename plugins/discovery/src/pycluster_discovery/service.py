@@ -276,6 +276,7 @@ class Discovery:
     async def stop(self) -> None:
         """Withdraw this node's registrations, stop DNS and the registry."""
         self._started = False
+        await self.exports.stop()
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(reg.leave(), 2.0)
