@@ -14,6 +14,7 @@
 #   iputils-ping          reachability checks between namespaces
 #   iputils-arping        gratuitous ARP for virtual-IP tests
 #   procps                ps/pkill-free process inspection used by helpers (pgrep, ps)
+#   shellcheck            lints packaging/install.sh
 #
 # Recommends are not installed: podman's (buildah, fuse-overlayfs, slirp4netns, uidmap,
 # dbus-user-session) are for rootless use and image building, which the tests do not need.
@@ -28,6 +29,7 @@ PACKAGES=(
     iputils-ping
     iputils-arping
     procps
+    shellcheck
 )
 
 if [ "$(id -u)" -ne 0 ]; then

