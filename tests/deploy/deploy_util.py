@@ -351,3 +351,38 @@ def build_systemd_python_image(timeout: float = 900.0) -> str:
         podman("import", "--change", 'CMD ["/lib/systemd/systemd"]', "--change",
                "STOPSIGNAL SIGRTMIN+3", str(tarball), name, timeout=timeout)
     return name
+
+
+def node_status(sd: Any, port: int = 8080) -> dict[str, Any]:
+    """``/status`` of the node in systemd container ``sd`` (asked from inside, with the venv's
+    Python; retried for up to 30 s while the endpoint is not up)."""
+    import json
+
+    code = ("import time, urllib.request\n"
+            "deadline = time.monotonic() + 30\n"
+            "while True:\n"
+            "    try:\n"
+            f"        print(urllib.request.urlopen('http://127.0.0.1:{port}/status', timeout=5)"
+            ".read().decode())\n"
+            "        break\n"
+            "    except OSError:\n"
+            "        if time.monotonic() > deadline: raise\n"
+            "        time.sleep(0.3)\n")
+    out = sd.exec("/opt/pycluster/bin/python", "-c", code, timeout=60).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_app_active(sd: Any, app: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until ``app`` is active on the node in ``sd``; return its ``/status`` entry."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = node_status(sd)["apps"]
+        if apps.get(app, {}).get("role") == "active" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert apps.get(app, {}).get("role") == "active", apps
+    entry: dict[str, Any] = apps[app]
+    return entry

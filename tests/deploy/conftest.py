@@ -1,0 +1,55 @@
+"""Fixtures of the deployment tests: a wheel directory of pycluster (what the installers'
+offline mode installs) and systemd containers with Python (the "hosts")."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from deploy_util import ROOT, SYSTEMD_PYTHON_IMAGE, build_systemd_python_image
+
+from pycluster.testing.engines.systemd import SystemdContainer, systemd_available
+from pycluster.testing.pytest_plugin import require
+
+
+def pip_wheel(out: Path, *requirements: str) -> Path:
+    """``pip wheel`` ``requirements`` and all their dependencies into ``out``."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(out),
+                           *requirements], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pycluster, pycluster-core and every dependency as wheels."""
+    return pip_wheel(tmp_path_factory.mktemp("wheels"), str(ROOT / "core"), str(ROOT))
+
+
+@pytest.fixture
+def systemd_host() -> Iterator[Callable[..., SystemdContainer]]:
+    """Start systemd containers with python3/venv (``mounts``: host path -> container path,
+    read-only); every container started is removed after the test."""
+    ok, reason = systemd_available()
+    require("systemd container", ok, reason)
+    require("debootstrap", shutil.which("debootstrap") is not None,
+            "debootstrap is not installed (run .ci/install-system.sh)")
+    started: list[SystemdContainer] = []
+
+    def start(mounts: dict[Path, str]) -> SystemdContainer:
+        build_systemd_python_image()
+        args = [a for host, inside in mounts.items() for a in ("-v", f"{host}:{inside}:ro")]
+        sd = SystemdContainer(image=SYSTEMD_PYTHON_IMAGE, extra_args=args)
+        started.append(sd)
+        return sd.start()
+
+    try:
+        yield start
+    finally:
+        for sd in started:
+            sd.stop()
