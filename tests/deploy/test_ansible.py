@@ -12,8 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import pip_wheel
-from deploy_util import PACKAGING, node_status, wait_app_active
+from deploy_util import PACKAGING, node_status, pip_wheel, wait_app_active
 
 from pycluster.testing.engines.systemd import SystemdContainer
 from pycluster.testing.pytest_plugin import require
@@ -45,6 +44,7 @@ PLAYBOOK = """\
 """
 
 
+@pytest.mark.slow  # ~14 s: ansible-lint loads ansible-core and its schemas
 @pytest.mark.timeout(300)
 def test_ansible_lint_passes_with_the_production_profile() -> None:
     require("ansible-lint", shutil.which("ansible-lint") is not None,
