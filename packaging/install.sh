@@ -6,7 +6,7 @@
 # What it does (each step only when something differs; a second run changes nothing and says so):
 #   - a system user and group "pycluster" (home /var/lib/pycluster, no login shell);
 #   - a virtualenv under /opt/pycluster with pycluster (from PyPI, or --from a local path:
-#     a directory of wheels, a wheel file or a source checkout) and the extras asked for;
+#     a directory of wheels or a wheel file) and the extras asked for;
 #   - /usr/local/bin/pycluster -> the venv's script (the unit's ExecStart);
 #   - the unit pycluster@.service (next to this script) in /etc/systemd/system, plus a drop-in
 #     that runs it as the pycluster user;
@@ -45,7 +45,8 @@ Usage: install.sh [OPTIONS]
                       (unset: the node runs an embedded nats-server)
   --node-id ID        node id written to NAME.env when it is created (default: host name)
   --from PATH         install from PATH instead of PyPI: a directory of wheels (no index is
-                      used: it must hold every dependency), a wheel file or a source checkout
+                      used: it must hold every dependency; from a checkout:
+                      pip wheel -w wheels ./core ./plugins/* .) or a wheel file
   --extras LIST       pycluster extras, comma-separated (e.g. systemd,sqlite)
   --version VERSION   pycluster version from PyPI (default: the newest)
   --prefix DIR        virtualenv directory (default: /opt/pycluster)
@@ -130,11 +131,11 @@ if [ -z "$SOURCE" ]; then
 elif [ -d "$SOURCE" ] && compgen -G "$SOURCE/*.whl" >/dev/null; then
     [ -n "$VERSION" ] && spec="$spec==$VERSION"
     args=(--no-index --find-links "$(cd "$SOURCE" && pwd)" "$spec")
-elif [ -e "$SOURCE" ]; then
+elif [ -f "$SOURCE" ] && [[ "$SOURCE" == *.whl ]]; then
     src="$(cd "$(dirname "$SOURCE")" && pwd)/$(basename "$SOURCE")"
     args=("$src${EXTRAS:+[$EXTRAS]}")
 else
-    die "--from $SOURCE: no such file or directory"
+    die "--from $SOURCE: expected a directory of wheels or a .whl file (from a checkout: pip wheel -w wheels ./core ./plugins/* .)"
 fi
 before="$("${PIP[@]}" freeze --all)"
 "${PIP[@]}" install "${UPGRADE[@]}" "${args[@]}"
