@@ -23,7 +23,9 @@ from pycluster.kernel.settings import (
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
-KUBE_VERSION = "1.30.0"  # the oldest Kubernetes the manifests claim to support (README)
+# The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest the validator
+# knows: the objects must be valid on both.
+KUBE_VERSIONS = ("1.25.0", "latest")
 
 # The paths the health plugin serves (builtin/health/endpoints.py) and the metrics path.
 HEALTH_PATHS = {"/health", "/ready"}
@@ -102,7 +104,10 @@ def validate_objects(docs: list[dict[str, Any]]) -> None:
         if doc.get("kind") == "ServiceMonitor":
             jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
         else:
-            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            for version in KUBE_VERSIONS:
+                if version == "latest":
+                    version = kubernetes_validate.latest_version()
+                kubernetes_validate.validate(doc, version, strict=True)
 
 
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
