@@ -3,9 +3,11 @@ like the plain manifests and wired to what pycluster reads."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -103,6 +105,8 @@ def test_values_move_ports_secrets_and_replicas_together(
     env = {e["name"]: e for e in container["env"]}
     assert env["PYCLUSTER_NATS_CREDS"]["value"] == "/etc/pycluster/nats/nats.creds"
     assert "/etc/pycluster/nats" in {m["mountPath"] for m in container["volumeMounts"]}
+    assert "PYCLUSTER_NATS_CREDS" not in {e["name"] for e in one(
+        _render(helm), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}  # type: ignore[index]
     assert "nats.creds" in one(docs, "Secret")["data"]  # type: ignore[arg-type, operator]
 
 
@@ -129,3 +133,36 @@ def test_the_values_schema_refuses_bad_values(helm: str, bad: str) -> None:
     proc = _helm(helm, "template", "rel", str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0
     assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower()
+
+
+def _normalised(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` without what only Helm adds (its labels, the config checksum), with a Secret's
+    values decoded and a ConfigMap's config file parsed (key order and comments do not count)."""
+    doc = json.loads(json.dumps(doc))
+    for meta in (doc["metadata"], doc.get("spec", {}).get("template", {}).get("metadata", {}),
+                 *[t["metadata"] for t in doc.get("spec", {}).get("volumeClaimTemplates", [])]):
+        for key in ("helm.sh/chart", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
+            meta.get("labels", {}).pop(key, None)
+        meta.pop("annotations", None)
+    if doc["kind"] == "Secret":
+        data = {k: base64.b64decode(v).decode() for k, v in doc.pop("data", {}).items()}
+        doc["stringData"] = data | doc.get("stringData", {})
+    if doc["kind"] == "ConfigMap":
+        doc["data"] = {k: yaml.safe_load(v) for k, v in doc["data"].items()}
+    return doc
+
+
+@pytest.mark.timeout(120)
+def test_the_plain_manifests_are_what_the_chart_renders(helm: str) -> None:
+    """The manifests and the chart stay one design: rendered as release "pycluster" with the
+    manifests' platform name and NATS URL, the chart gives the same objects (Helm's own labels
+    and the checksum annotation aside)."""
+    manifests = load_docs(p.read_text() for p in (PACKAGING / "kubernetes").glob("*.yaml")
+                          if p.name != "kustomization.yaml")
+    url = str(one(manifests, "Secret")["stringData"]["url"])  # type: ignore[index]
+    rendered = load_docs([_helm(helm, "template", "pycluster", str(CHART), *OPERATOR,
+                                "--set", "config.name=prod",
+                                "--set", "nats.url=" + url.replace(",", "\\,")).stdout])
+    by_kind = {str(d["kind"]): _normalised(d) for d in rendered}  # type: ignore[arg-type]
+    for doc in manifests:
+        assert _normalised(doc) == by_kind[str(doc["kind"])], doc["kind"]  # type: ignore[arg-type]
