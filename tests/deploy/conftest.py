@@ -23,17 +23,18 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def systemd_host() -> Iterator[Callable[..., SystemdContainer]]:
     """Start systemd containers with python3/venv (``mounts``: host path -> container path,
-    read-only); every container started is removed after the test."""
+    read-only; ``network`` as for podman run: "none" or "host"); every container started is
+    removed after the test."""
     ok, reason = systemd_available()
     require("systemd container", ok, reason)
     require("debootstrap", shutil.which("debootstrap") is not None,
             "debootstrap is not installed (run .ci/install-system.sh)")
     started: list[SystemdContainer] = []
 
-    def start(mounts: dict[Path, str]) -> SystemdContainer:
+    def start(mounts: dict[Path, str], network: str = "none") -> SystemdContainer:
         build_systemd_python_image()
         args = [a for host, inside in mounts.items() for a in ("-v", f"{host}:{inside}:ro")]
-        sd = SystemdContainer(image=SYSTEMD_PYTHON_IMAGE, extra_args=args)
+        sd = SystemdContainer(image=SYSTEMD_PYTHON_IMAGE, network=network, extra_args=args)
         started.append(sd)
         return sd.start()
 

@@ -389,13 +389,14 @@ def node_status(sd: Any, port: int = 8080) -> dict[str, Any]:
     return result
 
 
-def wait_app_active(sd: Any, app: str, timeout: float = 60.0) -> dict[str, Any]:
+def wait_app_active(sd: Any, app: str, timeout: float = 60.0, port: int = 8080
+                    ) -> dict[str, Any]:
     """Wait until ``app`` is active on the node in ``sd``; return its ``/status`` entry."""
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        apps = node_status(sd)["apps"]
+        apps = node_status(sd, port)["apps"]
         if apps.get(app, {}).get("role") == "active" or time.monotonic() > deadline:
             break
         time.sleep(0.3)

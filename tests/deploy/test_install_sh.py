@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from deploy_util import PACKAGING, node_status, wait_app_active
 
+from pycluster.testing import free_port
 from pycluster.testing.engines.systemd import SystemdContainer
 from pycluster.testing.pytest_plugin import require
 
@@ -90,3 +91,30 @@ def test_install_sh_installs_starts_and_is_idempotent(
     assert sd.systemctl("show", "-p", "MainPID", "--value",
                         "pycluster@node1").stdout.strip() == pid
     assert "name: demo" in sd.exec("cat", "/etc/pycluster/node1.yaml").stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_install_sh_with_a_nats_url_keeps_a_prepared_config(
+        systemd_host: Callable[..., SystemdContainer], wheelhouse: Path, nats_url: str) -> None:
+    """A host's NATS (the container shares the host's network namespace; only loopback is
+    used): --nats-url goes to the env file, and a config file prepared before the install is
+    kept as it is."""
+    sd = systemd_host({PACKAGING: "/src/packaging", wheelhouse: "/wheels"}, network="host")
+    health = free_port("127.0.0.1")
+    prepared = (f"name: node2\nhealth_addr: 127.0.0.1:{health}\nlease_ttl: 4\n"
+                f"heartbeat_interval: 1\napps:\n  - name: demo\n")
+    sd.write_file("/etc/pycluster/node2.yaml", prepared, mode=0o644)
+    proc = sd.exec("/src/packaging/install.sh", "--from", "/wheels", "--platform", "node2",
+                   "--node-id", "n2", "--nats-url", nats_url, "--start", check=False,
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "wrote /etc/pycluster/node2.yaml" not in proc.stdout
+    assert sd.exec("cat", "/etc/pycluster/node2.yaml").stdout == prepared
+    assert f"PYCLUSTER_NATS_URL={nats_url}" in sd.exec("cat", "/etc/pycluster/node2.env").stdout
+    assert sd.systemctl("is-active", "pycluster@node2").stdout.strip() == "active"
+    status = node_status(sd, port=health)
+    assert status["node_id"] == "n2" and status["connected"] is True
+    assert wait_app_active(sd, "demo", port=health)["leader"] == "n2"
+    nats = status["checks"]["nats"]["details"]["server"]  # type: ignore[index]
+    assert nats == nats_url.removeprefix("nats://")  # the host's server, not an embedded one
