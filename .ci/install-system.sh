@@ -10,11 +10,11 @@
 #                         and to run systemd as PID 1 of a container
 #   busybox-static        /bin/busybox, the only content of the minimal test image
 #   debootstrap           builds the Debian rootfs of the systemd test image
+#   shellcheck            lints packaging/install.sh
 #   iproute2              `ip netns`, veth, bridges (network-namespace hosts)
 #   iputils-ping          reachability checks between namespaces
 #   iputils-arping        gratuitous ARP for virtual-IP tests
 #   procps                ps/pkill-free process inspection used by helpers (pgrep, ps)
-#   shellcheck            lints packaging/install.sh
 #
 # Recommends are not installed: podman's (buildah, fuse-overlayfs, slirp4netns, uidmap,
 # dbus-user-session) are for rootless use and image building, which the tests do not need.
@@ -25,11 +25,11 @@ PACKAGES=(
     runc
     busybox-static
     debootstrap
+    shellcheck
     iproute2
     iputils-ping
     iputils-arping
     procps
-    shellcheck
 )
 
 if [ "$(id -u)" -ne 0 ]; then
