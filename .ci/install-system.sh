@@ -10,6 +10,7 @@
 #                         and to run systemd as PID 1 of a container
 #   busybox-static        /bin/busybox, the only content of the minimal test image
 #   debootstrap           builds the Debian rootfs of the systemd test image
+#   shellcheck            lints packaging/install.sh
 #   iproute2              `ip netns`, veth, bridges (network-namespace hosts)
 #   iputils-ping          reachability checks between namespaces
 #   iputils-arping        gratuitous ARP for virtual-IP tests
@@ -25,6 +26,7 @@ PACKAGES=(
     runc
     busybox-static
     debootstrap
+    shellcheck
     iproute2
     iputils-ping
     iputils-arping
