@@ -83,10 +83,10 @@ async def migration_time(rounds: int) -> list[float]:
         url = server.url
         out = []
         pa = Platform("benchmove", node_id="a", nats_url=url, lease_ttl=2.0,
-                      heartbeat_interval=0.5,
+                      heartbeat_interval=0.5, migration_cooldown=0,
                       plugin_manager=create_plugin_manager(load_entrypoints=False))
         pb = Platform("benchmove", node_id="b", nats_url=url, lease_ttl=2.0,
-                      heartbeat_interval=0.5,
+                      heartbeat_interval=0.5, migration_cooldown=0,
                       plugin_manager=create_plugin_manager(load_entrypoints=False))
         a, b = App("svc"), App("svc")
         pa.register(a)

@@ -408,6 +408,85 @@ class Placement:
             except Exception as exc:  # the lease expires by itself
                 log.warning("app %s: freeing the migration slot failed: %s", app.name, exc)
 
+    async def vacate(self, app: App, to: str | None = None,
+                     reason: str = "drain") -> dict[str, Any]:
+        """Stop this cordoned node's Spread instance of ``app`` (a drain), keeping the app's
+        `Budget` (counted over the live active instances) and the migration limits (slot,
+        cooldown), with ``on_migration_start`` (may veto) and ``on_migration_complete``.
+
+        ``to``: a node whose instance must be active first (the new one starts before the old
+        stops; waited for up to two leases, else ``failed`` and nothing stops). Only a
+        cordoned node's instance leaves: elsewhere it would start again at once. Returns the
+        same shape as `migrate`."""
+        p = self.platform
+        rt = p.runtimes.get(app.name)
+        if rt is None or rt.election is not None:
+            raise ConfigError("app", app.name, "not a Spread app (move it instead)")
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} runs no active instance")
+        await self.load()
+        if self.ops.in_maintenance(app.name):
+            raise ConfigError("app", app.name, "maintenance mode is on: moves wait")
+        if not self.cordoned:
+            raise ConfigError("from", p.node_id, "a Spread instance leaves a cordoned node only "
+                              "(pycluster node drain cordons it first)")
+        if to is not None and (to in self.ops.cordoned or not self.view().alive(to)):
+            raise ConfigError("to", to, "is cordoned or not live")
+        problem = self.budget_problem(app, self.view())
+        if problem is not None:
+            raise BudgetBlocked(problem)
+        ttl = 2 * p.settings.lease_ttl + 2 * rt.hook_timeout + 10
+        lease = await self.slots.acquire(app.name, p.node_id, ttl, self.policy(app)[2], reason)
+        stopped = False
+        try:
+            data: dict[str, Any] = {"from": p.node_id, "to": to, "reason": reason}
+            ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                          leader=app.leader, reason=f"migration: {reason}", extra=dict(data))
+            from .coordinator import StageFailed, run_hooks
+
+            try:
+                await run_hooks(app.hooks("migration_start"), ctx, rt.hook_timeout,
+                                "on_migration_start", True)
+            except StageFailed as exc:
+                self.event(app, "migration_vetoed", {**data, "error": str(exc.cause)[:300]})
+                raise MigrationVetoed(app.name, str(to), exc.cause) from None
+            started = time.monotonic()
+            self.event(app, "migration_started", data)
+            bound = started + 2 * p.settings.lease_ttl
+            m = p.membership
+
+            def target_active() -> bool:
+                rec = self.view().app_record(to, app.name) if to else None
+                return to is None or (rec or {}).get("role") == Role.ACTIVE.value
+
+            while not target_active() and time.monotonic() < bound:
+                await asyncio.sleep(0.05)
+                if m is not None:
+                    await m.refresh_view()
+            outcome = "completed" if target_active() else "failed"
+            if outcome == "completed":
+                problem = self.budget_problem(app, self.view())  # it may have changed since
+                if problem is not None:
+                    raise BudgetBlocked(problem)
+                rt.want_spread(False, reason)
+                stopped = True
+                while app.is_active and time.monotonic() < bound + rt.hook_timeout:
+                    await asyncio.sleep(0.05)
+            seconds = time.monotonic() - started
+            log.info("app %s: Spread instance on %s %s (%s)", app.name, p.node_id,
+                     "stopped" if stopped else "kept: the target is not active", reason)
+            self.event(app, f"migration_{outcome}", {**data, "seconds": seconds})
+            if outcome == "completed":
+                await run_hooks(app.hooks("migration_complete"), ctx, rt.hook_timeout,
+                                "on_migration_complete", False)
+            return {"app": app.name, **data, "outcome": outcome, "leader": None,
+                    "epoch": None, "seconds": round(seconds, 3)}
+        finally:
+            try:
+                await self.slots.release(lease, app.name, stopped)
+            except Exception as exc:  # the lease expires by itself
+                log.warning("app %s: freeing the migration slot failed: %s", app.name, exc)
+
     async def _hand_over_to(self, app: App, to: str, reason: str, rt: Any) -> dict[str, Any]:
         """The migration itself (see `migrate`): hooks, step-down naming ``to``, wait."""
         from .coordinator import StageFailed, run_hooks
@@ -511,6 +590,8 @@ class Placement:
             self._auto_wait(app, str(exc))
         except PyclusterError as exc:
             self._auto_wait(app, f"app {app.name}: automatic move to {to} refused: {exc}")
+        except Exception as exc:  # NATS unavailable, ...: tried again at the next evaluation
+            self._auto_wait(app, f"app {app.name}: automatic move to {to} failed: {exc}")
 
     async def rebalance(self, app: App, dry_run: bool = False) -> dict[str, Any]:
         """What placement wants for the active instance of ``app`` on this node: the best

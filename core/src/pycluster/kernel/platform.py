@@ -974,6 +974,9 @@ class Platform:
     async def _move(self, app: str, to: str | None, reason: str, source: str | None,
                     force: bool, maintenance: bool) -> dict[str, Any]:
         local = self.apps.get(app)
+        if local is not None and local.is_active and source == self.node_id \
+                and local.mode.slots() is None:
+            return await self.placement.vacate(local, to, reason)
         if local is not None and local.is_active and source in (None, self.node_id):
             return await self.placement.migrate(local, to, reason, force=force)
         replies = await self.control.request(
@@ -1017,7 +1020,7 @@ class Platform:
         """A move request (``{"to", "reason"}``): served by the active instance only, through
         the middleware chain, audited; the reply is the migration's result or ``error``."""
         app = self.apps.get(msg.subject.split(".")[1])
-        if app is None or app.mode.slots() is None:
+        if app is None:
             return
         try:
             body = json.loads(msg.data or b"{}")
@@ -1026,6 +1029,8 @@ class Platform:
         source = body.get("from") if isinstance(body, dict) else None
         if source is not None and source != self.node_id:
             return  # addressed to another node's instance (Replicas, drains)
+        if source is None and app.mode.slots() is None:
+            return  # a Spread instance moves only when named (every node runs one)
         if not app.is_active:
             if source == self.node_id and msg.reply:  # asked of us by name: say so at once
                 refusal = {"node": self.node_id, "error": {
@@ -1051,6 +1056,9 @@ class Platform:
                 if not isinstance(to, str):
                     raise ConfigError("to", str(to)[:64], "must be a node id")
                 validate_ident("to", to)
+            if app.mode.slots() is None:  # Spread: this node's instance leaves (a drain)
+                req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200]}
+                return await self.placement.vacate(app, to, str(reason))
             force = body.get("force") is True
             req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200],
                                     "force": force}
