@@ -258,7 +258,8 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
 
     While on, automation stops for the apps concerned: no standby campaigns, so no automatic
     failover and no automatic hand-over; a leader keeps its role as long as it lives. A leader
-    that dies in maintenance mode is not replaced until maintenance is turned off.
+    that dies in maintenance mode is not replaced until maintenance is turned off, or until
+    an operator moves it (``pycluster app move APP --to NODE``).
 
     Example: ``pycluster maintenance on --app orders -p prod --nats-url nats://nats-1:4222``
     """
@@ -507,8 +508,8 @@ def app_move_cmd(app: str, to: str | None, source: str | None, reason: str, forc
     if output == "json":
         click.echo(json.dumps(res))
     else:
-        click.echo(f"{app}: {res['from']} -> {res['to']}: {res['outcome']} in "
-                   f"{res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
+        click.echo(f"{app}: {res['from'] or '(no leader)'} -> {res['to']}: {res['outcome']} "
+                   f"in {res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
     if res.get("outcome") != "completed":
         raise SystemExit(1)
 
@@ -517,9 +518,10 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
                 data_dir: str | None = None,
                 progress: Any = None) -> dict[str, Any]:
     """Cordon ``node``, then move its active instances away one at a time (each move waits
-    for the app's budget and for the previous move to complete). Returns ``{"node",
-    "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is called with each
-    step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
+    for the app's budget, the migration limits and for the previous move to complete);
+    elected apps first, then its Spread instances stop (each within its app's budget).
+    Returns ``{"node", "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is
+    called with each step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
     from .inspect import _live_nodes
 
     validate_ident("node", node)
@@ -544,10 +546,10 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
                             and a.get("role") == "active" and a.get("mode") != "spread")
             spread = sorted(name for name, a in apps.items() if isinstance(a, dict)
                             and a.get("role") == "active" and a.get("mode") == "spread")
-            if not active or time.monotonic() >= deadline:
-                return {"node": node, "drained": not active, "moved": moved,
-                        "remaining": active, "spread": spread}
-            name = active[0]
+            if not (active or spread) or time.monotonic() >= deadline:
+                return {"node": node, "drained": not (active or spread), "moved": moved,
+                        "remaining": active + spread, "spread": spread}
+            name = (active or spread)[0]
             body = json.dumps({"from": node, "reason": "drain"}).encode()
             left = max(1.0, deadline - time.monotonic())
             res = await _request_move(nc, platform, name, body, min(60.0, left))
@@ -578,9 +580,9 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
 def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: str | None,
                    platform: str, output: str) -> None:
     """Cordon NODE, then move every active instance (leaders, Replicas slots) away one at a
-    time, respecting each app's disruption budget (waiting and saying why). Exits 0 when no
-    elected instance is active there, 1 on timeout. Spread instances stay (cordoned: no new
-    ones); they are listed.
+    time, then stop its Spread instances, respecting each app's disruption budget and the
+    platform's migration limits (cooldown, concurrent migrations; waiting and saying why).
+    Exits 0 when no instance is active there, 1 on timeout (listing what is left).
 
     Example: ``pycluster node drain node-2 -p prod --nats-url nats://nats-1:4222``
     """
@@ -590,8 +592,8 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
         elif "waiting" in event:
             click.echo(f"{event['app']}: waiting: {event['waiting']}")
         else:
-            click.echo(f"{event['app']}: moved to {event['moved_to']} ({event['outcome']}, "
-                       f"{event['seconds']}s)")
+            click.echo(f"{event['app']}: moved to {event['moved_to'] or '(stopped)'} "
+                       f"({event['outcome']}, {event['seconds']}s)")
 
     try:
         res = asyncio.run(drain(nats_url, platform, node, timeout, data_dir, progress))
@@ -601,9 +603,7 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
     if output == "json":
         click.echo(json.dumps(res))
     elif res["drained"]:
-        extra = f"; Spread instances still there: {', '.join(res['spread'])}" \
-            if res["spread"] else ""
-        click.echo(f"{node}: drained ({len(res['moved'])} move(s)){extra}")
+        click.echo(f"{node}: drained ({len(res['moved'])} move(s))")
     else:
         click.echo(f"{node}: not drained after {timeout:g}s; still active: "
                    f"{', '.join(res['remaining'])}")
