@@ -133,3 +133,37 @@ async def test_drain_of_a_spread_app_keeps_the_budget(nats_url: str, unique_name
         assert samples and min(samples) >= 2, f"the budget broke: {min(samples)} active"
     finally:
         c.stop_sync()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_operator_places_a_leaderless_app_in_maintenance_mode(
+        nats_url: str, unique_name: str, tmp_path: Path) -> None:
+    """Maintenance mode, the leader SIGKILLed: nobody takes over until the operator moves the
+    app to a named node, which alone campaigns; then a move of the led app hands over."""
+    c = NodeCluster(unique_name, [nats_url], tmp_path, lease_ttl=LEASE, heartbeat=0.25,
+                    extra_args=["--migration-cooldown", "0"])
+    common = ("--nats-url", nats_url, "--platform", unique_name, "--output", "json")
+    try:
+        await c.start()
+        leader = await c.wait_for_leader(20)
+        await cli("maintenance", "on", *common)
+        for node in c.nodes:
+            await wait_for(lambda n=node: saw(c, n, "'maintenance': True"), 20)
+        c.kill(leader)
+        await asyncio.sleep(3 * LEASE)
+        assert c.active_nodes() == []
+        first, second = (n for n in c.nodes if n != leader)
+        _, out, _ = await cli("app", "move", "svc", "--to", second, *common)
+        res = json.loads(out)
+        assert res["outcome"] == "completed" and res["from"] is None and res["to"] == second
+        assert c.active_nodes() == [second]
+        _, out, _ = await cli("app", "move", "svc", "--to", first, *common)
+        assert json.loads(out)["outcome"] == "completed" and c.active_nodes() == [first]
+        ops = json.loads((await cli("maintenance", "show", *common))[1])
+        assert ops["maintenance"] is True
+        _, out, _ = await cli("node", "list", *common)
+        assert json.loads(out)["operations"]["operator_moves"] == {}
+        assert c.overlaps() == []
+    finally:
+        c.stop_sync()

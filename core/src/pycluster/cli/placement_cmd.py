@@ -430,6 +430,10 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
             await update_operations(js, platform, lambda o: replace(
                 o, operator_moves={**o.operator_moves, app: target}))
             granted = True
+        if granted and to is not None and source is None and not await _has_active(
+                js, platform, app):
+            # No leader: standbys do not answer a move, so do not wait for a reply.
+            return await _place_leaderless(js, platform, app, to, reason)
         body = json.dumps({"to": to, "from": source, "reason": reason,
                            "force": force}).encode()
         try:
@@ -451,6 +455,14 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
                     a: n for a, n in o.operator_moves.items() if a != app}))
         finally:
             await nc.close()
+
+
+async def _has_active(js: Any, platform: str, app: str) -> bool:
+    """Whether a live node's record shows ``app`` active."""
+    from .inspect import _live_nodes
+
+    return any(((n.get("apps") or {}).get(app) or {}).get("role") == "active"
+               for n in await _live_nodes(js, platform))
 
 
 async def _place_leaderless(js: Any, platform: str, app: str, to: str,

@@ -979,12 +979,15 @@ class Platform:
             return await self.placement.vacate(local, to, reason)
         if local is not None and local.is_active and source in (None, self.node_id):
             return await self.placement.migrate(local, to, reason, force=force)
+        view = self.placement.view()
+        if maintenance and to is not None and source is None and not any(
+                view.alive(n) for n in view.active_on(app)):
+            # No leader: standbys do not answer a move, so do not wait for a reply.
+            return await self._place_leaderless(app, to, reason)
         replies = await self.control.request(
             move_subject(self.name, app),
             json.dumps({"to": to, "reason": reason, "from": source, "force": force}).encode(),
             app=app, name="move", timeout=60)
-        if not replies and maintenance and to is not None and source is None:
-            return await self._place_leaderless(app, to, reason)
         if not replies:
             raise ConfigError("app", app, "no active instance answered the move request")
         res: dict[str, Any] = json.loads(replies[0].data)
