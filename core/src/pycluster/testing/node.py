@@ -69,6 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--app", default="svc")
     p.add_argument("--mode", default="singleton", help="singleton | spread | replicas:N")
+    p.add_argument("--extra-app", action="append", default=[],
+                   help="another app of the same mode (benchmarks; its role changes go to "
+                   "the same event file, tagged with the app)")
     p.add_argument("--lease-ttl", type=float, default=2.0)
     p.add_argument("--heartbeat", type=float, default=0.5)
     p.add_argument("--priority", type=int, default=0)
@@ -147,6 +150,9 @@ async def amain(ns: argparse.Namespace) -> int:
         plugin_manager=pm,
     )
     platform.register(app)
+    for name in ns.extra_app:
+        platform.register(App(name, mode, Election(priority=ns.priority,
+                                                   no_failover=ns.no_failover)))
     for mod in modules:
         if hasattr(mod, "attach"):
             mod.attach(app, platform, ns)
