@@ -122,8 +122,9 @@ def _cli(*args: str) -> tuple[float, str]:
 
 
 async def drain_time(rounds: int) -> list[tuple[str, float, int, list[float]]]:
-    """Drain n1, n2, n3 in turn (uncordoning each after), ``rounds`` times: (node, seconds,
-    moves, seconds per move) per drain; the first entry is the ``node list`` baseline."""
+    """Move the three leaders to n1 and drain it (uncordoning it after), then n2, n3,
+    ``rounds`` times: (node, seconds, moves, seconds per move) per drain; the first entry is
+    the ``node list`` baseline."""
     apps = ["a0", "a1", "a2"]
     out: list[tuple[str, float, int, list[float]]] = []
     with NatsServer() as server, tempfile.TemporaryDirectory() as tmp:
@@ -147,6 +148,8 @@ async def drain_time(rounds: int) -> list[tuple[str, float, int, list[float]]]:
             out.append(("baseline", statistics.median(base), 0, []))
             for _ in range(rounds):
                 for node in c.nodes:
+                    for app in apps:  # every leader on the node to drain: three moves
+                        _cli("app", "move", app, "--to", node, *common)
                     secs, text = _cli("node", "drain", node, "--timeout", "120", *common)
                     res = json.loads(text.splitlines()[-1])
                     out.append((node, secs, len(res["moved"]),

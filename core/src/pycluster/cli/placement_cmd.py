@@ -471,6 +471,11 @@ async def _place_leaderless(js: Any, platform: str, app: str, to: str,
     node allowed to campaign, to take the vacant lease."""
     from .inspect import _live_nodes
 
+    rec = next((n for n in await _live_nodes(js, platform) if n.get("node_id") == to), None)
+    entry = ((rec or {}).get("apps") or {}).get(app) or {}
+    if entry.get("eligible") is not True or entry.get("no_failover") is True:
+        raise ConfigError("to", to, f"is not a live node that may lead app {app!r} (not "
+                          "running it, ineligible, cordoned or no_failover)")
     started = time.monotonic()
     while True:
         rec = next((n for n in await _live_nodes(js, platform) if n.get("node_id") == to), {})

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -187,6 +188,8 @@ class Placement:
         self._auto_tasks: dict[str, asyncio.Task[Any]] = {}
         #: Automatic rebalancing: app -> why it last waited (logged once per reason).
         self._auto_waits: dict[str, str] = {}
+        #: Automatic rebalancing: app -> no new attempt before (monotonic; a cooldown's end).
+        self._auto_retry: dict[str, float] = {}
 
     def eligible(self, app: App, node: NodeInfo | None = None) -> bool:
         """Whether every placement filter admits ``node`` (default: this node) for ``app``."""
@@ -564,7 +567,8 @@ class Placement:
         if target != best:
             self._wanted[name] = (best, now)
             return
-        if now - since < 2 * self.platform.settings.heartbeat_interval:
+        if (now - since < 2 * self.platform.settings.heartbeat_interval
+                or now < self._auto_retry.get(name, 0.0)):
             return
         if not in_windows(parse_windows(windows)):
             self._auto_wait(app, f"app {name}: {best} scores {best_score:g} (here "
@@ -575,8 +579,9 @@ class Placement:
                                                      f"auto-rebalance {name}")
 
     def _auto_wait(self, app: App, why: str) -> None:
-        if self._auto_waits.get(app.name) != why:
-            self._auto_waits[app.name] = why
+        kind = re.sub(r"\d+", "#", why)  # "48s left", "47s left": one reason
+        if self._auto_waits.get(app.name) != kind:
+            self._auto_waits[app.name] = kind
             log.info("%s", why)
             self.event(app, "rebalance_waiting", {"reason": why})
 
@@ -586,7 +591,10 @@ class Placement:
             self._auto_waits.pop(app.name, None)
             self._wanted.pop(app.name, None)
             log.info("app %s: automatic rebalancing to %s: %s", app.name, to, res["outcome"])
-        except (MigrationWaiting, BudgetBlocked) as exc:
+        except MigrationWaiting as exc:
+            self._auto_retry[app.name] = time.monotonic() + exc.retry_after
+            self._auto_wait(app, str(exc))
+        except BudgetBlocked as exc:
             self._auto_wait(app, str(exc))
         except PyclusterError as exc:
             self._auto_wait(app, f"app {app.name}: automatic move to {to} refused: {exc}")

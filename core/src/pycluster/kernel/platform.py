@@ -1002,6 +1002,11 @@ class Platform:
         started = time.monotonic()
         lease = self.settings.lease_ttl
         placement = self.placement
+        entry = placement.view().app_record(to, app) or {}
+        if (not placement.view().alive(to) or entry.get("eligible") is not True
+                or entry.get("no_failover") is True):
+            raise ConfigError("to", to, f"is not a live node that may lead app {app!r} (not "
+                              "running it, ineligible, cordoned or no_failover)")
 
         def active() -> bool:
             rec = placement.view().app_record(to, app) or {}
