@@ -130,7 +130,8 @@ async def drain_time(rounds: int) -> list[tuple[str, float, int, list[float]]]:
     with NatsServer() as server, tempfile.TemporaryDirectory() as tmp:
         c = NodeCluster("benchdrain", [server.url], tmp, size=3, app="a0", lease_ttl=2.0,
                         heartbeat=0.5, extra_args=["--extra-app", "a1", "--extra-app", "a2",
-                                                   "--migration-cooldown", "0"])
+                                                   "--migration-cooldown", "0",
+                                                   "--migrations-per-minute", "1000"])
         common = ("--nats-url", server.url, "--platform", "benchdrain", "--output", "json")
         try:
             await c.start()

@@ -85,6 +85,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--migration-cooldown", type=float, default=60.0)
     p.add_argument("--max-migrations", type=int, default=1,
                    help="max_concurrent_migrations of the platform")
+    p.add_argument("--migrations-per-minute", type=int, default=10)
     p.add_argument("--stream-replicas", type=int, default=1, help="3 on a NATS cluster")
     p.add_argument("--act-interval", type=float, default=0.05)
     p.add_argument("--backend-cmd", default=None, help="a Process backend command")
@@ -147,6 +148,7 @@ async def amain(ns: argparse.Namespace) -> int:
         stream_replicas=ns.stream_replicas, auto_rebalance=ns.auto_rebalance,
         rebalance_threshold=ns.rebalance_threshold, migration_cooldown=ns.migration_cooldown,
         max_concurrent_migrations=ns.max_migrations,
+        migrations_per_minute=ns.migrations_per_minute,
         plugin_manager=pm,
     )
     platform.register(app)
