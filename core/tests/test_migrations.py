@@ -291,3 +291,23 @@ async def test_operator_moves_in_maintenance_mode(make_platform: Any) -> None:
     assert res["outcome"] == "completed" and res["from"] is None and b.is_leader
     assert not a.is_active
     await wait_for(lambda: pa.placement.ops.operator_moves == {}, 5)
+
+
+async def test_replicas_slot_hands_over_to_a_chosen_node(make_platform: Any) -> None:
+    """Replicas(2): the slot on a named node moves to a chosen standby (`source`, `to`),
+    taking a migration slot like any move; the other slot stays where it is."""
+    from pycluster import Replicas
+
+    apps = [App("r", Replicas(2)) for _ in range(3)]
+    pa = await make_platform("a", apps[0])
+    await wait_for(lambda: apps[0].is_active, 10)
+    await make_platform("b", apps[1])
+    await wait_for(lambda: apps[1].is_active, 10)
+    await make_platform("c", apps[2])
+    await wait_for(lambda: record_of(pa, "c", "r").get("role") == "passive", 10)
+    res = await pa.move("r", to="c", source="b")
+    assert res["outcome"] == "completed" and res["from"] == "b" and res["to"] == "c"
+    await wait_for(lambda: apps[2].is_active and not apps[1].is_active, 10)
+    assert apps[0].is_active
+    state, _ = await pa.placement.slots.read()
+    assert state.leases == {} and "r" in state.last
