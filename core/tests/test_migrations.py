@@ -311,3 +311,41 @@ async def test_replicas_slot_hands_over_to_a_chosen_node(make_platform: Any) -> 
     assert apps[0].is_active
     state, _ = await pa.placement.slots.read()
     assert state.leases == {} and "r" in state.last
+
+
+@pytest.mark.slow
+async def test_spread_instance_leaves_a_cordoned_node_after_the_target_runs(
+        make_platform: Any) -> None:
+    """A Spread instance moves only off a cordoned node, once the named target's instance is
+    active (start before stop), within the budget; a cordoned target is refused."""
+    from pycluster import Budget, Spread
+
+    def app() -> App:
+        return App("sp", Spread(), Budget(min_available=2))
+
+    a, b, c = app(), app(), app()
+    pa = await make_platform("a", a, migration_cooldown=0)
+    await make_platform("b", b)
+    await make_platform("c", c)
+    await wait_for(lambda: a.is_active and b.is_active and c.is_active, 10)
+    await wait_for(lambda: all(record_of(pa, n, "sp").get("role") == "active" for n in "bc"),
+                   10)
+    with pytest.raises(ConfigError, match="cordoned node only"):
+        await pa.move("sp", source="a", to="b")
+    await pa.cordon("a")
+    await pa.cordon("c")
+    with pytest.raises(ConfigError, match="cordoned"):
+        await pa.move("sp", source="a", to="c")
+    res = await pa.move("sp", source="a", to="b")
+    assert res["outcome"] == "completed" and res["to"] == "b"
+    assert not a.is_active and b.is_active and c.is_active
+    await asyncio.sleep(1.5)  # re-evaluations: a cordoned node does not start it again
+    assert not a.is_active
+    # Two left, the budget needs two: the next one waits.
+    await wait_for(lambda: record_of(pa, "b", "sp").get("role") == "active", 5)
+    pc = c.platform
+    assert pc is not None
+    from pycluster.kernel.placement import BudgetBlocked
+
+    with pytest.raises(BudgetBlocked, match="budget needs 2"):
+        await pc.placement.vacate(c)
