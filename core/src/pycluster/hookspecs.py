@@ -272,7 +272,8 @@ def pycluster_placement_event(platform: Platform, app: App | None, event: str,
     (data: ``from``, ``to``, ``reason``, ``seconds`` when finished, ``error`` when vetoed or
     failed), ``labels_changed`` (``labels``, ``previous``),
     ``placement_invalid`` (``labels``), ``cordoned`` / ``uncordoned`` (``node``),
-    ``maintenance`` (``on``, ``app``). The default plugins ``audit`` (category
+    ``maintenance`` (``on``, ``app``), ``rebalance_waiting`` (``reason``: why an automatic
+    move waits; once per reason). The default plugins ``audit`` (category
     ``placement``) and ``metrics`` (``pycluster_migrations_total``,
     ``pycluster_migration_seconds``) implement it. Must not block.
 
