@@ -200,7 +200,8 @@ def _merge_detail(st: dict[str, Any], docs: dict[str, dict[str, Any]]) -> None:
                          if c.get("status") == "unhealthy")
         rec["detail"] = {"healthy": doc.get("healthy"), "ready": doc.get("ready"),
                          "not_ready": doc.get("not_ready") or [], "failing_checks": failing,
-                         "uptime": doc.get("uptime"), "connected": doc.get("connected")}
+                         "uptime": doc.get("uptime"), "connected": doc.get("connected"),
+                         "health_url": doc.get("health_url")}
     for entry in st["apps"]:
         name = entry["app"]
         backends: dict[str, Any] = {}

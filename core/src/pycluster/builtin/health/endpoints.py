@@ -156,6 +156,7 @@ class HealthEndpoints:
             if app is not None:
                 info.update(_app_local(p, app))
         base["uptime"] = round(time.time() - p.started_at, 3) if p.started_at else None
+        base["health_url"] = self.url  # None without health_addr
         base["checks"] = self.status(history)
         base["healthy"] = self.healthy
         audit = p.services.get("audit")  # the audit plugin's public counters, when enabled
