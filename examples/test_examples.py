@@ -152,3 +152,40 @@ def test_gateway_calls_the_leader_across_a_failover(nodes: Any) -> None:
     assert after["node"] == survivor and after["epoch"] > a["epoch"]
     assert after["price"] == a["price"]
     assert n.stop()[survivor] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sqlite_loses_no_synced_row(nodes: Any, tmp_path: Path) -> None:
+    ports = {"n1": free_port(), "n2": free_port()}
+    n = nodes("sqlite")
+    for node, port in ports.items():
+        n.start(node, NOTES_PORT=str(port), NOTES_DB=str(tmp_path / node / "notes.db"))
+
+    def on(node: str, path: str) -> dict[str, Any] | None:
+        status, body = get(f"http://127.0.0.1:{ports[node]}{path}", timeout=15)
+        return json.loads(body) if status == 200 else None
+
+    first = poll(lambda: next((x for x in ports if on(x, "/notes")), None), 90,
+                 "the active node to serve")
+    other = "n2" if first == "n1" else "n1"
+    poll(lambda: f"{other}: standby" in n.log(other), 60, "the standby")
+    acked = []
+    for i in range(20):
+        res = on(first, f"/add?text=row-{i}")
+        assert res is not None and res["synced"] and res["node"] == first, res
+        acked.append(res["id"])
+    epoch = on(first, "/notes")["epoch"]  # type: ignore[index]
+    n.procs[first].kill()  # SIGKILL the primary: only what NATS holds can survive
+    n.procs[first].wait()
+    t0 = time.monotonic()
+    after = poll(lambda: on(other, "/notes"), 60, "the promoted standby to serve")
+    print(f"{other} served the notes {time.monotonic() - t0:.2f}s after the SIGKILL")
+    assert after["node"] == other and after["epoch"] > epoch
+    ids = [r["id"] for r in after["notes"]]
+    assert set(acked) <= set(ids), f"lost synced rows: {sorted(set(acked) - set(ids))}"
+    assert [r["text"] for r in after["notes"] if r["id"] in acked] == [
+        f"row-{i}" for i in range(20)]
+    res = on(other, "/add?text=after")
+    assert res is not None and res["id"] > max(acked)
+    assert n.stop()[other] == 0

@@ -8,7 +8,7 @@
 #                     of the dev cluster in PYCLUSTER_DEV_DIR (default .pycluster-dev)
 #   PYTHON            the interpreter that has pycluster installed (default: python3)
 #   VALIDATE_APP      the elected app to check (default: hello, the app of `pycluster dev up`)
-set -u
+set -u -o pipefail
 PYTHON="${PYTHON:-python3}"
 export VALIDATE_DIR
 VALIDATE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
