@@ -189,3 +189,47 @@ def test_sqlite_loses_no_synced_row(nodes: Any, tmp_path: Path) -> None:
     res = on(other, "/add?text=after")
     assert res is not None and res["id"] > max(acked)
     assert n.stop()[other] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_cache_keeps_every_entry_when_an_owner_dies(nodes: Any) -> None:
+    ports = {f"n{i}": free_port() for i in (1, 2, 3)}
+    n = nodes("cache")
+    for node, port in ports.items():
+        n.start(node, CACHE_PORT=str(port))
+
+    def call(node: str, path: str) -> tuple[int, dict[str, Any]]:
+        status, body = get(f"http://127.0.0.1:{ports[node]}{path}", timeout=20)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {"raw": body}
+
+    def ring_stable() -> bool:
+        status, stats = call("n1", "/ring")
+        return status == 200 and len(stats.get("members") or {}) == 3
+
+    poll(ring_stable, 90, "the ring to have three members")
+    keys = [f"user-{i}" for i in range(30)]
+    owners = {}
+    for k in keys:
+        status, res = call("n1", f"/put?key={k}&value=v-{k}")
+        assert status == 200, res
+        owners[k] = res["node"]
+    assert len(set(owners.values())) >= 2, owners  # the keys are spread over the nodes
+    for k in keys[:5]:
+        status, res = call("n2", f"/get?key={k}")
+        assert status == 200 and res["value"] == f"v-{k}" and res["via"] == "n2", res
+    assert call("n2", "/get?key=never-put")[0] == 404
+    victim = next(x for x in ("n3", "n2") if x in owners.values())
+    n.procs[victim].kill()  # its partitions move to the others, which load them from KV
+    n.procs[victim].wait()
+    t0 = time.monotonic()
+    survivor = "n1"
+    for k in keys:
+        res = poll(lambda k=k: (r := call(survivor, f"/get?key={k}"))[0] == 200 and r[1], 90,
+                   f"{k} after the owner died")
+        assert res["value"] == f"v-{k}" and res["node"] != victim, res
+    print(f"all {len(keys)} entries served {time.monotonic() - t0:.2f}s after the SIGKILL")
+    assert all(code == 0 for node, code in n.stop().items() if node != victim)
