@@ -233,3 +233,66 @@ def test_cache_keeps_every_entry_when_an_owner_dies(nodes: Any) -> None:
         assert res["value"] == f"v-{k}" and res["node"] != victim, res
     print(f"all {len(keys)} entries served {time.monotonic() - t0:.2f}s after the SIGKILL")
     assert all(code == 0 for node, code in n.stop().items() if node != victim)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_docker_container_follows_the_leader(nodes: Any, unique_name: str) -> None:
+    from pycluster.testing.engines.podman import (
+        PodmanService,
+        build_busybox_image,
+        podman_available,
+    )
+    from pycluster.testing.pytest_plugin import require
+
+    ok, reason = podman_available()
+    require("podman", ok, reason)
+    image = build_busybox_image()  # local: no registry is reachable from the tests
+    ports = {"n1": free_port(), "n2": free_port()}
+    with PodmanService() as engine:
+        import docker
+
+        client = docker.DockerClient(base_url=engine.base_url, timeout=60)
+        try:
+            n = nodes("docker")
+            for node, port in ports.items():
+                n.start(node, WEB_PORT=str(port), WEB_IMAGE=image, DOCKER_HOST=engine.base_url)
+
+            def page(node: str) -> tuple[str, int] | None:
+                status, body = get(f"http://127.0.0.1:{ports[node]}/", timeout=3)
+                if status != 200:
+                    return None
+                _, who, _, epoch = body.split()
+                return who, int(epoch)
+
+            first, epoch = poll(lambda: page("n1") or page("n2"), 120, "the container")
+            # on_active runs once the container is healthy and its fence guard armed (the
+            # container may answer before: a node killed then leaves it running).
+            poll(lambda: f"{first}: active (epoch {epoch})" in n.log(first), 60, "on_active")
+            other = "n2" if first == "n1" else "n1"
+            poll(lambda: f"{other}: standby" in n.log(other), 30, "the standby")
+            name = f"pycluster-{unique_name}-web-{first}"
+            ctr = client.containers.get(name)
+            assert ctr.labels["pycluster.epoch"] == str(epoch)
+            n.procs[first].kill()  # SIGKILL the active node: its fence guard stops the container
+            n.procs[first].wait()
+            t0 = time.monotonic()
+            second = poll(lambda: page(other), 90, "the container on the new leader")
+            print(f"{other}'s container answered {time.monotonic() - t0:.2f}s after the SIGKILL")
+            assert second[0] == other and second[1] > epoch
+            def stopped() -> bool:
+                ctr.reload()
+                return bool(ctr.status != "running")
+
+            t1 = time.monotonic()
+            poll(stopped, 30, "the old container to stop")
+            print(f"old container stopped {time.monotonic() - t1:.2f}s after the new answered")
+            assert n.stop()[other] == 0
+            gone = [c.name for c in client.containers.list(
+                filters={"label": "pycluster.example=docker"})]
+            assert gone == [], gone  # a graceful leave stops (and removes) the container
+        finally:
+            for c in client.containers.list(all=True,
+                                            filters={"label": "pycluster.example=docker"}):
+                c.remove(force=True)
+            client.close()
