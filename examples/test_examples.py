@@ -176,6 +176,17 @@ def test_sqlite_loses_no_synced_row(nodes: Any, tmp_path: Path) -> None:
         assert res is not None and res["synced"] and res["node"] == first, res
         acked.append(res["id"])
     epoch = on(first, "/notes")["epoch"]  # type: ignore[index]
+
+    def lag_shown() -> dict[str, Any] | None:
+        # `pycluster status` asks each node: the standby's replication state and lag.
+        out = subprocess.run([sys.executable, "-m", "pycluster.cli", "status", "-o", "json"],
+                             capture_output=True, text=True, timeout=60, env=n.env)
+        (app,) = json.loads(out.stdout)["apps"] if out.returncode == 0 else [{}]
+        rep = (app.get("replication") or {}).get(other, {}).get("sqlite")
+        return rep if rep and rep.get("lag") is not None else None
+
+    rep = poll(lag_shown, 60, "the standby's lag in pycluster status")
+    assert rep["plugin"] == "sqlite" and rep["lag"] >= 0
     n.procs[first].kill()  # SIGKILL the primary: only what NATS holds can survive
     n.procs[first].wait()
     t0 = time.monotonic()
