@@ -158,9 +158,11 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
 
 
 async def request_node_status(nc: NATS, platform: str, nodes: list[str], timeout: float = 2.0,
-                              history: bool = False) -> dict[str, dict[str, Any]]:
+                              history: bool = False, signer: SignedAuth | None = None,
+                              ) -> dict[str, dict[str, Any]]:
     """Each node's ``/status`` document, asked over NATS (the health plugin answers on
-    ``{platform}._.node.{node}.status``; no ``health_addr`` needed), all at once.
+    ``{platform}._.node.{node}.status``; no ``health_addr`` needed), all at once; signed by
+    ``signer`` for nodes whose middleware requires signed control requests.
 
     A node that does not answer within ``timeout`` or refuses is ``{"error": reason}``.
     """
@@ -169,8 +171,12 @@ async def request_node_status(nc: NATS, platform: str, nodes: list[str], timeout
     body = json.dumps({"history": history}).encode()
 
     async def one(node: str) -> dict[str, Any]:
+        subject = node_status_subject(platform, node)
+        headers: dict[str, str] = {}
+        if signer is not None:
+            signer.sign_request(subject, body, headers)
         try:
-            msg = await nc.request(node_status_subject(platform, node), body, timeout=timeout)
+            msg = await nc.request(subject, body, timeout=timeout, headers=headers or None)
         except nats.errors.NoRespondersError:
             return {"error": "no answer (health plugin disabled, or an older pycluster)"}
         except nats.errors.TimeoutError:
@@ -181,7 +187,9 @@ async def request_node_status(nc: NATS, platform: str, nodes: list[str], timeout
             return {"error": f"bad reply: {exc}"}
         err = doc.get("error")
         if isinstance(err, dict):
-            return {"error": f"refused: {err.get('reason')}"}
+            hint = ("" if signer is not None or err.get("code") != "unauthorized"
+                    else " (sign with --sign-as IDENTITY --seed FILE)")
+            return {"error": f"refused: {err.get('reason')}{hint}"}
         return doc
 
     docs = await asyncio.gather(*(one(n) for n in nodes))
@@ -226,7 +234,8 @@ def _merge_detail(st: dict[str, Any], docs: dict[str, dict[str, Any]]) -> None:
 
 async def read_status(nats_url: str | None, platform: str,
                       data_dir: str | None = None, config: str | None = None, *,
-                      detail: bool = False, timeout: float = 2.0) -> dict[str, Any]:
+                      detail: bool = False, timeout: float = 2.0,
+                      signer: SignedAuth | None = None) -> dict[str, Any]:
     """Nodes (live records, cordon and maintenance state) and apps (leader lease, epoch, where
     active); with ``detail`` also what only the nodes know, asked of each
     (`request_node_status`): lease age, backend state, replication lag, VIPs, failing checks.
@@ -261,7 +270,8 @@ async def read_status(nats_url: str | None, platform: str,
               "apps": sorted(apps.values(), key=lambda a: a["app"])}
         if detail:
             ids = [str(n["node_id"]) for n in nodes]
-            _merge_detail(st, await request_node_status(nc, platform, ids, timeout))
+            _merge_detail(st, await request_node_status(nc, platform, ids, timeout,
+                                                        signer=signer))
         return st
     finally:
         await nc.close()
@@ -336,7 +346,8 @@ async def request_stepdown(nats_url: str | None, platform: str, app: str,
 
 async def read_health(nats_url: str | None, platform: str, node: str | None = None,
                       data_dir: str | None = None, config: str | None = None, *,
-                      timeout: float = 2.0) -> dict[str, dict[str, Any]]:
+                      timeout: float = 2.0,
+                      signer: SignedAuth | None = None) -> dict[str, dict[str, Any]]:
     """The checks of ``node`` (default: every live node), by node: ``healthy``, ``ready``,
     ``not_ready`` and ``checks`` (each check's status, latency, last error), or ``error`` for a
     node that did not answer. ``node`` must be live (`ConfigError`)."""
@@ -350,7 +361,8 @@ async def read_health(nats_url: str | None, platform: str, node: str | None = No
         if node is not None and node not in live:
             raise ConfigError("node", node, f"is not a live node of platform {platform!r} "
                               f"(live: {', '.join(live)})")
-        docs = await request_node_status(nc, platform, [node] if node else live, timeout)
+        docs = await request_node_status(nc, platform, [node] if node else live, timeout,
+                                         signer=signer)
     finally:
         await nc.close()
     out: dict[str, dict[str, Any]] = {}

@@ -18,6 +18,25 @@ from ..kernel.errors import PyclusterError
 from .common import OUTPUT, _fail, _table
 from .options import connection_options
 
+
+def sign_options(fn: Any) -> Any:
+    """``--sign-as`` / ``--seed``: sign the status requests (nodes that use SignedAuth for
+    control requests refuse unsigned ones)."""
+    fn = click.option("--seed", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+                      help="The NKey seed file of --sign-as.")(fn)
+    return click.option("--sign-as", metavar="IDENTITY",
+                        help="Sign the requests to the nodes as IDENTITY (for nodes whose "
+                             "SignedAuth covers control requests); needs --seed.")(fn)
+
+
+def _signer(sign_as: str | None, seed: str | None) -> Any:
+    if sign_as is None and seed is None:
+        return None
+    from ..middleware import SignedAuth
+
+    return SignedAuth(sign_as, seed, kinds=("rpc",))
+
+
 TIMEOUT = click.option("--timeout", type=click.FloatRange(0.1, 60), default=2.0,
                        show_default=True, metavar="SECONDS",
                        help="How long to wait for each node's answer.")
@@ -100,14 +119,17 @@ def render_status(st: dict[str, Any]) -> str:
 @TIMEOUT
 @click.option("--no-detail", is_flag=True,
               help="Only the records in NATS: do not ask the nodes (backend state, lag, VIP).")
+@sign_options
 @OUTPUT
 def status_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
-               timeout: float, no_detail: bool, output: str) -> None:
+               timeout: float, no_detail: bool, sign_as: str | None, seed: str | None,
+               output: str) -> None:
     """Show nodes (labels, cordon and maintenance state, apps and roles, health) and apps
     (mode, leader, epoch, lease age, backend state, replication lag, VIP, pending).
 
     Each live node is asked for its status over NATS (no health_addr needed); a node that
-    does not answer within --timeout is shown as unreachable.
+    does not answer within --timeout is shown as unreachable, one that refuses (SignedAuth on
+    control requests: sign with --sign-as and --seed) with the reason.
 
     \b
     Examples:
@@ -118,7 +140,8 @@ def status_cmd(config: str | None, nats_url: str | None, data_dir: str | None, p
 
     try:
         st = asyncio.run(read_status(nats_url, platform, data_dir, config,
-                                     detail=not no_detail, timeout=timeout))
+                                     detail=not no_detail, timeout=timeout,
+                                     signer=_signer(sign_as, seed)))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -148,9 +171,11 @@ def critical_problems(health: dict[str, dict[str, Any]]) -> list[str]:
 @click.argument("node", required=False)
 @connection_options
 @TIMEOUT
+@sign_options
 @OUTPUT
 def health_cmd(node: str | None, config: str | None, nats_url: str | None,
-               data_dir: str | None, platform: str, timeout: float, output: str) -> None:
+               data_dir: str | None, platform: str, timeout: float, sign_as: str | None,
+               seed: str | None, output: str) -> None:
     """The health checks of NODE (default: every live node): status, latency, last error.
 
     \b
@@ -167,7 +192,7 @@ def health_cmd(node: str | None, config: str | None, nats_url: str | None,
 
     try:
         health = asyncio.run(read_health(nats_url, platform, node, data_dir, config,
-                                         timeout=timeout))
+                                         timeout=timeout, signer=_signer(sign_as, seed)))
     except PyclusterError as exc:
         _fail(exc)
         return
