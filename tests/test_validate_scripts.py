@@ -4,6 +4,7 @@ nats-servers, R3 buckets, three node processes): every script prints PASS with i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,16 @@ def test_scripts_parse_and_fail_clearly_without_a_cluster(tmp_path: Path) -> Non
         assert os.access(path, os.X_OK), f"{path.name} is not executable"
         out = script(check, PYCLUSTER_DEV_DIR=str(tmp_path / "none"))
         assert out.returncode == 1 and out.stdout.startswith(f"FAIL {check}: no config file")
+
+
+@pytest.mark.timeout(60)
+def test_scripts_pass_shellcheck() -> None:
+    from pycluster.testing import require
+
+    require("shellcheck", shutil.which("shellcheck") is not None, "shellcheck is not installed")
+    out = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True,
+                         text=True, timeout=50, cwd=ROOT / "scripts")
+    assert out.returncode == 0, out.stdout
 
 
 @pytest.mark.slow
