@@ -272,3 +272,30 @@ async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_u
     await second.release()
     typo = await arun("lock", "ls", "--app", "ordrs", "--config", str(cfg), home=tmp_path)
     assert typo.returncode == 2 and "no app 'ordrs'" in typo.stderr
+
+
+@pytest.mark.slow
+async def test_placement_commands_read_the_node_config_file(
+        make_platform: Any, nats_url: str, unique_name: str, tmp_path: Path) -> None:
+    a = await make_platform("a", App("orders"))
+    await make_platform("b", App("orders"))
+    cfg = write_config(tmp_path / "node.yaml", name=unique_name, node_id="a",
+                       nats_url=nats_url)
+    cordon = await arun("node", "cordon", "b", "--config", str(cfg), "-o", "json",
+                        home=tmp_path)
+    assert cordon.returncode == 0, cordon.stderr
+    assert json.loads(cordon.stdout) == {"node": "b", "cordoned": True}
+    await wait_for(lambda: "b" in a.placement.ops.cordoned, 10)
+    # PYCLUSTER_CONFIG works as --config.
+    listed = await asyncio.to_thread(
+        subprocess.run, [*PYCLUSTER, "node", "list", "-o", "json"], capture_output=True,
+        text=True, timeout=60, env={**os.environ, "PYCLUSTER_CONFIG": str(cfg)})
+    assert listed.returncode == 0, listed.stderr
+    nodes = {n["node_id"]: n for n in json.loads(listed.stdout)["nodes"]}
+    assert nodes["b"]["cordoned"] and not nodes["a"]["cordoned"]
+    shown = await arun("app", "show", "orders", "--config", str(cfg), "-o", "json",
+                       home=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["nodes"]["b"]["cordoned"]
+    maint = await arun("maintenance", "show", "--config", str(cfg), "-o", "json",
+                       home=tmp_path)
+    assert json.loads(maint.stdout) == {"maintenance": False, "maintenance_apps": []}

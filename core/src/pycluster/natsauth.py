@@ -206,11 +206,12 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     pub += [f"{p}._.events._.>", f"$JS.API.STREAM.INFO.{bucket(p, suffix='audit')}",
             f"{p}._.audit.*._.{node}"]
     pub += [f"{p}._.api.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping"]
-    # Its own label requests (``pycluster node label``). The operations state
-    # (``placement.ops``: cordons, maintenance) is read through the bucket; only the
-    # operator may change it (maintenance mode on every node would stop all failover).
+    # Its own label and status requests (``pycluster node label``, ``status``, ``health``).
+    # The operations state (``placement.ops``: cordons, maintenance) is read through the
+    # bucket; only the operator may change it (maintenance mode on every node would stop
+    # all failover).
     sub += [f"{p}._.events.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping",
-            f"{p}._.node.{node}.labels"]
+            f"{p}._.node.{node}.labels", f"{p}._.node.{node}.status"]
     return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
             "allow_responses": True}
 

@@ -23,8 +23,9 @@ import nats.errors
 from ..kernel.errors import ConfigError, NoInstanceError, PyclusterError
 from ..kernel.names import platform_subject, validate_ident
 from ..kernel.placement import Operations, read_operations, update_operations, validate_label
-from .common import DATA_DIR_OPT, NATS_OPT, OUTPUT, PLATFORM_OPT, _fail, _table
+from .common import OUTPUT, _fail, _table
 from .inspect import _nodes_or_fail, _open
+from .options import connection_options
 
 
 def parse_label_args(args: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
@@ -47,11 +48,12 @@ def parse_label_args(args: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
 
 
 async def request_labels(nats_url: str | None, platform: str, node: str, set_: dict[str, str],
-                         remove: list[str], data_dir: str | None = None) -> dict[str, Any]:
+                         remove: list[str], data_dir: str | None = None,
+                         config: str | None = None) -> dict[str, Any]:
     """Ask ``node`` to change its labels; returns its reply ``{"node", "labels"}``."""
     validate_ident("platform", platform)
     validate_ident("node", node)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         nodes = await _nodes_or_fail(nc.jetstream(), platform, servers)
         live = sorted(str(n.get("node_id")) for n in nodes)
@@ -89,10 +91,11 @@ async def _request_move(nc: Any, platform: str, app: str, body: bytes,
 
 
 async def change_operations(nats_url: str | None, platform: str, data_dir: str | None,
-                            change: Any, node: str | None = None) -> Operations:
+                            change: Any, node: str | None = None,
+                            config: str | None = None) -> Operations:
     """Apply ``change`` to the operations state (``node``, if given, must be live)."""
     validate_ident("platform", platform)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
@@ -106,11 +109,11 @@ async def change_operations(nats_url: str | None, platform: str, data_dir: str |
         await nc.close()
 
 
-async def read_nodes(nats_url: str | None, platform: str,
-                     data_dir: str | None = None) -> dict[str, Any]:
+async def read_nodes(nats_url: str | None, platform: str, data_dir: str | None = None,
+                     config: str | None = None) -> dict[str, Any]:
     """Live nodes with their labels, cordon state and apps, and the operations state."""
     validate_ident("platform", platform)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
@@ -137,18 +140,16 @@ def node_cmd() -> None:
 
 
 @node_cmd.command("list")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def node_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
+def node_list_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                   output: str) -> None:
     """Live nodes with labels, cordon state and the apps on each.
 
     Example: ``pycluster node list -p prod --nats-url nats://nats-1:4222 -o json``
     """
     try:
-        st = asyncio.run(read_nodes(nats_url, platform, data_dir))
+        st = asyncio.run(read_nodes(nats_url, platform, data_dir, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -169,11 +170,9 @@ def node_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
 @node_cmd.command("label")
 @click.argument("node")
 @click.argument("labels", nargs=-1, required=True)
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def node_label_cmd(node: str, labels: tuple[str, ...], nats_url: str | None,
+def node_label_cmd(node: str, labels: tuple[str, ...], config: str | None, nats_url: str | None,
                    data_dir: str | None, platform: str, output: str) -> None:
     """Set (``key=value``) or remove (``key-``) labels of NODE at runtime.
 
@@ -181,7 +180,8 @@ def node_label_cmd(node: str, labels: tuple[str, ...], nats_url: str | None,
     """
     try:
         set_, remove = parse_label_args(labels)
-        res = asyncio.run(request_labels(nats_url, platform, node, set_, remove, data_dir))
+        res = asyncio.run(request_labels(nats_url, platform, node, set_, remove, data_dir,
+                                         config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -193,7 +193,7 @@ def node_label_cmd(node: str, labels: tuple[str, ...], nats_url: str | None,
 
 
 def _cordon(node: str, on: bool, nats_url: str | None, data_dir: str | None, platform: str,
-            output: str) -> None:
+            output: str, config: str | None) -> None:
     try:
         validate_ident("node", node)
         entry = {"at": time.time(), "by": "cli"}
@@ -204,7 +204,7 @@ def _cordon(node: str, on: bool, nats_url: str | None, data_dir: str | None, pla
             return replace(o, cordoned={k: v for k, v in o.cordoned.items() if k != node})
 
         ops = asyncio.run(change_operations(nats_url, platform, data_dir, change,
-                                            node if on else None))
+                                            node if on else None, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -216,43 +216,40 @@ def _cordon(node: str, on: bool, nats_url: str | None, data_dir: str | None, pla
 
 @node_cmd.command("cordon")
 @click.argument("node")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def node_cordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
+def node_cordon_cmd(node: str,
+                    config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                     output: str) -> None:
     """Cordon NODE: no new instances are placed there (no new leadership, no new Spread
     instance); what runs there stays.
 
     Example: ``pycluster node cordon node-2 -p prod --nats-url nats://nats-1:4222``
     """
-    _cordon(node, True, nats_url, data_dir, platform, output)
+    _cordon(node, True, nats_url, data_dir, platform, output, config)
 
 
 @node_cmd.command("uncordon")
 @click.argument("node")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def node_uncordon_cmd(node: str, nats_url: str | None, data_dir: str | None, platform: str,
+def node_uncordon_cmd(node: str,
+                      config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                       output: str) -> None:
     """Undo ``cordon`` for NODE.
 
     Example: ``pycluster node uncordon node-2 -p prod --nats-url nats://nats-1:4222``
     """
-    _cordon(node, False, nats_url, data_dir, platform, output)
+    _cordon(node, False, nats_url, data_dir, platform, output, config)
 
 
 @click.command("maintenance")
 @click.argument("state", type=click.Choice(["on", "off", "show"]))
 @click.argument("app", required=False)
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir: str | None,
+def maintenance_cmd(state: str, app: str | None,
+                    config: str | None, nats_url: str | None, data_dir: str | None,
                     platform: str, output: str) -> None:
     """Maintenance mode on or off, for the platform or for APP (or show it).
 
@@ -268,7 +265,7 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
             validate_ident("app", app)
         if state == "show":
             async def show() -> Operations:
-                nc, servers = await _open(nats_url, platform, data_dir)
+                nc, servers = await _open(nats_url, platform, data_dir, config)
                 try:
                     await _nodes_or_fail(nc.jetstream(), platform, servers)
                     return (await read_operations(nc.jetstream(), platform))[0]
@@ -284,7 +281,8 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
                 apps = o.maintenance_apps | {app} if on else o.maintenance_apps - {app}
                 return replace(o, maintenance_apps=apps).without_stale_moves()
 
-            ops = asyncio.run(change_operations(nats_url, platform, data_dir, change))
+            ops = asyncio.run(change_operations(nats_url, platform, data_dir, change,
+                                                config=config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -301,13 +299,13 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
         click.echo("maintenance mode: off")
 
 
-async def read_apps(nats_url: str | None, platform: str,
-                    data_dir: str | None = None) -> list[dict[str, Any]]:
+async def read_apps(nats_url: str | None, platform: str, data_dir: str | None = None,
+                    config: str | None = None) -> list[dict[str, Any]]:
     """Every app of ``platform`` with mode, placement, leader, instances, standbys, pending
     and maintenance state, and per node its role, eligibility and priority."""
     from .inspect import read_status
 
-    st = await read_status(nats_url, platform, data_dir)
+    st = await read_status(nats_url, platform, data_dir, config)
     cordoned = set(st["operations"]["cordoned"])
     out = []
     for a in st["apps"]:
@@ -334,18 +332,16 @@ def app_cmd() -> None:
 
 
 @app_cmd.command("list")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def app_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
+def app_list_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
     """Apps with mode, placement, leader, instances and state (pending, maintenance).
 
     Example: ``pycluster app list -p prod --nats-url nats://nats-1:4222``
     """
     try:
-        apps = asyncio.run(read_apps(nats_url, platform, data_dir))
+        apps = asyncio.run(read_apps(nats_url, platform, data_dir, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -362,11 +358,10 @@ def app_list_cmd(nats_url: str | None, data_dir: str | None, platform: str,
 
 @app_cmd.command("show")
 @click.argument("app")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform: str,
+def app_show_cmd(app: str,
+                 config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
     """APP in detail: placement, leader, epoch, and per node role, eligibility, priority.
 
@@ -376,7 +371,7 @@ def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform:
 
     try:
         validate_ident("app", app)
-        apps = asyncio.run(read_apps(nats_url, platform, data_dir))
+        apps = asyncio.run(read_apps(nats_url, platform, data_dir, config))
         found = next((a for a in apps if a["app"] == app), None)
         if found is None:
             raise NoSuchAppError(platform, app, sorted(a["app"] for a in apps))
@@ -402,7 +397,8 @@ def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform:
 
 async def request_move(nats_url: str | None, platform: str, app: str, to: str | None,
                        reason: str, data_dir: str | None = None,
-                       source: str | None = None, force: bool = False) -> dict[str, Any]:
+                       source: str | None = None, force: bool = False,
+                       config: str | None = None) -> dict[str, Any]:
     """Ask the active instance of ``app`` (on ``source``, if given) to migrate to node ``to``
     (None: the best eligible standby); returns the result. ``force`` skips the app's
     migration cooldown. In maintenance mode (``to`` required) ``to`` is recorded as the
@@ -416,7 +412,7 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
         if value is not None:
             validate_ident(field, value)
     subject = move_subject(platform, app)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     js = nc.jetstream()
     granted = False
     try:
@@ -498,12 +494,10 @@ async def _place_leaderless(js: Any, platform: str, app: str, to: str,
 @click.option("--reason", default="move", show_default=True, help="Why (audited).")
 @click.option("--force", is_flag=True, help="Skip the app's migration cooldown (not the "
               "platform's limits on concurrent and per-minute migrations, nor the budget).")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
 def app_move_cmd(app: str, to: str | None, source: str | None, reason: str, force: bool,
-                 nats_url: str | None, data_dir: str | None, platform: str,
+                 config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
     """Move APP's active instance to node --to (or away from --from): a planned, graceful
     migration (the instance runs on_migration_start, which may veto, steps down naming the
@@ -518,7 +512,7 @@ def app_move_cmd(app: str, to: str | None, source: str | None, reason: str, forc
     try:
         validate_ident("app", app)
         res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir,
-                                       source, force))
+                                       source, force, config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -533,7 +527,7 @@ def app_move_cmd(app: str, to: str | None, source: str | None, reason: str, forc
 
 async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
                 data_dir: str | None = None,
-                progress: Any = None) -> dict[str, Any]:
+                progress: Any = None, config: str | None = None) -> dict[str, Any]:
     """Cordon ``node``, then move its active instances away one at a time (each move waits
     for the app's budget, the migration limits and for the previous move to complete);
     elected apps first, then its Spread instances stop (each within its app's budget).
@@ -543,7 +537,7 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
 
     validate_ident("node", node)
     report = progress or (lambda _event: None)
-    nc, servers = await _open(nats_url, platform, data_dir)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
@@ -590,11 +584,10 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
 @click.argument("node")
 @click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds to wait for the node to be empty.")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: str | None,
+def node_drain_cmd(node: str, timeout: float,
+                   config: str | None, nats_url: str | None, data_dir: str | None,
                    platform: str, output: str) -> None:
     """Cordon NODE, then move every active instance (leaders, Replicas slots) away one at a
     time, then stop its Spread instances, respecting each app's disruption budget and the
@@ -613,7 +606,8 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
                        f"({event['outcome']}, {event['seconds']}s)")
 
     try:
-        res = asyncio.run(drain(nats_url, platform, node, timeout, data_dir, progress))
+        res = asyncio.run(drain(nats_url, platform, node, timeout, data_dir, progress,
+                                   config))
     except PyclusterError as exc:
         _fail(exc)
         return
@@ -629,18 +623,19 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
 
 
 async def rebalance(nats_url: str | None, platform: str, app: str | None, dry_run: bool,
-                    data_dir: str | None = None) -> list[dict[str, Any]]:
+                    data_dir: str | None = None,
+                    config: str | None = None) -> list[dict[str, Any]]:
     """Ask each active instance of ``app`` (default: every elected app) what placement wants
     and, unless ``dry_run``, to move there; one result per instance."""
     from .inspect import read_status
 
-    st = await read_status(nats_url, platform, data_dir)
+    st = await read_status(nats_url, platform, data_dir, config)
     apps = [a for a in st["apps"] if a.get("mode") != "spread"
             and (app is None or a["app"] == app)]
     if app is not None and not apps:
         raise ConfigError("app", app, "no elected app of this name on the platform")
     out: list[dict[str, Any]] = []
-    nc, _ = await _open(nats_url, platform, data_dir)
+    nc, _ = await _open(nats_url, platform, data_dir, config)
     try:
         for a in apps:
             for node in a["active_on"]:
@@ -660,11 +655,9 @@ async def rebalance(nats_url: str | None, platform: str, app: str | None, dry_ru
 @app_cmd.command("rebalance")
 @click.argument("app", required=False)
 @click.option("--dry-run", is_flag=True, help="Only show the moves placement wants.")
-@NATS_OPT
-@DATA_DIR_OPT
-@PLATFORM_OPT
+@connection_options
 @OUTPUT
-def app_rebalance_cmd(app: str | None, dry_run: bool, nats_url: str | None,
+def app_rebalance_cmd(app: str | None, dry_run: bool, config: str | None, nats_url: str | None,
                       data_dir: str | None, platform: str, output: str) -> None:
     """Show (--dry-run) or perform the moves placement wants: each active instance of APP
     (default: every elected app) moves to the best-scored live eligible node when that node
@@ -676,7 +669,7 @@ def app_rebalance_cmd(app: str | None, dry_run: bool, nats_url: str | None,
     try:
         if app is not None:
             validate_ident("app", app)
-        results = asyncio.run(rebalance(nats_url, platform, app, dry_run, data_dir))
+        results = asyncio.run(rebalance(nats_url, platform, app, dry_run, data_dir, config))
     except PyclusterError as exc:
         _fail(exc)
         return

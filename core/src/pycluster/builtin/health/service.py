@@ -368,11 +368,13 @@ class PlatformHealth(HealthEndpoints):
     # -- service lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the checks and the HTTP server on ``health_addr``."""
+        """Start the checks, the status requests over NATS and the HTTP server on
+        ``health_addr``."""
         self._running = True
         for chk in self.checks.values():
             if chk.task is None:
                 chk.task = supervise(f"health:{chk.name}", functools.partial(self._loop, chk))
+        await self._serve_nats()
         await self._serve_http()
 
     async def app_started(self, rt: AppRuntime) -> None:
@@ -403,6 +405,7 @@ class PlatformHealth(HealthEndpoints):
     async def stop(self) -> None:
         """Stop the HTTP server and every check."""
         self._running = False
+        await self._stop_nats()
         await self._stop_http()
         tasks = [c.task for c in self.checks.values() if c.task is not None]
         for t in tasks:
