@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "packaging" / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 IMAGE = "localhost/pycluster-test-image:latest"
+BUILDER_IMAGE = "localhost/pycluster-test-builder:latest"  # the builder stage, kept as cache
 NATS_IMAGE = "localhost/pycluster-test-nats:latest"
 PROMETHEUS_IMAGE = "localhost/pycluster-test-prometheus:latest"
 NODES = ("node-1", "node-2", "node-3")
@@ -202,18 +203,31 @@ def _role(port: int) -> tuple[bool, int] | None:
     return samples.get(("pycluster_leader", key)) == 1.0, int(epoch)
 
 
+def _image_id(name: str) -> str | None:
+    proc = podman("image", "inspect", "--format", "{{.Id}}", name, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def _build_images() -> str | None:
     """Build the pycluster image, the NATS stand-in and (once, cached) the Prometheus image;
     return why the Prometheus image could not be built, or None."""
     from pycluster.testing.engines.pybase import build_python_base_image
 
     base = build_python_base_image()
-    podman("build", "--format", "docker", "--build-arg", f"BASE={base}",
-           "-f", str(DOCKER / "Dockerfile"), "-t", IMAGE, str(ROOT), timeout=900)
+    before = {name: _image_id(name) for name in (NATS_IMAGE, IMAGE, BUILDER_IMAGE)}
+    build = ("build", "--format", "docker", "--build-arg", f"BASE={base}",
+             "-f", str(DOCKER / "Dockerfile"))
+    # The builder stage gets a name of its own, so its layers stay tagged (the next build's
+    # cache) instead of piling up as untagged images.
+    podman(*build, "--target", "builder", "-t", BUILDER_IMAGE, str(ROOT), timeout=900)
+    podman(*build, "-t", IMAGE, str(ROOT), timeout=900)
     with tempfile.TemporaryDirectory(prefix="pyc-img-") as tmp:
         # The official NATS image runs as root with its store in a volume: so does the stand-in.
         (Path(tmp) / "Containerfile").write_text(f"FROM {IMAGE}\nUSER 0:0\n")
         podman("build", "-t", NATS_IMAGE, tmp, timeout=120)
+        for name, previous in before.items():  # this test's images of an earlier source tree
+            if previous is not None and previous != _image_id(name):
+                podman("rmi", previous, check=False)
         if image_exists(PROMETHEUS_IMAGE):
             return None
         (Path(tmp) / "Containerfile").write_text(
