@@ -367,6 +367,8 @@ def test_nodes_start_healthy_as_non_root_with_one_leader(stack: Stack) -> None:
         # The image's HEALTHCHECK (podman runs it on demand: no systemd timers here).
         check = stack.podman("healthcheck", "run", ctr, check=False)
         assert check.returncode == 0, f"HEALTHCHECK of {n} failed: {check.stdout}{check.stderr}"
+        health = stack.podman("inspect", "--format", "{{.State.Health.Status}}", ctr).stdout
+        assert health.strip() == "healthy", f"{n}: {health}"
     image = json.loads(stack.podman("image", "inspect", IMAGE).stdout)[0]
     assert image["Config"]["User"] == "10001:10001"
     assert image["Config"]["Entrypoint"] == ["pycluster", "run"]
@@ -383,6 +385,11 @@ def test_killing_the_leaders_container_fails_over(stack: Stack, failover: tuple[
     assert state == "exited"
     survivors = tuple(n for n in NODES if n != killed)
     assert _one_leader(stack, survivors) is not None
+    # The operator's view from inside a container, as docs/containers.md shows it.
+    out = stack.podman("exec", stack.container(new), "pycluster", "status", "-p", APP,
+                       "--nats-url", "nats://nats-1:4222", "--output", "json").stdout
+    app = next(a for a in json.loads(out)["apps"] if a["app"] == APP)
+    assert app["leader"] == new, app
 
 
 @pytest.mark.slow
