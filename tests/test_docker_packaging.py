@@ -291,7 +291,7 @@ def stack() -> Iterator[Stack]:
     (tmp / "containers.conf").write_text(CONTAINERS_CONF)
     ports = {n: _free_port() for n in (*NODES, "nats", "prometheus")}
     env = {**os.environ, "CONTAINERS_CONF": str(tmp / "containers.conf"),
-           "PYCLUSTER_IMAGE": IMAGE, "NATS_IMAGE": NATS_IMAGE,
+           "NODE_IMAGE": IMAGE, "NATS_IMAGE": NATS_IMAGE,
            "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE, "NATS_PORT": str(ports["nats"]),
            "PROMETHEUS_PORT": str(ports["prometheus"]),
            **{f"NODE{i}_PORT": str(ports[n]) for i, n in enumerate(NODES, 1)}}
