@@ -16,10 +16,12 @@
 #   netavark, aardvark-dns
 #                         podman's other network backend, with DNS between containers by name:
 #                         the compose test selects it for its own podman calls only
+#   shellcheck            lints packaging/install.sh
 #   iproute2              `ip netns`, veth, bridges (network-namespace hosts)
 #   iputils-ping          reachability checks between namespaces
 #   iputils-arping        gratuitous ARP for virtual-IP tests
 #   procps                ps/pkill-free process inspection used by helpers (pgrep, ps)
+#   bind9-dnsutils        `dig`, the DNS client the discovery plugin's DNS tests query it with
 #
 # Recommends are not installed: podman's (buildah, fuse-overlayfs, slirp4netns, uidmap,
 # dbus-user-session) are for rootless use and image building, which the tests do not need.
@@ -33,10 +35,12 @@ PACKAGES=(
     containernetworking-plugins
     netavark
     aardvark-dns
+    shellcheck
     iproute2
     iputils-ping
     iputils-arping
     procps
+    bind9-dnsutils
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -385,7 +385,10 @@ async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
     with pytest.raises(ConfigError, match="cordoned"):
         await pa.move("svc", to="b")
     await pa.uncordon("b")
-    res = await pa.move("svc", to="b")
+    # The app migrated a moment ago: its cooldown holds a second move, unless forced.
+    with pytest.raises(ConfigError, match="cooldown"):
+        await pa.move("svc", to="b")
+    res = await pa.move("svc", to="b", force=True)
     assert res["outcome"] == "completed" and b.is_leader
     assert pc.audit is not None and await pc.audit.flush()
     await pa.audit.flush()

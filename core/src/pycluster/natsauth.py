@@ -197,6 +197,9 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     pub += _stream_api(f"KV_{platform_kv}")
     pub += [f"$KV.{platform_kv}.nodes.{node}", f"$KV.{platform_kv}.locks.>",
             f"$KV.{platform_kv}._pycluster.guard"]
+    # The platform-wide migration slots (cooldowns, concurrent and per-minute limits), shared
+    # by design like the locks: the worst a node can do there is hold up planned moves.
+    pub.append(f"$KV.{platform_kv}.placement.migrations")
     # Platform events (publish as the platform or its own apps; durable subscriptions) and the
     # audit trail (write only: entries about its apps or itself, signed by its node id).
     pub += _stream_api(bucket(p, suffix="events"))

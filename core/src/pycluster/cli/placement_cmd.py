@@ -258,7 +258,8 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
 
     While on, automation stops for the apps concerned: no standby campaigns, so no automatic
     failover and no automatic hand-over; a leader keeps its role as long as it lives. A leader
-    that dies in maintenance mode is not replaced until maintenance is turned off.
+    that dies in maintenance mode is not replaced until maintenance is turned off, or until
+    an operator moves it (``pycluster app move APP --to NODE``).
 
     Example: ``pycluster maintenance on --app orders -p prod --nats-url nats://nats-1:4222``
     """
@@ -279,9 +280,9 @@ def maintenance_cmd(state: str, app: str | None, nats_url: str | None, data_dir:
 
             def change(o: Operations) -> Operations:
                 if app is None:
-                    return replace(o, maintenance=on)
+                    return replace(o, maintenance=on).without_stale_moves()
                 apps = o.maintenance_apps | {app} if on else o.maintenance_apps - {app}
-                return replace(o, maintenance_apps=apps)
+                return replace(o, maintenance_apps=apps).without_stale_moves()
 
             ops = asyncio.run(change_operations(nats_url, platform, data_dir, change))
     except PyclusterError as exc:
@@ -401,9 +402,12 @@ def app_show_cmd(app: str, nats_url: str | None, data_dir: str | None, platform:
 
 async def request_move(nats_url: str | None, platform: str, app: str, to: str | None,
                        reason: str, data_dir: str | None = None,
-                       source: str | None = None) -> dict[str, Any]:
+                       source: str | None = None, force: bool = False) -> dict[str, Any]:
     """Ask the active instance of ``app`` (on ``source``, if given) to migrate to node ``to``
-    (None: the best eligible standby); returns the result."""
+    (None: the best eligible standby); returns the result. ``force`` skips the app's
+    migration cooldown. In maintenance mode (``to`` required) ``to`` is recorded as the
+    operator's choice first (``operator_moves``: that node alone may campaign); with no
+    active instance, ``to`` then takes the vacant lease. The record is removed after."""
     from ..kernel.platform import move_subject
 
     if to is None and source is None:
@@ -413,12 +417,30 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
             validate_ident(field, value)
     subject = move_subject(platform, app)
     nc, servers = await _open(nats_url, platform, data_dir)
+    js = nc.jetstream()
+    granted = False
     try:
-        await _nodes_or_fail(nc.jetstream(), platform, servers)
-        body = json.dumps({"to": to, "from": source, "reason": reason}).encode()
+        await _nodes_or_fail(js, platform, servers)
+        ops, _ = await read_operations(js, platform)
+        if ops.in_maintenance(app):
+            if to is None:
+                raise ConfigError("to", None, f"app {app} is in maintenance mode: name the "
+                                  "node with --to")
+            target = to
+            await update_operations(js, platform, lambda o: replace(
+                o, operator_moves={**o.operator_moves, app: target}))
+            granted = True
+        if granted and to is not None and source is None and not await _has_active(
+                js, platform, app):
+            # No leader: standbys do not answer a move, so do not wait for a reply.
+            return await _place_leaderless(js, platform, app, to, reason)
+        body = json.dumps({"to": to, "from": source, "reason": reason,
+                           "force": force}).encode()
         try:
             msg = await nc.request(subject, body, timeout=60)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            if granted and to is not None and source is None:
+                return await _place_leaderless(js, platform, app, to, reason)
             raise NoInstanceError(app, "leader", f"no active instance of {app!r} answered "
                                   "the move request") from exc
         res: dict[str, Any] = json.loads(msg.data)
@@ -427,7 +449,44 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
             raise ConfigError("move", to, f"refused by {res.get('node')}: {err.get('reason')}")
         return res
     finally:
-        await nc.close()
+        try:
+            if granted:
+                await update_operations(js, platform, lambda o: replace(o, operator_moves={
+                    a: n for a, n in o.operator_moves.items() if a != app}))
+        finally:
+            await nc.close()
+
+
+async def _has_active(js: Any, platform: str, app: str) -> bool:
+    """Whether a live node's record shows ``app`` active."""
+    from .inspect import _live_nodes
+
+    return any(((n.get("apps") or {}).get(app) or {}).get("role") == "active"
+               for n in await _live_nodes(js, platform))
+
+
+async def _place_leaderless(js: Any, platform: str, app: str, to: str,
+                            reason: str) -> dict[str, Any]:
+    """Maintenance mode, no active instance: wait (at most a minute) for ``to``, the only
+    node allowed to campaign, to take the vacant lease."""
+    from .inspect import _live_nodes
+
+    rec = next((n for n in await _live_nodes(js, platform) if n.get("node_id") == to), None)
+    entry = ((rec or {}).get("apps") or {}).get(app) or {}
+    if entry.get("eligible") is not True or entry.get("no_failover") is True:
+        raise ConfigError("to", to, f"is not a live node that may lead app {app!r} (not "
+                          "running it, ineligible, cordoned or no_failover)")
+    started = time.monotonic()
+    while True:
+        rec = next((n for n in await _live_nodes(js, platform) if n.get("node_id") == to), {})
+        entry = (rec.get("apps") or {}).get(app) or {}
+        if entry.get("role") == "active" or time.monotonic() - started > 60:
+            break
+        await asyncio.sleep(0.2)
+    done = entry.get("role") == "active"
+    return {"app": app, "from": None, "to": to, "reason": reason,
+            "outcome": "completed" if done else "failed", "leader": to if done else None,
+            "epoch": entry.get("epoch"), "seconds": round(time.monotonic() - started, 3)}
 
 
 @app_cmd.command("move")
@@ -437,32 +496,37 @@ async def request_move(nats_url: str | None, platform: str, app: str, to: str | 
 @click.option("--from", "source", help="The node whose active instance moves (Replicas; "
               "default: the leader).")
 @click.option("--reason", default="move", show_default=True, help="Why (audited).")
+@click.option("--force", is_flag=True, help="Skip the app's migration cooldown (not the "
+              "platform's limits on concurrent and per-minute migrations, nor the budget).")
 @NATS_OPT
 @DATA_DIR_OPT
 @PLATFORM_OPT
 @OUTPUT
-def app_move_cmd(app: str, to: str | None, source: str | None, reason: str,
+def app_move_cmd(app: str, to: str | None, source: str | None, reason: str, force: bool,
                  nats_url: str | None, data_dir: str | None, platform: str,
                  output: str) -> None:
     """Move APP's active instance to node --to (or away from --from): a planned, graceful
     migration (the instance runs on_migration_start, which may veto, steps down naming the
     target, and reports when the target is active). Refused when it would break the app's
-    disruption budget. Exits non-zero when refused or when the target did not take over.
+    disruption budget, within the app's migration cooldown (--force skips it) or beyond the
+    platform's migration limits. In maintenance mode it still works with --to: a leader
+    hands over to that node; an app without a leader gets that node as its leader (no other
+    node campaigns). Exits non-zero when refused or when the target did not take over.
 
     Example: ``pycluster app move orders --to node-3 -p prod --nats-url nats://nats-1:4222``
     """
     try:
         validate_ident("app", app)
         res = asyncio.run(request_move(nats_url, platform, app, to, reason, data_dir,
-                                       source))
+                                       source, force))
     except PyclusterError as exc:
         _fail(exc)
         return
     if output == "json":
         click.echo(json.dumps(res))
     else:
-        click.echo(f"{app}: {res['from']} -> {res['to']}: {res['outcome']} in "
-                   f"{res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
+        click.echo(f"{app}: {res['from'] or '(no leader)'} -> {res['to']}: {res['outcome']} "
+                   f"in {res['seconds']}s (leader {res['leader']}, epoch {res['epoch']})")
     if res.get("outcome") != "completed":
         raise SystemExit(1)
 
@@ -471,9 +535,10 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
                 data_dir: str | None = None,
                 progress: Any = None) -> dict[str, Any]:
     """Cordon ``node``, then move its active instances away one at a time (each move waits
-    for the app's budget and for the previous move to complete). Returns ``{"node",
-    "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is called with each
-    step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
+    for the app's budget, the migration limits and for the previous move to complete);
+    elected apps first, then its Spread instances stop (each within its app's budget).
+    Returns ``{"node", "drained", "moved", "remaining", "spread"}``; ``progress(event)`` is
+    called with each step (``{"app", "moved_to"}`` or ``{"app", "waiting"}``)."""
     from .inspect import _live_nodes
 
     validate_ident("node", node)
@@ -498,10 +563,10 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
                             and a.get("role") == "active" and a.get("mode") != "spread")
             spread = sorted(name for name, a in apps.items() if isinstance(a, dict)
                             and a.get("role") == "active" and a.get("mode") == "spread")
-            if not active or time.monotonic() >= deadline:
-                return {"node": node, "drained": not active, "moved": moved,
-                        "remaining": active, "spread": spread}
-            name = active[0]
+            if not (active or spread) or time.monotonic() >= deadline:
+                return {"node": node, "drained": not (active or spread), "moved": moved,
+                        "remaining": active + spread, "spread": spread}
+            name = (active or spread)[0]
             body = json.dumps({"from": node, "reason": "drain"}).encode()
             left = max(1.0, deadline - time.monotonic())
             res = await _request_move(nc, platform, name, body, min(60.0, left))
@@ -532,9 +597,9 @@ async def drain(nats_url: str | None, platform: str, node: str, timeout: float,
 def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: str | None,
                    platform: str, output: str) -> None:
     """Cordon NODE, then move every active instance (leaders, Replicas slots) away one at a
-    time, respecting each app's disruption budget (waiting and saying why). Exits 0 when no
-    elected instance is active there, 1 on timeout. Spread instances stay (cordoned: no new
-    ones); they are listed.
+    time, then stop its Spread instances, respecting each app's disruption budget and the
+    platform's migration limits (cooldown, concurrent migrations; waiting and saying why).
+    Exits 0 when no instance is active there, 1 on timeout (listing what is left).
 
     Example: ``pycluster node drain node-2 -p prod --nats-url nats://nats-1:4222``
     """
@@ -544,8 +609,8 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
         elif "waiting" in event:
             click.echo(f"{event['app']}: waiting: {event['waiting']}")
         else:
-            click.echo(f"{event['app']}: moved to {event['moved_to']} ({event['outcome']}, "
-                       f"{event['seconds']}s)")
+            click.echo(f"{event['app']}: moved to {event['moved_to'] or '(stopped)'} "
+                       f"({event['outcome']}, {event['seconds']}s)")
 
     try:
         res = asyncio.run(drain(nats_url, platform, node, timeout, data_dir, progress))
@@ -555,9 +620,7 @@ def node_drain_cmd(node: str, timeout: float, nats_url: str | None, data_dir: st
     if output == "json":
         click.echo(json.dumps(res))
     elif res["drained"]:
-        extra = f"; Spread instances still there: {', '.join(res['spread'])}" \
-            if res["spread"] else ""
-        click.echo(f"{node}: drained ({len(res['moved'])} move(s)){extra}")
+        click.echo(f"{node}: drained ({len(res['moved'])} move(s))")
     else:
         click.echo(f"{node}: not drained after {timeout:g}s; still active: "
                    f"{', '.join(res['remaining'])}")

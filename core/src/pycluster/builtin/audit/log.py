@@ -134,6 +134,8 @@ CORE_CATEGORIES: dict[str, dict[str, str]] = {
         "uncordoned": "a node was uncordoned through this node (data: node)",
         "maintenance": "maintenance mode was turned on or off through this node (data: on, "
                        "app)",
+        "rebalance_waiting": "an automatic move of this node's instance waits (data: reason: "
+                             "cooldown, limits, budget, windows)",
     },
     "health": {
         "changed": "a health check changed status (data: check, status, previous, error)",

@@ -1,5 +1,6 @@
 """The health plugin's endpoints: readiness, the ``/status`` document and the HTTP server
-(``/health``, ``/ready``, ``/status``, and ``/metrics`` when the metrics plugin serves there).
+(``/health``, ``/ready``, ``/status``, ``/metrics`` when the metrics plugin serves there, and
+the routes plugins add with ``pycluster_http_routes``).
 
 Under connection loss the endpoints keep answering from in-process state: ``/ready`` turns 503
 at once, and 200 again as soon as the connection and JetStream are back.
@@ -9,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ...httpserver import HttpServer, Request, Response
+from ...httpserver import HttpServer, Request, Response, Route
 from ...kernel.replication import replication_summary
 from ...kernel.types import Role
 from .checks import CheckStatus, HealthCheck
 
 if TYPE_CHECKING:
     from ...kernel.platform import Platform
+
+log = logging.getLogger("pycluster.health")
 
 
 class HealthEndpoints:
@@ -162,7 +166,7 @@ class HealthEndpoints:
 
     async def _serve_http(self) -> None:
         """Start the HTTP server on ``health_addr`` (with ``/metrics`` when the metrics plugin
-        serves there: ``metrics_addr`` unset or the same)."""
+        serves there: ``metrics_addr`` unset or the same, and the plugins' routes)."""
         s = self.platform.settings
         if not s.health_addr:
             return
@@ -173,8 +177,32 @@ class HealthEndpoints:
         metrics = self.platform.services.get("metrics")  # its public endpoint, when enabled
         if metrics is not None and s.metrics_addr in (None, s.health_addr) and metrics.enabled:
             server.route("/metrics", metrics.handle_metrics)
+        self._plugin_routes(server)
         await server.start()
         self._server = server
+
+    def _plugin_routes(self, server: HttpServer) -> None:
+        """Add the routes of ``pycluster_http_routes``: a path already served (the built-in
+        ones, an earlier plugin's) is skipped, a plugin whose hook raises adds none."""
+        taken = {(p, False) for p in server.paths}
+        for impl in reversed(self.platform.pm.hook.pycluster_http_routes.get_hookimpls()):
+            try:
+                result: Any = impl.function(platform=self.platform)
+                routes = list(result or ())
+                if not all(isinstance(r, Route) for r in routes):
+                    raise TypeError("pycluster_http_routes must return Route objects")
+            except Exception:
+                log.exception("plugin %s: pycluster_http_routes failed; its routes are not "
+                              "served", impl.plugin_name)
+                continue
+            for route in routes:
+                key = (route.path, route.prefix)
+                if key in taken:
+                    log.warning("plugin %s: HTTP path %s%s is already served; skipped",
+                                impl.plugin_name, route.path, "*" if route.prefix else "")
+                    continue
+                taken.add(key)
+                server.add(route)
 
     async def _stop_http(self) -> None:
         if self._server is not None:
