@@ -9,7 +9,13 @@
 #                         this kind of machine's hybrid cgroups), used by the docker backend tests
 #                         and to run systemd as PID 1 of a container
 #   busybox-static        /bin/busybox, the only content of the minimal test image
-#   debootstrap           builds the Debian rootfs of the systemd test image
+#   debootstrap           builds the Debian rootfs of the systemd test image and of the
+#                         Python base image of the container-packaging test
+#   containernetworking-plugins
+#                         podman's CNI network backend, pinned as the default below
+#   netavark, aardvark-dns
+#                         podman's other network backend, with DNS between containers by name:
+#                         the compose test selects it for its own podman calls only
 #   shellcheck            lints packaging/install.sh
 #   iproute2              `ip netns`, veth, bridges (network-namespace hosts)
 #   iputils-ping          reachability checks between namespaces
@@ -26,6 +32,9 @@ PACKAGES=(
     runc
     busybox-static
     debootstrap
+    containernetworking-plugins
+    netavark
+    aardvark-dns
     shellcheck
     iproute2
     iputils-ping
@@ -56,8 +65,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 CONF=/etc/containers/containers.conf
+# network_backend: podman would pick netavark on a fresh machine where it is installed, and CNI
+# on one whose store already has containers; pinned so every machine behaves the same.
 WANTED='[containers]
 default_ulimits = []
+[network]
+network_backend = "cni"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"'
