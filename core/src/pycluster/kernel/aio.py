@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 log = logging.getLogger("pycluster.tasks")
@@ -85,6 +85,11 @@ async def supervised(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Asked to stop while it failed (or a cancellation was turned into an error):
+                # stopping wins, a restart would outlive its owner.
+                raise asyncio.CancelledError from exc
             if not restart:
                 lg.critical("task %s died and cannot be restarted", name, exc_info=exc)
                 if on_fatal is not None:
@@ -168,6 +173,27 @@ class TaskSet:
             supervised(name, factory, restart=restart, backoff=backoff,
                        max_backoff=max_backoff, on_fatal=on_fatal, logger=self._log),
             name=name)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+        return task
+
+    def run(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
+        """Run the one-shot ``coro`` as a child: a failure is logged at once (ERROR, with the
+        traceback), not restarted. Outside the group's life (before `open`, after `close`) it
+        runs in a task of its own, still logged, and still cancelled by `close`."""
+
+        async def once() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log.error("task %s failed", name, exc_info=exc)
+
+        if self._group is not None:
+            task = self._group.create_task(once(), name=name)
+        else:
+            task = asyncio.create_task(once(), name=name)
         self._children.add(task)
         task.add_done_callback(self._children.discard)
         return task
