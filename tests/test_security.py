@@ -532,6 +532,7 @@ def attack_app(name: str) -> App:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_generated_permissions_keep_one_app_out_of_another(
     tmp_path: Path, unique_name: str, caplog: pytest.LogCaptureFixture

@@ -38,6 +38,7 @@ def test_help_and_version() -> None:
     assert "0.1.0" in run("--version").stdout
 
 
+@pytest.mark.slow
 async def test_status_and_stepdown(make_platform: Any, nats_url: str, unique_name: str) -> None:
     a, b = App("orders"), App("orders")
     await make_platform("a", a)

@@ -79,6 +79,7 @@ def test_init_writes_a_valid_commented_config_without_asking(tmp_path: Path) -> 
     assert not (tmp_path / "b.yaml").exists()
 
 
+@pytest.mark.slow
 def test_no_default_url_answers_for_another_cluster(tmp_path: Path) -> None:
     for cmd in (["status"], ["stepdown", "orders"], ["audit"]):
         out = run(*cmd, "-p", "prod", home=tmp_path)
@@ -153,6 +154,7 @@ async def test_doctor_passes_on_a_good_setup_and_names_what_to_fix(
     assert "FAIL  health_addr" in out.stdout and "fix:" in out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     from pycluster.kernel.embedded import free_port
 

@@ -310,6 +310,7 @@ async def test_non_object_body_logs_once_and_recovers(
     assert 1 <= len(ignored) <= 3 * 2  # once per record and node, not once per poll
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_forged_epoch_never_goes_backwards(
         make_platform: Any, raw: NATS, unique_name: str) -> None:

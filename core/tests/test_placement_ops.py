@@ -120,6 +120,7 @@ async def test_pending_app_starts_when_an_eligible_node_joins(make_platform: Any
     await wait_for(lambda: not pa.status()["apps"]["gpu-job"]["pending"], 10)
 
 
+@pytest.mark.slow
 async def test_label_request_through_the_cli(make_platform: Any, nats_url: str,
                                              unique_name: str) -> None:
     pa = await make_platform("a", App("svc"), labels={"zone": "z1", "disk": "ssd"})
@@ -470,6 +471,7 @@ async def test_drain_waits_for_the_budget_and_says_why(make_platform: Any, nats_
     assert rc == 1 and "waiting" in out and "budget" in out
 
 
+@pytest.mark.slow
 async def test_rebalance_moves_to_the_newly_preferred_node(make_platform: Any, nats_url: str,
                                                            unique_name: str) -> None:
     moves: list[dict[str, Any]] = []
