@@ -43,6 +43,7 @@ def write_config(path: Path, **fields: Any) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_version_command() -> None:
     out = run("version", "-o", "json")
     assert out.returncode == 0, out.stderr
@@ -166,6 +167,7 @@ def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     assert checks["nats"]["status"] == "fail" and "cannot connect" in checks["nats"]["detail"]
 
 
+@pytest.mark.slow
 def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> None:
     urls = ",".join(nats_cluster.urls)
     cfg = write_config(tmp_path / "n.yaml", name="prod", node_id="n1", nats_url=urls,
@@ -177,6 +179,7 @@ def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> 
     assert out.returncode == 0, out.stdout
 
 
+@pytest.mark.slow
 def test_shell_completion_as_documented() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCLUSTER_")}
     script = subprocess.run([*PYCLUSTER], env={**env, "_PYCLUSTER_COMPLETE": "bash_source"},
@@ -241,6 +244,7 @@ async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str
     assert typo.returncode == 2 and f"no app 'ordrs' on platform {unique_name!r}" in typo.stderr
 
 
+@pytest.mark.slow
 async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_url: str,
                                                       unique_name: str, tmp_path: Path) -> None:
     orders = App("orders")

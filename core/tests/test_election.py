@@ -110,6 +110,7 @@ async def test_hook_order_and_context(make_platform: Any) -> None:
     assert ("leader_change", "a") in seen
 
 
+@pytest.mark.slow
 async def test_failing_on_active_steps_down_and_backs_off(make_platform: Any) -> None:
     calls: dict[str, int] = {"a": 0, "b": 0}
 

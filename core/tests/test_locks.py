@@ -451,6 +451,7 @@ async def test_holder_death_expires_and_waiters_keep_order(
     assert takeover < 5  # lease 1 s (server TTL) + takeover margin, not the waiters' ttl
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_dead_waiter_is_skipped(
     nats_url: str, services: Callable[[str], Awaitable[LockService]], bucket: str

@@ -150,6 +150,7 @@ async def test_label_request_through_the_cli(make_platform: Any, nats_url: str,
     assert nodes["a"]["labels"] == {"zone": "z2", "rack": "r7"} and not nodes["a"]["cordoned"]
 
 
+@pytest.mark.slow
 async def test_cordoned_node_takes_no_new_leadership(make_platform: Any, nats_url: str,
                                                      unique_name: str) -> None:
     a, b, c = App("svc"), App("svc"), App("svc")
@@ -338,6 +339,7 @@ async def test_app_list_and_show(make_platform: Any, nats_url: str, unique_name:
     assert rc == 0 and "pending" in out and "OnLabel" in out
 
 
+@pytest.mark.slow
 async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
                                               unique_name: str) -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
