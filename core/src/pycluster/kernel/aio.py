@@ -85,11 +85,6 @@ async def supervised(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Asked to stop while it failed (or a cancellation was turned into an error):
-                # stopping wins, a restart would outlive its owner.
-                raise asyncio.CancelledError from exc
             if not restart:
                 lg.critical("task %s died and cannot be restarted", name, exc_info=exc)
                 if on_fatal is not None:
