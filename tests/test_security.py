@@ -332,6 +332,7 @@ async def test_control_requests_are_signed_too(
                    15)
 
 
+@pytest.mark.slow
 async def test_cli_stepdown_signs_with_an_operator_seed(
     make_platform: Any, keys: dict[str, tuple[str, str]], nats_url: str, unique_name: str,
     tmp_path: Path,
@@ -572,6 +573,7 @@ def attack_app(name: str) -> App:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_generated_permissions_keep_one_app_out_of_another(
     tmp_path: Path, unique_name: str, caplog: pytest.LogCaptureFixture

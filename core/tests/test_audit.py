@@ -328,6 +328,7 @@ async def test_audit_after_sigkill_failover(nats_url: str, unique_name: str,
         await nc.close()
 
 
+@pytest.mark.slow
 async def test_cli_audit_follow(make_platform: Any, nats_url: str) -> None:
     """``pycluster audit --follow`` prints stored entries, then new ones as they are written."""
     import os

@@ -43,6 +43,7 @@ def write_config(path: Path, **fields: Any) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_version_command() -> None:
     out = run("version", "-o", "json")
     assert out.returncode == 0, out.stderr
@@ -79,6 +80,7 @@ def test_init_writes_a_valid_commented_config_without_asking(tmp_path: Path) -> 
     assert not (tmp_path / "b.yaml").exists()
 
 
+@pytest.mark.slow
 def test_no_default_url_answers_for_another_cluster(tmp_path: Path) -> None:
     for cmd in (["status"], ["stepdown", "orders"], ["audit"]):
         out = run(*cmd, "-p", "prod", home=tmp_path)
@@ -153,6 +155,7 @@ async def test_doctor_passes_on_a_good_setup_and_names_what_to_fix(
     assert "FAIL  health_addr" in out.stdout and "fix:" in out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     from pycluster.kernel.embedded import free_port
 
@@ -164,6 +167,7 @@ def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     assert checks["nats"]["status"] == "fail" and "cannot connect" in checks["nats"]["detail"]
 
 
+@pytest.mark.slow
 def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> None:
     urls = ",".join(nats_cluster.urls)
     cfg = write_config(tmp_path / "n.yaml", name="prod", node_id="n1", nats_url=urls,
@@ -175,6 +179,7 @@ def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> 
     assert out.returncode == 0, out.stdout
 
 
+@pytest.mark.slow
 def test_shell_completion_as_documented() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCLUSTER_")}
     script = subprocess.run([*PYCLUSTER], env={**env, "_PYCLUSTER_COMPLETE": "bash_source"},
@@ -239,6 +244,7 @@ async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str
     assert typo.returncode == 2 and f"no app 'ordrs' on platform {unique_name!r}" in typo.stderr
 
 
+@pytest.mark.slow
 async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_url: str,
                                                       unique_name: str, tmp_path: Path) -> None:
     orders = App("orders")

@@ -78,6 +78,7 @@ async def test_plugin_set_mismatch_is_reported(make_platform: Any) -> None:
     await wait_for(lambda: "a" in pb.plugin_mismatches, 10)
 
 
+@pytest.mark.slow
 async def test_steady_state_reads_no_records_and_a_silent_watch_recovers(
         make_platform: Any) -> None:
     """Idle nodes follow each other through the watch alone (no record read per heartbeat);

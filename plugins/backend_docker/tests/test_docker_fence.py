@@ -46,6 +46,7 @@ def _state(client: Any, name: str) -> dict[str, Any]:
         return {}
 
 
+@pytest.mark.slow
 def test_docker_kill_stops_a_container_without_the_sdk(engine: PodmanService,
                                                        client: Any) -> None:
     ctr = client.containers.run(build_busybox_image(), ["sleep", "3600"], detach=True,

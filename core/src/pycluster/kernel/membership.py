@@ -47,7 +47,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import natsutil as nu
-from .aio import cancel_and_wait, supervise
+from .aio import TaskSet
 from .control import no_responders
 from .errors import DuplicateNodeError
 from .names import platform_subject
@@ -174,7 +174,7 @@ class Membership:
             interval=max(0.5, min(poll_interval, heartbeat)),
         )
         self._rev = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("membership", logger=log)
         self._ping_sub: Any = None
         self._watch_sub: Any = None
         self._wake = asyncio.Event()
@@ -242,10 +242,9 @@ class Membership:
         self._ping_sub = await self._nc.subscribe(subject, cb=self._pong)
         await self._subscribe()
         await self.refresh_view()
-        self._tasks = [
-            supervise("membership:heartbeat", self._heartbeat, logger=log),
-            supervise("membership:poll", self._poll, logger=log),
-        ]
+        await self._tasks.open()
+        self._tasks.spawn("membership:heartbeat", self._heartbeat)
+        self._tasks.spawn("membership:poll", self._poll)
 
     async def _pong(self, msg: Msg) -> None:
         """Answer a ping of our node id with our incarnation (behind the middleware chain)."""
@@ -516,8 +515,7 @@ class Membership:
         """Delete the record (others see the leave at once) and stop."""
         self._stopped = True
         self._wake.set()
-        for t in self._tasks:
-            await cancel_and_wait(t)
+        await self._tasks.close()
         for sub in (self._ping_sub, self._watch_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):

@@ -43,7 +43,7 @@ from ..plugins import (
     distribution_of,
 )
 from . import backends
-from .aio import cancel_and_wait
+from .aio import TaskSet
 from .app import App
 from .app import app_of as kernel_app_of
 from .connection import Connections, check_stream_replicas, replicas_error
@@ -177,7 +177,7 @@ class Platform:
         self.embedded: Any = None
         self.started_at: float | None = None
         self.plugin_mismatches: dict[str, dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("platform", logger=log)
         self._subs: list[Any] = []
         self._locks: LockService | None = None
         self._stop_event: asyncio.Event | None = None
@@ -358,6 +358,7 @@ class Platform:
         self._report_plugin_problems()
         settings = self.settings
         try:
+            await self._tasks.open()  # the platform's own tasks: one group, none lost
             if not settings.nats_url:
                 settings = await self._start_embedded(settings)
             c = self.connections = Connections()
@@ -579,8 +580,7 @@ class Platform:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
-        for task in list(self._tasks):
-            await cancel_and_wait(task)
+        await self._tasks.close()
         await self.connections.close(limit)
         if self.embedded is not None:
             await self.embedded.stop()
@@ -663,10 +663,7 @@ class Platform:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in a task owned by the platform (cancelled at stop)."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.run(name, coro)
 
     def notify(self, results: Iterable[Any], what: str) -> None:
         """Await notification-hook results in the background, with the hook timeout."""

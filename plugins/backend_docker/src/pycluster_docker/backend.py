@@ -144,8 +144,8 @@ class ExecHealth:
             return self.status
         self.last_run = now
         try:
-            res = await asyncio.wait_for(asyncio.to_thread(container.exec_run, self.argv),
-                                         self.timeout)
+            async with asyncio.timeout(self.timeout):
+                res = await asyncio.to_thread(container.exec_run, self.argv)
             ok = res.exit_code == 0
             self.last_output = (res.output or b"").decode(errors="replace").strip()[-200:]
         except TimeoutError:
@@ -396,7 +396,8 @@ class DockerBackend(Controller):
             return None
         grace = int(ctx.remaining(self.option.stop_timeout))
         try:
-            await asyncio.wait_for(asyncio.to_thread(c.stop, timeout=grace), grace + 15)
+            async with asyncio.timeout(grace + 15):
+                await asyncio.to_thread(c.stop, timeout=grace)
         except docker.errors.NotFound:
             pass
         except (TimeoutError, docker.errors.DockerException) as exc:

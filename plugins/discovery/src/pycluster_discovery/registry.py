@@ -122,7 +122,8 @@ class KvServiceRegistry:
         if withdraw:
             for inst, _seq in list(self._owned.values()):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.deregister(inst), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await self.deregister(inst)
         self._owned.clear()
 
     # -- writes ---------------------------------------------------------------------------------

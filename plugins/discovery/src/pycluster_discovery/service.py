@@ -279,7 +279,8 @@ class Discovery:
         await self.exports.stop()
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(reg.leave(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await reg.leave()
         await cancel_and_wait(self._export_task)
         if self.dns is not None:
             await self.dns.stop()

@@ -511,6 +511,9 @@ class AuditLog:
             # Everything queued is stored before leaving, within most of the stop budget
             # (the platform bounds each service's stop by ``hook_timeout``).
             budget = max(1.0, 0.8 * float(self.platform.settings.hook_timeout))
+            nc = self.platform.nc
+            if nc is None or nc.is_closed:
+                budget = 0.0  # nothing can be stored any more: do not wait for it
             if not await self.flush(budget):
                 lost = len(self._queue) + len(self._inflight)
                 log.warning("audit: %d entries not stored before leaving (%.1fs)", lost, budget)
