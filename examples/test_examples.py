@@ -277,8 +277,8 @@ def test_docker_container_follows_the_leader(nodes: Any, unique_name: str) -> No
                 return who, int(epoch)
 
             first, epoch = poll(lambda: page("n1") or page("n2"), 120, "the container")
-            # on_active runs once the container is healthy and its fence guard armed (the
-            # container may answer before: a node killed then leaves it running).
+            # The README says to kill the node once it printed on_active (the container is
+            # healthy by then).
             poll(lambda: f"{first}: active (epoch {epoch})" in n.log(first), 60, "on_active")
             other = "n2" if first == "n1" else "n1"
             poll(lambda: f"{other}: standby" in n.log(other), 30, "the standby")

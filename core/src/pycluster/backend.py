@@ -922,8 +922,18 @@ class Supervisor:
         self._ctx = ctx
         self.policy.reset()
         self.state = BackendState.STARTING
-        first = await self.controller.start(ctx)
+        # A fence the controller already knows guards the start too: a node SIGKILLed while
+        # its service comes up (a container waiting to be healthy) must not leave it running.
         await self._arm()
+        try:
+            first = await self.controller.start(ctx)
+            await self._arm()
+        except BaseException:
+            fence = self.controller.fence()
+            if fence is not None:
+                with contextlib.suppress(Exception):
+                    await fence.release()  # the node lives: the controller's failure path
+            raise
         self.last_health = first or BackendHealth(True, "running")
         self.state = BackendState.RUNNING
         self._up_since = time.monotonic()
