@@ -685,12 +685,21 @@ class Platform:
         """The ``on_event`` observer of a lock service: ``pycluster_lock_event`` (None when no
         plugin implements it: a lock then costs nothing more)."""
         hook = self.pm.hook.pycluster_lock_event
-        if not hook.get_hookimpls():
+        impls = list(reversed(hook.get_hookimpls()))
+        if not impls:
             return None
+        # Called on every acquire and release: the implementations are resolved once (when the
+        # lock service starts) and called directly, each isolated like `call_each`.
+        calls = [(impl.function, impl.plugin_name, tuple(impl.argnames)) for impl in impls]
 
         def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:
-            call_each(hook, "lock event", platform=self, scope=scope, event=event, lock=lock,
-                      fields=fields)
+            kwargs = {"platform": self, "scope": scope, "event": event, "lock": lock,
+                      "fields": fields}
+            for fn, plugin, argnames in calls:
+                try:
+                    fn(*[kwargs[a] for a in argnames])
+                except Exception:
+                    log.exception("lock event: plugin %s failed in pycluster_lock_event", plugin)
 
         return on_event
 
