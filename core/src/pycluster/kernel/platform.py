@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import logging
+import operator
 import signal
 import threading
 import time
@@ -690,14 +691,16 @@ class Platform:
             return None
         # Called on every acquire and release: the implementations are resolved once (when the
         # lock service starts) and called directly, each isolated like `call_each`.
-        calls = [(impl.function, impl.plugin_name, tuple(impl.argnames)) for impl in impls]
+        order = ("platform", "scope", "event", "lock", "fields")
+        calls = [(impl.function, impl.plugin_name,
+                  operator.itemgetter(*[order.index(a) for a in impl.argnames], 0))
+                 for impl in impls]  # the trailing 0: the getter always returns a tuple
 
         def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:
-            kwargs = {"platform": self, "scope": scope, "event": event, "lock": lock,
-                      "fields": fields}
-            for fn, plugin, argnames in calls:
+            args = (self, scope, event, lock, fields)
+            for fn, plugin, pick in calls:
                 try:
-                    fn(*[kwargs[a] for a in argnames])
+                    fn(*pick(args)[:-1])
                 except Exception:
                     log.exception("lock event: plugin %s failed in pycluster_lock_event", plugin)
 
