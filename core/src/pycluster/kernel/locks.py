@@ -685,7 +685,7 @@ class Lock:
         """
         if not self._acquired:
             raise RuntimeError(f"lock {self._name!r} is not held")
-        await self._stop_renewer()
+        await self._stop_renewer(keep_timer=True)
         self._acquired = False
         token = self._token or 0
         if self._lost or time.monotonic() >= self._deadline:
@@ -724,8 +724,13 @@ class Lock:
                 raise LockLostError(self._name, token)
             snap = fresh
 
-    async def _stop_renewer(self) -> None:
-        # A pending renewal timer is left to fire: it does nothing unless held again.
+    async def _stop_renewer(self, keep_timer: bool = False) -> None:
+        """Stop renewing. ``keep_timer`` (a release): a pending renewal timer is left to fire,
+        doing nothing unless the lock is held again, so quick repeated holds share it."""
+        if not keep_timer:
+            timer, self._renew_timer = self._renew_timer, None
+            if timer is not None:
+                timer.cancel()
         renewer, self._renewer = self._renewer, None
         if renewer is not None:
             await cancel_and_wait(renewer)

@@ -718,6 +718,8 @@ class AuditLog:
     def _write_locks(self, everything: bool = False) -> None:
         """Queue the ``held`` entries whose window has passed (all with ``everything``, and
         then the pending acquisitions too)."""
+        if self._holds_timer is not None:  # called by a flush: one timer chain only
+            self._holds_timer.cancel()
         self._holds_timer = None
         due = time.monotonic() - LOCK_COALESCE
         for key, (started, _) in list(self._holds.items()):
