@@ -1,4 +1,6 @@
-"""Discovery benchmark: lookup latency (API view, fresh KV read, DNS) beside a raw KV get, and
+"""Discovery benchmark: lookup latency (API view, fresh KV read, DNS) beside a raw KV get; the
+Prometheus SD export on the health address beside ``/health`` on the same server; a 40-record
+SRV answer over UDP with EDNS 4096 beside the same answer without EDNS (UDP, TC, then TCP); and
 the time from a SIGKILL of the active node to the updated DNS SRV answer.
 
 Run: ``python bench/bench_discovery.py [--lookups 2000] [--rounds 5]``. Starts its own
@@ -18,8 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.resolver
 import nats
 
@@ -66,10 +71,34 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+class KeepAlive:
+    """``GET`` over one kept-alive HTTP/1.1 connection (connecting is not measured)."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> bytes:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:40]
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        return await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def lookups(url: str, n: int) -> None:
     pm = create_plugin_manager(load_entrypoints=False, extra=[("discovery", discovery_plugin)])
     p = Platform("benchdisc", node_id="n1", nats_url=url, plugin_manager=pm, lease_ttl=2.0,
-                 heartbeat_interval=0.5)
+                 heartbeat_interval=0.5, health_addr="127.0.0.1:0")
     p.register(App("cache", Spread(), Service("redis", port=6379, host="127.0.0.1")))
     d = discovery_plugin.discovery_of(p)
     assert d is not None
@@ -93,6 +122,36 @@ async def lookups(url: str, n: int) -> None:
             await timed(lambda: d.registry.read("redis"), max(50, n // 10)))
         row("DNS A query (dnspython, UDP)", await timed(lambda: r.resolve(name, "A"), n))
         await nc.close()
+
+        assert p.health.url is not None
+        for label, path in (("GET /health (health_addr, baseline)", "/health"),
+                            ("GET /v1/sd/prometheus (health_addr)", "/v1/sd/prometheus")):
+            # one connection per row: the server closes one after 1000 requests
+            http = KeepAlive(p.health.url)
+            row(label, await timed(lambda: http.get(path), min(n, 900)))  # noqa: B023
+            await http.close()
+
+        for i in range(40):
+            await d.register("big", 7000 + i, app="ext", host=f"10.0.0.{i + 1}", node=f"x{i}")
+        while len(d.instances("big")) < 40:
+            await asyncio.sleep(0.05)
+        srv = "_big._tcp.ext.benchdisc.pycluster."
+        port = int(d.dns.address.rsplit(":", 1)[1])
+
+        async def edns() -> None:
+            q = dns.message.make_query(srv, "SRV", use_edns=0, payload=4096)
+            a = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=2)
+            assert not a.flags & dns.flags.TC and len(a.answer[0]) == 40
+
+        async def classic() -> None:
+            q = dns.message.make_query(srv, "SRV")
+            a = await dns.asyncquery.udp(q, "127.0.0.1", port=port, timeout=2)
+            assert a.flags & dns.flags.TC
+            a = await dns.asyncquery.tcp(q, "127.0.0.1", port=port, timeout=2)
+            assert len(a.answer[0]) == 40
+
+        row("SRV x40, no EDNS (UDP, TC, then TCP)", await timed(classic, n))
+        row("SRV x40, EDNS 4096 (one UDP round)", await timed(edns, n))
     finally:
         await p.stop()
 

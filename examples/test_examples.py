@@ -152,3 +152,158 @@ def test_gateway_calls_the_leader_across_a_failover(nodes: Any) -> None:
     assert after["node"] == survivor and after["epoch"] > a["epoch"]
     assert after["price"] == a["price"]
     assert n.stop()[survivor] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sqlite_loses_no_synced_row(nodes: Any, tmp_path: Path) -> None:
+    ports = {"n1": free_port(), "n2": free_port()}
+    n = nodes("sqlite")
+    for node, port in ports.items():
+        n.start(node, NOTES_PORT=str(port), NOTES_DB=str(tmp_path / node / "notes.db"))
+
+    def on(node: str, path: str) -> dict[str, Any] | None:
+        status, body = get(f"http://127.0.0.1:{ports[node]}{path}", timeout=15)
+        return json.loads(body) if status == 200 else None
+
+    first = poll(lambda: next((x for x in ports if on(x, "/notes")), None), 90,
+                 "the active node to serve")
+    other = "n2" if first == "n1" else "n1"
+    poll(lambda: f"{other}: standby" in n.log(other), 60, "the standby")
+    acked = []
+    for i in range(20):
+        res = on(first, f"/add?text=row-{i}")
+        assert res is not None and res["synced"] and res["node"] == first, res
+        acked.append(res["id"])
+    epoch = on(first, "/notes")["epoch"]  # type: ignore[index]
+
+    def lag_shown() -> dict[str, Any] | None:
+        # `pycluster status` asks each node: the standby's replication state and lag.
+        out = subprocess.run([sys.executable, "-m", "pycluster.cli", "status", "-o", "json"],
+                             capture_output=True, text=True, timeout=60, env=n.env)
+        (app,) = json.loads(out.stdout)["apps"] if out.returncode == 0 else [{}]
+        rep = (app.get("replication") or {}).get(other, {}).get("sqlite")
+        return rep if rep and rep.get("lag") is not None else None
+
+    rep = poll(lag_shown, 60, "the standby's lag in pycluster status")
+    assert rep["plugin"] == "sqlite" and rep["lag"] >= 0
+    n.procs[first].kill()  # SIGKILL the primary: only what NATS holds can survive
+    n.procs[first].wait()
+    t0 = time.monotonic()
+    after = poll(lambda: on(other, "/notes"), 60, "the promoted standby to serve")
+    print(f"{other} served the notes {time.monotonic() - t0:.2f}s after the SIGKILL")
+    assert after["node"] == other and after["epoch"] > epoch
+    ids = [r["id"] for r in after["notes"]]
+    assert set(acked) <= set(ids), f"lost synced rows: {sorted(set(acked) - set(ids))}"
+    assert [r["text"] for r in after["notes"] if r["id"] in acked] == [
+        f"row-{i}" for i in range(20)]
+    res = on(other, "/add?text=after")
+    assert res is not None and res["id"] > max(acked)
+    assert n.stop()[other] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_cache_keeps_every_entry_when_an_owner_dies(nodes: Any) -> None:
+    ports = {f"n{i}": free_port() for i in (1, 2, 3)}
+    n = nodes("cache")
+    for node, port in ports.items():
+        n.start(node, CACHE_PORT=str(port))
+
+    def call(node: str, path: str) -> tuple[int, dict[str, Any]]:
+        status, body = get(f"http://127.0.0.1:{ports[node]}{path}", timeout=20)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {"raw": body}
+
+    def ring_stable() -> bool:
+        status, stats = call("n1", "/ring")
+        return status == 200 and len(stats.get("members") or {}) == 3
+
+    poll(ring_stable, 90, "the ring to have three members")
+    keys = [f"user-{i}" for i in range(30)]
+    owners = {}
+    for k in keys:
+        status, res = call("n1", f"/put?key={k}&value=v-{k}")
+        assert status == 200, res
+        owners[k] = res["node"]
+    assert len(set(owners.values())) >= 2, owners  # the keys are spread over the nodes
+    for k in keys[:5]:
+        status, res = call("n2", f"/get?key={k}")
+        assert status == 200 and res["value"] == f"v-{k}" and res["via"] == "n2", res
+    assert call("n2", "/get?key=never-put")[0] == 404
+    victim = next(x for x in ("n3", "n2") if x in owners.values())
+    n.procs[victim].kill()  # its partitions move to the others, which load them from KV
+    n.procs[victim].wait()
+    t0 = time.monotonic()
+    survivor = "n1"
+    for k in keys:
+        res = poll(lambda k=k: (r := call(survivor, f"/get?key={k}"))[0] == 200 and r[1], 90,
+                   f"{k} after the owner died")
+        assert res["value"] == f"v-{k}" and res["node"] != victim, res
+    print(f"all {len(keys)} entries served {time.monotonic() - t0:.2f}s after the SIGKILL")
+    assert all(code == 0 for node, code in n.stop().items() if node != victim)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_docker_container_follows_the_leader(nodes: Any, unique_name: str) -> None:
+    from pycluster.testing.engines.podman import (
+        PodmanService,
+        build_busybox_image,
+        podman_available,
+    )
+    from pycluster.testing.pytest_plugin import require
+
+    ok, reason = podman_available()
+    require("podman", ok, reason)
+    image = build_busybox_image()  # local: no registry is reachable from the tests
+    ports = {"n1": free_port(), "n2": free_port()}
+    with PodmanService() as engine:
+        import docker
+
+        client = docker.DockerClient(base_url=engine.base_url, timeout=60)
+        try:
+            n = nodes("docker")
+            for node, port in ports.items():
+                n.start(node, WEB_PORT=str(port), WEB_IMAGE=image, DOCKER_HOST=engine.base_url)
+
+            def page(node: str) -> tuple[str, int] | None:
+                status, body = get(f"http://127.0.0.1:{ports[node]}/", timeout=3)
+                if status != 200:
+                    return None
+                _, who, _, epoch = body.split()
+                return who, int(epoch)
+
+            first, epoch = poll(lambda: page("n1") or page("n2"), 120, "the container")
+            # The README says to kill the node once it printed on_active (the container is
+            # healthy by then).
+            poll(lambda: f"{first}: active (epoch {epoch})" in n.log(first), 60, "on_active")
+            other = "n2" if first == "n1" else "n1"
+            poll(lambda: f"{other}: standby" in n.log(other), 30, "the standby")
+            name = f"pycluster-{unique_name}-web-{first}"
+            ctr = client.containers.get(name)
+            assert ctr.labels["pycluster.epoch"] == str(epoch)
+            n.procs[first].kill()  # SIGKILL the active node: its fence guard stops the container
+            n.procs[first].wait()
+            t0 = time.monotonic()
+            second = poll(lambda: page(other), 90, "the container on the new leader")
+            print(f"{other}'s container answered {time.monotonic() - t0:.2f}s after the SIGKILL")
+            assert second[0] == other and second[1] > epoch
+            def stopped() -> bool:
+                ctr.reload()
+                return bool(ctr.status != "running")
+
+            t1 = time.monotonic()
+            poll(stopped, 30, "the old container to stop")
+            print(f"old container stopped {time.monotonic() - t1:.2f}s after the new answered")
+            assert n.stop()[other] == 0
+            gone = [c.name for c in client.containers.list(
+                filters={"label": "pycluster.example=docker"})]
+            assert gone == [], gone  # a graceful leave stops (and removes) the container
+        finally:
+            for c in client.containers.list(all=True,
+                                            filters={"label": "pycluster.example=docker"}):
+                c.remove(force=True)
+            client.close()

@@ -332,6 +332,7 @@ async def test_control_requests_are_signed_too(
                    15)
 
 
+@pytest.mark.slow
 async def test_cli_stepdown_signs_with_an_operator_seed(
     make_platform: Any, keys: dict[str, tuple[str, str]], nats_url: str, unique_name: str,
     tmp_path: Path,
@@ -366,6 +367,46 @@ async def test_cli_stepdown_signs_with_an_operator_seed(
     assert code == 0, out
     assert "stepped down" in out
     await wait_for(lambda: app.epoch != epoch or not app.is_active, 15)
+
+
+@pytest.mark.slow
+async def test_cli_status_signs_its_node_requests(
+    make_platform: Any, keys: dict[str, tuple[str, str]], nats_url: str, unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """`pycluster status` / `health` ask each node over NATS: a node whose SignedAuth covers
+    control requests refuses unsigned ones (shown, with the hint), and serves them signed."""
+    trusted = {"shop": keys["shop"][1], "ops": keys["ops"][1]}
+    app = App("svc", Singleton())
+    node = await make_platform("a", app, start=False)
+    use(node, SignedAuth("shop", keys["shop"][0], trusted=trusted))
+    await node.start()
+    await app.wait_for_leadership(15)
+    seed = tmp_path / "ops.nk"
+    seed.write_text(keys["ops"][0])
+    seed.chmod(0o600)
+    base = [sys.executable, "-m", "pycluster.cli"]
+    conn = ["-p", unique_name, "--nats-url", nats_url, "-o", "json"]
+
+    async def run(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *base, *args, *conn, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        return proc.returncode or 0, out.decode()
+
+    code, out = await run("status")
+    assert code == 0, out
+    (rec,) = json.loads(out)["nodes"]
+    assert "refused" in rec["status_error"] and "--sign-as" in rec["status_error"]
+    code, out = await run("status", "--sign-as", "ops", "--seed", str(seed))
+    (rec,) = json.loads(out)["nodes"]
+    assert code == 0 and rec["detail"]["healthy"] is True, out
+    assert json.loads(out)["apps"][0]["lease_age"] is not None
+    code, out = await run("health")
+    assert code == 1 and "refused" in json.loads(out)["problems"][0]
+    code, out = await run("health", "--sign-as", "ops", "--seed", str(seed))
+    assert code == 0 and "svc.election" in json.loads(out)["nodes"]["a"]["checks"], out
 
 
 async def test_weak_token_mode_proves_no_identity(make_platform: Any) -> None:
@@ -532,6 +573,7 @@ def attack_app(name: str) -> App:
     return app
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_generated_permissions_keep_one_app_out_of_another(
     tmp_path: Path, unique_name: str, caplog: pytest.LogCaptureFixture
@@ -622,7 +664,8 @@ async def test_generated_permissions_keep_one_app_out_of_another(
             await attacker.publish_denied(subject, b"{}", headers)
         for subject in (f"$KV.{P}_b.>", f"{P}.b.>", f"{P}.b.rpc.>", f"{P}._.api.b.>",
                         f"{P}.b.events.>", f"_INBOX_{P}.node.nb.>", "_INBOX.>",
-                        f"_INBOX_{P}.>", f"{P}._.node.nb.ping", ">", "$JS.ACK.>"):
+                        f"_INBOX_{P}.>", f"{P}._.node.nb.ping", f"{P}._.node.nb.status", ">",
+                        "$JS.ACK.>"):
             await attacker.subscribe_denied(subject)
         assert not any('"$kv.' + f"{P}_a.probe".lower() + '"' in e for e in attacker.errors)
 
@@ -631,7 +674,10 @@ async def test_generated_permissions_keep_one_app_out_of_another(
         assert await b.api("b").call("echo", "own") == "own"
         assert await a.api("b").call("echo", "from a") == "from a"
         assert attacker.got == []
-        # Checked from outside, with the operator's credentials: B's state is intact.
+        # Checked from outside, with the operator's credentials: B's state is intact, and B
+        # answers the operator's status request (`pycluster status`) under its own user.
+        doc = json.loads((await op.request(f"{P}._.node.nb.status", b"", timeout=10)).data)
+        assert doc["node_id"] == "nb" and doc["apps"]["b"]["role"] == "active"
         js = op.jetstream()
         assert (await (await js.key_value(f"{P}_b")).get("secret")).value == b"b-data"
         assert app_b.is_leader and app_b.epoch == epoch_b

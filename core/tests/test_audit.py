@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pycluster import App, ConfigError, DuplicateNodeError, InvalidNameError, Singleton
+from pycluster.builtin.audit import log as audit_log
 from pycluster.builtin.audit.query import AuditEntry, AuditFilter, AuditReader, audit_stream
 from pycluster.cli.audit_cmd import parse_time
 from pycluster.cli.main import cli
@@ -173,8 +174,10 @@ async def test_election_membership_lock_and_hook_entries(make_platform: Any) -> 
         ("joined", "n1"), ("joined", "n2"), ("left", "n1")}
 
     locks = await p2.audit.query(category="lock", app="svc")
-    assert [e.action for e in locks] == ["acquired", "released"]
-    assert locks[0].data["lock"] == "job" and locks[1].data["held"] >= 0
+    assert [e.action for e in locks] == ["held"]  # a short hold: one entry for both ends
+    (hold,) = locks[0].data["holds"]
+    assert locks[0].data["lock"] == "job" and hold["held"] >= 0 and hold["token"] > 0
+    assert locks[0].node == "n1" and locks[0].time == hold["acquired"]
 
     hooks = await p2.audit.query(category="hook", app="svc")
     kinds = {(e.action, e.data["hook"], e.node) for e in hooks}
@@ -258,10 +261,53 @@ async def test_lock_load_entries_all_stored_on_graceful_stop(
         left = await reader.query(category="membership", action="left", node="n1")
     finally:
         await nc.close()
-    actions = [e.action for e in entries]
-    assert actions.count("acquired") == clients * rounds
-    assert actions.count("released") == clients * rounds
+    # Short holds are listed in ``held`` entries; every hold is there, each with its token.
+    holds = [(e.data["lock"], h["token"]) for e in entries if e.action == "held"
+             for h in e.data["holds"]]
+    assert len(set(holds)) == len(holds) == clients * rounds
+    assert {e.action for e in entries} == {"held"}
     assert len(left) == 1 and left[0].data["graceful"] is True  # written by the stop itself
+
+
+async def test_lock_holds_coalesced_long_holds_written_on_their_own(
+        make_platform: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Short holds of a lock share one ``held`` entry (each hold listed with its token and
+    # times); a hold that outlasts the coalescing window gets ``acquired`` while it is still
+    # held and ``released`` at the end; a flush writes pending holds at once.
+    monkeypatch.setattr(audit_log, "LOCK_COALESCE", 0.3)
+    app = App("svc", Singleton())
+    p = await make_platform("n1", app)
+    tokens = []
+    for _ in range(3):
+        async with app.lock("short", ttl=2) as lk:
+            tokens.append(lk.token)
+    lk = app.lock("long", ttl=2)
+    long_token = await lk.acquire()
+    started = time.monotonic()
+
+    async def written_while_held() -> bool:  # no flush: the window's timers write them
+        acts = [e.action for e in await p.audit.query(category="lock", app="svc")]
+        return sorted(acts) == ["acquired", "held"]
+
+    await wait_for(written_while_held, 10, message="entries not written after the window")
+    await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+    await lk.release()
+    async with app.lock("short", ttl=2) as lk2:
+        tokens.append(lk2.token)
+    assert await p.audit.flush()  # writes the pending held entry without waiting
+    entries = await p.audit.query(category="lock", app="svc")
+    by_action: dict[str, list[Any]] = {}
+    for e in entries:
+        by_action.setdefault(e.action, []).append(e)
+    assert sorted(by_action) == ["acquired", "held", "released"]
+    assert [h["token"] for e in by_action["held"] for h in e.data["holds"]] == tokens
+    assert all(e.data["lock"] == "short" for e in by_action["held"])
+    (acq,) = by_action["acquired"]
+    (rel,) = by_action["released"]
+    assert acq.data["lock"] == rel.data["lock"] == "long"
+    assert acq.data["token"] == rel.data["token"] == long_token and rel.data["held"] >= 0.5
+    first = by_action["held"][0].data["holds"][0]
+    assert set(first) == {"token", "acquired", "held", "waited"}
 
 
 async def test_dropped_entries_are_counted(make_platform: Any) -> None:
@@ -328,6 +374,7 @@ async def test_audit_after_sigkill_failover(nats_url: str, unique_name: str,
         await nc.close()
 
 
+@pytest.mark.slow
 async def test_cli_audit_follow(make_platform: Any, nats_url: str) -> None:
     """``pycluster audit --follow`` prints stored entries, then new ones as they are written."""
     import os

@@ -30,6 +30,7 @@ async def arun(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     return await asyncio.to_thread(run, *args, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_help_and_version() -> None:
     out = run("--help")
     assert out.returncode == 0
@@ -38,6 +39,7 @@ def test_help_and_version() -> None:
     assert "0.1.0" in run("--version").stdout
 
 
+@pytest.mark.slow
 async def test_status_and_stepdown(make_platform: Any, nats_url: str, unique_name: str) -> None:
     a, b = App("orders"), App("orders")
     await make_platform("a", a)
@@ -63,11 +65,13 @@ async def test_status_and_stepdown(make_platform: Any, nats_url: str, unique_nam
     await wait_for(lambda: b.is_leader, 10)
 
 
+@pytest.mark.slow
 def test_stepdown_without_leader_is_a_clear_error(nats_url: str, unique_name: str) -> None:
     sd = run("stepdown", "nothing", "--nats-url", nats_url, "--platform", unique_name)
     assert sd.returncode == 2 and f"no node of platform {unique_name!r} is alive" in sd.stderr
 
 
+@pytest.mark.slow
 def test_status_unreachable_nats(monkeypatch: pytest.MonkeyPatch) -> None:
     from pycluster.kernel.embedded import free_port
 
@@ -77,6 +81,7 @@ def test_status_unreachable_nats(monkeypatch: pytest.MonkeyPatch) -> None:
     assert st.returncode == 2 and "error: NATS at" in st.stderr
 
 
+@pytest.mark.slow
 def test_bad_config_names_the_field(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: prod\nnode_id: n1\nlease_ttl: 0.2\n")

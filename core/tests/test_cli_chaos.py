@@ -66,6 +66,7 @@ def test_chaos_command_exits_nonzero_on_a_violation(tmp_path: Path) -> None:
     assert "replay with --seed 1" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_chaos_command_refuses_bad_options() -> None:
     out = chaos("--kind", "meteor", timeout=50)

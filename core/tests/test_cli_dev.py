@@ -72,6 +72,7 @@ def test_dev_up_nats_cluster_r3(tmp_path: Path) -> None:
     assert "stream_replicas: 3" in cfg
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_dev_down_without_a_cluster(tmp_path: Path) -> None:
     out = run("dev", "down", "--dir", str(tmp_path / "none"))

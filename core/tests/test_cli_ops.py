@@ -43,6 +43,7 @@ def write_config(path: Path, **fields: Any) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_version_command() -> None:
     out = run("version", "-o", "json")
     assert out.returncode == 0, out.stderr
@@ -79,6 +80,7 @@ def test_init_writes_a_valid_commented_config_without_asking(tmp_path: Path) -> 
     assert not (tmp_path / "b.yaml").exists()
 
 
+@pytest.mark.slow
 def test_no_default_url_answers_for_another_cluster(tmp_path: Path) -> None:
     for cmd in (["status"], ["stepdown", "orders"], ["audit"]):
         out = run(*cmd, "-p", "prod", home=tmp_path)
@@ -153,6 +155,7 @@ async def test_doctor_passes_on_a_good_setup_and_names_what_to_fix(
     assert "FAIL  health_addr" in out.stdout and "fix:" in out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     from pycluster.kernel.embedded import free_port
 
@@ -164,6 +167,7 @@ def test_doctor_fails_on_unreachable_nats(tmp_path: Path) -> None:
     assert checks["nats"]["status"] == "fail" and "cannot connect" in checks["nats"]["detail"]
 
 
+@pytest.mark.slow
 def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> None:
     urls = ",".join(nats_cluster.urls)
     cfg = write_config(tmp_path / "n.yaml", name="prod", node_id="n1", nats_url=urls,
@@ -175,6 +179,7 @@ def test_doctor_on_a_three_server_cluster(nats_cluster: Any, tmp_path: Path) -> 
     assert out.returncode == 0, out.stdout
 
 
+@pytest.mark.slow
 def test_shell_completion_as_documented() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYCLUSTER_")}
     script = subprocess.run([*PYCLUSTER], env={**env, "_PYCLUSTER_COMPLETE": "bash_source"},
@@ -239,6 +244,7 @@ async def test_kv_get_put_ls(make_platform: Any, nats_url: str, unique_name: str
     assert typo.returncode == 2 and f"no app 'ordrs' on platform {unique_name!r}" in typo.stderr
 
 
+@pytest.mark.slow
 async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_url: str,
                                                       unique_name: str, tmp_path: Path) -> None:
     orders = App("orders")
@@ -272,3 +278,30 @@ async def test_lock_ls_shows_holder_token_and_waiters(make_platform: Any, nats_u
     await second.release()
     typo = await arun("lock", "ls", "--app", "ordrs", "--config", str(cfg), home=tmp_path)
     assert typo.returncode == 2 and "no app 'ordrs'" in typo.stderr
+
+
+@pytest.mark.slow
+async def test_placement_commands_read_the_node_config_file(
+        make_platform: Any, nats_url: str, unique_name: str, tmp_path: Path) -> None:
+    a = await make_platform("a", App("orders"))
+    await make_platform("b", App("orders"))
+    cfg = write_config(tmp_path / "node.yaml", name=unique_name, node_id="a",
+                       nats_url=nats_url)
+    cordon = await arun("node", "cordon", "b", "--config", str(cfg), "-o", "json",
+                        home=tmp_path)
+    assert cordon.returncode == 0, cordon.stderr
+    assert json.loads(cordon.stdout) == {"node": "b", "cordoned": True}
+    await wait_for(lambda: "b" in a.placement.ops.cordoned, 10)
+    # PYCLUSTER_CONFIG works as --config.
+    listed = await asyncio.to_thread(
+        subprocess.run, [*PYCLUSTER, "node", "list", "-o", "json"], capture_output=True,
+        text=True, timeout=60, env={**os.environ, "PYCLUSTER_CONFIG": str(cfg)})
+    assert listed.returncode == 0, listed.stderr
+    nodes = {n["node_id"]: n for n in json.loads(listed.stdout)["nodes"]}
+    assert nodes["b"]["cordoned"] and not nodes["a"]["cordoned"]
+    shown = await arun("app", "show", "orders", "--config", str(cfg), "-o", "json",
+                       home=tmp_path)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["nodes"]["b"]["cordoned"]
+    maint = await arun("maintenance", "show", "--config", str(cfg), "-o", "json",
+                       home=tmp_path)
+    assert json.loads(maint.stdout) == {"maintenance": False, "maintenance_apps": []}

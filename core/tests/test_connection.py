@@ -158,3 +158,35 @@ async def test_embedded_server_when_no_url(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.timeout(10)
+async def test_placement_refused_for_an_offline_peer_is_retried_too_few_servers_is_not() -> None:
+    import nats.js.errors
+
+    from pycluster.kernel import natsutil as nu
+
+    offline = nats.js.errors.APIError(code=500, err_code=10005,
+                                      description="no suitable peers for placement, peer offline")
+    too_few = nats.js.errors.APIError(code=500, err_code=10005,
+                                      description="no suitable peers for placement")
+    assert nu.placement_offline(offline) and not nu.placement_offline(too_few)
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise offline
+        return "created"
+
+    assert await nu.retry_transient(flaky, wait=5.0, first_delay=0.01) == "created"
+    assert len(calls) == 3
+
+    async def refused() -> str:
+        calls.append(1)
+        raise too_few
+
+    calls.clear()
+    with pytest.raises(nats.js.errors.APIError):
+        await nu.retry_transient(refused, wait=5.0, first_delay=0.01)
+    assert len(calls) == 1  # a cluster too small for the replicas: at once

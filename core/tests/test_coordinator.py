@@ -199,6 +199,7 @@ async def test_spread_app_retries_a_failed_activation_after_the_back_off(
         "activate:backend"]
 
 
+@pytest.mark.slow
 async def test_hanging_stage_times_out_and_is_undone(make_platform: Any) -> None:
     calls: list[tuple[Any, ...]] = []
     specs = [Spec("vip", StageOrder.VIP),

@@ -208,6 +208,7 @@ class _OwnProcess:
         self.renewals += 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_renewals_reach_the_guard_of_a_process_another_plugin_runs(
         make_platform: Any) -> None:

@@ -110,6 +110,7 @@ async def test_hook_order_and_context(make_platform: Any) -> None:
     assert ("leader_change", "a") in seen
 
 
+@pytest.mark.slow
 async def test_failing_on_active_steps_down_and_backs_off(make_platform: Any) -> None:
     calls: dict[str, int] = {"a": 0, "b": 0}
 
@@ -210,6 +211,7 @@ async def test_spread_is_active_everywhere_eligible(make_platform: Any) -> None:
     assert not apps[2].is_active and apps[2].role.value == "stopped"
 
 
+@pytest.mark.slow
 async def test_repeated_step_downs_always_hand_over(make_platform: Any) -> None:
     """The standby takes every handover, never the node in its cooldown (a lost wake-up once
     let the old leader win again when the delete arrived during the standby's read)."""
@@ -226,6 +228,7 @@ async def test_repeated_step_downs_always_hand_over(make_platform: Any) -> None:
         await asyncio.sleep(0.25)  # let the old leader's cooldown pass
 
 
+@pytest.mark.slow
 async def test_crash_seen_through_the_poll_when_the_watch_is_silent(make_platform: Any) -> None:
     """An idle standby reads the lease only when a renewal is overdue; with its watch silent
     (the server-side consumer deleted) it still takes over a crashed leader within the

@@ -97,6 +97,7 @@ async def test_durable_subscription_survives_a_subscriber_restart(make_platform:
     await wait_for(lambda: got == [1, 2, 3, 4], 15)
 
 
+@pytest.mark.slow
 async def test_unacknowledged_events_are_redelivered(make_platform: Any) -> None:
     p = await make_platform("a")
     attempts: list[tuple[Any, int]] = []

@@ -13,7 +13,7 @@ import pytest
 from pycluster import App, ConfigError, Singleton
 from pycluster.builtin.health.checks import CheckStatus
 from pycluster.builtin.health.service import PlatformHealth
-from pycluster.httpserver import HttpServer, Response, parse_addr
+from pycluster.httpserver import HttpServer, Request, Response, Route, parse_addr
 from pycluster.kernel.context import Context
 from pycluster.kernel.embedded import EmbeddedNatsServer
 from pycluster.testing import NatsServer, wait_for
@@ -117,6 +117,29 @@ async def test_http_server_basics() -> None:
         await server.stop()
 
 
+async def test_prefix_routes_exact_first_then_longest_prefix() -> None:
+    server = HttpServer("127.0.0.1:0")
+
+    def answer(tag: str) -> Any:
+        async def handler(req: Request) -> Response:
+            return Response.json({"by": tag, "path": req.path})
+        return handler
+
+    server.add(Route("/v1/items/", answer("items"), prefix=True))
+    server.add(Route("/v1/items/special/", answer("special"), prefix=True))
+    server.add(Route("/v1/items/fixed", answer("fixed")))
+    assert server.paths == ["/v1/items/*", "/v1/items/fixed", "/v1/items/special/*"]
+    await server.start()
+    try:
+        for path, by in (("/v1/items/a?x=1", "items"), ("/v1/items/special/b", "special"),
+                         ("/v1/items/fixed", "fixed"), ("/v1/items/", "items")):
+            status, body = await get_json(server.url + path)
+            assert status == 200 and body["by"] == by, path
+        assert (await get(server.url + "/v1/item"))[0] == 404
+    finally:
+        await server.stop()
+
+
 async def test_busy_address_is_a_clear_error() -> None:
     a = HttpServer("127.0.0.1:0")
     await a.start()
@@ -193,6 +216,42 @@ async def test_plugin_status_and_checks_hooks(make_platform: Any) -> None:
     assert doc["plugins_status"] == {"lag": {"replication_lag": 0.25}}
     assert "replica" in doc["checks"] and doc["checks"]["replica"]["depends_on"] == ["jetstream"]
     await wait_for(lambda: ("replica", "unknown", "healthy") in changes, 10)
+
+
+async def test_plugin_http_routes_on_the_health_address(make_platform: Any) -> None:
+    """``pycluster_http_routes``: a plugin's exact and prefix routes are served beside the
+    built-in endpoints; a path already served is skipped, a raising hook adds nothing."""
+    from pycluster import hookimpl
+
+    async def hello(req: Request) -> Response:
+        return Response.json({"path": req.path, "q": req.param("q")})
+
+    async def stolen(req: Request) -> Response:
+        return Response.text("not the status\n")
+
+    class Web:
+        @hookimpl
+        def pycluster_http_routes(self, platform: Any) -> list[Route]:
+            return [Route("/v1/hello", hello), Route("/v1/things/", hello, prefix=True),
+                    Route("/status", stolen)]
+
+    class Broken:
+        @hookimpl
+        def pycluster_http_routes(self, platform: Any) -> list[Route]:
+            raise RuntimeError("no routes today")
+
+    p = await make_platform("n1", health_addr="127.0.0.1:0",
+                            extra_plugins=[("web", Web()), ("broken", Broken())])
+    base = p.health.url
+    assert base is not None
+    status, body = await get_json(base + "/v1/hello?q=2")
+    assert status == 200 and body == {"path": "/v1/hello", "q": "2"}
+    status, body = await get_json(base + "/v1/things/a/b")
+    assert status == 200 and body["path"] == "/v1/things/a/b"
+    status, doc = await get_json(base + "/status")  # the built-in one, not the plugin's
+    assert status == 200 and doc["node_id"] == "n1"
+    status, _, text = await get(base + "/nope")
+    assert status == 404 and b"/v1/things/*" in text
 
 
 async def test_failing_check_history_breaker_and_change_hook(make_platform: Any) -> None:

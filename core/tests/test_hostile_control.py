@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from pycluster import App, Election, NodeFailedError, Singleton
 from pycluster.builtin.election.records import parse_lease
 from pycluster.kernel import natsutil as nu
-from pycluster.kernel.aio import cancel_and_wait, supervise
+from pycluster.kernel.aio import TaskSet, cancel_and_wait, supervise
 from pycluster.kernel.membership import validate_member
 from pycluster.kernel.natsutil import parse_ttl_header
 from pycluster.kernel.platform import stepdown_subject
@@ -310,6 +310,7 @@ async def test_non_object_body_logs_once_and_recovers(
     assert 1 <= len(ignored) <= 3 * 2  # once per record and node, not once per poll
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_forged_epoch_never_goes_backwards(
         make_platform: Any, raw: NATS, unique_name: str) -> None:
@@ -498,6 +499,44 @@ async def test_supervise_restarts_and_fails_loudly(caplog: Any) -> None:
     task = supervise("broken", broken, restart=False, on_fatal=lambda n, e: fatal.append(n))
     await wait_for(lambda: task.done(), 5)
     assert fatal == ["broken"]
+
+
+@pytest.mark.timeout(30)
+async def test_task_set_supervises_its_children_in_one_group(caplog: Any) -> None:
+    """A crashing child is logged at once and restarted (its siblings untouched), a child that
+    cannot be restarted reaches on_fatal, and close cancels and awaits every child."""
+    caplog.set_level(logging.ERROR, logger="pycluster.tasks")
+    tasks = TaskSet("owner")
+    with pytest.raises(RuntimeError, match="not open"):
+        tasks.spawn("early", lambda: asyncio.sleep(0))
+    await tasks.open()
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+        await asyncio.sleep(3600)
+
+    async def steady() -> None:
+        await asyncio.sleep(3600)
+
+    async def broken() -> None:
+        raise ValueError("no way back")
+
+    fatal: list[str] = []
+    a = tasks.spawn("flaky", flaky, backoff=0.01)
+    b = tasks.spawn("steady", steady)
+    c = tasks.spawn("broken", broken, restart=False, on_fatal=lambda n, e: fatal.append(n))
+    await wait_for(lambda: len(runs) == 3 and c.done(), 5)
+    assert fatal == ["broken"] and not a.done() and not b.done()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and all(r.exc_info for r in errors)
+    assert set(tasks) == {a, b}
+    await cancel_and_wait(b)  # one child cancelled alone: the group and the others go on
+    assert tasks.running and not a.done()
+    await tasks.close()
+    assert a.cancelled() and not tasks.running and list(tasks) == []
 
 
 @pytest.mark.timeout(60)

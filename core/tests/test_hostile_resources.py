@@ -117,6 +117,7 @@ async def _ask_in_waves(nc: Any, subjects: list[str], wave: int = 200) -> int:
 # -- 1. metrics: bounded labels, scrapes off the loop ------------------------------------------
 
 
+@pytest.mark.slow
 async def test_random_method_names_do_not_grow_metrics(make_platform: Any, nats_url: str) -> None:
     app = App("svc", Singleton())
 
@@ -474,6 +475,7 @@ def _idle_connections(host: str, port: int, n: int) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.slow
 async def test_held_connections_do_not_lock_out_probes(make_platform: Any,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpserver_mod, "HEADER_TIMEOUT", 0.5)

@@ -106,6 +106,7 @@ async def _retry(fn, timeout: float):  # type: ignore[no-untyped-def]
             await asyncio.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_racing_conditional_writes_on_r3_are_conflicts_not_errors(
     r3: tuple[NatsCluster, list[Client]], unique_name: str

@@ -377,6 +377,7 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_mutual_exclusion_across_processes(
     nats_url: str,
@@ -410,6 +411,7 @@ async def test_mutual_exclusion_across_processes(
     assert tokens == sorted(set(tokens))  # fencing tokens strictly increase with each holder
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_holder_death_expires_and_waiters_keep_order(
     nats_url: str, services: Callable[[str], Awaitable[LockService]], bucket: str
@@ -449,6 +451,7 @@ async def test_holder_death_expires_and_waiters_keep_order(
     assert takeover < 5  # lease 1 s (server TTL) + takeover margin, not the waiters' ttl
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_dead_waiter_is_skipped(
     nats_url: str, services: Callable[[str], Awaitable[LockService]], bucket: str

@@ -78,6 +78,7 @@ async def test_plugin_set_mismatch_is_reported(make_platform: Any) -> None:
     await wait_for(lambda: "a" in pb.plugin_mismatches, 10)
 
 
+@pytest.mark.slow
 async def test_steady_state_reads_no_records_and_a_silent_watch_recovers(
         make_platform: Any) -> None:
     """Idle nodes follow each other through the watch alone (no record read per heartbeat);
@@ -103,3 +104,24 @@ async def test_steady_state_reads_no_records_and_a_silent_watch_recovers(
     await wait_for(lambda: "c" in ma.members, 10)
     first_c = ma._fresh["c"][0]
     await wait_for(lambda: ma._fresh["c"][0] > first_c, 10)  # through the new watch
+
+
+def test_refresh_interval_and_stream_sequence_from_the_reply() -> None:
+    """Unchanged records are refreshed every half TTL (at least every heartbeat): every member
+    receives every refresh, and a dead node's record still expires one TTL after its last.
+    The watch reads a delivery's stream sequence straight from its reply subject."""
+    from nats.aio.msg import Msg
+
+    from pycluster.kernel.membership import Membership, _stream_seq
+
+    def membership(ttl: float, heartbeat: float) -> Membership:
+        return Membership(None, None, "p", "n1", ttl=ttl, heartbeat=heartbeat,  # type: ignore[arg-type]
+                          record=dict, on_join=print, on_leave=print, on_replaced=print)
+
+    assert membership(10.0, 3.0).refresh_interval == 5.0
+    assert membership(1.0, 0.3).refresh_interval == 0.5
+    assert membership(10.0, 6.0).refresh_interval == 6.0  # never more often than asked
+    reply = "$JS.ACK.KV_p_platform.cons1.1.4711.17.1700000000000000000.0"
+    assert _stream_seq(Msg(None, subject="$KV.p_platform.nodes.n2", reply=reply)) == 4711  # type: ignore[arg-type]
+    domain = "$JS.ACK.dom.acchash.KV_p_platform.cons1.1.42.17.1700000000000000000.0.rand"
+    assert _stream_seq(Msg(None, subject="$KV.p_platform.nodes.n2", reply=domain)) == 42  # type: ignore[arg-type]

@@ -120,6 +120,7 @@ async def test_pending_app_starts_when_an_eligible_node_joins(make_platform: Any
     await wait_for(lambda: not pa.status()["apps"]["gpu-job"]["pending"], 10)
 
 
+@pytest.mark.slow
 async def test_label_request_through_the_cli(make_platform: Any, nats_url: str,
                                              unique_name: str) -> None:
     pa = await make_platform("a", App("svc"), labels={"zone": "z1", "disk": "ssd"})
@@ -149,6 +150,7 @@ async def test_label_request_through_the_cli(make_platform: Any, nats_url: str,
     assert nodes["a"]["labels"] == {"zone": "z2", "rack": "r7"} and not nodes["a"]["cordoned"]
 
 
+@pytest.mark.slow
 async def test_cordoned_node_takes_no_new_leadership(make_platform: Any, nats_url: str,
                                                      unique_name: str) -> None:
     a, b, c = App("svc"), App("svc"), App("svc")
@@ -337,6 +339,7 @@ async def test_app_list_and_show(make_platform: Any, nats_url: str, unique_name:
     assert rc == 0 and "pending" in out and "OnLabel" in out
 
 
+@pytest.mark.slow
 async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
                                               unique_name: str) -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -385,7 +388,10 @@ async def test_move_to_a_named_node_with_veto(make_platform: Any, nats_url: str,
     with pytest.raises(ConfigError, match="cordoned"):
         await pa.move("svc", to="b")
     await pa.uncordon("b")
-    res = await pa.move("svc", to="b")
+    # The app migrated a moment ago: its cooldown holds a second move, unless forced.
+    with pytest.raises(ConfigError, match="cooldown"):
+        await pa.move("svc", to="b")
+    res = await pa.move("svc", to="b", force=True)
     assert res["outcome"] == "completed" and b.is_leader
     assert pc.audit is not None and await pc.audit.flush()
     await pa.audit.flush()
@@ -470,6 +476,7 @@ async def test_drain_waits_for_the_budget_and_says_why(make_platform: Any, nats_
     assert rc == 1 and "waiting" in out and "budget" in out
 
 
+@pytest.mark.slow
 async def test_rebalance_moves_to_the_newly_preferred_node(make_platform: Any, nats_url: str,
                                                            unique_name: str) -> None:
     moves: list[dict[str, Any]] = []

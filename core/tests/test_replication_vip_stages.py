@@ -145,6 +145,33 @@ def test_an_option_class_is_served_by_one_plugin() -> None:
         vips.add(Addr, Vip, plugin="other")
 
 
+def test_the_three_registries_share_one_option_kind_registry() -> None:
+    """Backends, replicators and VIP managers are matched the same way: by the option's class,
+    else its nearest registered base class, in option order."""
+    from pycluster.kernel.registry import BackendRegistry, OptionKindRegistry
+
+    class SubData(Data):
+        pass
+
+    reps, vips, backends = ReplicatorRegistry(), VipRegistry(), BackendRegistry()
+    assert all(isinstance(r, OptionKindRegistry) for r in (reps, vips, backends))
+    reps.add(Data, Rep, plugin="data")
+    vips.add(Addr, Vip, plugin="addr")
+    backends.add("addr", Addr, Vip)
+    opts = [Addr("10.0.0.1"), SubData("/s"), object(), Data("/d")]
+    assert [(k.plugin, o) for k, o in reps.matches(opts)] == [("data", opts[1]),
+                                                              ("data", opts[3])]
+    assert [o for _, o in vips.matches(opts)] == [opts[0]]
+    assert backends.for_option(opts[0]) is backends.get("addr")
+    assert backends.get("addr").plugin == "addr"
+    # A backend kind registered again under its name replaces the first.
+    backends.add("addr", Data, Rep, plugin="other")
+    assert backends.kinds() == ["addr"] and backends.for_option(opts[0]) is None
+    assert backends.for_option(opts[1]) is backends.get("addr")
+    with pytest.raises(ConfigError, match="no backend 'nope'; installed: addr"):
+        backends.get("nope")
+
+
 def test_app_of_binds_an_option_to_its_first_live_app() -> None:
     opt = Data("/x")
     assert app_of(opt) is None

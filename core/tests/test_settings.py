@@ -149,7 +149,8 @@ def test_every_pycluster_variable_the_project_uses_is_known() -> None:
     root = Path(__file__).resolve().parents[2]
     known = {"PYCLUSTER_" + f.upper() for f in PlatformSettings.model_fields} | set(OTHER_ENV_VARS)
     used: dict[str, str] = {}
-    for path in [*root.glob("*.md"), *root.glob("docs/*.md"), *root.glob("packaging/*"),
+    packaging = [p for p in root.glob("packaging/**/*") if p.is_file()]
+    for path in [*root.glob("*.md"), *root.glob("docs/*.md"), *packaging,
                  *root.glob("core/src/**/*.py"), *root.glob("plugins/*/src/**/*.py")]:
         for name in re.findall(r"PYCLUSTER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()):
             used.setdefault(name, str(path.relative_to(root)))

@@ -406,7 +406,8 @@ class HealthCheck:
         """Run the check once, bounded by ``timeout``; never raises."""
         try:
             if self.http is not None:
-                return await asyncio.wait_for(asyncio.to_thread(self._http), self.timeout + 1)
+                async with asyncio.timeout(self.timeout + 1):
+                    return await asyncio.to_thread(self._http)
             if self.tcp is not None:
                 return await self._tcp()
             return await self._command(env)
@@ -429,7 +430,8 @@ class HealthCheck:
     async def _tcp(self) -> BackendHealth:
         host, port = self.tcp_address()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(host, port)
         except OSError as exc:
             return BackendHealth(False, f"TCP {host}:{port}: {exc.strerror or exc}")
         writer.close()
@@ -446,7 +448,8 @@ class HealthCheck:
             start_new_session=True,
         )
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                out, _ = await proc.communicate()
         except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -624,7 +627,8 @@ class LeaseFence:
             theirs.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         try:
-            first = await asyncio.wait_for(reader.readline(), FENCE_START_TIMEOUT)
+            async with asyncio.timeout(FENCE_START_TIMEOUT):
+                first = await reader.readline()
         except BaseException:
             await self._kill()
             raise
@@ -671,7 +675,8 @@ class LeaseFence:
         if proc.returncode is None:
             self._send("release")
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await proc.wait()
             except TimeoutError:
                 log.error("app %s: fence guard %d does not release; killing it", self.app,
                           proc.pid)
@@ -917,8 +922,18 @@ class Supervisor:
         self._ctx = ctx
         self.policy.reset()
         self.state = BackendState.STARTING
-        first = await self.controller.start(ctx)
+        # A fence the controller already knows guards the start too: a node SIGKILLed while
+        # its service comes up (a container waiting to be healthy) must not leave it running.
         await self._arm()
+        try:
+            first = await self.controller.start(ctx)
+            await self._arm()
+        except BaseException:
+            fence = self.controller.fence()
+            if fence is not None:
+                with contextlib.suppress(Exception):
+                    await fence.release()  # the node lives: the controller's failure path
+            raise
         self.last_health = first or BackendHealth(True, "running")
         self.state = BackendState.RUNNING
         self._up_since = time.monotonic()

@@ -368,6 +368,40 @@ def docker_kill(url: str, name: str, timeout: float = 10.0) -> str:
     raise OSError("; ".join(errors))
 
 
+def docker_running(url: str, name: str, timeout: float = 10.0) -> bool:
+    """True when container ``name`` exists and runs (``GET /containers/NAME/json``)."""
+    conn = _engine_connection(url, timeout)
+    try:
+        conn.request("GET", f"/containers/{urllib.parse.quote(name, safe='')}/json")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status == 404:
+        return False
+    if resp.status != 200:
+        raise OSError(f"inspect {name}: HTTP {resp.status}")
+    state = json.loads(body).get("State") or {}
+    return bool(state.get("Running"))
+
+
+def docker_fence(url: str, name: str, timeout: float = 10.0, watch: float = 3.0) -> str:
+    """`docker_kill`, then watch the container for ``watch`` seconds and stop it again if it
+    runs: a node that died while creating or starting it may have left a start request in
+    flight at the engine, which would otherwise run the container after the first stop."""
+    result = docker_kill(url, name, timeout)
+    end = time.monotonic() + watch
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        try:
+            if docker_running(url, name, timeout):
+                again = docker_kill(url, name, timeout)
+                result += f"; started after the stop, stopped again: {again}"
+        except (OSError, ValueError):
+            continue
+    return result
+
+
 class ActionGuard(_Channel):
     """Fence-action mode: run stop actions when the node can no longer stop its backend."""
 
@@ -388,7 +422,7 @@ class ActionGuard(_Channel):
         ok = True
         for url, name in self.docker:
             try:
-                self.log(f"docker kill {name}: {docker_kill(url, name, self.timeout)}")
+                self.log(f"docker kill {name}: {docker_fence(url, name, self.timeout)}")
             except (OSError, ValueError) as exc:
                 ok = False
                 self.log(f"docker kill {name} failed: {exc}")

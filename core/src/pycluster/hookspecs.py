@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from .builtin.audit.log import AuditCategoryRegistry
     from .builtin.health.service import PlatformHealth
+    from .httpserver import Route
     from .kernel.app import App
     from .kernel.coordinator import AppRuntime
     from .kernel.discovery import DiscoveryExporterRegistry, ServiceRegistry
@@ -75,6 +76,7 @@ __all__ = [
     "pycluster_election",
     "pycluster_health_changed",
     "pycluster_health_checks",
+    "pycluster_http_routes",
     "pycluster_leader_alive",
     "pycluster_leader_observed",
     "pycluster_lease_renewed",
@@ -128,7 +130,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "observability": ("pycluster_app_hook_call", "pycluster_lock_event",
                       "pycluster_register_metrics", "pycluster_audit_categories",
                       "pycluster_health_checks", "pycluster_health_changed",
-                      "pycluster_status"),
+                      "pycluster_status", "pycluster_http_routes"),
     "cli and config": ("pycluster_config_sections", "pycluster_add_cli_commands",
                        "pycluster_check"),
 }
@@ -270,7 +272,8 @@ def pycluster_placement_event(platform: Platform, app: App | None, event: str,
     (data: ``from``, ``to``, ``reason``, ``seconds`` when finished, ``error`` when vetoed or
     failed), ``labels_changed`` (``labels``, ``previous``),
     ``placement_invalid`` (``labels``), ``cordoned`` / ``uncordoned`` (``node``),
-    ``maintenance`` (``on``, ``app``). The default plugins ``audit`` (category
+    ``maintenance`` (``on``, ``app``), ``rebalance_waiting`` (``reason``: why an automatic
+    move waits; once per reason). The default plugins ``audit`` (category
     ``placement``) and ``metrics`` (``pycluster_migrations_total``,
     ``pycluster_migration_seconds``) implement it. Must not block.
 
@@ -784,6 +787,24 @@ def pycluster_status(platform: Platform) -> dict[str, Any] | None:
     plugin name; None adds nothing; an exception is shown as ``{"error": ...}``.
 
     :param platform: the platform.
+    """
+
+
+@hookspec
+def pycluster_http_routes(platform: Platform) -> list[Route] | None:
+    """Serve this plugin's HTTP endpoints on the node's health address (``health_addr``).
+
+    Called once when the health plugin's HTTP server starts (not at all without
+    ``health_addr``). Return a list of `pycluster.httpserver.Route` (``path``, ``async
+    handler(request) -> Response``, ``prefix=True`` to serve every path under ``path``) or
+    None. Handlers run on the server's event loop for every ``GET``/``HEAD`` of their path:
+    answer from in-process state (the server keeps answering while NATS is unreachable), and
+    look services up at request time (``platform.services.get(name)``): the plugin's service
+    may start after the server. A path that the health plugin serves itself (``/health``,
+    ``/ready``, ``/status``, ``/metrics``) or that an earlier plugin took is skipped with a
+    warning; an exception skips that plugin's routes (logged).
+
+    :param platform: the platform (its services are built, maybe not started yet).
     """
 
 

@@ -13,7 +13,9 @@ keep-alive or a slow header: closing it loses nothing), so held-open idle connec
 lock real probes out; if every connection is busy inside a request, the new one gets a ``503``
 and is closed at once. Either way the server's file descriptors stay bounded.
 
-Handlers are ``async def handler(request) -> Response``; an exception in a handler becomes a
+Handlers are ``async def handler(request) -> Response``, routed by exact path or, for a
+`Route` with ``prefix=True``, by the longest matching path prefix (plugins add routes to the
+health server this way: ``pycluster_http_routes``); an exception in a handler becomes a
 ``500`` with the error's type (logged), never a dropped connection. The server keeps running
 while NATS is unreachable: it only reads in-process state.
 
@@ -106,6 +108,23 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass(frozen=True)
+class Route:
+    """A path and its handler, as plugins contribute them (``pycluster_http_routes``).
+
+    :param path: the path served (``/v1/sd/prometheus``); with ``prefix`` every path that
+        starts with it (``/v1/catalog/service/`` serves ``/v1/catalog/service/redis``).
+    :param handler: ``async def handler(request) -> Response``; a prefix route reads the rest
+        of the path from ``request.path``.
+    :param prefix: match by prefix instead of exactly (an exact route wins, then the longest
+        prefix).
+    """
+
+    path: str
+    handler: Handler
+    prefix: bool = False
+
+
 class _Conn:
     """One open connection: idle (waiting for a request) since when, or busy (None)."""
 
@@ -152,13 +171,28 @@ class HttpServer:
         self.refused = 0
         """Connections refused (503) because every open one was busy."""
         self._routes: dict[str, Handler] = {}
+        self._prefixes: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], _Conn] = {}
         self._warned = -_WARN_EVERY
 
-    def route(self, path: str, handler: Handler) -> None:
-        """Serve ``GET``/``HEAD`` ``path`` (exact match, query string ignored) with ``handler``."""
-        self._routes[path] = handler
+    def route(self, path: str, handler: Handler, *, prefix: bool = False) -> None:
+        """Serve ``GET``/``HEAD`` ``path`` (exact match, or every path under it with ``prefix``;
+        query string ignored) with ``handler``."""
+        (self._prefixes if prefix else self._routes)[path] = handler
+
+    def add(self, route: Route) -> None:
+        """Serve a `Route`."""
+        self.route(route.path, route.handler, prefix=route.prefix)
+
+    def handler_of(self, path: str) -> Handler | None:
+        """The handler serving ``path``: its exact route, else the longest matching prefix."""
+        handler = self._routes.get(path)
+        if handler is None:
+            matching = [p for p in self._prefixes if path.startswith(p)]
+            if matching:
+                handler = self._prefixes[max(matching, key=len)]
+        return handler
 
     @property
     def open_connections(self) -> int:
@@ -167,8 +201,8 @@ class HttpServer:
 
     @property
     def paths(self) -> list[str]:
-        """The routed paths."""
-        return sorted(self._routes)
+        """The routed paths (prefix routes end with ``*``)."""
+        return sorted([*self._routes, *(p + "*" for p in self._prefixes)])
 
     @property
     def address(self) -> tuple[str, int]:
@@ -299,7 +333,7 @@ class HttpServer:
             resp.headers["Allow"] = "GET, HEAD"
             await self._send(writer, resp, keep, head_only)
             return keep
-        handler = self._routes.get(req.path)
+        handler = self.handler_of(req.path)
         if handler is None:
             resp = Response.text(
                 f"not found: {req.path}; endpoints: {', '.join(self.paths)}\n", 404)

@@ -200,17 +200,21 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     pub += _stream_api(f"KV_{platform_kv}")
     pub += [f"$KV.{platform_kv}.nodes.{node}", f"$KV.{platform_kv}.locks.>",
             f"$KV.{platform_kv}._pycluster.guard"]
+    # The platform-wide migration slots (cooldowns, concurrent and per-minute limits), shared
+    # by design like the locks: the worst a node can do there is hold up planned moves.
+    pub.append(f"$KV.{platform_kv}.placement.migrations")
     # Platform events (publish as the platform or its own apps; durable subscriptions) and the
     # audit trail (write only: entries about its apps or itself, signed by its node id).
     pub += _stream_api(bucket(p, suffix="events"))
     pub += [f"{p}._.events._.>", f"$JS.API.STREAM.INFO.{bucket(p, suffix='audit')}",
             f"{p}._.audit.*._.{node}"]
     pub += [f"{p}._.api.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping"]
-    # Its own label requests (``pycluster node label``). The operations state
-    # (``placement.ops``: cordons, maintenance) is read through the bucket; only the
-    # operator may change it (maintenance mode on every node would stop all failover).
+    # Its own label and status requests (``pycluster node label``, ``status``, ``health``).
+    # The operations state (``placement.ops``: cordons, maintenance) is read through the
+    # bucket; only the operator may change it (maintenance mode on every node would stop
+    # all failover).
     sub += [f"{p}._.events.>", f"{p}._.rpc.cancel", f"{p}._.node.{node}.ping",
-            f"{p}._.node.{node}.labels"]
+            f"{p}._.node.{node}.labels", f"{p}._.node.{node}.status"]
     # Zones (the leaf plugin): answer zone listings and pings, ask (a leaf) or answer (the
     # hub) hub-link checks. Calls to another platform's apps need grants of their own.
     pub += [HUB_SUBJECT]

@@ -123,6 +123,7 @@ async def test_unhealthy_container_fails_the_start_with_logs(
     assert not client.containers.list(all=True, filters={"name": backend.name})
 
 
+@pytest.mark.slow
 async def test_exited_container_fails_the_start_and_missing_image_is_clear(
     engine: PodmanService, client: Any, tmp_path: Path, unique_name: str
 ) -> None:
@@ -172,6 +173,7 @@ async def test_a_foreign_container_with_the_same_name_is_not_touched(
     assert foreign.status == "running"
 
 
+@pytest.mark.slow
 async def test_container_that_dies_is_restarted(
     engine: PodmanService, client: Any, platforms: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -46,6 +46,7 @@ def _state(client: Any, name: str) -> dict[str, Any]:
         return {}
 
 
+@pytest.mark.slow
 def test_docker_kill_stops_a_container_without_the_sdk(engine: PodmanService,
                                                        client: Any) -> None:
     ctr = client.containers.run(build_busybox_image(), ["sleep", "3600"], detach=True,
@@ -131,6 +132,50 @@ async def test_container_never_outlives_the_lease_of_a_dead_or_paused_node(
             await wait_for(lambda: c.role(first)[0] == "passive", 60)
             await asyncio.sleep(1.0)
             assert _state(client, old).get("Running") is not True
+        await c.stop()
+    finally:
+        c.stop_sync()
+
+
+@pytest.mark.slow
+async def test_a_node_killed_while_its_container_comes_up_leaves_it_stopped(
+    engine: PodmanService, client: Any, tmp_path: Path, nats_url: str, unique_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL of the leader while its container runs but is not healthy yet (the BACKEND
+    stage still waiting, no on_active): the fence guard, armed before the container was
+    created, stops it; the next leader's container starts only after that."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p))
+    c = NodeCluster(unique_name, [nats_url], tmp_path, size=2, lease_ttl=2.0, heartbeat=0.5,
+                    extra_args=["--setup", "docker_fence_node:options",
+                                "--setup-arg", f"image={build_busybox_image()}",
+                                "--setup-arg", f"base_url={engine.base_url}",
+                                "--setup-arg", "slow_start=8"])
+    try:
+        await c.start(60)
+        names = {n: f"pycluster-{unique_name}-svc-{n}" for n in c.nodes}
+
+        def starting() -> str | None:
+            for n, name in names.items():
+                if _state(client, name).get("Running") is True:
+                    return n
+            return None
+
+        first = await wait_for(starting, 60, message="a container running")
+        assert c.role(first)[0] != "active"  # still waiting for its container to be healthy
+        c.kill(first)
+        old = names[first]
+        await wait_for(lambda: _state(client, old).get("Running") is False, 30,
+                       message=f"fence guard stopped {old} of the node killed while starting")
+        second = await c.wait_for_leader(90, exclude=[first])
+        new = names[second]
+        await wait_for(lambda: _state(client, new).get("Running") is True, 60,
+                       message=f"container {new} running")
+        stopped, started = _state(client, old)["FinishedAt"], _state(client, new)["StartedAt"]
+        assert _when(stopped) < _when(started), (stopped, started)
+        await asyncio.sleep(4.0)  # past the guard's watch: the old one stays stopped
+        assert _state(client, old).get("Running") is not True
         await c.stop()
     finally:
         c.stop_sync()

@@ -143,6 +143,7 @@ def offline(opt: Systemd, name: str = "t") -> tuple[SystemdBackend, Context]:
     return backend, Context(app=app, platform=platform, node_id="n1", epoch=7, reason="test")
 
 
+@pytest.mark.slow
 async def test_unit_started_and_stopped_with_requires_and_epoch(
     sd1: SystemdContainer, platforms: Callable[..., Any]
 ) -> None:
@@ -165,6 +166,7 @@ async def test_unit_started_and_stopped_with_requires_and_epoch(
     assert not active(sd1, "dep.service")  # stop_requires: stopped after the unit
 
 
+@pytest.mark.slow
 async def test_notify_unit_waits_for_ready(sd1: SystemdContainer) -> None:
     reset(sd1)
     backend, ctx = offline(Systemd("notify", prefix=prefix(sd1)))
@@ -181,6 +183,7 @@ async def test_notify_unit_waits_for_ready(sd1: SystemdContainer) -> None:
     assert not active(sd1, "notify.service")
 
 
+@pytest.mark.slow
 async def test_failing_unit_reports_journal_lines(sd1: SystemdContainer) -> None:
     reset(sd1)
     backend, ctx = offline(Systemd("fail", prefix=prefix(sd1), journal_lines=10))
@@ -193,6 +196,7 @@ async def test_failing_unit_reports_journal_lines(sd1: SystemdContainer) -> None
     await backend.stop(ctx)
 
 
+@pytest.mark.slow
 async def test_unknown_unit_and_missing_prefix_command_are_clear_errors(
     sd1: SystemdContainer,
 ) -> None:
@@ -206,6 +210,7 @@ async def test_unknown_unit_and_missing_prefix_command_are_clear_errors(
     assert not h.healthy and "cannot run" in h.detail
 
 
+@pytest.mark.slow
 async def test_unit_that_dies_is_restarted(
     sd1: SystemdContainer, platforms: Callable[..., Any]
 ) -> None:

@@ -1,11 +1,14 @@
-"""The discovery DNS server answered through dnspython's resolver: A, SRV, TXT, NXDOMAIN,
-healthy instances only; and (slow) an SRV answer that follows a SIGKILL failover of node
-processes within the lease plus a bound."""
+"""The discovery DNS server answered through dnspython's resolver and ``dig``: A, SRV, TXT,
+NXDOMAIN, healthy instances only, EDNS(0) payload sizes; and (slow) an SRV answer that follows
+a SIGKILL failover of node processes within the lease plus a bound."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +19,13 @@ import dns.asyncresolver
 import dns.exception
 import dns.flags
 import dns.message
+import dns.rcode
 import dns.resolver
 import pytest
+from dnslib import EDNS0, DNSRecord
 
 from pycluster import App, Platform, Spread
+from pycluster.testing import require
 from pycluster.testing.nodes import NodeCluster
 from pycluster.testing.wait import wait_for
 from pycluster_discovery import PyCheck, Service
@@ -197,3 +203,134 @@ async def test_a_taken_tcp_port_fails_start_clearly_and_frees_udp(
             await p.start()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind(("127.0.0.1", port))  # the UDP side was released
+
+
+async def _big_service(make_node: Callable[..., Any], count: int) -> tuple[Platform, str]:
+    """A node with DNS and ``count`` external instances of service ``big`` of app ``ext``;
+    returns the platform and the SRV name."""
+    p = await dns_node(make_node, "n1", App("idle", Spread()))
+    d = disc(p)
+    for i in range(count):
+        await d.register("big", 7000 + i, app="ext", host=f"10.0.0.{i + 1}", node=f"x{i}")
+    await wait_for(lambda: len(d.instances("big")) == count or None, 10)
+    return p, f"_big._tcp.ext.{p.name}.pycluster."
+
+
+async def test_edns_payload_size_is_honoured_before_truncating(
+        make_node: Callable[..., Any]) -> None:
+    """EDNS(0): the answer carries an OPT record, and a UDP answer may be as large as the
+    client's payload size: a SRV answer that truncates at 512 bytes (no EDNS) or at a payload
+    of 1232 fits with 4096."""
+    p, name = await _big_service(make_node, 40)
+    host, port_s = disc(p).dns.address.rsplit(":", 1)
+    port = int(port_s)
+
+    async def udp(**kw: Any) -> dns.message.Message:
+        return await dns.asyncquery.udp(dns.message.make_query(name, "SRV", **kw), host,
+                                        port=port, timeout=5)
+
+    full = await dns.asyncquery.tcp(dns.message.make_query(name, "SRV"), host, port=port,
+                                    timeout=5)
+    size = len(full.to_wire())
+    assert len(full.answer[0]) == 40 and 1232 < size <= 4096, size
+
+    plain = await udp()  # no EDNS: 512 bytes at most, no OPT in the answer
+    assert plain.flags & dns.flags.TC and not plain.answer and plain.edns == -1
+    small = await udp(use_edns=0, payload=1232)
+    assert small.flags & dns.flags.TC and not small.answer
+    assert small.edns == 0 and small.payload == 4096  # the OPT is there when truncated too
+    big = await udp(use_edns=0, payload=4096)
+    assert not big.flags & dns.flags.TC and big.rcode() == dns.rcode.NOERROR
+    assert big.edns == 0 and big.payload == 4096
+    assert sorted(r.port for r in big.answer[0]) == list(range(7000, 7040))
+    assert len(big.additional) == 40  # the targets' addresses (the OPT is not among them)
+    huge = await udp(use_edns=0, payload=65000)  # more than we offer: our size is the limit
+    assert not huge.flags & dns.flags.TC and len(huge.answer[0]) == 40
+    tiny = await udp(use_edns=0, payload=100)  # below 512 counts as 512
+    assert tiny.flags & dns.flags.TC and tiny.edns == 0
+    # a small answer with EDNS: an OPT record back, over UDP and TCP
+    one = dns.message.make_query(f"x0.big.ext.{p.name}.pycluster.", "A", use_edns=0)
+    for reply in (await dns.asyncquery.udp(one, host, port=port, timeout=5),
+                  await dns.asyncquery.tcp(one, host, port=port, timeout=5)):
+        assert reply.edns == 0 and [r.address for r in reply.answer[0]] == ["10.0.0.1"]
+    # EDNS version 1: BADVERS
+    bad = await udp(use_edns=1)
+    assert bad.rcode() == dns.rcode.BADVERS and bad.edns == 0 and not bad.answer
+    # two OPT records: FORMERR (dnslib builds the malformed query)
+    twice = DNSRecord.question(name, "SRV")
+    twice.add_ar(EDNS0(udp_len=4096))
+    twice.add_ar(EDNS0(udp_len=4096))
+
+    def ask_raw(wire: bytes) -> bytes:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(wire, (host, port))
+            return sock.recv(65535)
+
+    formerr = dns.message.from_wire(await asyncio.to_thread(ask_raw, twice.pack()))
+    assert formerr.rcode() == dns.rcode.FORMERR and not formerr.answer
+
+
+def dig(*args: str) -> str:
+    """Run ``dig`` (``+time=5 +tries=1``) and return its output."""
+    out = subprocess.run(["dig", "+time=5", "+tries=1", *args], capture_output=True, text=True,
+                         timeout=30, check=True)
+    return out.stdout
+
+
+def answers(output: str) -> list[list[str]]:
+    """The answer lines of ``dig +noall +answer``: [name, ttl, class, type, rdata...]."""
+    return [line.split() for line in output.splitlines()
+            if line.strip() and not line.startswith(";")]
+
+
+async def test_dig_queries_a_srv_txt_over_udp_and_tcp(make_node: Callable[..., Any]) -> None:
+    """The DNS server asked with ``dig`` (BIND's client): A, SRV, TXT, over UDP and +tcp,
+    EDNS, NXDOMAIN, and a large answer retried over TCP without EDNS."""
+    require("dig", shutil.which("dig") is not None,
+            "dig is not installed (Debian: bind9-dnsutils, see .ci/install-system.sh)")
+    p, big = await _big_service(make_node, 40)
+    d = disc(p)
+    await d.register("web", 8443, app="shop", host="127.0.0.7", node="w1", tags=["v2"],
+                     metadata={"zone": "a"})
+    await wait_for(lambda: d.instances("web") or None, 10)
+    host, port = d.dns.address.rsplit(":", 1)
+    zone = f"{p.name}.pycluster."
+    at = [f"@{host}", "-p", port]
+
+    def ask(*args: str) -> str:
+        return dig(*at, *args)
+
+    for transport in ((), ("+tcp",)):
+        out = await asyncio.to_thread(ask, *transport, "+noall", "+answer",
+                                      f"web.shop.{zone}", "A")
+        assert answers(out) == [[f"web.shop.{zone}", "2", "IN", "A", "127.0.0.7"]], out
+        out = await asyncio.to_thread(ask, *transport, "+noall", "+answer",
+                                      f"_web._tcp.shop.{zone}", "SRV")
+        [[name, ttl, cls, rtype, prio, weight, srv_port, target]] = answers(out)
+        assert (name, cls, rtype, srv_port, target) == (
+            f"_web._tcp.shop.{zone}", "IN", "SRV", "8443", f"w1.web.shop.{zone}")
+        assert int(ttl) <= 2 and (prio, weight) == ("0", "1")
+        out = await asyncio.to_thread(ask, *transport, "+noall", "+answer",
+                                      f"web.shop.{zone}", "TXT")
+        [txt] = answers(out)
+        assert txt[3] == "TXT"
+        strings = [s.strip('"') for s in txt[4:]]
+        assert {"node=w1", "status=passing", "port=8443", "tags=v2", "zone=a"} <= set(strings)
+    # the target's address comes in the additional section
+    out = await asyncio.to_thread(ask, "+noall", "+additional", f"_web._tcp.shop.{zone}", "SRV")
+    assert [f"w1.web.shop.{zone}", "2", "IN", "A", "127.0.0.7"] in answers(out)
+    # dig sends EDNS by default: the answer carries our OPT record
+    out = await asyncio.to_thread(ask, f"web.shop.{zone}", "A")
+    assert re.search(r"EDNS: version: 0, flags:;? udp: 4096", out), out
+    assert "status: NOERROR" in out and "flags: qr aa" in out
+    out = await asyncio.to_thread(ask, f"nope.shop.{zone}", "A")
+    assert "status: NXDOMAIN" in out and "SOA" in out
+    # 40 SRV records: over 512 bytes without EDNS, dig is told TC and retries over TCP
+    out = await asyncio.to_thread(ask, "+noedns", big, "SRV")
+    assert "Truncated, retrying in TCP mode" in out
+    assert len([a for a in answers(out) if a[3] == "SRV"]) == 40
+    # with EDNS 4096 the same answer comes over UDP at once
+    out = await asyncio.to_thread(ask, "+bufsize=4096", "+noall", "+answer", "+comments", big,
+                                  "SRV")
+    assert "Truncated" not in out and len(answers(out)) == 40

@@ -39,6 +39,17 @@ async def test_status_metrics_and_audit(make_node: Callable[..., Any]) -> None:
     [reg] = doc["plugins_status"]["discovery"]["registrations"]
     assert (reg["service"], reg["role"], reg["status"], reg["node"]) == (
         "http", "primary", "passing", "n1")
+    assert reg["check"] == "ok" and reg["port"] == 8080
+    # what the node registers by hand is listed too (it renews those records), until withdrawn
+    await d.register("pg", 5432, app="db", host="10.0.0.5")
+    doc = await asyncio.to_thread(status)
+    regs = doc["plugins_status"]["discovery"]["registrations"]
+    assert [(r["app"], r["service"], r["role"], r["node"]) for r in regs] == [
+        ("db", "pg", "external", "n1"), ("orders", "http", "primary", "n1")]
+    await d.deregister("pg", app="db")
+    doc = await asyncio.to_thread(status)
+    assert [r["service"] for r in doc["plugins_status"]["discovery"]["registrations"]] == [
+        "http"]
 
     text = (await p.service("metrics").render_async()).decode()
     assert 'pycluster_services{service="http",status="passing"} 1.0' in text

@@ -91,6 +91,7 @@ async def test_exactly_once_join_leave_minimal_moves(make_node: Any) -> None:
             assert m.holds(p, m.owned[p])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_hanging_release_loses_partitions_at_its_deadline(
         make_node: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -120,6 +121,7 @@ async def test_ring_with_singleton_is_refused(make_node: Any) -> None:
         Ring(partitions=0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_for_key_reaches_the_owner_during_churn(make_node: Any) -> None:
     w = Witness()

@@ -109,6 +109,7 @@ async def test_fresh_node_bootstraps_from_latest_snapshot_plus_wal(make_node: An
     assert later and snaps[0].id not in {s.id for s in later}
 
 
+@pytest.mark.slow
 async def test_promotion_from_a_snapshot_when_the_wal_bucket_is_gone(make_node: Any) -> None:
     pa, app_a, db_a = await make_node("n1")
     await wait_for(lambda: app_a.is_active, 30, message="n1 active")

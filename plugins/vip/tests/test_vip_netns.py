@@ -6,6 +6,9 @@ records every ARP packet it sees.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import subprocess
 import sys
 import time
@@ -210,3 +213,35 @@ async def test_sequence_order_and_audit_trail(
     actions = [e.action for e in entries if e.app == "db"]
     assert actions[0] == "acquired" and "released" in actions, actions
     assert entries[0].data["address"] == seg.vip and entries[0].node == "n1"
+
+
+@pytest.mark.slow
+async def test_pycluster_status_shows_who_holds_the_vip(
+    seg: Segment, nats_url: str, unique_name: str
+) -> None:
+    """`pycluster status` asks the node (over NATS) which VIP it holds."""
+    v = seg.vip_option()
+    app = App("db", v)
+    pm = create_plugin_manager(load_entrypoints=False, extra=[("vip", vip_plugin)])
+    p = Platform(unique_name, node_id="n1", nats_url=nats_url, plugin_manager=pm,
+                 lease_ttl=2.0, heartbeat_interval=0.5, hook_timeout=10.0)
+    p.register(app)
+    await p.start()
+    try:
+        assert await app.wait_for_leadership(60)
+        await wait_for(lambda: v.held, 20, message="VIP held")
+        env = {k: val for k, val in os.environ.items() if not k.startswith("PYCLUSTER_")}
+        cli = [sys.executable, "-m", "pycluster.cli", "status", "-p", unique_name,
+               "--nats-url", nats_url]
+        out = await asyncio.to_thread(subprocess.run, [*cli, "-o", "json"], capture_output=True,
+                                      text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        (db,) = json.loads(out.stdout)["apps"]
+        (held,) = db["vips"]["n1"]
+        assert held["held"] is True and held["plugin"] == "vip"
+        assert held["address"].split("/")[0] == seg.vip
+        text = await asyncio.to_thread(subprocess.run, cli, capture_output=True, text=True,
+                                       timeout=60, env=env)
+        assert "@n1" in text.stdout and seg.vip in text.stdout, text.stdout
+    finally:
+        await p.stop()

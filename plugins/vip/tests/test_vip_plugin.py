@@ -89,6 +89,7 @@ def test_option_is_claimed_and_joins_the_vip_stage() -> None:
     assert not v.held and not hasattr(v, "_runtime")
 
 
+@pytest.mark.slow
 def test_missing_netlink_rights_are_reported_at_start_up(nats_url: str,
                                                           unique_name: str) -> None:
     require("setpriv (util-linux)", shutil.which("setpriv") is not None, "setpriv not installed")

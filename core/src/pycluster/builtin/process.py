@@ -307,7 +307,8 @@ class ProcessController(Controller):
             asyncio.create_task(self._pump(guard.stderr, "stderr")),
         ]
         try:
-            first = await asyncio.wait_for(reader.readline(), GUARD_START_TIMEOUT)
+            async with asyncio.timeout(GUARD_START_TIMEOUT):
+                first = await reader.readline()
         except BaseException:
             child.tasks.append(asyncio.create_task(self._follow(child, reader)))
             await self._terminate(child, 0.0)

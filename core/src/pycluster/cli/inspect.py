@@ -6,6 +6,7 @@ A platform or app name that matches nothing is an error that says so (`NoLiveNod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import TYPE_CHECKING, Any
@@ -156,9 +157,88 @@ async def _lease(js: JetStreamContext, platform: str, app: str) -> tuple[str | N
     return body.get("node"), body.get("epoch") or msg.seq
 
 
+async def request_node_status(nc: NATS, platform: str, nodes: list[str], timeout: float = 2.0,
+                              history: bool = False, signer: SignedAuth | None = None,
+                              ) -> dict[str, dict[str, Any]]:
+    """Each node's ``/status`` document, asked over NATS (the health plugin answers on
+    ``{platform}._.node.{node}.status``; no ``health_addr`` needed), all at once; signed by
+    ``signer`` for nodes whose middleware requires signed control requests.
+
+    A node that does not answer within ``timeout`` or refuses is ``{"error": reason}``.
+    """
+    from ..builtin.health.endpoints import node_status_subject
+
+    body = json.dumps({"history": history}).encode()
+
+    async def one(node: str) -> dict[str, Any]:
+        subject = node_status_subject(platform, node)
+        headers: dict[str, str] = {}
+        if signer is not None:
+            signer.sign_request(subject, body, headers)
+        try:
+            msg = await nc.request(subject, body, timeout=timeout, headers=headers or None)
+        except nats.errors.NoRespondersError:
+            return {"error": "no answer (health plugin disabled, or an older pycluster)"}
+        except nats.errors.TimeoutError:
+            return {"error": f"no answer within {timeout:g} s"}
+        try:
+            doc: dict[str, Any] = json.loads(msg.data)
+        except ValueError as exc:
+            return {"error": f"bad reply: {exc}"}
+        err = doc.get("error")
+        if isinstance(err, dict):
+            hint = ("" if signer is not None or err.get("code") != "unauthorized"
+                    else " (sign with --sign-as IDENTITY --seed FILE)")
+            return {"error": f"refused: {err.get('reason')}{hint}"}
+        return doc
+
+    docs = await asyncio.gather(*(one(n) for n in nodes))
+    return dict(zip(nodes, docs, strict=True))
+
+
+def _merge_detail(st: dict[str, Any], docs: dict[str, dict[str, Any]]) -> None:
+    """Add what only the nodes know (lease age, backends, replication, VIPs, checks) to
+    ``read_status``'s document, per node and per app."""
+    for rec in st["nodes"]:
+        doc = docs.get(str(rec["node_id"])) or {}
+        if "error" in doc:
+            rec["status_error"] = doc["error"]
+            continue
+        failing = sorted(n for n, c in (doc.get("checks") or {}).items()
+                         if c.get("status") == "unhealthy")
+        rec["detail"] = {"healthy": doc.get("healthy"), "ready": doc.get("ready"),
+                         "not_ready": doc.get("not_ready") or [], "failing_checks": failing,
+                         "uptime": doc.get("uptime"), "connected": doc.get("connected"),
+                         "health_url": doc.get("health_url")}
+    for entry in st["apps"]:
+        name = entry["app"]
+        backends: dict[str, Any] = {}
+        replication: dict[str, Any] = {}
+        vips: dict[str, Any] = {}
+        lease_age = None
+        for node, doc in docs.items():
+            info = (doc.get("apps") or {}).get(name)
+            if not isinstance(info, dict):
+                continue
+            if info.get("backends"):
+                backends[node] = info["backends"]
+            if info.get("replication"):
+                replication[node] = info["replication"]
+            if info.get("vips"):
+                vips[node] = info["vips"]
+            if node == entry.get("leader") and info.get("lease_age") is not None:
+                lease_age = info["lease_age"]  # the leader's own: seconds since renewal
+        entry.update({"lease_age": lease_age, "backends": backends,
+                      "replication": replication, "vips": vips})
+
+
 async def read_status(nats_url: str | None, platform: str,
-                      data_dir: str | None = None, config: str | None = None) -> dict[str, Any]:
-    """Nodes (live records) and apps (leader lease, epoch, where active).
+                      data_dir: str | None = None, config: str | None = None, *,
+                      detail: bool = False, timeout: float = 2.0,
+                      signer: SignedAuth | None = None) -> dict[str, Any]:
+    """Nodes (live records, cordon and maintenance state) and apps (leader lease, epoch, where
+    active); with ``detail`` also what only the nodes know, asked of each
+    (`request_node_status`): lease age, backend state, replication lag, VIPs, failing checks.
 
     Raises `NoLiveNodesError` when no node of ``platform`` is alive there. ``nats_url`` None:
     see `cli_settings`.
@@ -168,8 +248,10 @@ async def read_status(nats_url: str | None, platform: str,
     try:
         js = nc.jetstream()
         nodes = await _nodes_or_fail(js, platform, servers)
+        ops, _ = await read_operations(js, platform)
         apps: dict[str, dict[str, Any]] = {}
         for rec in nodes:
+            rec["cordoned"] = str(rec.get("node_id")) in ops.cordoned
             for name, a in (rec.get("apps") or {}).items():
                 entry = apps.setdefault(name, {"app": name, "mode": a.get("mode"),
                                                "active_on": [], "standby_on": []})
@@ -179,14 +261,18 @@ async def read_status(nats_url: str | None, platform: str,
                     entry["standby_on"].append(rec["node_id"])
         eligible = {name for rec in nodes for name, a in (rec.get("apps") or {}).items()
                     if isinstance(a, dict) and a.get("eligible") is True}
-        ops, _ = await read_operations(js, platform)
         for name, entry in apps.items():
             entry["leader"], entry["epoch"] = await _lease(js, platform, name)
             entry["maintenance"] = ops.in_maintenance(name)
             # No live node may place it and none runs it: see docs/placement.md.
             entry["pending"] = name not in eligible and not entry["active_on"]
-        return {"platform": platform, "nodes": nodes, "operations": ops.as_dict(),
-                "apps": sorted(apps.values(), key=lambda a: a["app"])}
+        st = {"platform": platform, "nodes": nodes, "operations": ops.as_dict(),
+              "apps": sorted(apps.values(), key=lambda a: a["app"])}
+        if detail:
+            ids = [str(n["node_id"]) for n in nodes]
+            _merge_detail(st, await request_node_status(nc, platform, ids, timeout,
+                                                        signer=signer))
+        return st
     finally:
         await nc.close()
 
@@ -256,3 +342,34 @@ async def request_stepdown(nats_url: str | None, platform: str, app: str,
         return res
     finally:
         await nc.close()
+
+
+async def read_health(nats_url: str | None, platform: str, node: str | None = None,
+                      data_dir: str | None = None, config: str | None = None, *,
+                      timeout: float = 2.0,
+                      signer: SignedAuth | None = None) -> dict[str, dict[str, Any]]:
+    """The checks of ``node`` (default: every live node), by node: ``healthy``, ``ready``,
+    ``not_ready`` and ``checks`` (each check's status, latency, last error), or ``error`` for a
+    node that did not answer. ``node`` must be live (`ConfigError`)."""
+    validate_ident("platform", platform)
+    if node is not None:
+        validate_ident("node", node)
+    nc, servers = await _open(nats_url, platform, data_dir, config)
+    try:
+        live = sorted(str(n["node_id"]) for n in await _nodes_or_fail(nc.jetstream(), platform,
+                                                                      servers))
+        if node is not None and node not in live:
+            raise ConfigError("node", node, f"is not a live node of platform {platform!r} "
+                              f"(live: {', '.join(live)})")
+        docs = await request_node_status(nc, platform, [node] if node else live, timeout,
+                                         signer=signer)
+    finally:
+        await nc.close()
+    out: dict[str, dict[str, Any]] = {}
+    for n, doc in docs.items():
+        if "error" in doc:
+            out[n] = {"error": doc["error"]}
+            continue
+        out[n] = {"healthy": doc.get("healthy"), "ready": doc.get("ready"),
+                  "not_ready": doc.get("not_ready") or [], "checks": doc.get("checks") or {}}
+    return out

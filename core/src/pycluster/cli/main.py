@@ -29,6 +29,7 @@ from .ops_cmd import doctor_cmd, init_cmd, version_cmd
 from .options import connection_options
 from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
 from .security_cmd import nats_config_cmd, provision_cmd
+from .status_cmd import health_cmd, status_cmd
 
 if TYPE_CHECKING:
     from ..kernel.platform import Platform
@@ -179,47 +180,7 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
         pass
 
 
-# -- status / stepdown ----------------------------------------------------------------------
-
-
-@cli.command("status")
-@connection_options
-@OUTPUT
-def status_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
-               output: str) -> None:
-    """Show nodes, apps, leaders and epochs of a platform.
-
-    \b
-    Examples:
-      pycluster status --config /etc/pycluster/node.yaml
-      pycluster status -p prod --nats-url nats://nats-1:4222 -o json
-    """
-    from .inspect import read_status
-
-    try:
-        st = asyncio.run(read_status(nats_url, platform, data_dir, config))
-    except PyclusterError as exc:
-        _fail(exc)
-        return
-    if output == "json":
-        click.echo(json.dumps(st, indent=2, default=str))
-        return
-    click.echo(f"platform {platform}: {len(st['nodes'])} node(s)")
-    rows = [[n["node_id"], ",".join(f"{k}={v}" for k, v in (n.get("labels") or {}).items()),
-             n.get("version", ""), n.get("host", ""), n.get("pid", "")] for n in st["nodes"]]
-    click.echo(_table(rows, ["NODE", "LABELS", "VERSION", "HOST", "PID"]))
-    click.echo("")
-    rows = [[a["app"], a.get("mode", ""), a.get("leader") or "-", a.get("epoch") or "-",
-             ",".join(a.get("active_on", [])) or "-", ",".join(a.get("standby_on", [])) or "-",
-             ",".join(s for s, on in (("maintenance", a.get("maintenance")),
-                                      ("pending", a.get("pending"))) if on) or "-"]
-            for a in st["apps"]]
-    click.echo(_table(rows, ["APP", "MODE", "LEADER", "EPOCH", "ACTIVE ON", "STANDBY ON",
-                             "STATE"]))
-    for a in st["apps"]:
-        if a.get("maintenance") and not a.get("leader"):
-            click.echo(f"\n{a['app']}: no leader, and maintenance mode withholds failover "
-                       "(pycluster maintenance off)")
+# -- stepdown -------------------------------------------------------------------------------
 
 
 @cli.command("stepdown")
@@ -287,6 +248,8 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
         _fail(exc)
 
 
+cli.add_command(status_cmd)
+cli.add_command(health_cmd)
 cli.add_command(audit_cmd)
 cli.add_command(chaos_cmd)
 cli.add_command(version_cmd)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 log = logging.getLogger("pycluster.tasks")
@@ -51,6 +51,7 @@ def supervise(
     starts over once a run has lasted longer than ``max_backoff``). Without ``restart`` (a loop
     whose state cannot be trusted after a crash) ``on_fatal(name, exc)`` is called instead, so
     the owner can fail loudly. A run that returns ends the task; cancelling the task stops it.
+    (`TaskSet.spawn` runs the same supervision inside a task group.)
 
     Example::
 
@@ -58,30 +59,148 @@ def supervise(
         ...
         await cancel_and_wait(self._task)
     """
-    lg = logger or log
+    return asyncio.create_task(
+        supervised(name, factory, restart=restart, backoff=backoff, max_backoff=max_backoff,
+                   on_fatal=on_fatal, logger=logger), name=name)
 
-    async def run() -> None:
-        delay = backoff
-        while True:
-            started = time.monotonic()
-            try:
-                await factory()
+
+async def supervised(
+    name: str,
+    factory: Callable[[], Awaitable[Any]],
+    *,
+    restart: bool = True,
+    backoff: float = 0.1,
+    max_backoff: float = 10.0,
+    on_fatal: FatalHandler | None = None,
+    logger: logging.Logger | None = None,
+) -> None:
+    """The body of a task that `supervise` starts: it never raises but a cancellation."""
+    lg = logger or log
+    delay = backoff
+    while True:
+        started = time.monotonic()
+        try:
+            await factory()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not restart:
+                lg.critical("task %s died and cannot be restarted", name, exc_info=exc)
+                if on_fatal is not None:
+                    try:
+                        on_fatal(name, exc)
+                    except Exception:
+                        lg.exception("task %s: the fatal-error handler failed", name)
                 return
+            if time.monotonic() - started > max_backoff:
+                delay = backoff  # it ran well for a while: not a crash loop
+            lg.error("task %s died; restarting in %.1fs", name, delay, exc_info=exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
+
+
+class TaskSet:
+    """The long-running tasks of one owner (membership's loops, health checks, a backend's
+    pumps), run in one `asyncio.TaskGroup` so that none is lost: each child is a `supervised`
+    loop (a crash is logged at once, then restarted or handed to ``on_fatal``), and `close`
+    cancels and awaits them all.
+
+    The group lives in a runner task of its own (the owner's methods return while the tasks
+    run); a crash of the runner itself is logged CRITICAL.
+
+    Example::
+
+        self._tasks = TaskSet("membership")
+        await self._tasks.open()
+        self._tasks.spawn("membership:poll", self._poll)
+        ...
+        await self._tasks.close()
+    """
+
+    def __init__(self, name: str, *, logger: logging.Logger | None = None) -> None:
+        self.name = name
+        self._log = logger or log
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._children: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> bool:
+        """Whether the group is open (tasks can be spawned)."""
+        return self._group is not None
+
+    def __iter__(self) -> Iterator[asyncio.Task[None]]:
+        """The children running now."""
+        return iter(list(self._children))
+
+    async def open(self) -> None:
+        """Start the group (returns once `spawn` can be called)."""
+        if self._runner is not None:
+            return
+        entered = asyncio.get_running_loop().create_future()
+        self._runner = asyncio.create_task(self._run(entered), name=f"{self.name}:tasks")
+        self._runner.add_done_callback(self._runner_done)
+        await entered
+
+    async def _run(self, entered: asyncio.Future[None]) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            entered.set_result(None)
+            await asyncio.get_running_loop().create_future()  # until closed (cancelled)
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        self._group = None
+        if not task.cancelled() and task.exception() is not None:
+            self._log.critical("task group %s died", self.name, exc_info=task.exception())
+
+    def spawn(self, name: str, factory: Callable[[], Awaitable[Any]], *,
+              restart: bool = True, on_fatal: FatalHandler | None = None,
+              backoff: float = 0.1, max_backoff: float = 10.0) -> asyncio.Task[None]:
+        """Run ``factory()`` as a supervised child (see `supervise` for the parameters); the
+        task may be cancelled on its own (`cancel_and_wait`) without touching its siblings.
+
+        :raises RuntimeError: the group is not open.
+        """
+        if self._group is None:
+            raise RuntimeError(f"task group {self.name} is not open")
+        task = self._group.create_task(
+            supervised(name, factory, restart=restart, backoff=backoff,
+                       max_backoff=max_backoff, on_fatal=on_fatal, logger=self._log),
+            name=name)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+        return task
+
+    def run(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
+        """Run the one-shot ``coro`` as a child: a failure is logged at once (ERROR, with the
+        traceback), not restarted. Outside the group's life (before `open`, after `close`) it
+        runs in a task of its own, still logged, and still cancelled by `close`."""
+
+        async def once() -> None:
+            try:
+                await coro
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not restart:
-                    lg.critical("task %s died and cannot be restarted", name, exc_info=exc)
-                    if on_fatal is not None:
-                        try:
-                            on_fatal(name, exc)
-                        except Exception:
-                            lg.exception("task %s: the fatal-error handler failed", name)
-                    return
-                if time.monotonic() - started > max_backoff:
-                    delay = backoff  # it ran well for a while: not a crash loop
-                lg.error("task %s died; restarting in %.1fs", name, delay, exc_info=exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_backoff)
+                self._log.error("task %s failed", name, exc_info=exc)
 
-    return asyncio.create_task(run(), name=name)
+        if self._group is not None:
+            task = self._group.create_task(once(), name=name)
+        else:
+            task = asyncio.create_task(once(), name=name)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+        return task
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Cancel every child and wait for them, then end the group.
+
+        Each child is cancelled with `cancel_and_wait` first (re-cancelled should it swallow a
+        cancellation), so one stubborn child cannot hold the group's exit.
+        """
+        for task in list(self._children):
+            await cancel_and_wait(task, timeout)
+        runner, self._runner = self._runner, None
+        await cancel_and_wait(runner, timeout)
+        self._group = None

@@ -19,7 +19,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, NotLeaderError
 from .names import validate_ident
-from .options import Budget, Constraint, Election, Mode, Preference, Singleton, Strategy
+from .options import (
+    Budget,
+    Constraint,
+    Election,
+    Mode,
+    Preference,
+    Rebalance,
+    Singleton,
+    Strategy,
+)
 from .types import NodeInfo, Role
 
 if TYPE_CHECKING:
@@ -99,6 +108,8 @@ class App:
         self.strategy = Strategy()
         #: The disruption budget of planned moves (`Budget`), if any.
         self.budget: Budget | None = None
+        #: Automatic rebalancing and migration limits of this app (`Rebalance`).
+        self.rebalance = Rebalance()
         self.options: list[object] = []  # plugin options, claimed at register()
         modes = 0
         for opt in options:
@@ -113,6 +124,8 @@ class App:
                 self.strategy = opt
             elif isinstance(opt, Budget):
                 self.budget = opt
+            elif isinstance(opt, Rebalance):
+                self.rebalance = opt
             elif opt is None or isinstance(opt, str | int | float | bytes | dict | list | tuple):
                 raise ConfigError(f"App({name!r}) option", opt, "not an option object")
             else:

@@ -43,8 +43,9 @@ def attach(platform: Platform, app: App) -> None:
     (at ``platform.register``)."""
     from ..backend import Supervisor
 
+    matched = platform.backends.matches(app.options)
     for kind in platform.backends.all():
-        opts = [o for o in app.options if isinstance(o, kind.option_class)]
+        opts = [o for k, o in matched if k is kind]
         if not opts:
             continue
         pairs: list[tuple[object, Supervisor]] = []

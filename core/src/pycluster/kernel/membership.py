@@ -1,13 +1,15 @@
 """Membership: each node's record in ``{platform}_platform`` under ``nodes.{node_id}``.
 
 The record (id, labels, address, version, plugin set, apps, started) is written like a lease:
-compare-and-set plus ``Nats-TTL``, refreshed every heartbeat, so a crashed node's record
-expires and a graceful leave deletes it. Other nodes watch ``nodes.>`` and raise
+compare-and-set plus ``Nats-TTL``, refreshed every half TTL (at once when it changes; a failed
+refresh is retried after a heartbeat), so a crashed node's record expires one TTL after its
+last refresh and a graceful leave deletes it. Other nodes watch ``nodes.>`` and raise
 ``on_member_join`` / ``on_member_leave``. The watch is the steady state: an idle node reads no
 records. It is checked every heartbeat by this node's own record (each refresh must come back
 through the watch within a heartbeat; if not, the watch went silent: it is re-created and every
 record read), and every record is read again after a reconnect and every
-``reconcile_interval`` (15 s) as a slow reconciliation.
+``reconcile_interval`` (15 s; two seconds per member on larger platforms) as a slow
+reconciliation.
 
 A second process starting with a node id whose record is alive asks that process over NATS
 whether it is running (``{platform}._.node.{node_id}.ping``); if the process named by the
@@ -47,7 +49,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import natsutil as nu
-from .aio import cancel_and_wait, supervise
+from .aio import TaskSet
 from .control import no_responders
 from .errors import DuplicateNodeError
 from .names import platform_subject
@@ -174,7 +176,7 @@ class Membership:
             interval=max(0.5, min(poll_interval, heartbeat)),
         )
         self._rev = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = TaskSet("membership", logger=log)
         self._ping_sub: Any = None
         self._watch_sub: Any = None
         self._wake = asyncio.Event()
@@ -242,10 +244,9 @@ class Membership:
         self._ping_sub = await self._nc.subscribe(subject, cb=self._pong)
         await self._subscribe()
         await self.refresh_view()
-        self._tasks = [
-            supervise("membership:heartbeat", self._heartbeat, logger=log),
-            supervise("membership:poll", self._poll, logger=log),
-        ]
+        await self._tasks.open()
+        self._tasks.spawn("membership:heartbeat", self._heartbeat)
+        self._tasks.spawn("membership:poll", self._poll)
 
     async def _pong(self, msg: Msg) -> None:
         """Answer a ping of our node id with our incarnation (behind the middleware chain)."""
@@ -313,20 +314,31 @@ class Membership:
         """Refresh the record at once (e.g. after an app changed role)."""
         self._wake.set()
 
+    @property
+    def refresh_interval(self) -> float:
+        """Seconds between two refreshes of an unchanged record: half its TTL (at least the
+        heartbeat). Every member receives every refresh, so this sets the idle cost of a
+        large platform; a crashed node's record still expires one TTL after its last
+        refresh, and a failed refresh is retried after a heartbeat, well within the TTL."""
+        return max(self.heartbeat, self.ttl / 2)
+
     async def _heartbeat(self) -> None:
+        wait = self.refresh_interval
         while not self._stopped:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.heartbeat):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             if self._stopped:
                 return
             self._wake.clear()  # before encoding: a change from now on triggers another refresh
+            wait = self.heartbeat  # until this refresh is known to have landed
             try:
                 self._rev = await nu.cas_publish(
                     self._js, self.bucket, self.key, self._encode(), expected_seq=self._rev,
                     ttl=self.ttl,
                 )
                 self._max_seq = max(self._max_seq, self._rev)
+                wait = self.refresh_interval
             except nu.CASConflict:
                 if await self._conflict():
                     return
@@ -378,16 +390,17 @@ class Membership:
         return False
 
     async def _subscribe(self) -> None:
+        prefix = len(nu.kv_subject(self.bucket, NODE_PREFIX))
+
         async def on_msg(msg: Msg) -> None:
             try:
-                key = msg.subject.split(".", 2)[2]
-                node = key[len(NODE_PREFIX):]
-                headers = {k: str(v) for k, v in (msg.headers or {}).items()}
+                node = msg.subject[prefix:]
+                headers = msg.headers or {}
                 if headers.get(nu.KV_OP) in ("DEL", "PURGE") or headers.get(nu.MARKER_REASON):
                     self._fresh.pop(node, None)
                     self._left(node)
                 else:
-                    seq = msg.metadata.sequence.stream
+                    seq = _stream_seq(msg)
                     self._max_seq = max(self._max_seq, seq)
                     if node == self.node_id:
                         self._own_seen = max(self._own_seen, seq)
@@ -508,7 +521,10 @@ class Membership:
                          "re-creating it", self.node_id, written)
                 self.watch_restarts += 1
                 await self._resubscribe()
-            if silent or time.monotonic() - last_full >= self.reconcile_interval:
+            # Each reconciliation reads every record: with many members, read them less often
+            # (about one record per two seconds; the watch carries the changes meanwhile).
+            every = max(self.reconcile_interval, 2.0 * len(self.members))
+            if silent or time.monotonic() - last_full >= every:
                 await self.refresh_view()
                 last_full = time.monotonic()
 
@@ -516,14 +532,23 @@ class Membership:
         """Delete the record (others see the leave at once) and stop."""
         self._stopped = True
         self._wake.set()
-        for t in self._tasks:
-            await cancel_and_wait(t)
+        await self._tasks.close()
         for sub in (self._ping_sub, self._watch_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         with contextlib.suppress(Exception):
             await nu.cas_delete(self._js, self.bucket, self.key, expected_seq=self._rev)
+
+
+def _stream_seq(msg: Msg) -> int:
+    """The stream sequence of a JetStream delivery, read straight from its reply subject
+    (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>...``; the domain form has two
+    more tokens first): every member receives every refresh, so this runs often."""
+    parts = (msg.reply or "").split(".")
+    if len(parts) == 9:
+        return int(parts[5])
+    return int(msg.metadata.sequence.stream)
 
 
 def _decode(data: bytes) -> dict[str, Any]:

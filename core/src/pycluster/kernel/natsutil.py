@@ -389,18 +389,29 @@ async def retry_transient(
     """Call ``fn`` until it succeeds, retrying `TRANSIENT_ERRORS` with back-off for ``wait`` s.
 
     For start-up steps: a NATS cluster that is still electing stream leaders answers with
-    timeouts or no responders for a few seconds.
+    timeouts or no responders for a few seconds, and one whose meta leader has not heard from a
+    (re)joined server yet refuses to place replicas with "peer offline".
     """
     delay = first_delay
     deadline = time.monotonic() + wait
     while True:
         try:
             return await fn()
-        except TRANSIENT_ERRORS:
+        except Exception as exc:  # transient ones and a placement refused for an offline peer
+            if not isinstance(exc, TRANSIENT_ERRORS) and not placement_offline(exc):
+                raise
             if time.monotonic() + delay > deadline:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def placement_offline(exc: BaseException) -> bool:
+    """True for JetStream refusing to place replicas because a peer is offline (err_code
+    10005 with "offline" in its description): a passing state of a cluster whose servers are
+    (re)joining, unlike a cluster with too few servers, which says no "offline"."""
+    return (getattr(exc, "err_code", None) == 10005
+            and "offline" in str(getattr(exc, "description", "") or ""))
 
 
 async def live_msgs(js: JetStreamContext, bucket: str, prefix: str) -> dict[str, LastMsg]:

@@ -1,9 +1,10 @@
 """The operator's state of a platform, shared in NATS, and node labels' validation.
 
-`Operations` (maintenance mode, cordoned nodes) is one JSON object in the platform bucket under
-`OPS_KEY`, written by compare-and-set (`update_operations`) by any node or the CLI and read by
-every node's placement (`pycluster.kernel.placement`). A stored value of the wrong shape counts
-as the default state: anyone who may write the bucket could have put it there.
+`Operations` (maintenance mode, cordoned nodes, operators' moves in maintenance mode) is one
+JSON object in the platform bucket under `OPS_KEY`, written by compare-and-set
+(`update_operations`) by any node or the CLI and read by every node's placement
+(`pycluster.kernel.placement`). A stored value of the wrong shape counts as the default state:
+anyone who may write the bucket could have put it there.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -68,21 +69,36 @@ class Operations:
     :ivar maintenance: platform-wide maintenance mode (no automatic failover for any app).
     :ivar maintenance_apps: apps in maintenance mode on their own.
     :ivar cordoned: cordoned node ids -> ``{"at": wall time, "by": who}``.
+    :ivar operator_moves: app -> the node an operator moves it to while it is in maintenance
+        mode (that node alone may campaign for it; removed once it leads, and when
+        maintenance ends).
     """
 
     maintenance: bool = False
     maintenance_apps: frozenset[str] = frozenset()
     cordoned: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    operator_moves: Mapping[str, str] = field(default_factory=dict)
 
     def in_maintenance(self, app: str) -> bool:
         """Whether automation is paused for ``app`` (platform-wide or for it alone)."""
         return self.maintenance or app in self.maintenance_apps
 
+    def may_campaign(self, app: str, node: str) -> bool:
+        """Whether ``node`` may campaign for ``app`` as far as maintenance mode goes: not in
+        maintenance, or named by an operator's move (`operator_moves`)."""
+        return not self.in_maintenance(app) or self.operator_moves.get(app) == node
+
+    def without_stale_moves(self) -> Operations:
+        """This state without operator moves of apps no longer in maintenance mode."""
+        return replace(self, operator_moves={a: n for a, n in self.operator_moves.items()
+                                             if self.in_maintenance(a)})
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON object stored under `OPS_KEY` (and shown by the CLI)."""
         return {"maintenance": self.maintenance,
                 "maintenance_apps": sorted(self.maintenance_apps),
-                "cordoned": {n: dict(v) for n, v in sorted(self.cordoned.items())}}
+                "cordoned": {n: dict(v) for n, v in sorted(self.cordoned.items())},
+                "operator_moves": dict(sorted(self.operator_moves.items()))}
 
     @classmethod
     def parse(cls, data: bytes) -> Operations:
@@ -93,6 +109,7 @@ class Operations:
         maint = body.get("maintenance", False)
         apps = body.get("maintenance_apps", [])
         cordoned = body.get("cordoned", {})
+        moves = body.get("operator_moves", {})
         if not isinstance(maint, bool):
             raise ValueError("maintenance is not a boolean")
         if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
@@ -100,7 +117,10 @@ class Operations:
         if not isinstance(cordoned, dict) or not all(
                 isinstance(k, str) and isinstance(v, dict) for k, v in cordoned.items()):
             raise ValueError("cordoned is not a mapping of node ids to objects")
-        return cls(maint, frozenset(apps), dict(cordoned))
+        if not isinstance(moves, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in moves.items()):
+            raise ValueError("operator_moves is not a mapping of app names to node ids")
+        return cls(maint, frozenset(apps), dict(cordoned), dict(moves))
 
 
 async def read_operations(js: JetStreamContext, platform: str) -> tuple[Operations, int]:

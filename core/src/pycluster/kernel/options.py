@@ -280,6 +280,41 @@ class Budget:
         return max(0, slots - (self.max_unavailable or 0))
 
 
+@dataclass(frozen=True)
+class Rebalance:
+    """An app's automatic rebalancing and migration limits, each overriding the platform's
+    setting of the same meaning (None: the platform's).
+
+    :ivar auto: move the active instance by itself when a live eligible node scores at least
+        ``threshold`` more than this one (``auto_rebalance``; off by default).
+    :ivar threshold: the hysteresis of automatic moves, in score points
+        (``rebalance_threshold``).
+    :ivar cooldown: seconds between two migrations of the app, whatever started them
+        (``migration_cooldown``; an operator's ``app move --force`` skips it).
+    :ivar windows: when automatic moves may run, e.g. ``("mon-fri 02:00-04:00",)`` in UTC
+        (``maintenance_windows``; empty: any time).
+    """
+
+    auto: bool | None = None
+    threshold: float | None = None
+    cooldown: float | None = None
+    windows: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "cooldown"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                                  or not math.isfinite(v) or v < 0):
+                raise ConfigError(f"Rebalance {name}", v, "must be a number >= 0")
+        if self.auto is not None and not isinstance(self.auto, bool):
+            raise ConfigError("Rebalance auto", self.auto, "must be True or False")
+        if self.windows is not None:
+            from .migrations import parse_windows
+
+            object.__setattr__(self, "windows", tuple(self.windows))
+            parse_windows(self.windows)
+
+
 STRATEGIES = ("spread", "binpack", "zone")
 
 

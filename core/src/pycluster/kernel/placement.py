@@ -20,12 +20,23 @@ the CLI, read by every node each poll interval. A cordoned node takes no new lea
 starts no new Spread instance (what runs there stays); in maintenance mode (platform-wide or
 per app) no standby campaigns, so a leader that dies is not replaced until maintenance ends.
 The lease rules are untouched: maintenance only withholds campaigns, it never grants a lease.
+
+Migrations (`Placement.migrate`) take a platform-wide slot first (`MigrationSlots`: per-app
+cooldown, concurrent and per-minute limits, in NATS). Automatic rebalancing (opt-in, `Rebalance`
+or the ``auto_rebalance`` setting) is decided by each active instance for itself, at each
+re-evaluation: when a live eligible standby scores clearly better (the hysteresis threshold)
+for a settling time, inside the maintenance windows and outside maintenance mode, it migrates
+there (reason ``auto``).
+
+Size: placement decisions, re-evaluation, migrations and automatic rebalancing share the
+view, the operations state and the hooks; split, they would pass all of it around.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import natsutil as nu
 from .context import Context
 from .errors import ConfigError, PyclusterError
+from .migrations import MigrationSlots, MigrationWaiting, clearly_better, in_windows, parse_windows
 from .operations import (
     MAX_LABELS,
     OPS_KEY,
@@ -51,7 +63,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pycluster.placement")
 
-__all__ = ["MAX_LABELS", "OPS_KEY", "BudgetBlocked", "MigrationVetoed", "Operations",
+__all__ = ["MAX_LABELS", "OPS_KEY", "BudgetBlocked", "MigrationVetoed", "MigrationWaiting",
+           "Operations",
            "Placement", "PlacementStrategy", "PlacementView", "merge_labels",
            "read_operations", "update_operations", "validate_label"]
 
@@ -164,6 +177,19 @@ class Placement:
         self._unknown: set[str] = set()
         self._kick = asyncio.Event()
         self._busy = asyncio.Lock()
+        settings = platform.settings
+        #: The platform-wide migration limits (cooldowns, concurrent, per minute), in NATS.
+        self.slots = MigrationSlots(lambda: platform.js_control or platform.js, platform.name,
+                                    settings.max_concurrent_migrations,
+                                    settings.migrations_per_minute)
+        #: Automatic rebalancing: app -> (wanted target, since when, monotonic).
+        self._wanted: dict[str, tuple[str, float]] = {}
+        #: Automatic rebalancing: app -> the running migration task.
+        self._auto_tasks: dict[str, asyncio.Task[Any]] = {}
+        #: Automatic rebalancing: app -> why it last waited (logged once per reason).
+        self._auto_waits: dict[str, str] = {}
+        #: Automatic rebalancing: app -> no new attempt before (monotonic; a cooldown's end).
+        self._auto_retry: dict[str, float] = {}
 
     def eligible(self, app: App, node: NodeInfo | None = None) -> bool:
         """Whether every placement filter admits ``node`` (default: this node) for ``app``."""
@@ -185,7 +211,7 @@ class Placement:
         """Whether this node may campaign for a vacant lease of ``app`` now: not in
         maintenance mode, not cordoned, admitted by the filters (the election asks before
         every campaign)."""
-        return not self.ops.in_maintenance(app.name) and self.placeable(app)
+        return self.ops.may_campaign(app.name, self.platform.node_id) and self.placeable(app)
 
     def may_run_spread(self, app: App) -> bool:
         """Whether this node's Spread instance of ``app`` should be active: the filters admit
@@ -278,6 +304,10 @@ class Placement:
                                     "on_placement_invalid", False)
                 if app.is_active:
                     await self._hand_over(app, view)
+            for app in list(p.apps.values()):
+                rt = p.runtimes.get(app.name)
+                if rt is not None and rt.election is not None and app.name not in self.invalid:
+                    self._consider_auto(app, view)
             self._update_pending(self.view())  # after the starts above
 
     def event(self, app: App | None, event: str, data: dict[str, Any]) -> None:
@@ -303,25 +333,34 @@ class Placement:
                     "during a move; waiting")
         return None
 
-    async def migrate(self, app: App, to: str | None = None,
-                      reason: str = "move") -> dict[str, Any]:
+    def policy(self, app: App) -> tuple[bool, float, float, tuple[str, ...]]:
+        """``app``'s automatic rebalancing and limits: (auto, threshold, cooldown, windows),
+        its `Rebalance` option over the platform's settings."""
+        r, s = app.rebalance, self.platform.settings
+        return (r.auto if r.auto is not None else s.auto_rebalance,
+                r.threshold if r.threshold is not None else s.rebalance_threshold,
+                r.cooldown if r.cooldown is not None else s.migration_cooldown,
+                r.windows if r.windows is not None else tuple(s.maintenance_windows))
+
+    async def migrate(self, app: App, to: str | None = None, reason: str = "move",
+                      force: bool = False) -> dict[str, Any]:
         """Move the active instance of ``app`` from this node to node ``to``: a planned,
         graceful hand-over (step down naming ``to`` as the successor).
 
         ``to`` None: the best eligible live standby. A move that would break the app's
-        `Budget` is refused (`BudgetBlocked`, with the counts). ``on_migration_start`` hooks
-        run first (``ctx.extra``: ``from``, ``to``, ``reason``);
-        one that raises vetoes the move (`MigrationVetoed`, nothing changed). Once ``to``
-        leads, ``on_migration_complete`` hooks run here. Refused (`ConfigError`) when this
-        node is not the active instance, the app has no election (Spread), maintenance mode
-        is on, or ``to`` is cordoned, not live, or not eligible.
+        `Budget` is refused (`BudgetBlocked`, with the counts); so is one the platform-wide
+        limits hold back (`MigrationWaiting`: the app's cooldown, unless ``force``; the
+        concurrent and per-minute limits). ``on_migration_start`` hooks run first
+        (``ctx.extra``: ``from``, ``to``, ``reason``); one that raises vetoes the move
+        (`MigrationVetoed`, nothing changed). Once ``to`` leads, ``on_migration_complete``
+        hooks run here. Refused (`ConfigError`) when this node is not the active instance,
+        the app has no election (Spread), ``to`` is cordoned, not live, or not eligible, or
+        maintenance mode is on and no operator named ``to`` (``operator_moves``).
 
         Returns ``{"app", "from", "to", "reason", "outcome", "leader", "epoch", "seconds"}``;
         ``outcome`` is ``completed``, or ``failed`` when another node (or none) leads after
         a lease and the hooks' time.
         """
-        from .coordinator import StageFailed, run_hooks
-
         p = self.platform
         rt = p.runtimes.get(app.name)
         if rt is None or rt.election is None:
@@ -330,9 +369,11 @@ class Placement:
         if not app.is_active:
             raise ConfigError("app", app.name, f"node {p.node_id} is not its active instance")
         await self.load()  # the latest cordons and maintenance, not the last poll's
-        if self.ops.in_maintenance(app.name):
+        if self.ops.in_maintenance(app.name) and (
+                reason == "auto" or to is None or self.ops.operator_moves.get(app.name) != to):
             raise ConfigError("app", app.name, "maintenance mode is on: automation and moves "
-                              "wait until it is off (pycluster maintenance off)")
+                              "wait until it is off (pycluster maintenance off), except an "
+                              "operator's move to a named node (pycluster app move --to)")
         if to is None:
             best = [n for n, _ in self.candidates(app) if n != p.node_id]
             if not best:
@@ -356,6 +397,105 @@ class Placement:
                 raise
             await m.refresh_view()  # the view may lag a node that has just started
             check_step_down(app.name, p.node_id, m.members, to, None)
+        cooldown = 0.0 if force else self.policy(app)[2]
+        ttl = 2 * rt.election.lease_ttl + 2 * rt.hook_timeout + 10
+        lease = await self.slots.acquire(app.name, p.node_id, ttl, cooldown, reason)
+        handed_over = False
+        try:
+            result = await self._hand_over_to(app, to, reason, rt)
+            handed_over = True
+            return result
+        finally:
+            try:
+                await self.slots.release(lease, app.name, handed_over)
+            except Exception as exc:  # the lease expires by itself
+                log.warning("app %s: freeing the migration slot failed: %s", app.name, exc)
+
+    async def vacate(self, app: App, to: str | None = None,
+                     reason: str = "drain") -> dict[str, Any]:
+        """Stop this cordoned node's Spread instance of ``app`` (a drain), keeping the app's
+        `Budget` (counted over the live active instances) and the migration limits (slot,
+        cooldown), with ``on_migration_start`` (may veto) and ``on_migration_complete``.
+
+        ``to``: a node whose instance must be active first (the new one starts before the old
+        stops; waited for up to two leases, else ``failed`` and nothing stops). Only a
+        cordoned node's instance leaves: elsewhere it would start again at once. Returns the
+        same shape as `migrate`."""
+        p = self.platform
+        rt = p.runtimes.get(app.name)
+        if rt is None or rt.election is not None:
+            raise ConfigError("app", app.name, "not a Spread app (move it instead)")
+        if not app.is_active:
+            raise ConfigError("app", app.name, f"node {p.node_id} runs no active instance")
+        await self.load()
+        if self.ops.in_maintenance(app.name):
+            raise ConfigError("app", app.name, "maintenance mode is on: moves wait")
+        if not self.cordoned:
+            raise ConfigError("from", p.node_id, "a Spread instance leaves a cordoned node only "
+                              "(pycluster node drain cordons it first)")
+        if to is not None and (to in self.ops.cordoned or not self.view().alive(to)):
+            raise ConfigError("to", to, "is cordoned or not live")
+        problem = self.budget_problem(app, self.view())
+        if problem is not None:
+            raise BudgetBlocked(problem)
+        ttl = 2 * p.settings.lease_ttl + 2 * rt.hook_timeout + 10
+        lease = await self.slots.acquire(app.name, p.node_id, ttl, self.policy(app)[2], reason)
+        stopped = False
+        try:
+            data: dict[str, Any] = {"from": p.node_id, "to": to, "reason": reason}
+            ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
+                          leader=app.leader, reason=f"migration: {reason}", extra=dict(data))
+            from .coordinator import StageFailed, run_hooks
+
+            try:
+                await run_hooks(app.hooks("migration_start"), ctx, rt.hook_timeout,
+                                "on_migration_start", True)
+            except StageFailed as exc:
+                self.event(app, "migration_vetoed", {**data, "error": str(exc.cause)[:300]})
+                raise MigrationVetoed(app.name, str(to), exc.cause) from None
+            started = time.monotonic()
+            self.event(app, "migration_started", data)
+            bound = started + 2 * p.settings.lease_ttl
+            m = p.membership
+
+            def target_active() -> bool:
+                rec = self.view().app_record(to, app.name) if to else None
+                return to is None or (rec or {}).get("role") == Role.ACTIVE.value
+
+            while not target_active() and time.monotonic() < bound:
+                await asyncio.sleep(0.05)
+                if m is not None:
+                    await m.refresh_view()
+            outcome = "completed" if target_active() else "failed"
+            if outcome == "completed":
+                problem = self.budget_problem(app, self.view())  # it may have changed since
+                if problem is not None:
+                    raise BudgetBlocked(problem)
+                rt.want_spread(False, reason)
+                stopped = True
+                while app.is_active and time.monotonic() < bound + rt.hook_timeout:
+                    await asyncio.sleep(0.05)
+            seconds = time.monotonic() - started
+            log.info("app %s: Spread instance on %s %s (%s)", app.name, p.node_id,
+                     "stopped" if stopped else "kept: the target is not active", reason)
+            self.event(app, f"migration_{outcome}", {**data, "seconds": seconds})
+            if outcome == "completed":
+                await run_hooks(app.hooks("migration_complete"), ctx, rt.hook_timeout,
+                                "on_migration_complete", False)
+            return {"app": app.name, **data, "outcome": outcome, "leader": None,
+                    "epoch": None, "seconds": round(seconds, 3)}
+        finally:
+            try:
+                await self.slots.release(lease, app.name, stopped)
+            except Exception as exc:  # the lease expires by itself
+                log.warning("app %s: freeing the migration slot failed: %s", app.name, exc)
+
+    async def _hand_over_to(self, app: App, to: str, reason: str, rt: Any) -> dict[str, Any]:
+        """The migration itself (see `migrate`): hooks, step-down naming ``to``, wait."""
+        from .coordinator import StageFailed, run_hooks
+
+        p = self.platform
+        m = p.membership
         data: dict[str, Any] = {"from": p.node_id, "to": to, "reason": reason}
         ctx = Context(app=app, platform=p, node_id=p.node_id, epoch=app.epoch,
                       leader=app.leader, reason=f"migration: {reason}", extra=dict(data))
@@ -398,6 +538,68 @@ class Placement:
             self.event(app, "migration_failed", {**data, "seconds": seconds,
                                                  "error": f"leader is {app.leader}"})
         return result
+
+    def _consider_auto(self, app: App, view: PlacementView) -> None:
+        """Automatic rebalancing of this node's active instance of ``app`` (called at each
+        re-evaluation; only the active instance decides for its own slot, so two nodes never
+        start competing moves of one instance). Starts a migration (reason ``auto``) once a
+        live eligible standby has scored at least the threshold more than this node for a
+        settling time (two heartbeats: the records have caught up), outside maintenance mode
+        and inside the maintenance windows; the slots and the budget may still make it
+        wait (logged once per reason)."""
+        auto, threshold, _, windows = self.policy(app)
+        name = app.name
+        task = self._auto_tasks.get(name)
+        if task is not None and not task.done():
+            return
+        if not auto or not app.is_active or self.ops.in_maintenance(name):
+            self._wanted.pop(name, None)
+            return
+        ranked = self.candidates(app, view)
+        own = next(s for n, s in ranked if n == view.node_id)
+        best, best_score = ranked[0]
+        if best == view.node_id or not clearly_better(own, best_score, threshold):
+            self._wanted.pop(name, None)
+            self._auto_waits.pop(name, None)
+            return
+        now = time.monotonic()
+        target, since = self._wanted.get(name, (None, now))
+        if target != best:
+            self._wanted[name] = (best, now)
+            return
+        if (now - since < 2 * self.platform.settings.heartbeat_interval
+                or now < self._auto_retry.get(name, 0.0)):
+            return
+        if not in_windows(parse_windows(windows)):
+            self._auto_wait(app, f"app {name}: {best} scores {best_score:g} (here "
+                                 f"{own:g}): outside the maintenance windows "
+                                 f"({', '.join(windows)}); waiting")
+            return
+        self._auto_tasks[name] = self.platform.spawn(self._auto_move(app, best),
+                                                     f"auto-rebalance {name}")
+
+    def _auto_wait(self, app: App, why: str) -> None:
+        kind = re.sub(r"\d+", "#", why)  # "48s left", "47s left": one reason
+        if self._auto_waits.get(app.name) != kind:
+            self._auto_waits[app.name] = kind
+            log.info("%s", why)
+            self.event(app, "rebalance_waiting", {"reason": why})
+
+    async def _auto_move(self, app: App, to: str) -> None:
+        try:
+            res = await self.migrate(app, to, "auto")
+            self._auto_waits.pop(app.name, None)
+            self._wanted.pop(app.name, None)
+            log.info("app %s: automatic rebalancing to %s: %s", app.name, to, res["outcome"])
+        except MigrationWaiting as exc:
+            self._auto_retry[app.name] = time.monotonic() + exc.retry_after
+            self._auto_wait(app, str(exc))
+        except BudgetBlocked as exc:
+            self._auto_wait(app, str(exc))
+        except PyclusterError as exc:
+            self._auto_wait(app, f"app {app.name}: automatic move to {to} refused: {exc}")
+        except Exception as exc:  # NATS unavailable, ...: tried again at the next evaluation
+            self._auto_wait(app, f"app {app.name}: automatic move to {to} failed: {exc}")
 
     async def rebalance(self, app: App, dry_run: bool = False) -> dict[str, Any]:
         """What placement wants for the active instance of ``app`` on this node: the best

@@ -20,6 +20,7 @@ import functools
 import inspect
 import json
 import logging
+import operator
 import signal
 import threading
 import time
@@ -43,7 +44,7 @@ from ..plugins import (
     distribution_of,
 )
 from . import backends
-from .aio import cancel_and_wait
+from .aio import TaskSet
 from .app import App
 from .app import app_of as kernel_app_of
 from .connection import Connections, check_stream_replicas, replicas_error
@@ -64,7 +65,7 @@ from .locks import Lock, LockService
 from .membership import PRIORITY_LIMIT, Membership
 from .names import app_subject, bucket, platform_subject, validate_ident
 from .options import Replicas, check_timing
-from .placement import Operations, Placement, merge_labels, update_operations
+from .placement import Operations, Placement, merge_labels, read_operations, update_operations
 from .registry import AppEventRegistry, BackendRegistry, OptionRegistry
 from .replication import ReplicatorRegistry
 from .services import PlatformServices
@@ -183,7 +184,7 @@ class Platform:
         self.embedded: Any = None
         self.started_at: float | None = None
         self.plugin_mismatches: dict[str, dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("platform", logger=log)
         self._subs: list[Any] = []
         self._locks: LockService | None = None
         self._stop_event: asyncio.Event | None = None
@@ -364,6 +365,7 @@ class Platform:
         self._report_plugin_problems()
         settings = self.settings
         try:
+            await self._tasks.open()  # the platform's own tasks: one group, none lost
             if not settings.nats_url:
                 settings = await self._start_embedded(settings)
             c = self.connections = Connections()
@@ -590,8 +592,7 @@ class Platform:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
-        for task in list(self._tasks):
-            await cancel_and_wait(task)
+        await self._tasks.close()
         await self.connections.close(limit)
         if self.embedded is not None:
             await self.embedded.stop()
@@ -674,10 +675,7 @@ class Platform:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in a task owned by the platform (cancelled at stop)."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return self._tasks.run(name, coro)
 
     def notify(self, results: Iterable[Any], what: str) -> None:
         """Await notification-hook results in the background, with the hook timeout."""
@@ -696,12 +694,23 @@ class Platform:
         """The ``on_event`` observer of a lock service: ``pycluster_lock_event`` (None when no
         plugin implements it: a lock then costs nothing more)."""
         hook = self.pm.hook.pycluster_lock_event
-        if not hook.get_hookimpls():
+        impls = list(reversed(hook.get_hookimpls()))
+        if not impls:
             return None
+        # Called on every acquire and release: the implementations are resolved once (when the
+        # lock service starts) and called directly, each isolated like `call_each`.
+        order = ("platform", "scope", "event", "lock", "fields")
+        calls = [(impl.function, impl.plugin_name,
+                  operator.itemgetter(*[order.index(a) for a in impl.argnames], 0))
+                 for impl in impls]  # the trailing 0: the getter always returns a tuple
 
         def on_event(event: str, lock: Any, fields: dict[str, Any]) -> None:
-            call_each(hook, "lock event", platform=self, scope=scope, event=event, lock=lock,
-                      fields=fields)
+            args = (self, scope, event, lock, fields)
+            for fn, plugin, pick in calls:
+                try:
+                    fn(*pick(args)[:-1])
+                except Exception:
+                    log.exception("lock event: plugin %s failed in pycluster_lock_event", plugin)
 
         return on_event
 
@@ -948,32 +957,62 @@ class Platform:
         campaigns (no automatic failover, no automatic hand-over); a leader keeps its lease
         as long as it renews it. Stored in NATS: every node and the CLI see it."""
         if app is None:
-            ops = await self._update_operations(lambda o: replace(o, maintenance=on))
+            ops = await self._update_operations(
+                lambda o: replace(o, maintenance=on).without_stale_moves())
         else:
             validate_ident("app", app)
             ops = await self._update_operations(lambda o: replace(
                 o, maintenance_apps=o.maintenance_apps | {app} if on
-                else o.maintenance_apps - {app}))
+                else o.maintenance_apps - {app}).without_stale_moves())
         self.placement.event(self.apps.get(app) if app else None, "maintenance",
                              {"on": on, "app": app})
         return ops
 
     async def move(self, app: str, to: str | None = None, reason: str = "move",
-                   source: str | None = None) -> dict[str, Any]:
+                   source: str | None = None, force: bool = False) -> dict[str, Any]:
         """Move the active instance of ``app`` to node ``to`` (default: the best eligible
         standby; a graceful migration, see `pycluster.kernel.placement.Placement.migrate`):
         run here when this node leads it, else asked of its leader over NATS (``pycluster app
         move`` sends the same request). ``source``: the active instance on that node (for
-        ``Replicas``, which has several)."""
-        local = self.apps.get(app)
-        if local is not None and local.is_active and source in (None, self.node_id):
-            return await self.placement.migrate(local, to, reason)
-        nc = self.nc_control or self.nc
-        if nc is None:
+        ``Replicas``, which has several). ``force``: skip the app's migration cooldown (not
+        the platform's concurrent and per-minute limits).
+
+        In maintenance mode an operator's move to a named node still works: ``to`` is
+        recorded in the operations state (``operator_moves``: that node alone may campaign),
+        then the leader hands over to it, or, with no leader, ``to`` takes the vacant lease;
+        the record is removed once ``to`` leads (or the move failed)."""
+        js = self.js_control or self.js
+        if js is None:
             raise RuntimeError("the platform is not started")
+        ops, _ = await read_operations(js, self.name)
+        granted = ops.in_maintenance(app) and to is not None
+        if granted:
+            assert to is not None
+            await self._update_operations(
+                lambda o: replace(o, operator_moves={**o.operator_moves, app: to}))
+        try:
+            return await self._move(app, to, reason, source, force, granted)
+        finally:
+            if granted:
+                await self._update_operations(lambda o: replace(o, operator_moves={
+                    a: n for a, n in o.operator_moves.items() if a != app}))
+
+    async def _move(self, app: str, to: str | None, reason: str, source: str | None,
+                    force: bool, maintenance: bool) -> dict[str, Any]:
+        local = self.apps.get(app)
+        if local is not None and local.is_active and source == self.node_id \
+                and local.mode.slots() is None:
+            return await self.placement.vacate(local, to, reason)
+        if local is not None and local.is_active and source in (None, self.node_id):
+            return await self.placement.migrate(local, to, reason, force=force)
+        view = self.placement.view()
+        if maintenance and to is not None and source is None and not any(
+                view.alive(n) for n in view.active_on(app)):
+            # No leader: standbys do not answer a move, so do not wait for a reply.
+            return await self._place_leaderless(app, to, reason)
         replies = await self.control.request(
             move_subject(self.name, app),
-            json.dumps({"to": to, "reason": reason, "from": source}).encode(),
+            json.dumps({"to": to, "reason": reason, "from": source, "force": force}).encode(),
             app=app, name="move", timeout=60)
         if not replies:
             raise ConfigError("app", app, "no active instance answered the move request")
@@ -983,11 +1022,39 @@ class Platform:
             raise ConfigError("move", to, f"refused by {res.get('node')}: {err.get('reason')}")
         return res
 
+    async def _place_leaderless(self, app: str, to: str, reason: str) -> dict[str, Any]:
+        """Maintenance mode, no leader: ``to`` (named in ``operator_moves``) campaigns for the
+        vacant lease; wait until its record shows it active."""
+        started = time.monotonic()
+        lease = self.settings.lease_ttl
+        placement = self.placement
+        entry = placement.view().app_record(to, app) or {}
+        if (not placement.view().alive(to) or entry.get("eligible") is not True
+                or entry.get("no_failover") is True):
+            raise ConfigError("to", to, f"is not a live node that may lead app {app!r} (not "
+                              "running it, ineligible, cordoned or no_failover)")
+
+        def active() -> bool:
+            rec = placement.view().app_record(to, app) or {}
+            return rec.get("role") == Role.ACTIVE.value
+
+        while not active() and time.monotonic() - started < 3 * lease + 5:
+            await asyncio.sleep(0.1)
+            if self.membership is not None:
+                await self.membership.refresh_view()
+        outcome = "completed" if active() else "failed"
+        rec = placement.view().app_record(to, app) or {}
+        data = {"app": app, "from": None, "to": to, "reason": reason}
+        placement.event(self.apps.get(app), f"migration_{outcome}",
+                        {**data, "seconds": time.monotonic() - started, "leaderless": True})
+        return {**data, "outcome": outcome, "leader": to if outcome == "completed" else None,
+                "epoch": rec.get("epoch"), "seconds": round(time.monotonic() - started, 3)}
+
     async def _on_move(self, msg: Msg) -> None:
         """A move request (``{"to", "reason"}``): served by the active instance only, through
         the middleware chain, audited; the reply is the migration's result or ``error``."""
         app = self.apps.get(msg.subject.split(".")[1])
-        if app is None or app.mode.slots() is None:
+        if app is None:
             return
         try:
             body = json.loads(msg.data or b"{}")
@@ -996,6 +1063,8 @@ class Platform:
         source = body.get("from") if isinstance(body, dict) else None
         if source is not None and source != self.node_id:
             return  # addressed to another node's instance (Replicas, drains)
+        if source is None and app.mode.slots() is None:
+            return  # a Spread instance moves only when named (every node runs one)
         if not app.is_active:
             if source == self.node_id and msg.reply:  # asked of us by name: say so at once
                 refusal = {"node": self.node_id, "error": {
@@ -1007,11 +1076,12 @@ class Platform:
 
         async def handler(req: Any) -> dict[str, Any]:
             body = decode_object(req.data)
-            unknown = sorted(set(body) - {"to", "from", "reason", "rebalance", "dry_run"})
+            unknown = sorted(set(body) - {"to", "from", "reason", "rebalance", "dry_run",
+                                          "force"})
             if unknown:
                 raise ConfigError("request", ", ".join(str(k)[:32] for k in unknown[:5]),
                                   "unknown fields (a move request has to, from, reason, "
-                                  "rebalance, dry_run)")
+                                  "force, rebalance, dry_run)")
             if body.get("rebalance") is True:
                 req.extra["request"] = {"rebalance": True, "dry_run": bool(body.get("dry_run"))}
                 return await self.placement.rebalance(app, dry_run=body.get("dry_run") is True)
@@ -1020,8 +1090,13 @@ class Platform:
                 if not isinstance(to, str):
                     raise ConfigError("to", str(to)[:64], "must be a node id")
                 validate_ident("to", to)
-            req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200]}
-            return await self.placement.migrate(app, to, reason)
+            if app.mode.slots() is None:  # Spread: this node's instance leaves (a drain)
+                req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200]}
+                return await self.placement.vacate(app, to, str(reason))
+            force = body.get("force") is True
+            req.extra["request"] = {"to": to, "from": source, "reason": str(reason)[:200],
+                                    "force": force}
+            return await self.placement.migrate(app, to, reason, force=force)
 
         try:
             result, error = await self.control.serve(msg, app=app.name, name="move",

@@ -1,10 +1,15 @@
-"""Typed registries that registration hooks fill (tox's register-object shape)."""
+"""Typed registries that registration hooks fill (tox's register-object shape).
+
+`OptionKindRegistry` is the one shape of the registries mapping App option classes to what
+serves them: backends (here), replicators (`pycluster.kernel.replication`) and VIP managers
+(`pycluster.kernel.vip`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 
 from .errors import ConfigError
 
@@ -58,6 +63,92 @@ class OptionRegistry:
         return None
 
 
+@dataclass(frozen=True)
+class OptionKind:
+    """One registered kind of an option-kind registry: the App option class it serves, the
+    factory building what serves one option of one app on this node, and the plugin.
+
+    :ivar option_class: the App option class (its subclasses match too).
+    :ivar factory: ``factory(option, app, platform)``.
+    :ivar plugin: the plugin that registered it.
+    """
+
+    option_class: type
+    factory: Callable[..., Any]
+    plugin: str
+
+
+K = TypeVar("K", bound=OptionKind)
+
+
+class OptionKindRegistry(Generic[K]):
+    """App option classes mapped to the kind serving them: the shared shape of the backend,
+    replicator and VIP registries (a registration hook fills it once per platform; the kernel
+    matches every option of an app against it and builds one object per matched option).
+
+    A subclass names what it registers (`what`, for errors) and adds its own ``add``; kinds
+    are keyed by their option class unless `key` says otherwise, and a key registered twice
+    is refused unless `replaceable`.
+    """
+
+    what: ClassVar[str] = "option kind"
+    """What the registry holds, as errors name it (``"replicator"``)."""
+    replaceable: ClassVar[bool] = False
+    """Whether registering a key again replaces the kind (else: `ConfigError`)."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[Hashable, K] = {}
+
+    def key(self, kind: K) -> Hashable:
+        """The key ``kind`` is registered under (its option class)."""
+        return kind.option_class
+
+    def register(self, kind: K) -> K:
+        """Add ``kind``; returns it.
+
+        :raises ConfigError: its key is registered already (and the registry is not
+            `replaceable`), naming the plugin that holds it.
+        """
+        key = self.key(kind)
+        old = self._kinds.get(key)
+        if old is not None and not self.replaceable:
+            label = key.__name__ if isinstance(key, type) else str(key)
+            raise ConfigError(self.what, label, f"already registered by {old.plugin!r}")
+        self._kinds[key] = kind
+        return kind
+
+    def for_option(self, option: object) -> K | None:
+        """The kind serving ``option``: the first registered for its class, else for the
+        nearest base class; None when nothing serves it."""
+        for cls in type(option).__mro__:
+            for kind in self._kinds.values():
+                if kind.option_class is cls:
+                    return kind
+        return None
+
+    def matches(self, options: Iterable[object]) -> list[tuple[K, object]]:
+        """``(kind, option)`` of every option served here, in option order."""
+        out = []
+        for opt in options:
+            kind = self.for_option(opt)
+            if kind is not None:
+                out.append((kind, opt))
+        return out
+
+    def build(self, app: Any, platform: Any) -> list[tuple[K, object, Any]]:
+        """``(kind, option, built)`` of every option of ``app`` served here, in option order,
+        ``built`` being ``kind.factory(option, app, platform)``."""
+        return [(kind, opt, kind.factory(opt, app, platform))
+                for kind, opt in self.matches(app.options)]
+
+    def all(self) -> list[K]:
+        """Every registered kind, in registration order."""
+        return list(self._kinds.values())
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+
 BackendFactory = Callable[..., Any]
 """``factory(option, app, platform)`` -> a `pycluster.backend.Controller`."""
 
@@ -80,8 +171,8 @@ class BackendMetrics:
     restarts: tuple[str, str]
 
 
-@dataclass
-class BackendKind:
+@dataclass(frozen=True, kw_only=True)
+class BackendKind(OptionKind):
     """A registered backend kind: everything the kernel needs to turn an option of
     ``option_class`` into a BACKEND stage, an app health check, metrics and audit entries.
 
@@ -100,9 +191,6 @@ class BackendKind:
     """
 
     kind: str
-    option_class: type
-    factory: BackendFactory
-    plugin: str
     stage_name: Callable[[Any, int], str] | None = None
     check_name: Callable[[Any, int], str] | None = None
     audit: Mapping[str, str] | None = None
@@ -118,12 +206,17 @@ class BackendKind:
                                                                                      index)
 
 
-class BackendRegistry:
+class BackendRegistry(OptionKindRegistry[BackendKind]):
     """Backend kinds ("process", "systemd", "docker", ...): the kernel reads it to build each
-    app's BACKEND stages, health checks, metrics and audit entries."""
+    app's BACKEND stages, health checks, metrics and audit entries. Keyed by the kind's name;
+    registering a name again replaces the kind."""
 
-    def __init__(self) -> None:
-        self._kinds: dict[str, BackendKind] = {}
+    what = "backend"
+    replaceable = True
+
+    def key(self, kind: BackendKind) -> Hashable:
+        """A backend kind is registered under its name."""
+        return kind.kind
 
     def add(self, kind: str, option_class: type, factory: BackendFactory, plugin: str = "", *,
             stage_name: Callable[[Any, int], str] | None = None,
@@ -131,33 +224,27 @@ class BackendRegistry:
             audit: Mapping[str, str] | None = None,
             metrics: BackendMetrics | None = None) -> None:
         """Register a backend kind (see `BackendKind` for the parameters)."""
-        self._kinds[kind] = BackendKind(kind, option_class, factory, plugin or kind,
-                                        stage_name, check_name, audit, metrics)
+        self.register(BackendKind(option_class=option_class, factory=factory,
+                                  plugin=plugin or kind, kind=kind, stage_name=stage_name,
+                                  check_name=check_name, audit=audit, metrics=metrics))
 
     def get(self, kind: str) -> BackendKind:
         """The registered kind, or `ConfigError` listing the installed kinds."""
         try:
             return self._kinds[kind]
         except KeyError:
-            installed = ", ".join(sorted(self._kinds)) or "none"
+            installed = ", ".join(self.kinds()) or "none"
             raise ConfigError(
                 "backend", kind, f"no backend {kind!r}; installed: {installed}"
             ) from None
 
-    def for_option(self, option: object) -> BackendKind | None:
-        """The kind whose option class matches ``option``, if any."""
-        for k in self._kinds.values():
-            if isinstance(option, k.option_class):
-                return k
-        return None
-
     def kinds(self) -> list[str]:
         """Installed kinds, sorted."""
-        return sorted(self._kinds)
+        return sorted(k.kind for k in self._kinds.values())
 
     def all(self) -> list[BackendKind]:
         """Installed kinds, sorted by name."""
-        return [self._kinds[k] for k in sorted(self._kinds)]
+        return sorted(self._kinds.values(), key=lambda k: k.kind)
 
 
 @dataclass

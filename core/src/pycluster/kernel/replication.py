@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import ConfigError
+from .registry import OptionKind, OptionKindRegistry
 from .stages import FailurePolicy, Stage, StageOrder, StageRegistry
 
 if TYPE_CHECKING:
@@ -161,37 +161,22 @@ ReplicatorFactory = Callable[[Any, "App", "Platform"], Replicator]
 
 
 @dataclass(frozen=True)
-class ReplicatorKind:
+class ReplicatorKind(OptionKind):
     """One registered replicator: the option class it serves and its factory."""
 
-    option_class: type
-    factory: ReplicatorFactory
-    plugin: str
 
-
-class ReplicatorRegistry:
+class ReplicatorRegistry(OptionKindRegistry[ReplicatorKind]):
     """Option classes mapped to replicator factories (``pycluster_register_replicators``)."""
 
-    def __init__(self) -> None:
-        self._kinds: dict[type, ReplicatorKind] = {}
+    what = "replicator"
 
     def add(self, option_class: type, factory: ReplicatorFactory, plugin: str) -> None:
         """Register ``factory(option, app, platform)`` for options of ``option_class``."""
-        if option_class in self._kinds:
-            raise ConfigError("replicator", option_class.__name__,
-                              f"already registered by {self._kinds[option_class].plugin!r}")
-        self._kinds[option_class] = ReplicatorKind(option_class, factory, plugin)
-
-    def for_option(self, option: object) -> ReplicatorKind | None:
-        """The replicator registered for ``option``'s class (or a base class), if any."""
-        for cls in type(option).__mro__:
-            if cls in self._kinds:
-                return self._kinds[cls]
-        return None
+        self.register(ReplicatorKind(option_class, factory, plugin))
 
     def kinds(self) -> list[ReplicatorKind]:
         """Every registered replicator."""
-        return list(self._kinds.values())
+        return self.all()
 
 
 @dataclass(frozen=True)
@@ -205,12 +190,8 @@ class AppReplicator:
 
 def build_replicators(app: App, platform: Platform) -> list[AppReplicator]:
     """A replicator for every option of ``app`` matched in the platform's registry."""
-    out = []
-    for opt in app.options:
-        kind = platform.replicators.for_option(opt)
-        if kind is not None:
-            out.append(AppReplicator(opt, kind.plugin, kind.factory(opt, app, platform)))
-    return out
+    return [AppReplicator(opt, kind.plugin, rep)
+            for kind, opt, rep in platform.replicators.build(app, platform)]
 
 
 def replication_stages(reps: list[AppReplicator], registry: StageRegistry) -> None:

@@ -239,6 +239,15 @@ class PlatformSettings(BaseSettings):
     priority: int = 0
     no_failover: bool = False
     stream_replicas: int = 1
+    # Migrations (docs/placement.md): limits held cluster-wide in the platform bucket, and
+    # automatic rebalancing (off by default: a node that scores better never takes over a
+    # healthy leader by itself unless asked to).
+    migration_cooldown: float = Field(default=60.0, ge=0)
+    max_concurrent_migrations: int = Field(default=1, ge=1)
+    migrations_per_minute: int = Field(default=10, ge=1)
+    auto_rebalance: bool = False
+    rebalance_threshold: float = Field(default=10.0, ge=0)
+    maintenance_windows: list[str] = Field(default_factory=list)
     # Handlers running at once per app and kind (rpc, api) on this node; beyond: "overloaded".
     max_inflight: int = 256
     health_addr: str | None = None
@@ -309,6 +318,17 @@ class PlatformSettings(BaseSettings):
             if name == "nats_url" and value is not None:
                 value = [redact_url(u) for u in value]
             yield name, value
+
+    @field_validator("maintenance_windows")
+    @classmethod
+    def _windows(cls, v: list[str]) -> list[str]:
+        from .migrations import parse_windows
+
+        try:
+            parse_windows(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("stream_replicas")
     @classmethod

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import ConfigError
+from .registry import OptionKind, OptionKindRegistry
 from .stages import Stage, StageOrder, StageRegistry
 
 if TYPE_CHECKING:
@@ -65,37 +65,22 @@ VipFactory = Callable[[Any, "App", "Platform"], VipManager]
 
 
 @dataclass(frozen=True)
-class VipKind:
+class VipKind(OptionKind):
     """One registered VIP manager: the option class it serves and its factory."""
 
-    option_class: type
-    factory: VipFactory
-    plugin: str
 
-
-class VipRegistry:
+class VipRegistry(OptionKindRegistry[VipKind]):
     """Option classes mapped to VIP manager factories (``pycluster_register_vips``)."""
 
-    def __init__(self) -> None:
-        self._kinds: dict[type, VipKind] = {}
+    what = "vip"
 
     def add(self, option_class: type, factory: VipFactory, plugin: str) -> None:
         """Register ``factory(option, app, platform)`` for options of ``option_class``."""
-        if option_class in self._kinds:
-            raise ConfigError("vip", option_class.__name__,
-                              f"already registered by {self._kinds[option_class].plugin!r}")
-        self._kinds[option_class] = VipKind(option_class, factory, plugin)
-
-    def for_option(self, option: object) -> VipKind | None:
-        """The manager registered for ``option``'s class (or a base class), if any."""
-        for cls in type(option).__mro__:
-            if cls in self._kinds:
-                return self._kinds[cls]
-        return None
+        self.register(VipKind(option_class, factory, plugin))
 
     def kinds(self) -> list[VipKind]:
         """Every registered manager."""
-        return list(self._kinds.values())
+        return self.all()
 
 
 @dataclass(frozen=True)
@@ -109,12 +94,8 @@ class AppVip:
 
 def build_vips(app: App, platform: Platform) -> list[AppVip]:
     """A manager for every option of ``app`` matched in the platform's VIP registry."""
-    out = []
-    for opt in app.options:
-        kind = platform.vips.for_option(opt)
-        if kind is not None:
-            out.append(AppVip(opt, kind.plugin, kind.factory(opt, app, platform)))
-    return out
+    return [AppVip(opt, kind.plugin, manager)
+            for kind, opt, manager in platform.vips.build(app, platform)]
 
 
 def vip_stages(vips: list[AppVip], registry: StageRegistry) -> None:

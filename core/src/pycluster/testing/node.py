@@ -22,7 +22,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .. import App, Budget, Election, Platform, PyclusterError, Replicas, Singleton, Spread
+from .. import (
+    App,
+    Budget,
+    Election,
+    Platform,
+    PreferLabel,
+    PyclusterError,
+    Replicas,
+    Singleton,
+    Spread,
+)
 from ..backend import HealthCheck
 from ..builtin.process import Process
 from ..plugins import create_plugin_manager, hookimpl
@@ -59,12 +69,23 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--app", default="svc")
     p.add_argument("--mode", default="singleton", help="singleton | spread | replicas:N")
+    p.add_argument("--extra-app", action="append", default=[],
+                   help="another app of the same mode (benchmarks; its role changes go to "
+                   "the same event file, tagged with the app)")
     p.add_argument("--lease-ttl", type=float, default=2.0)
     p.add_argument("--heartbeat", type=float, default=0.5)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--no-failover", action="store_true")
     p.add_argument("--budget-min", type=int, default=None,
                    help="a disruption budget: Budget(min_available=N)")
+    p.add_argument("--prefer-label", action="append", default=[],
+                   help="key=value:weight (a PreferLabel)")
+    p.add_argument("--auto-rebalance", action="store_true", help="automatic rebalancing")
+    p.add_argument("--rebalance-threshold", type=float, default=10.0)
+    p.add_argument("--migration-cooldown", type=float, default=60.0)
+    p.add_argument("--max-migrations", type=int, default=1,
+                   help="max_concurrent_migrations of the platform")
+    p.add_argument("--migrations-per-minute", type=int, default=10)
     p.add_argument("--stream-replicas", type=int, default=1, help="3 on a NATS cluster")
     p.add_argument("--act-interval", type=float, default=0.05)
     p.add_argument("--backend-cmd", default=None, help="a Process backend command")
@@ -99,6 +120,10 @@ async def amain(ns: argparse.Namespace) -> int:
     options: list[Any] = [mode, Election(priority=ns.priority, no_failover=ns.no_failover)]
     if ns.budget_min is not None:
         options.append(Budget(min_available=ns.budget_min))
+    for spec in ns.prefer_label:
+        kv, _, weight = spec.rpartition(":")
+        key, _, value = kv.partition("=")
+        options.append(PreferLabel(key, value, weight=float(weight)))
     if ns.backend_cmd:
         health = None
         if ns.backend_health_cmd:
@@ -120,10 +145,16 @@ async def amain(ns: argparse.Namespace) -> int:
     platform = Platform(
         ns.platform, node_id=ns.node_id, nats_url=ns.nats_url, labels=labels,
         lease_ttl=ns.lease_ttl, heartbeat_interval=ns.heartbeat, hook_timeout=10.0,
-        stream_replicas=ns.stream_replicas,
+        stream_replicas=ns.stream_replicas, auto_rebalance=ns.auto_rebalance,
+        rebalance_threshold=ns.rebalance_threshold, migration_cooldown=ns.migration_cooldown,
+        max_concurrent_migrations=ns.max_migrations,
+        migrations_per_minute=ns.migrations_per_minute,
         plugin_manager=pm,
     )
     platform.register(app)
+    for name in ns.extra_app:
+        platform.register(App(name, mode, Election(priority=ns.priority,
+                                                   no_failover=ns.no_failover)))
     for mod in modules:
         if hasattr(mod, "attach"):
             mod.attach(app, platform, ns)

@@ -203,9 +203,11 @@ if pytest_asyncio is not None:
                              plugin_manager=pm, **kw)
                 for app in apps:
                     p.register(app)
+                # Also when the test starts it itself: a node left running at teardown keeps
+                # tasks alive until the event loop closes (stop is a no-op if it never ran).
+                stack.push_async_callback(p.stop)
                 if start:
                     await p.start()
-                    stack.push_async_callback(p.stop)
                 return p
 
             yield make

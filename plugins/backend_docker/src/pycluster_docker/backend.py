@@ -17,10 +17,11 @@ Behaviour:
   (category ``docker``); `DockerBackend.health` feeds the app health check ``docker-<i>`` and
   the metrics.
 * stop: ``stop(timeout)`` bounded by the lease deadline (SIGKILL after it), then remove or keep.
-* the fence: once the container runs, a `pycluster.backend.LeaseFence` (a fence guard process)
-  gets every lease renewal; if the node is SIGKILLed or paused past the lease, the guard stops
-  the container itself through the engine API (``POST /containers/NAME/stop?t=0``, then
-  ``/kill``; stdlib HTTP, no SDK), before another node can win the lease. A graceful stop
+* the fence: before the container is created, a `pycluster.backend.LeaseFence` (a fence guard
+  process) gets every lease renewal; if the node is SIGKILLed or paused past the lease, the
+  guard stops the container itself through the engine API (``POST /containers/NAME/stop?t=0``,
+  then ``/kill``; stdlib HTTP, no SDK), before another node can win the lease, and stops it
+  again if a start the dead node left in flight runs it within a few seconds. A graceful stop
   releases the guard first.
 * Loss of the NATS connection does not touch the container; the coordinator stops it when the
   lease is lost. An unreachable engine shows as an unhealthy probe.
@@ -144,8 +145,8 @@ class ExecHealth:
             return self.status
         self.last_run = now
         try:
-            res = await asyncio.wait_for(asyncio.to_thread(container.exec_run, self.argv),
-                                         self.timeout)
+            async with asyncio.timeout(self.timeout):
+                res = await asyncio.to_thread(container.exec_run, self.argv)
             ok = res.exit_code == 0
             self.last_output = (res.output or b"").decode(errors="replace").strip()[-200:]
         except TimeoutError:
@@ -373,6 +374,9 @@ class DockerBackend(Controller):
             assert url is not None  # the client connected to it
             self._fence = LeaseFence(self.app.name, self.platform, docker=[(url, self.name)],
                                      action_timeout=_FENCE_ACTION_TIMEOUT)
+        # Armed before the container is created: if this node dies while the container comes
+        # up, the guard stops it (it retries a kill that finds no container yet for a while).
+        await self._fence.start()
         try:
             await asyncio.to_thread(self._remove_leftover)
             await asyncio.to_thread(self._ensure_image)
@@ -396,7 +400,8 @@ class DockerBackend(Controller):
             return None
         grace = int(ctx.remaining(self.option.stop_timeout))
         try:
-            await asyncio.wait_for(asyncio.to_thread(c.stop, timeout=grace), grace + 15)
+            async with asyncio.timeout(grace + 15):
+                await asyncio.to_thread(c.stop, timeout=grace)
         except docker.errors.NotFound:
             pass
         except (TimeoutError, docker.errors.DockerException) as exc:

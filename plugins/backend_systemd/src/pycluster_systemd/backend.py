@@ -135,7 +135,8 @@ class SystemdBackend(Controller):
             raise SystemdUnitError(self.app.name, self.option.unit, argv[len(self.prefix)],
                                    f"cannot run {argv[0]!r}: {exc}") from exc
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate()
         except BaseException:
             # Timed out or cancelled (lease lost): do not leave the command running.
             with contextlib.suppress(ProcessLookupError):

@@ -1,7 +1,9 @@
 """``pycluster services list | show NAME | watch NAME | export --format ...``.
 
 The commands read the registry bucket ``{platform}_services`` from NATS directly (no node needs
-to run on this host).
+to run on this host). They connect like every command (`pycluster.cli.options`): ``--config``
+(the node's config file) or ``PYCLUSTER_CONFIG``, ``--nats-url``, or the local embedded server;
+there is no default URL.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ from typing import Any
 import click
 from nats.aio.client import Client as NATS
 
+from pycluster.cli.options import cli_connect, connection_options
 from pycluster.kernel import natsutil as nu
-from pycluster.kernel.connection import connect
 from pycluster.kernel.discovery import ServiceInstance
-from pycluster.kernel.names import validate_ident
-from pycluster.kernel.settings import load_settings
 
 from .exports import (
     consul_catalog_services,
@@ -27,30 +27,30 @@ from .exports import (
 )
 from .registry import as_dict, decode, matches
 
-NATS_OPT = click.option("--nats-url", envvar="PYCLUSTER_NATS_URL",
-                        default="nats://127.0.0.1:4222", show_default=True,
-                        help="NATS URL(s), comma-separated.")
-PLATFORM_OPT = click.option("--platform", "-p", envvar="PYCLUSTER_NAME", default="default",
-                            show_default=True, help="Platform name.")
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
 APP_OPT = click.option("--app", "-a", "app", default=None, help="Only this app's instances.")
 
 
 def _fail(exc: BaseException) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+    from pycluster.cli.common import _fail as fail
+
+    fail(exc)
 
 
-async def _connect(urls: str, platform: str) -> NATS:
-    validate_ident("platform name", platform)
-    # Credentials and TLS come from PYCLUSTER_* variables, as for every other command.
-    return await connect(load_settings(name=platform, node_id="cli", nats_url=urls))
+Conn = tuple[str | None, str | None, str | None, str]
+"""``(config, nats_url, data_dir, platform)``: what `connection_options` gives a command."""
 
 
-async def read_instances(urls: str, platform: str) -> list[ServiceInstance]:
+async def _connect(conn: Conn) -> NATS:
+    nc: NATS = await cli_connect(*conn)
+    return nc
+
+
+async def read_instances(conn: Conn) -> list[ServiceInstance]:
     """Every live instance in the platform's registry, sorted by key."""
-    nc = await _connect(urls, platform)
+    platform = conn[3]
+    nc = await _connect(conn)
     try:
         try:
             msgs = await nu.live_msgs(nc.jetstream(), f"{platform}_services", "")
@@ -82,19 +82,19 @@ def services_group() -> None:
 
 
 @services_group.command("list")
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @APP_OPT
 @OUTPUT
-def list_cmd(nats_url: str, platform: str, app: str | None, output: str) -> None:
+def list_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
+             app: str | None, output: str) -> None:
     """Every registered instance.
 
     \b
     Example: pycluster services list --config node.yaml --output json
     """
     try:
-        insts = [i for i in asyncio.run(read_instances(nats_url, platform))
-                 if app is None or i.app == app]
+        found = asyncio.run(read_instances((config, nats_url, data_dir, platform)))
+        insts = [i for i in found if app is None or i.app == app]
     except Exception as exc:
         _fail(exc)
     if output == "json":
@@ -107,22 +107,22 @@ def list_cmd(nats_url: str, platform: str, app: str | None, output: str) -> None
 
 @services_group.command("show")
 @click.argument("name")
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @APP_OPT
 @click.option("--tag", "tags", multiple=True, help="Only instances with this tag (repeat).")
 @click.option("--healthy", is_flag=True, help="Only passing instances.")
 @OUTPUT
-def show_cmd(name: str, nats_url: str, platform: str, app: str | None, tags: tuple[str, ...],
-             healthy: bool, output: str) -> None:
+def show_cmd(name: str, config: str | None, nats_url: str | None, data_dir: str | None,
+             platform: str, app: str | None, tags: tuple[str, ...], healthy: bool,
+             output: str) -> None:
     """The instances of service NAME (exit status 1 when there is none).
 
     \b
     Example: pycluster services show http --app orders
     """
     try:
-        insts = [i for i in asyncio.run(read_instances(nats_url, platform))
-                 if matches(i, name, app, tags, healthy)]
+        found = asyncio.run(read_instances((config, nats_url, data_dir, platform)))
+        insts = [i for i in found if matches(i, name, app, tags, healthy)]
     except Exception as exc:
         _fail(exc)
     if output == "json":
@@ -139,9 +139,10 @@ def show_cmd(name: str, nats_url: str, platform: str, app: str | None, tags: tup
         sys.exit(1)
 
 
-async def _watch(urls: str, platform: str, name: str, app: str | None, output: str,
+async def _watch(conn: Conn, name: str, app: str | None, output: str,
                  count: int | None) -> None:
-    nc = await _connect(urls, platform)
+    platform = conn[3]
+    nc = await _connect(conn)
     seen: dict[str, ServiceInstance] = {}
     printed = 0
     try:
@@ -173,13 +174,12 @@ async def _watch(urls: str, platform: str, name: str, app: str | None, output: s
 
 @services_group.command("watch")
 @click.argument("name")
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @APP_OPT
 @click.option("--count", type=int, default=None, help="Exit after this many changes.")
 @OUTPUT
-def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: int | None,
-              output: str) -> None:
+def watch_cmd(name: str, config: str | None, nats_url: str | None, data_dir: str | None,
+              platform: str, app: str | None, count: int | None, output: str) -> None:
     """Print the changes of service NAME as they happen (the current instances first);
     ``--output json`` prints one JSON object per line.
 
@@ -187,7 +187,7 @@ def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: i
     Example: pycluster services watch redis --output json
     """
     try:
-        asyncio.run(_watch(nats_url, platform, name, app, output, count))
+        asyncio.run(_watch((config, nats_url, data_dir, platform), name, app, output, count))
     except KeyboardInterrupt:
         pass
     except Exception as exc:
@@ -195,22 +195,22 @@ def watch_cmd(name: str, nats_url: str, platform: str, app: str | None, count: i
 
 
 @services_group.command("export")
-@NATS_OPT
-@PLATFORM_OPT
+@connection_options
 @click.option("--format", "fmt", type=click.Choice(["prometheus", "consul", "json"]),
               default="json", show_default=True,
               help="prometheus: file_sd target groups; consul: catalog services and health "
                    "entries; json: every instance.")
 @click.option("--output", "-o", type=click.Choice(["json"]), default="json",
               help="Always JSON.")
-def export_cmd(nats_url: str, platform: str, fmt: str, output: str) -> None:
+def export_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
+               fmt: str, output: str) -> None:
     """Print the registry in an export format (for file SD or another tool).
 
     \b
     Example: pycluster services export --format prometheus > targets.json
     """
     try:
-        insts = asyncio.run(read_instances(nats_url, platform))
+        insts = asyncio.run(read_instances((config, nats_url, data_dir, platform)))
     except Exception as exc:
         _fail(exc)
     doc: Any

@@ -11,8 +11,13 @@ Names (case-insensitive), healthy (``passing``) instances only:
 - ``<node>.<service>.<app>.<platform>.pycluster.``: ``A``/``AAAA`` of that instance.
 
 Unknown names answer NXDOMAIN, known names without healthy instances an empty NOERROR, both
-with the zone's SOA; names outside the zone are REFUSED. A UDP answer over 512 bytes is sent
-empty with TC set, and the client asks again over TCP.
+with the zone's SOA; names outside the zone are REFUSED.
+
+EDNS(0): a query with an OPT record gets one back (this server's UDP payload size,
+`EDNS_UDP_SIZE`), and its UDP answer may be as large as the client's payload size (at least
+512, at most ours); without EDNS the limit is 512 bytes. A larger UDP answer is sent empty
+with TC set, and the client asks again over TCP (no limit there but the message's 64 KiB). An
+EDNS version other than 0 answers BADVERS, more than one OPT record FORMERR.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING, Any
 
-from dnslib import AAAA, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSLabel, DNSRecord
+from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSLabel, DNSRecord
 
 from pycluster.httpserver import parse_addr
 from pycluster.kernel.discovery import ServiceInstance
@@ -34,6 +39,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("pycluster.discovery.dns")
 
 ROOT = "pycluster"
+#: The UDP payload size this server advertises in its OPT record and the largest UDP answer
+#: it sends to an EDNS client (a client asking for less gets at most what it asked for).
+EDNS_UDP_SIZE = 4096
+#: The UDP answer limit without EDNS.
+CLASSIC_UDP_SIZE = 512
+#: The extended RCODE BADVERS (16): its upper 8 bits go in the OPT record, the lower 4 in
+#: the header (0).
+BADVERS = 16
 
 
 def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -106,7 +119,7 @@ class DnsServer(asyncio.DatagramProtocol):
                 async with asyncio.timeout(10.0):
                     size = int.from_bytes(await reader.readexactly(2), "big")
                     data = await reader.readexactly(size)
-                packed = self._reply(data, limit=65535)
+                packed = self._reply(data, udp=False)
                 if packed is None:
                     return
                 writer.write(len(packed).to_bytes(2, "big") + packed)
@@ -118,28 +131,47 @@ class DnsServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         """Answer one query (malformed ones are dropped)."""
-        packed = self._reply(data, limit=512)
+        packed = self._reply(data, udp=True)
         if packed is not None and self.transport is not None:
             self.transport.sendto(packed, addr)
 
-    def _reply(self, data: bytes, limit: int) -> bytes | None:
-        """The packed reply to a query (None for a malformed one); over ``limit`` bytes an
-        empty reply with TC set (over UDP the client then asks over TCP)."""
+    def _reply(self, data: bytes, udp: bool) -> bytes | None:
+        """The packed reply to a query (None for a malformed one). Over UDP, an answer larger
+        than the client can take (512 bytes, or its EDNS payload size) is replaced by an
+        empty one with TC set: the client then asks over TCP."""
         try:
             request = DNSRecord.parse(data)
         except Exception:
             return None
         self.queries += 1
+        opts = [rr for rr in request.ar if rr.rtype == QTYPE.OPT]
+        if len(opts) > 1:  # RFC 6891 6.1.1
+            reply = request.reply()
+            reply.header.rcode = RCODE.FORMERR
+            return bytes(reply.pack())
+        opt = opts[0] if opts else None
+        if opt is not None and (opt.ttl >> 16) & 0xFF != 0:  # only EDNS version 0
+            reply = request.reply()
+            reply.add_ar(EDNS0(udp_len=EDNS_UDP_SIZE, ext_rcode=BADVERS >> 4))
+            return bytes(reply.pack())
+        limit = 65535
+        if udp:
+            limit = (max(CLASSIC_UDP_SIZE, min(int(opt.rclass), EDNS_UDP_SIZE))
+                     if opt is not None else CLASSIC_UDP_SIZE)
         try:
             reply = self.answer(request)
         except Exception:
             log.exception("DNS query failed")
             reply = request.reply()
             reply.header.rcode = RCODE.SERVFAIL
+        if opt is not None:
+            reply.add_ar(EDNS0(udp_len=EDNS_UDP_SIZE))
         packed: bytes = reply.pack()
         if len(packed) > limit:
             reply = request.reply()
             reply.header.tc = 1
+            if opt is not None:
+                reply.add_ar(EDNS0(udp_len=EDNS_UDP_SIZE))
             packed = reply.pack()
         return packed
 

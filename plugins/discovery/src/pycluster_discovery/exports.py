@@ -1,4 +1,7 @@
-"""Exports of the registry on the discovery HTTP address, and the file-SD exporter.
+"""Exports of the registry over HTTP, and the file-SD exporter.
+
+The endpoints are served on the node's health address (``health_addr``, through the
+``pycluster_http_routes`` hook) and, with ``discovery.http_addr``, on an address of their own:
 
 - ``GET /v1/sd/prometheus``: Prometheus HTTP service discovery (``http_sd_configs``): a list
   of target groups ``{"targets": ["host:port"], "labels": {...}}``, one per healthy instance,
@@ -9,8 +12,8 @@
   instances, ``?tag=``), with an ``X-Consul-Index`` header and blocking queries (``?index=``,
   ``?wait=``, at most 60 s). The datacenter is the platform's
   name, a service's ID is ``<app>.<service>.<node>``, its app is ``ServiceMeta["app"]``; a
-  standby's check is ``warning``. Routes exist per known service name, so an unknown name
-  answers 404 (Consul answers ``[]``).
+  standby's check is ``warning``. A service name never seen answers 404 (Consul answers
+  ``[]``).
 - JSON: ``GET /v1/services`` (every instance) and ``GET /v1/services/<name>`` (``?app=``,
   ``?tag=``, ``?passing``).
 
@@ -30,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pycluster.httpserver import HttpServer, Request, Response
+from pycluster.httpserver import Handler, HttpServer, Request, Response, Route
 from pycluster.kernel.discovery import ServiceInstance
 
 from .registry import PASSING, STANDBY, as_dict
@@ -43,6 +46,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pycluster.discovery")
 
 _LABEL = re.compile(r"[^a-zA-Z0-9_]")
+
+CATALOG, HEALTH, SERVICES = "/v1/catalog/service/", "/v1/health/service/", "/v1/services/"
+#: Seconds a request waits for discovery to start on a node that had not started it.
+START_TIMEOUT = 5.0
 
 
 def prometheus_groups(instances: list[ServiceInstance], platform: str) -> list[dict[str, Any]]:
@@ -134,50 +141,95 @@ def _flag(request: Request, name: str) -> bool:
     return name in request.query and (request.param(name) or "1") not in ("0", "false")
 
 
-class ExportServer:
-    """The discovery HTTP endpoints (see the module) on ``addr``."""
+class Exports:
+    """The discovery HTTP endpoints (see the module) as routes: served on the node's health
+    address (``pycluster_http_routes``) and, with ``discovery.http_addr``, on their own server
+    (`ExportServer`). The first request starts discovery on a node that has not started it
+    (no services of its own): answers come from the registry's view, loaded at its start."""
 
-    def __init__(self, discovery: Discovery, addr: str) -> None:
+    def __init__(self, discovery: Discovery) -> None:
         self.discovery = discovery
-        self.server = HttpServer(addr, name="discovery")
-        self.server.route("/v1/sd/prometheus", self.handle_prometheus)
-        self.server.route("/v1/catalog/services", self.handle_catalog_services)
-        self.server.route("/v1/services", self.handle_services)
         self._names: set[str] = set()
         #: Consul's ``X-Consul-Index``: raised on every change of the view.
         self.index = 1
         self._changed = asyncio.Event()
+        self._view: list[ServiceInstance] | None = None
+        self._starting: asyncio.Future[Any] | None = None
 
-    @property
-    def url(self) -> str:
-        """``http://host:port``."""
-        return self.server.url
-
-    async def start(self) -> None:
-        """Listen."""
-        self.refresh()
-        await self.server.start()
-
-    async def stop(self) -> None:
-        """Close."""
-        await self.server.stop()
+    def routes(self) -> list[Route]:
+        """The endpoints; ``/v1/catalog/service/``, ``/v1/health/service/`` and
+        ``/v1/services/`` take the service name from the rest of the path."""
+        return [
+            Route("/v1/sd/prometheus", self._ready(self.handle_prometheus)),
+            Route("/v1/catalog/services", self._ready(self.handle_catalog_services)),
+            Route(CATALOG, self._named(CATALOG, self.handle_catalog), prefix=True),
+            Route(HEALTH, self._named(HEALTH, self.handle_health), prefix=True),
+            Route("/v1/services", self._ready(self.handle_services)),
+            Route(SERVICES, self._named(SERVICES, self.handle_service), prefix=True),
+        ]
 
     def refresh(self) -> None:
-        """Add the per-service routes of service names seen for the first time."""
-        for name in {i.service for i in self.discovery.instances()} - self._names:
-            self._names.add(name)
-            self.server.route(f"/v1/catalog/service/{name}", self._bind(self.handle_catalog,
-                                                                         name))
-            self.server.route(f"/v1/health/service/{name}", self._bind(self.handle_health,
-                                                                        name))
-            self.server.route(f"/v1/services/{name}", self._bind(self.handle_service, name))
+        """If the view changed since last seen: remember new service names, raise the index,
+        wake blocked queries (called by the export loop, and before each answer so that the
+        index always describes the view answered)."""
+        view = self.discovery.instances()
+        if view == self._view:
+            return
+        self._view = view
+        self._names.update(i.service for i in view)
         self.index += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def known(self, name: str) -> bool:
+        """Whether service ``name`` has been seen (an unknown one answers 404)."""
+        self.refresh()
+        return name in self._names
+
+    async def started(self) -> bool:
+        """Start discovery if it is not running (once; a failure is retried by the next
+        request); False when it does not start within `START_TIMEOUT`."""
+        if self.discovery.running:
+            return True
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self.discovery.use())
+            self._starting.add_done_callback(_consume)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting), START_TIMEOUT)
+        except Exception as exc:
+            log.debug("discovery exports: not started: %s", exc)
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Cancel a start that a request began and that has not finished (discovery stops)."""
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+
+    def _ready(self, fn: Handler) -> Handler:
+        async def handler(request: Request) -> Response:
+            if not await self.started():
+                return Response.text("discovery is not running\n", 503)
+            return await fn(request)
+        return handler
+
+    def _named(self, prefix: str, fn: Any) -> Handler:
+        async def handler(request: Request) -> Response:
+            name = request.path[len(prefix):]
+            if not await self.started():
+                return Response.text("discovery is not running\n", 503)
+            if not name or "/" in name or not self.known(name):
+                return Response.text(f"unknown service {name!r}\n", 404)
+            return await fn(request, name)  # type: ignore[no-any-return]
+        return handler
+
     async def _block(self, request: Request) -> None:
         """Consul blocking query: with ``?index=N`` not older than the current index, wait
         until the view changes or ``?wait=`` (default 5m, at most 60 s here) passes."""
+        self.refresh()
         try:
             index = int(request.param("index") or 0)
         except ValueError:
@@ -187,12 +239,7 @@ class ExportServer:
         wait = min(60.0, _duration(request.param("wait") or "5m"))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), wait)
-
-    @staticmethod
-    def _bind(fn: Any, name: str) -> Any:
-        async def handler(request: Request) -> Response:
-            return await fn(request, name)  # type: ignore[no-any-return]
-        return handler
+        self.refresh()
 
     def _consul(self, data: Any) -> Response:
         resp = Response.json(data)
@@ -243,6 +290,39 @@ class ExportServer:
             insts = [i for i in insts if i.status == PASSING]
         return Response.json({"platform": self.discovery.platform.name, "service": name,
                               "instances": [as_dict(i) for i in insts]})
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a start's failure (the waiting request answered it; the next one retries)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class ExportServer:
+    """The exports on their own address (``discovery.http_addr``), beside the health address.
+
+    :param exports: the endpoints (`Exports`), shared with the health address's routes.
+    :param addr: ``host:port`` to bind (port 0: any free port).
+    """
+
+    def __init__(self, exports: Exports, addr: str) -> None:
+        self.exports = exports
+        self.server = HttpServer(addr, name="discovery")
+        for route in exports.routes():
+            self.server.add(route)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return self.server.url
+
+    async def start(self) -> None:
+        """Listen."""
+        await self.server.start()
+
+    async def stop(self) -> None:
+        """Close."""
+        await self.server.stop()
 
 
 class FileSdExporter:

@@ -5,7 +5,8 @@ Hooks: the `Service` option and its claim, the ``discovery`` platform service
 ``pycluster_service_registry`` (NATS KV leases in ``{platform}_services``), a discovery stage
 per app with services (registered before ``on_active`` hooks run, withdrawn on stepping down),
 standby registration on settling passive, the ``discovery:`` config section, the audit
-category ``discovery``, metrics, ``/status`` and the ``pycluster services`` commands.
+category ``discovery``, metrics, ``/status``, the HTTP exports on the health address and the
+``pycluster services`` commands.
 
 Metrics: ``pycluster_services{service,status}`` (instances in the registry's view) and
 ``pycluster_service_checks_total{service,result}`` (health checks run on this node).
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from pycluster.builtin.audit.log import AuditCategoryRegistry
+    from pycluster.httpserver import Route
     from pycluster.kernel.app import App
     from pycluster.kernel.platform import Platform
     from pycluster.kernel.services import PlatformServices
@@ -189,6 +191,13 @@ def pycluster_status(platform: Platform) -> dict[str, Any] | None:
         return None
     return {"registrations": disc.registrations(),
             "dns": disc.dns.address if disc.dns is not None else None}
+
+
+@hookimpl
+def pycluster_http_routes(platform: Platform) -> list[Route] | None:
+    """The exports (Prometheus SD, the Consul subset, JSON) on the node's health address."""
+    disc = discovery_of(platform)
+    return disc.exports.routes() if disc is not None else None
 
 
 @hookimpl

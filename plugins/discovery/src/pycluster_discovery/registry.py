@@ -122,7 +122,8 @@ class KvServiceRegistry:
         if withdraw:
             for inst, _seq in list(self._owned.values()):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.deregister(inst), 2.0)
+                    async with asyncio.timeout(2.0):
+                        await self.deregister(inst)
         self._owned.clear()
 
     # -- writes ---------------------------------------------------------------------------------
@@ -137,7 +138,8 @@ class KvServiceRegistry:
         async with self._lock:
             await self._write(instance, self._owned.get(instance.key, (None, None))[1])
 
-    async def _write(self, inst: ServiceInstance, expected: int | None) -> None:
+    async def _write(self, inst: ServiceInstance, expected: int | None,
+                     renewal: bool = False) -> None:
         payload = encode(inst)
         for _ in range(3):
             if expected is None:
@@ -149,15 +151,19 @@ class KvServiceRegistry:
             except nu.CASConflict:
                 expected = None  # expired (a marker) or rewritten: write after what is there
                 continue
+            if renewal and inst.key not in self._owned:
+                return  # deregistered while this renewal was in flight: its delete follows
             self._owned[inst.key] = (inst, seq)
             self._apply(inst.key, seq, inst)
             return
         raise nu.CASConflict(f"{self.bucket}/{inst.key}: kept changing under the registration")
 
     async def deregister(self, instance: ServiceInstance) -> None:
-        """Delete ``instance``'s record (by its key) and stop renewing it."""
+        """Stop renewing ``instance``'s record (at once, whatever happens next) and delete it
+        (by its key). If the delete cannot be written (NATS cut off) or is cancelled, the
+        record expires within its TTL: nothing renews it any more."""
+        owned = self._owned.pop(instance.key, None)
         async with self._lock:
-            owned = self._owned.pop(instance.key, None)
             expected = owned[1] if owned is not None else None
             for _ in range(3):
                 if expected is None:
@@ -179,8 +185,10 @@ class KvServiceRegistry:
             await asyncio.sleep(self.renew_interval)
             async with self._lock:
                 for key, (inst, seq) in list(self._owned.items()):
+                    if key not in self._owned:
+                        continue  # deregistered while an earlier renewal held the lock
                     try:
-                        await self._write(inst, seq)
+                        await self._write(inst, seq, renewal=True)
                     except _RENEW_ERRORS as exc:
                         stop_if_cancelled()
                         self.renew_failures += 1

@@ -24,6 +24,7 @@ from pycluster.kernel.errors import ConfigError
 from pycluster.kernel.options import Singleton
 
 from .checks import run_check
+from .exports import Exports
 from .options import PROTOCOLS, Service, check_name
 from .registry import (
     CRITICAL,
@@ -170,8 +171,9 @@ class Discovery:
     :ivar advertise: the default address of this node's services (``PYCLUSTER_DISCOVERY_ADVERTISE``,
         else the source address of the default route).
     :ivar dns_ttl: TTL of DNS answers, seconds.
-    :ivar http_addr: ``host:port`` of the HTTP exports (Prometheus SD, Consul subset, JSON;
-        None: not served); from ``PYCLUSTER_DISCOVERY_HTTP_ADDR`` by default.
+    :ivar http_addr: ``host:port`` of an address of their own for the HTTP exports
+        (Prometheus SD, Consul subset, JSON), served on the health address anyway (None: only
+        there); from ``PYCLUSTER_DISCOVERY_HTTP_ADDR`` by default.
     :ivar file_sd_path: a Prometheus ``file_sd_configs`` file kept up to date (None: none);
         from ``PYCLUSTER_DISCOVERY_FILE_SD`` by default.
     :ivar export_interval: seconds between checks of the view for the exporters.
@@ -185,6 +187,9 @@ class Discovery:
         self.http_addr: str | None = os.environ.get(HTTP_ADDR_ENV) or None
         self.file_sd_path: str | None = os.environ.get(FILE_SD_ENV) or None
         self.export_interval = 0.25
+        #: The HTTP endpoints, served on the health address and on ``http_addr``.
+        self.exports = Exports(self)
+        #: The server on ``http_addr`` while it runs.
         self.http: ExportServer | None = None
         #: The exporters of ``pycluster_discovery_exporters``, by name.
         self.exporters: dict[str, DiscoveryExporter] = {}
@@ -198,6 +203,11 @@ class Discovery:
         self.checks_total: dict[tuple[str, str], int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the registry is started (`use` was called and succeeded)."""
+        return self._registry is not None
 
     @property
     def registry(self) -> ServiceRegistry:
@@ -239,7 +249,7 @@ class Discovery:
             if self.http_addr:
                 from .exports import ExportServer
 
-                self.http = ExportServer(self, self.http_addr)
+                self.http = ExportServer(self.exports, self.http_addr)
                 await self.http.start()
             reg_ex = DiscoveryExporterRegistry()
             self.platform.pm.hook.pycluster_discovery_exporters(registry=reg_ex)
@@ -253,8 +263,7 @@ class Discovery:
         while True:
             view = self.instances()
             if view != last:
-                if self.http is not None:
-                    self.http.refresh()
+                self.exports.refresh()
                 for name, exporter in self.exporters.items():
                     try:
                         await exporter.export(view)
@@ -267,9 +276,11 @@ class Discovery:
     async def stop(self) -> None:
         """Withdraw this node's registrations, stop DNS and the registry."""
         self._started = False
+        await self.exports.stop()
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(reg.leave(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await reg.leave()
         await cancel_and_wait(self._export_task)
         if self.dns is not None:
             await self.dns.stop()
@@ -338,14 +349,21 @@ class Discovery:
         return list(get(name, app=app, healthy_only=healthy_only))
 
     def registrations(self) -> list[dict[str, Any]]:
-        """This node's registrations (for ``/status``)."""
+        """This node's registrations (for ``/status``): its apps' services (with the last
+        check's detail), then what it registered by hand (``register``), sorted by key."""
         out = []
+        keys = set()
         for reg in self._regs.values():
             if reg.instance is not None:
                 d = as_dict(reg.instance)
                 d["check"] = reg.detail or None
                 out.append(d)
-        return out
+                keys.add(reg.instance.key)
+        owned = getattr(self._registry, "owned", None)  # the KV registry's renewed records
+        for inst in owned() if owned is not None else ():
+            if inst.key not in keys:
+                out.append({**as_dict(inst), "check": None})
+        return sorted(out, key=lambda d: (d["app"], d["service"], d["node"]))
 
     # -- following apps ------------------------------------------------------------------------
 

@@ -240,7 +240,8 @@ async def run(binary: str, args: list[str], timeout: float, what: str) -> str:
     """
     proc = await spawn([binary, *args])
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
     except (TimeoutError, asyncio.CancelledError) as exc:
         await kill(proc, 0.5)
         if isinstance(exc, asyncio.CancelledError):
@@ -299,7 +300,8 @@ class ControlClient:
                 data = {"error": content.decode(errors="replace")[:200]}
             return status, data if isinstance(data, dict) else {"value": data}
 
-        return await asyncio.wait_for(go(), timeout)
+        async with asyncio.timeout(timeout):
+            return await go()
 
     async def info(self, timeout: float = 2.0) -> dict[str, Any]:
         """``GET /info`` (version, pid, uptime); raises OSError when nobody listens."""

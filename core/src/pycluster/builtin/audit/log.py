@@ -88,6 +88,12 @@ _LINGER = 0.005
 """Shortest interval between two batches (unless a full window is waiting)."""
 _ACK_TIMEOUT = 2.0
 """How long a batch waits for its acks before the unacknowledged entries are sent again."""
+LOCK_COALESCE = 1.0
+"""Lock holds released within this many seconds of their acquisition are recorded together:
+one ``held`` entry per lock lists every hold that ended within this time of the first (longer
+holds get ``acquired`` this long after the acquisition, then ``released``)."""
+_HOLDS_MAX = 256
+"""Most holds listed in one ``held`` entry (a full entry is queued at once)."""
 
 CORE_CATEGORIES: dict[str, dict[str, str]] = {
     "election": {
@@ -114,6 +120,8 @@ CORE_CATEGORIES: dict[str, dict[str, str]] = {
     "lock": {
         "acquired": "a lock was acquired (data: lock, token, waited)",
         "released": "a lock was released (data: lock, token, held)",
+        "held": "holds of a lock, each acquired and released within a second, listed in one "
+                "entry (data: lock, scope, holds: [{token, acquired, held, waited}, ...])",
         "expired": "a held lock's lease ran out before release (data: lock, token, held)",
     },
     "hook": {
@@ -134,6 +142,8 @@ CORE_CATEGORIES: dict[str, dict[str, str]] = {
         "uncordoned": "a node was uncordoned through this node (data: node)",
         "maintenance": "maintenance mode was turned on or off through this node (data: on, "
                        "app)",
+        "rebalance_waiting": "an automatic move of this node's instance waits (data: reason: "
+                             "cooldown, limits, budget, windows)",
     },
     "health": {
         "changed": "a health check changed status (data: check, status, previous, error)",
@@ -205,6 +215,18 @@ class AuditLog:
         self._ack_sub: Subscription | None = None
         self._ack_nc: NATS | None = None
         self._roles: dict[str, str] = {}
+        # Lock acquisitions not written yet (see `LOCK_COALESCE`), by id of the Lock object.
+        # Lock acquisitions not written yet (see `LOCK_COALESCE`), by id of the Lock object:
+        # (time, monotonic time, data, app, trace id, correlation id); the entry is built only
+        # if the hold outlasts the window. One timer sweeps them.
+        self._held: dict[int, tuple[float, float, dict[str, Any], str | None, str | None,
+                                    str | None]] = {}
+        self._held_sweep: asyncio.TimerHandle | None = None
+        # Finished short holds per (app, scope, lock, trace id, correlation id), written as one
+        # ``held`` entry when the first is `LOCK_COALESCE` old (or the list is full).
+        self._holds: dict[tuple[str | None, str, str, str | None, str | None],
+                          tuple[float, list[dict[str, Any]]]] = {}
+        self._holds_timer: asyncio.TimerHandle | None = None
         self._observed: dict[str, tuple[str | None, int | None]] = {}
         self._last_leader: dict[str, tuple[str, int | None]] = {}
 
@@ -249,6 +271,21 @@ class AuditLog:
         self._enqueue(entry, msg_id or entry.id)
         return entry
 
+    def _entry(self, category: str, action: str, data: dict[str, Any], app: str | None,
+               when: float | None = None, trace_id: str | None = None,
+               correlation_id: str | None = None) -> AuditEntry:
+        """An entry of a core category (names known valid), not queued; the trace and
+        correlation ids are the current ones unless given (with ``when``)."""
+        if when is None:
+            when = time.time()
+            trace_id = current_trace_id()
+            correlation_id = CORRELATION.get() or None
+        return AuditEntry(
+            time=when, platform=self.platform.name, node=self.platform.node_id,
+            category=category, action=action, app=app, data=data,
+            trace_id=trace_id, correlation_id=correlation_id, id=os.urandom(8).hex(),
+        )
+
     def _enqueue(self, entry: AuditEntry, msg_id: str) -> None:
         if len(self._queue) >= self.buffer:
             self._queue.popleft()
@@ -261,7 +298,11 @@ class AuditLog:
             metrics.audit_entry(entry.category)  # type: ignore[attr-defined]
 
     async def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until every queued entry is stored; False if ``timeout`` passed first."""
+        """Wait until every queued entry is stored; False if ``timeout`` passed first.
+
+        Lock acquisitions still waiting to be coalesced with their release are queued first,
+        so after a flush the trail shows every lock held so far."""
+        self._write_locks(everything=True)
         if not self._queue and not self._inflight:
             return True
         try:
@@ -509,6 +550,9 @@ class AuditLog:
             # Everything queued is stored before leaving, within most of the stop budget
             # (the platform bounds each service's stop by ``hook_timeout``).
             budget = max(1.0, 0.8 * float(self.platform.settings.hook_timeout))
+            nc = self.platform.nc
+            if nc is None or nc.is_closed:
+                budget = 0.0  # nothing can be stored any more: do not wait for it
             if not await self.flush(budget):
                 lost = len(self._queue) + len(self._inflight)
                 log.warning("audit: %d entries not stored before leaving (%.1fs)", lost, budget)
@@ -516,6 +560,10 @@ class AuditLog:
                 self._queue.clear()
             await cancel_and_wait(self._task)
             self._task = None
+        for timer in (self._held_sweep, self._holds_timer):
+            if timer is not None:
+                timer.cancel()
+        self._held_sweep = self._holds_timer = None
         if self._ack_sub is not None:
             with contextlib.suppress(Exception):
                 await self._ack_sub.unsubscribe()
@@ -617,11 +665,97 @@ class AuditLog:
         self.log("placement", event, dict(data), app=app.name if app is not None else None)
 
     def lock_event(self, scope: str, event: str, lock: Any, fields: Mapping[str, Any]) -> None:
-        """A lock of this node was acquired, released or lost."""
-        if event not in ("acquired", "released", "expired"):
+        """A lock of this node was acquired, released or lost.
+
+        Most holds are short: an acquisition waits up to `LOCK_COALESCE` seconds for its
+        release, and the holds of a lock released within that time are written as one ``held``
+        entry listing each (token, acquisition time, hold and wait durations). A run of lock
+        operations then costs a few list appends per hold and one publish per lock and second,
+        and the trail still shows who held which lock from when to when."""
+        if not self.enabled or event not in ("acquired", "released", "expired"):
             return
-        data = {"lock": getattr(lock, "name", "?"), "scope": scope, **fields}
-        self.log("lock", event, data, app=None if scope == "_platform" else scope)
+        key = id(lock)
+        name = str(getattr(lock, "name", "?"))
+        app = None if scope == "_platform" else scope
+        if event == "acquired":
+            if key in self._held:
+                self._write_acquired(key)
+            now = time.monotonic()
+            self._held[key] = (time.time(), now, {"lock": name, "scope": scope, **fields}, app,
+                               current_trace_id(), CORRELATION.get() or None)
+            if self._held_sweep is None:
+                self._held_sweep = asyncio.get_running_loop().call_later(
+                    LOCK_COALESCE, self._sweep_held)
+            return
+        pending = self._held.pop(key, None)
+        if pending is not None:
+            when, _, first, _, trace_id, correlation_id = pending
+            if (event == "released" and fields.get("clean", True)
+                    and first.get("token") == fields.get("token")):
+                hold = {"token": first.get("token"), "acquired": when,
+                        "held": fields.get("held"), "waited": first.get("waited")}
+                self._add_hold((app, scope, name, trace_id, correlation_id), hold)
+                return
+            self._held[key] = pending
+            self._write_acquired(key)
+        data = {"lock": name, "scope": scope, **fields}
+        self.log("lock", event, data, app=app)
+
+    def _add_hold(self, key: tuple[str | None, str, str, str | None, str | None],
+                  hold: dict[str, Any]) -> None:
+        holds = self._holds.get(key)
+        if holds is None:
+            holds = self._holds[key] = (time.monotonic(), [])
+            if self._holds_timer is None:
+                self._holds_timer = asyncio.get_running_loop().call_later(
+                    LOCK_COALESCE, self._write_locks)
+        holds[1].append(hold)
+        if len(holds[1]) >= _HOLDS_MAX:
+            self._write_holds(key)
+
+    def _write_holds(self, key: tuple[str | None, str, str, str | None, str | None]) -> None:
+        _, holds = self._holds.pop(key)
+        app, scope, name, trace_id, correlation_id = key
+        entry = self._entry("lock", "held", {"lock": name, "scope": scope, "holds": holds}, app,
+                            holds[0]["acquired"], trace_id, correlation_id)
+        self._enqueue(entry, entry.id)
+
+    def _write_locks(self, everything: bool = False) -> None:
+        """Queue the ``held`` entries whose window has passed (all with ``everything``, and
+        then the pending acquisitions too)."""
+        if self._holds_timer is not None:  # called by a flush: one timer chain only
+            self._holds_timer.cancel()
+        self._holds_timer = None
+        due = time.monotonic() - LOCK_COALESCE
+        for key, (started, _) in list(self._holds.items()):
+            if everything or started <= due + 0.001:
+                self._write_holds(key)
+        if self._holds:
+            first = min(started for started, _ in self._holds.values())
+            self._holds_timer = asyncio.get_running_loop().call_later(
+                max(0.0, first - due), self._write_locks)
+        if everything:
+            for lock_key in list(self._held):
+                self._write_acquired(lock_key)
+
+    def _sweep_held(self) -> None:
+        """Write the ``acquired`` entries of holds that outlasted `LOCK_COALESCE`."""
+        self._held_sweep = None
+        due = time.monotonic() - LOCK_COALESCE
+        for key, pending in list(self._held.items()):
+            if pending[1] <= due + 0.001:
+                self._write_acquired(key)
+        if self._held:
+            first = min(p[1] for p in self._held.values())
+            self._held_sweep = asyncio.get_running_loop().call_later(
+                max(0.0, first - due), self._sweep_held)
+
+    def _write_acquired(self, key: int) -> None:
+        pending = self._held.pop(key, None)
+        if pending is not None:
+            when, _, data, app, trace_id, correlation_id = pending
+            entry = self._entry("lock", "acquired", data, app, when, trace_id, correlation_id)
+            self._enqueue(entry, entry.id)
 
     def hook_failed(self, app: App | None, hook: str, function: str, error: BaseException,
                     timed_out: bool) -> None:

@@ -1,5 +1,8 @@
-"""The health plugin's endpoints: readiness, the ``/status`` document and the HTTP server
-(``/health``, ``/ready``, ``/status``, and ``/metrics`` when the metrics plugin serves there).
+"""The health plugin's endpoints: readiness, the ``/status`` document, the HTTP server
+(``/health``, ``/ready``, ``/status``, ``/metrics`` when the metrics plugin serves there, and
+the routes plugins add with ``pycluster_http_routes``) and the same document over NATS
+(``{platform}._.node.{node}.status``, a control request), so ``pycluster status`` and
+``pycluster health`` work without ``health_addr``.
 
 Under connection loss the endpoints keep answering from in-process state: ``/ready`` turns 503
 at once, and 200 again as soon as the connection and JetStream are back.
@@ -9,16 +12,54 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ...httpserver import HttpServer, Request, Response
+from ...httpserver import HttpServer, Request, Response, Route
+from ...kernel.backends import supervisors
+from ...kernel.control import decode_object, error_reply
+from ...kernel.names import platform_subject, validate_ident
 from ...kernel.replication import replication_summary
 from ...kernel.types import Role
 from .checks import CheckStatus, HealthCheck
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from ...kernel.app import App
     from ...kernel.platform import Platform
+
+log = logging.getLogger("pycluster.health")
+
+
+def node_status_subject(platform: str, node: str) -> str:
+    """Subject on which node ``node`` answers with its ``/status`` document (a control
+    request: the node's middleware sees it; not audited, it changes nothing)."""
+    validate_ident("platform", platform)
+    validate_ident("node", node)
+    return platform_subject(platform, "node", node, "status")
+
+
+def _app_local(platform: Platform, app: App) -> dict[str, Any]:
+    """What only this node knows of ``app``: its backends' and VIPs' state."""
+    out: dict[str, Any] = {}
+    backends = []
+    for kind, _opt, sup in supervisors(platform, app):
+        last = sup.last_health
+        backends.append({"kind": kind.kind, "stage": sup.stage, "state": sup.state.value,
+                         "healthy": last.healthy if last is not None else None,
+                         "detail": last.detail if last is not None else None})
+    if backends:
+        out["backends"] = backends
+    rt = platform.runtimes.get(app.name)
+    vips = [{"address": av.manager.address, "held": bool(av.manager.held),
+             "plugin": av.plugin} for av in (rt.vips if rt is not None else [])]
+    if vips:
+        out["vips"] = vips
+    return out
 
 
 class HealthEndpoints:
@@ -28,6 +69,7 @@ class HealthEndpoints:
     checks: dict[str, HealthCheck]
     _server: HttpServer | None
     _probe_at: float
+    _status_sub: Subscription | None = None
 
     def status(self, history: bool = False) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
@@ -111,7 +153,11 @@ class HealthEndpoints:
             info["last_transition"] = rt.last_transition
             if rt.replicators:  # the app's data: state, lag, position of each replicator
                 info["replication"] = replication_summary(rt.replicators)
+            app = p.apps.get(name)
+            if app is not None:
+                info.update(_app_local(p, app))
         base["uptime"] = round(time.time() - p.started_at, 3) if p.started_at else None
+        base["health_url"] = self.url  # None without health_addr
         base["checks"] = self.status(history)
         base["healthy"] = self.healthy
         audit = p.services.get("audit")  # the audit plugin's public counters, when enabled
@@ -150,9 +196,47 @@ class HealthEndpoints:
     async def handle_status(self, request: Request) -> Response:
         """``GET /status`` (``?history=1`` adds each check's recent results)."""
         history = (request.param("history") or "") not in ("", "0", "false", "no")
+        return Response.json(await self.status_document(history))
+
+    async def status_document(self, history: bool = False) -> dict[str, Any]:
+        """The full ``/status`` document: `node_status` with readiness."""
         doc = self.node_status(history)
         doc["ready"], doc["not_ready"] = await self.readiness()
-        return Response.json(doc)
+        return doc
+
+    # -- over NATS -----------------------------------------------------------------------------
+
+    async def _on_status_request(self, msg: Msg) -> None:
+        """Answer a status request (``{"history": bool}``, optional) with the ``/status``
+        document; a refusal (middleware) is ``{"node", "error"}``."""
+        p = self.platform
+
+        async def handler(req: Any) -> dict[str, Any]:
+            body = decode_object(req.data) if req.data else {}
+            return await self.status_document(bool(body.get("history")))
+
+        try:
+            doc, error = await p.control.serve(msg, app="_", name="status", handler=handler,
+                                               audit=False)
+            reply = {"node": p.node_id, "error": error_reply(error)} if error else doc
+            if msg.reply:
+                await msg.respond(json.dumps(reply, default=str).encode())
+        except Exception:  # never into nats-py's delivery loop
+            log.exception("node %s: status request failed", p.node_id)
+
+    async def _serve_nats(self) -> None:
+        p = self.platform
+        nc = p.nc_control or p.nc
+        if nc is None or self._status_sub is not None:
+            return
+        self._status_sub = await nc.subscribe(node_status_subject(p.name, p.node_id),
+                                              cb=self._on_status_request)
+
+    async def _stop_nats(self) -> None:
+        sub, self._status_sub = self._status_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     @property
     def url(self) -> str | None:
@@ -162,7 +246,7 @@ class HealthEndpoints:
 
     async def _serve_http(self) -> None:
         """Start the HTTP server on ``health_addr`` (with ``/metrics`` when the metrics plugin
-        serves there: ``metrics_addr`` unset or the same)."""
+        serves there: ``metrics_addr`` unset or the same, and the plugins' routes)."""
         s = self.platform.settings
         if not s.health_addr:
             return
@@ -173,8 +257,32 @@ class HealthEndpoints:
         metrics = self.platform.services.get("metrics")  # its public endpoint, when enabled
         if metrics is not None and s.metrics_addr in (None, s.health_addr) and metrics.enabled:
             server.route("/metrics", metrics.handle_metrics)
+        self._plugin_routes(server)
         await server.start()
         self._server = server
+
+    def _plugin_routes(self, server: HttpServer) -> None:
+        """Add the routes of ``pycluster_http_routes``: a path already served (the built-in
+        ones, an earlier plugin's) is skipped, a plugin whose hook raises adds none."""
+        taken = {(p, False) for p in server.paths}
+        for impl in reversed(self.platform.pm.hook.pycluster_http_routes.get_hookimpls()):
+            try:
+                result: Any = impl.function(platform=self.platform)
+                routes = list(result or ())
+                if not all(isinstance(r, Route) for r in routes):
+                    raise TypeError("pycluster_http_routes must return Route objects")
+            except Exception:
+                log.exception("plugin %s: pycluster_http_routes failed; its routes are not "
+                              "served", impl.plugin_name)
+                continue
+            for route in routes:
+                key = (route.path, route.prefix)
+                if key in taken:
+                    log.warning("plugin %s: HTTP path %s%s is already served; skipped",
+                                impl.plugin_name, route.path, "*" if route.prefix else "")
+                    continue
+                taken.add(key)
+                server.add(route)
 
     async def _stop_http(self) -> None:
         if self._server is not None:

@@ -5,7 +5,6 @@ apps whose checks fail (see `pycluster.builtin.health.checks` for what a check i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -14,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...kernel import natsutil
-from ...kernel.aio import cancel_and_wait, supervise
+from ...kernel.aio import TaskSet, cancel_and_wait
 from ...kernel.context import Context
 from ...kernel.coordinator import run_hooks
 from ...kernel.errors import ConfigError
@@ -67,6 +66,7 @@ class PlatformHealth(HealthEndpoints):
         self._listeners: list[ChangeListener] = []
         self._server: HttpServer | None = None
         self._running = False
+        self._tasks = TaskSet("health")
         self._probe_at = 0.0
         self._builtin()
         platform.pm.hook.pycluster_health_checks(platform=platform, health=self)
@@ -131,8 +131,8 @@ class PlatformHealth(HealthEndpoints):
             history=self.history_size, depends_on=deps,
         )
         self.checks[full] = chk
-        if self._running:
-            chk.task = supervise(f"health:{full}", functools.partial(self._loop, chk))
+        if self._running and self._tasks.running:
+            chk.task = self._tasks.spawn(f"health:{full}", functools.partial(self._loop, chk))
 
     def _add_app_check(self, app: App, spec: CheckSpec) -> None:
         full = f"{app.name}.{spec.name}"
@@ -368,11 +368,15 @@ class PlatformHealth(HealthEndpoints):
     # -- service lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the checks and the HTTP server on ``health_addr``."""
+        """Start the checks, the status requests over NATS and the HTTP server on
+        ``health_addr``."""
         self._running = True
+        await self._tasks.open()
         for chk in self.checks.values():
             if chk.task is None:
-                chk.task = supervise(f"health:{chk.name}", functools.partial(self._loop, chk))
+                chk.task = self._tasks.spawn(f"health:{chk.name}",
+                                             functools.partial(self._loop, chk))
+        await self._serve_nats()
         await self._serve_http()
 
     async def app_started(self, rt: AppRuntime) -> None:
@@ -403,13 +407,9 @@ class PlatformHealth(HealthEndpoints):
     async def stop(self) -> None:
         """Stop the HTTP server and every check."""
         self._running = False
+        await self._stop_nats()
         await self._stop_http()
-        tasks = [c.task for c in self.checks.values() if c.task is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await self._tasks.close()  # every check's loop, in one task group
         for c in self.checks.values():
             c.task = None
 

@@ -148,6 +148,7 @@ class PlatformMetrics:
             "for long), refused (by the server), not stored before leaving (the stop budget "
             "ran out).", ["reason"], registry=r)
         self._audit_children: dict[str, Any] = {}
+        self._lock_children: dict[tuple[int, str], Any] = {}
         r.register(StateCollector(platform))
         r.register(BackendCollector(platform))  # the backend registry's kinds
         platform.pm.hook.pycluster_register_metrics(registry=r, platform=platform)
@@ -280,11 +281,19 @@ class PlatformMetrics:
         """Count ``n`` audit entries that could not be stored."""
         self.audit_dropped_total.labels(reason).inc(n)
 
+    def _lock_child(self, histogram: Histogram, scope: str) -> Any:
+        # Every acquire and release observes: resolve the labelled child once per scope.
+        key = (id(histogram), scope)
+        child = self._lock_children.get(key)
+        if child is None:
+            child = self._lock_children[key] = histogram.labels(scope)
+        return child
+
     def lock_event(self, scope: str, event: str, fields: dict[str, Any]) -> None:
         """Record lock wait and hold times."""
         if event == "acquired" and fields.get("waited") is not None:
-            self.lock_wait.labels(scope).observe(float(fields["waited"]))
+            self._lock_child(self.lock_wait, scope).observe(float(fields["waited"]))
         elif event in ("released", "expired") and fields.get("held") is not None:
-            self.lock_held.labels(scope).observe(float(fields["held"]))
+            self._lock_child(self.lock_held, scope).observe(float(fields["held"]))
             if event == "expired":
                 self.locks_lost.labels(scope).inc()
