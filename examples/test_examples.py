@@ -37,12 +37,24 @@ class Nodes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, node: str, **env: str) -> None:
+        """Start ``pycluster run app:TARGET`` (``TARGET`` in ``env``, default ``platform``)."""
+        target = env.pop("TARGET", "platform")
         log = (self.tmp / f"{node}.log").open("ab")
         self.procs[node] = subprocess.Popen(
-            [sys.executable, "-m", "pycluster.cli", "run", "app:platform"], cwd=self.folder,
+            [sys.executable, "-m", "pycluster.cli", "run", f"app:{target}"], cwd=self.folder,
             env={**self.env, "PYCLUSTER_NODE_ID": node, **env}, stdout=log,
             stderr=subprocess.STDOUT)
         log.close()
+
+    def stop_one(self, node: str) -> int:
+        """SIGTERM one node and return its exit code."""
+        p = self.procs[node]
+        p.send_signal(signal.SIGTERM)
+        try:
+            return p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait()
 
     def log(self, node: str) -> str:
         return (self.tmp / f"{node}.log").read_text(errors="replace")
@@ -307,3 +319,34 @@ def test_docker_container_follows_the_leader(nodes: Any, unique_name: str) -> No
                                             filters={"label": "pycluster.example=docker"}):
                 c.remove(force=True)
             client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_multizone_calls_across_the_leaf_link(nodes: Any) -> None:
+    leaf_port, shop_port = free_port(), free_port()
+    n = nodes("multizone")
+    n.env.pop("PYCLUSTER_NATS_URL")  # each zone runs its own embedded nats-server
+    n.start("hub-1", HUB_LEAF_PORT=str(leaf_port), TARGET="hub")
+    n.start("edge-1", HUB_LEAF_URL=f"nats-leaf://127.0.0.1:{leaf_port}",
+            SHOP_PORT=str(shop_port), TARGET="edge")
+
+    def where() -> tuple[int, dict[str, Any]]:
+        status, body = get(f"http://127.0.0.1:{shop_port}/where", timeout=15)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, {}
+
+    got = poll(lambda: (lambda r: r[1] if r[0] == 200 else None)(where()), 90,
+               "a cross-zone answer")
+    assert got["edge_zone"] == "paris" and got["answered_from_zone"] == "eu"
+    assert got["answer"]["platform"] == "prod" and got["answer"]["node"] == "hub-1"
+    assert got["answer"]["asked_by"] == "edge"
+    # The hub stops: the edge answers 503 (zone unreachable) and keeps running.
+    assert n.stop_one("hub-1") == 0
+    _, body = poll(lambda: (lambda r: r if r[0] == 503 else None)(where()), 60,
+                   "503 once the hub is gone")
+    assert "unreachable" in body["error"], body
+    assert n.procs["edge-1"].poll() is None
+    assert n.stop()["edge-1"] == 0
