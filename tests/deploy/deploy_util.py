@@ -323,50 +323,18 @@ def build_systemd_python_image(timeout: float = 900.0) -> str:
     Built like the systemd harness's image (debootstrap minbase from the machine's Debian
     mirror, the same units masked), cached as a tarball under the tests' cache folder and
     imported with ``podman import``; an image already in podman is reused."""
-    import shutil
-    import tempfile
-
-    from pycluster.testing.engines.podman import _file_lock, cache_dir, image_exists, podman
-    from pycluster.testing.engines.systemd import _MASKED_UNITS, SUITE, _run, debian_mirror
+    from pycluster.testing.engines.podman import cache_dir, podman
+    from pycluster.testing.engines.systemd import SUITE, cached_image, debootstrap_tarball
 
     name = SYSTEMD_PYTHON_IMAGE
-    with _file_lock(".systemd-python-image.lock"):
-        if image_exists(name):
-            return name
-        arch = os.uname().machine
-        tarball = cache_dir() / f"systemd-python-{SUITE}-{arch}-v{_SYSTEMD_PYTHON_RECIPE}.tar"
-        if not tarball.is_file():
-            work = Path(tempfile.mkdtemp(prefix="pyc-sdpy-", dir=cache_dir()))
-            try:
-                root = work / "root"
-                _run(["debootstrap", "--variant=minbase",
-                      f"--include={','.join(_SYSTEMD_PYTHON_INCLUDE)}", SUITE, str(root),
-                      debian_mirror()], timeout)
-                for sub in ("var/cache/apt/archives", "usr/share/doc", "usr/share/man",
-                            "usr/share/locale"):
-                    target = root / sub
-                    if target.is_dir():
-                        for child in target.iterdir():
-                            if child.is_dir() and not child.is_symlink():
-                                shutil.rmtree(child, ignore_errors=True)
-                            elif child.name != "lock":
-                                child.unlink(missing_ok=True)
-                wants = root / "etc/systemd/system"
-                wants.mkdir(parents=True, exist_ok=True)
-                for unit in _MASKED_UNITS:
-                    link = wants / unit
-                    link.unlink(missing_ok=True)
-                    link.symlink_to("/dev/null")
-                (root / "etc/machine-id").write_text("")
-                partial = tarball.with_suffix(".tar.partial")
-                _run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf",
-                      str(partial), "."], timeout)
-                os.replace(partial, tarball)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-        podman("import", "--change", 'CMD ["/lib/systemd/systemd"]', "--change",
-               "STOPSIGNAL SIGRTMIN+3", str(tarball), name, timeout=timeout)
-    return name
+    arch = os.uname().machine
+    tarball = cache_dir() / f"systemd-python-{SUITE}-{arch}-v{_SYSTEMD_PYTHON_RECIPE}.tar"
+    return cached_image(
+        name, tarball, lock=".systemd-python-image.lock",
+        build=lambda: debootstrap_tarball(tarball, _SYSTEMD_PYTHON_INCLUDE, timeout=timeout,
+                                          systemd=True),
+        load=lambda: podman("import", "--change", 'CMD ["/lib/systemd/systemd"]', "--change",
+                            "STOPSIGNAL SIGRTMIN+3", str(tarball), name, timeout=timeout))
 
 
 def node_status(sd: Any, port: int = 8080) -> dict[str, Any]:

@@ -16,17 +16,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from pycluster.testing.engines.podman import (
-    PodmanError,
-    _file_lock,
     cache_dir,
-    image_exists,
     podman,
 )
-from pycluster.testing.engines.systemd import SUITE, _run, debian_mirror
+from pycluster.testing.engines.systemd import (
+    SUITE,
+    cached_image,
+    debian_mirror,
+    debootstrap_tarball,
+)
 
 __all__ = ["PYTHON_BASE_IMAGE", "build_python_base_image", "python_base_tarball"]
 
@@ -57,31 +58,17 @@ def python_base_tarball(suite: str = SUITE) -> Path:
     return path
 
 
+def _copy_ca_bundle(root: Path) -> None:
+    if HOST_CA_BUNDLE.is_file():
+        dest = root / "etc/ssl/certs/ca-certificates.crt"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)  # may be a symlink
+        shutil.copyfile(HOST_CA_BUNDLE, dest)
+
+
 def _build_tarball(tarball: Path, suite: str, mirror: str, timeout: float) -> None:
-    work = Path(tempfile.mkdtemp(prefix="pyc-pyroot-", dir=tarball.parent))
-    try:
-        root = work / "root"
-        _run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", suite,
-              str(root), mirror], timeout)
-        for sub in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc",
-                    "usr/share/man", "usr/share/info", "usr/share/locale"):
-            target = root / sub
-            if target.is_dir():
-                for child in target.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child, ignore_errors=True)
-                    elif child.name != "lock":
-                        child.unlink(missing_ok=True)
-        if HOST_CA_BUNDLE.is_file():
-            dest = root / "etc/ssl/certs/ca-certificates.crt"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.unlink(missing_ok=True)  # may be a symlink
-            shutil.copyfile(HOST_CA_BUNDLE, dest)
-        partial = tarball.with_suffix(".tar.partial")
-        _run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(partial), "."], timeout)
-        os.replace(partial, tarball)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    debootstrap_tarball(tarball, INCLUDE, suite=suite, mirror=mirror, timeout=timeout,
+                        customize=_copy_ca_bundle)
 
 
 def _import(tarball: Path, name: str, timeout: float) -> None:
@@ -104,19 +91,8 @@ def build_python_base_image(
     podman, else the cached tarball (``podman import``), else a fresh ``debootstrap`` (then
     cached). Concurrent callers are serialised by a lock file in the cache folder.
     """
-    with _file_lock(".python-base-image.lock"):
-        if not rebuild and image_exists(name):
-            return name
-        tarball = python_base_tarball(suite)
-        fresh = rebuild or not tarball.is_file()
-        if fresh:
-            _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout)
-        try:
-            _import(tarball, name, timeout)
-        except PodmanError:
-            if fresh:
-                raise
-            tarball.unlink(missing_ok=True)  # a damaged cached tarball: build it again, once
-            _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout)
-            _import(tarball, name, timeout)
-    return name
+    tarball = python_base_tarball(suite)
+    return cached_image(
+        name, tarball, lock=".python-base-image.lock", rebuild=rebuild,
+        build=lambda: _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout),
+        load=lambda: _import(tarball, name, timeout))

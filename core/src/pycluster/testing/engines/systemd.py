@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -40,7 +40,9 @@ __all__ = [
     "SYSTEMD_IMAGE",
     "SystemdContainer",
     "build_systemd_image",
+    "cached_image",
     "debian_mirror",
+    "debootstrap_tarball",
     "systemd_available",
     "systemd_tarball",
 ]
@@ -157,31 +159,28 @@ def _run(cmd: Sequence[str], timeout: float) -> None:
         raise PodmanError(f"{shlex.join(cmd)}: exit {proc.returncode}:\n" + "\n".join(out))
 
 
-def _build_tarball(tarball: Path, suite: str, mirror: str, timeout: float) -> None:
-    """debootstrap a minbase rootfs with systemd, trim it, and tar it to ``tarball``."""
-    work = Path(tempfile.mkdtemp(prefix="pyc-sysroot-", dir=tarball.parent))
+# What a container does not need at run time: downloaded .debs, apt lists and docs.
+_TRIMMED = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man",
+            "usr/share/info", "usr/share/locale")
+
+
+def debootstrap_tarball(tarball: Path, include: Sequence[str], *, suite: str = SUITE,
+                        mirror: str | None = None, timeout: float = 900.0,
+                        systemd: bool = False,
+                        customize: Callable[[Path], None] | None = None) -> None:
+    """Build a Debian root filesystem and tar it to ``tarball`` (atomically).
+
+    ``debootstrap --variant=minbase --include=INCLUDE`` from ``mirror`` (default
+    :func:`debian_mirror`), trimmed of what a container does not need; with ``systemd`` the
+    units that only fail in a container are masked and ``/etc/machine-id`` is emptied (systemd
+    makes one at boot); ``customize(root)`` may change the tree last.
+    """
+    work = Path(tempfile.mkdtemp(prefix="pyc-rootfs-", dir=tarball.parent))
     try:
         root = work / "root"
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(INCLUDE)}",
-                suite,
-                str(root),
-                mirror,
-            ],
-            timeout,
-        )
-        # Downloaded .debs, apt lists and docs are not needed at run time.
-        for sub in (
-            "var/cache/apt/archives",
-            "var/lib/apt/lists",
-            "usr/share/doc",
-            "usr/share/man",
-            "usr/share/info",
-            "usr/share/locale",
-        ):
+        _run(["debootstrap", "--variant=minbase", f"--include={','.join(include)}", suite,
+              str(root), mirror or debian_mirror(suite)], timeout)
+        for sub in _TRIMMED:
             target = root / sub
             if target.is_dir():
                 for child in target.iterdir():
@@ -189,22 +188,54 @@ def _build_tarball(tarball: Path, suite: str, mirror: str, timeout: float) -> No
                         shutil.rmtree(child, ignore_errors=True)
                     elif child.name != "lock":
                         child.unlink(missing_ok=True)
-        wants = root / "etc/systemd/system"
-        wants.mkdir(parents=True, exist_ok=True)
-        for unit in _MASKED_UNITS:
-            link = wants / unit
-            link.unlink(missing_ok=True)
-            link.symlink_to("/dev/null")
-        (root / "etc/hostname").write_text("pycluster-systemd\n")
-        (root / "etc/machine-id").write_text("")
+        if systemd:
+            wants = root / "etc/systemd/system"
+            wants.mkdir(parents=True, exist_ok=True)
+            for unit in _MASKED_UNITS:
+                link = wants / unit
+                link.unlink(missing_ok=True)
+                link.symlink_to("/dev/null")
+            (root / "etc/machine-id").write_text("")
+        if customize is not None:
+            customize(root)
         partial = tarball.with_suffix(".tar.partial")
-        _run(
-            ["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."],
-            timeout,
-        )
+        _run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."],
+             timeout)
         os.replace(partial, tarball)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cached_image(name: str, tarball: Path, *, lock: str, build: Callable[[], None],
+                 load: Callable[[], None], rebuild: bool = False) -> str:
+    """Make sure image ``name`` is in podman's store and return it: the image already there,
+    else the cached ``tarball`` loaded with ``load()``, else ``build()`` (which writes the
+    tarball) then ``load()``. A cached tarball that fails to load is built again, once.
+    Concurrent callers are serialised by the lock file ``lock`` in the cache folder."""
+    with _file_lock(lock):
+        if not rebuild and image_exists(name):
+            return name
+        fresh = rebuild or not tarball.is_file()
+        if fresh:
+            build()
+        try:
+            load()
+        except PodmanError:
+            if fresh:
+                raise
+            tarball.unlink(missing_ok=True)  # a damaged cached tarball
+            build()
+            load()
+    return name
+
+
+def _build_tarball(tarball: Path, suite: str, mirror: str, timeout: float) -> None:
+    """The systemd image's root filesystem (see `debootstrap_tarball`)."""
+    def hostname(root: Path) -> None:
+        (root / "etc/hostname").write_text("pycluster-systemd\n")
+
+    debootstrap_tarball(tarball, INCLUDE, suite=suite, mirror=mirror, timeout=timeout,
+                        systemd=True, customize=hostname)
 
 
 def build_systemd_image(
@@ -222,23 +253,11 @@ def build_systemd_image(
     :func:`debian_mirror` (then cached). ``rebuild`` forces a fresh debootstrap. Concurrent
     callers are serialised by a lock file in the cache folder.
     """
-    with _file_lock(".systemd-image.lock"):
-        if not rebuild and image_exists(name):
-            return name
-        tarball = systemd_tarball(suite)
-        fresh = rebuild or not tarball.is_file()
-        if fresh:
-            _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout)
-        try:
-            _import(tarball, name, timeout)
-        except PodmanError:
-            if fresh:
-                raise
-            # A damaged cached tarball: build it again, once.
-            tarball.unlink(missing_ok=True)
-            _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout)
-            _import(tarball, name, timeout)
-    return name
+    tarball = systemd_tarball(suite)
+    return cached_image(
+        name, tarball, lock=".systemd-image.lock", rebuild=rebuild,
+        build=lambda: _build_tarball(tarball, suite, mirror or debian_mirror(suite), timeout),
+        load=lambda: _import(tarball, name, timeout))
 
 
 def _import(tarball: Path, name: str, timeout: float) -> None:
