@@ -423,3 +423,25 @@ async def test_stop_right_after_start_stores_the_leave_entry(nats_url: str,
     audit = p.audit
     await p.stop()
     assert audit.stats()["dropped"] == 0
+
+
+@pytest.mark.timeout(10)
+def test_a_resend_while_the_first_is_in_process_is_retried_not_dropped() -> None:
+    """JetStream answers a re-sent id whose first publish is still being stored with "duplicate
+    message id is in process": the entry is sent again (then acknowledged as a duplicate),
+    never counted as refused."""
+    import json as _json
+
+    from nats.aio.msg import Msg
+
+    from pycluster.builtin.audit.log import _ack_outcome
+
+    def reply(body: dict[str, object]) -> Msg:
+        return Msg(_client=None, subject="x", data=_json.dumps(body).encode())  # type: ignore[arg-type]
+
+    in_process = {"error": {"code": 400, "err_code": 10065,
+                            "description": "duplicate message id is in process"}}
+    assert _ack_outcome(reply(in_process)) == "retry"
+    assert _ack_outcome(reply({"stream": "s", "seq": 5, "duplicate": True})) == "ok"
+    refused = {"error": {"code": 400, "err_code": 10054, "description": "maximum payload"}}
+    assert _ack_outcome(reply(refused)) == "maximum payload"

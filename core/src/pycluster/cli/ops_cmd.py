@@ -301,10 +301,14 @@ async def _replicas_check(js: Any, replicas: int, info: dict[str, Any]) -> Check
 
     name = f"pycluster_doctor_{uuid.uuid4().hex[:10]}"
     where = f"cluster {info['cluster']!r}" if info.get("cluster") else "a single server"
+    from ..kernel.natsutil import retry_transient
+
     try:
-        created = await js.add_stream(StreamConfig(
+        # A peer the meta leader has not heard from since it (re)joined is "offline" for
+        # placement for a few seconds: retried, like a node's own start.
+        created = await retry_transient(lambda: js.add_stream(StreamConfig(
             name=name, subjects=[f"pycluster.doctor.{name}"], num_replicas=replicas,
-            storage=StorageType.MEMORY, max_msgs=1))
+            storage=StorageType.MEMORY, max_msgs=1)), wait=10.0)
     except nats.js.errors.APIError as exc:
         if exc.code == 403 or "permission" in str(exc).lower():
             return Check("replicas", "warn", f"cannot check stream_replicas={replicas}: "

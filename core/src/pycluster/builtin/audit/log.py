@@ -825,6 +825,10 @@ def _ack_outcome(msg: Msg) -> str:
         return "ok" if isinstance(body, dict) and "seq" in body else "retry"
     if not isinstance(err, dict) or err.get("code", 500) >= 500:
         return "retry"  # e.g. a stream without a leader yet
+    if "duplicate message id is in process" in str(err.get("description", "")):
+        # A re-send while the first publish of this id is still being stored (a missed ack
+        # on a loaded cluster): not a refusal; the next re-send is acknowledged as a duplicate.
+        return "retry"
     return str(err.get("description") or err)
 
 
