@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kernel.errors import LockLostError, LockTimeoutError, RevisionMismatchError
-from ..kernel.natsutil import TRANSIENT_ERRORS
+from ..kernel.natsutil import retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -547,15 +547,8 @@ async def run_workload(
         kv = AppKV(nc.jetstream(), f"{platform}_svc", timeout=10)
         # Right after the heal the bucket's stream may still be electing its leader (a loaded
         # machine): retried, since the final value is what everything is checked against.
-        deadline = time.monotonic() + 60.0
-        while True:
-            try:
-                raw = await kv.get(COUNTER_KEY)
-                break
-            except TRANSIENT_ERRORS:  # ReadNotConfirmedError is a TimeoutError too
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
+        # (ReadNotConfirmedError is a TimeoutError, so retry_transient retries it too.)
+        raw = await retry_transient(lambda: kv.get(COUNTER_KEY), wait=60.0)
     finally:
         await nc.close()
     result = check(workdir / "state", int(raw or b"0"), witness)
