@@ -105,6 +105,9 @@ __all__ = [
     "pycluster_stage_event",
     "pycluster_stages",
     "pycluster_status",
+    "pycluster_zone_demote",
+    "pycluster_zone_position",
+    "pycluster_zone_promote",
 ]
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -133,6 +136,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                       "pycluster_status", "pycluster_http_routes"),
     "cli and config": ("pycluster_config_sections", "pycluster_add_cli_commands",
                        "pycluster_check"),
+    "zones": ("pycluster_zone_position", "pycluster_zone_promote", "pycluster_zone_demote"),
 }
 """The hooks by design group (the order of the generated reference)."""
 
@@ -806,6 +810,30 @@ def pycluster_http_routes(platform: Platform) -> list[Route] | None:
 
     :param platform: the platform (its services are built, maybe not started yet).
     """
+
+
+@hookspec(firstresult=True)
+def pycluster_zone_position(app: App) -> int | None:
+    """The replicated position of `app`'s zone replica on this node (higher = more caught up),
+    or None when no replica plugin serves the app. Used to prefer the most caught-up zone when
+    zones vote on a promotion."""
+
+
+@hookspec
+def pycluster_zone_promote(app: App, term: int) -> Any:
+    """This zone was promoted for `app` with fencing epoch `term`: turn the zone replica into
+    the writable primary (stop following, final catch-up, replicate in this zone).
+
+    Notification; may return an awaitable, which the caller awaits (an error is the
+    implementation's: the promotion did not happen on this node)."""
+
+
+@hookspec
+def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
+    """Another platform is primary for `app` with the higher epoch `term`: stop writing and
+    replicating before anything else, then follow `primary_platform`'s data as a replica.
+
+    Notification; may return an awaitable, which the caller awaits."""
 
 
 # ---------------------------------------------------------------------------------------------
