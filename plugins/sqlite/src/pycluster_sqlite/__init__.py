@@ -28,7 +28,7 @@ from .errors import (
     SyncTimeoutError,
 )
 from .handles import SnapshotHandle, WalHandle, WalPosition, open_replica
-from .options import SQLite
+from .options import SQLite, StandbyOf
 from .snapshots import Snapshot
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Snapshot",
     "SnapshotHandle",
     "SnapshotNotFoundError",
+    "StandbyOf",
     "SyncTimeoutError",
     "WalHandle",
     "WalPosition",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pycluster.kernel.app import app_of
 from pycluster.kernel.replication import ReplicationState
 
 from .errors import SQLiteError
@@ -138,8 +139,14 @@ def open_replica(db: SQLite, timeout: float = 5.0) -> sqlite3.Connection:
     short (a long read transaction delays the follower), never write, and reopen if the
     connection fails while the replica is rebuilt.
     """
+    path = Path(db.replica_path)
+    app = app_of(db)
+    rt = app.state("sqlite").get("runtime") if app is not None else None
+    follower = getattr(rt, "follower", None)
+    if getattr(rt, "zone_mode", False) and follower is not None:
+        path = Path(follower.replica)  # a zone standby's replica is the database itself
     # as_uri(): a plain "file:" + path breaks on "%", "#" or "?" in a folder name.
-    uri = f"{Path(db.replica_path).absolute().as_uri()}?mode=ro"
+    uri = f"{path.absolute().as_uri()}?mode=ro"
     con = sqlite3.connect(uri, uri=True, timeout=timeout)
     con.execute("PRAGMA query_only=1")
     return con

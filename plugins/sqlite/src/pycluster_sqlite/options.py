@@ -164,3 +164,53 @@ class SQLite:
         from .handles import SnapshotHandle
 
         return SnapshotHandle(self)
+
+
+def _ident(name: str, value: object) -> str:
+    from pycluster.kernel.names import validate_ident
+
+    try:
+        return validate_ident(f"StandbyOf.{name}", value)
+    except ValueError as exc:  # InvalidNameError: re-raised naming the field
+        raise ConfigError(f"StandbyOf.{name}", value, str(exc).split(": ", 1)[-1]) from None
+
+
+@option(eq=False)
+class StandbyOf:
+    """This app's `SQLite` database is a read-only zone replica of another platform's app.
+
+    In a leaf zone, ``App("convex", Singleton(), SQLite(...), StandbyOf("prod", "convex"))``
+    keeps the database at ``SQLite.path`` a read-only replica of platform ``prod``'s app
+    ``convex`` (typically the hub zone's): a JetStream mirror in this zone copies that app's
+    WAL bucket across the leaf link (it survives cuts and resumes on heal), and every node of
+    this zone follows the local copy. The backend reads the replica; nothing is replicated from
+    this zone until the zone is promoted (``pycluster_zone_promote``).
+
+    Example::
+
+        App("convex", Singleton(), SQLite("/data/convex.db"), StandbyOf("prod", "convex"))
+
+    :param platform: the platform whose app is followed (not this one).
+    :param app: that platform's app name.
+    :param domain: that platform's JetStream domain; default: asked of the platform over the
+        leaf link (its zone document) when the mirror is first created.
+    """
+
+    platform: str
+    app: str
+    _: KW_ONLY
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        _ident("platform", self.platform)
+        _ident("app", self.app)
+        if self.domain is not None:
+            from pycluster.kernel.leaf import check_domain
+
+            try:
+                check_domain("StandbyOf.domain", self.domain)
+            except ValueError as exc:
+                raise ConfigError("StandbyOf.domain", self.domain, str(exc)) from None
+
+    def __repr__(self) -> str:
+        return f"StandbyOf({self.platform!r}, {self.app!r})"

@@ -26,7 +26,7 @@ from pycluster.plugins import hookimpl
 from . import dbfile
 from .errors import SQLiteError
 from .litestream import find_litestream
-from .options import SQLite
+from .options import SQLite, StandbyOf
 from .runtime import PLUGIN, SQLiteRuntime
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 def pycluster_register_options(registry: OptionRegistry) -> None:
     """The `SQLite` option."""
     registry.add(SQLite, plugin=PLUGIN)
+    registry.add(StandbyOf, plugin=PLUGIN)
 
 
 @hookimpl
@@ -51,7 +52,17 @@ def pycluster_register_replicators(registry: ReplicatorRegistry) -> None:
 
 @hookimpl
 def pycluster_claim_option(app: App, option: object) -> bool | None:
-    """Claim `SQLite` options: one per Singleton app, with usable paths in WAL mode."""
+    """Claim `SQLite` options: one per Singleton app, with usable paths in WAL mode; and
+    `StandbyOf` options: one per app, beside its `SQLite` option."""
+    if isinstance(option, StandbyOf):
+        if not any(isinstance(o, SQLite) for o in app.options):
+            raise ConfigError(f"App({app.name!r}) options", "StandbyOf",
+                              "a zone standby follows a SQLite database: add a SQLite(...) "
+                              "option (the local path of the replica)")
+        if sum(isinstance(o, StandbyOf) for o in app.options) > 1:
+            raise ConfigError(f"App({app.name!r}) options", "StandbyOf",
+                              "one StandbyOf per app")
+        return True
     if not isinstance(option, SQLite):
         return None
     if not isinstance(app.mode, Singleton):
@@ -65,14 +76,17 @@ def pycluster_claim_option(app: App, option: object) -> bool | None:
         raise ConfigError("SQLite", option, f"already used by app {owner.name!r}")
     dbfile.check_writable("SQLite.path", option.path)
     dbfile.check_writable("SQLite.replica_path", option.replica_path)
-    dbfile.check_wal_mode(option.path)
+    if not any(isinstance(o, StandbyOf) for o in app.options):
+        # (a zone standby's path holds the read-only replica: the follower replaces it)
+        dbfile.check_wal_mode(option.path)
     return True
 
 
 @hookimpl
 def pycluster_config_sections(registry: ConfigRegistry) -> None:
-    """The ``sqlite:`` section of an app."""
+    """The ``sqlite:`` and ``standby_of:`` sections of an app."""
     registry.add(PLUGIN, SQLite)  # the section is the declaration of SQLite
+    registry.add("standby_of", StandbyOf)
 
 
 @hookimpl
@@ -112,6 +126,9 @@ def pycluster_audit_categories(registry: AuditCategoryRegistry) -> None:
         "rebuilt_from_snapshot": "the WAL bucket was empty: promoted from a snapshot",
         "snapshot_created": "a snapshot was stored (id, txid, size, node, epoch, source)",
         "fenced": "a newer writer epoch appeared: replication stopped at once",
+        "zone_promoted": "this zone became primary for the app (term, from, txid, writer)",
+        "zone_demoted": "another platform is primary: replication stopped, following it "
+                        "(term, primary)",
     }, plugin=PLUGIN)
 
 
@@ -121,3 +138,29 @@ def pycluster_status(platform: Platform) -> dict[str, Any] | None:
     out = {name: ar.replicator.status() for name, rt in platform.runtimes.items()
            for ar in rt.replicators if ar.plugin == PLUGIN}
     return out or None
+
+
+def _runtime(app: App) -> SQLiteRuntime | None:
+    rt = app.state(PLUGIN).get("runtime")
+    return rt if isinstance(rt, SQLiteRuntime) else None
+
+
+@hookimpl
+def pycluster_zone_position(app: App) -> int | None:
+    """The position of this node's copy of the app's database (replica or primary)."""
+    rt = _runtime(app)
+    return rt.zone_position() if rt is not None else None
+
+
+@hookimpl
+def pycluster_zone_promote(app: App, term: int) -> Any:
+    """Turn the zone replica into the primary (the node holding the local lease writes)."""
+    rt = _runtime(app)
+    return rt.zone_promote(term) if rt is not None else None
+
+
+@hookimpl
+def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
+    """Stop replicating at once, then follow ``primary_platform``'s database."""
+    rt = _runtime(app)
+    return rt.zone_demote(primary_platform, term) if rt is not None else None

@@ -29,7 +29,7 @@ from .base import PLUGIN, REPLICATE_STAGE
 from .errors import SQLiteError
 from .follower import FollowerState
 from .primary import PrimarySide, make_snapshot
-from .promotion import PromotionSide
+from .zone import ZoneSide
 
 if TYPE_CHECKING:
     from pycluster.kernel.app import App
@@ -56,7 +56,7 @@ class _Snapshots:
         await self._rt.snapshots_off(ctx)
 
 
-class SQLiteRuntime(PromotionSide, PrimarySide):
+class SQLiteRuntime(ZoneSide):
     """The plugin's state for one app on one node, and its `Replicator` (see the module
     docstring)."""
 
@@ -126,6 +126,7 @@ class SQLiteRuntime(PromotionSide, PrimarySide):
             "writer": None if self.index is None or self.index.writer is None else {
                 "epoch": self.index.writer.epoch, "node": self.index.writer.node},
             "last_sync": self.last_sync, "last_promotion": self.last_promotion,
+            "zone": self.zone_status(),
             "last_snapshot": self.last_snapshot.as_dict() if self.last_snapshot else None,
         }
 

@@ -190,8 +190,9 @@ class WalIndex:
             empty = not info.state.messages
         except nats.js.errors.NotFoundError:
             empty = True
+        # The stream is named: a mirror (a zone standby's copy) has no subjects to look up by.
         self._sub = await self.js.subscribe(
-            f"$O.{self.bucket}.M.>", cb=on_msg, ordered_consumer=True,
+            f"$O.{self.bucket}.M.>", stream=self.stream, cb=on_msg, ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, idle_heartbeat=2.0,
         )
         if empty:
