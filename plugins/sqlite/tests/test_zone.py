@@ -168,7 +168,7 @@ async def test_zone_standby_follows_the_hub_across_a_cut_then_promotes(zones: Zo
     await wait_for(lambda: leaf_db.wal.lag() == 0.0, 20, message="zone lag 0")
     st = leaf_db.wal.status()
     assert st["zone"]["role"] == "standby" and st["zone"]["link"] == "up", st
-    assert st["zone"]["following"] == f"{zones.hub.name}/convex"
+    assert st["zone"]["following"] == f"{zones.hub.name}/convex" and st["zone"]["platform_answers"]
     assert (st["replica_txid"] or 0) >= (pos.replicated_txid or 0)
     assert st["replicate"] is None  # a zone standby replicates nothing
     leaf_pm = zones.leaf.pm
@@ -193,6 +193,7 @@ async def test_zone_standby_follows_the_hub_across_a_cut_then_promotes(zones: Zo
     assert await asyncio.to_thread(_replica_rows, leaf_db) == expected
     text = zones.leaf.metrics.render().decode()
     assert 'pycluster_sqlite_replication_lag_seconds{app="convex"}' in text
+    assert 'pycluster_sqlite_zone_link_up{app="convex"} 0.0' in text
 
     # Heal: the mirror resumes, the replica catches up.
     zones.proxy.restore()
@@ -202,6 +203,8 @@ async def test_zone_standby_follows_the_hub_across_a_cut_then_promotes(zones: Zo
     await _replica_has(leaf_db, expected, 90)
     await wait_for(lambda: leaf_db.wal.status()["zone"]["link"] == "up", 20)
     await wait_for(lambda: leaf_db.wal.lag() < 1.0, 30, message="lag back near 0")
+    text = zones.leaf.metrics.render().decode()
+    assert 'pycluster_sqlite_zone_link_up{app="convex"} 1.0' in text
 
     # Promote the leaf zone: every synced row is there; it writes and replicates into its own
     # bucket.

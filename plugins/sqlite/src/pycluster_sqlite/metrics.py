@@ -11,7 +11,9 @@ runtime recorded:
 * ``pycluster_sqlite_wal_bytes{app}``: size of the database's ``-wal`` file (active instance);
 * ``pycluster_sqlite_snapshot_bytes{app}``: size of the newest snapshot this node knows;
 * ``pycluster_sqlite_litestream_restarts{app,process}``: restarts of ``replicate``/``follow``;
-* ``pycluster_sqlite_promotion_seconds{app}``: histogram, catch-up start to promoted database.
+* ``pycluster_sqlite_promotion_seconds{app}``: histogram, catch-up start to promoted database;
+* ``pycluster_sqlite_zone_link_up{app}``: a zone standby (``StandbyOf``): 1 while its mirror of
+  the followed platform's bucket is in contact with the source, 0 while cut off.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class SQLiteCollector(Collector):
             "pycluster_sqlite_promotion_seconds",
             "Seconds from the start of catch-up to the promoted database (SQLite plugin)",
             labels=["app"])
+        zone_link = GaugeMetricFamily(
+            "pycluster_sqlite_zone_link_up",
+            "Zone standby: 1 while the mirror of the followed platform's bucket is in contact",
+            labels=["app"])
         platform = self._platform()
         if platform is not None:
             for name, rt in list(runtimes_of(platform).items()):
@@ -111,7 +117,9 @@ class SQLiteCollector(Collector):
                 h = rt.promotions
                 if any(h.counts):
                     promotion.add_metric([name], h.buckets(), h.total)
-        return [lag, txid, wal, snap, restarts, promotion]
+                if rt.zone_mode:
+                    zone_link.add_metric([name], 1.0 if rt.zone.up else 0.0)
+        return [lag, txid, wal, snap, restarts, promotion, zone_link]
 
 
 def register(registry: CollectorRegistry, platform: Platform) -> None:

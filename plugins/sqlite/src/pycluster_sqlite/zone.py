@@ -11,9 +11,12 @@ machinery unchanged: the WAL index watches the mirror, and the follower (``lites
 replica. Every node of the zone follows; the local leader's stages (catch-up, promote,
 replicate, snapshots) do nothing while the app is a zone standby.
 
-Lag: the usual lag (age of the oldest LTX file the replica lacks), and while the other
-platform does not answer (its zone responder, probed every second) at least the time since it
-last did: a cut link shows as a growing lag and ``zone.link == "down"``.
+Lag: the usual lag (age of the oldest LTX file the replica lacks), and while the link is down
+at least the time since the last contact: a cut link shows as a growing lag and
+``zone.link == "down"``. The link state is the mirror's (the server reports how long ago it
+last heard from the source: it stays well under a second while connected, idle or not, and
+grows while cut); before the mirror exists, whether the other platform's zone responder
+answers. Both are probed every second.
 
 Promotion and demotion (the ``pycluster_zone_promote`` / ``pycluster_zone_demote`` hooks):
 
@@ -63,6 +66,7 @@ from .walindex import WalIndex, ensure_object_store, stream_name
 
 PROBE_INTERVAL = 1.0  # seconds between probes of the followed platform (link state, mirror)
 PROBE_TIMEOUT = 1.0
+MIRROR_STALE = 3.0  # seconds without contact after which the mirror counts as cut off
 
 
 @dataclass
@@ -70,7 +74,8 @@ class ZoneLink:
     """What this node knows of the followed platform and the mirror."""
 
     up: bool = False
-    last_contact: float | None = None  # wall clock of the last answer
+    last_contact: float | None = None  # wall clock of the last contact with the source
+    answers: bool = False  # the followed platform's zone responder answers
     domain: str | None = None
     mirror_lag: int | None = None  # messages the mirror is behind, as the server reports
     mirror_active: float | None = None  # seconds since the mirror last heard from the source
@@ -195,24 +200,36 @@ class ZoneSide(PromotionSide, PrimarySide):
         """Is the followed platform reachable (its zone responder), how far is the mirror."""
         from pycluster.builtin.leaf.service import ping_zone
 
-        so = self.standby_of
+        so, z = self.standby_of, self.zone
         if so is None:
             return
+        now = time.time()
         try:
             doc = await ping_zone(self.platform.nc, so.platform, PROBE_TIMEOUT)
-            self.zone.up, self.zone.last_contact = True, time.time()
-            self.zone.domain = doc.get("domain") or self.zone.domain
+            z.answers = True
+            z.domain = doc.get("domain") or z.domain
         except (nats.errors.Error, TimeoutError, OSError):
-            self.zone.up = False
+            z.answers = False
+        active: float | None = None
         js = self.platform.js
         if js is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 info = await js.stream_info(stream_name(self.wal_bucket))
                 m = info.mirror
                 if m is not None:
-                    self.zone.mirror_lag = m.lag
-                    self.zone.mirror_active = (m.active / 1e9 if m.active is not None
-                                               and m.active >= 0 else None)
+                    z.mirror_lag = m.lag
+                    if m.active is not None and m.active >= 0:
+                        active = m.active / 1e9
+        z.mirror_active = active
+        contact: float | None = None
+        if active is not None:
+            z.up = active < MIRROR_STALE
+            contact = now - active
+        else:
+            z.up = z.answers
+            contact = now if z.answers else None
+        if contact is not None and (z.last_contact is None or contact > z.last_contact):
+            z.last_contact = contact
 
     # -- the stages, as a zone standby: nothing to promote or replicate -------------------------
 
@@ -259,6 +276,7 @@ class ZoneSide(PromotionSide, PrimarySide):
             "role": self.zone_role, "term": self.zone_term,
             "following": None if so is None else f"{so.platform}/{so.app}",
             "link": None if so is None else ("up" if z.up else "down"),
+            "platform_answers": None if so is None else z.answers,
             "last_contact": z.last_contact, "domain": z.domain, "mirror_lag": z.mirror_lag,
             "mirror_active": None if z.mirror_active is None else round(z.mirror_active, 3),
             "error": z.error,
