@@ -234,3 +234,58 @@ async def test_zone_standby_follows_the_hub_across_a_cut_then_promotes(zones: Zo
     await leaf_db.wal.sync()
     await _replica_has(hub_db, await asyncio.to_thread(rows, leaf_db.path), 60)
     assert Path(f"{hub_db.path}.pre-demotion").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_zone_standby_on_a_three_server_leaf_zone_with_r3_mirror(
+        tmp_path: Path, unique_name: str, litestream_bin: str) -> None:
+    """The leaf zone is a 3-server cluster: the mirror is an R3 stream; killing the server
+    that leads it does not stop the zone standby (the hub's later rows arrive)."""
+    from pycluster.kernel.leaf import leafnode_config
+    from pycluster.testing.servers import NatsCluster, NatsServer
+
+    hub_port = free_port()
+    conf = tmp_path / "hub.conf"
+    conf.write_text(leafnode_config("hq", hub=HubListen(host="127.0.0.1", port=hub_port,
+                                                        allow_anonymous=True)))
+    hub_server = NatsServer(config_file=conf)
+    cluster = NatsCluster(3, server_config=lambda i: leafnode_config("z1", leaf=LeafOf(
+        f"nats-leaf://127.0.0.1:{hub_port}", reconnect=0.25)))
+    hub_name, leaf_name = f"hub{unique_name}"[:24], f"edge{unique_name}"[:24]
+    started: list[Any] = []
+    try:
+        await hub_server.start()
+        started.append(hub_server)
+        await cluster.start()
+        started.append(cluster)
+        hub = Platform(hub_name, node_id="hub-1", nats_url=hub_server.url, zone="hq",
+                       zone_role="hub", lease_ttl=2.0, heartbeat_interval=0.5,
+                       plugin_manager=_pm())
+        hub_db = SQLite(tmp_path / "hubdb" / "data.db")
+        hub_app = App("convex", Singleton(), hub_db)
+        hub.register(hub_app)
+        leaf = Platform(leaf_name, node_id="edge-1", nats_url=cluster.urls, zone="z1",
+                        zone_role="leaf", stream_replicas=3, lease_ttl=2.0,
+                        heartbeat_interval=0.5, plugin_manager=_pm())
+        leaf_db = SQLite(tmp_path / "leafdb" / "data.db")
+        leaf.register(App("convex", Singleton(), leaf_db, StandbyOf(hub_name, "convex")))
+        for p in (hub, leaf):
+            await p.start()
+            started.append(p)
+        await wait_for(lambda: hub_app.is_active, 30, message="hub app active")
+        await asyncio.to_thread(insert, hub_db.path, 20, "first")
+        await hub_db.wal.sync()
+        await _replica_has(leaf_db, await asyncio.to_thread(rows, hub_db.path), 90)
+        assert leaf.js is not None
+        info = await leaf.js.stream_info(f"OBJ_{hub_name}_convex_wal")
+        assert info.config.num_replicas == 3 and info.config.mirror is not None
+        assert info.cluster is not None and info.cluster.leader is not None
+        # Kill the server leading the mirror (the platform reconnects if it used that one).
+        cluster.kill(cluster.index_of(info.cluster.leader))
+        await asyncio.to_thread(insert, hub_db.path, 10, "after-kill")
+        await hub_db.wal.sync()
+        await _replica_has(leaf_db, await asyncio.to_thread(rows, hub_db.path), 120)
+    finally:
+        for item in reversed(started):
+            await item.stop()
