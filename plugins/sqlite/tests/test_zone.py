@@ -235,6 +235,31 @@ async def test_zone_standby_follows_the_hub_across_a_cut_then_promotes(zones: Zo
     await _replica_has(hub_db, await asyncio.to_thread(rows, leaf_db.path), 60)
     assert Path(f"{hub_db.path}.pre-demotion").exists()
 
+    # A restarted node of the promoted zone stays primary (the promotion is recorded in the
+    # app KV), with every row.
+    leaf_rows = await asyncio.to_thread(rows, leaf_db.path)
+    await zones.leaf.stop()
+    again_db = SQLite(leaf_db.path)
+    again = App("convex", Singleton(), again_db, StandbyOf(zones.hub.name, "convex"))
+    restarted = Platform(zones.leaf.name, node_id="edge-1", zone="z1",
+                         data_dir=zones.leaf.settings.data_dir, lease_ttl=2.0,
+                         heartbeat_interval=0.5, plugin_manager=_pm(),
+                         leaf=zones.leaf.settings.leaf)
+    restarted.register(again)
+    await restarted.start()
+    try:
+        await wait_for(lambda: again.is_active, 30, message="restarted leaf active")
+        rt2 = runtime_of(again_db)
+        assert not rt2.zone_mode and rt2.wal_bucket == f"{zones.leaf.name}_convex_wal"
+        assert again_db.wal.status()["zone"]["role"] == "primary"
+        await wait_for(lambda: rt2.replicate_pid() is not None, 30, message="replicating")
+        assert await asyncio.to_thread(rows, again_db.path) == leaf_rows
+        await asyncio.to_thread(insert, again_db.path, 2, "after-restart")
+        await again_db.wal.sync()
+        await _replica_has(hub_db, await asyncio.to_thread(rows, again_db.path), 60)
+    finally:
+        await restarted.stop()
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)

@@ -29,13 +29,17 @@ Promotion and demotion (the ``pycluster_zone_promote`` / ``pycluster_zone_demote
   new primary's bucket through a mirror as above; the replaced database is kept as
   ``<path>.pre-demotion`` (its rows written after the last sync were never replicated).
 
-The promoted or demoted state is kept in memory: a restarted node starts from its options.
+A promotion or demotion is recorded in the app's KV (``sqlite.zone``: role, term, the
+followed platform) by every node that runs it; a node that starts later reads it before
+anything else, and it overrides the options (a restarted node of a promoted zone does not go
+back to following the lost hub).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import sqlite3
 import time
@@ -66,6 +70,7 @@ from .walindex import WalIndex, ensure_object_store, stream_name
 
 PROBE_INTERVAL = 1.0  # seconds between probes of the followed platform (link state, mirror)
 PROBE_TIMEOUT = 1.0
+ZONE_KEY = "sqlite.zone"  # the app KV key recording a promotion or demotion
 MIRROR_STALE = 3.0  # seconds without contact after which the mirror counts as cut off
 
 
@@ -97,6 +102,7 @@ class ZoneSide(PromotionSide, PrimarySide):
         self.zone_role: str | None = "standby" if self.standby_of is not None else None
         self._zone_lock = asyncio.Lock()
         self._zone_task: asyncio.Task[None] | None = None
+        self._zone_loaded = False
         if self.standby_of is not None:
             self.wal_bucket = bucket(self.standby_of.platform, self.standby_of.app, "wal")
 
@@ -109,7 +115,10 @@ class ZoneSide(PromotionSide, PrimarySide):
 
     async def start(self) -> None:
         """Start as a standby; as a zone standby: the mirror, the index and the follower come up
-        in the background (the followed platform may be unreachable now)."""
+        in the background (the followed platform may be unreachable now). A recorded promotion
+        or demotion overrides the options."""
+        if not self._zone_loaded:
+            await self._load_zone_state()
         if not self.zone_mode:
             await super().start()
             return
@@ -284,6 +293,42 @@ class ZoneSide(PromotionSide, PrimarySide):
 
     # -- promotion and demotion of the zone -----------------------------------------------------
 
+    async def _load_zone_state(self) -> None:
+        """Apply the promotion or demotion recorded in the app KV, if any."""
+        self._zone_loaded = True
+        try:
+            raw = await self.app.kv.get(ZONE_KEY)
+            st = json.loads(raw) if raw else None
+        except Exception as exc:
+            log.warning("app %s: the recorded zone state is unreadable (%s); starting from the "
+                        "options", self.app.name, exc)
+            return
+        if not isinstance(st, dict):
+            return
+        term = int(st.get("term") or 0)
+        if st.get("role") == "primary":
+            self.standby_of = None
+            self.wal_bucket = bucket(self.platform.name, self.app.name, "wal")
+        elif st.get("role") == "standby" and st.get("following"):
+            self.standby_of = StandbyOf(str(st["following"]), str(st.get("app") or
+                                                                   self.app.name))
+            self.wal_bucket = bucket(self.standby_of.platform, self.standby_of.app, "wal")
+        else:
+            return
+        self.zone_role, self.zone_term = str(st["role"]), term
+        log.info("app %s: recorded zone state: %s (term %d)", self.app.name, st["role"], term)
+
+    async def _save_zone_state(self) -> None:
+        so = self.standby_of
+        doc = {"role": self.zone_role, "term": self.zone_term, "at": time.time(),
+               "following": so.platform if so else None, "app": so.app if so else None,
+               "node": self.platform.node_id}
+        try:
+            await self.app.kv.put(ZONE_KEY, json.dumps(doc))
+        except Exception as exc:
+            log.error("app %s: the zone state (%s) was not recorded: %s", self.app.name,
+                      self.zone_role, exc)
+
     def zone_position(self) -> int | None:
         """The replicated position of this copy (the replica's TXID; the primary's own)."""
         if self.role in (ReplicationState.ACTIVE, ReplicationState.PROMOTING):
@@ -335,6 +380,7 @@ class ZoneSide(PromotionSide, PrimarySide):
             own = bucket(self.platform.name, self.app.name, "wal")
             await self._switch_to(own, mirror=False)
             self.zone_term, self.zone_role = term, "primary"
+            await self._save_zone_state()
             js = self.platform.js
             if js is None:
                 raise SQLiteError("the platform is not connected")
@@ -392,6 +438,7 @@ class ZoneSide(PromotionSide, PrimarySide):
             self.standby_of = so
             self.zone = ZoneLink()
             self.zone_term, self.zone_role = term, "standby"
+            await self._save_zone_state()
             path = self.option.path
             if was_primary and self.option.keep_previous and path.exists():
                 kept = path.with_name(path.name + ".pre-demotion")
