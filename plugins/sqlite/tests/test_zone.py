@@ -314,3 +314,49 @@ async def test_zone_standby_on_a_three_server_leaf_zone_with_r3_mirror(
     finally:
         for item in reversed(started):
             await item.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_a_promoted_zone_of_two_nodes_fails_over_locally(zones: Zones,
+                                                               tmp_path: Path) -> None:
+    """Both nodes of the leaf zone follow the hub; the promotion (called on both) makes the
+    lease holder the writer and the other its standby; a local handover then keeps every
+    row: the synced hub rows and the zone's own."""
+    from pycluster.kernel.settings import secret_value
+
+    leaf = zones.leaf
+    assert leaf.embedded is not None
+    db2 = SQLite(tmp_path / "leafdb2" / "data.db")
+    app2 = App("convex", Singleton(), db2, StandbyOf(zones.hub.name, "convex"))
+    node2 = Platform(leaf.name, node_id="edge-2", zone="z1", zone_role="leaf",
+                     nats_url=leaf.embedded.url, nats_user=leaf.settings.nats_user,
+                     nats_password=secret_value(leaf.settings.nats_password),
+                     data_dir=str(tmp_path / "leaf2"), lease_ttl=2.0, heartbeat_interval=0.5,
+                     plugin_manager=_pm())
+    node2.register(app2)
+    await node2.start()
+    try:
+        await asyncio.to_thread(insert, zones.hub_db.path, 25, "hub")
+        await zones.hub_db.wal.sync()
+        hub_rows = await asyncio.to_thread(rows, zones.hub_db.path)
+        for db in (zones.leaf_db, db2):
+            await _replica_has(db, hub_rows, 60)
+        assert zones.leaf_app.is_active and not app2.is_active
+        for p, app in ((node2, app2), (leaf, zones.leaf_app)):
+            await _call(p.pm.hook.pycluster_zone_promote, app=app, term=3)
+        rt1, rt2 = runtime_of(zones.leaf_db), runtime_of(db2)
+        assert rt1.replicate_pid() is not None and rt2.replicate_pid() is None
+        assert rt2.wal_bucket == rt1.wal_bucket == f"{leaf.name}_convex_wal"
+        await asyncio.to_thread(insert, zones.leaf_db.path, 5, "zone")
+        pos = await zones.leaf_db.wal.sync()
+        await wait_for(lambda: (db2.wal.position().txid or 0) >= (pos.txid or 0), 60,
+                       message="the zone's standby follows the zone's bucket")
+        before = await asyncio.to_thread(rows, zones.leaf_db.path)
+        assert len(before) == len(hub_rows) + 5
+        await zones.leaf_app.step_down()
+        await wait_for(lambda: app2.is_active, 60, message="edge-2 took over")
+        await wait_for(lambda: rt2.replicate_pid() is not None, 30, message="edge-2 replicates")
+        assert await asyncio.to_thread(rows, db2.path) == before
+    finally:
+        await node2.stop()
