@@ -816,7 +816,12 @@ def pycluster_http_routes(platform: Platform) -> list[Route] | None:
 def pycluster_zone_position(app: App) -> int | None:
     """The replicated position of `app`'s zone replica on this node (higher = more caught up),
     or None when no replica plugin serves the app. Used to prefer the most caught-up zone when
-    zones vote on a promotion."""
+    zones vote on a promotion.
+
+    Called by the zone promotion protocol when it compares zones; answer from in-process state.
+
+    :param app: the app.
+    """
 
 
 @hookspec
@@ -824,8 +829,13 @@ def pycluster_zone_promote(app: App, term: int) -> Any:
     """This zone was promoted for `app` with fencing epoch `term`: turn the zone replica into
     the writable primary (stop following, final catch-up, replicate in this zone).
 
-    Notification; may return an awaitable, which the caller awaits (an error is the
-    implementation's: the promotion did not happen on this node)."""
+    Called on every node of the promoted platform once the promotion is decided. May return an
+    awaitable, which the caller awaits; an error means the promotion did not happen on this
+    node.
+
+    :param app: the app.
+    :param term: the fencing epoch of the promotion.
+    """
 
 
 @hookspec
@@ -833,7 +843,13 @@ def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
     """Another platform is primary for `app` with the higher epoch `term`: stop writing and
     replicating before anything else, then follow `primary_platform`'s data as a replica.
 
-    Notification; may return an awaitable, which the caller awaits."""
+    Called on every node of a platform that learns of a higher epoch held by another
+    platform. May return an awaitable, which the caller awaits.
+
+    :param app: the app.
+    :param primary_platform: the platform that is primary now.
+    :param term: its fencing epoch.
+    """
 
 
 # ---------------------------------------------------------------------------------------------
