@@ -6,6 +6,7 @@ platform has its own embedded nats-server; the leaf link goes through a TCP prox
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -95,15 +96,15 @@ class Zones:
     leaf_db: SQLite
 
 
-@pytest.fixture
-async def zones(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Zones]:
+@contextlib.asynccontextmanager
+async def _two_zones(tmp_path: Path, unique_name: str, **hub_sqlite: Any) -> AsyncIterator[Zones]:
     port = free_port()
     hub_name, leaf_name = f"hub{unique_name}"[:24], f"edge{unique_name}"[:24]
     hub = Platform(hub_name, node_id="hub-1", zone="hq", data_dir=str(tmp_path / "hub"),
                    lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=_pm(),
                    hub=HubListen(host="127.0.0.1", port=port, user=USER, password=PASSWORD,
                                  no_advertise=True))
-    hub_db = SQLite(tmp_path / "hubdb" / "data.db")
+    hub_db = SQLite(tmp_path / "hubdb" / "data.db", **hub_sqlite)
     hub_app = App("convex", Singleton(), hub_db)
     hub.register(hub_app)
     proxy = TcpProxy("127.0.0.1", port, name="leaf")
@@ -127,6 +128,12 @@ async def zones(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncI
         for p in reversed(started):
             await p.stop()
         await proxy.close()
+
+
+@pytest.fixture
+async def zones(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Zones]:
+    async with _two_zones(tmp_path, unique_name) as z:
+        yield z
 
 
 def _replica_rows(db: SQLite) -> list[tuple[Any, ...]]:
@@ -360,3 +367,40 @@ async def test_a_promoted_zone_of_two_nodes_fails_over_locally(zones: Zones,
         assert await asyncio.to_thread(rows, db2.path) == before
     finally:
         await node2.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+async def test_the_zone_leader_purges_what_the_source_deleted_from_the_mirror(
+        tmp_path: Path, unique_name: str, litestream_bin: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror does not copy purges: Litestream's deleted LTX files (compaction) would stay
+    in the zone forever. The zone's leader purges them; the replica keeps following."""
+    import pycluster_sqlite.zone as zone
+
+    monkeypatch.setattr(zone, "JANITOR_EVERY", 1.0)
+    monkeypatch.setattr(zone, "PURGE_AFTER", 0.5)
+    async with _two_zones(tmp_path, unique_name, compaction_levels=(1.0,),
+                          l0_retention=1.0) as z:
+        assert z.hub.js is not None and z.leaf.js is not None
+        stream = f"OBJ_{z.hub.name}_convex_wal"
+        for i in range(15):
+            await asyncio.to_thread(insert, z.hub_db.path, 5, f"batch{i}")
+            await z.hub_db.wal.sync()
+            await asyncio.sleep(0.2)
+        await _replica_has(z.leaf_db, await asyncio.to_thread(rows, z.hub_db.path), 60)
+        rt = runtime_of(z.leaf_db)
+        assert rt.index is not None
+        await wait_for(lambda: any(e.deleted for e in rt.index.entries.values()), 30,
+                       message="compaction deleted LTX files")
+
+        async def purged() -> bool:
+            assert z.hub.js is not None and z.leaf.js is not None
+            hub_info = await z.hub.js.stream_info(stream)
+            mirror = await z.leaf.js.stream_info(stream)
+            return mirror.state.bytes < hub_info.state.bytes
+
+        await wait_for(purged, 60, message="the mirror holds less than the source")
+        await asyncio.to_thread(insert, z.hub_db.path, 5, "after-purge")
+        await z.hub_db.wal.sync()
+        await _replica_has(z.leaf_db, await asyncio.to_thread(rows, z.hub_db.path), 60)

@@ -96,6 +96,7 @@ class LtxEntry:
     created: float | None  # Litestream's timestamp header (UTC seconds), else the object mtime
     deleted: bool = False
     deleted_at: float = 0.0  # monotonic instant the index learned it was deleted
+    nuid: str | None = None  # the object's chunk subject token (a delete marker keeps it)
 
 
 @dataclass
@@ -253,8 +254,10 @@ class WalIndex:
             deleted_at = old.deleted_at if old is not None and old.deleted else time.monotonic()
             if old is not None and old.created is not None:
                 created = old.created  # a delete marker carries no timestamp of its own
+        nuid = meta.get("nuid")
         self.entries[name] = LtxEntry(name, level, lo, hi, int(meta.get("size") or 0), created,
-                                      deleted, deleted_at)
+                                      deleted, deleted_at,
+                                      nuid if isinstance(nuid, str) and nuid else None)
         self._floor = max(self._floor, hi)
         self._changed.set()
 
@@ -393,10 +396,14 @@ class WalIndex:
             del self.entries[name]
         return len(gone)
 
-    async def purge_deleted(self, older_than: float = 60.0, batch: int = 5000) -> int:
+    async def purge_deleted(self, older_than: float = 60.0, batch: int = 5000,
+                            chunks: bool = False) -> int:
         """Remove the meta markers of LTX files Litestream deleted more than ``older_than``
         seconds ago. Without this every LTX file ever written leaves a marker behind, and every
-        follower poll (a full listing) grows without bound. Only the active node calls it."""
+        follower poll (a full listing) grows without bound. Only the active node calls it (on
+        the bucket it writes), and a zone standby's leader on its mirror with ``chunks=True``:
+        a mirror does not copy the source's purges, so the deleted objects' chunks stay there
+        until they are purged too."""
         now = time.monotonic()
         done = 0
         for e in list(self.entries.values()):
@@ -404,6 +411,9 @@ class WalIndex:
                 break
             if not e.deleted or now - e.deleted_at < older_than:
                 continue
+            if chunks and e.nuid:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self.js.purge_stream(self.stream, subject=f"$O.{self.bucket}.C.{e.nuid}")
             try:
                 await self.js.purge_stream(self.stream, subject=meta_subject(self.bucket, e.name))
             except nats.js.errors.NotFoundError:

@@ -9,7 +9,9 @@ a cut link and resumes where it stopped when the link heals. Everything else is 
 machinery unchanged: the WAL index watches the mirror, and the follower (``litestream restore
 -f``) restores from it, here into ``SQLite.path`` itself, so the backend reads a read-only
 replica. Every node of the zone follows; the local leader's stages (catch-up, promote,
-replicate, snapshots) do nothing while the app is a zone standby.
+replicate, snapshots) do nothing while the app is a zone standby; the leader purges the
+mirror of LTX files the source deleted over a minute ago (a mirror does not copy purges, so
+it would otherwise keep every file ever written).
 
 Lag: the usual lag (age of the oldest LTX file the replica lacks), and while the link is down
 at least the time since the last contact: a cut link shows as a growing lag and
@@ -72,6 +74,8 @@ PROBE_INTERVAL = 1.0  # seconds between probes of the followed platform (link st
 PROBE_TIMEOUT = 1.0
 ZONE_KEY = "sqlite.zone"  # the app KV key recording a promotion or demotion
 MIRROR_STALE = 3.0  # seconds without contact after which the mirror counts as cut off
+JANITOR_EVERY = 10.0  # seconds between purges of deleted LTX files from the mirror
+PURGE_AFTER = 60.0  # seconds a deleted LTX file stays in the mirror (as in the source)
 
 
 @dataclass
@@ -149,6 +153,7 @@ class ZoneSide(PromotionSide, PrimarySide):
 
     async def _zone_loop(self) -> None:
         ready = False
+        purged_at = time.monotonic()
         while True:
             try:
                 if not ready:
@@ -161,6 +166,11 @@ class ZoneSide(PromotionSide, PrimarySide):
                         self.follower.start()
                     ready = True
                 await self._probe()
+                if self.app.is_active and time.monotonic() - purged_at > JANITOR_EVERY:
+                    # A mirror keeps what the source purged: the zone's leader cleans it.
+                    purged_at = time.monotonic()
+                    assert self.index is not None
+                    await self.index.purge_deleted(PURGE_AFTER, batch=500, chunks=True)
                 self.zone.error = None
             except asyncio.CancelledError:
                 raise
