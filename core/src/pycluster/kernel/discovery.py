@@ -64,7 +64,28 @@ class ServiceChange:
 
 
 class ServiceRegistry(Protocol):
-    """Where instances are announced and found."""
+    """Where instances are announced and found.
+
+    The discovery plugin starts the registry on first use and stops it with the node. A
+    registry that subclasses this protocol inherits do-nothing `start`/`stop` and an empty
+    `instances`/`owned` (a registry that keeps no local view); one that only matches it
+    structurally must define all eight methods.
+    """
+
+    async def start(self) -> None:
+        """Open what the registry needs (connections, watches); called once before use."""
+
+    async def stop(self) -> None:
+        """Stop renewing and watching; this node's registrations may be withdrawn."""
+
+    def instances(self, service: str | None = None, *, app: str | None = None,
+                  healthy_only: bool = False) -> list[ServiceInstance]:
+        """The instances known now, without I/O (empty when the registry keeps no view)."""
+        return []
+
+    def owned(self) -> list[ServiceInstance]:
+        """What this node registered and keeps renewed (empty when it keeps no such list)."""
+        return []
 
     async def register(self, instance: ServiceInstance) -> None:
         """Announce ``instance`` (refreshed until deregistered or the node dies)."""

@@ -22,7 +22,7 @@ import nats.errors
 
 from pycluster.kernel import natsutil as nu
 from pycluster.kernel.aio import cancel_and_wait, supervise
-from pycluster.kernel.discovery import ServiceChange, ServiceInstance
+from pycluster.kernel.discovery import ServiceChange, ServiceInstance, ServiceRegistry
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -71,7 +71,7 @@ def matches(inst: ServiceInstance, service: str | None, app: str | None, tags: I
             and set(tags) <= set(inst.tags) and (not healthy_only or inst.status == PASSING))
 
 
-class KvServiceRegistry:
+class KvServiceRegistry(ServiceRegistry):
     """`pycluster.kernel.discovery.ServiceRegistry` on NATS KV leases (see the module).
 
     :param platform: the platform (its NATS connection, name, lease TTL and heartbeat).

@@ -237,9 +237,7 @@ class Discovery:
                 return self._registry
             reg = self.platform.pm.hook.pycluster_service_registry(platform=self.platform)
             reg = reg if reg is not None else KvServiceRegistry(self.platform)
-            start = getattr(reg, "start", None)
-            if start is not None:
-                await start()
+            await reg.start()
             self._registry = reg
             if self.dns_addr:
                 from .dns import DnsServer
@@ -288,9 +286,8 @@ class Discovery:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        stop = getattr(self._registry, "stop", None)
-        if stop is not None:
-            await stop()
+        if self._registry is not None:
+            await self._registry.stop()
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -343,10 +340,9 @@ class Discovery:
                   healthy_only: bool = False) -> list[ServiceInstance]:
         """The instances known now without I/O (the registry's view; empty when the registry
         keeps none)."""
-        get = getattr(self._registry, "instances", None)
-        if get is None:
+        if self._registry is None:
             return []
-        return list(get(name, app=app, healthy_only=healthy_only))
+        return list(self._registry.instances(name, app=app, healthy_only=healthy_only))
 
     def registrations(self) -> list[dict[str, Any]]:
         """This node's registrations (for ``/status``): its apps' services (with the last
@@ -359,8 +355,7 @@ class Discovery:
                 d["check"] = reg.detail or None
                 out.append(d)
                 keys.add(reg.instance.key)
-        owned = getattr(self._registry, "owned", None)  # the KV registry's renewed records
-        for inst in owned() if owned is not None else ():
+        for inst in self._registry.owned() if self._registry is not None else ():
             if inst.key not in keys:
                 out.append({**as_dict(inst), "check": None})
         return sorted(out, key=lambda d: (d["app"], d["service"], d["node"]))
