@@ -17,6 +17,10 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .platform import Platform
 
+LOOKUP_SUBJECT = "_pycluster.services.lookup"
+"""The plain subject (it crosses leaf links) on which each platform's discovery answers
+lookups across platforms (``lookup(..., scope="global")``), one node per platform."""
+
 
 @dataclass(frozen=True)
 class ServiceInstance:
@@ -34,6 +38,9 @@ class ServiceInstance:
         health check); healthy lookups return ``passing`` instances only.
     :ivar role: ``primary`` (a Singleton's active instance), ``active`` (Spread/Replicas),
         ``standby`` or ``external`` (registered by hand).
+    :ivar platform: the platform whose registry holds it, and
+    :ivar zone: that platform's zone: set in the results of a lookup across platforms
+        (``scope="global"``), None in a platform's own registry.
     """
 
     app: str
@@ -46,6 +53,8 @@ class ServiceInstance:
     tags: tuple[str, ...] = ()
     status: str = "passing"
     role: str = "active"
+    platform: str | None = None
+    zone: str | None = None
 
     @property
     def key(self) -> str:

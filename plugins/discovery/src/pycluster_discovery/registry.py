@@ -46,9 +46,11 @@ def stop_if_cancelled() -> None:
 
 
 def encode(inst: ServiceInstance) -> bytes:
-    """The JSON record of an instance."""
+    """The JSON record of an instance (without ``platform`` and ``zone``: a registry is one
+    platform's)."""
     d = asdict(inst)
     d["tags"] = list(inst.tags)
+    del d["platform"], d["zone"]
     return json.dumps(d, sort_keys=True).encode()
 
 
@@ -293,7 +295,10 @@ class KvServiceRegistry(ServiceRegistry):
 
 
 def as_dict(inst: ServiceInstance) -> dict[str, Any]:
-    """An instance as JSON-ready data."""
+    """An instance as JSON-ready data (``platform`` and ``zone`` only when known: a result
+    across platforms)."""
     d = asdict(inst)
     d["tags"] = list(inst.tags)
+    if inst.platform is None:
+        del d["platform"], d["zone"]
     return d
