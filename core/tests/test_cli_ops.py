@@ -201,9 +201,13 @@ def test_every_command_help_shows_an_example() -> None:
     pm = create_plugin_manager()
     pm.hook.pycluster_add_cli_commands(cli=cli)  # the plugins' commands too, as main() does
 
+    ctx = click.Context(cli, obj=pm)
+
     def walk(group: click.Group, path: list[str]) -> list[list[str]]:
         out = []
-        for name, cmd in group.commands.items():
+        for name in group.list_commands(ctx):  # the lazily imported ones too
+            cmd = group.get_command(ctx, name)
+            assert cmd is not None, [*path, name]
             if isinstance(cmd, click.Group):
                 out += walk(cmd, [*path, name])
             else:

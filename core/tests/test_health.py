@@ -254,6 +254,24 @@ async def test_plugin_http_routes_on_the_health_address(make_platform: Any) -> N
     assert status == 404 and b"/v1/things/*" in text
 
 
+async def test_disabled_metrics_plugin_takes_its_route_away(make_platform: Any) -> None:
+    """Every route comes from ``pycluster_http_routes``: with the metrics plugin disabled
+    ``/metrics`` is 404 and the health plugin's endpoints still answer; with it enabled the
+    same address serves it."""
+    off = await make_platform("n1", health_addr="127.0.0.1:0", disabled_plugins=["metrics"])
+    base = off.health.url
+    assert base is not None and "metrics" not in off.services
+    status, _, text = await get(base + "/metrics")
+    assert status == 404 and b"/metrics" not in text.split(b"endpoints:")[1]
+    for path in ("/health", "/ready", "/status"):
+        status, _, _ = await get(base + path)
+        assert status == 200, path
+    on = await make_platform("n2", health_addr="127.0.0.1:0")
+    assert on.health.url is not None
+    status, _, text = await get(on.health.url + "/metrics")
+    assert status == 200 and b"pycluster_" in text
+
+
 async def test_failing_check_history_breaker_and_change_hook(make_platform: Any) -> None:
     calls: list[int] = []
     state = {"ok": False}

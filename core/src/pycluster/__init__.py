@@ -7,64 +7,159 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .backend import HealthCheck
-from .builtin.api.breaker import BreakerPolicy
-from .builtin.api.bus import ForKey, ToAny, ToLeader, ToNode
-from .builtin.audit.query import AuditEntry, AuditFilter
-from .builtin.events.bus import Event
-from .builtin.health.checks import CheckResult, CheckStatus
-from .builtin.process import Process
-from .builtin.rpc.service import RetryPolicy
-from .kernel.app import App
-from .kernel.context import Context, correlation
-from .kernel.errors import (
-    CallTimeoutError,
-    CircuitOpenError,
-    ConfigError,
-    DuplicateNodeError,
-    EmbeddedServerConflictError,
-    InvalidNameError,
-    KeyExistsError,
-    LockLostError,
-    LockTimeoutError,
-    NatsUnavailableError,
-    NodeFailedError,
-    NodeReplacedError,
-    NoInstanceError,
-    NoLiveNodesError,
-    NoSuchAppError,
-    NotLeaderError,
-    PayloadTooLargeError,
-    PluginError,
-    PyclusterError,
-    ReadNotConfirmedError,
-    RemoteError,
-    RevisionMismatchError,
-    UnauthorizedError,
-    UnclaimedOptionError,
-)
-from .kernel.leaf import HubListen, LeafOf
-from .kernel.options import (
-    AvoidLabel,
-    AwayFromApp,
-    Budget,
-    Election,
-    OnLabel,
-    OnNodes,
-    PreferLabel,
-    PreferNode,
-    Rebalance,
-    Replicas,
-    Singleton,
-    Spread,
-    Strategy,
-    WithApp,
-)
-from .kernel.platform import Platform
-from .kernel.stages import FailurePolicy, Stage, StageOrder
-from .kernel.types import Role
-from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
-from .plugins import hookimpl
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import HealthCheck
+    from .builtin.api.breaker import BreakerPolicy
+    from .builtin.api.bus import ForKey, ToAny, ToLeader, ToNode
+    from .builtin.audit.query import AuditEntry, AuditFilter
+    from .builtin.events.bus import Event
+    from .builtin.health.checks import CheckResult, CheckStatus
+    from .builtin.process import Process
+    from .builtin.rpc.service import RetryPolicy
+    from .kernel.app import App
+    from .kernel.context import Context, correlation
+    from .kernel.errors import (
+        CallTimeoutError,
+        CircuitOpenError,
+        ConfigError,
+        DuplicateNodeError,
+        EmbeddedServerConflictError,
+        InvalidNameError,
+        KeyExistsError,
+        LockLostError,
+        LockTimeoutError,
+        NatsUnavailableError,
+        NodeFailedError,
+        NodeReplacedError,
+        NoInstanceError,
+        NoLiveNodesError,
+        NoSuchAppError,
+        NotLeaderError,
+        PayloadTooLargeError,
+        PluginError,
+        PyclusterError,
+        ReadNotConfirmedError,
+        RemoteError,
+        RevisionMismatchError,
+        UnauthorizedError,
+        UnclaimedOptionError,
+    )
+    from .kernel.leaf import HubListen, LeafOf
+    from .kernel.options import (
+        AvoidLabel,
+        AwayFromApp,
+        Budget,
+        Election,
+        OnLabel,
+        OnNodes,
+        PreferLabel,
+        PreferNode,
+        Rebalance,
+        Replicas,
+        Singleton,
+        Spread,
+        Strategy,
+        WithApp,
+    )
+    from .kernel.platform import Platform
+    from .kernel.stages import FailurePolicy, Stage, StageOrder
+    from .kernel.types import Role
+    from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
+    from .plugins import hookimpl
+
+# Where each public name lives: the names are imported on first use (PEP 562), so that
+# `import pycluster.<submodule>` and the command line do not load the whole toolkit.
+_EXPORTS: dict[str, str] = {
+    "App": ".kernel.app",
+    "AuditEntry": ".builtin.audit.query",
+    "AuditFilter": ".builtin.audit.query",
+    "AuthMiddleware": ".middleware",
+    "AvoidLabel": ".kernel.options",
+    "AwayFromApp": ".kernel.options",
+    "BreakerPolicy": ".builtin.api.breaker",
+    "Budget": ".kernel.options",
+    "CallTimeoutError": ".kernel.errors",
+    "CheckResult": ".builtin.health.checks",
+    "CheckStatus": ".builtin.health.checks",
+    "CircuitOpenError": ".kernel.errors",
+    "ConfigError": ".kernel.errors",
+    "Context": ".kernel.context",
+    "DuplicateNodeError": ".kernel.errors",
+    "Election": ".kernel.options",
+    "EmbeddedServerConflictError": ".kernel.errors",
+    "Event": ".builtin.events.bus",
+    "FailurePolicy": ".kernel.stages",
+    "ForKey": ".builtin.api.bus",
+    "HealthCheck": ".backend",
+    "HubListen": ".kernel.leaf",
+    "InvalidNameError": ".kernel.errors",
+    "KeyExistsError": ".kernel.errors",
+    "LeafOf": ".kernel.leaf",
+    "LockLostError": ".kernel.errors",
+    "LockTimeoutError": ".kernel.errors",
+    "Middleware": ".middleware",
+    "NatsUnavailableError": ".kernel.errors",
+    "NoInstanceError": ".kernel.errors",
+    "NoLiveNodesError": ".kernel.errors",
+    "NoSuchAppError": ".kernel.errors",
+    "NodeFailedError": ".kernel.errors",
+    "NodeReplacedError": ".kernel.errors",
+    "NotLeaderError": ".kernel.errors",
+    "OnLabel": ".kernel.options",
+    "OnNodes": ".kernel.options",
+    "PayloadTooLargeError": ".kernel.errors",
+    "Platform": ".kernel.platform",
+    "PluginError": ".kernel.errors",
+    "PreferLabel": ".kernel.options",
+    "PreferNode": ".kernel.options",
+    "Process": ".builtin.process",
+    "PyclusterError": ".kernel.errors",
+    "ReadNotConfirmedError": ".kernel.errors",
+    "Rebalance": ".kernel.options",
+    "RemoteError": ".kernel.errors",
+    "Replicas": ".kernel.options",
+    "Request": ".middleware",
+    "RetryPolicy": ".builtin.rpc.service",
+    "RevisionMismatchError": ".kernel.errors",
+    "Role": ".kernel.types",
+    "SignedAuth": ".middleware",
+    "Singleton": ".kernel.options",
+    "Spread": ".kernel.options",
+    "Stage": ".kernel.stages",
+    "StageOrder": ".kernel.stages",
+    "Strategy": ".kernel.options",
+    "ToAny": ".builtin.api.bus",
+    "ToLeader": ".builtin.api.bus",
+    "ToNode": ".builtin.api.bus",
+    "UnauthorizedError": ".kernel.errors",
+    "UnclaimedOptionError": ".kernel.errors",
+    "WithApp": ".kernel.options",
+    "correlation": ".kernel.context",
+    "hookimpl": ".plugins",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    else:
+        try:  # a submodule not imported yet (``pycluster.kernel`` after ``import pycluster``)
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "App",

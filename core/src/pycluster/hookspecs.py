@@ -804,9 +804,11 @@ def pycluster_http_routes(platform: Platform) -> list[Route] | None:
     None. Handlers run on the server's event loop for every ``GET``/``HEAD`` of their path:
     answer from in-process state (the server keeps answering while NATS is unreachable), and
     look services up at request time (``platform.services.get(name)``): the plugin's service
-    may start after the server. A path that the health plugin serves itself (``/health``,
-    ``/ready``, ``/status``, ``/metrics``) or that an earlier plugin took is skipped with a
-    warning; an exception skips that plugin's routes (logged).
+    may start after the server. Every route of the server comes from this hook, the default
+    plugins' too (health: ``/health``, ``/ready``, ``/status``; metrics: ``/metrics``), so a
+    disabled plugin's paths are not served. A path an earlier plugin took (the default
+    plugins come first) is skipped with a warning; an exception skips that plugin's
+    routes (logged).
 
     :param platform: the platform (its services are built, maybe not started yet).
     """
@@ -874,7 +876,11 @@ def pycluster_config_sections(registry: ConfigRegistry) -> None:
 def pycluster_add_cli_commands(cli: click.Group) -> None:
     """Add click commands (or groups) to the ``pycluster`` command line.
 
-    Called once in ``main()`` before the command line is parsed.
+    Called when ``pycluster`` is given a command name that no declaration knows, before it
+    gives up (the command line builds the plugin manager only for a command that needs it).
+    ``pycluster --help`` lists a command only when it is also declared with a
+    ``pycluster.cli`` entry point (`pycluster.cli.lazy.LazyCommand`), which also spares
+    ``pycluster --help`` the import of the plugin.
 
     :param cli: the root ``pycluster`` click group; call ``cli.add_command(...)``.
     """

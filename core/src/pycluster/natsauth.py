@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .kernel.discovery import LOOKUP_SUBJECT
 from .kernel.errors import ConfigError
 from .kernel.leaf import HUB_SUBJECT, ZONES_SUBJECT
 from .kernel.names import bucket, validate_ident
@@ -175,6 +176,8 @@ def permissions(user: NatsUser) -> dict[str, Any]:
         pub += [f"$KV.{bucket(p, suffix='platform')}.>", f"$KV.{bucket(p, suffix='services')}.>"]
         # Zones (the leaf plugin): list every zone, ask the hub, ping any platform's zone.
         pub += [ZONES_SUBJECT, HUB_SUBJECT, "*._.zone.ping"]
+        # Discovery: look services up across platforms (``services show --scope global``).
+        pub.append(LOOKUP_SUBJECT)
         sub = [inbox, f"{p}.>"]
         return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
                 "allow_responses": True}
@@ -219,6 +222,10 @@ def permissions(user: NatsUser) -> dict[str, Any]:
     # hub) hub-link checks. Calls to another platform's apps need grants of their own.
     pub += [HUB_SUBJECT]
     sub += [ZONES_SUBJECT, HUB_SUBJECT, f"{p}._.zone.ping"]
+    # Discovery across platforms: ask the others (and the zones, to name the cut ones) and
+    # answer them from this platform's registry.
+    pub += [LOOKUP_SUBJECT, ZONES_SUBJECT]
+    sub.append(LOOKUP_SUBJECT)
     return {"publish": {"allow": _unique(pub)}, "subscribe": {"allow": _unique(sub)},
             "allow_responses": True}
 

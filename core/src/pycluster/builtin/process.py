@@ -231,6 +231,12 @@ class ProcessController(Controller):
         self._ctx: Context | None = None
         self._out = logging.getLogger(f"pycluster.backend.{app.name}")
 
+    @property
+    def pid(self) -> int | None:
+        """The running command's pid (None while it is not running)."""
+        child = self._child
+        return child.pid if child is not None and child.running else None
+
     # -- the lease ------------------------------------------------------------------------
 
     def _runtime(self) -> AppRuntime | None:
@@ -484,6 +490,11 @@ class ProcessBackend(Supervisor):
     @property
     def _child(self) -> _Child | None:
         return self.process._child
+
+    @property
+    def pid(self) -> int | None:
+        """The running command's pid (None while it is not running)."""
+        return self.process.pid
 
     @property
     def last_exit(self) -> int | None:

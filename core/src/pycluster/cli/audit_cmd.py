@@ -25,6 +25,7 @@ from ..builtin.audit.log import CORE_CATEGORIES, AuditCategoryRegistry
 from ..builtin.audit.query import AuditEntry, AuditFilter, AuditReader
 from ..kernel.errors import ConfigError, PyclusterError
 from ..kernel.registry import BackendRegistry
+from .common import plugin_manager
 from .options import connection_options
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -137,14 +138,13 @@ def audit_cmd(follow: bool, categories: tuple[str, ...], app: str | None, node: 
         reg = AuditCategoryRegistry()
         for cat, acts in CORE_CATEGORIES.items():
             reg.add(cat, acts, "core")
-        pm = click.get_current_context().obj
-        if pm is not None and hasattr(pm, "hook"):  # plugins' categories
-            pm.hook.pycluster_audit_categories(registry=reg)
-            backends = BackendRegistry()
-            pm.hook.pycluster_register_backends(registry=backends)
-            for kind in backends.all():  # written by the backends' shared supervisor
-                if kind.audit is not None:
-                    reg.add(kind.kind, kind.audit, kind.plugin)
+        pm = plugin_manager()  # the plugins' categories
+        pm.hook.pycluster_audit_categories(registry=reg)
+        backends = BackendRegistry()
+        pm.hook.pycluster_register_backends(registry=backends)
+        for kind in backends.all():  # written by the backends' shared supervisor
+            if kind.audit is not None:
+                reg.add(kind.kind, kind.audit, kind.plugin)
         if output == "json":
             click.echo(json.dumps(reg.categories, indent=2))
         else:

@@ -1,12 +1,15 @@
 """``pycluster``: run a node, inspect a platform, step a leader down, list plugins, demo.
 
-The command line is assembled in `main()`: build the plugin manager, let plugins add their
-commands (`pycluster.hookspecs.pycluster_add_cli_commands`), then parse.
+The root group lists every command but imports one only when it runs (or shows its own
+``--help``): the core's commands are `pycluster.cli.lazy.LazyCommand` declarations below,
+plugins declare theirs with ``pycluster.cli`` entry points, so ``pycluster --help`` and
+``pycluster status`` do not import every plugin. A plugin that adds commands through
+``pycluster_add_cli_commands`` instead still works: a name no declaration knows builds the
+plugin manager and calls that hook before giving up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import importlib
 import json
@@ -18,21 +21,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..kernel.errors import PyclusterError
-from ..plugins import PluginManager, create_plugin_manager
-from .audit_cmd import audit_cmd
-from .chaos_cmd import chaos_cmd
-from .common import OUTPUT, _fail, _table
-from .dev import dev_group
-from .kv_cmd import kv_group
-from .lock_cmd import lock_group
-from .ops_cmd import doctor_cmd, init_cmd, version_cmd
+from .common import OUTPUT, _fail, _table, pass_plugins, plugin_manager
+from .lazy import LazyCommand, disabled_plugins, plugin_commands
 from .options import connection_options
-from .placement_cmd import app_cmd, maintenance_cmd, node_cmd
-from .security_cmd import nats_config_cmd, provision_cmd
-from .status_cmd import health_cmd, status_cmd
 
 if TYPE_CHECKING:
     from ..kernel.platform import Platform
+    from ..plugins import PluginManager
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -42,7 +37,112 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-@click.group()
+# The core's commands that live in modules of their own (their one-line help is the first
+# sentence of their docstring: a test checks that they agree).
+CORE_COMMANDS = (
+    LazyCommand("app", "pycluster.cli.placement_cmd:app_cmd",
+                "Apps: list and show (placement, leader, instances, pending, maintenance)."),
+    LazyCommand("audit", "pycluster.cli.audit_cmd:audit_cmd",
+                "Show a platform's audit trail (oldest first), optionally following new "
+                "entries."),
+    LazyCommand("chaos", "pycluster.cli.chaos_cmd:chaos_cmd",
+                "Inject seeded random faults into a throwaway cluster and check safety from "
+                "outside."),
+    LazyCommand("dev", "pycluster.cli.dev:dev_group",
+                "A local cluster of real nats-server and node processes that stays up, for "
+                "trying apps and the CLI by hand."),
+    LazyCommand("doctor", "pycluster.cli.ops_cmd:doctor_cmd",
+                "Check this machine and its NATS for running a node, and say what to fix."),
+    LazyCommand("health", "pycluster.cli.status_cmd:health_cmd",
+                "The health checks of NODE (default: every live node): status, latency, last "
+                "error."),
+    LazyCommand("init", "pycluster.cli.ops_cmd:init_cmd",
+                "Write a commented config file for this machine."),
+    LazyCommand("kv", "pycluster.cli.kv_cmd:kv_group",
+                "Inspect APP's KV bucket ({platform}_{app}): get, put, ls."),
+    LazyCommand("leaf", "pycluster.builtin.leaf.cli:leaf_group",
+                "Zones joined by NATS leaf nodes (plugin leaf).", plugin="leaf"),
+    LazyCommand("lock", "pycluster.cli.lock_cmd:lock_group",
+                "Inspect the platform's and its apps' fair locks."),
+    LazyCommand("maintenance", "pycluster.cli.placement_cmd:maintenance_cmd",
+                "Maintenance mode on or off, for the platform or for APP (or show it)."),
+    LazyCommand("nats-config", "pycluster.cli.security_cmd:nats_config_cmd",
+                "Generate NATS users with per-app permissions for a platform."),
+    LazyCommand("node", "pycluster.cli.placement_cmd:node_cmd",
+                "Nodes: list, labels, cordon, uncordon and drain."),
+    LazyCommand("provision", "pycluster.cli.security_cmd:provision_cmd",
+                "Create the platform's buckets and streams (as nodes would) with the "
+                "operator's credentials, for nodes whose NATS users may not create streams "
+                "(`pycluster nats-config`)."),
+    LazyCommand("status", "pycluster.cli.status_cmd:status_cmd",
+                "Show nodes (labels, cordon and maintenance state, apps and roles, health) "
+                "and apps (mode, leader, epoch, lease age, backend state, replication lag, "
+                "VIP, pending)."),
+    LazyCommand("version", "pycluster.cli.ops_cmd:version_cmd",
+                "Show the versions of pycluster, its installed distributions, Python and "
+                "NATS."),
+)
+
+
+class PyclusterGroup(click.Group):
+    """The root group: commands defined on it, `LazyCommand` declarations (the core's and the
+    ``pycluster.cli`` entry points'), and, for a name none of them knows, the commands plugins
+    add with ``pycluster_add_cli_commands``."""
+
+    def __init__(self, *args: Any, lazy: tuple[LazyCommand, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._core = {c.name: c for c in lazy}
+        self._declared: dict[str, LazyCommand] | None = None
+
+    def declared(self) -> dict[str, LazyCommand]:
+        """The declared commands not loaded yet, without those of disabled plugins."""
+        if self._declared is None:
+            self._declared = dict(self._core)
+            for spec in plugin_commands():
+                self._declared.setdefault(spec.name, spec)
+        off = disabled_plugins()
+        return {n: c for n, c in self._declared.items()
+                if n not in self.commands and (c.plugin is None or c.plugin not in off)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.declared()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = self.commands.get(cmd_name)
+        if cmd is not None:
+            return cmd
+        spec = self.declared().get(cmd_name)
+        if spec is not None:
+            cmd = spec.load()
+            self.add_command(cmd, cmd_name)
+            return cmd
+        meta = ctx.find_root().meta  # perhaps a command a plugin adds through the hook
+        if not meta.get("pycluster.cli.hooked"):
+            meta["pycluster.cli.hooked"] = True
+            plugin_manager(ctx).hook.pycluster_add_cli_commands(cli=self)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list, with the declared one-line help of commands not loaded (click's
+        own would import each of them for it)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        declared = self.declared()
+        rows = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                stub = click.Command(name, help=declared[name].help)  # shortened as click does
+                rows.append((name, stub.get_short_help_str(limit)))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=PyclusterGroup, lazy=CORE_COMMANDS)
 @click.version_option(package_name="pycluster-core", prog_name="pycluster")
 def cli() -> None:
     """pycluster: highly available services on NATS JetStream."""
@@ -53,7 +153,7 @@ def cli() -> None:
 
 @cli.command("plugins")
 @OUTPUT
-@click.pass_obj
+@pass_plugins
 def plugins_cmd(pm: PluginManager, output: str) -> None:
     """List plugins: name, distribution, version, status and the hooks each implements.
 
@@ -140,7 +240,7 @@ def hooks_cmd(output: str) -> None:
               help="YAML or TOML config file (platform settings and apps).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
               default="INFO", show_default=True, help="Log level (to stderr).")
-@click.pass_obj
+@pass_plugins
 def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level: str) -> None:
     """Run a node until SIGTERM/SIGINT (then leave gracefully, exit 0).
 
@@ -159,6 +259,8 @@ def run_cmd(pm: PluginManager, target: str | None, config: str | None, log_level
     3 an internal task died and could not be restarted (the node left);
     4 another process took this node id over (confirmed; the node left).
     """
+    import asyncio
+
     from .config_apps import apps_from_config, platform_from_config
 
     _setup_logging(log_level)
@@ -206,6 +308,8 @@ def stepdown_cmd(app: str, successor: str | None, cooldown: float | None, sign_a
       pycluster stepdown orders -p prod --successor node-2 --sign-as ops \\
           --seed /etc/pycluster/ops.nk
     """
+    import asyncio
+
     from .inspect import request_stepdown
 
     try:
@@ -240,6 +344,8 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
 
     Example: ``pycluster demo --nodes 5 --lease-ttl 1``
     """
+    import asyncio
+
     from .demo import run_demo
 
     try:
@@ -248,27 +354,6 @@ def demo_cmd(lease_ttl: float, nodes: int) -> None:
         _fail(exc)
 
 
-cli.add_command(status_cmd)
-cli.add_command(health_cmd)
-cli.add_command(audit_cmd)
-cli.add_command(chaos_cmd)
-cli.add_command(version_cmd)
-cli.add_command(init_cmd)
-cli.add_command(doctor_cmd)
-cli.add_command(dev_group)
-cli.add_command(kv_group)
-cli.add_command(lock_group)
-cli.add_command(nats_config_cmd)
-cli.add_command(provision_cmd)
-
-
-cli.add_command(node_cmd)
-cli.add_command(app_cmd)
-cli.add_command(maintenance_cmd)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``pycluster`` script."""
-    pm = create_plugin_manager()
-    pm.hook.pycluster_add_cli_commands(cli=cli)
-    cli.main(args=argv, obj=pm, prog_name="pycluster")
+    cli.main(args=argv, prog_name="pycluster")

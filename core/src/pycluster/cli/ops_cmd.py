@@ -21,6 +21,7 @@ import click
 
 from ..kernel.errors import PyclusterError
 from ..kernel.names import validate_ident
+from .common import pass_plugins
 from .options import connection_options
 
 DISTRIBUTIONS = ("pycluster", "pycluster-core", "pycluster-systemd", "pycluster-docker",
@@ -441,7 +442,7 @@ def run_doctor(config: str | None, nats_url: str | None, data_dir: str | None,
 @click.command("doctor")
 @connection_options
 @OUTPUT
-@click.pass_obj
+@pass_plugins
 def doctor_cmd(pm: Any, config: str | None, nats_url: str | None, data_dir: str | None,
                platform: str, output: str) -> None:
     """Check this machine and its NATS for running a node, and say what to fix.

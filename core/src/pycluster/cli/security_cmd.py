@@ -17,6 +17,7 @@ from ..kernel.names import validate_ident
 from ..kernel.settings import PlatformSettings, load_settings
 from ..natsauth import generate, provision
 from ..plugins import PluginManager
+from .common import pass_plugins
 
 SQLITE_PLUGIN = "sqlite"
 
@@ -128,7 +129,7 @@ def _sources(fn: Any) -> Any:
 @click.option("--jetstream-domain", default=None, help="This zone's JetStream domain.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Output format of the summary.")
-@click.pass_obj
+@pass_plugins
 def nats_config_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...],
                     platform: str | None, apps: tuple[str, ...], nodes: tuple[str, ...],
                     sqlite_apps: tuple[str, ...], auth: str, no_operator: bool, out: str,
@@ -241,7 +242,7 @@ def _zone_config(src: PlatformApps, out: str, hub_port: int | None, hub_host: st
               help="NATS URL(s); credentials from PYCLUSTER_NATS_* (e.g. operator.env).")
 @click.option("--stream-replicas", type=click.Choice(["1", "3", "5"]), default=None,
               help="Replicas of every bucket and stream (default: the config's, else 1).")
-@click.pass_obj
+@pass_plugins
 def provision_cmd(pm: PluginManager, target: str | None, configs: tuple[str, ...],
                   platform: str | None, apps: tuple[str, ...], nodes: tuple[str, ...],
                   sqlite_apps: tuple[str, ...], nats_url: str,

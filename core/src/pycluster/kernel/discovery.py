@@ -17,6 +17,10 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .platform import Platform
 
+LOOKUP_SUBJECT = "_pycluster.services.lookup"
+"""The plain subject (it crosses leaf links) on which each platform's discovery answers
+lookups across platforms (``lookup(..., scope="global")``), one node per platform."""
+
 
 @dataclass(frozen=True)
 class ServiceInstance:
@@ -34,6 +38,9 @@ class ServiceInstance:
         health check); healthy lookups return ``passing`` instances only.
     :ivar role: ``primary`` (a Singleton's active instance), ``active`` (Spread/Replicas),
         ``standby`` or ``external`` (registered by hand).
+    :ivar platform: the platform whose registry holds it, and
+    :ivar zone: that platform's zone: set in the results of a lookup across platforms
+        (``scope="global"``), None in a platform's own registry.
     """
 
     app: str
@@ -46,6 +53,8 @@ class ServiceInstance:
     tags: tuple[str, ...] = ()
     status: str = "passing"
     role: str = "active"
+    platform: str | None = None
+    zone: str | None = None
 
     @property
     def key(self) -> str:
@@ -64,7 +73,28 @@ class ServiceChange:
 
 
 class ServiceRegistry(Protocol):
-    """Where instances are announced and found."""
+    """Where instances are announced and found.
+
+    The discovery plugin starts the registry on first use and stops it with the node. A
+    registry that subclasses this protocol inherits do-nothing `start`/`stop` and an empty
+    `instances`/`owned` (a registry that keeps no local view); one that only matches it
+    structurally must define all eight methods.
+    """
+
+    async def start(self) -> None:
+        """Open what the registry needs (connections, watches); called once before use."""
+
+    async def stop(self) -> None:
+        """Stop renewing and watching; this node's registrations may be withdrawn."""
+
+    def instances(self, service: str | None = None, *, app: str | None = None,
+                  healthy_only: bool = False) -> list[ServiceInstance]:
+        """The instances known now, without I/O (empty when the registry keeps no view)."""
+        return []
+
+    def owned(self) -> list[ServiceInstance]:
+        """What this node registered and keeps renewed (empty when it keeps no such list)."""
+        return []
 
     async def register(self, instance: ServiceInstance) -> None:
         """Announce ``instance`` (refreshed until deregistered or the node dies)."""

@@ -267,7 +267,7 @@ class Placement:
         instances whose filters fail, and update which apps are pending."""
         async with self._busy:
             p = self.platform
-            if not p._running:
+            if not p.running:
                 return
             published = {app.name: self.placeable(app) for app in p.apps.values()}
             if published != self.published:  # "eligible" in our record changed: publish now

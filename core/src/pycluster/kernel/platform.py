@@ -722,6 +722,12 @@ class Platform:
                   connection=connection, state=state)
 
     @property
+    def running(self) -> bool:
+        """True while the platform is started: from its connection in `start` until `stop`
+        begins."""
+        return self._running
+
+    @property
     def audit(self) -> AuditLog:
         """The audit trail (stream ``{platform}_audit``): ``log``, ``query``, ``stream``
         (plugin ``audit``)."""

@@ -25,11 +25,18 @@ from .exports import (
     consul_health_service,
     prometheus_groups,
 )
+from .federation import DEFAULT_WAIT, GlobalInstances, lookup_global
 from .registry import as_dict, decode, matches
 
 OUTPUT = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text",
                       show_default=True, help="Output format.")
 APP_OPT = click.option("--app", "-a", "app", default=None, help="Only this app's instances.")
+SCOPE_OPT = click.option(
+    "--scope", type=click.Choice(["local", "global"]), default="local", show_default=True,
+    help="global: also the platforms reachable over leaf links (with PLATFORM and ZONE).")
+WAIT_OPT = click.option(
+    "--wait", type=click.FloatRange(0.05, 30.0), default=DEFAULT_WAIT, show_default=True,
+    metavar="SECONDS", help="With --scope global: how long to collect the answers.")
 
 
 def _fail(exc: BaseException) -> None:
@@ -47,19 +54,51 @@ async def _connect(conn: Conn) -> NATS:
     return nc
 
 
-async def read_instances(conn: Conn) -> list[ServiceInstance]:
-    """Every live instance in the platform's registry, sorted by key."""
-    platform = conn[3]
-    nc = await _connect(conn)
+async def _read(nc: NATS, platform: str) -> list[ServiceInstance]:
     try:
-        try:
-            msgs = await nu.live_msgs(nc.jetstream(), f"{platform}_services", "")
-        except nu.StreamGoneError:
-            return []
-    finally:
-        await nc.close()
+        msgs = await nu.live_msgs(nc.jetstream(), f"{platform}_services", "")
+    except nu.StreamGoneError:
+        return []
     insts = [i for i in (decode(m.data) for m in msgs.values()) if i is not None]
     return sorted(insts, key=lambda i: i.key)
+
+
+async def read_instances(conn: Conn) -> list[ServiceInstance]:
+    """Every live instance in the platform's registry, sorted by key."""
+    nc = await _connect(conn)
+    try:
+        return await _read(nc, conn[3])
+    finally:
+        await nc.close()
+
+
+async def read_global(conn: Conn, name: str | None, app: str | None, tags: tuple[str, ...],
+                      healthy: bool, wait: float) -> GlobalInstances:
+    """The instances of this platform (its bucket) and of every platform that answers within
+    ``wait`` seconds (see `pycluster_discovery.federation`)."""
+    nc = await _connect(conn)
+    try:
+        async def local() -> list[ServiceInstance]:
+            return [i for i in await _read(nc, conn[3]) if matches(i, name, app, tags, healthy)]
+
+        return await lookup_global(nc, name, app=app, tags=tags, healthy_only=healthy,
+                                   wait=wait, local=conn[3], local_lookup=local)
+    finally:
+        await nc.close()
+
+
+def _echo_global(found: GlobalInstances, output: str, empty: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(found.as_dict(), indent=2))
+    elif found:
+        click.echo(_table([[i.platform or "", i.zone or "-", *r]
+                           for i, r in zip(found, _rows(list(found)), strict=True)],
+                          ["PLATFORM", "ZONE", *HEADER]))
+    else:
+        click.echo(empty)
+    for u in found.unreachable:
+        click.echo(f"note: platform {u.platform} (zone {u.zone or '-'}) did not answer "
+                   f"({u.reason}); its services are not listed", err=True)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -84,14 +123,29 @@ def services_group() -> None:
 @services_group.command("list")
 @connection_options
 @APP_OPT
+@SCOPE_OPT
+@WAIT_OPT
 @OUTPUT
 def list_cmd(config: str | None, nats_url: str | None, data_dir: str | None, platform: str,
-             app: str | None, output: str) -> None:
+             app: str | None, scope: str, wait: float, output: str) -> None:
     """Every registered instance.
 
+    With ``--scope global``, the instances of every platform reachable over leaf links too;
+    a platform known but cut off is named on stderr (and under ``unreachable`` in JSON).
+
     \b
-    Example: pycluster services list --config node.yaml --output json
+    Examples:
+      pycluster services list --config node.yaml --output json
+      pycluster services list -p edge --scope global
     """
+    if scope == "global":
+        try:
+            every = asyncio.run(read_global((config, nats_url, data_dir, platform), None, app,
+                                            (), False, wait))
+        except Exception as exc:
+            _fail(exc)
+        _echo_global(every, output, "no services registered")
+        return
     try:
         found = asyncio.run(read_instances((config, nats_url, data_dir, platform)))
         insts = [i for i in found if app is None or i.app == app]
@@ -111,15 +165,32 @@ def list_cmd(config: str | None, nats_url: str | None, data_dir: str | None, pla
 @APP_OPT
 @click.option("--tag", "tags", multiple=True, help="Only instances with this tag (repeat).")
 @click.option("--healthy", is_flag=True, help="Only passing instances.")
+@SCOPE_OPT
+@WAIT_OPT
 @OUTPUT
 def show_cmd(name: str, config: str | None, nats_url: str | None, data_dir: str | None,
              platform: str, app: str | None, tags: tuple[str, ...], healthy: bool,
-             output: str) -> None:
+             scope: str, wait: float, output: str) -> None:
     """The instances of service NAME (exit status 1 when there is none).
 
+    With ``--scope global``, those of every platform reachable over leaf links too (a
+    platform known but cut off is named on stderr and under ``unreachable`` in JSON).
+
     \b
-    Example: pycluster services show http --app orders
+    Examples:
+      pycluster services show http --app orders
+      pycluster services show http -p edge --scope global --healthy -o json
     """
+    if scope == "global":
+        try:
+            every = asyncio.run(read_global((config, nats_url, data_dir, platform), name, app,
+                                            tags, healthy, wait))
+        except Exception as exc:
+            _fail(exc)
+        _echo_global(every, output, f"no instances of {name!r}")
+        if not every:
+            sys.exit(1)
+        return
     try:
         found = asyncio.run(read_instances((config, nats_url, data_dir, platform)))
         insts = [i for i in found if matches(i, name, app, tags, healthy)]

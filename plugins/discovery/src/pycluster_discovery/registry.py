@@ -22,7 +22,7 @@ import nats.errors
 
 from pycluster.kernel import natsutil as nu
 from pycluster.kernel.aio import cancel_and_wait, supervise
-from pycluster.kernel.discovery import ServiceChange, ServiceInstance
+from pycluster.kernel.discovery import ServiceChange, ServiceInstance, ServiceRegistry
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -46,9 +46,11 @@ def stop_if_cancelled() -> None:
 
 
 def encode(inst: ServiceInstance) -> bytes:
-    """The JSON record of an instance."""
+    """The JSON record of an instance (without ``platform`` and ``zone``: a registry is one
+    platform's)."""
     d = asdict(inst)
     d["tags"] = list(inst.tags)
+    del d["platform"], d["zone"]
     return json.dumps(d, sort_keys=True).encode()
 
 
@@ -71,7 +73,7 @@ def matches(inst: ServiceInstance, service: str | None, app: str | None, tags: I
             and set(tags) <= set(inst.tags) and (not healthy_only or inst.status == PASSING))
 
 
-class KvServiceRegistry:
+class KvServiceRegistry(ServiceRegistry):
     """`pycluster.kernel.discovery.ServiceRegistry` on NATS KV leases (see the module).
 
     :param platform: the platform (its NATS connection, name, lease TTL and heartbeat).
@@ -293,7 +295,10 @@ class KvServiceRegistry:
 
 
 def as_dict(inst: ServiceInstance) -> dict[str, Any]:
-    """An instance as JSON-ready data."""
+    """An instance as JSON-ready data (``platform`` and ``zone`` only when known: a result
+    across platforms)."""
     d = asdict(inst)
     d["tags"] = list(inst.tags)
+    if inst.platform is None:
+        del d["platform"], d["zone"]
     return d

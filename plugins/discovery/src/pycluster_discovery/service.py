@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycluster.kernel.aio import cancel_and_wait, supervise
 from pycluster.kernel.discovery import (
+    LOOKUP_SUBJECT,
     DiscoveryExporter,
     DiscoveryExporterRegistry,
     ServiceChange,
@@ -25,6 +26,13 @@ from pycluster.kernel.options import Singleton
 
 from .checks import run_check
 from .exports import Exports
+from .federation import (
+    DEFAULT_WAIT,
+    GlobalInstances,
+    answer_body,
+    lookup_global,
+    parse_request,
+)
 from .options import PROTOCOLS, Service, check_name
 from .registry import (
     CRITICAL,
@@ -195,6 +203,7 @@ class Discovery:
         self.exporters: dict[str, DiscoveryExporter] = {}
         self._export_task: asyncio.Task[None] | None = None
         self._started = False
+        self._lookup_sub: Any = None
         self._use_lock = asyncio.Lock()
         self._registry: ServiceRegistry | None = None
         self.dns: DnsServer | None = None
@@ -220,9 +229,34 @@ class Discovery:
         """Start discovery now when this node needs it (an app with a `Service`, DNS, HTTP
         exports or file SD configured); otherwise on first use of the API."""
         self._started = True
+        nc = self.platform.nc
+        if nc is not None:  # lookups of other platforms (one node of this one answers)
+            self._lookup_sub = await nc.subscribe(
+                LOOKUP_SUBJECT, queue=f"discovery-{self.platform.name}", cb=self._on_lookup)
         needed = any(self.options(app) for app in self.platform.apps.values())
         if needed or self.dns_addr or self.http_addr or self.file_sd_path:
             await self.use()
+
+    async def _on_lookup(self, msg: Any) -> None:
+        """Answer another platform's lookup from this platform's registry."""
+        try:
+            req = parse_request(msg.data)
+            reg = await self.use()
+            if req["service"] is None:
+                insts = [i for i in reg.instances(None, app=req["app"],
+                                                  healthy_only=req["healthy_only"])
+                         if set(req["tags"]) <= set(i.tags)]
+            else:
+                insts = await reg.lookup(req["service"], app=req["app"], tags=req["tags"],
+                                         healthy_only=req["healthy_only"])
+            if msg.reply:
+                await msg.respond(answer_body(self.platform.name, self.platform.settings.zone,
+                                              insts))
+        except ValueError as exc:
+            log.debug("discovery: malformed lookup request: %s", exc)
+        except Exception:  # never into nats-py's delivery loop
+            stop_if_cancelled()
+            log.warning("discovery: answering a lookup failed", exc_info=True)
 
     async def use(self) -> ServiceRegistry:
         """The started registry: on first use, get it (``pycluster_service_registry``), start
@@ -237,9 +271,7 @@ class Discovery:
                 return self._registry
             reg = self.platform.pm.hook.pycluster_service_registry(platform=self.platform)
             reg = reg if reg is not None else KvServiceRegistry(self.platform)
-            start = getattr(reg, "start", None)
-            if start is not None:
-                await start()
+            await reg.start()
             self._registry = reg
             if self.dns_addr:
                 from .dns import DnsServer
@@ -276,6 +308,10 @@ class Discovery:
     async def stop(self) -> None:
         """Withdraw this node's registrations, stop DNS and the registry."""
         self._started = False
+        sub, self._lookup_sub = self._lookup_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         await self.exports.stop()
         for reg in list(self._regs.values()):
             with contextlib.suppress(Exception):
@@ -288,18 +324,48 @@ class Discovery:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        stop = getattr(self._registry, "stop", None)
-        if stop is not None:
-            await stop()
+        if self._registry is not None:
+            await self._registry.stop()
 
     # -- public API -----------------------------------------------------------------------------
 
     async def lookup(self, name: str, app: str | None = None, *, tags: Iterable[str] = (),
-                     healthy_only: bool = True) -> list[ServiceInstance]:
+                     healthy_only: bool = True, scope: str = "local",
+                     wait: float = DEFAULT_WAIT) -> list[ServiceInstance]:
         """The instances of service ``name`` (of ``app``; with every tag in ``tags``;
-        ``passing`` ones only unless ``healthy_only`` is False), sorted by app and node."""
+        ``passing`` ones only unless ``healthy_only`` is False), sorted by app and node.
+
+        ``scope="global"``: also those of the other platforms reachable over NATS (leaf
+        links), asked for ``wait`` seconds; see `lookup_global`."""
+        if scope == "global":
+            return await self.lookup_global(name, app, tags=tags, healthy_only=healthy_only,
+                                            wait=wait)
+        if scope != "local":
+            raise ConfigError("scope", scope, "expected 'local' or 'global'")
         reg = await self.use()
         return await reg.lookup(name, app=app, tags=tags, healthy_only=healthy_only)
+
+    async def lookup_global(self, name: str | None, app: str | None = None, *,
+                            tags: Iterable[str] = (), healthy_only: bool = True,
+                            wait: float = DEFAULT_WAIT) -> GlobalInstances:
+        """The instances of service ``name`` (None: every service) of this platform and of
+        every other platform that answers within ``wait`` seconds, each with its
+        ``platform`` and ``zone``. Known platforms that do not answer (a zone cut off from
+        the hub) are left out and named in ``unreachable``; the call never waits longer."""
+        nc = self.platform.nc
+        if nc is None:
+            raise RuntimeError("discovery is used before the platform started")
+        tags = tuple(tags)
+        reg = await self.use()
+
+        async def local() -> list[ServiceInstance]:
+            if name is None:
+                return list(reg.instances(None, app=app, healthy_only=healthy_only))
+            return await reg.lookup(name, app=app, tags=tags, healthy_only=healthy_only)
+
+        return await lookup_global(nc, name, app=app, tags=tags, healthy_only=healthy_only,
+                                   wait=wait, local=self.platform.name,
+                                   local_zone=self.platform.settings.zone, local_lookup=local)
 
     async def watch(self, name: str, app: str | None = None) -> AsyncIterator[ServiceChange]:
         """An async iterator of the changes of service ``name``'s instances (``register``,
@@ -343,10 +409,9 @@ class Discovery:
                   healthy_only: bool = False) -> list[ServiceInstance]:
         """The instances known now without I/O (the registry's view; empty when the registry
         keeps none)."""
-        get = getattr(self._registry, "instances", None)
-        if get is None:
+        if self._registry is None:
             return []
-        return list(get(name, app=app, healthy_only=healthy_only))
+        return list(self._registry.instances(name, app=app, healthy_only=healthy_only))
 
     def registrations(self) -> list[dict[str, Any]]:
         """This node's registrations (for ``/status``): its apps' services (with the last
@@ -359,8 +424,7 @@ class Discovery:
                 d["check"] = reg.detail or None
                 out.append(d)
                 keys.add(reg.instance.key)
-        owned = getattr(self._registry, "owned", None)  # the KV registry's renewed records
-        for inst in owned() if owned is not None else ():
+        for inst in self._registry.owned() if self._registry is not None else ():
             if inst.key not in keys:
                 out.append({**as_dict(inst), "check": None})
         return sorted(out, key=lambda d: (d["app"], d["service"], d["node"]))

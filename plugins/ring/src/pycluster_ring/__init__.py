@@ -7,10 +7,49 @@ active instance of an app at a time, rebalanced as instances come and go.
 ``owns(key)``, ``partition(key)``, ... In a config file the section is ``ring:``.
 """
 
-from .assignment import key_partition, moves, rebalance
-from .options import Ring
-from .plugin import ring_of
-from .runtime import RingContext, RingMember, ring_bucket
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .assignment import key_partition, moves, rebalance
+    from .options import Ring
+    from .plugin import ring_of
+    from .runtime import RingContext, RingMember, ring_bucket
+
+# The public names are imported on first use (PEP 562): the command line imports this
+# package for its command declarations only.
+_EXPORTS: dict[str, str] = {
+    "Ring": ".options",
+    "RingContext": ".runtime",
+    "RingMember": ".runtime",
+    "key_partition": ".assignment",
+    "moves": ".assignment",
+    "rebalance": ".assignment",
+    "ring_bucket": ".runtime",
+    "ring_of": ".plugin",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    else:
+        try:  # a submodule not imported yet
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = ["Ring", "RingContext", "RingMember", "key_partition", "moves", "rebalance",
            "ring_bucket", "ring_of"]

@@ -171,10 +171,7 @@ class RuntimeBase:
     def replicate_pid(self) -> int | None:
         """PID of the running ``litestream replicate`` (under its fence guard), if any."""
         rep = self.replicator
-        child = getattr(rep, "_child", None) if rep is not None else None
-        pid = getattr(child, "pid", None)
-        running = child is not None and getattr(child, "running", False)
-        return int(pid) if pid is not None and running else None
+        return rep.pid if rep is not None else None
 
     # -- audit ----------------------------------------------------------------------------------
 

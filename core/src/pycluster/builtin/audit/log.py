@@ -182,11 +182,11 @@ class AuditLog:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         s = platform.settings
-        self.enabled: bool = bool(getattr(s, "audit", True))
-        self.retention: float = float(getattr(s, "audit_retention", 30 * 86400.0))
-        self.max_bytes: int = int(getattr(s, "audit_max_bytes", 0))
-        self.max_msgs: int = int(getattr(s, "audit_max_msgs", 1_000_000))
-        self.buffer: int = int(getattr(s, "audit_buffer", 10_000))
+        self.enabled: bool = s.audit
+        self.retention: float = s.audit_retention
+        self.max_bytes: int = s.audit_max_bytes
+        self.max_msgs: int = s.audit_max_msgs
+        self.buffer: int = s.audit_buffer
         self.stream_name = audit_stream(platform.name)
         self.categories = AuditCategoryRegistry()
         for cat, actions in CORE_CATEGORIES.items():

@@ -1,8 +1,8 @@
 """The health plugin's endpoints: readiness, the ``/status`` document, the HTTP server
-(``/health``, ``/ready``, ``/status``, ``/metrics`` when the metrics plugin serves there, and
-the routes plugins add with ``pycluster_http_routes``) and the same document over NATS
-(``{platform}._.node.{node}.status``, a control request), so ``pycluster status`` and
-``pycluster health`` work without ``health_addr``.
+(every route comes from ``pycluster_http_routes``: this plugin's ``/health``, ``/ready`` and
+``/status``, the metrics plugin's ``/metrics``, other plugins' routes) and the same document
+over NATS (``{platform}._.node.{node}.status``, a control request), so ``pycluster status``
+and ``pycluster health`` work without ``health_addr``.
 
 Under connection loss the endpoints keep answering from in-process state: ``/ready`` turns 503
 at once, and 200 again as soon as the connection and JetStream are back.
@@ -23,6 +23,7 @@ from ...kernel.control import decode_object, error_reply
 from ...kernel.names import platform_subject, validate_ident
 from ...kernel.replication import replication_summary
 from ...kernel.types import Role
+from ...plugins import DEFAULT_PLUGINS
 from .checks import CheckStatus, HealthCheck
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class HealthEndpoints:
         is not a recent success, so readiness returns promptly after a reconnect."""
         p = self.platform
         reasons: list[str] = []
-        if not p._running:
+        if not p.running:
             reasons.append("the platform is not running")
         if p.nc is None or not p.nc.is_connected:
             reasons.append("not connected to NATS")
@@ -183,9 +184,9 @@ class HealthEndpoints:
         """``GET /health``: liveness."""
         p = self.platform
         failing = sorted(n for n, c in self.checks.items() if c.status is CheckStatus.UNHEALTHY)
-        body = {"status": "ok" if p._running else "stopping", "node": p.node_id,
+        body = {"status": "ok" if p.running else "stopping", "node": p.node_id,
                 "platform": p.name, "failing_checks": failing}
-        return Response.json(body, 200 if p._running else 503)
+        return Response.json(body, 200 if p.running else 503)
 
     async def handle_ready(self, request: Request) -> Response:
         """``GET /ready``: readiness."""
@@ -245,27 +246,27 @@ class HealthEndpoints:
 
 
     async def _serve_http(self) -> None:
-        """Start the HTTP server on ``health_addr`` (with ``/metrics`` when the metrics plugin
-        serves there: ``metrics_addr`` unset or the same, and the plugins' routes)."""
+        """Start the HTTP server on ``health_addr`` with the routes of
+        ``pycluster_http_routes`` (this plugin's ``/health``, ``/ready`` and ``/status`` among
+        them; ``/metrics`` is the metrics plugin's)."""
         s = self.platform.settings
         if not s.health_addr:
             return
         server = HttpServer(s.health_addr, name="health")
-        server.route("/health", self.handle_health)
-        server.route("/ready", self.handle_ready)
-        server.route("/status", self.handle_status)
-        metrics = self.platform.services.get("metrics")  # its public endpoint, when enabled
-        if metrics is not None and s.metrics_addr in (None, s.health_addr) and metrics.enabled:
-            server.route("/metrics", metrics.handle_metrics)
         self._plugin_routes(server)
         await server.start()
         self._server = server
 
     def _plugin_routes(self, server: HttpServer) -> None:
-        """Add the routes of ``pycluster_http_routes``: a path already served (the built-in
-        ones, an earlier plugin's) is skipped, a plugin whose hook raises adds none."""
+        """Add the routes of ``pycluster_http_routes``, the default plugins' first (in their
+        list's order), then the others' in hook call order: a path already taken is skipped,
+        a plugin whose hook raises adds none."""
         taken = {(p, False) for p in server.paths}
-        for impl in reversed(self.platform.pm.hook.pycluster_http_routes.get_hookimpls()):
+        impls = list(reversed(self.platform.pm.hook.pycluster_http_routes.get_hookimpls()))
+        order = list(DEFAULT_PLUGINS)
+        impls.sort(key=lambda i: (order.index(i.plugin_name) if i.plugin_name in order
+                                  else len(order)))  # stable: the others keep their order
+        for impl in impls:
             try:
                 result: Any = impl.function(platform=self.platform)
                 routes = list(result or ())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ...httpserver import Route
 from ...plugins import hookimpl
 from .service import PLUGIN, PlatformHealth
 
@@ -31,6 +32,16 @@ def pycluster_platform_services(platform: Platform, registry: PlatformServices) 
     """The health service, after the others (its HTTP server serves their state)."""
     registry.add(PLUGIN, lambda: PlatformHealth(platform),
                  after=("metrics", "audit", "rpc", "api", "events"))
+
+
+@hookimpl
+def pycluster_http_routes(platform: Platform) -> list[Route] | None:
+    """``/health``, ``/ready`` and ``/status`` (the server itself is this plugin's too)."""
+    svc = _service(platform)
+    if svc is None:
+        return None
+    return [Route("/health", svc.handle_health), Route("/ready", svc.handle_ready),
+            Route("/status", svc.handle_status)]
 
 
 @hookimpl

@@ -161,7 +161,7 @@ class PlatformHealth(HealthEndpoints):
             nc = self.platform.nc
             if nc is None or not nc.is_connected:
                 raise ConnectionError("not connected to NATS")
-            control = getattr(self.platform, "nc_control", None)
+            control = self.platform.nc_control
             if control is not None and not control.is_connected:
                 raise ConnectionError("the control connection (election, membership) is down")
             started = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from ...httpserver import Route
 from ...kernel.types import ConnectionState
 from ...plugins import hookimpl
 from .middleware import MetricsMiddleware
@@ -40,6 +41,17 @@ def _service(platform: Platform | None) -> PlatformMetrics | None:
 def pycluster_platform_services(platform: Platform, registry: PlatformServices) -> None:
     """The metrics service (its registry is filled by ``pycluster_register_metrics``)."""
     registry.add(PLUGIN, lambda: PlatformMetrics(platform))
+
+
+@hookimpl
+def pycluster_http_routes(platform: Platform) -> list[Route] | None:
+    """``/metrics`` on the node's health address, unless metrics are off or served on a
+    ``metrics_addr`` of their own."""
+    m = _service(platform)
+    s = platform.settings
+    if m is None or not m.enabled or s.metrics_addr not in (None, s.health_addr):
+        return None
+    return [Route("/metrics", m.handle_metrics)]
 
 
 @hookimpl(tryfirst=True)

@@ -69,7 +69,7 @@ class PlatformMetrics:
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
-        self.enabled: bool = bool(getattr(platform.settings, "metrics", True))
+        self.enabled: bool = platform.settings.metrics
         self.registry: PlatformRegistry = PlatformRegistry()
         r = self.registry
         self.failover_seconds = Histogram(

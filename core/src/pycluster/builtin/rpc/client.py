@@ -164,7 +164,7 @@ class RpcClient:
 
     def _nc(self) -> Any:
         nc = self.platform.nc
-        if nc is None or not self.platform._running:
+        if nc is None or not self.platform.running:
             raise RuntimeError("the platform is not started (await platform.start() first)")
         return nc
 

@@ -67,7 +67,7 @@ from .app import AppRpc
 from .cancel import Cancellations
 from .client import AnyInstance, FixedNode, NodeResult, RetryPolicy, RpcClient, Target
 from .server import Endpoint, Gate, RpcServer
-from .wire import DEFAULT_MAX_INFLIGHT, LEADER_TARGET, WARN_EVERY
+from .wire import LEADER_TARGET, WARN_EVERY
 
 if TYPE_CHECKING:
     from ...kernel.coordinator import AppRuntime
@@ -89,7 +89,7 @@ class RpcService(RpcServer, RpcClient):
         self.cancellations = Cancellations(platform)
         self._endpoints: dict[str, list[Endpoint]] = {}
         self._sync_locks: dict[str, asyncio.Lock] = {}
-        self.max_inflight = int(getattr(platform.settings, "max_inflight", DEFAULT_MAX_INFLIGHT))
+        self.max_inflight = platform.settings.max_inflight
         self._gates: dict[tuple[str, str], Gate] = {}
         # Serving subscriptions, for counting what a slow consumer dropped: id -> (sub, gate).
         self._sub_gates: dict[int, tuple[Any, Gate]] = {}

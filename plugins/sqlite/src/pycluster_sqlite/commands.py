@@ -1,0 +1,11 @@
+"""The plugin's commands of the ``pycluster`` command line, declared without importing them
+(entry point ``pycluster.cli``: ``pycluster --help`` lists them without loading the plugin)."""
+
+from __future__ import annotations
+
+from pycluster.cli.lazy import LazyCommand
+
+COMMANDS = [
+    LazyCommand("snapshot", "pycluster_sqlite.cli:snapshot_group",
+                "Snapshots of an app's replicated SQLite database (plugin sqlite)."),
+]
