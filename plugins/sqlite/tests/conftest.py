@@ -3,14 +3,13 @@ nats-server (the pycluster pytest plugin's ``nats_url``), and helpers to read da
 
 from __future__ import annotations
 
-import hashlib
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlite_testlib import Node
 
 import pycluster_sqlite.plugin as sqlite_plugin
 from pycluster import App, Platform, Singleton
@@ -30,7 +29,6 @@ def litestream_bin() -> str:
         raise
 
 
-Node = tuple[Platform, App, SQLite]
 
 
 @pytest.fixture
@@ -56,38 +54,3 @@ async def make_node(nats_url: str, unique_name: str, tmp_path: Path,
             return p, app, db
 
         yield make
-
-
-def rows(path: str | Path, table: str = "t") -> list[tuple[Any, ...]]:
-    """Every row of ``table`` (read-only), sorted by id; [] when the table does not exist."""
-    con = sqlite3.connect(f"{Path(path).absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
-    try:
-        return con.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise
-    finally:
-        con.close()
-
-
-def checksum(items: list[tuple[Any, ...]]) -> str:
-    """A digest of rows."""
-    h = hashlib.sha256()
-    for r in items:
-        h.update(repr(r).encode())
-    return h.hexdigest()
-
-
-def insert(path: str | Path, n: int, tag: str) -> list[int]:
-    """Insert ``n`` rows into ``t(id, v)`` of the database at ``path``; returns their ids."""
-    con = sqlite3.connect(str(path), timeout=10.0, isolation_level=None)
-    try:
-        con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
-        ids = []
-        for i in range(n):
-            cur = con.execute("INSERT INTO t(v) VALUES (?)", (f"{tag}-{i}",))
-            ids.append(int(cur.lastrowid or 0))
-        return ids
-    finally:
-        con.close()

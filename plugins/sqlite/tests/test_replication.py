@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 import pytest
-from conftest import Node, insert, rows
+from sqlite_testlib import Node, insert, rows
 
 from pycluster.kernel.errors import NotLeaderError
 from pycluster.testing.wait import wait_for

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import insert, rows
+from sqlite_testlib import insert, rows
 
 from pycluster.testing.wait import wait_for
 from pycluster_sqlite import SQLiteError

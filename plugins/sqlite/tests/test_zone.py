@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import insert, rows
+from sqlite_testlib import insert, rows
 
 import pycluster_sqlite.plugin as sqlite_plugin
 from pycluster import App, ConfigError, HubListen, LeafOf, Platform, Singleton

@@ -280,7 +280,8 @@ class ConfigSection:
 
 
 class ConfigRegistry:
-    """Config-file sections added by plugins (section name = plugin name)."""
+    """Config-file sections added by plugins (named after the plugin, or after an option
+    class the plugin registers)."""
 
     def __init__(self) -> None:
         self.sections: dict[str, ConfigSection] = {}
