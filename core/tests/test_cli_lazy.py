@@ -101,6 +101,9 @@ def test_hook_added_command_still_runs() -> None:
     try:
         res = CliRunner().invoke(cli, ["hello-hook"], obj=pm)
         assert res.exit_code == 0 and "hello from a hook" in res.output, res.output
+        cli.commands.pop("hello-hook", None)
+        res = CliRunner().invoke(cli, ["--help"], obj=pm)  # listed as well
+        assert res.exit_code == 0 and "hello-hook" in res.output and "Say hello" in res.output
     finally:
         cli.commands.pop("hello-hook", None)
 

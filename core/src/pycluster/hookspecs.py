@@ -877,10 +877,11 @@ def pycluster_add_cli_commands(cli: click.Group) -> None:
     """Add click commands (or groups) to the ``pycluster`` command line.
 
     Called when ``pycluster`` is given a command name that no declaration knows, before it
-    gives up (the command line builds the plugin manager only for a command that needs it).
-    ``pycluster --help`` lists a command only when it is also declared with a
-    ``pycluster.cli`` entry point (`pycluster.cli.lazy.LazyCommand`), which also spares
-    ``pycluster --help`` the import of the plugin.
+    gives up, and when it lists its commands while a plugin of another distribution is
+    installed (the command line builds the plugin manager only for a command that needs it).
+    Declaring the command with a ``pycluster.cli`` entry point
+    (`pycluster.cli.lazy.LazyCommand`) as well spares ``pycluster --help`` the import of every
+    plugin.
 
     :param cli: the root ``pycluster`` click group; call ``cli.add_command(...)``.
     """

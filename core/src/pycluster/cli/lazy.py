@@ -83,3 +83,19 @@ def plugin_commands() -> list[LazyCommand]:
             continue
         out += [replace(s, plugin=s.plugin or ep.name) for s in specs]
     return out
+
+
+FIRST_PARTY = frozenset({"pycluster", "pycluster-discovery", "pycluster-docker", "pycluster-ring",
+                         "pycluster-sqlite", "pycluster-systemd", "pycluster-vip"})
+"""This project's distributions: their commands are all declared (``pycluster.cli``)."""
+
+
+def third_party_plugins() -> list[str]:
+    """Names of installed, enabled plugins (entry point group ``pycluster``) from other
+    distributions: they may add commands through ``pycluster_add_cli_commands`` only, so
+    listing the commands has to ask them."""
+    off = disabled_plugins()
+    return sorted(ep.name for ep in importlib.metadata.entry_points(group="pycluster")
+                  if ep.dist is None or ep.dist.name not in FIRST_PARTY
+                  if ep.name not in off)
+

@@ -22,7 +22,7 @@ import click
 
 from ..kernel.errors import PyclusterError
 from .common import OUTPUT, _fail, _table, pass_plugins, plugin_manager
-from .lazy import LazyCommand, disabled_plugins, plugin_commands
+from .lazy import LazyCommand, disabled_plugins, plugin_commands, third_party_plugins
 from .options import connection_options
 
 if TYPE_CHECKING:
@@ -105,7 +105,18 @@ class PyclusterGroup(click.Group):
                 if n not in self.commands and (c.plugin is None or c.plugin not in off)}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        # Commands third-party plugins add through the hook are listed too; the plugin
+        # manager (every plugin imported) is built for that only when such a plugin is
+        # installed or a test passed its own.
+        if ctx.find_root().obj is not None or third_party_plugins():
+            self._hooked(ctx)
         return sorted({*self.commands, *self.declared()})
+
+    def _hooked(self, ctx: click.Context) -> None:
+        meta = ctx.find_root().meta
+        if not meta.get("pycluster.cli.hooked"):
+            meta["pycluster.cli.hooked"] = True
+            plugin_manager(ctx).hook.pycluster_add_cli_commands(cli=self)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         cmd = self.commands.get(cmd_name)
@@ -116,10 +127,7 @@ class PyclusterGroup(click.Group):
             cmd = spec.load()
             self.add_command(cmd, cmd_name)
             return cmd
-        meta = ctx.find_root().meta  # perhaps a command a plugin adds through the hook
-        if not meta.get("pycluster.cli.hooked"):
-            meta["pycluster.cli.hooked"] = True
-            plugin_manager(ctx).hook.pycluster_add_cli_commands(cli=self)
+        self._hooked(ctx)  # perhaps a command a plugin adds through the hook
         return self.commands.get(cmd_name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
