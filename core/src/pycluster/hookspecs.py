@@ -66,6 +66,7 @@ __all__ = [
     "pycluster_app_hook_call",
     "pycluster_app_started",
     "pycluster_app_stopped",
+    "pycluster_approve_promotion",
     "pycluster_audit_categories",
     "pycluster_check",
     "pycluster_claim_option",
@@ -105,6 +106,9 @@ __all__ = [
     "pycluster_stage_event",
     "pycluster_stages",
     "pycluster_status",
+    "pycluster_zone_demote",
+    "pycluster_zone_position",
+    "pycluster_zone_promote",
 ]
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -131,6 +135,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                       "pycluster_register_metrics", "pycluster_audit_categories",
                       "pycluster_health_checks", "pycluster_health_changed",
                       "pycluster_status", "pycluster_http_routes"),
+    "zones": ("pycluster_zone_position", "pycluster_zone_promote", "pycluster_zone_demote",
+              "pycluster_approve_promotion"),
     "cli and config": ("pycluster_config_sections", "pycluster_add_cli_commands",
                        "pycluster_check"),
 }
@@ -805,6 +811,48 @@ def pycluster_http_routes(platform: Platform) -> list[Route] | None:
     warning; an exception skips that plugin's routes (logged).
 
     :param platform: the platform (its services are built, maybe not started yet).
+    """
+
+
+@hookspec(firstresult=True)
+def pycluster_zone_position(app: App) -> int | None:
+    """The replicated position of `app`'s zone replica on this node (higher = more caught up),
+    or None when no replica plugin serves the app. Used to prefer the most caught-up zone when
+    zones vote on a promotion.
+
+    Called by the zone vote (the ``leaf`` plugin) when this zone campaigns or votes.
+    """
+
+
+@hookspec
+def pycluster_zone_promote(app: App, term: int) -> Any:
+    """This zone was promoted for `app` with fencing epoch `term`: turn the zone replica into
+    the writable primary (stop following, final catch-up, replicate in this zone).
+
+    Called once per promotion on the node that won the vote, before the app's ``on_promoted``
+    hooks. May return an awaitable, awaited (bounded by the hook timeout) before the zone
+    writes.
+    """
+
+
+@hookspec
+def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
+    """Another platform is primary for `app` with the higher epoch `term`: stop writing and
+    replicating before anything else, then follow `primary_platform`'s data as a replica.
+
+    Called once per demotion (this zone is fenced already), before the app's ``on_demoted``
+    hooks. May return an awaitable, awaited (bounded by the hook timeout).
+    """
+
+
+@hookspec(firstresult=True)
+def pycluster_approve_promotion(app: App, term: int, zone: str) -> bool | None:
+    """Approve (True) or refuse (False) the promotion of ``zone`` for ``app`` at ``term``
+    (the ``coordinated`` partition strategy); None: no opinion.
+
+    Called by the candidate zone after it won the vote, before it waits out the old primary's
+    lease. With no approver installed (every implementation returns None) a ``coordinated``
+    app is never promoted.
     """
 
 
