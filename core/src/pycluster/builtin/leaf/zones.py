@@ -246,7 +246,9 @@ class Voter:
             zone = str(doc["zone"])
         except (ValueError, KeyError, TypeError):
             return
-        if zone == self.zone:
+        if zone == self.zone:  # another node of this zone: not a zone to count
+            if doc.get("role") == "primary" and doc.get("platform") == self.platform_name:
+                await self.learn_primary(int(doc.get("term") or 0), self.platform_name, zone)
             return
         new = zone not in self.known
         self.known[zone] = {"platform": doc.get("platform"), "role": doc.get("role"),
@@ -534,11 +536,33 @@ class AppZone(Voter):
             else:
                 self.acks[zone] = time.monotonic()
                 self.blocked.pop(zone, None)
-        if msg.reply:
+        # Only the app's active instance answers: "the primary answered" means the app runs
+        # there, not merely that one of the zone's nodes is up.
+        if msg.reply and self.app.is_active:
             with contextlib.suppress(Exception):
                 await msg.respond(json.dumps({
                     "role": self.role, "term": self.term, "platform": self.platform_name,
                     "zone": self.zone, "primary": self.primary_platform}).encode())
+
+    async def learn_primary(self, term: int, platform: str, zone: Any) -> None:
+        """Follow a higher term; when it is this zone's own (another node of the zone won it),
+        this node knows its zone is primary (a local failover keeps the zone's term)."""
+        if platform == self.platform_name and term > self.term and not self.is_primary:
+            self.role = "primary"
+            self.term = term
+            self.primary_platform = platform
+            self.primary_zone = self.zone
+            self.lease_lost_at = None
+            return
+        await super().learn_primary(term, platform, zone)
+
+    def hello(self) -> dict[str, Any]:
+        """The announcement; a primary zone's node that is not the app's active instance
+        does not claim the primary role (its hello only keeps it known)."""
+        doc = super().hello()
+        if self.is_primary and not self.app.is_active:
+            doc["role"] = "primary-standby"
+        return doc
 
     async def on_primary_hello(self, term: int, platform: str, zone: str) -> None:
         """A primary announced itself: a primary with a higher term than ours demotes us."""
