@@ -821,6 +821,8 @@ def pycluster_zone_position(app: App) -> int | None:
     zones vote on a promotion.
 
     Called by the zone vote (the ``leaf`` plugin) when this zone campaigns or votes.
+
+    :param app: the app (it has a ``PromoteOnHubFailure`` option).
     """
 
 
@@ -832,6 +834,9 @@ def pycluster_zone_promote(app: App, term: int) -> Any:
     Called once per promotion on the node that won the vote, before the app's ``on_promoted``
     hooks. May return an awaitable, awaited (bounded by the hook timeout) before the zone
     writes.
+
+    :param app: the app.
+    :param term: the zone's new term (its fencing epoch, above every earlier primary's).
     """
 
 
@@ -842,6 +847,11 @@ def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
 
     Called once per demotion (this zone is fenced already), before the app's ``on_demoted``
     hooks. May return an awaitable, awaited (bounded by the hook timeout).
+
+    :param app: the app.
+    :param primary_platform: the platform that is primary now ("" when an operator demoted
+        this zone without a successor).
+    :param term: that platform's term.
     """
 
 
@@ -853,6 +863,10 @@ def pycluster_approve_promotion(app: App, term: int, zone: str) -> bool | None:
     Called by the candidate zone after it won the vote, before it waits out the old primary's
     lease. With no approver installed (every implementation returns None) a ``coordinated``
     app is never promoted.
+
+    :param app: the app (``Partition("coordinated")``).
+    :param term: the term the zone won.
+    :param zone: the candidate zone (this platform's zone).
     """
 
 
