@@ -110,6 +110,7 @@ class Voter:
         self._subs: list[Any] = []
         self._task: asyncio.Task[None] | None = None
         self._vote_lock = asyncio.Lock()
+        self._cooldown_until = 0.0  # monotonic: no candidacy before
 
     # -- state ------------------------------------------------------------------------------
 
@@ -293,6 +294,9 @@ class Voter:
                     return False, f"voted for {recorded} in term {req.term}"
             if granted:
                 log.info("zone %s grants term %d to %s", self.zone, req.term, req.zone)
+                if req.zone != self.zone:  # give that candidate time to win before our own
+                    self._cooldown_until = max(self._cooldown_until,
+                                               time.monotonic() + self.detection)
             return granted, reason
 
 
@@ -323,12 +327,12 @@ class AppZone(Voter):
         self.promoted_at: float | None = None  # monotonic: writes wait until then
         self._conflict_from: float | None = None  # wall time an autonomous window began
         self.conflicts: list[dict[str, Any]] = []
-        self._cooldown_until = 0.0
         self._campaigning = False
         self.history: list[dict[str, Any]] = []
         self._kv: Any = None
         self._witness: Client | None = None
         self.on_tick: Callable[[], None] | None = None
+        self._campaign_task: asyncio.Task[bool] | None = None
         if role == "primary":
             self.term = BOOTSTRAP_TERM
             self.primary_platform = platform.name
@@ -512,6 +516,8 @@ class AppZone(Voter):
 
     async def stop(self) -> None:
         """Stop voting; close the witness connection."""
+        if self._campaign_task is not None:
+            await cancel_and_wait(self._campaign_task)
         await self.stop_voting()
         if self._witness is not None:
             with contextlib.suppress(Exception):
@@ -586,12 +592,18 @@ class AppZone(Voter):
             self._watch_lease(now)
             if (not self.lease_valid and self._eligible() and self._blocked_majority(now)
                     and now >= self._cooldown_until and not self._campaigning):
-                await self.campaign("renew: zones voted in a later term")
+                self._spawn_campaign("renew: zones voted in a later term")
         elif (self._eligible() and self.primary_platform is not None
               and self.silent_for() >= self.detection and now >= self._cooldown_until
               and not self._campaigning):
-            await self.campaign(f"primary {self.primary_platform} silent for "
-                                f"{self.silent_for():.1f}s")
+            self._spawn_campaign(f"primary {self.primary_platform} silent for "
+                                 f"{self.silent_for():.1f}s")
+
+    def _spawn_campaign(self, why: str) -> None:
+        # In the background: announcing and answering pings go on while it waits.
+        self._campaigning = True
+        self._campaign_task = asyncio.get_running_loop().create_task(
+            self.campaign(why), name=f"zone-campaign-{self.group}")
 
     def _hub_platform(self) -> str | None:
         from .service import ZoneService
@@ -650,8 +662,9 @@ class AppZone(Voter):
             return await self._campaign(why)
         finally:
             self._campaigning = False
-            self._cooldown_until = (time.monotonic() + self.detection / 2
-                                    + random.uniform(0, 2 * self.tick))
+            self._cooldown_until = max(self._cooldown_until,
+                                       time.monotonic() + self.detection / 2
+                                       + random.uniform(0, 2 * self.tick))
 
     async def _campaign(self, why: str) -> bool:
         term = candidate_term(self.term, self.max_voted)
@@ -677,7 +690,8 @@ class AppZone(Voter):
                 "known": self.known_count(), "positions": positions, "reason": why,
                 "refusals": {str(d.get("zone")): d.get("reason") for d in answers
                              if not d.get("granted")}}
-        if len(grants) < need:
+        if len(grants) < need or self.max_voted > term:
+            # (It also granted a later term meanwhile: that candidacy supersedes this one.)
             self._audit("campaign_lost", data)
             log.info("zone %s lost term %d: %d of %d grants", self.zone, term, len(grants),
                      need)
@@ -707,6 +721,14 @@ class AppZone(Voter):
         await asyncio.sleep(wait)
         if not self.is_primary or self.term != term:
             return False  # a higher term appeared meanwhile: demoted already
+        if self.max_voted > term:  # it granted a later candidacy meanwhile: step aside
+            self.role = "replica"
+            self.primary_platform = None
+            self.last_heard, self.started = None, time.monotonic()
+            self.promoted_at = None
+            await self._store_state()
+            self._audit("campaign_lost", {**data, "superseded_by": self.max_voted})
+            return False
         await self._promoted(term, data, renewed=was_primary)
         return True
 
