@@ -111,6 +111,7 @@ class Voter:
         self._task: asyncio.Task[None] | None = None
         self._vote_lock = asyncio.Lock()
         self._cooldown_until = 0.0  # monotonic: no candidacy before
+        self.loaded = True  # the durable votes are read (a zone reads them at start)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -283,6 +284,8 @@ class Voter:
     async def decide(self, req: VoteRequest) -> tuple[bool, str]:
         """Apply the grant rules and record a grant durably before answering."""
         async with self._vote_lock:
+            if not self.loaded:
+                return False, "this zone's recorded votes are not read yet"
             granted, reason = grant_vote(self.view(), req, self.detection)
             if granted and req.term not in self.votes:
                 try:
@@ -324,6 +327,7 @@ class AppZone(Voter):
         self.acks: dict[str, float] = {}  # zone -> monotonic time of its last counted ping
         self.blocked: dict[str, float] = {}  # pings not counted: the pinger voted later
         self.lease_lost_at: float | None = None  # monotonic
+        self._held = False  # the lease held since this zone became primary
         self.promoted_at: float | None = None  # monotonic: writes wait until then
         self._conflict_from: float | None = None  # wall time an autonomous window began
         self.conflicts: list[dict[str, Any]] = []
@@ -426,14 +430,23 @@ class AppZone(Voter):
     def _key(self, *tokens: str) -> str:
         return ".".join((self.app.name, *tokens))
 
-    async def load(self) -> None:
-        """Read this zone's votes, role, term, known zones and conflicts from its bucket."""
-        kv = await self._bucket()
-        with contextlib.suppress(Exception):
-            for key in await kv.keys():
+    async def load(self) -> bool:
+        """Read this zone's votes, role, term, known zones and conflicts from its bucket.
+        Until that succeeded the zone neither votes nor campaigns (it could forget a vote);
+        returns whether it did."""
+        try:
+            kv = await self._bucket()
+            try:
+                keys = await kv.keys()
+            except nats.js.errors.NoKeysError:
+                keys = []
+            for key in keys:
                 if not key.startswith(self.app.name + "."):
                     continue
-                entry = await kv.get(key)
+                try:
+                    entry = await kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    continue
                 if entry.value is None:
                     continue
                 doc = json.loads(entry.value)
@@ -442,7 +455,7 @@ class AppZone(Voter):
                     self.votes[int(rest[5:])] = str(doc["zone"])
                 elif rest == "state":
                     self.role = doc["role"]
-                    self.term = int(doc["term"])
+                    self.term = max(self.term, int(doc["term"]))
                     self.primary_platform = doc.get("primary")
                     self.primary_zone = doc.get("primary_zone")
                 elif rest == "known":
@@ -450,6 +463,12 @@ class AppZone(Voter):
                         self.known.setdefault(z, {})
                 elif rest.startswith("conflict."):
                     self.conflicts.append(doc)
+        except Exception as exc:
+            log.warning("app %s: zone votes not readable yet (%s); not voting until they are",
+                        self.app.name, exc)
+            return False
+        self.loaded = True
+        return True
 
     async def store_vote(self, term: int, zone: str) -> str:
         """Create ``<app>.vote.<term>`` in this zone's bucket (once: compare-and-set)."""
@@ -494,6 +513,7 @@ class AppZone(Voter):
 
     async def start(self) -> None:
         """Load the durable state, connect to the witness bus, start voting."""
+        self.loaded = False
         await self.load()
         conns: list[Client] = []
         url = self.option.vote_url or self.platform.settings.zone_vote_url
@@ -559,6 +579,7 @@ class AppZone(Voter):
             self.primary_platform = platform
             self.primary_zone = self.zone
             self.lease_lost_at = None
+            self._held = False
             return
         await super().learn_primary(term, platform, zone)
 
@@ -580,6 +601,8 @@ class AppZone(Voter):
 
     async def step(self) -> None:
         """One tick: announce, ping or keep the lease, campaign when the primary is lost."""
+        if not self.loaded and not await self.load():
+            return
         await super().step()
         if self.on_tick is not None:
             self.on_tick()
@@ -623,11 +646,14 @@ class AppZone(Voter):
     def _watch_lease(self, now: float) -> None:
         valid = self.lease_valid
         if valid:
+            self._held = True
             if self.lease_lost_at is not None:
                 self.lease_lost_at = None
                 self._audit("lease_regained", {"term": self.term})
             self._end_conflict()
             return
+        if not self._held:
+            return  # never held since it started or was promoted: nothing lost, no window
         if self.lease_lost_at is None:
             self.lease_lost_at = now
             self._audit("fenced" if self.strategy.strategy != "autonomous" else
@@ -716,6 +742,7 @@ class AppZone(Voter):
         self.primary_platform = self.platform_name
         self.primary_zone = self.zone
         self.lease_lost_at = None
+        self._held = False
         await self._store_state()
         self._audit("won", {**data, "wait": wait})
         await asyncio.sleep(wait)
@@ -751,6 +778,7 @@ class AppZone(Voter):
         self.promoted_at = time.monotonic() + wait
         self.acks.clear()
         self.lease_lost_at = None
+        self._held = False
         await self._store_state()
         self._audit("won", {**data, "wait": wait})
         await asyncio.sleep(wait)
@@ -809,7 +837,6 @@ class AppZone(Voter):
         self.promoted_at = None
         log.warning("app %s: zone %s is primary with term %d", self.app.name, self.zone, term)
         self._audit("renewed" if renewed else "promoted", data)
-        self.history.append({"event": "promoted", "term": term, "at": time.time()})
         await self._publish_all(zv_subject(self.group, "hello"), self.hello())
         if renewed:
             return
@@ -832,7 +859,6 @@ class AppZone(Voter):
         self.acks.clear()
         log.warning("app %s zone %s demoted: %s is primary with term %d (ours was %d)",
                     self.app.name, self.zone, platform, term, old)
-        self.history.append({"event": "demoted", "term": term, "at": time.time()})
         for c in self.conflicts:
             if c.get("rival_term") is None:
                 c["rival_term"] = term
@@ -858,6 +884,8 @@ class AppZone(Voter):
         await run_hooks(self.app.hooks(event), ctx, timeout, event, raise_errors=False)
 
     def _audit(self, action: str, data: dict[str, Any]) -> None:
+        self.history.append({"event": action, "at": time.time(), **{
+            k: v for k, v in data.items() if k in ("term", "acks", "old_term", "primary")}})
         audit = self.platform.services.get("audit")
         if audit is None:
             return
