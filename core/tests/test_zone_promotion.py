@@ -516,3 +516,45 @@ async def test_votes_are_durable_on_a_three_server_zone_with_r3(tmp_path: Path,
         for p in reversed(platforms):
             await p.stop()
         await cluster.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_operator_demote_and_forced_promote_from_the_cli(zones: Zones) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from pycluster.cli.main import cli
+
+    hub, (leaf1, leaf2) = zones.hub, zones.leaves
+    pm = create_plugin_manager(load_entrypoints=False)
+    pm.hook.pycluster_add_cli_commands(cli=cli)
+
+    def run(p: Platform, *args: str) -> str:
+        assert p.embedded is not None
+        s = p.settings
+        env = {"PYCLUSTER_NATS_URL": p.embedded.url, "PYCLUSTER_NATS_USER": s.nats_user or "",
+               "PYCLUSTER_NATS_PASSWORD": s.nats_password.get_secret_value()
+               if s.nats_password else ""}
+        r = CliRunner().invoke(cli, list(args), obj=pm, env=env)
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    status = json.loads(await asyncio.to_thread(run, leaf1, "partition", "status", "-p",
+                                                leaf1.name, "-o", "json"))
+    assert status["convex"]["role"] == "replica" and status["convex"]["primary"] == hub.name
+    # The operator demotes the hub: it stops writing at once; the zones elect a leaf.
+    doc = json.loads(await asyncio.to_thread(run, hub, "leaf", "demote", "convex", "-p",
+                                             hub.name, "--yes", "-o", "json"))
+    assert doc["role"] == "replica" and not doc["writable"]
+    first = await wait_for(lambda: next(iter(_primaries(zones)), None), 60)
+    assert first in (leaf1, leaf2)
+    other = leaf2 if first is leaf1 else leaf1
+    # A forced promotion of the other leaf: a higher term, the first leaf demotes.
+    doc = json.loads(await asyncio.to_thread(run, other, "leaf", "promote", "convex", "-p",
+                                             other.name, "--force", "--yes", "-o", "json"))
+    assert doc["promoted"] and doc["term"] > (zones.zone(first).term or 0) - 1
+    await wait_for(lambda: _primaries(zones) == [other], 30)
+    await wait_for(lambda: zones.zone(first).role == "replica", 30)
+    assert_single_writer(zones)
