@@ -63,6 +63,7 @@ from .kernel.options import (
 from .kernel.platform import Platform
 from .kernel.stages import FailurePolicy, Stage, StageOrder
 from .kernel.types import Role
+from .kernel.zones import Partition, PromoteOnHubFailure, ZoneFencedError
 from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
 from .plugins import hookimpl
 
@@ -104,12 +105,14 @@ __all__ = [
     "NotLeaderError",
     "OnLabel",
     "OnNodes",
+    "Partition",
     "PayloadTooLargeError",
     "Platform",
     "PluginError",
     "PreferLabel",
     "PreferNode",
     "Process",
+    "PromoteOnHubFailure",
     "PyclusterError",
     "ReadNotConfirmedError",
     "Rebalance",
@@ -131,6 +134,7 @@ __all__ = [
     "UnauthorizedError",
     "UnclaimedOptionError",
     "WithApp",
+    "ZoneFencedError",
     "__version__",
     "correlation",
     "hookimpl",

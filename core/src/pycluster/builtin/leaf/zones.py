@@ -619,14 +619,36 @@ class AppZone(Voter):
         elif (self._eligible() and self.primary_platform is not None
               and self.silent_for() >= self.detection and now >= self._cooldown_until
               and not self._campaigning):
-            self._spawn_campaign(f"primary {self.primary_platform} silent for "
-                                 f"{self.silent_for():.1f}s")
+            self._spawn_campaign(None, delay=random.uniform(0, self._spread))
 
-    def _spawn_campaign(self, why: str) -> None:
+    @property
+    def _spread(self) -> float:
+        """The range of the random delay before a candidacy: two leaves that noticed the
+        silence on the same tick ask at different moments, the later one hears the earlier
+        one's request first and grants it instead of splitting the vote."""
+        return min(1.0, max(0.3, self.detection / 4))
+
+    def _spawn_campaign(self, why: str | None, delay: float = 0.0) -> None:
         # In the background: announcing and answering pings go on while it waits.
         self._campaigning = True
+
+        async def run() -> bool:
+            try:
+                if delay:
+                    await asyncio.sleep(delay)
+                if why is not None:
+                    return await self.campaign(why)
+                # Still silent, still no rival's request granted meanwhile?
+                if (self.is_primary or self.silent_for() < self.detection
+                        or time.monotonic() < self._cooldown_until or not self._eligible()):
+                    return False
+                return await self.campaign(f"primary {self.primary_platform} silent for "
+                                           f"{self.silent_for():.1f}s")
+            finally:
+                self._campaigning = False
+
         self._campaign_task = asyncio.get_running_loop().create_task(
-            self.campaign(why), name=f"zone-campaign-{self.group}")
+            run(), name=f"zone-campaign-{self.group}")
 
     def _hub_platform(self) -> str | None:
         from .service import ZoneService
@@ -689,8 +711,7 @@ class AppZone(Voter):
         finally:
             self._campaigning = False
             self._cooldown_until = max(self._cooldown_until,
-                                       time.monotonic() + self.detection / 2
-                                       + random.uniform(0, 2 * self.tick))
+                                       time.monotonic() + self.detection / 2)
 
     async def _campaign(self, why: str) -> bool:
         term = candidate_term(self.term, self.max_voted)
