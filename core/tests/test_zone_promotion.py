@@ -72,6 +72,10 @@ def test_grant_rules() -> None:
     assert not grant_vote(_view(position=3), VoteRequest("z1", "edge1", 2), DETECTION)[0]
     # (d) above every primary term seen.
     assert "not above" in grant_vote(_view(primary_term_seen=2), req, DETECTION)[1]
+    pre = VoteRequest("z1", "edge1", 2, 4, pre=True)
+    assert VoteRequest.from_dict(pre.as_dict()) == pre
+    with pytest.raises(ValueError):
+        VoteRequest.from_dict({"zone": "z1"})
     # A zone's own candidacy needs only (a) and (d).
     assert grant_vote(_view(zone="z1", silent_for=0), req, DETECTION)[0]
 
@@ -367,6 +371,8 @@ async def test_a_minority_leaf_never_promotes(zones: Zones) -> None:
     assert _primaries(zones) == [hub]
     assert zones.zone(leaf1).role == "replica"
     assert zones.zone(hub).lease_valid
+    # Its candidacies failed at the pre-vote: no vote recorded, its term did not grow.
+    assert zones.zone(leaf1).max_voted == 0 and zones.zone(leaf1).term == 1
     zones.links[0].restore()
     zones.votes[1].restore()
     await wait_for(lambda: zones.zone(leaf1).silent_for() < 1.0, 20)

@@ -166,17 +166,21 @@ def lease_holds(acks: Mapping[str, float], now: float, detection: float, known: 
 
 @dataclass(frozen=True)
 class VoteRequest:
-    """A candidate's request: its zone and platform, the term, its replicated position."""
+    """A candidate's request: its zone and platform, the term, its replicated position; a
+    pre-vote first (``pre``: answered by the same rules, recorded by nobody), so that a zone
+    cut off from the others does not raise its term, nor stop acknowledging its primary, by
+    candidacies it cannot win."""
 
     zone: str
     platform: str
     term: int
     position: int | None = None
+    pre: bool = False  # a pre-vote: "would you grant?", recorded by nobody
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"zone": self.zone, "platform": self.platform, "term": self.term,
-                "position": self.position}
+                "position": self.position, "pre": self.pre}
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> VoteRequest:
@@ -184,7 +188,7 @@ class VoteRequest:
         try:
             pos = doc.get("position")
             return cls(str(doc["zone"]), str(doc["platform"]), int(doc["term"]),
-                       None if pos is None else int(pos))
+                       None if pos is None else int(pos), bool(doc.get("pre", False)))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad vote request: {exc}") from None
 

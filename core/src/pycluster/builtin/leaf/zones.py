@@ -287,6 +287,8 @@ class Voter:
             if not self.loaded:
                 return False, "this zone's recorded votes are not read yet"
             granted, reason = grant_vote(self.view(), req, self.detection)
+            if req.pre:
+                return granted, reason
             if granted and req.term not in self.votes:
                 try:
                     recorded = await self.store_vote(req.term, req.zone)
@@ -713,8 +715,31 @@ class AppZone(Voter):
             self._cooldown_until = max(self._cooldown_until,
                                        time.monotonic() + self.detection / 2)
 
+    async def _tally(self, req: VoteRequest) -> tuple[dict[str, float], dict[str, Any],
+                                                     list[dict[str, Any]]]:
+        answers = await self._collect(req)
+        grants = {self.zone: time.monotonic()}
+        positions: dict[str, Any] = {self.zone: req.position}
+        for doc in answers:
+            zone = str(doc.get("zone"))
+            if doc.get("granted") and doc.get("term") == req.term:
+                grants.setdefault(zone, time.monotonic())
+                positions[zone] = doc.get("position")
+            if zone not in self.known and zone != self.zone:
+                self.known[zone] = {"platform": doc.get("platform"), "role": doc.get("role")}
+        return grants, positions, answers
+
     async def _campaign(self, why: str) -> bool:
         term = candidate_term(self.term, self.max_voted)
+        pre = VoteRequest(self.zone, self.platform_name, term, self.position(), pre=True)
+        if not (await self.decide(pre))[0]:
+            return False
+        grants, _, answers = await self._tally(pre)
+        need = quorum_size(self.known_count(), self.quorum)
+        if len(grants) < need:
+            log.info("zone %s: pre-vote for term %d: %d of %d zones would grant", self.zone,
+                     term, len(grants), need)
+            return False
         req = VoteRequest(self.zone, self.platform_name, term, self.position())
         granted, reason = await self.decide(req)
         if not granted:
@@ -722,16 +747,7 @@ class AppZone(Voter):
             return False
         log.warning("app %s zone %s campaigns for term %d (%s)", self.app.name, self.zone,
                     term, why)
-        answers = await self._collect(req)
-        grants = {self.zone: time.monotonic()}
-        positions = {self.zone: req.position}
-        for doc in answers:
-            zone = str(doc.get("zone"))
-            if doc.get("granted") and doc.get("term") == term:
-                grants.setdefault(zone, time.monotonic())
-                positions[zone] = doc.get("position")
-            if zone not in self.known and zone != self.zone:
-                self.known[zone] = {"platform": doc.get("platform"), "role": doc.get("role")}
+        grants, positions, answers = await self._tally(req)
         need = quorum_size(self.known_count(), self.quorum)
         data = {"term": term, "voters": sorted(grants), "need": need,
                 "known": self.known_count(), "positions": positions, "reason": why,
@@ -830,6 +846,7 @@ class AppZone(Voter):
         answers: dict[str, dict[str, Any]] = {}
         body = json.dumps(req.as_dict()).encode()
         subs = []
+        everyone = asyncio.Event()  # a majority granted, or every zone answered: done
         try:
             for nc in self.conns:
                 if not nc.is_connected:
@@ -842,11 +859,20 @@ class AppZone(Voter):
                         zone = str(doc.get("zone"))
                         if zone not in answers or doc.get("granted"):
                             answers[zone] = doc
+                        others = set(answers) - {self.zone}
+                        granted = sum(1 for z in others if answers[z].get("granted")
+                                      and answers[z].get("term") == req.term)
+                        if (len(others) >= self.known_count() - 1
+                                or 1 + granted >= quorum_size(self.known_count(),
+                                                              self.quorum)):
+                            everyone.set()
 
                 subs.append(await nc.subscribe(inbox, cb=on_msg))
                 with contextlib.suppress(Exception):
                     await nc.publish(zv_subject(self.group, "vote"), body, reply=inbox)
-            await asyncio.sleep(max(0.5, 2 * self.tick))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.5, 2 * self.tick)):
+                    await everyone.wait()
         finally:
             for sub in subs:
                 with contextlib.suppress(Exception):
