@@ -293,6 +293,11 @@ async def zones(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
         yield z
 
 
+async def _having(actions: Any, action: str) -> list[str] | None:
+    got: list[str] = await actions
+    return got if action in got else None
+
+
 def _primaries(zones: Zones) -> list[Platform]:
     return [p for p in (zones.hub, *zones.leaves) if zones.zone(p).writable]
 
@@ -352,6 +357,16 @@ async def test_hub_loss_promotes_exactly_one_leaf_and_the_hub_demotes_on_heal(
     assert_single_writer(zones)
     assert [h["event"] for h in zones.zone(hub).history][-1] == "demoted"
     assert "fenced" in [h["event"] for h in zones.zone(hub).history]
+    # The audit trail tells the story on each side.
+    async def actions(p: Platform) -> list[str]:
+        audit = p.service("audit")
+        await audit.flush()
+        return [e.action for e in await audit.query(category="zone", app="convex")]
+
+    assert {"fenced", "demoted"} <= set(await wait_for(lambda: _having(actions(hub), "demoted"),
+                                                       20))
+    won = await wait_for(lambda: _having(actions(winner), "promoted"), 20)
+    assert {"won", "promoted"} <= set(won)
     # The votes are durable in each zone's own bucket.
     assert winner.js is not None
     kv = await winner.js.key_value(f"{winner.name}_zone_votes")

@@ -921,11 +921,20 @@ class AppZone(Voter):
                       leader: str) -> None:
         from ...kernel.context import Context
         from ...kernel.coordinator import run_hooks
+        from ...kernel.stages import StageAction, StageEvent, StageOutcome
         from ...plugins import call_each, call_notify
 
         timeout = self.platform.settings.hook_timeout
+        started = time.monotonic()
         await call_notify(call_each(hook, f"zone {event}", **kwargs), timeout,
                           f"{event} {self.app.name}")
+        # The zone's change of role as a stage call of its own (audit, metrics, spans).
+        ev = StageEvent(app=self.app.name, stage="zone", plugin=PLUGIN,
+                        action=StageAction.ACTIVATE if event == "promoted"
+                        else StageAction.DEACTIVATE,
+                        outcome=StageOutcome.OK, epoch=term, duration=time.monotonic() - started)
+        call_each(self.platform.pm.hook.pycluster_stage_event, "stage event", app=self.app,
+                  event=ev)
         ctx = Context(app=self.app, platform=self.platform, node_id=self.platform.node_id,
                       epoch=term, leader=leader, reason=event)
         await run_hooks(self.app.hooks(event), ctx, timeout, event, raise_errors=False)
