@@ -555,11 +555,13 @@ class AppZone(Voter):
             term = int(doc.get("term") or 0)
         except (ValueError, KeyError, TypeError):
             return
+        if term > self.term:
+            # The pinger follows this platform at a term this node has not heard of: another
+            # node of this zone won it.
+            await self.learn_primary(term, self.platform_name, self.zone)
+            self.term = max(self.term, term)
         if self.is_primary:
-            if term > self.term:
-                await self.demote(str(doc.get("platform")), term, None, "a pinger follows a "
-                                  "higher term")
-            elif voted > self.term:
+            if voted > self.term:
                 self.blocked[zone] = time.monotonic()  # it voted for a rival: not an ack
             else:
                 self.acks[zone] = time.monotonic()
