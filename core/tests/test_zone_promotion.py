@@ -579,3 +579,55 @@ async def test_operator_demote_and_forced_promote_from_the_cli(zones: Zones) -> 
     await wait_for(lambda: _primaries(zones) == [other], 30)
     await wait_for(lambda: zones.zone(first).role == "replica", 30)
     assert_single_writer(zones)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_witness_command_votes_and_keeps_its_vote(tmp_path: Path) -> None:
+    """`pycluster witness` as its own process: it answers vote requests with the grant rules,
+    and a restarted witness still refuses a second candidate of the same term."""
+    import json
+    import subprocess
+    import sys
+
+    from pycluster.testing.servers import NatsServer
+
+    async with NatsServer() as bus:
+        nc = await nats.connect(bus.url)
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-c", "from pycluster.cli.main import main; main()",
+                 "witness", "--vote-url", bus.url, "--group", "convex", "--state-dir", str(tmp_path), "--detection", "0.5",
+                 "--zones", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        async def ask(zone: str, term: int) -> dict[str, Any]:
+            msg = await nc.request("_pycluster.zv.convex.vote", json.dumps(
+                {"zone": zone, "platform": f"p-{zone}", "term": term}).encode(), timeout=1.0)
+            doc: dict[str, Any] = json.loads(msg.data)
+            return doc
+
+        proc = spawn()
+        try:
+            first = await wait_for(lambda: ask("z1", 2), 30,
+                                   ignore=(nats.errors.Error, TimeoutError))
+            assert first["zone"] == "witness"
+            # It has followed no primary for the detection time since it started: it grants.
+            doc = await wait_for(lambda: _granted(ask("z1", 2)), 10)
+            assert doc["granted"]
+            proc.terminate()
+            proc.wait(10)
+            proc = spawn()
+            doc = await wait_for(lambda: ask("z2", 2), 30,
+                                 ignore=(nats.errors.Error, TimeoutError))
+            assert not doc["granted"] and "z1" in doc["reason"]
+            assert json.loads((tmp_path / "convex.json").read_text())["votes"] == {"2": "z1"}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            await nc.close()
+
+
+async def _granted(answer: Any) -> dict[str, Any] | None:
+    doc: dict[str, Any] = await answer
+    return doc if doc.get("granted") else None
