@@ -599,7 +599,8 @@ async def test_witness_command_votes_and_keeps_its_vote(tmp_path: Path) -> None:
             return subprocess.Popen(
                 [sys.executable, "-c", "from pycluster.cli.main import main; main()",
                  "witness", "--vote-url", bus.url, "--group", "convex", "--state-dir",
-                 str(tmp_path), "--detection", "0.5", "--zones", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 str(tmp_path), "--detection", "0.5", "--zones", "3"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         async def ask(zone: str, term: int) -> dict[str, Any]:
             msg = await nc.request("_pycluster.zv.convex.vote", json.dumps(
