@@ -165,9 +165,10 @@ class Zones:
     apps: dict[str, App]
     writes: list[Write] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
+    extra: list[Platform] = field(default_factory=list)  # more nodes of the hub zone
 
     def zone(self, p: Platform) -> AppZone:
-        z = self.apps[p.name].zone
+        z = self.apps[p.node_id].zone
         assert isinstance(z, AppZone)
         return z
 
@@ -204,7 +205,7 @@ def _platform(tmp: Path, name: str, zone: str, approver: Approver | None,
 
 async def _writer(zones: Zones, p: Platform, stop: asyncio.Event) -> None:
     """The app's writes, recorded outside every zone: only after ``zone.check()``."""
-    app = zones.apps[p.name]
+    app = zones.apps[p.node_id]
     while not stop.is_set():
         try:
             term, _epoch = app.zone.check()
@@ -216,9 +217,10 @@ async def _writer(zones: Zones, p: Platform, stop: asyncio.Event) -> None:
 
 
 def make_zones(strategy: Callable[[str], Partition | None] = lambda role: None,
-               approver: Approver | None = None) -> Callable[..., Any]:
+               approver: Approver | None = None, detection: float = DETECTION,
+               hub_nodes: int = 1) -> Callable[..., Any]:
     async def build(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
-        witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=4,
+        witness = Witness("convex", tmp_path / "witness", detection=detection, zones=4,
                           tick=0.2)
         await witness.server.start()
         port = free_port()
@@ -235,7 +237,7 @@ def make_zones(strategy: Callable[[str], Partition | None] = lambda role: None,
 
             def app(role: str, vote: TcpProxy) -> App:
                 opts: list[Any] = [PromoteOnHubFailure(
-                    detection=DETECTION, zones=4, vote_url=f"nats://127.0.0.1:{vote.port}")]
+                    detection=detection, zones=4, vote_url=f"nats://127.0.0.1:{vote.port}")]
                 part = strategy(role)
                 if part is not None:
                     opts.append(part)
@@ -254,7 +256,7 @@ def make_zones(strategy: Callable[[str], Partition | None] = lambda role: None,
                                      strict=True):
                 a = app(role, vote)
                 p.register(a)
-                apps[p.name] = a
+                apps[p.node_id] = a
                 svc = p.service("leaf")
                 assert isinstance(svc, ZoneService)
                 svc.interval = 0.25
@@ -262,8 +264,25 @@ def make_zones(strategy: Callable[[str], Partition | None] = lambda role: None,
             for p in (hub, *leaves):
                 await p.start()
                 started.append(p)
-            for p in started:
-                assert await zones.apps[p.name].wait_for_leadership(20)
+            for i in range(2, hub_nodes + 1):  # more nodes of the hub zone, on its server
+                assert hub.embedded is not None
+                s = hub.settings
+                more = Platform(hub.name, node_id=f"{hub.name}-{i}", zone="hq",
+                                zone_role="hub", nats_url=hub.embedded.url,
+                                nats_user=s.nats_user,
+                                nats_password=s.nats_password.get_secret_value()
+                                if s.nats_password else None,
+                                data_dir=str(tmp_path / f"hub-{i}"), lease_ttl=2.0,
+                                heartbeat_interval=0.5,
+                                plugin_manager=create_plugin_manager(load_entrypoints=False))
+                a = app("hub", votes[0])
+                more.register(a)
+                apps[more.node_id] = a
+                await more.start()
+                started.append(more)
+                zones.extra.append(more)
+            for p in (hub, *leaves):
+                assert await zones.apps[p.node_id].wait_for_leadership(20)
             for z in (zones.zone(p) for p in started):
                 z.tick = 0.2
             # Every zone knows the hub as primary and the hub holds its lease.
@@ -299,7 +318,7 @@ async def _having(actions: Any, action: str) -> list[str] | None:
 
 
 def _primaries(zones: Zones) -> list[Platform]:
-    return [p for p in (zones.hub, *zones.leaves) if zones.zone(p).writable]
+    return [p for p in (zones.hub, *zones.extra, *zones.leaves) if zones.zone(p).writable]
 
 
 def assert_single_writer(zones: Zones) -> None:
@@ -327,7 +346,7 @@ async def test_hub_loss_promotes_exactly_one_leaf_and_the_hub_demotes_on_heal(
     await asyncio.sleep(1.0)
     assert [p.name for p in _primaries(zones)] == [hub.name]
     assert zones.zone(hub).epoch == 1 and zones.zone(hub).token == (1, zones.apps[
-        hub.name].epoch)
+        hub.node_id].epoch)
     with pytest.raises(ZoneFencedError, match="replica"):
         zones.zone(leaf1).check()
 
@@ -632,3 +651,32 @@ async def test_witness_command_votes_and_keeps_its_vote(tmp_path: Path) -> None:
 async def _granted(answer: Any) -> dict[str, Any] | None:
     doc: dict[str, Any] = await answer
     return doc if doc.get("granted") else None
+
+
+@pytest.fixture
+async def two_node_hub(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
+    async for z in make_zones(detection=6.0, hub_nodes=2)(tmp_path, unique_name):
+        yield z
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_a_local_failover_in_the_hub_zone_keeps_its_term(two_node_hub: Zones) -> None:
+    """Two nodes in the hub zone: only the active one answers the leaves' pings and writes;
+    when it steps down, the other takes over locally with the same zone term and no leaf is
+    promoted (a local failover is faster than the detection time)."""
+    zones = two_node_hub
+    hub, (hub2,) = zones.hub, zones.extra
+    active, standby = (hub, hub2) if zones.apps[hub.node_id].is_active else (hub2, hub)
+    await wait_for(lambda: zones.zone(active).writable, 20)
+    assert not zones.zone(standby).writable and zones.zone(standby).role == "primary"
+    assert zones.zone(standby).hello()["role"] == "primary-standby"
+    await zones.apps[active.node_id].step_down()  # a local failover inside the hub zone
+    await wait_for(lambda: zones.zone(standby).writable, 30)
+    assert not zones.zone(active).writable
+    assert zones.zone(standby).epoch == 1
+    await asyncio.sleep(6.0)
+    assert _primaries(zones) == [standby]
+    assert all(zones.zone(leaf).role == "replica" and zones.zone(leaf).term == 1
+               for leaf in zones.leaves)
+    assert_single_writer(zones)
