@@ -13,6 +13,12 @@ callers in this process call it sequentially:
 Both run interleaved in rounds (noise of a shared machine spread evenly). Printed per variant:
 p50 / p99 latency and calls/s, then the cross-zone p50 over the local p50 per round (median,
 min..max), with the load average.
+
+Then (``--promotion-rounds``, 0 to skip) the time from hub loss to a promoted zone: a hub and
+two leaf zones plus a witness voter (links through TCP proxies), an app with
+``PromoteOnHubFailure(detection=--detection)``; the hub zone is cut off and the time until
+the hub stops writing and until a leaf may write is printed beside its floor in the same run
+(detection to notice, then the old primary's lease: ``promotion_wait(detection)``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from typing import Any
 from pycluster import App, HubListen, LeafOf, Platform, Singleton
 from pycluster.kernel.embedded import free_port
 from pycluster.kernel.settings import secret_value
+from pycluster.kernel.zones import PromoteOnHubFailure, promotion_wait
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
+from pycluster.testing.proxy import TcpProxy
+from pycluster.testing.zones import Witness
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -56,7 +65,86 @@ async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000, help="calls per variant per round")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--promotion-rounds", type=int, default=3)
+    ap.add_argument("--detection", type=float, default=2.0)
     args = ap.parse_args()
+    await latency(args)
+    if args.promotion_rounds:
+        await promotions(args.promotion_rounds, args.detection)
+    return 0
+
+
+async def promotion_round(tmp: Path, detection: float) -> tuple[float, float]:
+    """Cut the hub zone off; seconds until the hub is fenced and until a leaf may write."""
+    witness = Witness("convex", tmp / "witness", detection=detection, zones=4)
+    await witness.server.start()
+    port = free_port()
+    links = [TcpProxy("127.0.0.1", port) for _ in range(2)]
+    votes = [TcpProxy("127.0.0.1", witness.server.port) for _ in range(3)]
+    started: list[Platform] = []
+    try:
+        for proxy in (*links, *votes):
+            await proxy.start()
+        await witness.start_voter()
+
+        def app(vote: TcpProxy) -> App:
+            return App("convex", Singleton(), PromoteOnHubFailure(
+                detection=detection, zones=4, vote_url=f"nats://127.0.0.1:{vote.port}"))
+
+        pm = lambda: create_plugin_manager(load_entrypoints=False)  # noqa: E731
+        hub = Platform("hub", node_id="h1", zone="hq", data_dir=str(tmp / "hub"),
+                       plugin_manager=pm(), lease_ttl=2.0, heartbeat_interval=0.5,
+                       hub=HubListen(host="127.0.0.1", port=port, user="leaf",
+                                     password="bench", no_advertise=True))
+        leaves = [Platform(f"edge{i}", node_id=f"e{i}", zone=f"z{i}",
+                           data_dir=str(tmp / f"edge{i}"), plugin_manager=pm(),
+                           lease_ttl=2.0, heartbeat_interval=0.5,
+                           leaf=LeafOf(f"nats-leaf://127.0.0.1:{links[i].port}", user="leaf",
+                                       password="bench", reconnect=0.25))
+                  for i in range(2)]
+        apps = {}
+        for p, vote in zip((hub, *leaves), votes, strict=True):
+            apps[p.name] = app(vote)
+            p.register(apps[p.name])
+            await p.start()
+            started.append(p)
+        for a in apps.values():
+            assert await a.wait_for_leadership(20)
+        await wait_for(lambda: apps["hub"].zone.writable, 30)
+        for leaf in leaves:
+            await wait_for(lambda leaf=leaf: apps[leaf.name].zone.silent_for() < 1.0, 30)
+        for proxy in (*links, votes[0]):
+            proxy.cut()
+        t0 = time.monotonic()
+        await wait_for(lambda: not apps["hub"].zone.writable, 60, interval=0.01)
+        fenced = time.monotonic() - t0
+        await wait_for(lambda: any(apps[p.name].zone.writable for p in leaves), 120,
+                       interval=0.01)
+        return fenced, time.monotonic() - t0
+    finally:
+        for p in reversed(started):
+            await p.stop()
+        await witness.stop()
+        for proxy in (*links, *votes):
+            await proxy.close()
+
+
+async def promotions(rounds: int, detection: float) -> None:
+    """Time from hub loss to a promoted zone, per round, beside its floor."""
+    floor = detection + promotion_wait(detection)
+    print(f"hub loss -> promoted zone, detection {detection:g}s (floor: detection + lease "
+          f"wait = {floor:.2f}s), load {load()}")
+    took = []
+    for r in range(rounds):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-promotion-"))
+        fenced, promoted = await promotion_round(tmp, detection)
+        took.append(promoted)
+        print(f"  round {r + 1}: hub fenced after {fenced:.2f}s, a leaf writable after "
+              f"{promoted:.2f}s ({promoted - floor:+.2f}s over the floor)")
+    print(f"  median {statistics.median(took):.2f}s (floor {floor:.2f}s); load {load()}")
+
+
+async def latency(args: Any) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-multizone-"))
     port = free_port()
 
@@ -121,7 +209,6 @@ async def main() -> int:
     finally:
         for p in reversed(started):
             await p.stop()
-    return 0
 
 
 if __name__ == "__main__":

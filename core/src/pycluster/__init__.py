@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from .kernel.platform import Platform
     from .kernel.stages import FailurePolicy, Stage, StageOrder
     from .kernel.types import Role
+    from .kernel.zones import Partition, PromoteOnHubFailure, ZoneFencedError
     from .middleware import AuthMiddleware, Middleware, Request, SignedAuth
     from .plugins import hookimpl
 
@@ -110,12 +111,14 @@ _EXPORTS: dict[str, str] = {
     "NotLeaderError": ".kernel.errors",
     "OnLabel": ".kernel.options",
     "OnNodes": ".kernel.options",
+    "Partition": ".kernel.zones",
     "PayloadTooLargeError": ".kernel.errors",
     "Platform": ".kernel.platform",
     "PluginError": ".kernel.errors",
     "PreferLabel": ".kernel.options",
     "PreferNode": ".kernel.options",
     "Process": ".builtin.process",
+    "PromoteOnHubFailure": ".kernel.zones",
     "PyclusterError": ".kernel.errors",
     "ReadNotConfirmedError": ".kernel.errors",
     "Rebalance": ".kernel.options",
@@ -137,6 +140,7 @@ _EXPORTS: dict[str, str] = {
     "UnauthorizedError": ".kernel.errors",
     "UnclaimedOptionError": ".kernel.errors",
     "WithApp": ".kernel.options",
+    "ZoneFencedError": ".kernel.zones",
     "correlation": ".kernel.context",
     "hookimpl": ".plugins",
 }
@@ -199,12 +203,14 @@ __all__ = [
     "NotLeaderError",
     "OnLabel",
     "OnNodes",
+    "Partition",
     "PayloadTooLargeError",
     "Platform",
     "PluginError",
     "PreferLabel",
     "PreferNode",
     "Process",
+    "PromoteOnHubFailure",
     "PyclusterError",
     "ReadNotConfirmedError",
     "Rebalance",
@@ -226,6 +232,7 @@ __all__ = [
     "UnauthorizedError",
     "UnclaimedOptionError",
     "WithApp",
+    "ZoneFencedError",
     "__version__",
     "correlation",
     "hookimpl",

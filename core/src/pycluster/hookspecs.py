@@ -66,6 +66,7 @@ __all__ = [
     "pycluster_app_hook_call",
     "pycluster_app_started",
     "pycluster_app_stopped",
+    "pycluster_approve_promotion",
     "pycluster_audit_categories",
     "pycluster_check",
     "pycluster_claim_option",
@@ -134,9 +135,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
                       "pycluster_register_metrics", "pycluster_audit_categories",
                       "pycluster_health_checks", "pycluster_health_changed",
                       "pycluster_status", "pycluster_http_routes"),
+    "zones": ("pycluster_zone_position", "pycluster_zone_promote", "pycluster_zone_demote",
+              "pycluster_approve_promotion"),
     "cli and config": ("pycluster_config_sections", "pycluster_add_cli_commands",
                        "pycluster_check"),
-    "zones": ("pycluster_zone_position", "pycluster_zone_promote", "pycluster_zone_demote"),
 }
 """The hooks by design group (the order of the generated reference)."""
 
@@ -820,9 +822,10 @@ def pycluster_zone_position(app: App) -> int | None:
     or None when no replica plugin serves the app. Used to prefer the most caught-up zone when
     zones vote on a promotion.
 
-    Called by the zone promotion protocol when it compares zones; answer from in-process state.
+    Called by the zone vote (the ``leaf`` plugin) when this zone campaigns or votes; answer
+    from in-process state.
 
-    :param app: the app.
+    :param app: the app (it has a ``PromoteOnHubFailure`` option).
     """
 
 
@@ -831,12 +834,13 @@ def pycluster_zone_promote(app: App, term: int) -> Any:
     """This zone was promoted for `app` with fencing epoch `term`: turn the zone replica into
     the writable primary (stop following, final catch-up, replicate in this zone).
 
-    Called on every node of the promoted platform once the promotion is decided. May return an
-    awaitable, which the caller awaits; an error means the promotion did not happen on this
-    node.
+    Called on every node of the promoted platform: on the node that won the vote before the
+    app's ``on_promoted`` hooks, on the platform's other nodes when they learn the zone's new
+    term. May return an awaitable, awaited (bounded by the hook timeout) before the zone
+    writes; an error means the promotion did not happen on this node.
 
     :param app: the app.
-    :param term: the fencing epoch of the promotion.
+    :param term: the zone's new term (its fencing epoch, above every earlier primary's).
     """
 
 
@@ -845,12 +849,29 @@ def pycluster_zone_demote(app: App, primary_platform: str, term: int) -> Any:
     """Another platform is primary for `app` with the higher epoch `term`: stop writing and
     replicating before anything else, then follow `primary_platform`'s data as a replica.
 
-    Called on every node of a platform that learns of a higher epoch held by another
-    platform. May return an awaitable, which the caller awaits.
+    Called on every node of this platform that held the primary role when it learns of the
+    higher term (this zone is fenced already), before the app's ``on_demoted`` hooks. May
+    return an awaitable, awaited (bounded by the hook timeout).
 
     :param app: the app.
-    :param primary_platform: the platform that is primary now.
-    :param term: its fencing epoch.
+    :param primary_platform: the platform that is primary now ("" when an operator demoted
+        this zone without a successor: stop writing and replicating, follow nothing yet).
+    :param term: that platform's term.
+    """
+
+
+@hookspec(firstresult=True)
+def pycluster_approve_promotion(app: App, term: int, zone: str) -> bool | None:
+    """Approve (True) or refuse (False) the promotion of ``zone`` for ``app`` at ``term``
+    (the ``coordinated`` partition strategy); None: no opinion.
+
+    Called by the candidate zone after it won the vote, before it waits out the old primary's
+    lease. With no approver installed (every implementation returns None) a ``coordinated``
+    app is never promoted.
+
+    :param app: the app (``Partition("coordinated")``).
+    :param term: the term the zone won.
+    :param zone: the candidate zone (this platform's zone).
     """
 
 

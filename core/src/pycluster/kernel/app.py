@@ -47,7 +47,7 @@ H = TypeVar("H", bound=Hook)
 HOOK_NAMES = (
     "active", "passive", "leader_change", "start", "stop", "own", "release", "member_join",
     "member_leave", "health_change", "migration_start", "migration_complete",
-    "placement_invalid",
+    "placement_invalid", "promoted", "demoted",
 )
 
 KERNEL_EVENTS = frozenset({"active", "passive", "leader_change", "start", "stop",
@@ -62,6 +62,8 @@ EVENT_SOURCES = {
     "migration_start": "a placement scheduler plugin",
     "migration_complete": "a placement scheduler plugin",
     "placement_invalid": "a placement scheduler plugin",
+    "promoted": "the 'leaf' plugin (PromoteOnHubFailure)",
+    "demoted": "the 'leaf' plugin (PromoteOnHubFailure)",
 }
 """What fires each plugin event (for the error when nothing installed does)."""
 
@@ -193,6 +195,16 @@ class App:
     def on_release(self, fn: H) -> H:
         """Run when this node releases a partition (ring plugin)."""
         return self._add("release", fn)
+
+    def on_promoted(self, fn: H) -> H:
+        """Run when this zone was promoted primary for the app (``ctx.epoch``: the term;
+        ``PromoteOnHubFailure``, leaf plugin)."""
+        return self._add("promoted", fn)
+
+    def on_demoted(self, fn: H) -> H:
+        """Run when this zone stopped being primary for the app: another platform holds a
+        higher term (``ctx.epoch``: that term, ``ctx.leader``: that platform; leaf plugin)."""
+        return self._add("demoted", fn)
 
     def on_member_join(self, fn: H) -> H:
         """Run when a node joins the platform (``ctx.member`` is its record)."""

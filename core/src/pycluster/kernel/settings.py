@@ -275,6 +275,9 @@ class PlatformSettings(BaseSettings):
     leaf: LeafOf | None = None
     # "hub" or "leaf" on an operator-run server (hub/leaf imply it for the embedded one).
     zone_role: Literal["hub", "leaf"] | None = None
+    # The witness bus of zone votes (a nats-server every zone reaches without the hub):
+    # the default of ``PromoteOnHubFailure(vote_url=...)``.
+    zone_vote_url: str | None = None
     apps: list[AppConfig] = Field(default_factory=list)
 
     @field_validator("zone", "jetstream_domain")

@@ -438,6 +438,14 @@ class ZoneSide(PromotionSide, PrimarySide):
             if self._unwatch is not None:
                 self._unwatch()
                 self._unwatch = None
+            if not primary_platform:  # an operator's demotion: no primary to follow yet
+                self.zone_term, self.zone_role = term, "fenced"
+                await self._save_zone_state()
+                self.audit("zone_demoted", {"term": term, "primary": None,
+                                            "replication_stopped_at": stopped_at})
+                log.warning("app %s: zone demoted (term %d) without a successor: replication "
+                            "stopped, nothing followed yet", self.app.name, term)
+                return
             so = StandbyOf(primary_platform, self.app.name)
             if so.platform == self.platform.name:
                 raise ConfigError("pycluster_zone_demote primary_platform", primary_platform,

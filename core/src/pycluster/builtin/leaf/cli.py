@@ -1,8 +1,10 @@
-"""``pycluster leaf list|status|ping``: the zones reachable from a platform's NATS."""
+"""``pycluster leaf list|status|ping|promote|demote``, ``pycluster partition
+status|conflicts``, ``pycluster witness``: zones, as seen from a platform's NATS."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -166,3 +168,180 @@ def ping_cmd(remote: str, config: str | None, nats_url: str | None, data_dir: st
                    f"{_ms(doc['min'])} / {_ms(doc['avg'])} / {_ms(doc['max'])}")
     if not rtts:
         raise SystemExit(1)
+
+
+# -- promotion on hub loss ----------------------------------------------------------------------
+
+
+async def _zone_request(nc: Any, platform: str, what: str, body: dict[str, Any],
+                        timeout: float) -> dict[str, Any]:
+    from .service import zone_control_subject
+
+    try:
+        msg = await nc.request(zone_control_subject(platform, what),
+                               json.dumps(body).encode(), timeout=timeout)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        raise click.ClickException(f"no node of platform {platform!r} answers (is it running "
+                                   "an app with PromoteOnHubFailure?)") from None
+    doc: dict[str, Any] = json.loads(msg.data)
+    if doc.get("error"):
+        raise click.ClickException(str(doc["error"]))
+    return doc
+
+
+@leaf_group.command("promote")
+@click.argument("app")
+@connection_options
+@click.option("--force", is_flag=True,
+              help="Promote without a majority of zones (the operator's vote replaces it).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the outcome.")
+@_OUTPUT
+def promote_cmd(app: str, config: str | None, nats_url: str | None, data_dir: str | None,
+                platform: str, force: bool, yes: bool, timeout: float, output: str) -> None:
+    """Make PLATFORM's zone (--platform) the primary of APP now.
+
+    Without --force the zone campaigns at once: the other zones still grant only when the
+    primary is unreachable from them too, and the zone writes only after the old primary's
+    lease ran out. With --force it takes a new term without a majority: if the old primary
+    is alive and reachable by a majority, both write until it hears the higher term (split
+    brain): use it only when the old primary's zone is known to be gone.
+
+    Example: ``pycluster leaf promote convex -p edge --nats-url nats://edge:4222``
+    """
+    if not yes:
+        click.confirm(f"promote {platform} to primary of {app}"
+                      f"{' WITHOUT a majority' if force else ''}?", abort=True)
+    doc = _run(config, nats_url, data_dir, platform, lambda nc: _zone_request(
+        nc, platform, "promote", {"app": app, "force": force}, timeout))
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"{platform}: {'promoted' if doc.get('promoted') else 'not promoted'} "
+                   f"(term {doc.get('term')}, {doc.get('reason', '')})")
+    if not doc.get("promoted"):
+        raise SystemExit(1)
+
+
+@leaf_group.command("demote")
+@click.argument("app")
+@connection_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_OUTPUT
+def demote_cmd(app: str, config: str | None, nats_url: str | None, data_dir: str | None,
+               platform: str, yes: bool, output: str) -> None:
+    """Make PLATFORM's zone stop being APP's primary now: it stops writing and becomes a
+    replica; after the detection time the other zones elect a primary among themselves.
+
+    Example: ``pycluster leaf demote convex -p prod --yes --nats-url nats://hub:4222``
+    """
+    if not yes:
+        click.confirm(f"demote {platform} for {app} (it stops writing at once)?", abort=True)
+    doc = _run(config, nats_url, data_dir, platform, lambda nc: _zone_request(
+        nc, platform, "demote", {"app": app}, 10.0))
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"{platform}: role {doc.get('role')} (term {doc.get('term')})")
+
+
+@click.group("partition")
+def partition_group() -> None:
+    """Zone partitions: primary, lease and conflicts of apps with PromoteOnHubFailure (plugin
+    leaf)."""
+
+
+@partition_group.command("status")
+@connection_options
+@_OUTPUT
+def partition_status_cmd(config: str | None, nats_url: str | None, data_dir: str | None,
+                         platform: str, output: str) -> None:
+    """Show, per app of PLATFORM with PromoteOnHubFailure: this zone's role, state (primary,
+    fenced, autonomous, replica), term, whether it may write, the zones acknowledging it.
+
+    Example: ``pycluster partition status -p edge -o json --nats-url nats://edge:4222``
+    """
+    doc = _run(config, nats_url, data_dir, platform,
+               lambda nc: _zone_request(nc, platform, "partition", {}, 5.0))
+    apps = doc.get("apps", {})
+    if output == "json":
+        click.echo(json.dumps(apps, indent=2))
+        return
+    from ...cli.common import _table
+
+    rows = [[name, str(a["zone"]), str(a["role"]), str(a["state"]), str(a["term"]),
+             "yes" if a["writable"] else "no", str(a.get("primary") or "-"),
+             f"{len(a['acks'])}+1/{a['quorum']}"] for name, a in sorted(apps.items())]
+    click.echo(_table(rows, ["APP", "ZONE", "ROLE", "STATE", "TERM", "WRITABLE", "PRIMARY",
+                             "ACKS/QUORUM"]))
+
+
+@partition_group.command("conflicts")
+@connection_options
+@_OUTPUT
+def partition_conflicts_cmd(config: str | None, nats_url: str | None, data_dir: str | None,
+                            platform: str, output: str) -> None:
+    """List the write windows PLATFORM's zone kept without the majority (the autonomous
+    strategy): app, zone, epoch, from/to, the rival term. Reconcile them by hand.
+
+    Example: ``pycluster partition conflicts -p edge -o json --nats-url nats://edge:4222``
+    """
+    doc = _run(config, nats_url, data_dir, platform,
+               lambda nc: _zone_request(nc, platform, "partition", {}, 5.0))
+    rows = doc.get("conflicts", [])
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    import datetime as dt
+
+    def ts(v: Any) -> str:
+        return dt.datetime.fromtimestamp(float(v), dt.UTC).isoformat(timespec="seconds")
+
+    for c in rows:
+        click.echo(f"{c['app']} zone {c['zone']} epoch {c['epoch']}: {ts(c['from'])} -> "
+                   f"{ts(c['to'])} (rival term {c.get('rival_term') or '?'})")
+    if not rows:
+        click.echo("no conflicts")
+
+
+@click.command("witness")
+@click.option("--vote-url", required=True, envvar="PYCLUSTER_ZONE_VOTE_URL",
+              help="The witness bus (nats://host:4222).")
+@click.option("--group", "groups", multiple=True, required=True,
+              help="An app group to vote for (the app name, or PromoteOnHubFailure.group); "
+                   "repeat for several.")
+@click.option("--state-dir", type=click.Path(file_okay=False), required=True,
+              help="Where the votes are kept (one file per group).")
+@click.option("--zone", default="witness", show_default=True, help="This voter's zone name.")
+@click.option("--detection", type=float, default=30.0, show_default=True,
+              help="PromoteOnHubFailure.detection of the apps.")
+@click.option("--zones", type=int, default=None, help="PromoteOnHubFailure.zones of the apps.")
+def witness_cmd(vote_url: str, groups: tuple[str, ...], state_dir: str, zone: str,
+                detection: float, zones: int | None) -> None:
+    """Run a witness voter: it casts a vote in zone promotions without running apps (the
+    tie-breaking zone of two-leaf setups). Runs until interrupted.
+
+    Example: ``pycluster witness --vote-url nats://witness:4222 --group convex --state-dir
+    /var/lib/pycluster-witness --detection 30 --zones 4``
+    """
+    from pathlib import Path
+
+    from .zones import WitnessVoter
+
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+
+    async def go() -> None:
+        voters = [WitnessVoter(vote_url, g, Path(state_dir) / f"{g}.json", zone=zone,
+                               detection=detection, zones=zones) for g in groups]
+        for v in voters:
+            await v.start()
+        click.echo(f"witness {zone} voting for {', '.join(groups)} on {vote_url}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for v in voters:
+                await v.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(go())

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from ...kernel.platform import Platform
     from .remote import RemotePlatform
+    from .zones import AppZone
 
 log = logging.getLogger("pycluster.leaf")
 
@@ -48,6 +49,12 @@ PLUGIN = "leaf"
 DEFAULT_INTERVAL = 2.0
 DOWN_AFTER = 3  # intervals without news before a link or a leaf counts as down ...
 DOWN_MIN = 2.0  # ... and at least these seconds (a busy host answers late, not never)
+
+
+def zone_control_subject(platform: str, what: str) -> str:
+    """The subject every node of ``platform`` hears ``partition``/``promote``/``demote``
+    requests on (only the node that can act answers)."""
+    return platform_subject(validate_ident("platform", platform), "zone", what)
 
 
 def zone_ping_subject(platform: str) -> str:
@@ -63,6 +70,10 @@ class LeafMetrics:
     call: Histogram
     link_up: Gauge
     zones: Gauge
+    partition_state: Gauge | None = None
+    partition_writable: Gauge | None = None
+    partition_term: Gauge | None = None
+    partition_conflicts: Gauge | None = None
 
 
 # Filled by ``pycluster_register_metrics`` (the metrics service is built before ours).
@@ -117,6 +128,7 @@ class ZoneService:
         self._task: asyncio.Task[None] | None = None
         self._remotes: dict[str, RemotePlatform] = {}
         self._wake = asyncio.Event()
+        self.app_zones: dict[str, AppZone] = {}
 
     @property
     def configured(self) -> bool:
@@ -161,10 +173,34 @@ class ZoneService:
         return out
 
     def status(self) -> dict[str, Any]:
-        """The ``/status`` view."""
+        """The ``/status`` view (with ``partition``: each promotable app's zone state)."""
         doc = self.document()
         doc.pop("node", None)
+        if self.app_zones:
+            doc["partition"] = self.partition_view()
         return doc
+
+    def partition_view(self) -> dict[str, Any]:
+        """Each app with `PromoteOnHubFailure`: role, state, term, writable, lease, votes."""
+        return {name: z.status() for name, z in sorted(self.app_zones.items())}
+
+    def update_partition_metrics(self) -> None:
+        """Refresh the ``pycluster_partition_*`` gauges."""
+        m = self.metrics
+        if m is None or m.partition_state is None:
+            return
+        states = ("replica", "primary", "fenced", "autonomous")
+        for name, z in self.app_zones.items():
+            st = z.status()
+            for state in states:
+                m.partition_state.labels(app=name, state=state).set(
+                    1 if st["state"] == state else 0)
+            if m.partition_writable is not None:
+                m.partition_writable.labels(app=name).set(1 if st["writable"] else 0)
+            if m.partition_term is not None:
+                m.partition_term.labels(app=name).set(st["term"])
+            if m.partition_conflicts is not None:
+                m.partition_conflicts.labels(app=name).set(st["conflicts"])
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -185,9 +221,57 @@ class ZoneService:
         m = self.metrics
         if m is not None:
             m.link_up.set(0)
+        await self._start_app_zones()
+        if self.app_zones:
+            for what in ("partition", "promote", "demote"):
+                self._subs.append(await nc.subscribe(zone_control_subject(p, what),
+                                                     cb=self._on_control))
+
+    async def _on_control(self, msg: Msg) -> None:
+        what = msg.subject.rsplit(".", 1)[-1]
+        try:
+            body = json.loads(msg.data) if msg.data else {}
+        except ValueError:
+            body = {}
+        if what == "partition":
+            conflicts = [c for z in self.app_zones.values() for c in z.conflicts]
+            await self._reply(msg, {"platform": self.platform.name, "zone": self.zone,
+                                    "apps": self.partition_view(), "conflicts": conflicts})
+            return
+        z = self.app_zones.get(str(body.get("app")))
+        if z is None:
+            await self._reply(msg, {"error": f"no app {body.get('app')!r} with "
+                                             "PromoteOnHubFailure on this platform"})
+            return
+        if not z.app.is_active:
+            return  # the active instance answers
+        if what == "demote":
+            await z.step_back("operator demoted the zone")
+            await self._reply(msg, z.status())
+            return
+        promoted = await z.operator_promote(force=bool(body.get("force")))
+        await self._reply(msg, {**z.status(), "promoted": promoted,
+                                "reason": "forced" if body.get("force") else "vote"})
+
+    async def _start_app_zones(self) -> None:
+        from .zones import AppZone, promote_option
+
+        for app in list(self.platform.apps.values()):
+            opt = promote_option(app)
+            if opt is None:
+                continue
+            z = AppZone(app, self.platform, opt,
+                        "primary" if self.role == "hub" else "replica")
+            z.on_tick = self.update_partition_metrics
+            app.state(PLUGIN)["zone"] = z
+            self.app_zones[app.name] = z
+            await z.start()
 
     async def stop(self) -> None:
         """Stop answering and checking."""
+        for z in self.app_zones.values():
+            with contextlib.suppress(Exception):
+                await z.stop()
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
