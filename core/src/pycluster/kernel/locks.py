@@ -561,9 +561,12 @@ class Lock:
         return token
 
     def _emit(self, event: str, **fields: Any) -> None:
-        """Tell the service's ``on_event`` observer (never raises into lock code)."""
-        fn = self._svc.on_event
-        if fn is None:
+        """Tell the service's observers of ``event`` and its ``on_event`` observer (never
+        raises into lock code); nothing to do, and nothing computed, when nobody listens."""
+        svc = self._svc
+        fns = svc.observers.get(event)
+        fn = svc.on_event
+        if fns is None and fn is None:
             return
         if event in ("released", "expired"):
             if event == "expired":
@@ -572,10 +575,17 @@ class Lock:
                 self._expired_told = True
             fields.setdefault("token", self._token)
             fields["held"] = time.monotonic() - self._held_since
-        try:
-            fn(event, self, fields)
-        except Exception:
-            log.exception("lock %r: event observer failed", self._name)
+        if fns is not None:
+            for observer in fns:
+                try:
+                    observer(self, fields)
+                except Exception:
+                    log.exception("lock %r: %s observer %r failed", self._name, event, observer)
+        if fn is not None:
+            try:
+                fn(event, self, fields)
+            except Exception:
+                log.exception("lock %r: event observer failed", self._name)
 
     async def _withdraw(self, ks: _KeyState, me: _Waiter) -> None:
         """Remove ``me`` from the queue, or pass the lock on if it was handed to us."""
@@ -773,8 +783,11 @@ class LockService:
         self.poll_interval = poll_interval
         self.op_timeout = op_timeout
         self._keys: dict[str, _KeyState] = {}
-        # Observability (audit, metrics, lock-wait spans): called synchronously with
-        # (event, lock, fields) for "wait", "acquired", "wait_failed", "released", "expired".
+        # Observability (audit, metrics, lock-wait spans), called synchronously on the events
+        # "wait", "acquired", "wait_failed", "released", "expired": ``observers`` maps an event
+        # to the functions (lock, fields) that asked for it (an event nobody asked for costs
+        # nothing); ``on_event`` (event, lock, fields) is called for every event.
+        self.observers: dict[str, tuple[Callable[[Lock, dict[str, Any]], None], ...]] = {}
         self.on_event: Callable[[str, Lock, dict[str, Any]], None] | None = None
 
     async def ensure(self) -> None:

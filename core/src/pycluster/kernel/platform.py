@@ -493,7 +493,7 @@ class Platform:
             self.js, bucket(self.name, suffix="platform"), self.node_id, prefix="locks.",
             replicas=s.stream_replicas,
         )
-        self._locks.on_event = self.lock_observer("_platform")
+        self.observe_locks(self._locks, "_platform")
         await self._locks.ensure()
 
     def _timing(self, app: App) -> dict[str, Any]:
@@ -519,7 +519,7 @@ class Platform:
         await kv.ensure(replicas=self.settings.stream_replicas)
         locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
                             replicas=self.settings.stream_replicas)
-        locks.on_event = self.lock_observer(app.name)
+        self.observe_locks(locks, app.name)
         await locks.ensure()
         slots = app.mode.slots()
         election: Election | None = None
@@ -689,6 +689,17 @@ class Platform:
         log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
         if self.membership is not None and role in (Role.ACTIVE, Role.PASSIVE, Role.STOPPED):
             self.spawn(self.membership.publish_now(), "membership:publish")
+
+    def observe_locks(self, locks: LockService, scope: str) -> None:
+        """Connect a lock service to the plugins: ``pycluster_lock_observers`` (asked once,
+        per event) and ``pycluster_lock_event`` (every event)."""
+        by_event: dict[str, list[Callable[[Any, dict[str, Any]], None]]] = {}
+        results = call_each(self.pm.hook.pycluster_lock_observers, platform=self, scope=scope)
+        for observers in results:
+            for event, fn in (observers or {}).items():
+                by_event.setdefault(event, []).append(fn)
+        locks.observers = {event: tuple(fns) for event, fns in by_event.items()}
+        locks.on_event = self.lock_observer(scope)
 
     def lock_observer(self, scope: str) -> Callable[[str, Any, dict[str, Any]], None] | None:
         """The ``on_event`` observer of a lock service: ``pycluster_lock_event`` (None when no
