@@ -478,6 +478,7 @@ class Platform:
             on_join=self._member_joined, on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
             control=self.control, on_restored=self._record_restored,
+            on_change=lambda _rec: self.placement.kick(),
         )
         try:
             await self.membership.join()
@@ -868,6 +869,7 @@ class Platform:
                 self.spawn(rt.election.reconnected(), "election:reconnected")
         if self.membership is not None:
             self.spawn(self.membership.reconnected(), "membership:reconnected")
+        self.spawn(self.placement.reconnected(), "placement:reconnected")
 
     async def _on_stepdown(self, msg: Msg) -> None:
         """A step-down request: validated, through the middleware chain, audited
@@ -885,9 +887,9 @@ class Platform:
     async def set_labels(self, changes: dict[str, str | None]) -> dict[str, str]:
         """Change this node's labels at runtime: ``{"zone": "b", "disk": None}`` sets ``zone``
         and removes ``disk``. Validated (`ConfigError`, nothing changed), published in the
-        membership record at once, and placement re-evaluated here (other nodes see the new
-        record within their poll interval). Runtime labels last as long as this process: a
-        restart starts from the configured ones. Returns the new labels."""
+        membership record at once, and placement re-evaluated here (and on the other nodes as
+        soon as their membership watch delivers the changed record). Runtime labels last as
+        long as this process: a restart starts from the configured ones. Returns the new labels."""
         new = merge_labels(self.labels, changes)
         if new == self.labels:
             return dict(new)
