@@ -699,7 +699,8 @@ class Lock:
         """
         if not self._acquired:
             raise RuntimeError(f"lock {self._name!r} is not held")
-        await self._stop_renewer(keep_timer=True)
+        if self._renewer is not None:  # a short hold never started renewing
+            await self._stop_renewer(keep_timer=True)
         self._acquired = False
         token = self._token or 0
         if self._lost or time.monotonic() >= self._deadline:
