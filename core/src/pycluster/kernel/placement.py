@@ -262,8 +262,16 @@ class Placement:
                     await self._watch_ops()
                 now = time.monotonic()
                 if self._ops_stale or self._ops_sub is None or now - last_read >= reconcile:
+                    told = self._ops_stale
+                    before = self.ops
                     if await self._read_ops():
                         last_read = now
+                        if not told and self.ops != before and self._ops_sub is not None:
+                            # A change the watch did not deliver (its consumer was lost,
+                            # e.g. with the bucket): watch again.
+                            log.info("placement: the operations watch missed a change; "
+                                     "re-creating it")
+                            await self._unwatch_ops()
                     else:
                         failed = True
                 try:
