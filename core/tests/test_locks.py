@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -131,6 +132,66 @@ async def test_acquire_release_and_fencing_tokens(
     assert await svc.holder("jobs") is None
     with pytest.raises(RuntimeError):
         await lock.release()
+
+
+@pytest.mark.timeout(60)
+async def test_observers_get_only_the_events_they_asked_for(
+    services: Callable[[str], Awaitable[LockService]],
+) -> None:
+    # ``observers``: per event, only the functions that asked for it (a failing one is logged
+    # and the lock goes on); ``on_event`` gets every event.
+    svc = await services("node-1")
+    released: list[dict[str, object]] = []
+    every: list[str] = []
+
+    def broken(_lock: Lock, _fields: dict[str, object]) -> None:
+        raise RuntimeError("observer bug")
+
+    svc.observers = {"released": (broken, lambda _lock, fields: released.append(fields))}
+    svc.on_event = lambda event, _lock, _fields: every.append(event)
+    lock = svc.lock("jobs", ttl=5)
+    token = await lock.acquire()
+    await lock.release()
+    assert every == ["wait", "acquired", "released"]
+    assert len(released) == 1 and released[0]["token"] == token
+    assert isinstance(released[0]["held"], float)
+    svc.on_event = None
+    svc.observers = {}
+    await lock.acquire()  # nobody listens: nothing is called
+    await lock.release()
+    assert len(released) == 1 and every == ["wait", "acquired", "released"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_platform_lock_observers_and_lock_event_hooks(make_platform: Any) -> None:
+    # A plugin's ``pycluster_lock_observers`` is asked once per lock service and gets the
+    # events it listed; ``pycluster_lock_event`` still gets every event.
+    from pycluster import App, Spread
+    from pycluster.plugins import hookimpl
+
+    seen: list[tuple[str, str]] = []
+    asked: list[str] = []
+
+    class Observers:
+        @hookimpl
+        def pycluster_lock_observers(self, platform: Any, scope: str) -> Any:
+            asked.append(scope)
+            return {"acquired": lambda lock, fields: seen.append(("acquired", lock.name))}
+
+    class Every:
+        @hookimpl
+        def pycluster_lock_event(self, scope: str, event: str, lock: Any) -> None:
+            seen.append((f"every:{event}", scope))
+
+    app = App("svc", Spread())
+    await make_platform("n1", app, extra_plugins=[("observers", Observers()),
+                                                  ("every", Every())])
+    assert sorted(asked) == ["_platform", "svc"]
+    async with app.lock("jobs"):
+        pass
+    assert seen == [("every:wait", "svc"), ("acquired", "jobs"), ("every:acquired", "svc"),
+                    ("every:released", "svc")]
 
 
 @pytest.mark.timeout(60)

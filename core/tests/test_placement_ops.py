@@ -193,6 +193,32 @@ async def test_cordon_keeps_running_spread_but_starts_none(make_platform: Any) -
 
 
 @pytest.mark.slow
+async def test_changes_are_evaluated_at_once_without_the_slow_pass(
+        make_platform: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No periodic pass (reconcile after an hour, no automatic rebalancing): a cordon written by
+    # another node reaches b through the watch of the operations key, and a pending app
+    # starts as soon as a member's changed record (new labels) shows an eligible node.
+    from pycluster.kernel.placement import Placement
+
+    monkeypatch.setattr(Placement, "RECONCILE", 3600.0)
+    a, b = App("web", Spread()), App("web", Spread())
+    pa = await make_platform("a", a)
+    pb = await make_platform("b", b)
+    await wait_for(lambda: a.is_active and b.is_active, 10)
+    await pa.cordon("b")
+    await wait_for(lambda: pb.placement.cordoned, 5)
+    await pa.uncordon("b")
+    await wait_for(lambda: not pb.placement.cordoned, 5)
+    jobs = [App("gpu-job", Singleton(), OnLabel("gpu", "yes")) for _ in range(2)]
+    pc = await make_platform("c", jobs[0])
+    pd = await make_platform("d", jobs[1])
+    await wait_for(lambda: pc.status()["apps"]["gpu-job"]["pending"], 10)
+    await pd.set_labels({"gpu": "yes"})  # d starts it; c learns it from d's changed record
+    await wait_for(lambda: not pc.status()["apps"]["gpu-job"]["pending"], 5)
+    await wait_for(lambda: jobs[1].is_leader, 10)
+
+
+@pytest.mark.slow
 async def test_maintenance_withholds_failover_until_off(make_platform: Any, nats_url: str,
                                                         unique_name: str) -> None:
     a, b = App("svc"), App("svc")

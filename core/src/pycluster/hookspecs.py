@@ -31,6 +31,7 @@ import pluggy
 
 if TYPE_CHECKING:
     import contextlib
+    from collections.abc import Callable, Mapping
 
     import click
     from prometheus_client import CollectorRegistry
@@ -82,6 +83,7 @@ __all__ = [
     "pycluster_leader_observed",
     "pycluster_lease_renewed",
     "pycluster_lock_event",
+    "pycluster_lock_observers",
     "pycluster_member_joined",
     "pycluster_member_left",
     "pycluster_membership_event",
@@ -131,7 +133,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                                   "pycluster_membership_event", "pycluster_connection_state",
                                   "pycluster_message_dropped", "pycluster_control_request"),
     "communication": ("pycluster_middleware",),
-    "observability": ("pycluster_app_hook_call", "pycluster_lock_event",
+    "observability": ("pycluster_app_hook_call", "pycluster_lock_observers",
+                      "pycluster_lock_event",
                       "pycluster_register_metrics", "pycluster_audit_categories",
                       "pycluster_health_checks", "pycluster_health_changed",
                       "pycluster_status", "pycluster_http_routes"),
@@ -722,6 +725,24 @@ def pycluster_lock_event(platform: Platform, scope: str, event: str, lock: Any,
     :param event: the event.
     :param lock: the `pycluster.kernel.locks.Lock`.
     :param fields: details (``token``, ``waited``, ``held``, ``reason``, ...).
+    """
+
+
+@hookspec
+def pycluster_lock_observers(platform: Platform, scope: str
+                             ) -> Mapping[str, Callable[[Any, dict[str, Any]], None]] | None:
+    """Observers of the locks of ``scope``, per event: ``{event: fn(lock, fields)}``.
+
+    Called once per lock service (when the platform or an app starts), not per event: the
+    kernel keeps, for each event, the list of functions that asked for it and calls them
+    synchronously, so an event no plugin asked for costs nothing. The events and fields are
+    those of `pycluster_lock_event` (which is called for every event; prefer this hook on hot
+    paths). Keep the functions very cheap; an exception is logged and does not reach the lock.
+
+    :param platform: the platform.
+    :param scope: the app name, or ``"_platform"`` for ``platform.lock()``.
+    :return: the functions by event (``wait``, ``acquired``, ``wait_failed``, ``released``,
+        ``expired``), or None.
     """
 
 

@@ -7,8 +7,9 @@ Protocol. A lock is one JSON value at key ``{prefix}{name}``::
 
 Every write is a compare-and-set against the key's last revision
 (``Nats-Expected-Last-Subject-Sequence``) and carries a server TTL (``Nats-TTL``), so a lock
-whose holder and waiters all die expires on its own. Ids are ``{owner}#{random}``, fresh for
-every `Lock.acquire`, so several tasks of one process can contend too.
+whose holder and waiters all die expires on its own. Ids are ``{owner}#{random}{counter}``
+(random per `LockService`), fresh for every `Lock.acquire`, so several tasks of one process can
+contend too.
 
 - Acquire, free lock: one CAS writing ``holder=me, claimed=true`` against the revision cached
   from the last release/observation (0 if unknown; after a conflict the key is read once). The
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -124,7 +126,8 @@ class _State:
         # json.dumps(..., separators=(",", ":")) of the dict, at a fraction of the cost.
         holder = "null" if self.holder is None else _json_str(self.holder)
         token = "null" if self.token is None else str(int(self.token))
-        waiters = ",".join(f"[{_json_str(w)},{_json_float(t)}]" for w, t in self.waiters)
+        waiters = ",".join(f"[{_json_str(w)},{_json_float(t)}]"
+                           for w, t in self.waiters) if self.waiters else ""
         return (
             f'{{"holder":{holder},"claimed":{"true" if self.claimed else "false"},'
             f'"token":{token},"beat":{int(self.beat)},"ttl":{_json_float(self.ttl)},'
@@ -183,7 +186,7 @@ class LockHolder:
 
     ``token`` is None while a handoff to ``id`` is pending (the waiter has not claimed it yet);
     ``acquired`` is the holder's wall-clock time (unix seconds) of the acquisition or handoff;
-    ``waiters`` lists the queued waiter ids (``{owner}#{random}``) in the order they are served.
+    ``waiters`` lists the queued waiter ids (``{owner}#{suffix}``) in the order they are served.
     """
 
     owner: str
@@ -213,6 +216,7 @@ class _KeyState:
     def __init__(self, svc: LockService, key: str) -> None:
         self._svc = svc
         self.key = key
+        self.subject = natsutil.kv_subject(svc.bucket, key)
         self.snap: _Snap | None = None
         self.prev: _State | None = None  # last live state seen
         self._sig: tuple[Any, ...] | None = None
@@ -421,7 +425,7 @@ class Lock:
             raise ValueError("timeout must be >= 0 or None")
         svc = self._svc
         ks = svc._key_state(self._key)
-        me: _Waiter = (f"{svc.owner}#{secrets.token_hex(6)}", self.ttl)
+        me: _Waiter = (f"{svc._id_base}{next(svc._ids):x}", self.ttl)
         self._id, self._lost, self._token = me[0], False, None
         self._wait_started, self._expired_told = time.monotonic(), False
         self._emit("wait", ttl=self.ttl)
@@ -561,9 +565,12 @@ class Lock:
         return token
 
     def _emit(self, event: str, **fields: Any) -> None:
-        """Tell the service's ``on_event`` observer (never raises into lock code)."""
-        fn = self._svc.on_event
-        if fn is None:
+        """Tell the service's observers of ``event`` and its ``on_event`` observer (never
+        raises into lock code); nothing to do, and nothing computed, when nobody listens."""
+        svc = self._svc
+        fns = svc.observers.get(event)
+        fn = svc.on_event
+        if fns is None and fn is None:
             return
         if event in ("released", "expired"):
             if event == "expired":
@@ -572,10 +579,17 @@ class Lock:
                 self._expired_told = True
             fields.setdefault("token", self._token)
             fields["held"] = time.monotonic() - self._held_since
-        try:
-            fn(event, self, fields)
-        except Exception:
-            log.exception("lock %r: event observer failed", self._name)
+        if fns is not None:
+            for observer in fns:
+                try:
+                    observer(self, fields)
+                except Exception:
+                    log.exception("lock %r: %s observer %r failed", self._name, event, observer)
+        if fn is not None:
+            try:
+                fn(event, self, fields)
+            except Exception:
+                log.exception("lock %r: event observer failed", self._name)
 
     async def _withdraw(self, ks: _KeyState, me: _Waiter) -> None:
         """Remove ``me`` from the queue, or pass the lock on if it was handed to us."""
@@ -685,7 +699,8 @@ class Lock:
         """
         if not self._acquired:
             raise RuntimeError(f"lock {self._name!r} is not held")
-        await self._stop_renewer(keep_timer=True)
+        if self._renewer is not None:  # a short hold never started renewing
+            await self._stop_renewer(keep_timer=True)
         self._acquired = False
         token = self._token or 0
         if self._lost or time.monotonic() >= self._deadline:
@@ -747,7 +762,7 @@ class LockService:
     """Locks of one owner (a process) in one KV bucket, e.g. ``{platform}_{app}_locks``.
 
     ``owner`` identifies the process (node id plus a random suffix is fine); each acquisition
-    gets its own waiter id ``{owner}#{random}``. ``prefix`` namespaces the lock keys.
+    gets its own waiter id ``{owner}#{suffix}``. ``prefix`` namespaces the lock keys.
     """
 
     def __init__(
@@ -773,8 +788,15 @@ class LockService:
         self.poll_interval = poll_interval
         self.op_timeout = op_timeout
         self._keys: dict[str, _KeyState] = {}
-        # Observability (audit, metrics, lock-wait spans): called synchronously with
-        # (event, lock, fields) for "wait", "acquired", "wait_failed", "released", "expired".
+        self._ttl_headers: dict[float, str] = {}
+        # Waiter ids: ``{owner}#{random}{counter}``, unique without a random draw per acquire.
+        self._id_base = f"{owner}#{secrets.token_hex(4)}"
+        self._ids = itertools.count(1)
+        # Observability (audit, metrics, lock-wait spans), called synchronously on the events
+        # "wait", "acquired", "wait_failed", "released", "expired": ``observers`` maps an event
+        # to the functions (lock, fields) that asked for it (an event nobody asked for costs
+        # nothing); ``on_event`` (event, lock, fields) is called for every event.
+        self.observers: dict[str, tuple[Callable[[Lock, dict[str, Any]], None], ...]] = {}
         self.on_event: Callable[[str, Lock, dict[str, Any]], None] | None = None
 
     async def ensure(self) -> None:
@@ -846,14 +868,16 @@ class LockService:
         timeout: float | None = None,
     ) -> int:
         """CAS ``state`` onto ``ks.key`` against revision ``expected``, with a server TTL."""
-        revision = await natsutil.cas_publish(
-            self._js,
-            self.bucket,
-            ks.key,
-            state.encode(),
-            expected_seq=expected,
-            ttl=ttl,
-            timeout=timeout or self.op_timeout,
-        )
+        # `natsutil.cas_publish` inlined (two writes per acquire+release): the subject and the
+        # TTL header are formatted once per key and lease length.
+        ttl_value = self._ttl_headers.get(ttl)
+        if ttl_value is None:
+            ttl_value = self._ttl_headers[ttl] = natsutil.ttl_header(ttl)
+        headers = {natsutil.EXPECTED_LAST_SUBJECT_SEQ: str(expected),
+                   natsutil.TTL_HEADER: ttl_value}
+        revision = await natsutil.conditional_publish(
+            self._js, ks.subject, state.encode(), headers, timeout or self.op_timeout)
+        if revision is None:
+            raise natsutil.CASConflict(f"{self.bucket}/{ks.key}: last sequence is not {expected}")
         ks.note(revision, state)
         return revision

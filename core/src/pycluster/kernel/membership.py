@@ -4,7 +4,8 @@ The record (id, labels, address, version, plugin set, apps, started) is written 
 compare-and-set plus ``Nats-TTL``, refreshed every half TTL (at once when it changes; a failed
 refresh is retried after a heartbeat), so a crashed node's record expires one TTL after its
 last refresh and a graceful leave deletes it. Other nodes watch ``nodes.>`` and raise
-``on_member_join`` / ``on_member_leave``. The watch is the steady state: an idle node reads no
+``on_member_join`` / ``on_member_leave`` (and tell the node of a member's changed record:
+placement re-evaluates then). The watch is the steady state: an idle node reads no
 records. It is checked every heartbeat by this node's own record (each refresh must come back
 through the watch within a heartbeat; if not, the watch went silent: it is re-created and every
 record read), and every record is read again after a reconnect and every
@@ -143,6 +144,7 @@ class Membership:
         replicas: int = 1,
         control: ControlPlane | None = None,
         on_restored: Callable[[dict[str, Any]], None] | None = None,
+        on_change: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._nc = nc
         self._js = js
@@ -161,6 +163,7 @@ class Membership:
         self.incarnation = os.urandom(6).hex()
         self._control = control
         self._on_restored = on_restored
+        self._on_change = on_change
         #: Valid, live records by node id (invalid ones are never in here).
         self.members: dict[str, dict[str, Any]] = {}
         #: node -> (revision, first seen (monotonic), seconds it may stay unchanged)
@@ -474,10 +477,14 @@ class Membership:
         return fresh is not None and time.monotonic() - fresh[1] <= fresh[2]
 
     def _seen(self, node: str, rec: dict[str, Any]) -> None:
-        is_new = node not in self.members
+        """A valid record that is new or differs from the last one seen (never a refresh that
+        changed nothing): ``on_join`` for a new member, else ``on_change``."""
+        previous = self.members.get(node)
         self.members[node] = rec
-        if is_new:
+        if previous is None:
             self._on_join(rec)
+        elif self._on_change is not None and previous != rec:
+            self._on_change(rec)
 
     def _left(self, node: str) -> None:
         self._raw.pop(node, None)

@@ -9,14 +9,17 @@ scores among the live standbys of the app (capped at `Placement.MAX_RANK`; the e
 caps the whole deferral below half a lease, since membership records can be forged). With only
 the default scorer this is the priority deferral: the highest-priority standby takes over first.
 
-Placement is re-evaluated while the node runs (`Placement.reevaluate`, every poll interval and
-at once after ``platform.set_labels``): an app whose filters now exclude this node has its
+Placement is re-evaluated while the node runs (`Placement.reevaluate`): at once after a change
+(``platform.set_labels``, a member joining, leaving or changing its record, the operations
+state), every poll interval while an app rebalances automatically, and otherwise every
+`Placement.RECONCILE` seconds: an app whose filters now exclude this node has its
 ``on_placement_invalid`` hooks run and hands its active instance over to the best eligible
 standby (if there is one); an app whose filters now admit this node is started here.
 
 Operations state (`Operations`: maintenance mode, cordoned nodes) is one JSON object in the
 platform bucket under `OPS_KEY`, written by compare-and-set (`update_operations`) by any node or
-the CLI, read by every node each poll interval. A cordoned node takes no new leadership and
+the CLI; every node watches its key and reads it when it changed (and at each slow
+reconciliation). A cordoned node takes no new leadership and
 starts no new Spread instance (what runs there stays); in maintenance mode (platform-wide or
 per app) no standby campaigns, so a leader that dies is not replaced until maintenance ends.
 The lease rules are untouched: maintenance only withholds campaigns, it never grants a lease.
@@ -35,7 +38,9 @@ view, the operations state and the hooks; split, they would pass all of it aroun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -162,6 +167,9 @@ class Placement:
 
     MAX_RANK = 3
     """At most this many distinct higher scores defer a campaign (records can be forged)."""
+    RECONCILE = 15.0
+    """Seconds between two re-evaluations when nothing changed and nothing waits for time
+    (changes are evaluated at once; see `run`)."""
 
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
@@ -177,6 +185,8 @@ class Placement:
         self._unknown: set[str] = set()
         self._kick = asyncio.Event()
         self._busy = asyncio.Lock()
+        self._ops_sub: Any = None  # the watch of the operations key (`run`)
+        self._ops_stale = True  # the operations state changed since it was read
         settings = platform.settings
         #: The platform-wide migration limits (cooldowns, concurrent, per minute), in NATS.
         self.slots = MigrationSlots(lambda: platform.js_control or platform.js, platform.name,
@@ -235,31 +245,94 @@ class Placement:
             except nu.TRANSIENT_ERRORS as exc:  # read again each poll interval
                 log.warning("placement: reading the operations state failed: %s", exc)
 
-    async def run(self, interval: float) -> None:
-        """Read the operations state and re-evaluate placement every ``interval`` seconds
-        (and at once after `kick`), until cancelled."""
-        p = self.platform
-        while True:
-            js = p.js_control or p.js
-            if js is not None:
+    async def run(self, interval: float, reconcile: float | None = None) -> None:
+        """Re-evaluate placement until cancelled: at once after `kick` (labels changed, a
+        member joined, left or changed its record) and after the operations state changed (a
+        watch of its key; the state is read then), every ``interval`` seconds while something
+        depends on time (automatic rebalancing waits for a settling time, a failed
+        evaluation or read is retried, no watch), and otherwise every ``reconcile`` seconds
+        (default `RECONCILE`): a slow pass that also reads the operations state again."""
+        reconcile = self.RECONCILE if reconcile is None else max(interval, reconcile)
+        last_read = -math.inf
+        try:
+            while True:
+                self._kick.clear()  # a kick from here on triggers another pass
+                failed = False
+                if self._ops_sub is None:
+                    await self._watch_ops()
+                now = time.monotonic()
+                if self._ops_stale or self._ops_sub is None or now - last_read >= reconcile:
+                    told = self._ops_stale
+                    before = self.ops
+                    if await self._read_ops():
+                        last_read = now
+                        if not told and self.ops != before and self._ops_sub is not None:
+                            # A change the watch did not deliver (its consumer was lost,
+                            # e.g. with the bucket): watch again.
+                            log.info("placement: the operations watch missed a change; "
+                                     "re-creating it")
+                            await self._unwatch_ops()
+                    else:
+                        failed = True
                 try:
-                    ops, _ = await read_operations(js, p.name)
-                    if ops != self.ops:
-                        log.info("node %s: operations state is now %s", p.node_id,
-                                 ops.as_dict())
-                        self.ops = ops
-                except nu.TRANSIENT_ERRORS as exc:
-                    log.debug("placement: reading the operations state failed: %s", exc)
-            try:
-                await self.reevaluate()
-            except Exception:
-                log.exception("placement: re-evaluation failed")
-            self._kick.clear()
-            try:
-                async with asyncio.timeout(interval):
-                    await self._kick.wait()
-            except TimeoutError:
-                pass
+                    await self.reevaluate()
+                except Exception:
+                    failed = True
+                    log.exception("placement: re-evaluation failed")
+                ticking = failed or self._ops_sub is None or any(
+                    self.policy(app)[0] for app in self.platform.apps.values())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval if ticking else reconcile):
+                        await self._kick.wait()
+        finally:
+            await self._unwatch_ops()
+
+    async def _read_ops(self) -> bool:
+        """Read the operations state (True: read)."""
+        p = self.platform
+        js = p.js_control or p.js
+        if js is None:
+            return False
+        self._ops_stale = False  # a change from now on is read at the next pass
+        try:
+            ops, _ = await read_operations(js, p.name)
+        except nu.TRANSIENT_ERRORS as exc:
+            self._ops_stale = True
+            log.debug("placement: reading the operations state failed: %s", exc)
+            return False
+        if ops != self.ops:
+            log.info("node %s: operations state is now %s", p.node_id, ops.as_dict())
+            self.ops = ops
+        return True
+
+    async def _watch_ops(self) -> None:
+        """Watch the operations key (headers only: a change is read in full once)."""
+        p = self.platform
+        js = p.js_control or p.js
+        if js is None:
+            return
+
+        async def changed(_msg: Any) -> None:
+            self._ops_stale = True
+            self._kick.set()
+
+        try:
+            self._ops_sub = await nu.light_watch(
+                js, nu.kv_subject(f"{p.name}_platform", OPS_KEY), changed, headers_only=True)
+        except Exception as exc:  # polled every interval meanwhile
+            log.debug("placement: watching the operations state failed: %s", exc)
+        self._ops_stale = True  # whatever changed before the watch started
+
+    async def _unwatch_ops(self) -> None:
+        sub, self._ops_sub = self._ops_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def reconnected(self) -> None:
+        """Re-create the operations watch after a reconnect (the run loop reads the state)."""
+        await self._unwatch_ops()
+        self._kick.set()
 
     async def reevaluate(self) -> None:
         """Apply the current labels, filters, cordons and maintenance to this node's apps:

@@ -478,6 +478,7 @@ class Platform:
             on_join=self._member_joined, on_leave=self._member_left, on_replaced=self._replaced,
             poll_interval=min(1.0, s.heartbeat_interval), replicas=s.stream_replicas,
             control=self.control, on_restored=self._record_restored,
+            on_change=lambda _rec: self.placement.kick(),
         )
         try:
             await self.membership.join()
@@ -493,7 +494,7 @@ class Platform:
             self.js, bucket(self.name, suffix="platform"), self.node_id, prefix="locks.",
             replicas=s.stream_replicas,
         )
-        self._locks.on_event = self.lock_observer("_platform")
+        self.observe_locks(self._locks, "_platform")
         await self._locks.ensure()
 
     def _timing(self, app: App) -> dict[str, Any]:
@@ -519,7 +520,7 @@ class Platform:
         await kv.ensure(replicas=self.settings.stream_replicas)
         locks = LockService(self.js, bucket(self.name, app.name, "locks"), self.node_id,
                             replicas=self.settings.stream_replicas)
-        locks.on_event = self.lock_observer(app.name)
+        self.observe_locks(locks, app.name)
         await locks.ensure()
         slots = app.mode.slots()
         election: Election | None = None
@@ -689,6 +690,17 @@ class Platform:
         log.info("app %s on %s: %s (epoch %s): %s", app.name, self.node_id, role, epoch, reason)
         if self.membership is not None and role in (Role.ACTIVE, Role.PASSIVE, Role.STOPPED):
             self.spawn(self.membership.publish_now(), "membership:publish")
+
+    def observe_locks(self, locks: LockService, scope: str) -> None:
+        """Connect a lock service to the plugins: ``pycluster_lock_observers`` (asked once,
+        per event) and ``pycluster_lock_event`` (every event)."""
+        by_event: dict[str, list[Callable[[Any, dict[str, Any]], None]]] = {}
+        results = call_each(self.pm.hook.pycluster_lock_observers, platform=self, scope=scope)
+        for observers in results:
+            for event, fn in (observers or {}).items():
+                by_event.setdefault(event, []).append(fn)
+        locks.observers = {event: tuple(fns) for event, fns in by_event.items()}
+        locks.on_event = self.lock_observer(scope)
 
     def lock_observer(self, scope: str) -> Callable[[str, Any, dict[str, Any]], None] | None:
         """The ``on_event`` observer of a lock service: ``pycluster_lock_event`` (None when no
@@ -863,6 +875,7 @@ class Platform:
                 self.spawn(rt.election.reconnected(), "election:reconnected")
         if self.membership is not None:
             self.spawn(self.membership.reconnected(), "membership:reconnected")
+        self.spawn(self.placement.reconnected(), "placement:reconnected")
 
     async def _on_stepdown(self, msg: Msg) -> None:
         """A step-down request: validated, through the middleware chain, audited
@@ -880,9 +893,9 @@ class Platform:
     async def set_labels(self, changes: dict[str, str | None]) -> dict[str, str]:
         """Change this node's labels at runtime: ``{"zone": "b", "disk": None}`` sets ``zone``
         and removes ``disk``. Validated (`ConfigError`, nothing changed), published in the
-        membership record at once, and placement re-evaluated here (other nodes see the new
-        record within their poll interval). Runtime labels last as long as this process: a
-        restart starts from the configured ones. Returns the new labels."""
+        membership record at once, and placement re-evaluated here (and on the other nodes as
+        soon as their membership watch delivers the changed record). Runtime labels last as
+        long as this process: a restart starts from the configured ones. Returns the new labels."""
         new = merge_labels(self.labels, changes)
         if new == self.labels:
             return dict(new)

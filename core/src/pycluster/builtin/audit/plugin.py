@@ -9,6 +9,8 @@ health changes. Other plugins write theirs with ``platform.audit.log(...)``.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...plugins import hookimpl
@@ -118,12 +120,14 @@ def pycluster_placement_event(platform: Platform, app: App | None, event: str,
 
 
 @hookimpl
-def pycluster_lock_event(platform: Platform, scope: str, event: str, lock: Any,
-                         fields: dict[str, Any]) -> None:
-    """``lock``/``acquired``, ``released``, ``expired``."""
+def pycluster_lock_observers(platform: Platform, scope: str
+                             ) -> dict[str, Callable[[Any, dict[str, Any]], None]] | None:
+    """``lock``/``held``, ``acquired``, ``released``, ``expired`` (no ``wait`` events)."""
     a = _service(platform)
-    if a is not None:
-        a.lock_event(scope, event, lock, fields)
+    if a is None:
+        return None
+    return {event: functools.partial(a.lock_event, scope, event)
+            for event in ("acquired", "released", "expired")}
 
 
 @hookimpl

@@ -9,6 +9,7 @@ through its middleware. Other plugins record into its public metrics when it is 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...httpserver import Route
@@ -139,10 +140,14 @@ def pycluster_connection_state(platform: Platform, connection: str,
 
 
 @hookimpl
-def pycluster_lock_event(platform: Platform, scope: str, event: str,
-                         fields: dict[str, Any]) -> None:
-    """Lock wait and hold times, lost locks."""
+def pycluster_lock_observers(platform: Platform, scope: str
+                             ) -> dict[str, Callable[[Any, dict[str, Any]], None]] | None:
+    """Lock wait and hold times, lost locks (no ``wait`` or ``wait_failed`` events)."""
     m = _service(platform)
-    if m is not None:
-        m.lock_event(scope, event, fields)
+    if m is None:
+        return None
 
+    def observer(event: str) -> Callable[[Any, dict[str, Any]], None]:
+        return lambda _lock, fields: m.lock_event(scope, event, fields)
+
+    return {event: observer(event) for event in ("acquired", "released", "expired")}

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -139,9 +141,12 @@ def pycluster_stage_event(app: App, event: StageEvent) -> None:
 
 
 @hookimpl
-def pycluster_lock_event(platform: Platform, scope: str, event: str, lock: Any,
-                         fields: dict[str, Any]) -> None:
+def pycluster_lock_observers(platform: Platform, scope: str
+                             ) -> dict[str, Callable[[Any, dict[str, Any]], None]] | None:
     """``pycluster.lock.wait`` spans: from the start of an acquisition to its end."""
     svc = platform.services.get(PLUGIN)
-    if isinstance(svc, TracingService):
-        svc.locks(scope).event(event, lock, fields)
+    if not isinstance(svc, TracingService):
+        return None
+    spans = svc.locks(scope)
+    return {event: functools.partial(spans.event, event)
+            for event in ("wait", "acquired", "wait_failed")}
