@@ -66,7 +66,7 @@ from ...middleware import Call, MiddlewareChain, Request
 from .app import AppRpc
 from .cancel import Cancellations
 from .client import AnyInstance, FixedNode, NodeResult, RetryPolicy, RpcClient, Target
-from .server import Endpoint, Gate, RpcServer
+from .server import DeadlineWheel, Endpoint, Gate, RpcServer
 from .wire import DEFAULT_MAX_INFLIGHT, LEADER_TARGET, WARN_EVERY
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class RpcService(RpcServer, RpcClient):
         self._other_drops = 0
         self._other_warned = -WARN_EVERY
         self._specs: dict[Callable[..., Any], codecs.HandlerSpec] = {}
+        self._deadlines = DeadlineWheel()
         self._reconcile_task: asyncio.Task[None] | None = None
         self._running = False
         self._rid_prefix = os.urandom(4).hex() + "-"
