@@ -354,97 +354,98 @@ class RpcServer:
         if tracked:
             self.cancellations.track(key, task)
         try:
-            await self._serve_one(ep, msg, meta, task)
+            me = self.platform.node_id
+            method = msg.subject[ep.prefix_len:]
+            reply_headers: dict[str, str] = {H_NODE: me}
+            content_type: str | None = None
+            try:
+                try:
+                    app = ep.app
+                    if ep.active_only and not app.is_active:
+                        if leader := app.leader:
+                            reply_headers[H_LEADER] = leader
+                        raise Reject(NOT_LEADER, "NotLeaderError",
+                                      f"{me} is not active for {app.name} (leader: {app.leader})")
+                    headers = msg.headers or {}
+                    data = msg.data
+                    content_type = headers.get(codecs.CONTENT_TYPE) if headers else None
+                    if content_type is None and data:
+                        content_type = codecs.OCTET_STREAM  # raw bytes travel without the header
+                    try:
+                        payload = codecs.decode(data, content_type)
+                    except codecs.CodecError as exc:
+                        raise Reject(BAD_REQUEST, "CodecError", str(exc)) from None
+                    deadline: float | None = None
+                    rid, source_node, source_app = "", None, None
+                    if meta:
+                        parts = meta.split(" ")
+                        try:
+                            # Request.deadline compares to time.monotonic() (the loop's clock).
+                            rid = parts[0].partition("/")[0]  # the cancel token stays private
+                            deadline = time.monotonic() + max(0.0, float(parts[1]))
+                            source_node = parts[2]
+                            source_app = parts[3] if len(parts) > 3 else None
+                        except (IndexError, ValueError):
+                            raise Reject(BAD_REQUEST, "ValueError",
+                                          f"bad {H_CALL} header {meta[:64]!r}") from None
+                    req = Request(
+                        kind=ep.kind, app=app.name, method=method, route=ep.route, node=me,
+                        subject=msg.subject, headers=headers, data=data, content_type=content_type,
+                        payload=payload, request_id=rid, source_node=source_node,
+                        source_app=source_app, deadline=deadline, reply_headers=reply_headers,
+                        handler=ep.handlers.get(method),  # None: refused after middleware (auth)
+                    )
+                    mw = self.middleware
+                    if mw is not self._chains_of or self._chains_version != mw.version:
+                        self._compose()
+                    # The request id is the correlation id of what the handler records (audit
+                    # entries); this task's own context, so nothing to reset.
+                    CORRELATION.set(rid or None)
+                    if deadline is None:
+                        result = await self._request_chain(req)
+                    else:
+                        # Cancel the handler when the caller stops waiting (a shared timer per
+                        # slot of the deadline wheel: cheaper than a timer per request).
+                        expired: list[bool] = []
+                        slot = self._deadlines.add(deadline, task, expired)
+                        try:
+                            result = await self._request_chain(req)
+                        except asyncio.CancelledError:
+                            if expired and task.uncancel() == 0:
+                                raise Reject(DEADLINE_EXCEEDED, "TimeoutError",
+                                              "the caller's deadline passed") from None
+                            raise
+                        finally:
+                            slot.pop(task, None)
+                except asyncio.CancelledError:
+                    if task.cancelling() and not self._running:
+                        raise  # the platform stops
+                    return  # cancelled by the caller: it no longer waits
+                if not msg.reply:
+                    return
+                body, ct = codecs.encode(result, codecs.codec_of(content_type))
+                if codecs.needs_header(body, ct):
+                    reply_headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
+                if len(body) + HEADER_SLACK > self._max_payload():
+                    raise Reject(REPLY_TOO_LARGE, "PayloadTooLargeError",
+                                  f"reply of {len(body)} bytes exceeds the server limit of "
+                                  f"{self._max_payload()} bytes")
+                nc = self.platform.nc
+                if nc is not None:
+                    try:
+                        await nc.publish(msg.reply, body, headers=reply_headers)
+                    except Exception as exc:
+                        log.debug("rpc: reply to %s not sent: %s", msg.subject, exc)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # every failure becomes an error reply
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                await self._respond_error(ep, msg, method, exc, reply_headers)
         finally:
             gate.busy -= 1
             if tracked:
                 self.cancellations.done(key, task)
-
-    async def _serve_one(self, ep: Endpoint, msg: Msg, meta: str | None,
-                         task: asyncio.Task[Any]) -> None:
-        me = self.platform.node_id
-        method = msg.subject[ep.prefix_len:]
-        reply_headers: dict[str, str] = {H_NODE: me}
-        content_type: str | None = None
-        try:
-            try:
-                app = ep.app
-                if ep.active_only and not app.is_active:
-                    if leader := app.leader:
-                        reply_headers[H_LEADER] = leader
-                    raise Reject(NOT_LEADER, "NotLeaderError",
-                                  f"{me} is not active for {app.name} (leader: {app.leader})")
-                headers = msg.headers or {}
-                data = msg.data
-                content_type = headers.get(codecs.CONTENT_TYPE) if headers else None
-                if content_type is None and data:
-                    content_type = codecs.OCTET_STREAM  # raw bytes travel without the header
-                try:
-                    payload = codecs.decode(data, content_type)
-                except codecs.CodecError as exc:
-                    raise Reject(BAD_REQUEST, "CodecError", str(exc)) from None
-                deadline: float | None = None
-                rid, source_node, source_app = "", None, None
-                if meta:
-                    parts = meta.split(" ")
-                    try:
-                        # Request.deadline compares to time.monotonic() (the loop's clock).
-                        rid = parts[0].partition("/")[0]  # the cancel token stays private
-                        deadline = time.monotonic() + max(0.0, float(parts[1]))
-                        source_node = parts[2]
-                        source_app = parts[3] if len(parts) > 3 else None
-                    except (IndexError, ValueError):
-                        raise Reject(BAD_REQUEST, "ValueError",
-                                      f"bad {H_CALL} header {meta[:64]!r}") from None
-                req = Request(
-                    kind=ep.kind, app=app.name, method=method, route=ep.route, node=me,
-                    subject=msg.subject, headers=headers, data=data, content_type=content_type,
-                    payload=payload, request_id=rid, source_node=source_node,
-                    source_app=source_app, deadline=deadline, reply_headers=reply_headers,
-                    handler=ep.handlers.get(method),  # None: refused after middleware (auth)
-                )
-                mw = self.middleware
-                if mw is not self._chains_of or self._chains_version != mw.version:
-                    self._compose()
-                # The request id is the correlation id of what the handler records (audit
-                # entries); this task's own context, so nothing to reset.
-                CORRELATION.set(rid or None)
-                if deadline is None:
-                    result = await self._request_chain(req)
-                else:
-                    # Cancel the handler when the caller stops waiting (a shared timer per
-                    # slot of the deadline wheel: cheaper than a timer per request).
-                    expired: list[bool] = []
-                    slot = self._deadlines.add(deadline, task, expired)
-                    try:
-                        result = await self._request_chain(req)
-                    except asyncio.CancelledError:
-                        if expired and task.uncancel() == 0:
-                            raise Reject(DEADLINE_EXCEEDED, "TimeoutError",
-                                          "the caller's deadline passed") from None
-                        raise
-                    finally:
-                        slot.pop(task, None)
-            except asyncio.CancelledError:
-                if task.cancelling() and not self._running:
-                    raise  # the platform stops
-                return  # cancelled by the caller: it no longer waits
-            if not msg.reply:
-                return
-            body, ct = codecs.encode(result, codecs.codec_of(content_type))
-            if codecs.needs_header(body, ct):
-                reply_headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
-            if len(body) + HEADER_SLACK > self._max_payload():
-                raise Reject(REPLY_TOO_LARGE, "PayloadTooLargeError",
-                              f"reply of {len(body)} bytes exceeds the server limit of "
-                              f"{self._max_payload()} bytes")
-            await self._respond(msg, body, reply_headers)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # every failure becomes an error reply
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            await self._respond_error(ep, msg, method, exc, reply_headers)
 
     async def _invoke(self, req: Request) -> Any:
         fn = req.handler
