@@ -214,8 +214,10 @@ class RpcClient:
 
     async def call(self, call: Call) -> Any:
         """Run a call through the middleware chain and the transport."""
-        self._nc()
-        mw = self.middleware
+        p = self.platform
+        if p.nc is None or not p._running:
+            self._nc()  # raises
+        mw = p.middleware
         if mw is not self._chains_of or self._chains_version != mw.version:
             self._compose()
         return await self._call_chain(call)
