@@ -142,6 +142,8 @@ class App:
         self.platform: Platform | None = None
         self._state: dict[str, dict[str, Any]] = {}
         self._needs: set[str] = set()
+        # ``app.rpc`` once the platform had the plugin: (platform, handle); read on every call.
+        self._rpc_handle: tuple[Any, Any] | None = None
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, {self.mode!r})"
@@ -361,6 +363,9 @@ class App:
         """RPC between this app's nodes: ``handler(name)``, ``call(node, ...)``,
         ``call_leader(...)``, ``broadcast(...)`` (see `pycluster.builtin.rpc.app.AppRpc`;
         plugin ``rpc``)."""
+        cached = self._rpc_handle
+        if cached is not None and cached[0] is self.platform:
+            return cached[1]  # type: ignore[no-any-return]
         self._feature("rpc")
         st = self.state("rpc")
         handle = st.get("handle")
@@ -368,6 +373,8 @@ class App:
             from ..builtin.rpc.app import AppRpc  # the default plugin's handle
 
             handle = st["handle"] = AppRpc(self)
+        if self.platform is not None:
+            self._rpc_handle = (self.platform, handle)
         return handle  # type: ignore[no-any-return]
 
     @property

@@ -250,11 +250,15 @@ class ApiService:
     def __init__(self, platform: Platform) -> None:
         self.platform = platform
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._rpc: RpcService | None = None
 
     @property
     def rpc(self) -> RpcService:
-        """The transport."""
-        return self.platform.service("rpc")  # type: ignore[no-any-return]
+        """The transport (the platform's services are built once: looked up once)."""
+        svc = self._rpc
+        if svc is None:
+            svc = self._rpc = self.platform.service("rpc")
+        return svc
 
     async def start(self) -> None:
         """Nothing to do before apps start."""

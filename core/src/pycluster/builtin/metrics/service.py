@@ -42,7 +42,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ...httpserver import HttpServer, Request, Response
 from ...kernel.backends import BackendCollector
 from ...kernel.stages import StageAction, StageOutcome
-from .collectors import PlatformRegistry, StateCollector
+from .collectors import BatchFlusher, HistogramBatch, PlatformRegistry, StateCollector
 
 if TYPE_CHECKING:
     from ...kernel.app import App
@@ -72,6 +72,9 @@ class PlatformMetrics:
         self.enabled: bool = platform.settings.metrics
         self.registry: PlatformRegistry = PlatformRegistry()
         r = self.registry
+        # First in the registry: batched observations are flushed before anything is read.
+        self.batches = BatchFlusher()
+        r.register(self.batches)
         self.failover_seconds = Histogram(
             "pycluster_failover_seconds",
             "From the previous leader's last sign of life seen by this node to this node "
@@ -157,6 +160,13 @@ class PlatformMetrics:
         # release), and app -> the last leader other than this node that was observed.
         self._life: dict[str, dict[str, float]] = {}
         self._prev_leader: dict[str, str] = {}
+
+    def rpc_timer(self, server: bool, app: str, method: str) -> HistogramBatch:
+        """The batched child of ``pycluster_rpc_duration_seconds`` (``server``) or
+        ``pycluster_rpc_client_duration_seconds`` for ``(app, method)``: observed on every
+        call, added to the histogram when the registry is collected."""
+        metric = self.rpc_duration if server else self.rpc_client_duration
+        return self.batches.batch((server, app, method), metric.labels(app, method))
 
     # -- exposition ----------------------------------------------------------------------------
 

@@ -71,8 +71,23 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 
+# Headers are counted against max_payload only for bodies within this many bytes of it.
+_HEADER_ROOM = 16 * 1024
 
-DEFAULT_RETRY = RetryPolicy()
+# Cancel tokens are cut from a buffer of OS randomness (one system call per 512 calls).
+_TOKEN_BYTES = 8
+_token_buf = b""
+_token_pos = 0
+
+
+def _cancel_token() -> str:
+    """64 unguessable bits, hex-encoded."""
+    global _token_buf, _token_pos
+    if _token_pos >= len(_token_buf):
+        _token_buf, _token_pos = os.urandom(_TOKEN_BYTES * 512), 0
+    pos = _token_pos
+    _token_pos = pos + _TOKEN_BYTES
+    return _token_buf[pos:pos + _TOKEN_BYTES].hex()
 
 
 class Target:
@@ -188,20 +203,21 @@ class RpcClient:
     ) -> Call:
         """Build the `Call` middleware will see (validating the method name)."""
         check_method(method)
-        call = Call(kind=kind, app=app, method=method, route=target.route, payload=payload,
+        if codec not in codecs.CODECS:
+            codecs.check_codec(codec)  # raises
+        return Call(kind=kind, app=app, method=method, route=target.route, payload=payload,
                     headers={}, timeout=check_timeout(timeout), idempotent=idempotent,
                     source_node=self.platform.node_id, source_app=source_app,
-                    request_id=self._rid_prefix + format(next(self._rid_counter), "x"))
-        call.codec = codecs.check_codec(codec)
-        call.response_model = response_model
-        call.target = target
-        call.retry = retry or DEFAULT_RETRY
-        return call
+                    request_id=self._rid_prefix + format(next(self._rid_counter), "x"),
+                    codec=codec, response_model=response_model, target=target,
+                    retry=retry or DEFAULT_RETRY)
 
     async def call(self, call: Call) -> Any:
         """Run a call through the middleware chain and the transport."""
-        self._nc()
-        mw = self.middleware
+        p = self.platform
+        if p.nc is None or not p._running:
+            self._nc()  # raises
+        mw = p.middleware
         if mw is not self._chains_of or self._chains_version != mw.version:
             self._compose()
         return await self._call_chain(call)
@@ -217,17 +233,19 @@ class RpcClient:
         if codecs.needs_header(body, ct):
             headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
         limit = int(nc.max_payload)
-        hsize = sum(len(k) + len(v) + 4 for k, v in headers.items()) + 64
-        if len(body) + hsize > limit:
-            raise PayloadTooLargeError(
-                len(body) + hsize, limit,
-                f"request {call.app}.{call.method} (body and headers; the NATS server's "
-                f"max_payload is {limit} bytes)",
-            )
+        # Headers are small: counted only for a body that comes near the limit.
+        if len(body) + _HEADER_ROOM > limit:
+            hsize = sum(len(k) + len(v) + 4 for k, v in headers.items()) + 64
+            if len(body) + hsize > limit:
+                raise PayloadTooLargeError(
+                    len(body) + hsize, limit,
+                    f"request {call.app}.{call.method} (body and headers; the NATS server's "
+                    f"max_payload is {limit} bytes)",
+                )
         failures = 0
         last = ""
         # The cancel token: unguessable, per call, known only to readers of the request.
-        cancel_key = f"{call.request_id}/{os.urandom(8).hex()}"
+        cancel_key = f"{call.request_id}/{_cancel_token()}"
         meta_tail = f" {call.source_node} {call.source_app}" if call.source_app else (
             f" {call.source_node}")
         while True:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,20 @@ if TYPE_CHECKING:
     from .cancel import Cancellations
 
 log = logging.getLogger("pycluster.rpc")
+
+
+if sys.version_info >= (3, 12):
+    def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task started eagerly: up to its first suspension it runs now, so
+        a handler that completes without waiting answers in this step of the event loop (no
+        extra loop iteration per request); it is still a task of its own (its own context,
+        ``asyncio.current_task()``, cancellable)."""
+        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
+else:
+    def _start_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task (Python 3.11 has no eager start: it runs at the next
+        iteration of the event loop)."""
+        return asyncio.create_task(coro)
 
 
 class Gate:
@@ -107,6 +121,41 @@ class Gate:
         return False
 
 
+class DeadlineWheel:
+    """Cancels handlers whose caller stopped waiting: deadlines are rounded up to a slot of
+    ``1/SLOTS_PER_S`` seconds and each slot has one timer, instead of one timer per request
+    (a timer costs as much as a small handler on this path). A handler is cancelled at most one
+    slot after its deadline; the caller has given up by then in any case."""
+
+    SLOTS_PER_S = 20
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[asyncio.Task[Any], list[bool]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, deadline: float, task: asyncio.Task[Any],
+            expired: list[bool]) -> dict[asyncio.Task[Any], list[bool]]:
+        """Cancel ``task`` (appending True to ``expired`` first) once ``deadline`` (a
+        ``time.monotonic()`` instant) passed; returns the slot, from which the caller removes
+        ``task`` when it ends in time."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # timers of another (closed) loop never fire here
+            self._loop = loop
+            self._slots = {}
+        n = int(deadline * self.SLOTS_PER_S) + 1
+        slot = self._slots.get(n)
+        if slot is None:
+            slot = self._slots[n] = {}
+            loop.call_at(n / self.SLOTS_PER_S, self._fire, n)
+        slot[task] = expired
+        return slot
+
+    def _fire(self, n: int) -> None:
+        for task, expired in self._slots.pop(n, {}).items():
+            expired.append(True)
+            task.cancel()
+
+
 def pending_limits(max_inflight: int, max_payload: int) -> tuple[int, int]:
     """``(messages, bytes)`` pending limits of a serving subscription: a few waves of
     ``max_inflight`` requests, and room for several messages of the largest size."""
@@ -148,6 +197,7 @@ class RpcServer:
     _other_drops: int
     _other_warned: float
     _specs: dict[Callable[..., Any], codecs.HandlerSpec]
+    _deadlines: DeadlineWheel
     _running: bool
     _chains_of: MiddlewareChain | None
     _chains_version: int
@@ -246,6 +296,7 @@ class RpcServer:
     def _callback(self, ep: Endpoint) -> Callable[[Msg], Awaitable[None]]:
         gate = ep.gate
         assert gate is not None
+        serve = self._serve
 
         async def cb(msg: Msg) -> None:
             # Never let anything escape into nats-py's delivery loop; handlers run in their own
@@ -254,24 +305,18 @@ class RpcServer:
                 if gate.busy >= gate.limit:
                     await self._overloaded(gate, msg)
                     return
-                task = asyncio.create_task(self._serve(ep, msg))
-                gate.busy += 1
                 headers = msg.headers
                 meta = (headers.get(H_CALL) or headers.get(H_CALL_OLD)) if headers else None
-                key = meta.partition(" ")[0] if meta else ""
-                if "/" in key:  # "<request id>/<cancel token>": cancellable
-                    self.cancellations.track(key, task)
-                    task.add_done_callback(functools.partial(self._done, gate, key))
-                else:
-                    task.add_done_callback(gate.release)
+                gate.busy += 1  # released by _serve, which cannot be cancelled before it runs
+                try:
+                    _start_task(serve(ep, gate, msg, meta))
+                except BaseException:
+                    gate.busy -= 1
+                    raise
             except Exception:
                 log.exception("rpc: dropping a message on %s", msg.subject)
 
         return cb
-
-    def _done(self, gate: Gate, key: str, task: asyncio.Task[None]) -> None:
-        gate.busy -= 1
-        self.cancellations.done(key, task)
 
     async def _overloaded(self, gate: Gate, msg: Msg) -> None:
         """Refuse a request beyond the in-flight limit: counted, answered at once."""
@@ -317,96 +362,108 @@ class RpcServer:
             self._specs[fn] = spec
         return spec
 
-    async def _serve(self, ep: Endpoint, msg: Msg) -> None:
-        headers = msg.headers or {}
-        loop = asyncio.get_running_loop()
-        me = self.platform.node_id
-        method = msg.subject[ep.prefix_len:]
-        reply_headers: dict[str, str] = {H_NODE: me}
-        content_type: str | None = None
+    async def _serve(self, ep: Endpoint, gate: Gate, msg: Msg, meta: str | None) -> None:
+        # Runs as its own task. It is made cancellable (tracked, given a deadline) only from
+        # here, so it is never cancelled before its first step: the finally always runs.
+        key = meta.partition(" ")[0] if meta else ""
+        task = asyncio.current_task()
+        assert task is not None
+        tracked = "/" in key  # "<request id>/<cancel token>": cancellable
+        if tracked:
+            self.cancellations.track(key, task)
         try:
+            me = self.platform.node_id
+            method = msg.subject[ep.prefix_len:]
+            reply_headers: dict[str, str] = {H_NODE: me}
+            content_type: str | None = None
             try:
-                if ep.active_only and not ep.app.is_active:
-                    if leader := ep.app.leader:
-                        reply_headers[H_LEADER] = leader
-                    raise Reject(NOT_LEADER, "NotLeaderError",
-                                  f"{me} is not active for {ep.app.name} (leader: {ep.app.leader})")
-                fn = ep.handlers.get(method)  # None: refused after middleware (auth first)
-                content_type = headers.get(codecs.CONTENT_TYPE)
-                if content_type is None and msg.data:
-                    content_type = codecs.OCTET_STREAM  # raw bytes travel without the header
                 try:
-                    payload = codecs.decode(msg.data, content_type)
-                except codecs.CodecError as exc:
-                    raise Reject(BAD_REQUEST, "CodecError", str(exc)) from None
-                deadline: float | None = None
-                rid, source_node, source_app = "", None, None
-                if meta := headers.get(H_CALL) or headers.get(H_CALL_OLD):
-                    parts = meta.split(" ")
+                    app = ep.app
+                    if ep.active_only and not app.is_active:
+                        if leader := app.leader:
+                            reply_headers[H_LEADER] = leader
+                        raise Reject(NOT_LEADER, "NotLeaderError",
+                                      f"{me} is not active for {app.name} (leader: {app.leader})")
+                    headers = msg.headers or {}
+                    data = msg.data
+                    content_type = headers.get(codecs.CONTENT_TYPE) if headers else None
+                    if content_type is None and data:
+                        content_type = codecs.OCTET_STREAM  # raw bytes travel without the header
                     try:
-                        # The loop's clock is time.monotonic(): Request.deadline compares to it.
-                        rid = parts[0].partition("/")[0]  # the cancel token stays private
-                        deadline = loop.time() + max(0.0, float(parts[1]))
-                        source_node = parts[2]
-                        source_app = parts[3] if len(parts) > 3 else None
-                    except (IndexError, ValueError):
-                        raise Reject(BAD_REQUEST, "ValueError",
-                                      f"bad {H_CALL} header {meta[:64]!r}") from None
-                req = Request(
-                    kind=ep.kind, app=ep.app.name, method=method, route=ep.route, node=me,
-                    subject=msg.subject, headers=headers, data=msg.data,
-                    content_type=content_type, payload=payload,
-                    request_id=rid, source_node=source_node, source_app=source_app,
-                    deadline=deadline, reply_headers=reply_headers, handler=fn,
-                )
-                mw = self.middleware
-                if mw is not self._chains_of or self._chains_version != mw.version:
-                    self._compose()
-                chain = self._request_chain
-                # The request id is the correlation id of what the handler records (audit
-                # entries); this task's own context, so nothing to reset.
-                CORRELATION.set(rid or None)
-                if deadline is None:
-                    result = await chain(req)
-                else:
-                    # A bare timer (cheaper than asyncio.timeout on this hot path) cancels the
-                    # handler when the caller stops waiting.
-                    task = asyncio.current_task()
-                    assert task is not None
-                    expired: list[bool] = []
-                    timer = loop.call_at(deadline, _expire, task, expired)
+                        payload = codecs.decode(data, content_type)
+                    except codecs.CodecError as exc:
+                        raise Reject(BAD_REQUEST, "CodecError", str(exc)) from None
+                    deadline: float | None = None
+                    rid, source_node, source_app = "", None, None
+                    if meta:
+                        parts = meta.split(" ")
+                        try:
+                            # Request.deadline compares to time.monotonic() (the loop's clock).
+                            rid = parts[0].partition("/")[0]  # the cancel token stays private
+                            deadline = time.monotonic() + max(0.0, float(parts[1]))
+                            source_node = parts[2]
+                            source_app = parts[3] if len(parts) > 3 else None
+                        except (IndexError, ValueError):
+                            raise Reject(BAD_REQUEST, "ValueError",
+                                          f"bad {H_CALL} header {meta[:64]!r}") from None
+                    req = Request(
+                        kind=ep.kind, app=app.name, method=method, route=ep.route, node=me,
+                        subject=msg.subject, headers=headers, data=data, content_type=content_type,
+                        payload=payload, request_id=rid, source_node=source_node,
+                        source_app=source_app, deadline=deadline, reply_headers=reply_headers,
+                        handler=ep.handlers.get(method),  # None: refused after middleware (auth)
+                    )
+                    mw = self.middleware
+                    if mw is not self._chains_of or self._chains_version != mw.version:
+                        self._compose()
+                    # The request id is the correlation id of what the handler records (audit
+                    # entries); this task's own context, so nothing to reset.
+                    CORRELATION.set(rid or None)
+                    if deadline is None:
+                        result = await self._request_chain(req)
+                    else:
+                        # Cancel the handler when the caller stops waiting (a shared timer per
+                        # slot of the deadline wheel: cheaper than a timer per request).
+                        expired: list[bool] = []
+                        slot = self._deadlines.add(deadline, task, expired)
+                        try:
+                            result = await self._request_chain(req)
+                        except asyncio.CancelledError:
+                            if expired and task.uncancel() == 0:
+                                raise Reject(DEADLINE_EXCEEDED, "TimeoutError",
+                                              "the caller's deadline passed") from None
+                            raise
+                        finally:
+                            slot.pop(task, None)
+                except asyncio.CancelledError:
+                    if task.cancelling() and not self._running:
+                        raise  # the platform stops
+                    return  # cancelled by the caller: it no longer waits
+                if not msg.reply:
+                    return
+                body, ct = codecs.encode(result, codecs.codec_of(content_type))
+                if codecs.needs_header(body, ct):
+                    reply_headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
+                if len(body) + HEADER_SLACK > self._max_payload():
+                    raise Reject(REPLY_TOO_LARGE, "PayloadTooLargeError",
+                                  f"reply of {len(body)} bytes exceeds the server limit of "
+                                  f"{self._max_payload()} bytes")
+                nc = self.platform.nc
+                if nc is not None:
                     try:
-                        result = await chain(req)
-                    except asyncio.CancelledError:
-                        if expired and task.uncancel() == 0:
-                            raise Reject(DEADLINE_EXCEEDED, "TimeoutError",
-                                          "the caller's deadline passed") from None
-                        raise
-                    finally:
-                        timer.cancel()
+                        await nc.publish(msg.reply, body, headers=reply_headers)
+                    except Exception as exc:
+                        log.debug("rpc: reply to %s not sent: %s", msg.subject, exc)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling() and not self._running:
-                    raise  # the platform stops
-                return  # cancelled by the caller: it no longer waits
-            if not msg.reply:
-                return
-            codec_name = codecs.codec_of(content_type)
-            body, ct = codecs.encode(result, codec_name)
-            if codecs.needs_header(body, ct):
-                reply_headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
-            limit = self._max_payload()
-            if len(body) + HEADER_SLACK > limit:
-                raise Reject(REPLY_TOO_LARGE, "PayloadTooLargeError",
-                              f"reply of {len(body)} bytes exceeds the server limit of {limit} "
-                              "bytes")
-            await self._respond(msg, body, reply_headers)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # every failure becomes an error reply
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            await self._respond_error(ep, msg, method, exc, reply_headers)
+            except BaseException as exc:  # every failure becomes an error reply
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                await self._respond_error(ep, msg, method, exc, reply_headers)
+        finally:
+            gate.busy -= 1
+            if tracked:
+                self.cancellations.done(key, task)
 
     async def _invoke(self, req: Request) -> Any:
         fn = req.handler
@@ -467,11 +524,6 @@ class RpcServer:
         headers[H_ERROR] = code
         headers[codecs.CONTENT_TYPE] = codecs.JSON
         await self._respond(msg, body, headers)
-
-
-def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
-    expired.append(True)
-    task.cancel()
 
 
 async def _drain(sub: Any, timeout: float = 5.0) -> None:

@@ -40,7 +40,7 @@ class TracingMiddleware(Middleware):
 
     async def on_call(self, call: Any, call_next: Any) -> Any:
         """Around an outgoing call."""
-        if not self._tracing():
+        if not (recording() and self.platform.settings.tracing):  # the common case: cheap
             if otel_context.get_current():  # an upstream context passes through
                 inject(call.headers)
             return await call_next(call)
@@ -58,7 +58,7 @@ class TracingMiddleware(Middleware):
 
     async def on_request(self, request: Any, call_next: Any) -> Any:
         """Around a served request."""
-        if not self._tracing():
+        if not (recording() and self.platform.settings.tracing):
             headers = request.headers
             if headers and "traceparent" in headers:
                 ctx_token = otel_context.attach(extract(headers))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context as OtelContext
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
@@ -69,12 +71,39 @@ def get_tracer() -> trace.Tracer:
 
 
 _NON_RECORDING = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+# The API reads os.environ on every get_tracer_provider() while no provider is set (to look for
+# one named by OTEL_PYTHON_TRACER_PROVIDER); the hot paths ask on every call, so the global is
+# read directly and the environment once, at import. Without that global (another API version)
+# the public call is used.
+_HAS_GLOBAL = hasattr(trace, "_TRACER_PROVIDER")
+_ENV_PROVIDER = OTEL_PYTHON_TRACER_PROVIDER in os.environ
+# Per provider: whether its sampler can ever record (an always-off sampler never does).
+_SAMPLES: tuple[object, bool] | None = None
+
+
+def _samples(provider: object) -> bool:
+    global _SAMPLES
+    if _SAMPLES is None or _SAMPLES[0] is not provider:
+        sampler = getattr(provider, "sampler", None)
+        describe = getattr(sampler, "get_description", None)
+        off = callable(describe) and describe() == "AlwaysOffSampler"
+        _SAMPLES = (provider, not off)
+    return _SAMPLES[1]
 
 
 def recording() -> bool:
-    """Whether an SDK tracer provider is installed (without one, spans are skipped outright:
-    the API's no-op spans would cost time and record nothing)."""
-    return not isinstance(trace.get_tracer_provider(), _NON_RECORDING)
+    """Whether spans would be recorded: an SDK tracer provider is installed and its sampler is
+    not always-off (otherwise spans are skipped outright: the API's no-op spans would cost time
+    and record nothing). Cheap: called on every RPC, API call and event."""
+    if _HAS_GLOBAL:
+        provider = trace._TRACER_PROVIDER  # type: ignore[attr-defined]
+        if provider is None:
+            if not _ENV_PROVIDER:
+                return False
+            provider = trace.get_tracer_provider()
+    else:
+        provider = trace.get_tracer_provider()
+    return not isinstance(provider, _NON_RECORDING) and _samples(provider)
 
 
 def tracing_enabled(platform: Platform | None) -> bool:
