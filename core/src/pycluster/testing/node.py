@@ -28,6 +28,7 @@ from .. import (
     Election,
     Platform,
     PreferLabel,
+    PromoteOnHubFailure,
     PyclusterError,
     Replicas,
     Singleton,
@@ -35,6 +36,7 @@ from .. import (
 )
 from ..backend import HealthCheck
 from ..builtin.process import Process
+from ..kernel.zones import ZoneFencedError
 from ..plugins import create_plugin_manager, hookimpl
 
 
@@ -58,6 +60,25 @@ class _Recorder:
         rt = app._runtime
         reason = rt.last_transition.get("reason", "") if rt else ""
         self.write(event="role", app=app.name, role=role, epoch=epoch, reason=reason)
+
+
+class _ZoneWrites:
+    """The external record of an app's zone writes: one line per write, only after
+    ``app.zone.check()`` passed (nothing else in the node decides it)."""
+
+    def __init__(self, directory: Path, zone: str, node: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.zone, self.node = zone, node
+        self.fh = (directory / f"{zone}-{node}.jsonl").open("a", buffering=1)
+
+    def attempt(self, app: App) -> None:
+        try:
+            term, epoch = app.zone.check()
+        except (ZoneFencedError, RuntimeError):  # fenced, or the platform not started yet
+            return
+        # No await between the check and the line: the record's time is the write's.
+        self.fh.write(json.dumps({"zone": self.zone, "node": self.node, "term": term,
+                                  "epoch": epoch, "t": time.time()}) + "\n")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,6 +122,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="module:function called as fn(ns) -> list of extra App options; if the "
                         "module has attach(app, platform, ns), it is called before the start")
     p.add_argument("--setup-arg", action="append", default=[], help="key=value for --setup")
+    p.add_argument("--zone", default=None, help="the platform's zone")
+    p.add_argument("--zone-role", default=None, choices=["hub", "leaf"])
+    p.add_argument("--promote-detection", type=float, default=None,
+                   help="PromoteOnHubFailure(detection=...) on the app")
+    p.add_argument("--promote-zones", type=int, default=None, help="PromoteOnHubFailure.zones")
+    p.add_argument("--vote-url", default=None, help="PromoteOnHubFailure.vote_url")
+    p.add_argument("--write-record", default=None,
+                   help="a directory: while `app.zone.check()` passes, every act also appends "
+                        "{zone, node, term, epoch, t} to {dir}/{zone}-{node}.jsonl (the "
+                        "external record of zone writes)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     return p.parse_args(argv)
@@ -124,6 +155,9 @@ async def amain(ns: argparse.Namespace) -> int:
         kv, _, weight = spec.rpartition(":")
         key, _, value = kv.partition("=")
         options.append(PreferLabel(key, value, weight=float(weight)))
+    if ns.promote_detection is not None:
+        options.append(PromoteOnHubFailure(detection=ns.promote_detection,
+                                           zones=ns.promote_zones, vote_url=ns.vote_url))
     if ns.backend_cmd:
         health = None
         if ns.backend_health_cmd:
@@ -149,7 +183,7 @@ async def amain(ns: argparse.Namespace) -> int:
         rebalance_threshold=ns.rebalance_threshold, migration_cooldown=ns.migration_cooldown,
         max_concurrent_migrations=ns.max_migrations,
         migrations_per_minute=ns.migrations_per_minute,
-        plugin_manager=pm,
+        plugin_manager=pm, zone=ns.zone, zone_role=ns.zone_role,
     )
     platform.register(app)
     for name in ns.extra_app:
@@ -159,10 +193,15 @@ async def amain(ns: argparse.Namespace) -> int:
         if hasattr(mod, "attach"):
             mod.attach(app, platform, ns)
 
+    writes = _ZoneWrites(Path(ns.write_record), ns.zone or ns.platform, ns.node_id) \
+        if ns.write_record else None
+
     async def act() -> None:
         while True:
             if app.is_active:
                 rec.write(event="act", app=app.name, epoch=app.epoch)
+            if writes is not None:
+                writes.attempt(app)
             await asyncio.sleep(ns.act_interval)
 
     ticker = asyncio.create_task(act())

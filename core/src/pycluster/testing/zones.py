@@ -1,4 +1,5 @@
-"""A witness bus and a witness voter for tests of promotion on hub loss.
+"""A witness bus and a witness voter for tests of promotion on hub loss, and the checker of
+the external record of zone writes.
 
 Example::
 
@@ -10,6 +11,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +22,7 @@ from pycluster.builtin.leaf.zones import WitnessVoter
 
 from .servers import NatsServer
 
-__all__ = ["Witness"]
+__all__ = ["Witness", "ZoneWrite", "read_zone_writes", "single_writer_violations"]
 
 
 class Witness:
@@ -80,3 +85,63 @@ class Witness:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+@dataclass(frozen=True)
+class ZoneWrite:
+    """One write of a zone's app, as recorded outside every zone (``--write-record`` of the
+    node program): after ``app.zone.check()`` passed, with its fencing token."""
+
+    zone: str
+    node: str
+    term: int
+    epoch: int
+    t: float  # wall clock
+
+    @property
+    def token(self) -> tuple[int, int]:
+        """The fencing token (term, local epoch)."""
+        return (self.term, self.epoch)
+
+
+def read_zone_writes(directory: str | Path) -> list[ZoneWrite]:
+    """Every write recorded in ``directory`` (``{zone}-{node}.jsonl`` files), by time; a
+    torn last line (a killed process) is skipped."""
+    out = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                d = json.loads(line)
+                out.append(ZoneWrite(str(d["zone"]), str(d["node"]), int(d["term"]),
+                                     int(d["epoch"]), float(d["t"])))
+    return sorted(out, key=lambda w: w.t)
+
+
+def single_writer_violations(writes: Iterable[ZoneWrite]) -> list[str]:
+    """What contradicts "one writer at a time" in an external record (empty: none).
+
+    Each term belongs to one zone; each fencing token (term, local epoch) to one node; and
+    once a token's first write happened, nobody writes with a lower token any more (an old
+    primary zone after the new term began, an old active node of a zone after its local
+    failover).
+    """
+    ws = sorted(writes, key=lambda w: w.t)
+    bad: list[str] = []
+    zone_of: dict[int, str] = {}
+    node_of: dict[tuple[int, int], str] = {}
+    for w in ws:
+        z = zone_of.setdefault(w.term, w.zone)
+        if z != w.zone:
+            bad.append(f"term {w.term} written by zones {z} and {w.zone} ({w.node} at {w.t:.3f})")
+        owner = node_of.setdefault(w.token, f"{w.zone}/{w.node}")
+        if owner != f"{w.zone}/{w.node}":
+            bad.append(f"token {w.token} written by {owner} and {w.zone}/{w.node} at {w.t:.3f}")
+    highest: ZoneWrite | None = None  # the highest token written so far, in time order
+    for w in ws:
+        if highest is not None and w.token < highest.token:
+            bad.append(f"{w.zone}/{w.node} wrote with token {w.token} at {w.t:.3f}, after "
+                       f"{highest.zone}/{highest.node} began token {highest.token} at "
+                       f"{highest.t:.3f}")
+        if highest is None or w.token > highest.token:
+            highest = w
+    return bad
