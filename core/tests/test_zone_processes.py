@@ -184,6 +184,8 @@ async def test_node_processes_hub_loss_local_failover_heal_and_a_minority_leaf(
     hub_writes = [w.t for w in writes if w.zone == "hq"]
     assert max(hub_writes) < first.t and max(hub_writes) > cut - 1.0
     assert single_writer_violations(writes) == []
+    print(f"cut -> hub's last write {max(hub_writes) - cut:.2f}s, -> term {term} in {winner} "
+          f"{first.t - cut:.2f}s")
 
     # 2. The new primary zone's active node is killed: the zone's other node takes over with
     # the same term (a local failover, a higher local epoch); no other zone promotes.
@@ -197,6 +199,9 @@ async def test_node_processes_hub_loss_local_failover_heal_and_a_minority_leaf(
                      if w.zone == winner and w.node == other), None)
 
     took = await wait_for(taken_over, 60)
+    last = max(w.t for w in zones.writes() if w.node == active.node and w.zone == winner)
+    print(f"local failover in {winner}: {active.node}'s last write -> {other}'s first "
+          f"{took.t - last:.2f}s")
     assert took.term == term and took.epoch > active.epoch
     await asyncio.sleep(DETECTION)
     writes = zones.writes()

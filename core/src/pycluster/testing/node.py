@@ -6,6 +6,12 @@ compared): role changes ("active", "passive", "stopped") with epoch and reason, 
 app is active — an "act" line every ``--act-interval`` seconds, which is what a leader "doing
 work" looks like. `NodeCluster` reads these files to find leaders and to prove that no two
 nodes were ever active at once.
+
+With ``--zone``/``--zone-role`` and ``--promote-detection`` the node is one node of a zone
+running the app with `PromoteOnHubFailure`; ``--write-record DIR`` then keeps the external
+record of the app's zone writes (``{DIR}/{zone}-{node}.jsonl``: zone, node, term, local epoch,
+wall time, written only after ``app.zone.check()`` passed), which
+`pycluster.testing.zones.single_writer_violations` checks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .. import (
     Spread,
 )
 from ..backend import HealthCheck
+from ..builtin.leaf.plugin import zone_of
 from ..builtin.process import Process
 from ..kernel.zones import ZoneFencedError
 from ..plugins import create_plugin_manager, hookimpl
@@ -73,7 +80,7 @@ class _ZoneWrites:
 
     def attempt(self, app: App) -> None:
         try:
-            term, epoch = app.zone.check()
+            term, epoch = zone_of(app).check()
         except (ZoneFencedError, RuntimeError):  # fenced, or the platform not started yet
             return
         # No await between the check and the line: the record's time is the write's.
