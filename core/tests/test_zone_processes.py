@@ -228,6 +228,10 @@ async def test_node_processes_hub_loss_local_failover_heal_and_a_minority_leaf(
     assert not [w for w in writes if w.zone == loser]
     assert any(w.zone == winner for w in _after(writes, alone + 2 * DETECTION))
     assert {w.term for w in writes} == {1, term}
+    # Its candidacies stopped at the pre-vote: its term and votes did not grow (asked on its
+    # own server, which the cut leaves reachable from here).
+    doc = (await _partition_status(zones, loser))["convex"]
+    assert doc["role"] == "replica" and doc["term"] == term and doc["voted"] <= term
     zones.heal()
     assert single_writer_violations(zones.writes()) == []
 
