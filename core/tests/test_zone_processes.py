@@ -10,20 +10,14 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pycluster import HubListen, LeafOf
-from pycluster.kernel.leaf import leafnode_config
 from pycluster.testing import wait_for
-from pycluster.testing.nodes import NodeCluster
-from pycluster.testing.proxy import TcpProxy
-from pycluster.testing.servers import NatsServer, free_port
 from pycluster.testing.zones import (
-    Witness,
+    ZoneNodes,
     ZoneWrite,
     read_zone_writes,
     single_writer_violations,
@@ -65,80 +59,20 @@ def test_the_checker_finds_overlapping_writers(tmp_path: Path) -> None:
     assert single_writer_violations(writes)  # term 1 by two zones
 
 
-@dataclass
-class ProcZones:
-    clusters: dict[str, NodeCluster]  # zone -> its two node processes
-    links: dict[str, TcpProxy]  # leaf zone -> its leaf link to the hub
-    votes: dict[str, TcpProxy]  # zone -> its path to the witness bus
-    servers: dict[str, NatsServer]
-    record: Path
-
-    def writes(self) -> list[ZoneWrite]:
-        return read_zone_writes(self.record)
-
-    def cut_zone(self, zone: str) -> None:
-        """Cut a zone from everything: its leaf link(s) and its witness path."""
-        for proxy in (self.links.values() if zone == "hq" else [self.links[zone]]):
-            proxy.cut()
-        self.votes[zone].cut()
-
-    def heal(self) -> None:
-        for proxy in (*self.links.values(), *self.votes.values()):
-            proxy.restore()
-
-
 @pytest.fixture
-async def proc_zones(tmp_path: Path, unique_name: str) -> AsyncIterator[ProcZones]:
-    witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=4)
-    hub_port = free_port()
-    links = {z: TcpProxy("127.0.0.1", hub_port, name=f"link-{z}") for z in ZONES[1:]}
-    record = tmp_path / "writes"
-    clusters: dict[str, NodeCluster] = {}
-    servers: dict[str, NatsServer] = {}
-    votes: dict[str, TcpProxy] = {}
-    try:
-        await witness.start()
-        for z in ZONES:
-            votes[z] = TcpProxy("127.0.0.1", witness.server.port, name=f"vote-{z}")
-        for proxy in (*links.values(), *votes.values()):
-            await proxy.start()
-        for z in ZONES:
-            conf = tmp_path / f"{z}.conf"
-            conf.write_text(leafnode_config(z, hub=HubListen(
-                host="127.0.0.1", port=hub_port, allow_anonymous=True, no_advertise=True))
-                if z == "hq" else leafnode_config(z, leaf=LeafOf(
-                    f"nats-leaf://127.0.0.1:{links[z].port}", reconnect=0.25)))
-            servers[z] = NatsServer(config_file=conf)
-            await servers[z].start()
-        for z in ZONES:
-            clusters[z] = NodeCluster(
-                f"{z}{unique_name}", [servers[z].url], tmp_path / z, size=2, app="convex",
-                lease_ttl=2.0, heartbeat=0.5, extra_args=[
-                    "--zone", z, "--zone-role", "hub" if z == "hq" else "leaf",
-                    "--promote-detection", str(DETECTION), "--promote-zones", "4",
-                    "--vote-url", f"nats://127.0.0.1:{votes[z].port}",
-                    "--write-record", str(record), "--act-interval", "0.1"])
-            await clusters[z].start(timeout=60)
-        zones = ProcZones(clusters, links, votes, servers, record)
+async def proc_zones(tmp_path: Path, unique_name: str) -> AsyncIterator[ZoneNodes]:
+    async with ZoneNodes(tmp_path, unique_name, zones=ZONES, detection=DETECTION) as zones:
         # The hub zone writes; give the leaves a detection time to follow it.
         await wait_for(lambda: any(w.zone == "hq" for w in zones.writes()), 60)
         await asyncio.sleep(DETECTION)
         yield zones
-    finally:
-        for c in clusters.values():
-            await c.stop()
-        for s in servers.values():
-            await s.stop()
-        await witness.stop()
-        for proxy in (*links.values(), *votes.values()):
-            await proxy.close()
 
 
 def _after(writes: list[ZoneWrite], t: float) -> list[ZoneWrite]:
     return [w for w in writes if w.t > t]
 
 
-async def _partition_status(zones: ProcZones, zone: str) -> dict[str, Any]:
+async def _partition_status(zones: ZoneNodes, zone: str) -> dict[str, Any]:
     from click.testing import CliRunner
 
     from pycluster.cli.main import cli
@@ -161,7 +95,7 @@ async def _partition_status(zones: ProcZones, zone: str) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_node_processes_hub_loss_local_failover_heal_and_a_minority_leaf(
-        proc_zones: ProcZones) -> None:
+        proc_zones: ZoneNodes) -> None:
     zones = proc_zones
     assert {w.term for w in zones.writes()} == {1}
 
@@ -236,6 +170,6 @@ async def test_node_processes_hub_loss_local_failover_heal_and_a_minority_leaf(
     assert single_writer_violations(zones.writes()) == []
 
 
-async def _hub_replica(zones: ProcZones) -> dict[str, Any] | None:
+async def _hub_replica(zones: ZoneNodes) -> dict[str, Any] | None:
     doc = (await _partition_status(zones, "hq")).get("convex")
     return doc if doc and doc.get("role") == "replica" else None

@@ -1,5 +1,5 @@
-"""A witness bus and a witness voter for tests of promotion on hub loss, and the checker of
-the external record of zone writes.
+"""A witness bus and a witness voter for tests of promotion on hub loss, zones of node
+processes (`ZoneNodes`), and the checker of the external record of zone writes.
 
 Example::
 
@@ -19,10 +19,13 @@ from pathlib import Path
 from types import TracebackType
 
 from pycluster.builtin.leaf.zones import WitnessVoter
+from pycluster.kernel.leaf import HubListen, LeafOf, leafnode_config
 
-from .servers import NatsServer
+from .nodes import NodeCluster
+from .proxy import TcpProxy
+from .servers import NatsServer, free_port
 
-__all__ = ["Witness", "ZoneWrite", "read_zone_writes", "single_writer_violations"]
+__all__ = ["Witness", "ZoneNodes", "ZoneWrite", "read_zone_writes", "single_writer_violations"]
 
 
 class Witness:
@@ -145,3 +148,110 @@ def single_writer_violations(writes: Iterable[ZoneWrite]) -> list[str]:
         if highest is None or w.token > highest.token:
             highest = w
     return bad
+
+
+class ZoneNodes:
+    """A hub zone and leaf zones of node processes, each zone its own nats-server (the leaf
+    links through `TcpProxy`), a `Witness` that every zone reaches through its own proxy, and
+    ``size`` node processes per zone running ``app`` with `PromoteOnHubFailure`; every write
+    the app makes goes to the external record (`writes`).
+
+    :param workdir: where configurations, node state, logs and the record go.
+    :param prefix: prefixed to each zone's name to make its platform name (unique per test).
+    :param zones: zone names, the hub's first.
+    :param node_args: extra node-program arguments per zone.
+
+    Example::
+
+        async with ZoneNodes(tmp_path, unique_name, detection=5.0) as zn:
+            zn.cut_zone("hq")
+            ...
+            assert single_writer_violations(zn.writes()) == []
+    """
+
+    def __init__(self, workdir: str | Path, prefix: str, *, zones: tuple[str, ...] = (
+                 "hq", "z1", "z2"), size: int = 2, app: str = "convex",
+                 detection: float = 5.0, lease_ttl: float = 2.0, heartbeat: float = 0.5,
+                 act_interval: float = 0.1,
+                 node_args: dict[str, list[str]] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.zones = zones
+        self.hub = zones[0]
+        self.record = self.workdir / "writes"
+        self.witness = Witness(app, self.workdir / "witness", detection=detection,
+                               zones=len(zones) + 1)
+        self._hub_port = free_port()
+        self.links = {z: TcpProxy("127.0.0.1", self._hub_port, name=f"link-{z}")
+                      for z in zones[1:]}
+        self.votes: dict[str, TcpProxy] = {}
+        self.servers: dict[str, NatsServer] = {}
+        self.clusters: dict[str, NodeCluster] = {}
+        self._spec = (prefix, size, app, detection, lease_ttl, heartbeat, act_interval,
+                      node_args or {})
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the witness, the proxies, the servers, then every zone's nodes."""
+        prefix, size, app, detection, lease_ttl, heartbeat, act, extra = self._spec
+        await self.witness.start()
+        for z in self.zones:
+            self.votes[z] = TcpProxy("127.0.0.1", self.witness.server.port, name=f"vote-{z}")
+        for proxy in (*self.links.values(), *self.votes.values()):
+            await proxy.start()
+        for z in self.zones:
+            conf = self.workdir / f"{z}.conf"
+            conf.write_text(leafnode_config(z, hub=HubListen(
+                host="127.0.0.1", port=self._hub_port, allow_anonymous=True,
+                no_advertise=True)) if z == self.hub else leafnode_config(z, leaf=LeafOf(
+                    f"nats-leaf://127.0.0.1:{self.links[z].port}", reconnect=0.25)))
+            self.servers[z] = NatsServer(config_file=conf)
+            await self.servers[z].start()
+        for z in self.zones:
+            self.clusters[z] = NodeCluster(
+                f"{z}{prefix}", [self.servers[z].url], self.workdir / z, size=size, app=app,
+                lease_ttl=lease_ttl, heartbeat=heartbeat, extra_args=[
+                    "--zone", z, "--zone-role", "hub" if z == self.hub else "leaf",
+                    "--promote-detection", str(detection),
+                    "--promote-zones", str(len(self.zones) + 1),
+                    "--vote-url", f"nats://127.0.0.1:{self.votes[z].port}",
+                    "--write-record", str(self.record), "--act-interval", str(act),
+                    *extra.get(z, [])])
+            await self.clusters[z].start(timeout=timeout)
+
+    async def stop(self) -> None:
+        """Stop the nodes, the servers, the witness and the proxies; safe after a failed
+        start."""
+        for c in self.clusters.values():
+            await c.stop()
+        for s in self.servers.values():
+            await s.stop()
+        await self.witness.stop()
+        for proxy in (*self.links.values(), *self.votes.values()):
+            await proxy.close()
+
+    def writes(self) -> list[ZoneWrite]:
+        """The external record so far, by time."""
+        return read_zone_writes(self.record)
+
+    def cut_zone(self, zone: str) -> None:
+        """Cut ``zone`` off everything: its leaf link(s) (the hub: every leaf's) and its path
+        to the witness bus. Its own server stays reachable from the test."""
+        for proxy in (self.links.values() if zone == self.hub else [self.links[zone]]):
+            proxy.cut()
+        self.votes[zone].cut()
+
+    def heal(self) -> None:
+        """Restore every link."""
+        for proxy in (*self.links.values(), *self.votes.values()):
+            proxy.restore()
+
+    async def __aenter__(self) -> ZoneNodes:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
