@@ -6,10 +6,15 @@ Example::
         # zones connect to it: PromoteOnHubFailure(vote_url=witness.url) (or through a
         # TcpProxy in front of witness.server.port, to cut a zone off the witness bus)
         ...
+
+`Write` and `assert_single_writer`: an external record of the writes each zone's app made
+(zone, term, wall time), and the check that no two zones ever wrote as primary at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +22,7 @@ from pycluster.builtin.leaf.zones import WitnessVoter
 
 from .servers import NatsServer
 
-__all__ = ["Witness"]
+__all__ = ["Witness", "Write", "assert_single_writer"]
 
 
 class Witness:
@@ -80,3 +85,30 @@ class Witness:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+@dataclass
+class Write:
+    """One write an app made after ``app.zone.check()`` passed, recorded outside every zone."""
+
+    zone: str
+    term: int
+    at: float  # wall clock, once the write is done
+
+
+def assert_single_writer(writes: Iterable[Write]) -> None:
+    """Every term was written by one zone only, and no zone wrote with an older term after a
+    newer term's first write."""
+    writes = list(writes)
+    by_term: dict[int, set[str]] = {}
+    first: dict[int, float] = {}
+    for w in writes:
+        by_term.setdefault(w.term, set()).add(w.zone)
+        first[w.term] = min(first.get(w.term, w.at), w.at)
+    for term, writers in by_term.items():
+        assert len(writers) == 1, f"term {term} written by {writers}"
+    for w in writes:
+        for term, t in first.items():
+            if term > w.term:
+                assert w.at < t, (f"{w.zone} wrote with term {w.term} at {w.at} after term "
+                                  f"{term} began at {t}")
