@@ -340,6 +340,8 @@ class AppZone(Voter):
         self.on_tick: Callable[[], None] | None = None
         self._campaign_task: asyncio.Task[bool] | None = None
         self._replica_task: asyncio.Task[None] | None = None
+        # Set while the replica plugin turns this zone's copy into the primary's: no writes.
+        self.converting = False
         if role == "primary":
             self.term = BOOTSTRAP_TERM
             self.primary_platform = platform.name
@@ -379,6 +381,8 @@ class AppZone(Voter):
         now = time.monotonic()
         if self.promoted_at is not None and now < self.promoted_at:
             return "promotion in progress (waiting out the old primary's lease)"
+        if self.converting:
+            return "promotion in progress (the replica plugin is promoting this zone's copy)"
         if not self.app.is_active:
             return "this node is not the app's active instance"
         if self.lease_valid:
@@ -897,14 +901,25 @@ class AppZone(Voter):
         return list(answers.values())
 
     async def _promoted(self, term: int, data: dict[str, Any], renewed: bool) -> None:
+        # The app writes only once the replica plugin's copy is the primary's (its promote
+        # hook returned): a write before would land in a replica it is still restoring.
+        self.converting = not renewed
         self.promoted_at = None
-        log.warning("app %s: zone %s is primary with term %d", self.app.name, self.zone, term)
-        self._audit("renewed" if renewed else "promoted", data)
-        await self._publish_all(zv_subject(self.group, "hello"), self.hello())
-        if renewed:
-            return
-        await self._notify(self.platform.pm.hook.pycluster_zone_promote, "promoted",
-                           dict(app=self.app, term=term), term, self.platform_name)
+        try:
+            log.warning("app %s: zone %s is primary with term %d", self.app.name, self.zone,
+                        term)
+            self._audit("renewed" if renewed else "promoted", data)
+            await self._publish_all(zv_subject(self.group, "hello"), self.hello())
+            if renewed:
+                return
+            await self._notify(self.platform.pm.hook.pycluster_zone_promote, "promoted",
+                               dict(app=self.app, term=term), term, self.platform_name,
+                               after_plugins=self._converted)
+        finally:
+            self.converting = False
+
+    def _converted(self) -> None:
+        self.converting = False
 
     async def demote(self, platform: str, term: int, zone: str | None, why: str) -> None:
         """Another platform is primary with the higher ``term``: stop writing at once, record
@@ -934,7 +949,7 @@ class AppZone(Voter):
                            platform)
 
     async def _notify(self, hook: Any, event: str, kwargs: dict[str, Any], term: int,
-                      leader: str) -> None:
+                      leader: str, after_plugins: Callable[[], None] | None = None) -> None:
         from ...kernel.context import Context
         from ...kernel.coordinator import run_hooks
         from ...kernel.stages import StageAction, StageEvent, StageOutcome
@@ -944,6 +959,8 @@ class AppZone(Voter):
         started = time.monotonic()
         await call_notify(call_each(hook, f"zone {event}", **kwargs), timeout,
                           f"{event} {self.app.name}")
+        if after_plugins is not None:
+            after_plugins()  # before the app's own hooks: on_promoted may write
         # The zone's change of role as a stage call of its own (audit, metrics, spans).
         ev = StageEvent(app=self.app.name, stage="zone", plugin=PLUGIN,
                         action=StageAction.ACTIVATE if event == "promoted"

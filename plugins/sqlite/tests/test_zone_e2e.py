@@ -1,0 +1,294 @@
+"""Promotion on hub loss with the SQLite zone standby, end to end: a hub platform whose SQLite
+app writes, a leaf platform keeping a zone standby of it (`StandbyOf`), both with
+`PromoteOnHubFailure`, and a witness voter (three zones: the leaf and the witness are a
+majority without the hub). The leaf link and every witness connection go through TCP proxies.
+Each zone's app writes real rows, only after ``app.zone.check()``, and every write is recorded
+outside the zones (zone, term, wall time)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlite_testlib import rows
+
+import pycluster_sqlite.plugin as sqlite_plugin
+from pycluster import (
+    App,
+    HubListen,
+    LeafOf,
+    Platform,
+    PromoteOnHubFailure,
+    Singleton,
+    hookimpl,
+)
+from pycluster.builtin.leaf.service import ZoneService
+from pycluster.builtin.leaf.zones import AppZone
+from pycluster.kernel.zones import ZoneFencedError
+from pycluster.plugins import create_plugin_manager
+from pycluster.testing import wait_for
+from pycluster.testing.proxy import TcpProxy
+from pycluster.testing.servers import free_port
+from pycluster.testing.zones import Witness, Write, assert_single_writer
+from pycluster_sqlite import SQLite, StandbyOf
+from pycluster_sqlite.runtime import runtime_of
+
+USER, PASSWORD = "leaf", "zone-e2e-secret"
+DETECTION = 2.0
+
+
+def _pm() -> Any:
+    return create_plugin_manager(load_entrypoints=False, extra=[("sqlite", sqlite_plugin)])
+
+
+def _write_row(path: Path, value: str) -> None:
+    con = sqlite3.connect(str(path), timeout=5.0, isolation_level=None)
+    try:
+        con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT)")
+        con.execute("INSERT INTO t(v) VALUES (?)", (value,))
+    finally:
+        con.close()
+
+
+class PromoteProbe:
+    """A second replica plugin's promote hook: is the app writable while the hooks run?"""
+
+    def __init__(self) -> None:
+        self.writable: list[bool] = []
+
+    @hookimpl
+    async def pycluster_zone_promote(self, app: App, term: int) -> None:
+        await asyncio.sleep(0.3)
+        self.writable.append(app.zone.writable)
+
+
+@dataclass
+class Zone:
+    """One zone's platform, app and database, and its writer's switch."""
+
+    name: str
+    platform: Platform
+    app: App
+    db: SQLite
+    vote: TcpProxy
+    paused: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def zone(self) -> AppZone:
+        z = self.app.zone
+        assert isinstance(z, AppZone)
+        return z
+
+
+@dataclass
+class Setup:
+    hub: Zone
+    leaf: Zone
+    link: TcpProxy
+    witness: Witness
+    probe: PromoteProbe
+    writes: list[Write] = field(default_factory=list)
+    values: dict[str, list[str]] = field(default_factory=dict)  # zone -> values it wrote
+    errors: list[str] = field(default_factory=list)  # writes allowed by check() that failed
+
+    def cut_hub(self) -> None:
+        self.link.cut()
+        self.hub.vote.cut()
+
+    def heal(self) -> None:
+        self.link.restore()
+        self.hub.vote.restore()
+
+
+async def _writer(s: Setup, z: Zone, stop: asyncio.Event) -> None:
+    """Write one row every 50 ms while ``app.zone.check()`` allows it; record each write."""
+    n = 0
+    while not stop.is_set():
+        if not z.paused.is_set():
+            try:
+                term, _epoch = z.app.zone.check()
+            except (ZoneFencedError, RuntimeError):
+                pass
+            else:
+                value = f"{z.name}-{term}-{n}"
+                n += 1
+                try:
+                    await asyncio.to_thread(_write_row, z.db.path, value)
+                except sqlite3.Error as exc:
+                    s.errors.append(f"{z.name} term {term}: {exc}")
+                else:
+                    s.writes.append(Write(z.name, term, time.time()))
+                    s.values.setdefault(z.name, []).append(value)
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Setup]:
+    witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=3, tick=0.2)
+    await witness.server.start()
+    port = free_port()
+    link = TcpProxy("127.0.0.1", port, name="link")
+    votes = [TcpProxy("127.0.0.1", witness.server.port, name=f"vote-{z}") for z in ("hq", "z1")]
+    started: list[Platform] = []
+    writers: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+    try:
+        for proxy in (link, *votes):
+            await proxy.start()
+        await witness.start_voter()
+
+        def promote(vote: TcpProxy) -> PromoteOnHubFailure:
+            return PromoteOnHubFailure(detection=DETECTION, zones=3,
+                                       vote_url=f"nats://127.0.0.1:{vote.port}")
+
+        hub_name, leaf_name = f"hub{unique_name}"[:24], f"edge{unique_name}"[:24]
+        hub = Platform(hub_name, node_id="hub-1", zone="hq", data_dir=str(tmp_path / "hub"),
+                       lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=_pm(),
+                       hub=HubListen(host="127.0.0.1", port=port, user=USER, password=PASSWORD,
+                                     no_advertise=True))
+        hub_db = SQLite(tmp_path / "hubdb" / "data.db")
+        hub_app = App("convex", Singleton(), hub_db, promote(votes[0]))
+        hub.register(hub_app)
+        probe = PromoteProbe()
+        leaf_pm = _pm()
+        leaf_pm.register(probe, name="promote-probe")
+        leaf = Platform(leaf_name, node_id="edge-1", zone="z1", data_dir=str(tmp_path / "leaf"),
+                        lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=leaf_pm,
+                        leaf=LeafOf(f"nats-leaf://127.0.0.1:{link.port}", user=USER,
+                                    password=PASSWORD, reconnect=0.25))
+        leaf_db = SQLite(tmp_path / "leafdb" / "data.db")
+        leaf_app = App("convex", Singleton(), leaf_db, StandbyOf(hub_name, "convex"),
+                       promote(votes[1]))
+        leaf.register(leaf_app)
+        for p in (hub, leaf):
+            svc = p.service("leaf")
+            assert isinstance(svc, ZoneService)
+            svc.interval = 0.25
+        s = Setup(Zone("hq", hub, hub_app, hub_db, votes[0]),
+                  Zone("z1", leaf, leaf_app, leaf_db, votes[1]), link, witness, probe)
+        for p in (hub, leaf):
+            await p.start()
+            started.append(p)
+        for z in (s.hub, s.leaf):
+            assert await z.app.wait_for_leadership(30)
+            z.zone.tick = 0.2
+        await wait_for(lambda: s.hub.zone.writable, 30, message="the hub holds its zone lease")
+        await wait_for(lambda: s.leaf.zone.primary_platform == hub.name
+                       and s.leaf.zone.silent_for() < 1.0, 20, message="the leaf follows")
+        writers = [asyncio.get_running_loop().create_task(_writer(s, z, stop))
+                   for z in (s.hub, s.leaf)]
+        yield s
+    finally:
+        stop.set()
+        for t in writers:
+            await t
+        for p in reversed(started):
+            await p.stop()
+        await witness.stop()
+        for proxy in (link, *votes):
+            await proxy.close()
+
+
+def _replica_rows(path: Path) -> list[tuple[Any, ...]]:
+    try:
+        return rows(path)
+    except sqlite3.OperationalError:
+        return []  # not restored yet
+
+
+async def _has_rows(path: Path, expected: list[tuple[Any, ...]], timeout: float,
+                    exact: bool = True) -> None:
+    async def ok() -> bool:
+        got = await asyncio.to_thread(_replica_rows, path)
+        return got == expected if exact else set(expected) <= set(got)
+
+    await wait_for(ok, timeout, message=f"{len(expected)} rows in {path}")
+
+
+async def _synced(z: Zone) -> list[tuple[Any, ...]]:
+    """Pause the zone's writer, sync its database to its bucket, return its rows."""
+    z.paused.set()
+    await asyncio.sleep(0.2)  # a write in flight finishes
+    await z.db.wal.sync()
+    got = await asyncio.to_thread(rows, z.db.path)
+    return got
+
+
+def _journal_mode(path: Path) -> str:
+    con = sqlite3.connect(str(path))
+    try:
+        return str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows_on_heal(
+        setup: Setup) -> None:
+    s = setup
+    hub, leaf = s.hub, s.leaf
+    # The hub writes; the leaf's replica has every synced row.
+    await wait_for(lambda: len(s.values.get("hq", [])) >= 10, 30, message="hub writes")
+    synced = await _synced(hub)
+    await _has_rows(leaf.db.path, synced, 90)
+    assert leaf.db.wal.status()["zone"]["role"] == "standby"
+    assert not leaf.zone.writable
+
+    # Cut the hub zone off (leaf link and witness connection), its writer running.
+    hub.paused.clear()
+    await asyncio.sleep(0.3)
+    s.cut_hub()
+    cut_at = time.time()
+    await wait_for(lambda: leaf.zone.writable, 60, message="the leaf zone promoted")
+    assert not hub.zone.writable
+    with pytest.raises(ZoneFencedError):
+        hub.app.zone.check()
+    term = leaf.zone.epoch
+    assert term is not None and term >= 2
+    # Its SQLite copy is the primary now: WAL mode, replicating into the leaf's own bucket.
+    rt = runtime_of(leaf.db)
+    await wait_for(lambda: leaf.db.wal.status()["zone"]["role"] == "primary", 30,
+                   message="the SQLite copy promoted")
+    assert rt.wal_bucket == f"{leaf.platform.name}_convex_wal"
+    await wait_for(lambda: rt.replicate_pid() is not None, 30, message="litestream replicates")
+    assert await asyncio.to_thread(_journal_mode, leaf.db.path) == "wal"
+    # The app could not write while the replica plugins promoted their copies.
+    assert s.probe.writable == [False]
+    # The leaf writes; every row synced before the cut is there.
+    await wait_for(lambda: len(s.values.get("z1", [])) >= 10, 30, message="leaf writes")
+    got = await asyncio.to_thread(rows, leaf.db.path)
+    assert set(synced) <= set(got)
+    # No write the zone check allowed was lost to the promotion of the copy.
+    assert set(s.values["z1"]) <= {v for _, v in got}
+    assert s.errors == []
+    # The external record: the hub's last write came before the leaf's first.
+    hub_last = max(w.at for w in s.writes if w.zone == "hq")
+    leaf_first = min(w.at for w in s.writes if w.zone == "z1")
+    assert hub_last < leaf_first, (hub_last - cut_at, leaf_first - cut_at)
+    assert {w.term for w in s.writes if w.zone == "z1"} == {term}
+    assert_single_writer(s.writes)
+
+    # Heal: the old hub demotes (replication stopped first) and follows the new primary.
+    s.heal()
+    await wait_for(lambda: hub.zone.role == "replica", 30, message="the hub demoted")
+    hub_rt = runtime_of(hub.db)
+    await wait_for(lambda: (hub.db.wal.status().get("zone") or {}).get("role") == "standby",
+                   30, message="the hub's SQLite copy follows")
+    assert hub_rt.replicate_pid() is None
+    assert hub.db.wal.status()["zone"]["following"] == f"{leaf.platform.name}/convex"
+    leaf_rows = await _synced(leaf)
+    await _has_rows(hub.db.path, leaf_rows, 90)
+    assert set(synced) <= set(leaf_rows)
+    assert set(s.values["z1"]) <= {v for _, v in leaf_rows}
+    leaf.paused.clear()
+    await wait_for(lambda: len(s.values["z1"]) >= len(leaf_rows) - len(synced) + 5, 30)
+    assert hub.zone.role == "replica" and leaf.zone.writable
+    assert s.errors == []
+    assert_single_writer(s.writes)
