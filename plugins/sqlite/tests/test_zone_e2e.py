@@ -8,6 +8,7 @@ outside the zones (zone, term, wall time)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from pycluster import (
 )
 from pycluster.builtin.leaf.service import ZoneService
 from pycluster.builtin.leaf.zones import AppZone
+from pycluster.kernel.settings import secret_value
 from pycluster.kernel.zones import ZoneFencedError
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
@@ -93,9 +95,13 @@ class Setup:
     link: TcpProxy
     witness: Witness
     probe: PromoteProbe
+    leaf2: Zone | None = None  # a second node of the leaf zone
     writes: list[Write] = field(default_factory=list)
-    values: dict[str, list[str]] = field(default_factory=dict)  # zone -> values it wrote
+    values: dict[str, list[str]] = field(default_factory=dict)  # node -> values it wrote
     errors: list[str] = field(default_factory=list)  # writes allowed by check() that failed
+
+    def zones(self) -> list[Zone]:
+        return [self.hub, self.leaf, *([self.leaf2] if self.leaf2 else [])]
 
     def cut_hub(self) -> None:
         self.link.cut()
@@ -116,20 +122,20 @@ async def _writer(s: Setup, z: Zone, stop: asyncio.Event) -> None:
             except (ZoneFencedError, RuntimeError):
                 pass
             else:
-                value = f"{z.name}-{term}-{n}"
+                value = f"{z.platform.node_id}-{term}-{n}"
                 n += 1
                 try:
                     await asyncio.to_thread(_write_row, z.db.path, value)
                 except sqlite3.Error as exc:
-                    s.errors.append(f"{z.name} term {term}: {exc}")
+                    s.errors.append(f"{z.platform.node_id} term {term}: {exc}")
                 else:
                     s.writes.append(Write(z.name, term, time.time()))
-                    s.values.setdefault(z.name, []).append(value)
+                    s.values.setdefault(z.platform.node_id, []).append(value)
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Setup]:
+@contextlib.asynccontextmanager
+async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1) -> AsyncIterator[Setup]:
     witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=3, tick=0.2)
     await witness.server.start()
     port = free_port()
@@ -175,14 +181,30 @@ async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncI
         for p in (hub, leaf):
             await p.start()
             started.append(p)
+        if leaf_nodes == 2:  # on the leaf zone's server, after the first node (it leads)
+            assert await leaf_app.wait_for_leadership(30)
+            assert leaf.embedded is not None
+            db2 = SQLite(tmp_path / "leafdb2" / "data.db")
+            app2 = App("convex", Singleton(), db2, StandbyOf(hub_name, "convex"),
+                       promote(votes[1]))
+            node2 = Platform(leaf_name, node_id="edge-2", zone="z1", zone_role="leaf",
+                             nats_url=leaf.embedded.url, nats_user=leaf.settings.nats_user,
+                             nats_password=secret_value(leaf.settings.nats_password),
+                             data_dir=str(tmp_path / "leaf2"), lease_ttl=2.0,
+                             heartbeat_interval=0.5, plugin_manager=_pm())
+            node2.register(app2)
+            await node2.start()
+            started.append(node2)
+            s.leaf2 = Zone("z1", node2, app2, db2, votes[1])
         for z in (s.hub, s.leaf):
             assert await z.app.wait_for_leadership(30)
+        for z in s.zones():
             z.zone.tick = 0.2
         await wait_for(lambda: s.hub.zone.writable, 30, message="the hub holds its zone lease")
         await wait_for(lambda: s.leaf.zone.primary_platform == hub.name
                        and s.leaf.zone.silent_for() < 1.0, 20, message="the leaf follows")
         writers = [asyncio.get_running_loop().create_task(_writer(s, z, stop))
-                   for z in (s.hub, s.leaf)]
+                   for z in s.zones()]
         yield s
     finally:
         stop.set()
@@ -193,6 +215,19 @@ async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncI
         await witness.stop()
         for proxy in (link, *votes):
             await proxy.close()
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Setup]:
+    async with _zones(tmp_path, unique_name) as s:
+        yield s
+
+
+@pytest.fixture
+async def two_leaf_nodes(tmp_path: Path, unique_name: str,
+                         litestream_bin: str) -> AsyncIterator[Setup]:
+    async with _zones(tmp_path, unique_name, leaf_nodes=2) as s:
+        yield s
 
 
 def _replica_rows(path: Path) -> list[tuple[Any, ...]]:
@@ -235,7 +270,7 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     s = setup
     hub, leaf = s.hub, s.leaf
     # The hub writes; the leaf's replica has every synced row.
-    await wait_for(lambda: len(s.values.get("hq", [])) >= 10, 30, message="hub writes")
+    await wait_for(lambda: len(s.values.get("hub-1", [])) >= 10, 30, message="hub writes")
     synced = await _synced(hub)
     await _has_rows(leaf.db.path, synced, 90)
     assert leaf.db.wal.status()["zone"]["role"] == "standby"
@@ -262,16 +297,18 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     # The app could not write while the replica plugins promoted their copies.
     assert s.probe.writable == [False]
     # The leaf writes; every row synced before the cut is there.
-    await wait_for(lambda: len(s.values.get("z1", [])) >= 10, 30, message="leaf writes")
+    await wait_for(lambda: len(s.values.get("edge-1", [])) >= 10, 30, message="leaf writes")
     got = await asyncio.to_thread(rows, leaf.db.path)
     assert set(synced) <= set(got)
     # No write the zone check allowed was lost to the promotion of the copy.
-    assert set(s.values["z1"]) <= {v for _, v in got}
+    assert set(s.values["edge-1"]) <= {v for _, v in got}
     assert s.errors == []
     # The external record: the hub's last write came before the leaf's first.
     hub_last = max(w.at for w in s.writes if w.zone == "hq")
     leaf_first = min(w.at for w in s.writes if w.zone == "z1")
     assert hub_last < leaf_first, (hub_last - cut_at, leaf_first - cut_at)
+    fenced = [h["at"] for h in hub.zone.history if h["event"] == "fenced"]
+    assert fenced and fenced[0] < leaf_first
     assert {w.term for w in s.writes if w.zone == "z1"} == {term}
     assert_single_writer(s.writes)
 
@@ -283,12 +320,73 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
                    30, message="the hub's SQLite copy follows")
     assert hub_rt.replicate_pid() is None
     assert hub.db.wal.status()["zone"]["following"] == f"{leaf.platform.name}/convex"
+    # Its replication stopped before it followed anything, after its last write; the rows it
+    # wrote after the cut that never reached the leaf are kept in the replaced database.
+    audit = hub.platform.service("audit")
+    await audit.flush()
+    (demoted,) = [e for e in await audit.query(category="sqlite", app="convex")
+                  if e.action == "zone_demoted"]
+    assert demoted.data["was_primary"] and demoted.data["primary"] == leaf.platform.name
+    assert hub_last < demoted.data["replication_stopped_at"]
+    kept = Path(f"{hub.db.path}.pre-demotion")
+    kept_values = {v for _, v in await asyncio.to_thread(rows, kept)}
+    assert set(s.values["hub-1"]) <= kept_values
     leaf_rows = await _synced(leaf)
     await _has_rows(hub.db.path, leaf_rows, 90)
     assert set(synced) <= set(leaf_rows)
-    assert set(s.values["z1"]) <= {v for _, v in leaf_rows}
+    assert set(s.values["edge-1"]) <= {v for _, v in leaf_rows}
+    # The rows the hub wrote before it fenced itself are in the leaf's copy or in the hub's
+    # replaced database: only the unsynced ones are missing from the leaf's.
+    lost = set(s.values["hub-1"]) - {v for _, v in leaf_rows}
+    assert lost <= kept_values and not lost & {v for _, v in synced}
     leaf.paused.clear()
-    await wait_for(lambda: len(s.values["z1"]) >= len(leaf_rows) - len(synced) + 5, 30)
+    await wait_for(lambda: len(s.values["edge-1"]) >= len(leaf_rows) - len(synced) + 5, 30)
     assert hub.zone.role == "replica" and leaf.zone.writable
+    assert s.errors == []
+    assert_single_writer(s.writes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_the_other_node_of_the_promoted_zone_follows_it_and_takes_over_locally(
+        two_leaf_nodes: Setup) -> None:
+    """Two nodes in the leaf zone: the non-active one learns the new term from the lease pings
+    it hears, its promote hook makes its copy follow the zone's own bucket, and a local
+    failover afterwards keeps every row (the hub's synced ones and the zone's own)."""
+    s = two_leaf_nodes
+    hub, leaf, leaf2 = s.hub, s.leaf, s.leaf2
+    assert leaf2 is not None
+    await wait_for(lambda: len(s.values.get("hub-1", [])) >= 5, 30, message="hub writes")
+    synced = await _synced(hub)
+    for z in (leaf, leaf2):
+        await _has_rows(z.db.path, synced, 90)
+    s.cut_hub()
+    await wait_for(lambda: leaf.zone.writable, 60, message="the leaf zone promoted")
+    term = leaf.zone.term
+    await wait_for(lambda: leaf2.zone.role == "primary" and leaf2.zone.term == term, 30,
+                   message="the other node learned the term")
+    assert not leaf2.zone.writable  # not the app's active instance
+    rt2 = runtime_of(leaf2.db)
+    await wait_for(lambda: (leaf2.db.wal.status().get("zone") or {}).get("role") == "primary",
+                   30, message="its copy turned")
+    assert rt2.wal_bucket == f"{leaf.platform.name}_convex_wal"
+    assert rt2.replicate_pid() is None
+    await wait_for(lambda: len(s.values.get("edge-1", [])) >= 5, 30, message="leaf writes")
+    leaf.paused.set()
+    await asyncio.sleep(0.2)
+    pos = await leaf.db.wal.sync()
+    zone_rows = await asyncio.to_thread(rows, leaf.db.path)
+    await wait_for(lambda: (leaf2.db.wal.position().txid or 0) >= (pos.txid or 0), 60,
+                   message="the other node follows the zone's bucket")
+    # A local failover inside the promoted zone: same term, every row, writes go on.
+    await leaf.app.step_down()
+    await wait_for(lambda: leaf2.zone.writable, 60, message="edge-2 writes")
+    assert leaf2.zone.term == term
+    await wait_for(lambda: rt2.replicate_pid() is not None, 30, message="edge-2 replicates")
+    await wait_for(lambda: len(s.values.get("edge-2", [])) >= 5, 30, message="edge-2 writes")
+    got = await asyncio.to_thread(rows, leaf2.db.path)
+    assert set(zone_rows) <= set(got) and set(synced) <= set(got)
+    assert set(s.values["edge-2"]) <= {v for _, v in got}
+    assert {w.term for w in s.writes if w.zone == "z1"} == {term}
     assert s.errors == []
     assert_single_writer(s.writes)

@@ -544,9 +544,13 @@ class AppZone(Voter):
     async def _replica_promoted(self, term: int) -> None:
         from ...plugins import call_each, call_notify
 
-        await call_notify(call_each(self.platform.pm.hook.pycluster_zone_promote,
-                                    "zone promoted", app=self.app, term=term),
-                          self.platform.settings.hook_timeout, f"promoted {self.app.name}")
+        self.converting = True  # should this node take over locally meanwhile: no writes
+        try:
+            await call_notify(call_each(self.platform.pm.hook.pycluster_zone_promote,
+                                        "zone promoted", app=self.app, term=term),
+                              self.platform.settings.hook_timeout, f"promoted {self.app.name}")
+        finally:
+            self.converting = False
 
     async def stop(self) -> None:
         """Stop voting; close the witness connection."""
