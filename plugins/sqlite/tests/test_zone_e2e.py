@@ -267,6 +267,10 @@ def _journal_mode(path: Path) -> str:
 @pytest.mark.timeout(300)
 async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows_on_heal(
         setup: Setup) -> None:
+    """Hub lost: the leaf's copy becomes the primary with every synced row, the hub fenced
+    itself before the leaf's first write; heal: the hub follows the leaf. Then the way back:
+    the leaf zone lost, the old hub promoted again (its bucket's Litestream history continues
+    with a full image), the leaf follows it."""
     s = setup
     hub, leaf = s.hub, s.leaf
     # The hub writes; the leaf's replica has every synced row.
@@ -340,8 +344,37 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     lost = set(s.values["hub-1"]) - {v for _, v in leaf_rows}
     assert lost <= kept_values and not lost & {v for _, v in synced}
     leaf.paused.clear()
-    await wait_for(lambda: len(s.values["edge-1"]) >= len(leaf_rows) - len(synced) + 5, 30)
+    n = len(s.values["edge-1"])
+    await wait_for(lambda: len(s.values["edge-1"]) >= n + 5, 30, message="leaf writes on")
     assert hub.zone.role == "replica" and leaf.zone.writable
+    assert s.errors == []
+    assert_single_writer(s.writes)
+
+    # And back: now the leaf zone is lost. The old hub, a zone standby of the leaf, is
+    # promoted with every row the leaf synced; the leaf follows it after the heal.
+    synced2 = await _synced(leaf)
+    await _has_rows(hub.db.path, synced2, 90)
+    leaf.paused.clear()
+    await asyncio.sleep(0.3)
+    s.link.cut()
+    leaf.vote.cut()
+    await wait_for(lambda: hub.zone.writable, 60, message="the hub promoted again")
+    term2 = hub.zone.term
+    assert term2 > term
+    await wait_for(lambda: hub.db.wal.status()["zone"]["role"] == "primary", 30,
+                   message="the hub's copy promoted")
+    assert hub_rt.wal_bucket == f"{hub.platform.name}_convex_wal"
+    await wait_for(lambda: hub_rt.replicate_pid() is not None, 30, message="hub replicates")
+    await wait_for(lambda: sum(w.zone == "hq" and w.term == term2 for w in s.writes) >= 5, 30,
+                   message="the hub writes in the new term")
+    assert set(synced2) <= set(await asyncio.to_thread(rows, hub.db.path))
+    s.link.restore()
+    leaf.vote.restore()
+    await wait_for(lambda: leaf.zone.role == "replica", 30, message="the leaf demoted")
+    hub_rows = await _synced(hub)
+    await _has_rows(leaf.db.path, hub_rows, 90)
+    hub_values = {v for _, v in hub_rows}
+    assert all(v in hub_values for v in s.values["hub-1"] if v.startswith(f"hub-1-{term2}-"))
     assert s.errors == []
     assert_single_writer(s.writes)
 
