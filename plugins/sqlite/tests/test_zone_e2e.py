@@ -61,13 +61,16 @@ def _write_row(path: Path, value: str) -> None:
 class PromoteProbe:
     """A second replica plugin's promote hook: is the app writable while the hooks run?"""
 
-    def __init__(self) -> None:
+    def __init__(self, fail: bool = False) -> None:
         self.writable: list[bool] = []
+        self.fail = fail
 
     @hookimpl
     async def pycluster_zone_promote(self, app: App, term: int) -> None:
         await asyncio.sleep(0.3)
         self.writable.append(app.zone.writable)
+        if self.fail:
+            raise RuntimeError("this replica could not be promoted")
 
 
 @dataclass
@@ -135,7 +138,8 @@ async def _writer(s: Setup, z: Zone, stop: asyncio.Event) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1) -> AsyncIterator[Setup]:
+async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
+                 probe_fails: bool = False) -> AsyncIterator[Setup]:
     witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=3, tick=0.2)
     await witness.server.start()
     port = free_port()
@@ -161,7 +165,7 @@ async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1) -> Async
         hub_db = SQLite(tmp_path / "hubdb" / "data.db")
         hub_app = App("convex", Singleton(), hub_db, promote(votes[0]))
         hub.register(hub_app)
-        probe = PromoteProbe()
+        probe = PromoteProbe(fail=probe_fails)
         leaf_pm = _pm()
         leaf_pm.register(probe, name="promote-probe")
         leaf = Platform(leaf_name, node_id="edge-1", zone="z1", data_dir=str(tmp_path / "leaf"),
@@ -227,6 +231,13 @@ async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncI
 async def two_leaf_nodes(tmp_path: Path, unique_name: str,
                          litestream_bin: str) -> AsyncIterator[Setup]:
     async with _zones(tmp_path, unique_name, leaf_nodes=2) as s:
+        yield s
+
+
+@pytest.fixture
+async def failing_promotion(tmp_path: Path, unique_name: str,
+                            litestream_bin: str) -> AsyncIterator[Setup]:
+    async with _zones(tmp_path, unique_name, probe_fails=True) as s:
         yield s
 
 
@@ -327,9 +338,13 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     # Its replication stopped before it followed anything, after its last write; the rows it
     # wrote after the cut that never reached the leaf are kept in the replaced database.
     audit = hub.platform.service("audit")
-    await audit.flush()
-    (demoted,) = [e for e in await audit.query(category="sqlite", app="convex")
-                  if e.action == "zone_demoted"]
+
+    async def demoted_entries() -> list[Any]:
+        await audit.flush()
+        return [e for e in await audit.query(category="sqlite", app="convex")
+                if e.action == "zone_demoted"]
+
+    (demoted,) = await wait_for(demoted_entries, 30, message="the demotion audited")
     assert demoted.data["was_primary"] and demoted.data["primary"] == leaf.platform.name
     assert hub_last < demoted.data["replication_stopped_at"]
     kept = Path(f"{hub.db.path}.pre-demotion")
@@ -423,3 +438,24 @@ async def test_the_other_node_of_the_promoted_zone_follows_it_and_takes_over_loc
     assert {w.term for w in s.writes if w.zone == "z1"} == {term}
     assert s.errors == []
     assert_single_writer(s.writes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_failed_replica_promotion_leaves_the_zone_unwritable(
+        failing_promotion: Setup) -> None:
+    """A replica plugin's promote hook fails on the winner: its copy may not be the primary's,
+    so the zone holds the term but its app does not write."""
+    s = failing_promotion
+    leaf = s.leaf
+    s.cut_hub()
+    await wait_for(lambda: leaf.zone.role == "primary" and s.probe.writable, 60,
+                   message="the leaf zone won")
+    await wait_for(lambda: "promotion_failed" in [h["event"] for h in leaf.zone.history], 30,
+                   message="the failure recorded")
+    await asyncio.sleep(DETECTION)
+    assert leaf.zone.role == "primary" and not leaf.zone.writable
+    with pytest.raises(ZoneFencedError, match="promotion failed"):
+        leaf.app.zone.check()
+    assert "edge-1" not in s.values
+    assert not s.hub.zone.writable
