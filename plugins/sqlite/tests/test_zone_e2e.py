@@ -31,12 +31,13 @@ from pycluster import (
 )
 from pycluster.builtin.leaf.service import ZoneService
 from pycluster.builtin.leaf.zones import AppZone
+from pycluster.kernel.leaf import leafnode_config
 from pycluster.kernel.settings import secret_value
 from pycluster.kernel.zones import ZoneFencedError
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
 from pycluster.testing.proxy import TcpProxy
-from pycluster.testing.servers import free_port
+from pycluster.testing.servers import NatsCluster, NatsServer, free_port
 from pycluster.testing.zones import Witness, Write, assert_single_writer
 from pycluster_sqlite import SQLite, StandbyOf
 from pycluster_sqlite.runtime import runtime_of
@@ -139,19 +140,43 @@ async def _writer(s: Setup, z: Zone, stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
-                 probe_fails: bool = False) -> AsyncIterator[Setup]:
+                 probe_fails: bool = False, r3: bool = False) -> AsyncIterator[Setup]:
+    """The zones; ``r3``: each zone on servers of its own, the leaf zone a 3-server cluster
+    whose streams (the mirror, later its own bucket) have three replicas."""
     witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=3, tick=0.2)
     await witness.server.start()
     port = free_port()
     link = TcpProxy("127.0.0.1", port, name="link")
     votes = [TcpProxy("127.0.0.1", witness.server.port, name=f"vote-{z}") for z in ("hq", "z1")]
     started: list[Platform] = []
+    servers: list[NatsServer | NatsCluster] = []
     writers: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     try:
         for proxy in (link, *votes):
             await proxy.start()
         await witness.start_voter()
+        hub_kw: dict[str, Any]
+        leaf_kw: dict[str, Any]
+        if r3:
+            conf = tmp_path / "hub.conf"
+            conf.write_text(leafnode_config("hq", hub=HubListen(
+                host="127.0.0.1", port=port, allow_anonymous=True, no_advertise=True)))
+            servers.append(NatsServer(config_file=conf))
+            servers.append(NatsCluster(3, server_config=lambda i: leafnode_config(
+                "z1", leaf=LeafOf(f"nats-leaf://127.0.0.1:{link.port}", reconnect=0.25))))
+            for srv in servers:
+                await srv.start()
+            hub_srv, leaf_cluster = servers
+            assert isinstance(hub_srv, NatsServer) and isinstance(leaf_cluster, NatsCluster)
+            hub_kw = {"nats_url": hub_srv.url, "zone_role": "hub"}
+            leaf_kw = {"nats_url": leaf_cluster.urls, "zone_role": "leaf",
+                       "stream_replicas": 3}
+        else:
+            hub_kw = {"hub": HubListen(host="127.0.0.1", port=port, user=USER,
+                                       password=PASSWORD, no_advertise=True)}
+            leaf_kw = {"leaf": LeafOf(f"nats-leaf://127.0.0.1:{link.port}", user=USER,
+                                      password=PASSWORD, reconnect=0.25)}
 
         def promote(vote: TcpProxy) -> PromoteOnHubFailure:
             return PromoteOnHubFailure(detection=DETECTION, zones=3,
@@ -159,9 +184,7 @@ async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
 
         hub_name, leaf_name = f"hub{unique_name}"[:24], f"edge{unique_name}"[:24]
         hub = Platform(hub_name, node_id="hub-1", zone="hq", data_dir=str(tmp_path / "hub"),
-                       lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=_pm(),
-                       hub=HubListen(host="127.0.0.1", port=port, user=USER, password=PASSWORD,
-                                     no_advertise=True))
+                       lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=_pm(), **hub_kw)
         hub_db = SQLite(tmp_path / "hubdb" / "data.db")
         hub_app = App("convex", Singleton(), hub_db, promote(votes[0]))
         hub.register(hub_app)
@@ -170,8 +193,7 @@ async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
         leaf_pm.register(probe, name="promote-probe")
         leaf = Platform(leaf_name, node_id="edge-1", zone="z1", data_dir=str(tmp_path / "leaf"),
                         lease_ttl=2.0, heartbeat_interval=0.5, plugin_manager=leaf_pm,
-                        leaf=LeafOf(f"nats-leaf://127.0.0.1:{link.port}", user=USER,
-                                    password=PASSWORD, reconnect=0.25))
+                        **leaf_kw)
         leaf_db = SQLite(tmp_path / "leafdb" / "data.db")
         leaf_app = App("convex", Singleton(), leaf_db, StandbyOf(hub_name, "convex"),
                        promote(votes[1]))
@@ -216,14 +238,17 @@ async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
             await t
         for p in reversed(started):
             await p.stop()
+        for srv in reversed(servers):
+            await srv.stop()
         await witness.stop()
         for proxy in (link, *votes):
             await proxy.close()
 
 
-@pytest.fixture
-async def setup(tmp_path: Path, unique_name: str, litestream_bin: str) -> AsyncIterator[Setup]:
-    async with _zones(tmp_path, unique_name) as s:
+@pytest.fixture(params=["embedded", "r3"])
+async def setup(request: pytest.FixtureRequest, tmp_path: Path, unique_name: str,
+                litestream_bin: str) -> AsyncIterator[Setup]:
+    async with _zones(tmp_path, unique_name, r3=request.param == "r3") as s:
         yield s
 
 
@@ -308,6 +333,9 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
                    message="the SQLite copy promoted")
     assert rt.wal_bucket == f"{leaf.platform.name}_convex_wal"
     await wait_for(lambda: rt.replicate_pid() is not None, 30, message="litestream replicates")
+    assert leaf.platform.js is not None
+    info = await leaf.platform.js.stream_info(f"OBJ_{rt.wal_bucket}")
+    assert info.config.num_replicas == leaf.platform.settings.stream_replicas
     assert await asyncio.to_thread(_journal_mode, leaf.db.path) == "wal"
     # The app could not write while the replica plugins promoted their copies.
     assert s.probe.writable == [False]
