@@ -316,6 +316,15 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     assert leaf.db.wal.status()["zone"]["role"] == "standby"
     assert not leaf.zone.writable
 
+    # A slow store of the zone's state (as on a loaded zone) makes the candidate's wait end
+    # well after its lease wait: the app must still wait for the replica plugins.
+    store = leaf.zone._store_state
+
+    async def slow_store() -> None:
+        await asyncio.sleep(0.5)
+        await store()
+
+    leaf.zone._store_state = slow_store  # type: ignore[method-assign]
     # Cut the hub zone off (leaf link and witness connection), its writer running.
     hub.paused.clear()
     await asyncio.sleep(0.3)
@@ -337,7 +346,8 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     info = await leaf.platform.js.stream_info(f"OBJ_{rt.wal_bucket}")
     assert info.config.num_replicas == leaf.platform.settings.stream_replicas
     assert await asyncio.to_thread(_journal_mode, leaf.db.path) == "wal"
-    # The app could not write while the replica plugins promoted their copies.
+    # The app could not write while the replica plugins promoted their copies: its first
+    # write came after the SQLite plugin's promotion was done.
     assert s.probe.writable == [False]
     # The leaf writes; every row synced before the cut is there.
     await wait_for(lambda: len(s.values.get("edge-1", [])) >= 10, 30, message="leaf writes")
@@ -350,6 +360,7 @@ async def test_hub_loss_promotes_the_sqlite_zone_standby_and_the_old_hub_follows
     hub_last = max(w.at for w in s.writes if w.zone == "hq")
     leaf_first = min(w.at for w in s.writes if w.zone == "z1")
     assert hub_last < leaf_first, (hub_last - cut_at, leaf_first - cut_at)
+    assert leaf.db.wal.status()["last_promotion"]["at"] < leaf_first
     fenced = [h["at"] for h in hub.zone.history if h["event"] == "fenced"]
     assert fenced and fenced[0] < leaf_first
     assert {w.term for w in s.writes if w.zone == "z1"} == {term}

@@ -818,6 +818,9 @@ class AppZone(Voter):
         wait = promotion_wait(self.detection)
         was_primary = self.is_primary
         self.promoted_at = time.monotonic() + wait
+        # Until the replica plugins' promote hooks return (the sleep below may end after
+        # promoted_at: the state is stored first).
+        self.converting = not was_primary
         self.acks = dict(grants)
         self.acks.pop(self.zone, None)
         self.role = "primary"
@@ -836,6 +839,7 @@ class AppZone(Voter):
             self.primary_platform = None
             self.last_heard, self.started = None, time.monotonic()
             self.promoted_at = None
+            self.converting = False
             await self._store_state()
             self._audit("campaign_lost", {**data, "superseded_by": self.max_voted})
             return False
@@ -859,6 +863,7 @@ class AppZone(Voter):
         self.role, self.term = "primary", term
         self.primary_platform, self.primary_zone = self.platform_name, self.zone
         self.promoted_at = time.monotonic() + wait
+        self.converting = True
         self.acks.clear()
         self.lease_lost_at = None
         self._held = False
@@ -876,7 +881,7 @@ class AppZone(Voter):
         if not self.is_primary:
             return
         self.role = "replica"
-        self.conversion_failed = False
+        self.converting = self.conversion_failed = False
         self.primary_platform = None
         self.last_heard = None
         self.started = time.monotonic()
@@ -962,7 +967,7 @@ class AppZone(Voter):
         old = self.term
         self.role = "replica"
         self.promoted_at = None
-        self.conversion_failed = False
+        self.converting = self.conversion_failed = False
         self._end_conflict(rival=term)
         self.term = term
         self.primary_platform = platform
