@@ -100,12 +100,13 @@ class Setup:
     witness: Witness
     probe: PromoteProbe
     leaf2: Zone | None = None  # a second node of the leaf zone
+    hub2: Zone | None = None  # a second node of the hub zone
     writes: list[Write] = field(default_factory=list)
     values: dict[str, list[str]] = field(default_factory=dict)  # node -> values it wrote
     errors: list[str] = field(default_factory=list)  # writes allowed by check() that failed
 
     def zones(self) -> list[Zone]:
-        return [self.hub, self.leaf, *([self.leaf2] if self.leaf2 else [])]
+        return [z for z in (self.hub, self.hub2, self.leaf, self.leaf2) if z is not None]
 
     def cut_hub(self) -> None:
         self.link.cut()
@@ -140,7 +141,8 @@ async def _writer(s: Setup, z: Zone, stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
-                 probe_fails: bool = False, r3: bool = False) -> AsyncIterator[Setup]:
+                 probe_fails: bool = False, r3: bool = False,
+                 hub_nodes: int = 1) -> AsyncIterator[Setup]:
     """The zones; ``r3``: each zone on servers of its own, the leaf zone a 3-server cluster
     whose streams (the mirror, later its own bucket) have three replicas."""
     witness = Witness("convex", tmp_path / "witness", detection=DETECTION, zones=3, tick=0.2)
@@ -222,6 +224,20 @@ async def _zones(tmp_path: Path, unique_name: str, leaf_nodes: int = 1,
             await node2.start()
             started.append(node2)
             s.leaf2 = Zone("z1", node2, app2, db2, votes[1])
+        if hub_nodes == 2:  # on the hub zone's server, after the first node (it leads)
+            assert await hub_app.wait_for_leadership(30)
+            assert hub.embedded is not None
+            hdb2 = SQLite(tmp_path / "hubdb2" / "data.db")
+            happ2 = App("convex", Singleton(), hdb2, promote(votes[0]))
+            hnode2 = Platform(hub_name, node_id="hub-2", zone="hq", zone_role="hub",
+                              nats_url=hub.embedded.url, nats_user=hub.settings.nats_user,
+                              nats_password=secret_value(hub.settings.nats_password),
+                              data_dir=str(tmp_path / "hub2"), lease_ttl=2.0,
+                              heartbeat_interval=0.5, plugin_manager=_pm())
+            hnode2.register(happ2)
+            await hnode2.start()
+            started.append(hnode2)
+            s.hub2 = Zone("hq", hnode2, happ2, hdb2, votes[0])
         for z in (s.hub, s.leaf):
             assert await z.app.wait_for_leadership(30)
         for z in s.zones():
@@ -263,6 +279,13 @@ async def two_leaf_nodes(tmp_path: Path, unique_name: str,
 async def failing_promotion(tmp_path: Path, unique_name: str,
                             litestream_bin: str) -> AsyncIterator[Setup]:
     async with _zones(tmp_path, unique_name, probe_fails=True) as s:
+        yield s
+
+
+@pytest.fixture
+async def two_hub_nodes(tmp_path: Path, unique_name: str,
+                        litestream_bin: str) -> AsyncIterator[Setup]:
+    async with _zones(tmp_path, unique_name, hub_nodes=2) as s:
         yield s
 
 
@@ -498,3 +521,31 @@ async def test_a_failed_replica_promotion_leaves_the_zone_unwritable(
         leaf.app.zone.check()
     assert "edge-1" not in s.values
     assert not s.hub.zone.writable
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_both_nodes_of_the_old_hub_zone_follow_the_new_primary_after_the_heal(
+        two_hub_nodes: Setup) -> None:
+    """Two nodes in the hub zone: after the heal both demote (the standby node too) and both
+    copies follow the promoted leaf, with its rows."""
+    s = two_hub_nodes
+    hub, hub2, leaf = s.hub, s.hub2, s.leaf
+    assert hub2 is not None
+    await wait_for(lambda: len(s.values.get("hub-1", [])) >= 5, 30, message="hub writes")
+    synced = await _synced(hub)
+    await _has_rows(leaf.db.path, synced, 90)
+    s.cut_hub()
+    await wait_for(lambda: leaf.zone.writable, 60, message="the leaf zone promoted")
+    await wait_for(lambda: len(s.values.get("edge-1", [])) >= 5, 30, message="leaf writes")
+    s.heal()
+    for z in (hub, hub2):
+        await wait_for(lambda z=z: z.zone.role == "replica", 30, message="demoted")
+        await wait_for(lambda z=z: (z.db.wal.status().get("zone") or {}).get("following")
+                       == f"{leaf.platform.name}/convex", 30, message="follows the leaf")
+        assert runtime_of(z.db).replicate_pid() is None
+    leaf_rows = await _synced(leaf)
+    for z in (hub, hub2):
+        await _has_rows(z.db.path, leaf_rows, 90)
+    assert s.errors == []
+    assert_single_writer(s.writes)
