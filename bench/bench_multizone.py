@@ -19,12 +19,19 @@ two leaf zones plus a witness voter (links through TCP proxies), an app with
 ``PromoteOnHubFailure(detection=--detection)``; the hub zone is cut off and the time until
 the hub stops writing and until a leaf may write is printed beside its floor in the same run
 (detection to notice, then the old primary's lease: ``promotion_wait(detection)``).
+
+With ``--sqlite-promotion-rounds`` (needs pycluster-sqlite and litestream), the same with a
+SQLite app: the hub's database followed by a leaf zone standby (``StandbyOf``), a witness as
+the third zone; the leaf is writable once the SQLite plugin has turned its replica into the
+primary (WAL mode, ``litestream replicate`` into its own bucket), printed beside the floor and
+the plain app's rounds of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -67,11 +74,92 @@ async def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--promotion-rounds", type=int, default=3)
     ap.add_argument("--detection", type=float, default=2.0)
+    ap.add_argument("--sqlite-promotion-rounds", type=int, default=0)
     args = ap.parse_args()
-    await latency(args)
-    if args.promotion_rounds:
-        await promotions(args.promotion_rounds, args.detection)
+    if args.rounds:
+        await latency(args)
+    for r in range(max(args.promotion_rounds, args.sqlite_promotion_rounds)):
+        if r < args.promotion_rounds:
+            await promotions(1, args.detection)
+        if r < args.sqlite_promotion_rounds:
+            await sqlite_promotions(1, args.detection)
     return 0
+
+
+async def sqlite_promotion_round(tmp: Path, detection: float) -> tuple[float, float]:
+    """A hub with a SQLite app, a leaf zone standby of it, a witness; cut the hub zone off:
+    seconds until the hub is fenced and until the leaf's promoted copy may be written."""
+    import pycluster_sqlite.plugin as sqlite_plugin
+    from pycluster_sqlite import SQLite, StandbyOf
+
+    witness = Witness("convex", tmp / "witness", detection=detection, zones=3)
+    await witness.server.start()
+    port = free_port()
+    link = TcpProxy("127.0.0.1", port)
+    votes = [TcpProxy("127.0.0.1", witness.server.port) for _ in range(2)]
+    started: list[Platform] = []
+    try:
+        for proxy in (link, *votes):
+            await proxy.start()
+        await witness.start_voter()
+
+        def promote(vote: TcpProxy) -> PromoteOnHubFailure:
+            return PromoteOnHubFailure(detection=detection, zones=3,
+                                       vote_url=f"nats://127.0.0.1:{vote.port}")
+
+        def pm() -> Any:
+            return create_plugin_manager(load_entrypoints=False,
+                                         extra=[("sqlite", sqlite_plugin)])
+
+        hub = Platform("hub", node_id="h1", zone="hq", data_dir=str(tmp / "hub"),
+                       plugin_manager=pm(), lease_ttl=2.0, heartbeat_interval=0.5,
+                       hub=HubListen(host="127.0.0.1", port=port, user="leaf",
+                                     password="bench", no_advertise=True))
+        hub_db = SQLite(tmp / "hubdb" / "data.db")
+        hub_app = App("convex", Singleton(), hub_db, promote(votes[0]))
+        leaf = Platform("edge", node_id="e1", zone="z1", data_dir=str(tmp / "edge"),
+                        plugin_manager=pm(), lease_ttl=2.0, heartbeat_interval=0.5,
+                        leaf=LeafOf(f"nats-leaf://127.0.0.1:{link.port}", user="leaf",
+                                    password="bench", reconnect=0.25))
+        leaf_db = SQLite(tmp / "leafdb" / "data.db")
+        leaf_app = App("convex", Singleton(), leaf_db, StandbyOf("hub", "convex"),
+                       promote(votes[1]))
+        for p, a in ((hub, hub_app), (leaf, leaf_app)):
+            p.register(a)
+            await p.start()
+            started.append(p)
+            assert await a.wait_for_leadership(20)
+        await wait_for(lambda: hub_app.zone.writable, 30)
+        await wait_for(lambda: leaf_app.zone.silent_for() < 1.0, 30)
+        con = sqlite3.connect(hub_db.path)
+        con.executescript("CREATE TABLE t(v); INSERT INTO t VALUES (1);")
+        con.close()
+        await hub_db.wal.sync()
+        await wait_for(lambda: (leaf_db.wal.status().get("replica_txid") or 0) > 0, 60)
+        link.cut()
+        votes[0].cut()
+        t0 = time.monotonic()
+        await wait_for(lambda: not hub_app.zone.writable, 60, interval=0.01)
+        fenced = time.monotonic() - t0
+        await wait_for(lambda: leaf_app.zone.writable, 120, interval=0.01)
+        return fenced, time.monotonic() - t0
+    finally:
+        for p in reversed(started):
+            await p.stop()
+        await witness.stop()
+        for proxy in (link, *votes):
+            await proxy.close()
+
+
+async def sqlite_promotions(rounds: int, detection: float) -> None:
+    """Time from hub loss to a writable promoted SQLite zone standby, beside its floor."""
+    floor = detection + promotion_wait(detection)
+    for _ in range(rounds):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-sqlite-promotion-"))
+        fenced, promoted = await sqlite_promotion_round(tmp, detection)
+        print(f"  sqlite round: hub fenced after {fenced:.2f}s, the leaf's copy writable after "
+              f"{promoted:.2f}s ({promoted - floor:+.2f}s over the floor {floor:.2f}s); "
+              f"load {load()}")
 
 
 async def promotion_round(tmp: Path, detection: float) -> tuple[float, float]:

@@ -36,7 +36,8 @@ from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
 from pycluster.testing.proxy import TcpProxy
 from pycluster.testing.servers import free_port
-from pycluster.testing.zones import Witness
+from pycluster.testing.zones import Witness, Write
+from pycluster.testing.zones import assert_single_writer as single_writer
 
 LEAF_USER, LEAF_PASSWORD = "leaf", "leaf-link-secret"
 DETECTION = 2.0
@@ -146,13 +147,6 @@ def test_config_file_sections(tmp_path: Path) -> None:
 
 
 # -- zones on loopback -------------------------------------------------------------------------
-
-
-@dataclass
-class Write:
-    zone: str
-    term: int
-    at: float  # wall clock
 
 
 @dataclass
@@ -322,20 +316,8 @@ def _primaries(zones: Zones) -> list[Platform]:
 
 
 def assert_single_writer(zones: Zones) -> None:
-    """The external record: every term was written by one zone only, terms only grew over
-    time, and no zone wrote with an older term after a newer one's first write."""
-    by_term: dict[int, set[str]] = {}
-    first: dict[int, float] = {}
-    for w in zones.writes:
-        by_term.setdefault(w.term, set()).add(w.zone)
-        first[w.term] = min(first.get(w.term, w.at), w.at)
-    for term, writers in by_term.items():
-        assert len(writers) == 1, f"term {term} written by {writers}"
-    for w in zones.writes:
-        for term, t in first.items():
-            if term > w.term:
-                assert w.at < t, (f"{w.zone} wrote with term {w.term} at {w.at} after term "
-                                  f"{term} began at {t}")
+    """The external record: one writer per term, terms only grew over time."""
+    single_writer(zones.writes)
 
 
 @pytest.mark.slow

@@ -858,7 +858,8 @@ def pycluster_zone_promote(app: App, term: int) -> Any:
     Called on every node of the promoted platform: on the node that won the vote before the
     app's ``on_promoted`` hooks, on the platform's other nodes when they learn the zone's new
     term. May return an awaitable, awaited (bounded by the hook timeout) before the zone
-    writes; an error means the promotion did not happen on this node.
+    writes; an error or a timeout means the promotion did not happen on this node: it does not
+    write (``app.zone.check()`` raises) until it is demoted or promoted again.
 
     :param app: the app.
     :param term: the zone's new term (its fencing epoch, above every earlier primary's).

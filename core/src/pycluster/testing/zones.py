@@ -7,6 +7,9 @@ Example::
         # zones connect to it: PromoteOnHubFailure(vote_url=witness.url) (or through a
         # TcpProxy in front of witness.server.port, to cut a zone off the witness bus)
         ...
+
+`Write` and `assert_single_writer`: an external record of the writes each zone's app made
+(zone, term, wall time), and the check that no two zones ever wrote as primary at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .nodes import NodeCluster
 from .proxy import TcpProxy
 from .servers import NatsServer, free_port
 
-__all__ = ["Witness", "ZoneNodes", "ZoneWrite", "read_zone_writes", "single_writer_violations"]
+__all__ = ["Witness", "Write", "ZoneNodes", "ZoneWrite", "assert_single_writer",
+           "read_zone_writes", "single_writer_violations"]
 
 
 class Witness:
@@ -255,3 +259,19 @@ class ZoneNodes:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+@dataclass
+class Write:
+    """One write an in-process app made after ``app.zone.check()`` passed, recorded outside
+    every zone (the zone stands for the writer: one active instance per zone in those tests)."""
+
+    zone: str
+    term: int
+    at: float  # wall clock, once the write is done
+
+
+def assert_single_writer(writes: Iterable[Write]) -> None:
+    """`single_writer_violations` of in-process writes, as an assertion."""
+    bad = single_writer_violations(ZoneWrite(w.zone, w.zone, w.term, 0, w.at) for w in writes)
+    assert not bad, "; ".join(bad)

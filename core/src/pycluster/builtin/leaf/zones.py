@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -340,6 +341,11 @@ class AppZone(Voter):
         self.on_tick: Callable[[], None] | None = None
         self._campaign_task: asyncio.Task[bool] | None = None
         self._replica_task: asyncio.Task[None] | None = None
+        # Set while the replica plugin turns this zone's copy into the primary's: no writes.
+        self.converting = False
+        # The replica plugin's promote hook failed or timed out on this node: its copy is not
+        # the primary's, so this node does not write (until it is demoted or promoted again).
+        self.conversion_failed = False
         if role == "primary":
             self.term = BOOTSTRAP_TERM
             self.primary_platform = platform.name
@@ -379,6 +385,11 @@ class AppZone(Voter):
         now = time.monotonic()
         if self.promoted_at is not None and now < self.promoted_at:
             return "promotion in progress (waiting out the old primary's lease)"
+        if self.converting:
+            return "promotion in progress (the replica plugin is promoting this zone's copy)"
+        if self.conversion_failed:
+            return ("the replica plugin's promotion failed on this node (see its log): its "
+                    "copy is not the primary's")
         if not self.app.is_active:
             return "this node is not the app's active instance"
         if self.lease_valid:
@@ -538,11 +549,30 @@ class AppZone(Voter):
         self._audit("started", {"role": self.role, "term": self.term})
 
     async def _replica_promoted(self, term: int) -> None:
-        from ...plugins import call_each, call_notify
+        self.converting = True  # should this node take over locally meanwhile: no writes
+        try:
+            ok = await self._plugin_hook(self.platform.pm.hook.pycluster_zone_promote,
+                                         "promoted", dict(app=self.app, term=term))
+            self.conversion_failed = not ok
+        finally:
+            self.converting = False
 
-        await call_notify(call_each(self.platform.pm.hook.pycluster_zone_promote,
-                                    "zone promoted", app=self.app, term=term),
-                          self.platform.settings.hook_timeout, f"promoted {self.app.name}")
+    async def _plugin_hook(self, hook: Any, event: str, kwargs: dict[str, Any]) -> bool:
+        """Call every implementation of a zone hook, awaiting each result (bounded by the
+        hook timeout); failures are logged. Returns whether every one succeeded."""
+        timeout = self.platform.settings.hook_timeout
+        ok = True
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                res = impl.function(*[kwargs[a] for a in impl.argnames])
+                if inspect.isawaitable(res):
+                    async with asyncio.timeout(timeout):
+                        await res
+            except Exception:  # TimeoutError included
+                ok = False
+                log.exception("app %s: zone %s: plugin %s failed in %s", self.app.name, event,
+                              impl.plugin_name, hook.name)
+        return ok
 
     async def stop(self) -> None:
         """Stop voting; close the witness connection."""
@@ -788,6 +818,9 @@ class AppZone(Voter):
         wait = promotion_wait(self.detection)
         was_primary = self.is_primary
         self.promoted_at = time.monotonic() + wait
+        # Until the replica plugins' promote hooks return (the sleep below may end after
+        # promoted_at: the state is stored first).
+        self.converting = not was_primary
         self.acks = dict(grants)
         self.acks.pop(self.zone, None)
         self.role = "primary"
@@ -806,6 +839,7 @@ class AppZone(Voter):
             self.primary_platform = None
             self.last_heard, self.started = None, time.monotonic()
             self.promoted_at = None
+            self.converting = False
             await self._store_state()
             self._audit("campaign_lost", {**data, "superseded_by": self.max_voted})
             return False
@@ -829,6 +863,7 @@ class AppZone(Voter):
         self.role, self.term = "primary", term
         self.primary_platform, self.primary_zone = self.platform_name, self.zone
         self.promoted_at = time.monotonic() + wait
+        self.converting = True
         self.acks.clear()
         self.lease_lost_at = None
         self._held = False
@@ -846,6 +881,7 @@ class AppZone(Voter):
         if not self.is_primary:
             return
         self.role = "replica"
+        self.converting = self.conversion_failed = False
         self.primary_platform = None
         self.last_heard = None
         self.started = time.monotonic()
@@ -897,14 +933,31 @@ class AppZone(Voter):
         return list(answers.values())
 
     async def _promoted(self, term: int, data: dict[str, Any], renewed: bool) -> None:
+        # The app writes only once the replica plugin's copy is the primary's (its promote
+        # hook returned): a write before would land in a replica it is still restoring.
+        self.converting = not renewed
         self.promoted_at = None
-        log.warning("app %s: zone %s is primary with term %d", self.app.name, self.zone, term)
-        self._audit("renewed" if renewed else "promoted", data)
-        await self._publish_all(zv_subject(self.group, "hello"), self.hello())
-        if renewed:
-            return
-        await self._notify(self.platform.pm.hook.pycluster_zone_promote, "promoted",
-                           dict(app=self.app, term=term), term, self.platform_name)
+        try:
+            log.warning("app %s: zone %s is primary with term %d", self.app.name, self.zone,
+                        term)
+            self._audit("renewed" if renewed else "promoted", data)
+            await self._publish_all(zv_subject(self.group, "hello"), self.hello())
+            if renewed:
+                return
+            await self._notify(self.platform.pm.hook.pycluster_zone_promote, "promoted",
+                               dict(app=self.app, term=term), term, self.platform_name,
+                               after_plugins=self._converted)
+        finally:
+            self.converting = False
+
+    def _converted(self, ok: bool) -> None:
+        self.conversion_failed = not ok
+        self.converting = False
+        if not ok:
+            self._audit("promotion_failed", {"term": self.term})
+            log.error("app %s zone %s: the replica plugin's promotion failed (term %d): this "
+                      "node does not write; demote the zone (pycluster leaf demote) or fix and "
+                      "restart it", self.app.name, self.zone, self.term)
 
     async def demote(self, platform: str, term: int, zone: str | None, why: str) -> None:
         """Another platform is primary with the higher ``term``: stop writing at once, record
@@ -914,6 +967,7 @@ class AppZone(Voter):
         old = self.term
         self.role = "replica"
         self.promoted_at = None
+        self.converting = self.conversion_failed = False
         self._end_conflict(rival=term)
         self.term = term
         self.primary_platform = platform
@@ -934,21 +988,24 @@ class AppZone(Voter):
                            platform)
 
     async def _notify(self, hook: Any, event: str, kwargs: dict[str, Any], term: int,
-                      leader: str) -> None:
+                      leader: str, after_plugins: Callable[[bool], None] | None = None
+                      ) -> None:
         from ...kernel.context import Context
         from ...kernel.coordinator import run_hooks
         from ...kernel.stages import StageAction, StageEvent, StageOutcome
-        from ...plugins import call_each, call_notify
+        from ...plugins import call_each
 
         timeout = self.platform.settings.hook_timeout
         started = time.monotonic()
-        await call_notify(call_each(hook, f"zone {event}", **kwargs), timeout,
-                          f"{event} {self.app.name}")
+        ok = await self._plugin_hook(hook, event, kwargs)
+        if after_plugins is not None:
+            after_plugins(ok)  # before the app's own hooks: on_promoted may write
         # The zone's change of role as a stage call of its own (audit, metrics, spans).
         ev = StageEvent(app=self.app.name, stage="zone", plugin=PLUGIN,
                         action=StageAction.ACTIVATE if event == "promoted"
                         else StageAction.DEACTIVATE,
-                        outcome=StageOutcome.OK, epoch=term, duration=time.monotonic() - started)
+                        outcome=StageOutcome.OK if ok else StageOutcome.FAILED, epoch=term,
+                        duration=time.monotonic() - started)
         call_each(self.platform.pm.hook.pycluster_stage_event, "stage event", app=self.app,
                   event=ev)
         ctx = Context(app=self.app, platform=self.platform, node_id=self.platform.node_id,
