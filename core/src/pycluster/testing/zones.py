@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
+
 from pycluster.builtin.leaf.zones import WitnessVoter
 from pycluster.kernel.leaf import HubListen, LeafOf, leafnode_config
 
@@ -312,14 +314,15 @@ class LeafZones:
         port = free_port()
         # Leaves reach the hub only through their proxy (which a test cuts).
         self.hub = self._make(f"hub{self._prefix}"[:30], "hq", hub=HubListen(
-            host="127.0.0.1", port=port, user=self.user, password=self.password,
+            host="127.0.0.1", port=port, user=self.user, password=SecretStr(self.password),
             no_advertise=True))
         self.proxies = [TcpProxy("127.0.0.1", port, name=f"leaf{i}")
                         for i in range(1, self._count + 1)]
         for proxy in self.proxies:
             await proxy.start()
         self.leaves = [self._make(f"edge{i}{self._prefix}"[:30], f"z{i}", leaf=LeafOf(
-            f"nats-leaf://127.0.0.1:{proxy.port}", user=self.user, password=self.password,
+            f"nats-leaf://127.0.0.1:{proxy.port}", user=self.user,
+            password=SecretStr(self.password),
             reconnect=0.25)) for i, proxy in enumerate(self.proxies, 1)]
         for p in (self.hub, *self.leaves):
             self.zone_service(p).interval = self.interval
