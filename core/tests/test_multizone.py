@@ -22,8 +22,10 @@ from pycluster.kernel.errors import NoInstanceError
 from pycluster.kernel.leaf import leafnode_config
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
+from pycluster.testing.cli import cli_output
 from pycluster.testing.proxy import TcpProxy
 from pycluster.testing.servers import free_port
+from pycluster.testing.zones import LeafZones
 
 LEAF_USER, LEAF_PASSWORD = "leaf", "leaf-link-secret"
 
@@ -111,11 +113,6 @@ def _platform(tmp: Path, name: str, zone: str, **kw: Any) -> Platform:
 
 @pytest.fixture
 async def zones(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
-    port = free_port()
-    hub = _platform(tmp_path, f"hub{unique_name}"[:30], "hq",
-                    # Leaves reach the hub only through their proxy (which the test cuts).
-                    hub=HubListen(host="127.0.0.1", port=port, user=LEAF_USER,
-                                  password=LEAF_PASSWORD, no_advertise=True))
     convex = App("convex", Singleton())
 
     @convex.handle("where")
@@ -123,34 +120,20 @@ async def zones(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
         assert convex.platform is not None
         return {"x": x, "platform": convex.platform.name}
 
-    hub.register(convex)
-    proxies = [TcpProxy("127.0.0.1", port, name=f"leaf{i}") for i in (1, 2)]
-    started: list[Platform] = []
-    try:
-        for proxy in proxies:
-            await proxy.start()
-        leaves = [_platform(tmp_path, f"edge{i}{unique_name}"[:30], f"z{i}",
-                            leaf=LeafOf(f"nats-leaf://127.0.0.1:{proxy.port}", user=LEAF_USER,
-                                        password=LEAF_PASSWORD, reconnect=0.25))
-                  for i, proxy in zip((1, 2), proxies, strict=True)]
-        for p in (hub, *leaves):
-            service = p.service("leaf")
-            assert isinstance(service, ZoneService)
-            service.interval = 0.25
-            await p.start()
-            started.append(p)
+    def make(name: str, zone: str, **kw: Any) -> Platform:
+        p = _platform(tmp_path, name, zone, **kw)
+        if "hub" in kw:
+            p.register(convex)
+        return p
+
+    async with LeafZones(make, unique_name) as lz:
+        assert lz.hub is not None
         assert await convex.wait_for_leadership(15)
-        yield Zones(hub, leaves, proxies, convex)
-    finally:
-        for p in reversed(started):
-            await p.stop()
-        for proxy in proxies:
-            await proxy.close()
+        yield Zones(lz.hub, lz.leaves, lz.proxies, convex)
 
 
 def _zone(p: Platform) -> ZoneService:
-    svc = p.service("leaf")
-    assert isinstance(svc, ZoneService)
+    svc: ZoneService = LeafZones.zone_service(p)
     return svc
 
 
@@ -251,7 +234,6 @@ async def _unreachable(client: Any) -> ZoneUnreachableError | None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_leaf_cli_status_and_metrics(zones: Zones) -> None:
-    from pycluster.cli.main import cli
 
     hub, (leaf1, leaf2) = zones.hub, zones.leaves
     await wait_for(lambda: _zone(leaf1).hub.up and _zone(leaf2).hub.up, 20)
@@ -269,18 +251,8 @@ async def test_leaf_cli_status_and_metrics(zones: Zones) -> None:
     assert f'pycluster_leaf_rtt_seconds_count{{remote="{hub.name}"}}' in text
 
     # The CLI, through the hub's embedded server (its URL and credentials from the data dir).
-    assert hub.embedded is not None
-    creds = hub.settings
-    env = {"PYCLUSTER_NATS_URL": hub.embedded.url, "PYCLUSTER_NATS_USER": creds.nats_user or "",
-           "PYCLUSTER_NATS_PASSWORD": creds.nats_password.get_secret_value()
-           if creds.nats_password else ""}
-    pm = create_plugin_manager(load_entrypoints=False)
-    pm.hook.pycluster_add_cli_commands(cli=cli)
-
     def run(*args: str) -> Any:
-        r = CliRunner().invoke(cli, list(args), obj=pm, env=env)
-        assert r.exit_code == 0, r.output
-        return r.output
+        return cli_output(hub, *args)
 
     rows = json.loads(await asyncio.to_thread(run, "leaf", "list", "-p", hub.name, "-o",
                                               "json", "--wait", "1"))

@@ -34,6 +34,7 @@ from pycluster.kernel.zones import (
 )
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
+from pycluster.testing.cli import cli_output
 from pycluster.testing.proxy import TcpProxy
 from pycluster.testing.servers import free_port
 from pycluster.testing.zones import Witness, Write
@@ -451,24 +452,10 @@ async def test_autonomous_hub_writes_on_for_a_while_and_records_the_conflict(
     await wait_for(lambda: zones.zone(hub).role == "replica", 30)
     assert zones.zone(hub).conflicts[0]["rival_term"] == zones.zone(winner).epoch
     # The CLI lists it.
-    from click.testing import CliRunner
-
-    from pycluster.cli.main import cli
-
-    assert hub.embedded is not None
-    s = hub.settings
-    env = {"PYCLUSTER_NATS_URL": hub.embedded.url, "PYCLUSTER_NATS_USER": s.nats_user or "",
-           "PYCLUSTER_NATS_PASSWORD": s.nats_password.get_secret_value()
-           if s.nats_password else ""}
-    pm = create_plugin_manager(load_entrypoints=False)
-    pm.hook.pycluster_add_cli_commands(cli=cli)
+    import json
 
     def run(*args: str) -> str:
-        r = CliRunner().invoke(cli, list(args), obj=pm, env=env)
-        assert r.exit_code == 0, r.output
-        return r.output
-
-    import json
+        return str(cli_output(hub, *args))
 
     rows = json.loads(await asyncio.to_thread(run, "partition", "conflicts", "-p", hub.name,
                                               "-o", "json"))
@@ -545,23 +532,10 @@ async def test_votes_are_durable_on_a_three_server_zone_with_r3(tmp_path: Path,
 async def test_operator_demote_and_forced_promote_from_the_cli(zones: Zones) -> None:
     import json
 
-    from click.testing import CliRunner
-
-    from pycluster.cli.main import cli
-
     hub, (leaf1, leaf2) = zones.hub, zones.leaves
-    pm = create_plugin_manager(load_entrypoints=False)
-    pm.hook.pycluster_add_cli_commands(cli=cli)
 
     def run(p: Platform, *args: str) -> str:
-        assert p.embedded is not None
-        s = p.settings
-        env = {"PYCLUSTER_NATS_URL": p.embedded.url, "PYCLUSTER_NATS_USER": s.nats_user or "",
-               "PYCLUSTER_NATS_PASSWORD": s.nats_password.get_secret_value()
-               if s.nats_password else ""}
-        r = CliRunner().invoke(cli, list(args), obj=pm, env=env)
-        assert r.exit_code == 0, r.output
-        return r.output
+        return str(cli_output(p, *args))
 
     status = json.loads(await asyncio.to_thread(run, leaf1, "partition", "status", "-p",
                                                 leaf1.name, "-o", "json"))

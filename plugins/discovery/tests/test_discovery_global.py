@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
 import pycluster_discovery.plugin as discovery_plugin
-from pycluster import App, HubListen, LeafOf, Platform, Singleton
+from pycluster import App, Platform, Singleton
 from pycluster.builtin.leaf.service import ZoneService
 from pycluster.plugins import create_plugin_manager
 from pycluster.testing import wait_for
+from pycluster.testing.cli import cli_output, cli_result
 from pycluster.testing.proxy import TcpProxy
-from pycluster.testing.servers import free_port
+from pycluster.testing.zones import LeafZones
 from pycluster_discovery import Service
 from pycluster_discovery.federation import GlobalInstances, parse_request
 
@@ -79,36 +79,18 @@ def _platform(tmp: Path, name: str, zone: str, port: int, **kw: Any) -> Platform
 
 @pytest.fixture
 async def zones(tmp_path: Path, unique_name: str) -> AsyncIterator[Zones]:
-    port = free_port()
-    hub = _platform(tmp_path, f"hub{unique_name}"[:30], "hq", 8080,
-                    hub=HubListen(host="127.0.0.1", port=port, user=LEAF_USER,
-                                  password=LEAF_PASSWORD, no_advertise=True))
-    proxies = [TcpProxy("127.0.0.1", port, name=f"leaf{i}") for i in (1, 2)]
-    started: list[Platform] = []
-    try:
-        for proxy in proxies:
-            await proxy.start()
-        leaves = [_platform(tmp_path, f"edge{i}{unique_name}"[:30], f"z{i}", 8080 + i,
-                            leaf=LeafOf(f"nats-leaf://127.0.0.1:{proxy.port}", user=LEAF_USER,
-                                        password=LEAF_PASSWORD, reconnect=0.25))
-                  for i, proxy in zip((1, 2), proxies, strict=True)]
-        for p in (hub, *leaves):
-            zone = p.service("leaf")
-            assert isinstance(zone, ZoneService)
-            zone.interval = 0.25
-            await p.start()
-            started.append(p)
-        yield Zones(hub, leaves, proxies)
-    finally:
-        for p in reversed(started):
-            await p.stop()
-        for proxy in proxies:
-            await proxy.close()
+    ports = iter((8080, 8081, 8082))
+
+    def make(name: str, zone: str, **kw: Any) -> Platform:
+        return _platform(tmp_path, name, zone, next(ports), **kw)
+
+    async with LeafZones(make, unique_name) as lz:
+        assert lz.hub is not None
+        yield Zones(lz.hub, lz.leaves, lz.proxies)
 
 
 def _zone(p: Platform) -> ZoneService:
-    svc = p.service("leaf")
-    assert isinstance(svc, ZoneService)
+    svc: ZoneService = LeafZones.zone_service(p)
     return svc
 
 
@@ -188,19 +170,13 @@ async def _cut(p: Platform, missing: str) -> GlobalInstances | None:
     return found if named == [missing] and all(i.platform != missing for i in found) else None
 
 
-def _cli_result(p: Platform, *args: str) -> Any:
-    from pycluster.cli.main import cli
+def _plugins() -> Any:
+    return create_plugin_manager(load_entrypoints=False, extra=[("discovery", discovery_plugin)])
 
-    assert p.embedded is not None
-    s = p.settings
-    env = {"PYCLUSTER_NATS_URL": p.embedded.url, "PYCLUSTER_NATS_USER": s.nats_user or "",
-           "PYCLUSTER_NATS_PASSWORD": s.nats_password.get_secret_value()
-           if s.nats_password else ""}
-    pm = create_plugin_manager(load_entrypoints=False, extra=[("discovery", discovery_plugin)])
-    return CliRunner().invoke(cli, list(args), obj=pm, env=env)
+
+def _cli_result(p: Platform, *args: str) -> Any:
+    return cli_result(p, *args, plugins=_plugins())
 
 
 def _cli(p: Platform, *args: str) -> str:
-    res = _cli_result(p, *args)
-    assert res.exit_code == 0, res.output
-    return str(res.stdout)
+    return str(cli_output(p, *args, plugins=_plugins()))

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
 
 from pycluster.builtin.leaf.zones import WitnessVoter
 from pycluster.kernel.leaf import HubListen, LeafOf, leafnode_config
@@ -28,7 +31,10 @@ from .nodes import NodeCluster
 from .proxy import TcpProxy
 from .servers import NatsServer, free_port
 
-__all__ = ["Witness", "Write", "ZoneNodes", "ZoneWrite", "assert_single_writer",
+if TYPE_CHECKING:
+    from pycluster.kernel.platform import Platform
+
+__all__ = ["LeafZones", "Witness", "Write", "ZoneNodes", "ZoneWrite", "assert_single_writer",
            "read_zone_writes", "single_writer_violations"]
 
 
@@ -275,3 +281,89 @@ def assert_single_writer(writes: Iterable[Write]) -> None:
     """`single_writer_violations` of in-process writes, as an assertion."""
     bad = single_writer_violations(ZoneWrite(w.zone, w.zone, w.term, 0, w.at) for w in writes)
     assert not bad, "; ".join(bad)
+
+
+class LeafZones:
+    """A hub platform and leaf platforms in this process, each zone its embedded nats-server,
+    every leaf link through its own `TcpProxy` (``cut(i)`` / ``heal()`` without root).
+
+    :param make: builds a platform: ``make(name, zone, **settings)`` with ``hub=`` or
+        ``leaf=`` among the settings (add apps, a plugin manager, timing there).
+    :param prefix: appended to ``hub`` / ``edge<i>`` to make unique platform names.
+    :param leaves: how many leaf zones (named ``z1``, ``z2``, ...; the hub's zone is ``hq``).
+    :param interval: the zone service's check interval (seconds; short in tests).
+
+    Example::
+
+        async with LeafZones(lambda n, z, **kw: Platform(n, zone=z, **kw), unique_name) as lz:
+            lz.cut(0)       # the first leaf's link
+    """
+
+    user, password = "leaf", "leaf-link-secret"
+
+    def __init__(self, make: Callable[..., Platform], prefix: str, leaves: int = 2,
+                 interval: float = 0.25) -> None:
+        self._make, self._prefix, self._count, self.interval = make, prefix, leaves, interval
+        self.hub: Platform | None = None
+        self.leaves: list[Platform] = []
+        self.proxies: list[TcpProxy] = []
+        self._started: list[Platform] = []
+
+    async def start(self) -> None:
+        """Build and start the hub, the proxies and the leaves (each platform as it is built)."""
+        port = free_port()
+        # Leaves reach the hub only through their proxy (which a test cuts).
+        self.hub = self._make(f"hub{self._prefix}"[:30], "hq", hub=HubListen(
+            host="127.0.0.1", port=port, user=self.user, password=SecretStr(self.password),
+            no_advertise=True))
+        self.proxies = [TcpProxy("127.0.0.1", port, name=f"leaf{i}")
+                        for i in range(1, self._count + 1)]
+        for proxy in self.proxies:
+            await proxy.start()
+        self.leaves = [self._make(f"edge{i}{self._prefix}"[:30], f"z{i}", leaf=LeafOf(
+            f"nats-leaf://127.0.0.1:{proxy.port}", user=self.user,
+            password=SecretStr(self.password),
+            reconnect=0.25)) for i, proxy in enumerate(self.proxies, 1)]
+        for p in (self.hub, *self.leaves):
+            self.zone_service(p).interval = self.interval
+            await p.start()
+            self._started.append(p)
+
+    async def stop(self) -> None:
+        """Stop what was started, leaves first; safe after a failed start."""
+        for p in reversed(self._started):
+            await p.stop()
+        self._started = []
+        for proxy in self.proxies:
+            await proxy.close()
+
+    def cut(self, leaf: int) -> None:
+        """Cut the link of ``leaves[leaf]``."""
+        self.proxies[leaf].cut()
+
+    def heal(self) -> None:
+        """Restore every leaf link."""
+        for proxy in self.proxies:
+            proxy.restore()
+
+    @staticmethod
+    def zone_service(p: Platform) -> Any:
+        """The platform's ``leaf`` plugin service (`ZoneService`)."""
+        from pycluster.builtin.leaf.service import ZoneService
+
+        svc = p.service("leaf")
+        assert isinstance(svc, ZoneService), "the leaf plugin is not running"
+        return svc
+
+    async def __aenter__(self) -> LeafZones:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
