@@ -162,6 +162,27 @@ async def test_status_of_a_platform_without_live_nodes(
     assert out.exit_code == 0 and "1 node(s)" in out.output
 
 
+@pytest.mark.slow
+async def test_platforms_are_found_beyond_the_first_page_of_streams(tmp_path: Path) -> None:
+    """The "platforms found there" hint pages through every stream (a NATS shared by many
+    platforms has more than the 256 the server lists at a time)."""
+    from pycluster.cli.inspect import _platforms
+    from pycluster.testing.servers import NatsServer
+
+    server = NatsServer(data_dir=tmp_path / "js")
+    await server.start()
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        for i in range(270):
+            await js.add_stream(name=f"F{i:03d}", subjects=[f"filler.{i}"])  # listed before KV_
+        await js.add_stream(name="KV_zzlast_platform", subjects=["$KV.zzlast_platform.>"])
+        assert await _platforms(js) == ["zzlast"]
+    finally:
+        await nc.close()
+        await server.stop()
+
+
 async def test_stepdown_names_what_is_wrong(
     make_platform: Any, nats_url: str, unique_name: str
 ) -> None:

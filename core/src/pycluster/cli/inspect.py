@@ -130,10 +130,16 @@ async def _platforms(js: JetStreamContext) -> list[str]:
     """Platforms that have a platform bucket on this NATS (to point at a typo)."""
     names: list[str] = []
     with contextlib.suppress(nats.errors.Error, TimeoutError):
-        for info in await js.streams_info():
-            name = info.config.name or ""
-            if name.startswith("KV_") and name.endswith("_platform"):
-                names.append(name[len("KV_"):-len("_platform")])
+        offset = 0
+        for _ in range(100):  # the server lists 256 streams a page; a busy NATS has more
+            page = await js.streams_info(offset=offset)
+            if not page:
+                break
+            offset += len(page)
+            for info in page:
+                name = info.config.name or ""
+                if name.startswith("KV_") and name.endswith("_platform"):
+                    names.append(name[len("KV_"):-len("_platform")])
     return sorted(names)
 
 
