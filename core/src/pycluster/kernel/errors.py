@@ -254,7 +254,8 @@ class RemoteError(PyclusterError):
         one, else one of ``handler_error``, ``unknown_method``, ``bad_request``,
         ``invalid_request`` (pydantic validation), ``unauthorized``, ``reply_too_large``,
         ``deadline_exceeded``, ``cancelled``, ``overloaded`` (the node runs its limit of
-        handlers for the app already, ``max_inflight``: the handler did not run, retry later).
+        handlers for the app already, ``max_inflight``: the handler did not run, retry later),
+        ``bad_reply`` (the reply could not be read: not from a pycluster node).
     :ivar node: the node that answered, when known.
     :ivar details: extra JSON data (e.g. pydantic's error list), or None.
     """

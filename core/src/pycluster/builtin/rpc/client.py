@@ -16,23 +16,32 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 
 from ... import codec as codecs
-from ...kernel.errors import CallTimeoutError, ConfigError, NoInstanceError, PayloadTooLargeError
+from ...kernel.errors import (
+    CallTimeoutError,
+    ConfigError,
+    NoInstanceError,
+    PayloadTooLargeError,
+    RemoteError,
+)
 from ...middleware import Call, Kind, MiddlewareChain
 from .wire import (
-    H_CALL,
+    BAD_REPLY,
     H_ERROR,
     H_LEADER,
     H_NODE,
+    NO_APP,
     NOT_LEADER,
     check_method,
     check_timeout,
     remote_error,
     running_nodes,
+    unframe_reply,
 )
 
 if TYPE_CHECKING:
     from ...kernel.platform import Platform
     from .cancel import Cancellations
+    from .replies import ReplyMux
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class RpcClient:
     _chains_version: int
     _call_chain: Callable[[Call], Awaitable[Any]]
     _send_fn: Callable[[Call], Awaitable[Any]]
+    _replies: ReplyMux
 
     @property
     def middleware(self) -> MiddlewareChain:
@@ -244,22 +254,28 @@ class RpcClient:
                 )
         failures = 0
         last = ""
-        # The cancel token: unguessable, per call, known only to readers of the request.
-        cancel_key = f"{call.request_id}/{_cancel_token()}"
-        meta_tail = f" {call.source_node} {call.source_app}" if call.source_app else (
-            f" {call.source_node}")
+        replies = self._replies
+        if replies.nc is not nc:
+            await replies.attach(nc)
+        # The cancel token: unguessable, per call, known only to readers of the request. The
+        # call's metadata travels in the reply subject (see wire.REPLY_MARK).
+        token = _cancel_token()
+        cancel_key = f"{call.request_id}/{token}"
+        reply_head = f"{replies.prefix}{call.request_id}.{token}."
+        reply_tail = f".{call.source_node}.{call.source_app or NO_APP}"
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CallTimeoutError(call.app, call.method, call.timeout, call.route, last)
             subject = target.subject()
-            headers[H_CALL] = f"{cancel_key} {remaining:.3f}{meta_tail}"
             if call.before_send is not None:  # e.g. a signature over this subject and body
                 call.before_send(subject, body, headers)
             wait = min(remaining, retry.attempt_timeout) if call.idempotent else remaining
             call.attempts += 1
             try:
-                msg = await nc.request(subject, body, timeout=wait, headers=headers)
+                msg = await replies.request(
+                    subject, f"{reply_head}{int(remaining * 1000)}{reply_tail}", body,
+                    headers or None, wait)
             except nats.errors.NoRespondersError:
                 last = await target.unanswered(self, call.app)
             except nats.errors.TimeoutError:
@@ -271,7 +287,20 @@ class RpcClient:
                 self.cancellations.send(cancel_key)
                 raise
             else:
-                rh = msg.headers or {}
+                rh = msg.headers
+                if not rh:  # a framed reply (answering node and content type in the body)
+                    try:
+                        node, ct, data = unframe_reply(msg.data)
+                    except ValueError as exc:
+                        raise RemoteError(call.app, call.method, "RemoteError",
+                                          f"malformed reply ({exc})", BAD_REPLY) from None
+                    call.node = node
+                    call.reply_headers = ({H_NODE: node} if ct is None else
+                                          {H_NODE: node, codecs.CONTENT_TYPE: ct})
+                    value = codecs.decode(data, ct)
+                    if call.response_model is not None:
+                        value = codecs.validate(call.response_model, value)
+                    return value
                 call.reply_headers = rh
                 call.node = rh.get(H_NODE)
                 code = rh.get(H_ERROR)

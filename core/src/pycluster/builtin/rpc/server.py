@@ -39,7 +39,12 @@ from .wire import (
     REPLY_TOO_LARGE,
     UNKNOWN_METHOD,
     WARN_EVERY,
+    CallMeta,
     Reject,
+    frame_reply,
+    header_meta,
+    node_frame,
+    reply_subject_meta,
 )
 
 if TYPE_CHECKING:
@@ -202,6 +207,8 @@ class RpcServer:
     _chains_of: MiddlewareChain | None
     _chains_version: int
     _request_chain: Callable[[Request], Awaitable[Any]]
+    _node_head: bytes
+    _node_head_of: str
 
     @property
     def middleware(self) -> MiddlewareChain:
@@ -305,11 +312,9 @@ class RpcServer:
                 if gate.busy >= gate.limit:
                     await self._overloaded(gate, msg)
                     return
-                headers = msg.headers
-                meta = (headers.get(H_CALL) or headers.get(H_CALL_OLD)) if headers else None
                 gate.busy += 1  # released by _serve, which cannot be cancelled before it runs
                 try:
-                    _start_task(serve(ep, gate, msg, meta))
+                    _start_task(serve(ep, gate, msg))
                 except BaseException:
                     gate.busy -= 1
                     raise
@@ -362,10 +367,21 @@ class RpcServer:
             self._specs[fn] = spec
         return spec
 
-    async def _serve(self, ep: Endpoint, gate: Gate, msg: Msg, meta: str | None) -> None:
+    async def _serve(self, ep: Endpoint, gate: Gate, msg: Msg) -> None:
         # Runs as its own task. It is made cancellable (tracked, given a deadline) only from
         # here, so it is never cancelled before its first step: the finally always runs.
-        key = meta.partition(" ")[0] if meta else ""
+        headers = msg.headers
+        raw_meta = (headers.get(H_CALL) or headers.get(H_CALL_OLD)) if headers else None
+        meta: CallMeta | None = None
+        bad_meta: Reject | None = None
+        if raw_meta:
+            try:
+                meta = header_meta(raw_meta)
+            except Reject as exc:
+                bad_meta = exc
+        elif msg.reply:
+            meta = reply_subject_meta(msg.reply)
+        key = meta.key if meta is not None else ""
         task = asyncio.current_task()
         assert task is not None
         tracked = "/" in key  # "<request id>/<cancel token>": cancellable
@@ -384,7 +400,6 @@ class RpcServer:
                             reply_headers[H_LEADER] = leader
                         raise Reject(NOT_LEADER, "NotLeaderError",
                                       f"{me} is not active for {app.name} (leader: {app.leader})")
-                    headers = msg.headers or {}
                     data = msg.data
                     content_type = headers.get(codecs.CONTENT_TYPE) if headers else None
                     if content_type is None and data:
@@ -393,24 +408,22 @@ class RpcServer:
                         payload = codecs.decode(data, content_type)
                     except codecs.CodecError as exc:
                         raise Reject(BAD_REQUEST, "CodecError", str(exc)) from None
+                    if bad_meta is not None:
+                        raise bad_meta
                     deadline: float | None = None
                     rid, source_node, source_app = "", None, None
-                    if meta:
-                        parts = meta.split(" ")
-                        try:
+                    if meta is not None:
+                        rid = meta.request_id  # the cancel token stays private
+                        source_node, source_app = meta.source_node, meta.source_app
+                        if meta.timeout is not None:
                             # Request.deadline compares to time.monotonic() (the loop's clock).
-                            rid = parts[0].partition("/")[0]  # the cancel token stays private
-                            deadline = time.monotonic() + max(0.0, float(parts[1]))
-                            source_node = parts[2]
-                            source_app = parts[3] if len(parts) > 3 else None
-                        except (IndexError, ValueError):
-                            raise Reject(BAD_REQUEST, "ValueError",
-                                          f"bad {H_CALL} header {meta[:64]!r}") from None
+                            deadline = time.monotonic() + meta.timeout
                     req = Request(
                         kind=ep.kind, app=app.name, method=method, route=ep.route, node=me,
-                        subject=msg.subject, headers=headers, data=data, content_type=content_type,
-                        payload=payload, request_id=rid, source_node=source_node,
-                        source_app=source_app, deadline=deadline, reply_headers=reply_headers,
+                        subject=msg.subject, headers=headers or {}, data=data,
+                        content_type=content_type, payload=payload, request_id=rid,
+                        source_node=source_node, source_app=source_app, deadline=deadline,
+                        reply_headers=reply_headers,
                         handler=ep.handlers.get(method),  # None: refused after middleware (auth)
                     )
                     mw = self.middleware
@@ -442,8 +455,7 @@ class RpcServer:
                 if not msg.reply:
                     return
                 body, ct = codecs.encode(result, codecs.codec_of(content_type))
-                if codecs.needs_header(body, ct):
-                    reply_headers[codecs.CONTENT_TYPE] = ct  # type: ignore[assignment]
+                send_ct = ct if codecs.needs_header(body, ct) else None
                 if len(body) + HEADER_SLACK > self._max_payload():
                     raise Reject(REPLY_TOO_LARGE, "PayloadTooLargeError",
                                   f"reply of {len(body)} bytes exceeds the server limit of "
@@ -451,7 +463,16 @@ class RpcServer:
                 nc = self.platform.nc
                 if nc is not None:
                     try:
-                        await nc.publish(msg.reply, body, headers=reply_headers)
+                        if meta is not None and meta.framed and len(reply_headers) == 1:
+                            # Nothing but our node id to say: a framed reply, no headers.
+                            if self._node_head_of != me:
+                                self._node_head, self._node_head_of = node_frame(me), me
+                            await nc.publish(msg.reply, frame_reply(self._node_head, send_ct,
+                                                                    body))
+                        else:
+                            if send_ct is not None:
+                                reply_headers[codecs.CONTENT_TYPE] = send_ct
+                            await nc.publish(msg.reply, body, headers=reply_headers)
                     except Exception as exc:
                         log.debug("rpc: reply to %s not sent: %s", msg.subject, exc)
             except asyncio.CancelledError:

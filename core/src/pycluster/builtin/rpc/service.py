@@ -12,14 +12,23 @@ subscribed only while the app is active on this node (following role changes), a
 message on it is checked against ``app.is_active`` again: a node that is no longer active
 answers ``not_leader``, and the caller retries against the new leader.
 
-Headers: requests carry ``Pc-Call: <request id>/<cancel token> <timeout> <source node>
-[<source app>]`` (one compact header with a short name: nats-py builds and parses every header in
-Python, on both sides, character by character; the timeout is the caller's remaining seconds,
-and the server cancels the handler when the caller stops waiting; the former name
-``Pycluster-Call`` is still accepted), ``Content-Type`` (omitted for non-empty raw bytes), plus
-whatever middleware adds (``traceparent``, credentials). Replies carry ``Pc-Node`` (who
-answered), and on failure ``Pycluster-Error: <code>`` with a JSON body ``{"type", "message",
-"code", "details"}``.
+Metadata: a call's metadata travels in the request's reply subject, which the caller picks
+(`pycluster.builtin.rpc.replies`): ``<inbox>.pcr1.<request id>.<cancel token>.<timeout ms>.
+<source node>.<source app or ->``; the timeout is the caller's remaining time, and the server
+cancels the handler when the caller stops waiting. A success reply to such a request carries no
+headers either: its body is framed with the answering node and the content type
+(`pycluster.builtin.rpc.wire.frame_reply`). So the hot path has no NATS headers at all, which
+nats-py builds and parses in Python, character by character, on both sides: they cost about as
+much as the rest of a call. Headers still travel when there is something else to say: the
+``Content-Type`` of a non-default body (omitted for non-empty raw bytes), whatever middleware
+adds (``traceparent``, credentials, reply headers), and error replies (``Pc-Node``,
+``Pycluster-Error: <code>`` with a JSON body ``{"type", "message", "code", "details"}``).
+
+Older callers and servers: a request with a ``Pc-Call: <request id>/<cancel token> <timeout s>
+<source node> [<source app>]`` header (or the former ``Pycluster-Call``) is served by that header
+and answered with a ``Pc-Node`` header and a bare body, as before; a caller reads either kind of
+reply (a reply with headers is never framed). A request from any other NATS client (no header,
+a reply subject of its own) is served without metadata.
 
 Cancellation: a caller that stops waiting publishes ``<request id>/<cancel token>`` on the
 cancel subject (`pycluster.builtin.rpc.cancel`). A handler still running when the caller's
@@ -44,7 +53,8 @@ progress), until the call's deadline; with no instance at all it fails at once w
 `NoInstanceError`. A request that was sent but got no answer is retried only when the call is
 marked ``idempotent`` (each attempt then waits at most ``RetryPolicy.attempt_timeout``).
 
-Layout: `wire` (protocol constants, error encoding), `client` (targets, retries, sending),
+Layout: `wire` (protocol constants, metadata, reply frames, error encoding), `client`
+(targets, retries, sending), `replies` (the caller's reply inbox and timeouts),
 `server` (endpoints, the in-flight limit, dispatch), `cancel`, `app` (``app.rpc``), this module
 (the ``rpc`` service composing them) and `plugin` (its hooks).
 
@@ -69,6 +79,7 @@ from ...middleware import Call, MiddlewareChain, Request
 from .app import AppRpc
 from .cancel import Cancellations
 from .client import AnyInstance, FixedNode, NodeResult, RetryPolicy, RpcClient, Target
+from .replies import ReplyMux
 from .server import DeadlineWheel, Endpoint, Gate, RpcServer
 from .wire import LEADER_TARGET, WARN_EVERY
 
@@ -100,6 +111,9 @@ class RpcService(RpcServer, RpcClient):
         self._other_warned = -WARN_EVERY
         self._specs: dict[Callable[..., Any], codecs.HandlerSpec] = {}
         self._deadlines = DeadlineWheel()
+        self._node_head = b""
+        self._node_head_of = ""
+        self._replies = ReplyMux()
         self._reconcile_task: asyncio.Task[None] | None = None
         self._running = False
         self._rid_prefix = os.urandom(4).hex() + "-"
@@ -165,6 +179,7 @@ class RpcService(RpcServer, RpcClient):
         for name in list(self._endpoints):
             await self.remove_endpoints(name)
         await self.cancellations.stop()
+        await self._replies.close()
 
 
 def rpc_service(platform: Platform) -> RpcService:

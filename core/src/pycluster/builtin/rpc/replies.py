@@ -1,0 +1,99 @@
+"""The replies to this node's calls: one wildcard inbox subscription per connection, a waiting
+future per request, and timeouts on a shared wheel.
+
+nats-py's ``request()`` costs more than the message it sends: a random token (a system call),
+a timer and a done callback per request, and the call's metadata would have to travel in a
+header (built and parsed in Python on both sides). Here the caller picks the reply subject
+itself and puts the call's metadata in it (`pycluster.builtin.rpc.wire.reply_subject_meta`), and
+timeouts share one timer per slot of ``1/SLOTS_PER_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from .wire import REPLY_MARK, STATUS_NO_RESPONDERS
+
+
+class ReplyMux:
+    """Waits for the replies of one connection's requests (see the module docstring)."""
+
+    SLOTS_PER_S = 100  # a timeout fires at most 10 ms late
+
+    def __init__(self) -> None:
+        #: The connection the subscription is on (None until the first request).
+        self.nc: Any = None
+        #: Reply subjects start with this (``<inbox>.<REPLY_MARK>.``).
+        self.prefix = ""
+        self._sub: Any = None
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._slots: dict[int, set[asyncio.Future[Msg]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._setup: asyncio.Lock | None = None
+
+    async def attach(self, nc: Any) -> None:
+        """Subscribe to this connection's reply subjects (once per connection)."""
+        if self._setup is None or self._loop is not asyncio.get_running_loop():
+            self._setup = asyncio.Lock()
+        async with self._setup:
+            if nc is self.nc:
+                return
+            old, self._sub = self._sub, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.unsubscribe()
+            self._loop = asyncio.get_running_loop()
+            self._slots = {}
+            prefix = f"{nc.new_inbox()}.{REPLY_MARK}."
+            self._sub = await nc.subscribe(prefix + ">", cb=self._on_reply)
+            self.prefix, self.nc = prefix, nc
+
+    async def close(self) -> None:
+        """Unsubscribe (calls still waiting time out)."""
+        sub, self._sub, self.nc = self._sub, None, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def request(self, subject: str, reply: str, body: bytes,
+                      headers: dict[str, str] | None, timeout: float) -> Msg:
+        """Publish a request with reply subject ``reply`` (which starts with `prefix`) and
+        wait for its reply: `nats.errors.TimeoutError` after ``timeout`` seconds,
+        `nats.errors.NoRespondersError` when the server says nobody listens."""
+        loop = self._loop
+        assert loop is not None, "attach() first"
+        fut: asyncio.Future[Msg] = loop.create_future()
+        n = int((loop.time() + timeout) * self.SLOTS_PER_S) + 1
+        slot = self._slots.get(n)
+        if slot is None:
+            slot = self._slots[n] = set()
+            loop.call_at(n / self.SLOTS_PER_S, self._fire, n)
+        slot.add(fut)
+        waiting = self._waiting
+        waiting[reply] = fut
+        try:
+            await self.nc.publish(subject, body, reply=reply, headers=headers)
+            return await fut
+        finally:
+            waiting.pop(reply, None)
+            slot.discard(fut)
+
+    def _fire(self, n: int) -> None:
+        for fut in self._slots.pop(n, ()):
+            if not fut.done():
+                fut.set_exception(nats.errors.TimeoutError())
+
+    async def _on_reply(self, msg: Msg) -> None:
+        fut = self._waiting.get(msg.subject)
+        if fut is None or fut.done():
+            return  # late (timed out or cancelled), or not ours
+        if (msg.headers and not msg.data
+                and msg.headers.get("Status") == STATUS_NO_RESPONDERS):
+            fut.set_exception(nats.errors.NoRespondersError())
+        else:
+            fut.set_result(msg)
