@@ -13,7 +13,6 @@ import nats.errors
 import pytest
 
 from pycluster import App, Middleware, RemoteError, Singleton
-from pycluster.builtin.rpc.replies import ReplyMux
 from pycluster.builtin.rpc.service import rpc_service
 from pycluster.builtin.rpc.wire import (
     BAD_REQUEST,
@@ -29,6 +28,7 @@ from pycluster.builtin.rpc.wire import (
     unframe_reply,
 )
 from pycluster.kernel.names import app_subject
+from pycluster.kernel.replies import ReplyMux
 from pycluster.testing import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,7 +56,7 @@ def test_reply_subject_meta_reads_what_a_caller_puts_there() -> None:
     f"_INBOX.a.{REPLY_MARK}.r.t.-5.n.app",             # not a number of ms
     f"_INBOX.a.{REPLY_MARK}.r.t.1e3.n.app",
     f"_INBOX.a.{REPLY_MARK}.r.t.{'9' * 16}.n.app",     # absurdly long
-    f"_INBOX.a.pcr2.r.t.100.n.app",                    # another mark
+    "_INBOX.a.pcr2.r.t.100.n.app",                    # another mark
 ])
 def test_reply_subjects_that_only_look_like_ours_carry_no_metadata(reply: str) -> None:
     assert reply_subject_meta(reply) is None
@@ -254,7 +254,7 @@ async def test_garbage_replies_fail_the_call_not_the_caller(make_platform: Any,
 async def test_reply_mux_times_out_and_reports_no_responders(nats_url: str) -> None:
     nc = await nats.connect(nats_url)
     try:
-        mux = ReplyMux()
+        mux = ReplyMux(REPLY_MARK)
         await mux.attach(nc)
         await mux.attach(nc)  # once per connection
         silent = await nc.subscribe("wire.silent")  # takes requests, never answers

@@ -3,8 +3,9 @@
 The caller publishes ``<request id>/<cancel token>`` on ``{platform}._.rpc.cancel``. The token
 is 64 random bits per call, carried only in the request itself (its reply subject), so only
 those who can read the request or its reply (the caller and the serving node) can cancel it;
-the request id alone (which appears in logs, audit entries and traces) cancels nothing. A request without a token (an older caller) is
-not cancellable by message; its deadline still ends it.
+the request id alone (which appears in logs, audit entries and traces) cancels nothing. A
+request without a token (an older caller) is not cancellable by message; its deadline still
+ends it.
 """
 
 from __future__ import annotations

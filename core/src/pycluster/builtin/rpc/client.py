@@ -40,8 +40,8 @@ from .wire import (
 
 if TYPE_CHECKING:
     from ...kernel.platform import Platform
+    from ...kernel.replies import ReplyMux
     from .cancel import Cancellations
-    from .replies import ReplyMux
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ message on it is checked against ``app.is_active`` again: a node that is no long
 answers ``not_leader``, and the caller retries against the new leader.
 
 Metadata: a call's metadata travels in the request's reply subject, which the caller picks
-(`pycluster.builtin.rpc.replies`): ``<inbox>.pcr1.<request id>.<cancel token>.<timeout ms>.
+(`pycluster.kernel.replies`): ``<inbox>.pcr1.<request id>.<cancel token>.<timeout ms>.
 <source node>.<source app or ->``; the timeout is the caller's remaining time, and the server
 cancels the handler when the caller stops waiting. A success reply to such a request carries no
 headers either: its body is framed with the answering node and the content type
@@ -54,9 +54,9 @@ progress), until the call's deadline; with no instance at all it fails at once w
 marked ``idempotent`` (each attempt then waits at most ``RetryPolicy.attempt_timeout``).
 
 Layout: `wire` (protocol constants, metadata, reply frames, error encoding), `client`
-(targets, retries, sending), `replies` (the caller's reply inbox and timeouts),
-`server` (endpoints, the in-flight limit, dispatch), `cancel`, `app` (``app.rpc``), this module
-(the ``rpc`` service composing them) and `plugin` (its hooks).
+(targets, retries, sending; replies through `pycluster.kernel.replies`), `server` (endpoints,
+the in-flight limit, dispatch), `cancel`, `app` (``app.rpc``), this module (the ``rpc`` service
+composing them) and `plugin` (its hooks).
 
 Connection loss: subscriptions are restored by nats-py after a reconnect; calls made while
 disconnected are buffered by nats-py and time out (`CallTimeoutError`) if the connection does
@@ -75,13 +75,13 @@ from typing import TYPE_CHECKING, Any
 from ... import codec as codecs
 from ...kernel.aio import cancel_and_wait, supervise
 from ...kernel.names import app_subject
+from ...kernel.replies import ReplyMux
 from ...middleware import Call, MiddlewareChain, Request
 from .app import AppRpc
 from .cancel import Cancellations
 from .client import AnyInstance, FixedNode, NodeResult, RetryPolicy, RpcClient, Target
-from .replies import ReplyMux
 from .server import DeadlineWheel, Endpoint, Gate, RpcServer
-from .wire import LEADER_TARGET, WARN_EVERY
+from .wire import LEADER_TARGET, REPLY_MARK, WARN_EVERY
 
 if TYPE_CHECKING:
     from ...kernel.coordinator import AppRuntime
@@ -113,7 +113,7 @@ class RpcService(RpcServer, RpcClient):
         self._deadlines = DeadlineWheel()
         self._node_head = b""
         self._node_head_of = ""
-        self._replies = ReplyMux()
+        self._replies = ReplyMux(REPLY_MARK)
         self._reconcile_task: asyncio.Task[None] | None = None
         self._running = False
         self._rid_prefix = os.urandom(4).hex() + "-"

@@ -34,7 +34,6 @@ MAX_TIMEOUT_MS = 365 * 86400 * 1000
 H_LEADER = "Pycluster-Leader"
 
 LEADER_TARGET = "_leader"
-STATUS_NO_RESPONDERS = "503"  # the NATS server's status header of a request nobody took
 
 HANDLER_ERROR = "handler_error"
 UNKNOWN_METHOD = "unknown_method"
