@@ -18,7 +18,10 @@ with their spread, min..max, and the load average at each round):
    older figures: ``kv.create`` of an existing deleted key reads it first);
 3. the bare `LockService` ``acquire()`` + ``release()``;
 4. ``app.lock()`` on a started `Platform` with every default plugin on (audit, metrics, tracing,
-   ...): the figure users get; target p50 within 1.2x of the floor (1);
+   ...): the figure users get; target p50 within 1.2x of the floor (1). The floor and (2), (3)
+   publish with nats-py's ``JetStreamContext.publish``; the platform's context is
+   `pycluster.kernel.connection.LeanJetStream` (the same messages, a cheaper wait for the
+   acknowledgement);
 5. contended: ``--procs`` processes each doing ``--increments`` get+put increments of a KV
    counter under the lock: throughput, wait p50/p99 (target: p99 < 4x p50) and an exact
    counter check; the same workload with a naive create/delete lock (watch for the delete, then

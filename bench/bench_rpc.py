@@ -17,9 +17,10 @@ the default-middleware variants: throughput per round (median and range), CPU pe
 ratio to raw's throughput in the same round (target: >= 0.7x). The load average is printed with
 each section.
 
-"raw nats-py + one header each way" is raw request/reply carrying one header like pycluster's
-(``Pc-Call`` out, ``Pc-Node`` back): nats-py builds and parses headers in Python, so this is the
-floor of any request/reply with metadata, shown for where the remaining time goes.
+"raw nats-py + one header each way" is raw request/reply carrying one header each way, as
+pycluster's calls did before their metadata moved into the reply subject (``Pc-Call`` out,
+``Pc-Node`` back): nats-py builds and parses headers in Python, which is why pycluster's hot path
+now carries none; shown for comparison.
 """
 
 from __future__ import annotations
