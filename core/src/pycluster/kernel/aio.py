@@ -5,11 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 log = logging.getLogger("pycluster.tasks")
+
+
+# This process's offset of the grid of `sleep_aligned` (other processes get other offsets, so
+# they do not all wake at once).
+_GRID_PHASE = random.random()
+
+
+async def sleep_aligned(interval: float) -> None:
+    """Sleep for about ``interval`` seconds, waking on a grid shared by the process's periodic
+    tasks: for ``interval >= 1`` the wake-up is the whole second (plus this process's offset)
+    nearest to ``now + interval``, so the sleep lasts ``interval`` ± 0.5 s; shorter intervals
+    sleep exactly. Periodic checks of 1, 3 or 5 s then wake the process together, once a second
+    at most, instead of each on its own: on an idle node every wake-up costs more CPU than
+    the little work it does."""
+    if interval < 1.0:
+        await asyncio.sleep(interval)
+        return
+    loop = asyncio.get_running_loop()
+    target = math.floor(loop.time() + interval - _GRID_PHASE + 0.5) + _GRID_PHASE
+    await asyncio.sleep(max(0.0, target - loop.time()))
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 5.0) -> None:

@@ -38,6 +38,7 @@ from nats.aio.client import Server
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from .aio import sleep_aligned
 from .errors import ConfigError, NatsUnavailableError
 from .replies import ReplyMux
 from .settings import (
@@ -392,7 +393,7 @@ class ConnectionWatchdog:
     async def run(self) -> None:
         """Check forever (cancel to stop)."""
         while True:
-            await asyncio.sleep(self.interval)
+            await sleep_aligned(self.interval)
             try:
                 await self.check()
             except Exception:  # never let the watchdog die of a surprise

@@ -50,7 +50,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from . import natsutil as nu
-from .aio import TaskSet
+from .aio import TaskSet, sleep_aligned
 from .control import no_responders
 from .errors import DuplicateNodeError
 from .names import platform_subject
@@ -521,7 +521,7 @@ class Membership:
         last_full = time.monotonic()
         while not self._stopped:
             written = self._rev  # our newest write: the watch must deliver it within `check`
-            await asyncio.sleep(check)
+            await sleep_aligned(check)
             silent = self._watch_sub is None or self._own_seen < written
             if silent and not self._stopped:
                 log.info("node %s: membership watch silent (revision %d not delivered); "

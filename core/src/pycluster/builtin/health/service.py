@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...kernel import natsutil
-from ...kernel.aio import TaskSet, cancel_and_wait
+from ...kernel.aio import TaskSet, cancel_and_wait, sleep_aligned
 from ...kernel.context import Context
 from ...kernel.coordinator import run_hooks
 from ...kernel.errors import ConfigError
@@ -195,7 +195,7 @@ class PlatformHealth(HealthEndpoints):
                 raise
             except Exception:  # never let a bug in bookkeeping kill the schedule
                 log.exception("health check %s: bookkeeping failed", chk.name)
-            await asyncio.sleep(chk.interval)
+            await sleep_aligned(chk.interval)
 
     async def run(self, name: str) -> CheckResult:
         """Run check ``name`` now (full name) and return its result."""

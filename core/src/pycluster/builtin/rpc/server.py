@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 
 from ... import codec as codecs
 from ...kernel import natsutil
+from ...kernel.aio import sleep_aligned
 from ...kernel.context import CORRELATION
 from ...middleware import Kind, MiddlewareChain, Request
 from .wire import (
@@ -286,7 +287,7 @@ class RpcServer:
     async def _reconcile(self) -> None:
         # Safety net for a missed role notification (e.g. a lease lost without a transition yet).
         while True:
-            await asyncio.sleep(self.reconcile_interval)
+            await sleep_aligned(self.reconcile_interval)
             for name in list(self._endpoints):
                 try:
                     await self.sync(name)
