@@ -123,33 +123,70 @@ class Seen(Middleware):
             self.replies.append((call.node, dict(call.reply_headers)))
 
 
+class Served(Middleware):
+    """Records what the server saw of each request."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def on_request(self, request: Any, call_next: Any) -> Any:
+        self.requests.append(request)
+        return await call_next(request)
+
+
+async def drain(sub: Any, quiet: float = 1.0) -> list[Any]:
+    """The messages a spy subscription got, until none came for ``quiet`` seconds."""
+    out = []
+    while True:
+        try:
+            out.append(await sub.next_msg(timeout=quiet))
+        except nats.errors.TimeoutError:
+            return out
+
+
 async def test_calls_travel_without_headers_and_say_who_answered(make_platform: Any,
                                                                 nats_url: str) -> None:
     srv, cli = echo_app(), echo_app()
     ps = await make_platform("srv", srv)
+    served = Served()
+    ps.middleware.add(served)
     await wait_for(lambda: srv.is_active, 15)
     pc = await make_platform("cli", cli)
     seen = Seen()
     pc.middleware.add(seen)
     spy = await nats.connect(nats_url)
     try:
-        requests = await spy.subscribe(app_subject(ps.name, "svc", "rpc", "srv.*"))
-        await spy.flush()
         assert await cli.rpc.call("srv", "echo", b"") == b""  # sets up the caller's inbox
         seen.replies.clear()
-        await requests.next_msg(timeout=5)
+        served.requests.clear()
+        requests = await spy.subscribe(app_subject(ps.name, "svc", "rpc", "srv.*"))
         replies = await spy.subscribe(rpc_service(pc)._replies.prefix + ">")
         await spy.flush()
         assert await cli.rpc.call("srv", "echo", b"\x01bytes") == b"\x01bytes"
         assert await cli.rpc.call("srv", "echo", {"a": [1]}) == {"a": [1]}
         assert await cli.rpc.call_leader("echo", {"m": 2}, codec="msgpack") == {"m": 2}
-        req = await requests.next_msg(timeout=5)
-        assert req.headers is None  # the metadata is in the reply subject
-        meta = reply_subject_meta(req.reply)
+        for _ in range(2):  # more copies for the spy
+            assert await cli.rpc.call("srv", "echo", b"\x01bytes") == b"\x01bytes"
+        del served.requests[3:], seen.replies[3:]
+        # What the server saw: no headers but the content type of non-default bodies, and
+        # the call's metadata from the reply subject.
+        assert [r.headers for r in served.requests] == [
+            {}, {"Content-Type": "application/json"}, {"Content-Type": "application/msgpack"}]
+        for r in served.requests:
+            assert (r.source_node, r.source_app) == ("cli", "svc")
+            assert r.request_id and "/" not in r.request_id and r.deadline is not None
+        # On the wire (a spy's copies): the plain-bytes call had no headers at all, and every
+        # reply is framed, without headers.
+        raw = [m for m in await drain(requests) if m.data == b"\x01bytes"]
+        assert raw and all(m.headers is None for m in raw)
+        meta = reply_subject_meta(raw[0].reply)
         assert meta is not None and meta.source_node == "cli" and meta.source_app == "svc"
         assert 0 < meta.timeout <= 30 and "/" in meta.key
-        rep = await replies.next_msg(timeout=5)
-        assert rep.headers is None and unframe_reply(rep.data) == ("srv", None, b"\x01bytes")
+        framed = await drain(replies)
+        assert framed and all(m.headers is None for m in framed)
+        assert {unframe_reply(m.data)[0] for m in framed} == {"srv"}
+        assert ("srv", None, b"\x01bytes") in [unframe_reply(m.data) for m in framed]
+        # What the caller learnt: who answered, and the content type, as headers would say.
         assert seen.replies == [
             ("srv", {H_NODE: "srv"}),
             ("srv", {H_NODE: "srv", "Content-Type": "application/json"}),
