@@ -118,3 +118,54 @@ def test_hooks_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "hooks.md"
     assert doc.read_text() == render_markdown(), "docs/hooks.md is stale: regenerate it"
+
+
+@pytest.mark.timeout(10)
+async def test_call_in_turn_awaits_each_implementation_and_reports_failures() -> None:
+    import asyncio
+
+    import pluggy
+
+    from pycluster.plugins import call_in_turn
+
+    order: list[str] = []
+
+    class Slow:
+        @hookimpl
+        async def pycluster_zone_promote(self, app: object, term: int) -> None:
+            order.append("slow:start")
+            await asyncio.sleep(0.05)
+            order.append("slow:end")
+
+    class Sync:
+        @hookimpl
+        def pycluster_zone_promote(self, app: object, term: int) -> None:
+            order.append(f"sync:{term}")
+
+    class Broken:
+        @hookimpl
+        def pycluster_zone_promote(self, app: object, term: int) -> None:
+            raise RuntimeError("boom")
+
+    class Hanging:
+        @hookimpl
+        async def pycluster_zone_promote(self, app: object, term: int) -> None:
+            await asyncio.sleep(30)
+
+    def manager(*plugins: object) -> pluggy.PluginManager:
+        pm = pluggy.PluginManager("pycluster")
+        pm.add_hookspecs(hookspecs)
+        for p in plugins:
+            pm.register(p)
+        return pm
+
+    pm = manager(Slow(), Sync())
+    # Each result is awaited before the next implementation is called.
+    assert await call_in_turn(pm.hook.pycluster_zone_promote, 1.0, "t", app=None, term=7)
+    assert order.index("slow:end") < order.index("sync:7") or order.index(
+        "sync:7") < order.index("slow:start")
+    order.clear()
+    pm = manager(Broken(), Hanging(), Sync())
+    # A failure and a timeout make it False; the others still run.
+    assert not await call_in_turn(pm.hook.pycluster_zone_promote, 0.1, "t", app=None, term=8)
+    assert order == ["sync:8"]

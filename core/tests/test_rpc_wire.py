@@ -323,6 +323,20 @@ async def test_reply_mux_times_out_and_reports_no_responders(nats_url: str) -> N
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert not mux._waiting
-        await mux.close()
+        # Moving to another connection keeps the timeouts of calls still waiting on the first.
+        other = await nats.connect(nats_url)
+        try:
+            waiting = asyncio.create_task(
+                mux.request("wire.silent", mux.prefix + "r4.t.1.n.-", b"", None, 0.3))
+            await wait_for(lambda: len(mux._waiting) == 1, 5)
+            await mux.attach(other)
+            assert mux.nc is other
+            with pytest.raises(nats.errors.TimeoutError):
+                await waiting
+            await mux.close()
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await mux.request("wire.silent", mux.prefix + "r5.t.1.n.-", b"", None, 1)
+        finally:
+            await other.close()
     finally:
         await nc.close()

@@ -231,6 +231,27 @@ def call_each(caller: HookCaller, what: str = "", /, **kwargs: Any) -> list[Any]
     return results
 
 
+async def call_in_turn(caller: HookCaller, timeout: float, what: str = "", /,
+                       **kwargs: Any) -> bool:
+    """Call a hook's implementations one at a time, in pluggy's order, awaiting each one's
+    result (bounded by ``timeout``) before calling the next. Failures and timeouts are logged
+    with ``what`` and the others still run. Returns whether every implementation succeeded:
+    for hooks whose callers must know (a zone promotion that failed in some plugin leaves the
+    node unwritable)."""
+    ok = True
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            res = impl.function(*[kwargs[a] for a in impl.argnames])
+            if inspect.isawaitable(res):
+                async with asyncio.timeout(timeout):
+                    await res
+        except Exception:  # TimeoutError included
+            ok = False
+            log.exception("%s: plugin %s failed in %s", what or caller.name, impl.plugin_name,
+                          caller.name)
+    return ok
+
+
 async def call_notify(results: Iterable[Any], timeout: float, what: str) -> None:
     """Await every awaitable among notification-hook results, each bounded by ``timeout``.
 

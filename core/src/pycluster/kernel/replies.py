@@ -43,8 +43,11 @@ class ReplyMux:
 
     async def attach(self, nc: Any) -> None:
         """Subscribe to this connection's reply subjects (once per connection)."""
-        if self._setup is None or self._loop is not asyncio.get_running_loop():
-            self._setup = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        if self._setup is None or self._loop is not loop:
+            # First use, or a new event loop: the timers of another loop never fire here. (On
+            # the same loop the slots stay: calls still waiting keep their timeouts.)
+            self._setup, self._loop, self._slots = asyncio.Lock(), loop, {}
         async with self._setup:
             if nc is self.nc:
                 return
@@ -52,8 +55,6 @@ class ReplyMux:
             if old is not None:
                 with contextlib.suppress(Exception):
                     await old.unsubscribe()
-            self._loop = asyncio.get_running_loop()
-            self._slots = {}
             prefix = f"{nc.new_inbox()}.{self.mark}."
             self._sub = await nc.subscribe(prefix + ">", cb=self._on_reply)
             self.prefix, self.nc = prefix, nc
@@ -70,8 +71,9 @@ class ReplyMux:
         """Publish a request with reply subject ``reply`` (which starts with `prefix`) and
         wait for its reply: `nats.errors.TimeoutError` after ``timeout`` seconds,
         `nats.errors.NoRespondersError` when the server says nobody listens."""
-        loop = self._loop
-        assert loop is not None, "attach() first"
+        loop, nc = self._loop, self.nc
+        if loop is None or nc is None:
+            raise nats.errors.ConnectionClosedError  # closed (its platform stops), never attached
         fut: asyncio.Future[Msg] = loop.create_future()
         n = int((loop.time() + timeout) * self.SLOTS_PER_S) + 1
         slot = self._slots.get(n)
@@ -82,7 +84,7 @@ class ReplyMux:
         waiting = self._waiting
         waiting[reply] = fut
         try:
-            await self.nc.publish(subject, body, reply=reply, headers=headers)
+            await nc.publish(subject, body, reply=reply, headers=headers)
             return await fut
         finally:
             waiting.pop(reply, None)

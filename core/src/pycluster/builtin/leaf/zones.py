@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -558,21 +557,12 @@ class AppZone(Voter):
             self.converting = False
 
     async def _plugin_hook(self, hook: Any, event: str, kwargs: dict[str, Any]) -> bool:
-        """Call every implementation of a zone hook, awaiting each result (bounded by the
-        hook timeout); failures are logged. Returns whether every one succeeded."""
-        timeout = self.platform.settings.hook_timeout
-        ok = True
-        for impl in reversed(hook.get_hookimpls()):
-            try:
-                res = impl.function(*[kwargs[a] for a in impl.argnames])
-                if inspect.isawaitable(res):
-                    async with asyncio.timeout(timeout):
-                        await res
-            except Exception:  # TimeoutError included
-                ok = False
-                log.exception("app %s: zone %s: plugin %s failed in %s", self.app.name, event,
-                              impl.plugin_name, hook.name)
-        return ok
+        """Call every implementation of a zone hook in turn (`call_in_turn`): whether every
+        one succeeded."""
+        from ...plugins import call_in_turn
+
+        return await call_in_turn(hook, self.platform.settings.hook_timeout,
+                                  f"app {self.app.name}: zone {event}", **kwargs)
 
     async def stop(self) -> None:
         """Stop voting; close the witness connection."""
