@@ -8,8 +8,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("pycluster.tasks")
 
@@ -32,6 +32,42 @@ async def sleep_aligned(interval: float) -> None:
     loop = asyncio.get_running_loop()
     target = math.floor(loop.time() + interval - _GRID_PHASE + 0.5) + _GRID_PHASE
     await asyncio.sleep(max(0.0, target - loop.time()))
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TimerWheel(Generic[K, V]):
+    """Many deadlines on few timers: deadlines (on the loop's clock) are rounded up to a slot
+    of ``1/slots_per_s`` seconds and each slot has one loop timer, instead of one timer per
+    entry (on a hot path a timer costs as much as the work it guards). When a slot's time
+    comes, ``fire(key, value)`` runs for each entry still in it, at most one slot late."""
+
+    def __init__(self, slots_per_s: int, fire: Callable[[K, V], None]) -> None:
+        self.slots_per_s = slots_per_s
+        self._fire_one = fire
+        self._slots: dict[int, dict[K, V]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, deadline: float, key: K, value: V) -> dict[K, V]:
+        """Fire ``key`` once ``deadline`` passed; returns its slot, from which the caller
+        removes ``key`` when it no longer needs the timeout."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # timers of another (closed) loop never fire here
+            self._loop = loop
+            self._slots = {}
+        n = int(deadline * self.slots_per_s) + 1
+        slot = self._slots.get(n)
+        if slot is None:
+            slot = self._slots[n] = {}
+            loop.call_at(n / self.slots_per_s, self._fire, n)
+        slot[key] = value
+        return slot
+
+    def _fire(self, n: int) -> None:
+        for key, value in self._slots.pop(n, {}).items():
+            self._fire_one(key, value)
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None, timeout: float = 5.0) -> None:

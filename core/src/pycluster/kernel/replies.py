@@ -19,6 +19,14 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 
+from .aio import TimerWheel
+
+
+def _time_out(fut: asyncio.Future[Msg], _: None) -> None:
+    if not fut.done():
+        fut.set_exception(nats.errors.TimeoutError())
+
+
 # The NATS server's status of a request nobody received.
 STATUS_NO_RESPONDERS = "503"
 
@@ -27,7 +35,7 @@ class ReplyMux:
     """Waits for the replies of one connection's requests (see the module docstring); reply
     subjects start with `prefix`, ``<a fresh inbox>.<mark>.``."""
 
-    SLOTS_PER_S = 100  # a timeout fires at most 10 ms late
+    SLOTS_PER_S = 100  # a timeout fires at most 10 ms late (`TimerWheel`)
 
     def __init__(self, mark: str) -> None:
         self.mark = mark
@@ -37,7 +45,8 @@ class ReplyMux:
         self.prefix = ""
         self._sub: Any = None
         self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._slots: dict[int, set[asyncio.Future[Msg]]] = {}
+        self._timeouts: TimerWheel[asyncio.Future[Msg], None] = TimerWheel(self.SLOTS_PER_S,
+                                                                            _time_out)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._setup: asyncio.Lock | None = None
 
@@ -45,9 +54,9 @@ class ReplyMux:
         """Subscribe to this connection's reply subjects (once per connection)."""
         loop = asyncio.get_running_loop()
         if self._setup is None or self._loop is not loop:
-            # First use, or a new event loop: the timers of another loop never fire here. (On
-            # the same loop the slots stay: calls still waiting keep their timeouts.)
-            self._setup, self._loop, self._slots = asyncio.Lock(), loop, {}
+            # First use, or a new event loop. (On the same loop the timeouts stay: calls still
+            # waiting keep them.)
+            self._setup, self._loop = asyncio.Lock(), loop
         async with self._setup:
             if nc is self.nc:
                 return
@@ -75,12 +84,7 @@ class ReplyMux:
         if loop is None or nc is None:
             raise nats.errors.ConnectionClosedError  # closed (its platform stops), never attached
         fut: asyncio.Future[Msg] = loop.create_future()
-        n = int((loop.time() + timeout) * self.SLOTS_PER_S) + 1
-        slot = self._slots.get(n)
-        if slot is None:
-            slot = self._slots[n] = set()
-            loop.call_at(n / self.SLOTS_PER_S, self._fire, n)
-        slot.add(fut)
+        slot = self._timeouts.add(loop.time() + timeout, fut, None)
         waiting = self._waiting
         waiting[reply] = fut
         try:
@@ -88,12 +92,7 @@ class ReplyMux:
             return await fut
         finally:
             waiting.pop(reply, None)
-            slot.discard(fut)
-
-    def _fire(self, n: int) -> None:
-        for fut in self._slots.pop(n, ()):
-            if not fut.done():
-                fut.set_exception(nats.errors.TimeoutError())
+            slot.pop(fut, None)
 
     async def _on_reply(self, msg: Msg) -> None:
         fut = self._waiting.get(msg.subject)

@@ -288,29 +288,28 @@ class RpcClient:
                 raise
             else:
                 rh = msg.headers
-                if not rh:  # a framed reply (answering node and content type in the body)
+                if rh:
+                    call.reply_headers = rh
+                    call.node = rh.get(H_NODE)
+                    code = rh.get(H_ERROR)
+                    data, ct = msg.data, rh.get(codecs.CONTENT_TYPE)
+                else:  # a framed success reply (answering node and content type in the body)
                     try:
-                        node, ct, data = unframe_reply(msg.data)
+                        call.node, ct, data = unframe_reply(msg.data)
                     except ValueError as exc:
                         raise RemoteError(call.app, call.method, "RemoteError",
                                           f"malformed reply ({exc})", BAD_REPLY) from None
-                    call.node = node
-                    call.reply_headers = ({H_NODE: node} if ct is None else
-                                          {H_NODE: node, codecs.CONTENT_TYPE: ct})
+                    call.reply_headers = ({H_NODE: call.node} if ct is None else
+                                          {H_NODE: call.node, codecs.CONTENT_TYPE: ct})
+                    code = None
+                if code is None:
                     value = codecs.decode(data, ct)
                     if call.response_model is not None:
                         value = codecs.validate(call.response_model, value)
                     return value
-                call.reply_headers = rh
-                call.node = rh.get(H_NODE)
-                code = rh.get(H_ERROR)
-                if code is None:
-                    value = codecs.decode(msg.data, rh.get(codecs.CONTENT_TYPE))
-                    if call.response_model is not None:
-                        value = codecs.validate(call.response_model, value)
-                    return value
                 if code == NOT_LEADER and target.retry_not_leader:
-                    last = f"{call.node} is no longer active (leader: {rh.get(H_LEADER)})"
+                    last = (f"{call.node} is no longer active (leader: "
+                            f"{call.reply_headers.get(H_LEADER)})")
                 else:
                     raise remote_error(call, code, msg.data)
             failures += 1

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from ... import codec as codecs
 from ...kernel import natsutil
-from ...kernel.aio import sleep_aligned
+from ...kernel.aio import TimerWheel, sleep_aligned
 from ...kernel.context import CORRELATION
 from ...middleware import Kind, MiddlewareChain, Request
 from .wire import (
@@ -44,7 +44,6 @@ from .wire import (
     Reject,
     frame_reply,
     header_meta,
-    node_frame,
     reply_subject_meta,
 )
 
@@ -127,39 +126,23 @@ class Gate:
         return False
 
 
-class DeadlineWheel:
-    """Cancels handlers whose caller stopped waiting: deadlines are rounded up to a slot of
-    ``1/SLOTS_PER_S`` seconds and each slot has one timer, instead of one timer per request
-    (a timer costs as much as a small handler on this path). A handler is cancelled at most one
-    slot after its deadline; the caller has given up by then in any case."""
+class DeadlineWheel(TimerWheel[asyncio.Task[Any], list[bool]]):
+    """Cancels handlers whose caller stopped waiting, on a shared `TimerWheel` of 50 ms slots
+    (a timer per request would cost as much as a small handler). A handler is cancelled at most
+    one slot after its deadline; the caller has given up by then in any case. ``add(deadline,
+    task, expired)``: once ``deadline`` (a ``time.monotonic()`` instant) passed, True is
+    appended to ``expired`` and ``task`` is cancelled; the caller removes ``task`` from the
+    returned slot when it ends in time."""
 
     SLOTS_PER_S = 20
 
     def __init__(self) -> None:
-        self._slots: dict[int, dict[asyncio.Task[Any], list[bool]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(self.SLOTS_PER_S, _expire)
 
-    def add(self, deadline: float, task: asyncio.Task[Any],
-            expired: list[bool]) -> dict[asyncio.Task[Any], list[bool]]:
-        """Cancel ``task`` (appending True to ``expired`` first) once ``deadline`` (a
-        ``time.monotonic()`` instant) passed; returns the slot, from which the caller removes
-        ``task`` when it ends in time."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # timers of another (closed) loop never fire here
-            self._loop = loop
-            self._slots = {}
-        n = int(deadline * self.SLOTS_PER_S) + 1
-        slot = self._slots.get(n)
-        if slot is None:
-            slot = self._slots[n] = {}
-            loop.call_at(n / self.SLOTS_PER_S, self._fire, n)
-        slot[task] = expired
-        return slot
 
-    def _fire(self, n: int) -> None:
-        for task, expired in self._slots.pop(n, {}).items():
-            expired.append(True)
-            task.cancel()
+def _expire(task: asyncio.Task[Any], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 def pending_limits(max_inflight: int, max_payload: int) -> tuple[int, int]:
@@ -208,8 +191,7 @@ class RpcServer:
     _chains_of: MiddlewareChain | None
     _chains_version: int
     _request_chain: Callable[[Request], Awaitable[Any]]
-    _node_head: bytes
-    _node_head_of: str
+    _node_head: bytes  # `node_frame` of this node's id
 
     @property
     def middleware(self) -> MiddlewareChain:
@@ -466,8 +448,6 @@ class RpcServer:
                     try:
                         if meta is not None and meta.framed and len(reply_headers) == 1:
                             # Nothing but our node id to say: a framed reply, no headers.
-                            if self._node_head_of != me:
-                                self._node_head, self._node_head_of = node_frame(me), me
                             await nc.publish(msg.reply, frame_reply(self._node_head, send_ct,
                                                                     body))
                         else:

@@ -81,7 +81,7 @@ from .app import AppRpc
 from .cancel import Cancellations
 from .client import AnyInstance, FixedNode, NodeResult, RetryPolicy, RpcClient, Target
 from .server import DeadlineWheel, Endpoint, Gate, RpcServer
-from .wire import LEADER_TARGET, REPLY_MARK, WARN_EVERY
+from .wire import LEADER_TARGET, REPLY_MARK, WARN_EVERY, node_frame
 
 if TYPE_CHECKING:
     from ...kernel.coordinator import AppRuntime
@@ -111,8 +111,7 @@ class RpcService(RpcServer, RpcClient):
         self._other_warned = -WARN_EVERY
         self._specs: dict[Callable[..., Any], codecs.HandlerSpec] = {}
         self._deadlines = DeadlineWheel()
-        self._node_head = b""
-        self._node_head_of = ""
+        self._node_head = node_frame(platform.node_id)
         self._replies = ReplyMux(REPLY_MARK)
         self._reconcile_task: asyncio.Task[None] | None = None
         self._running = False
